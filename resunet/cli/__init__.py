@@ -1,0 +1,59 @@
+"""The ``resunet`` command: one sub-module per subcommand, each a few lines over the library.
+
+Every sub-module defines ``register(subparsers)``, which adds its parser and sets
+``func=<callable(args) -> int>``. Library errors (:class:`resunet.errors.ResunetError`) become one
+line on stderr and a non-zero exit code here, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from resunet import __version__
+from resunet.errors import ResunetError
+
+# Order is the order shown in ``resunet --help``.
+SUBCOMMANDS = ["convert", "train", "predict", "export", "info", "evaluate", "audit", "app"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resunet",
+        description="Residual U-Net segmentation of DICOM and NIfTI scans: convert, train, predict, "
+        "evaluate, audit, and the web UI.",
+    )
+    parser.add_argument("--version", action="version", version=f"resunet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"resunet.cli.{name}_cmd")
+        except ModuleNotFoundError as err:
+            if err.name != f"resunet.cli.{name}_cmd":
+                raise
+            continue  # subcommand not part of this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ResunetError as err:
+        print(f"resunet {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"resunet {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,48 @@
+"""Writing files so that a crash never leaves a half-written output behind.
+
+Every writer in resunet writes to a temporary name in the destination folder and renames it over the
+final name only when the content is complete (``os.replace`` is atomic on POSIX within one
+filesystem). A reader therefore sees either the old file, the new file, or no file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds.
+
+    The temporary name keeps the final name's suffixes (``.nii.gz``, ``.dcm``, ...) so libraries that
+    choose a format from the extension still do the right thing. On error the temporary file is
+    removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}.", suffix=".part" + suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(final: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``final`` atomically."""
+    atomic_write_bytes(final, text.encode("utf-8"))
