@@ -1,7 +1,30 @@
-"""Reading and writing scans: one :class:`Volume` type carries voxels and exact geometry."""
+"""Reading and writing scans: one :class:`Volume` type carries voxels and exact geometry.
+
+Entry points: :func:`load_study` (NIfTI file, DICOM folder, .zip, single DICOM file) and
+:func:`list_series`; writers :func:`write_nifti`, :func:`write_mask_nifti`,
+:func:`write_dicom_series` and :func:`write_dicom_seg` (reader :func:`read_dicom_seg`).
+"""
 
 from resunet.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from resunet.io.dicom import SeriesInfo
+from resunet.io.dicom_writer import write_dicom_series
 from resunet.io.hashing import sha256_file, sha256_path
+from resunet.io.loader import list_series, load_study
+from resunet.io.nifti import read_nifti, write_mask_nifti, write_nifti
 from resunet.io.volume import Volume
 
-__all__ = ["Volume", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file", "sha256_path"]
+__all__ = [
+    "SeriesInfo",
+    "Volume",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "list_series",
+    "load_study",
+    "read_nifti",
+    "sha256_file",
+    "sha256_path",
+    "write_dicom_series",
+    "write_mask_nifti",
+    "write_nifti",
+]

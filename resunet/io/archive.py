@@ -1,0 +1,126 @@
+"""Safe extraction of a .zip of DICOM files into a private temporary folder.
+
+Hand-written checks on top of :mod:`zipfile` because ``ZipFile.extractall`` only sanitises names;
+it does not cap sizes, and a zip bomb or a huge upload would fill the disk. Refused, before anything
+is written: entries with absolute paths, drive letters or ``..`` components (zip-slip), symlink
+entries, more than ``max_entries`` entries, a declared total above ``max_total_bytes``, and entries
+whose compression ratio exceeds ``max_ratio``. While extracting, the bytes actually written are
+counted too (declared sizes can lie). The temporary folder is created with ``tempfile.mkdtemp``
+(mode 0700) and removed when the context manager exits, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from resunet.errors import InputError
+
+#: Defaults: a large CT study is ~1-2 GB uncompressed; DICOM compresses at most ~10-20x in a zip.
+MAX_TOTAL_BYTES = 4 * 1024**3
+MAX_ENTRIES = 100_000
+MAX_RATIO = 200.0
+_CHUNK = 1 << 20
+
+
+def _safe_name(name: str) -> PurePosixPath | None:
+    """The entry's relative path if it stays inside the extraction folder, else None."""
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        return None
+    parts = [p for p in PurePosixPath(norm).parts if p not in ("", ".")]
+    if any(p == ".." for p in parts) or not parts:
+        return None
+    return PurePosixPath(*parts)
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+@contextlib.contextmanager
+def extract_zip(
+    path: str | os.PathLike[str],
+    *,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_entries: int = MAX_ENTRIES,
+    max_ratio: float = MAX_RATIO,
+) -> Iterator[Path]:
+    """Extract the zip at ``path`` into a new private temp folder; yield that folder; remove it after.
+
+    Args:
+        path: the .zip file.
+        max_total_bytes: cap on the total uncompressed size (bytes).
+        max_entries: cap on the number of entries.
+        max_ratio: cap on uncompressed/compressed size per entry (entries under 1 MiB are exempt).
+
+    Raises:
+        InputError: not a zip file, unsafe entry names, symlinks, or a cap exceeded.
+    """
+    p = Path(path)
+    try:
+        zf = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise InputError(f"{p}: not a readable .zip file ({err})") from None
+    tmp = Path(tempfile.mkdtemp(prefix="resunet-zip-"))
+    try:
+        try:
+            with zf:
+                _extract_all(p, zf, tmp, max_total_bytes, max_entries, max_ratio)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, OSError) as err:
+            raise InputError(f"{p}: the zip is damaged or uses an unsupported feature ({err})") from None
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_all(
+    p: Path, zf: zipfile.ZipFile, tmp: Path, max_total_bytes: int, max_entries: int, max_ratio: float
+) -> None:
+    infos = zf.infolist()
+    if len(infos) > max_entries:
+        raise InputError(f"{p}: has {len(infos)} entries, more than the limit of {max_entries}")
+    total = 0
+    plan: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+    for info in infos:
+        rel = _safe_name(info.filename)
+        if rel is None:
+            raise InputError(
+                f"{p}: entry {info.filename!r} would be written outside the extraction folder"
+                " (absolute path or '..'); refusing this zip"
+            )
+        if _is_symlink(info):
+            raise InputError(f"{p}: entry {info.filename!r} is a symbolic link; refusing this zip")
+        if info.is_dir():
+            continue
+        total += info.file_size
+        if total > max_total_bytes:
+            raise InputError(
+                f"{p}: would extract to more than {max_total_bytes / 1024**2:.0f} MiB; refusing"
+                " (zip bomb or too large a study: unzip it yourself and pass the folder)"
+            )
+        if info.file_size > _CHUNK and info.file_size > max_ratio * max(info.compress_size, 1):
+            raise InputError(
+                f"{p}: entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}x"
+                f" (limit {max_ratio:.0f}x); refusing a likely zip bomb"
+            )
+        plan.append((info, rel))
+    written = 0
+    for info, rel in plan:
+        dest = tmp.joinpath(*rel.parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(dest, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if written > max_total_bytes:
+                    raise InputError(
+                        f"{p}: extracted data exceed {max_total_bytes / 1024**2:.0f} MiB (sizes in the"
+                        " zip are wrong); refusing a likely zip bomb"
+                    )
+                dst.write(chunk)

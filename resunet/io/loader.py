@@ -1,0 +1,143 @@
+"""The single entry point for reading a study: NIfTI file, DICOM folder, .zip, or one DICOM file.
+
+``load_study(path)`` decides by what ``path`` is:
+
+- a file ending in ``.nii``/``.nii.gz`` -> :func:`resunet.io.nifti.read_nifti`;
+- a file ending in ``.zip`` -> extracted safely into a private temp folder (removed afterwards),
+  then read as a DICOM folder;
+- a folder -> every file under it (any names, nested) scanned as DICOM;
+- any other file -> read as one DICOM file (single- or multi-frame).
+
+When several image series are found the one with the most slices is read (or the one named by
+``series_uid``) and the choice is logged with the others found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from resunet.errors import InputError
+from resunet.io.archive import extract_zip
+from resunet.io.dicom import ScanReport, SeriesInfo, read_series, scan_dicom_files
+from resunet.io.nifti import is_nifti_path, read_nifti
+from resunet.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def _scan(path: Path) -> ScanReport:
+    report = scan_dicom_files(path)
+    if not report.series:
+        raise InputError(_nothing_found(path, report))
+    return report
+
+
+def _nothing_found(path: Path, report: ScanReport) -> str:
+    what = "file" if path.is_file() else "folder"
+    if report.n_files == 0:
+        return f"{path}: the {what} is empty; expected DICOM image files, a .zip of them, or a .nii/.nii.gz file"
+    if report.unreadable and not report.non_image and not report.n_not_dicom:
+        first = report.unreadable[0]
+        return f"{first}: unreadable DICOM file (truncated or corrupt); {report.summary()}"
+    if report.non_image:
+        kinds = ", ".join(sorted(report.non_image))
+        return f"{path}: no image series, only {kinds} objects ({report.summary()}); point to the images of the study"
+    if path.is_file():
+        return f"{path}: not a DICOM file and not .nii/.nii.gz or .zip; expected a scan"
+    return f"{path}: no DICOM images found ({report.summary()}); expected DICOM image files, a .zip, or NIfTI"
+
+
+def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
+    series = report.series
+    if series_uid:
+        exact = [s for s in series if s.uid == series_uid]
+        if not exact:
+            exact = [s for s in series if s.series_instance_uid == series_uid]
+        if not exact:
+            found = "; ".join(s.describe() for s in series)
+            raise InputError(f"{path}: no image series {series_uid}; found: {found}")
+        chosen = exact[0]
+    else:
+        chosen = series[0]
+    others = [s for s in series if s is not chosen]
+    how = "as asked" if series_uid else "the one with the most slices"
+    log.info("%s: reading series %s, %s", path, chosen.describe(), how)
+    if others:
+        log.info("%s: also found %d other series: %s", path, len(others), "; ".join(s.describe() for s in others))
+    skipped = report.n_not_dicom + sum(report.non_image.values()) + len(report.unreadable)
+    if skipped:
+        log.info("%s: skipped %s", path, report.summary())
+    return chosen
+
+
+def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
+    """The image series in a DICOM folder, .zip or file, most slices first.
+
+    A NIfTI file gives an empty list (it has no series). For a .zip the ``files`` of each series
+    point into a temp folder that no longer exists; use ``uid`` with :func:`load_study`.
+
+    Raises:
+        InputError: the path does not exist or holds no image series.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_file() and is_nifti_path(p):
+        return []
+    if p.is_file() and p.name.lower().endswith(".zip"):
+        with extract_zip(p) as folder:
+            return list(_scan(folder).series)
+    return list(_scan(p).series)
+
+
+def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+    """Read a study into one :class:`Volume` (voxels ``[i, j, k]``, affine voxel -> RAS mm).
+
+    Args:
+        path: a ``.nii``/``.nii.gz`` file, a folder of DICOM files (any names, nested), a ``.zip``
+            of such a folder, or a single DICOM file (multi-frame included).
+        series_uid: for DICOM, the series to read (a :class:`SeriesInfo` ``uid`` or a
+            SeriesInstanceUID); default: the image series with the most slices.
+
+    Raises:
+        InputError: unreadable or unsupported input (one line naming the file and what to do).
+        GeometryError: the series' geometry cannot be represented (missing slices, tilt, ...).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_file() and is_nifti_path(p):
+        if series_uid:
+            raise InputError(f"{p}: --series applies to DICOM input, not to a NIfTI file")
+        return read_nifti(p)
+    if p.is_file() and (p.name.lower().endswith(".zip") or _looks_like_zip(p)):
+        with extract_zip(p) as folder:
+            report = _scan(folder)
+            chosen = _pick(report, p, series_uid)
+            vol = read_series(chosen, source=str(p))
+            # the files are gone once the temp folder is removed; keep their names inside the zip
+            vol.meta["dicom_files"] = [str(Path(f).relative_to(folder)) for f in vol.meta["dicom_files"]]
+            vol.meta["dicom_files_in_zip"] = True
+            vol.meta["dicom_datasets"] = _headers(chosen)
+            return vol
+    report = _scan(p)
+    chosen = _pick(report, p, series_uid)
+    return read_series(chosen, source=str(p))
+
+
+def _headers(info: SeriesInfo) -> list:
+    """Headers (no pixels) of a series' files, kept for writers when the files are temporary."""
+    import pydicom
+
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]
+
+
+def _looks_like_zip(p: Path) -> bool:
+    """True if the file starts with a zip local-file or empty-archive signature."""
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
+    except OSError:
+        return False
