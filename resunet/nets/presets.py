@@ -1,0 +1,97 @@
+"""Named network presets: the ResNet family from the literature plus small CPU-sized networks.
+
+``ResUNet.from_preset(name, spatial_dims, in_channels, out_channels, **overrides)`` looks names up
+here. The ResNet presets copy torchvision's encoder exactly (7x7/2 stem with 64 channels, 3x3/2
+max-pool, stages of 64/128/256/512 planes with strides 1/2/2/2), so for ``spatial_dims=2,
+in_channels=3`` the encoder has torchvision's parameter count without ``fc`` and ImageNet weights
+load by name (see :mod:`resunet.nets.pretrained`); their decoder widths are
+segmentation_models_pytorch's Unet defaults (16, 32, 64, 128, 256 from full resolution down).
+Total stride (``size_divisor``) of the ResNet presets: 32 per axis.
+
+CPU presets (full-resolution residual stem, basic blocks):
+- ``tiny``: 8/16/32/64 channels, one block per stage, divisor 8; for tests and smoke runs.
+- ``small``: the bundled brain-extraction model's network and the default CPU training preset.
+  Stem at half resolution (3x3/2 conv, 16 ch) and a learned transposed-conv logit upsampling, so
+  no convolution runs at full resolution (the costliest place in 3D); stages 16/32/64/128/256
+  with strides 1/2/2/2/2 and 1 block each, divisor 32.
+- ``base``: the default 3D preset for GPU/CPU training of real tasks (nnU-Net-like widths
+  32..320 with a full-resolution stem, more blocks deeper down), divisor 32.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from resunet.nets.errors import NetConfigError
+
+_RESNET_STEM = {"width": 64, "kernel_size": 7, "stride": 2, "pool_stride": 2}
+_RESNET_DECODER = {"widths": [16, 32, 64, 128, 256], "blocks": 1, "full_res": "block"}
+
+
+def _resnet(block: str, blocks: list[int], width_factor: float = 1.0) -> dict[str, Any]:
+    return {
+        "widths": [64, 128, 256, 512],
+        "blocks": blocks,
+        "block": block,
+        "strides": [1, 2, 2, 2],
+        "kernel_sizes": 3,
+        "width_factor": width_factor,
+        "stem": dict(_RESNET_STEM),
+        "decoder": dict(_RESNET_DECODER),
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # He et al. 2016 / torchvision.models.resnet*; wide: Zagoruyko & Komodakis 2016.
+    "resnet18": _resnet("basic", [2, 2, 2, 2]),
+    "resnet34": _resnet("basic", [3, 4, 6, 3]),
+    "resnet50": _resnet("bottleneck", [3, 4, 6, 3]),
+    "resnet101": _resnet("bottleneck", [3, 4, 23, 3]),
+    "resnet152": _resnet("bottleneck", [3, 8, 36, 3]),
+    "wide_resnet50_2": _resnet("bottleneck", [3, 4, 6, 3], 2.0),
+    "wide_resnet101_2": _resnet("bottleneck", [3, 4, 23, 3], 2.0),
+    "tiny": {
+        "widths": [8, 16, 32, 64],
+        "blocks": 1,
+        "block": "basic",
+        "strides": [1, 2, 2, 2],
+        "kernel_sizes": 3,
+        "stem": {"width": 8, "kernel_size": 3, "stride": 1, "pool_stride": 1},
+        "decoder": {"widths": None, "blocks": 1, "full_res": "block"},
+    },
+    "small": {
+        "widths": [16, 32, 64, 128, 256],
+        "blocks": 1,
+        "block": "basic",
+        "strides": [1, 2, 2, 2, 2],
+        "kernel_sizes": 3,
+        "stem": {"width": 16, "kernel_size": 3, "stride": 2, "pool_stride": 1},
+        "decoder": {"widths": [16, 32, 64, 128], "blocks": 1, "full_res": "transpose"},
+    },
+    "base": {
+        "widths": [32, 64, 128, 256, 320],
+        "blocks": [1, 2, 3, 4, 4],
+        "block": "basic",
+        "strides": [1, 2, 2, 2, 2],
+        "kernel_sizes": 3,
+        "stem": {"width": 32, "kernel_size": 3, "stride": 1, "pool_stride": 1},
+        "decoder": {"widths": None, "blocks": 1, "full_res": "block"},
+    },
+}
+
+#: The preset the bundled brain-extraction model uses.
+BUNDLED_PRESET = "small"
+#: The default 3D preset (benchmark goal: highest achieved GFLOP/s among peers).
+DEFAULT_3D_PRESET = "base"
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_kwargs(name: str) -> dict[str, Any]:
+    """A fresh copy of preset ``name``'s constructor keyword arguments (without dims/channels)."""
+    if name not in PRESETS:
+        raise NetConfigError(f"unknown network preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
