@@ -1,0 +1,460 @@
+"""Training configuration: every default in one place, YAML round trip, ``key.sub=value`` overrides.
+
+A run is described by one :class:`TrainConfig`. ``resunet train`` builds it from (in this order)
+the defaults below, ``--config CONFIG.yaml``, the explicit flags (``--preset``, ``--epochs``, ...)
+and ``--set key.sub=value`` overrides, then writes the fully resolved result to ``RUN/config.yaml``.
+Unknown keys are a :class:`~resunet.errors.ConfigError`, never silently ignored.
+
+Plan fields left ``None`` (``plan.spacing``, ``plan.patch_size``, ...) are decided from the data by
+:mod:`resunet.training.plan`; the decided values are in ``RUN/plan.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from resunet.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where cases come from and how they are cached and split.
+
+    Attributes:
+        cache: ``"memory"`` (MONAI CacheDataset of the prepared cases), ``"disk"`` (PersistentDataset
+            under ``cache_dir``) or ``"none"`` (prepare on every access).
+        cache_dir: folder for ``"disk"``; default ``RUN/cache``.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        folds: number of cross-validation folds (split by case, fixed ``split_seed``); 1 = train on all
+            cases and validate on none.
+        fold: which fold is held out for validation (0-based).
+        split_seed: seed of the case shuffle that defines the folds (independent of ``seed``).
+        val_cases: explicit validation case ids (overrides the folds when set).
+        slice_axis: for 2D training on 3D volumes, the (reoriented, RAS) axis sliced along; ``None``
+            = the axis with the largest spacing (ties: the last axis).
+    """
+
+    cache: str = "memory"
+    cache_dir: str | None = None
+    num_workers: int = 2
+    folds: int = 5
+    fold: int = 0
+    split_seed: int = 12345
+    val_cases: list[str] | None = None
+    slice_axis: int | None = None
+
+
+@dataclass
+class PlanConfig:
+    """Overrides of the data-driven plan (``None`` = decide from the data).
+
+    Attributes:
+        spacing: target voxel size in mm along the reoriented (RAS) axes.
+        normalization: ``"zscore"``, ``"ct"`` or ``"none"``; ``None`` = by modality.
+        modality: ``"CT"``, ``"MR"``, ...; ``None`` = from dataset.json (``channel_names``/``modality``).
+        patch_size: patch in voxels (2 or 3 entries, per spatial axis).
+        batch_size: patches per optimiser step (per process under DDP).
+        strides: per-stage downsampling, e.g. ``[[1,1,1],[2,2,2],[2,2,1],...]``; ``None`` = from the patch.
+        memory_budget_mb: activation memory the patch/batch planner may use (MB, rough estimate).
+        max_patch_voxels: upper bound on the patch's voxel count.
+        min_batch_size: smallest batch the planner will choose.
+        anisotropy_ratio: a spacing ratio above this marks the thick axis (nnU-Net uses 3).
+        min_feature_size: stop halving an axis once it would drop below this many voxels.
+    """
+
+    spacing: list[float] | None = None
+    normalization: str | None = None
+    modality: str | None = None
+    patch_size: list[int] | None = None
+    batch_size: int | None = None
+    strides: list[list[int]] | None = None
+    memory_budget_mb: float = 6000.0
+    max_patch_voxels: int = 128 ** 3
+    min_batch_size: int = 2
+    anisotropy_ratio: float = 3.0
+    min_feature_size: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """The network.
+
+    Attributes:
+        preset: a :class:`resunet.nets.ResUNet` preset name.
+        spatial_dims: 2 (slices) or 3 (volumes).
+        deep_supervision: train with auxiliary outputs at lower decoder resolutions.
+        overrides: extra keyword arguments for ``ResUNet.from_preset`` (e.g. ``{"norm": "batch"}``).
+    """
+
+    preset: str = "resnet18"
+    spatial_dims: int = 3
+    deep_supervision: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly augmentation (MONAI transforms); probabilities are per sample.
+
+    Attributes:
+        enabled: switch all augmentation off (patches are still sampled).
+        pos_neg: ``[pos, neg]`` weights of foreground- vs background-centred patches
+            (RandCropByPosNegLabeld); ``[1, 2]`` means one in three patches centres on foreground.
+        samples_per_volume: patches drawn from each loaded case per visit.
+        rotate_prob, rotate_deg: rotation about each axis, uniform in +-``rotate_deg`` degrees
+            (2D: in-plane only).
+        scale_prob, scale_range: isotropic zoom factor range ``[lo, hi]``.
+        elastic_prob: Rand3DElasticd probability (3D only; slow on CPU, off by default).
+        elastic_sigma, elastic_magnitude: elastic smoothing (voxels) and displacement magnitude.
+        flip_prob: per spatial axis.
+        intensity_scale_prob, intensity_scale: multiply by ``1 + u``, ``u`` in +-``intensity_scale``.
+        intensity_shift_prob, intensity_shift: add ``u`` in +-``intensity_shift`` (normalised units).
+        gamma_prob, gamma_range: RandAdjustContrastd gamma range.
+        noise_prob, noise_std: RandGaussianNoised standard deviation (normalised units).
+        blur_prob, blur_sigma: RandGaussianSmoothd sigma range in voxels.
+        lowres_prob, lowres_zoom: RandSimulateLowResolutiond zoom range (< 1 = coarser).
+        bias_prob, bias_coeff: RandBiasFieldd coefficient range.
+    """
+
+    enabled: bool = True
+    pos_neg: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    samples_per_volume: int = 2
+    rotate_prob: float = 0.2
+    rotate_deg: float = 30.0
+    scale_prob: float = 0.2
+    scale_range: list[float] = field(default_factory=lambda: [0.7, 1.4])
+    elastic_prob: float = 0.0
+    elastic_sigma: list[float] = field(default_factory=lambda: [9.0, 13.0])
+    elastic_magnitude: list[float] = field(default_factory=lambda: [0.0, 200.0])
+    flip_prob: float = 0.5
+    intensity_scale_prob: float = 0.15
+    intensity_scale: float = 0.25
+    intensity_shift_prob: float = 0.15
+    intensity_shift: float = 0.1
+    gamma_prob: float = 0.3
+    gamma_range: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    noise_prob: float = 0.1
+    noise_std: float = 0.1
+    blur_prob: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    lowres_prob: float = 0.25
+    lowres_zoom: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    bias_prob: float = 0.0
+    bias_coeff: list[float] = field(default_factory=lambda: [0.0, 0.3])
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and gradient handling.
+
+    Attributes:
+        optimizer: ``"sgd"`` (Nesterov momentum, nnU-Net's default), ``"adam"`` or ``"adamw"``.
+        lr: initial (peak) learning rate.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: L2 (SGD/Adam) or decoupled (AdamW) weight decay.
+        betas: Adam(W) betas.
+        scheduler: ``"poly"`` (``lr * (1 - step/total) ** poly_exponent``), ``"cosine"``,
+            ``"step"``, ``"plateau"`` (on validation Dice) or ``"none"``.
+        warmup_epochs: linear warm-up epochs before poly/cosine (0 = none).
+        poly_exponent: exponent of the poly schedule.
+        min_lr: floor of the cosine schedule.
+        step_size, step_gamma: StepLR epochs and factor.
+        plateau_patience, plateau_factor: ReduceLROnPlateau settings (in validations).
+        grad_clip: max gradient L2 norm (0 = no clipping).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "poly"
+    warmup_epochs: int = 0
+    poly_exponent: float = 0.9
+    min_lr: float = 1e-6
+    step_size: int = 50
+    step_gamma: float = 0.5
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    grad_clip: float = 12.0
+
+
+@dataclass
+class LossConfig:
+    """Dice + cross-entropy (monai DiceCELoss).
+
+    Attributes:
+        lambda_dice, lambda_ce: weights of the two terms.
+        batch_dice: compute Dice over the whole batch (nnU-Net's "batch dice") rather than per sample.
+        include_background: include label 0 in the Dice term.
+        ds_weights: deep-supervision weights, ``"exp"`` (1, 1/2, 1/4, ... normalised, the lowest
+            resolution dropped as in nnU-Net) or an explicit list.
+    """
+
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    batch_dice: bool = False
+    include_background: bool = False
+    ds_weights: Any = "exp"
+
+
+@dataclass
+class ValidationConfig:
+    """Validation on whole held-out volumes.
+
+    Attributes:
+        every: validate every this many epochs (and after the last).
+        overlap: sliding-window overlap (0..1).
+        sw_batch_size: windows per forward pass.
+        mode: window blending, ``"gaussian"`` or ``"constant"``.
+        max_cases: validate on at most this many held-out cases (``None`` = all).
+    """
+
+    every: int = 1
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    mode: str = "gaussian"
+    max_cases: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """One training run. See the sub-configs for the meaning of each key.
+
+    Attributes:
+        data: dataset folder (MSD or nnU-Net v2 raw layout).
+        out: run folder (config.yaml, plan.json, best.pt, last.pt, log.csv).
+        epochs: number of epochs.
+        iterations_per_epoch: optimiser steps per epoch; ``None`` = one pass over the training
+            cases (``ceil(cases * samples_per_volume / batch_size)``, at least 1).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        amp: ``"auto"`` (bf16 on CUDA when supported, else fp16; none on CPU), ``"bf16"``,
+            ``"fp16"`` or ``"none"``.
+        channels_last: use channels-last memory format on CUDA.
+        compile: wrap the network in ``torch.compile``.
+        seed: seed of weights, patch sampling and augmentation.
+        deterministic: ``torch.use_deterministic_algorithms(True)`` (bit-for-bit repeatable runs
+            given the same ``num_workers``; slower).
+        threads: torch intra-op threads on the CPU (``None`` = torch's default).
+        progress: show a progress bar per epoch.
+        tensorboard: write TensorBoard event files to ``RUN/tensorboard`` when installed.
+        labels: label value -> name override (default from dataset.json).
+        postprocess: post-processing defaults stored in the checkpoint for inference.
+        model_card: fields merged into the checkpoint's model card.
+    """
+
+    data: str = ""
+    out: str = ""
+    epochs: int = 100
+    iterations_per_epoch: int | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    threads: int | None = None
+    progress: bool = True
+    tensorboard: bool = True
+    dataset: DataConfig = field(default_factory=DataConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    labels: dict[str, str] | None = None
+    postprocess: dict[str, Any] = field(
+        default_factory=lambda: {"largest_component": False, "fill_holes": False, "min_island_voxels": 0})
+    model_card: dict[str, Any] = field(default_factory=dict)
+
+    # -- validation of values ------------------------------------------------------------------
+    def check(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` for values out of range; returns self."""
+        choices = {
+            "device": (self.device, ("auto", "cpu", "cuda")),
+            "amp": (self.amp, ("auto", "bf16", "fp16", "none")),
+            "dataset.cache": (self.dataset.cache, ("memory", "disk", "none")),
+            "optim.optimizer": (self.optim.optimizer, ("sgd", "adam", "adamw")),
+            "optim.scheduler": (self.optim.scheduler, ("poly", "cosine", "step", "plateau", "none")),
+            "validation.mode": (self.validation.mode, ("gaussian", "constant")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.model.spatial_dims not in (2, 3):
+            raise ConfigError(f"model.spatial_dims must be 2 or 3; got {self.model.spatial_dims!r}")
+        if self.plan.normalization not in (None, "zscore", "ct", "none"):
+            raise ConfigError(f"plan.normalization must be zscore, ct or none; got {self.plan.normalization!r}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1; got {self.epochs}")
+        if self.dataset.folds < 1 or not 0 <= self.dataset.fold < max(self.dataset.folds, 1):
+            raise ConfigError(f"dataset.fold must be in 0..{self.dataset.folds - 1} for {self.dataset.folds} folds; "
+                              f"got {self.dataset.fold}")
+        if self.validation.every < 1:
+            raise ConfigError(f"validation.every must be at least 1; got {self.validation.every}")
+        if len(self.augment.pos_neg) != 2 or min(self.augment.pos_neg) < 0 or sum(self.augment.pos_neg) <= 0:
+            raise ConfigError(f"augment.pos_neg must be two non-negative weights; got {self.augment.pos_neg}")
+        for name in ("patch_size", "spacing"):
+            value = getattr(self.plan, name)
+            if value is not None and len(value) != self.model.spatial_dims and not (name == "spacing" and len(value) == 3):
+                raise ConfigError(f"plan.{name} needs {self.model.spatial_dims} entries; got {value}")
+        return self
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, not tuples) in field order."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write YAML atomically."""
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "config") -> "TrainConfig":
+        """Build from a nested dict; unknown keys raise :class:`ConfigError` naming the key."""
+        return _build(cls, d, where, prefix="")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> "TrainConfig":
+        """Read a YAML file (a partial config is filled from the defaults)."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys, got a {type(data).__name__}")
+        return cls.from_dict(data, where=str(p))
+
+    def override(self, assignments: Sequence[str]) -> "TrainConfig":
+        """Apply ``key.sub=value`` strings (values parsed as YAML: ``0.1``, ``true``, ``[1,2]``, ``null``)."""
+        d = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value (e.g. optim.lr=0.01); got {item!r}")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                value = raw
+            node = d
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key {key!r} (no section {part!r}); see RUN/config.yaml for the keys")
+                node = node[part]
+            if parts[-1] not in node and not _is_free_dict(key):
+                raise ConfigError(f"unknown config key {key!r}; see RUN/config.yaml for the keys")
+            node[parts[-1]] = value
+        return TrainConfig.from_dict(d, where="--set")
+
+
+#: Keys whose values are free-form dicts (any sub-key allowed).
+_FREE_DICTS = ("model.overrides", "labels", "postprocess", "model_card")
+
+
+def _is_free_dict(key: str) -> bool:
+    return any(key.startswith(f + ".") for f in _FREE_DICTS)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, d: dict[str, Any], where: str, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown config key '{prefix}{unknown[0]}'; known keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, where, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, where, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    """Check/convert a YAML scalar against a simple type hint (int, float, bool, str, list, dict, Optional)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    bad = ConfigError(f"{where}: {key} must be {_hint_name(hint)}; got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, args[0], where, key) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): v for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    return value
+
+
+def _hint_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_hint_name(typing.get_args(hint)[0])}" if typing.get_args(hint) else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
