@@ -1,0 +1,464 @@
+"""The Predictor: one scan (Volume) in, a mask on exactly the scan's grid out.
+
+Steps, each timed (``Prediction.timings``, seconds):
+
+1. ``prepare``: :func:`resunet.preprocess.prepare` with the checkpoint's plan (reorient to the
+   closest RAS axes, resample to the training spacing, normalise): the very function training used.
+2. ``sliding_window``: MONAI's ``sliding_window_inference`` over the prepared grid with Gaussian
+   blending, the configured overlap and ``sw_batch`` windows per network call. Every window is run
+   through all mirror flips (test-time augmentation) and, for Monte Carlo dropout, several samples;
+   the softmax probabilities of those passes are averaged before blending. ``network`` is the part
+   of that time spent inside the network itself (what a bare network benchmark would measure).
+   2D models run the same way on the slices of the reoriented ``k`` axis.
+3. ``restore``: :func:`resunet.preprocess.restore` maps each class's probability back onto the input
+   grid (linear interpolation, then the inverse axis permutation/flip) and the argmax is taken there,
+   one class at a time so only two full-size float arrays are alive at once.
+4. ``postprocess``: largest component / islands / hole filling (:mod:`resunet.inference.postprocess`).
+
+Uncertainty (``uncertainty="tta"`` or ``"mc"``): the normalised entropy of the mean softmax across
+the passes, ``H = -sum_c p_c log p_c / log(C)`` (0 = all passes certain and agreeing, 1 = uniform).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+
+from resunet.errors import ConfigError, InputError, ModelError
+from resunet.inference.model import LoadedModel, load_model
+from resunet.inference.postprocess import PostProcess
+from resunet.io.volume import Volume
+from resunet.preprocess import PreparedCase, PreprocessPlan, prepare, restore
+
+log = logging.getLogger(__name__)
+
+#: ``progress(stage, done, total)``: stage is ``"prepare"``, ``"windows"``, ``"restore"`` or ``"postprocess"``
+ProgressFn = Callable[[str, int, int], None]
+
+UNCERTAINTY_MODES = (None, "tta", "mc")
+#: patch size used when a model's plan does not give one (voxels per axis)
+DEFAULT_PATCH = {2: (256, 256), 3: (96, 96, 96)}
+
+
+@dataclass
+class Prediction:
+    """The result of :meth:`Predictor.predict`.
+
+    Attributes:
+        mask: label map (uint8, or uint16 beyond 255 labels) on exactly the input's grid and affine;
+            ``meta`` is the input's plus ``is_label=True`` and ``labels`` (value -> name).
+        probabilities: label name -> float32 Volume of that label's probability on the input grid
+            (foreground labels only), when requested; else None.
+        uncertainty: float32 Volume of the normalised predictive entropy (0..1) on the input grid, or None.
+        volumes_ml: label name -> volume in mL (voxel count x voxel volume), foreground labels.
+        voxel_counts: label name -> number of voxels, foreground labels.
+        timings: stage -> seconds (``prepare``, ``sliding_window``, ``network``, ``restore``,
+            ``postprocess``, ``total``).
+        model_name, model_sha256: which model made it.
+        device: where the network ran (``cpu``, ``cuda:0``).
+        windows: number of network windows per pass; passes: flips x MC samples per window.
+    """
+
+    mask: Volume
+    probabilities: dict[str, Volume] | None
+    uncertainty: Volume | None
+    volumes_ml: dict[str, float]
+    voxel_counts: dict[str, int]
+    timings: dict[str, float]
+    model_name: str
+    model_sha256: str
+    device: str
+    windows: int = 0
+    passes: int = 1
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary (no arrays)."""
+        return {
+            "volumes_ml": self.volumes_ml,
+            "voxel_counts": self.voxel_counts,
+            "timings": self.timings,
+            "model_name": self.model_name,
+            "model_sha256": self.model_sha256,
+            "device": self.device,
+            "windows": self.windows,
+            "passes": self.passes,
+            "settings": self.settings,
+        }
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> the first CUDA GPU if there is one, else the CPU; ``"cuda"`` without a GPU is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+class Predictor:
+    """Segment scans with a trained model, mirroring training's preprocessing exactly.
+
+    Args:
+        model: a checkpoint path (``.pt``), an export (``.onnx``, TorchScript), a loaded
+            ``resunet.training.checkpoint.Checkpoint`` or a :class:`LoadedModel`.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        tta: mirror test-time augmentation: average over all flips of the spatial axes
+            (8 passes in 3D, 4 in 2D).
+        overlap: fraction (0 <= overlap < 1) by which neighbouring windows overlap, per axis.
+        sw_batch: windows per network call. On CPU keep it >= 2 (batch-1 small 3D convolutions hit
+            PyTorch's slow fallback path).
+        amp: float16 autocast for the network; default on for CUDA, ignored on CPU.
+        postprocess: None = what the checkpoint says; a :class:`PostProcess`, a dict of its fields,
+            or False for none.
+        uncertainty: None, ``"tta"`` (entropy across flips; turns ``tta`` on) or ``"mc"`` (Monte Carlo
+            dropout samples, also across flips if ``tta``).
+        mc_samples: dropout samples per window and flip for ``uncertainty="mc"``.
+        roi_size: window size in voxels per spatial axis; default the plan's patch size (rounded up to
+            the network's size divisor and shrunk to the image where the image is smaller).
+        stitch_on_cpu: None = decide by free GPU memory; True/False forces where windows are blended.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        device: str | torch.device = "auto",
+        tta: bool = True,
+        overlap: float = 0.5,
+        sw_batch: int = 2,
+        amp: bool | None = None,
+        postprocess: PostProcess | dict[str, Any] | bool | None = None,
+        uncertainty: str | None = None,
+        mc_samples: int = 4,
+        roi_size: Sequence[int] | None = None,
+        stitch_on_cpu: bool | None = None,
+    ) -> None:
+        if not 0 <= float(overlap) < 1:
+            raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+        if int(sw_batch) < 1:
+            raise ConfigError(f"sw_batch must be >= 1, got {sw_batch}")
+        if uncertainty not in UNCERTAINTY_MODES:
+            raise ConfigError(f"uncertainty must be one of None, 'tta', 'mc'; got {uncertainty!r}")
+        self.model: LoadedModel = model if isinstance(model, LoadedModel) else load_model(model)
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.uncertainty = uncertainty
+        self.tta = bool(tta) or uncertainty == "tta"
+        self.overlap = float(overlap)
+        self.sw_batch = int(sw_batch)
+        self.amp = (self.device.type == "cuda") if amp is None else (bool(amp) and self.device.type == "cuda")
+        self.mc_samples = max(1, int(mc_samples)) if uncertainty == "mc" else 1
+        self.model.set_mc_dropout(uncertainty == "mc")
+        if postprocess is None:
+            self.postprocess = PostProcess.from_dict(self.model.meta.get("postprocess"))
+        elif postprocess is False:
+            self.postprocess = PostProcess()
+        elif isinstance(postprocess, PostProcess):
+            self.postprocess = postprocess
+        else:
+            self.postprocess = PostProcess.from_dict(postprocess)  # type: ignore[arg-type]
+        self.plan = PreprocessPlan.from_dict(self.model.plan)
+        self.spatial_dims = int(self.model.spatial_dims)
+        if self.spatial_dims not in (2, 3):
+            raise ModelError(f"{self.model.name}: spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        patch = roi_size or self.model.patch_size or DEFAULT_PATCH[self.spatial_dims]
+        patch = tuple(int(p) for p in patch)
+        if self.spatial_dims == 2 and len(patch) == 3:
+            patch = patch[:2]
+        if len(patch) != self.spatial_dims:
+            raise ConfigError(f"roi_size {patch} does not match a {self.spatial_dims}D model")
+        self.patch = patch
+        self.stitch_on_cpu = stitch_on_cpu
+        self.labels = self.model.labels
+        if not self.labels:
+            raise ModelError(f"{self.model.name}: the model has no label names")
+        self._forward = self.model.forward_fn()
+
+    # -- public -----------------------------------------------------------------------------------
+    @property
+    def flips(self) -> list[tuple[int, ...]]:
+        """Flip combinations (tensor dims of a ``(B, C, *spatial)`` batch), identity first."""
+        axes = list(range(2, 2 + self.spatial_dims))
+        if not self.tta:
+            return [()]
+        return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+    def settings(self) -> dict[str, Any]:
+        """The inference settings, for provenance records."""
+        return {
+            "tta": self.tta,
+            "flips": len(self.flips),
+            "overlap": self.overlap,
+            "sw_batch": self.sw_batch,
+            "amp": self.amp,
+            "roi_size": list(self.patch),
+            "uncertainty": self.uncertainty,
+            "mc_samples": self.mc_samples if self.uncertainty == "mc" else None,
+            "postprocess": self.postprocess.to_dict(),
+            "blend": "gaussian",
+            "backend": self.model.kind,
+        }
+
+    def predict(
+        self,
+        volumes: Volume | Sequence[Volume],
+        *,
+        probabilities: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> Prediction:
+        """Segment one case.
+
+        Args:
+            volumes: the scan, or one Volume per input channel (in the model's channel order) on one grid.
+            probabilities: also return per-label probability Volumes on the input grid (float32;
+                costs one input-sized float array per foreground label).
+            progress: called as ``progress(stage, done, total)``.
+
+        Returns:
+            A :class:`Prediction` whose mask has exactly the input's shape and affine.
+        """
+        vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
+        if len(vols) != len(self.model.channels):
+            raise InputError(
+                f"model {self.model.name} expects {len(self.model.channels)} input channel(s) "
+                f"({', '.join(self.model.channels)}), got {len(vols)}"
+            )
+        report = progress or (lambda stage, done, total: None)
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        report("prepare", 0, 1)
+        t = time.perf_counter()
+        case = prepare(vols, self.plan)
+        timings["prepare"] = time.perf_counter() - t
+        report("prepare", 1, 1)
+
+        t = time.perf_counter()
+        net_time = [0.0]
+        prob, n_windows = self._infer(case, report, net_time)  # (K, X, Y, Z) float32, CPU
+        timings["sliding_window"] = time.perf_counter() - t
+        timings["network"] = net_time[0]
+        case.array = np.empty((0, 0, 0, 0), np.float32)  # the prepared input is no longer needed
+
+        unc_vol = None
+        if self.uncertainty is not None:
+            t = time.perf_counter()
+            ent = _normalised_entropy(prob)
+            unc = restore(ent[None], case)[0].astype(np.float32)
+            unc_vol = vols[0].with_array(unc, is_label=False, description="normalised predictive entropy (0..1)")
+            timings["uncertainty"] = time.perf_counter() - t
+
+        report("restore", 0, 1)
+        t = time.perf_counter()
+        label_values = list(self.labels)
+        index, kept = _restore_argmax(prob, case, keep=range(1, prob.shape[0]) if probabilities else ())
+        del prob
+        lut = np.asarray(label_values, dtype=np.uint16 if max(label_values) > 255 else np.uint8)
+        mask = index if np.array_equal(lut, np.arange(len(lut))) else lut[index]
+        timings["restore"] = time.perf_counter() - t
+        report("restore", 1, 1)
+
+        report("postprocess", 0, 1)
+        t = time.perf_counter()
+        self.postprocess.apply(mask, [v for v in label_values if v != 0])
+        timings["postprocess"] = time.perf_counter() - t
+        report("postprocess", 1, 1)
+
+        ref = vols[0]
+        names = {v: n for v, n in self.labels.items()}
+        mask_vol = ref.with_array(mask, is_label=True, labels={str(v): n for v, n in names.items()})
+        counts = np.bincount(mask.ravel(), minlength=max(label_values) + 1)
+        vox_ml = ref.voxel_volume_ml
+        voxel_counts = {names[v]: int(counts[v]) for v in label_values if v != 0}
+        volumes_ml = {n: round(c * vox_ml, 6) for n, c in voxel_counts.items()}
+        prob_vols = None
+        if probabilities:
+            prob_vols = {
+                names[label_values[c]]: ref.with_array(arr, is_label=False, label=names[label_values[c]])
+                for c, arr in kept.items()
+            }
+        timings["total"] = time.perf_counter() - t_start
+        return Prediction(
+            mask=mask_vol,
+            probabilities=prob_vols,
+            uncertainty=unc_vol,
+            volumes_ml=volumes_ml,
+            voxel_counts=voxel_counts,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            model_name=self.model.name,
+            model_sha256=self.model.sha256,
+            device=str(self.device),
+            windows=n_windows,
+            passes=len(self.flips) * self.mc_samples,
+            settings=self.settings(),
+        )
+
+    # -- internals --------------------------------------------------------------------------------
+    def roi_for(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Window size for an image of ``shape`` (spatial): the patch size, shrunk to the image where
+        the image is smaller, rounded up to the network's size divisor on every axis."""
+        div = self.model.size_divisor or (1,) * len(shape)
+        if len(div) == 1:
+            div = div * len(shape)
+        roi = []
+        for p, s, d in zip(self.patch, shape, div):
+            r = min(int(p), int(s))
+            roi.append(int(math.ceil(r / d) * d))
+        return tuple(roi)
+
+    def _window_fn(self, net_time: list[float], counter: Callable[[int], None]) -> Callable[[torch.Tensor], torch.Tensor]:
+        forward = self._forward
+        flips = self.flips
+        samples = self.mc_samples
+        amp = self.amp
+        dev = self.device
+        sync = dev.type == "cuda"
+
+        def window(x: torch.Tensor) -> torch.Tensor:
+            acc: torch.Tensor | None = None
+            for dims in flips:
+                xi = torch.flip(x, dims) if dims else x
+                for _ in range(samples):
+                    t0 = time.perf_counter()
+                    if amp:
+                        with torch.autocast(device_type="cuda", dtype=torch.float16):
+                            logits = forward(xi)
+                    else:
+                        logits = forward(xi)
+                    if sync:
+                        torch.cuda.synchronize(dev)
+                    net_time[0] += time.perf_counter() - t0
+                    p = torch.softmax(logits.float(), dim=1)
+                    if dims:
+                        p = torch.flip(p, dims)
+                    acc = p if acc is None else acc.add_(p)
+            assert acc is not None
+            counter(int(x.shape[0]))
+            return acc.div_(len(flips) * samples)
+
+        return window
+
+    def _stitch_device(self, n_classes: int, spatial: Sequence[int]) -> torch.device:
+        if self.device.type != "cuda":
+            return self.device
+        if self.stitch_on_cpu is not None:
+            return torch.device("cpu") if self.stitch_on_cpu else self.device
+        need = (n_classes + 2) * int(np.prod(spatial)) * 4  # output + count map + input, float32
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if need < 0.5 * free else torch.device("cpu")
+
+    def _infer(self, case: PreparedCase, report: ProgressFn, net_time: list[float]) -> tuple[torch.Tensor, int]:
+        """Sliding-window probabilities on the prepared grid: float32 ``(K, X, Y, Z)`` on the CPU."""
+        n_classes = len(self.labels)
+        x = torch.from_numpy(case.array)
+        spatial = tuple(x.shape[1:])
+        if self.spatial_dims == 3:
+            roi = self.roi_for(spatial)
+            per_image = _count_windows(spatial, roi, self.overlap)
+            total = per_image
+            batches = [(None, x[None])]
+        else:
+            roi = self.roi_for(spatial[:2])
+            per_image = _count_windows(spatial[:2], roi, self.overlap)
+            # slices of the k axis become the batch: (Z, C, X, Y), in chunks to bound memory
+            chunk = max(self.sw_batch, 16)
+            total = per_image * spatial[2]
+            batches = [
+                ((z0, min(z0 + chunk, spatial[2])), x[..., z0 : min(z0 + chunk, spatial[2])].permute(3, 0, 1, 2))
+                for z0 in range(0, spatial[2], chunk)
+            ]
+        done = [0]
+
+        def count(n: int) -> None:
+            done[0] += n
+            report("windows", min(done[0], total), total)
+
+        window = self._window_fn(net_time, count)
+        stitch = self._stitch_device(n_classes, spatial)
+        report("windows", 0, total)
+        out: torch.Tensor | None = None
+        for zrange, inp in batches:
+            with torch.inference_mode():
+                res = sliding_window_inference(
+                    inp.contiguous(),
+                    roi_size=roi,
+                    sw_batch_size=self.sw_batch,
+                    predictor=window,
+                    overlap=self.overlap,
+                    mode="gaussian",
+                    sw_device=self.device,
+                    device=stitch,
+                )
+            assert isinstance(res, torch.Tensor)
+            res = res.to("cpu", torch.float32)
+            if zrange is None:
+                out = res[0]
+            else:
+                if out is None:
+                    out = torch.empty((n_classes, *spatial), dtype=torch.float32)
+                out[..., zrange[0] : zrange[1]] = res.permute(1, 2, 3, 0)
+        assert out is not None
+        if out.shape[0] != n_classes:
+            raise ModelError(
+                f"{self.model.name}: the network gives {out.shape[0]} output channels but the model declares "
+                f"{n_classes} labels"
+            )
+        return out, total
+
+
+def _count_windows(image: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Windows per image, as MONAI's sliding_window_inference places them."""
+    size = tuple(max(int(s), int(r)) for s, r in zip(image, roi))
+    interval = tuple(int(r) if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi))
+    return len(dense_patch_slices(size, tuple(roi), interval))
+
+
+def _normalised_entropy(prob: torch.Tensor) -> torch.Tensor:
+    """``-sum_c p log p / log C`` over the class axis of ``(C, ...)``: 0 certain, 1 uniform."""
+    c = prob.shape[0]
+    ent = torch.zeros(prob.shape[1:], dtype=torch.float32)
+    for k in range(c):
+        p = prob[k]
+        ent -= torch.xlogy(p, p)
+    return ent / math.log(max(c, 2))
+
+
+def _restore_argmax(
+    prob: torch.Tensor, case: PreparedCase, keep: Sequence[int] | range = ()
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Argmax over classes of the probabilities restored onto the input grid, one class at a time.
+
+    Returns the class index map (uint8/uint16 ``(I, J, K)``) and the restored probabilities of the
+    classes in ``keep``. Ties go to the lower class index, as ``np.argmax``.
+    """
+    n = prob.shape[0]
+    best: np.ndarray | None = None
+    index = np.zeros(case.input_shape, dtype=np.uint8 if n <= 256 else np.uint16)
+    kept: dict[int, np.ndarray] = {}
+    keep = set(keep)
+    for c in range(n):
+        ch = restore(prob[c : c + 1], case)[0]
+        if c in keep:
+            kept[c] = np.array(ch, dtype=np.float32, copy=True)
+        if best is None:
+            best = np.ascontiguousarray(ch, dtype=np.float32)
+            continue
+        better = ch > best
+        index[better] = c
+        np.maximum(best, ch, out=best)
+        del better, ch
+    return index, kept
