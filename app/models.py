@@ -1,0 +1,104 @@
+"""The model picker: checkpoints in the configured folder and their model cards.
+
+Cards are read with :func:`resunet.training.checkpoint.load_checkpoint` (``torch.load`` with
+``weights_only=True``: nothing in a checkpoint file is executed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from resunet.errors import ResunetError
+
+MODEL_SUFFIXES = (".pt",)
+
+
+@dataclass
+class ModelInfo:
+    """What the picker shows about one checkpoint.
+
+    Attributes:
+        path: the checkpoint file.
+        name: the model card's name, or the file name.
+        sha256: SHA-256 of the file (the cache key of results).
+        labels: label value -> name, background included.
+        card: the model card (intended use, training data, metrics, limitations, ...).
+        error: why the file cannot be used, or None.
+    """
+
+    path: Path
+    name: str
+    sha256: str = ""
+    labels: dict[int, str] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+    spacing: list[float] | None = None
+    error: str | None = None
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files directly in ``folder`` (sorted by name); empty if the folder is missing."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(MODEL_SUFFIXES))
+
+
+@lru_cache(maxsize=32)
+def _describe(path: str, mtime_ns: int, size: int) -> ModelInfo:
+    from resunet.training.checkpoint import load_checkpoint
+
+    p = Path(path)
+    try:
+        ck = load_checkpoint(p)
+    except ResunetError as err:
+        return ModelInfo(path=p, name=p.name, error=str(err))
+    card = dict(ck.model_card or {})
+    labels = {int(k): str(v) for k, v in ck.labels.items()}
+    spacing = ck.plan.get("spacing") if isinstance(ck.plan, dict) else None
+    return ModelInfo(
+        path=p, name=str(card.get("name") or p.stem), sha256=ck.sha256, labels=labels, card=card, spacing=spacing
+    )
+
+
+def describe_model(path: Path) -> ModelInfo:
+    """Model card of ``path`` (cached per file path, modification time and size)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ModelInfo(path=path, name=path.name, error=f"model checkpoint {path} does not exist")
+    return _describe(str(path), st.st_mtime_ns, st.st_size)
+
+
+def card_markdown(info: ModelInfo) -> str:
+    """The model card as Markdown for the page."""
+    if info.error:
+        return f"**{info.path.name}** cannot be used: {info.error}"
+    lines = [f"**{info.name}** (`{info.path.name}`, SHA-256 `{info.sha256[:12]}…`)"]
+    fg = {k: v for k, v in info.labels.items() if k != 0}
+    if fg:
+        lines.append("- **Labels:** " + ", ".join(f"{k} = {v}" for k, v in sorted(fg.items())))
+    if info.spacing:
+        lines.append("- **Working spacing:** " + " × ".join(f"{s:g}" if s else "native" for s in info.spacing) + " mm")
+    order = ["intended_use", "training_data", "metrics", "limitations", "license", "authors", "version"]
+    keys = [k for k in order if k in info.card] + [k for k in info.card if k not in order and k != "name"]
+    for key in keys:
+        value = info.card[key]
+        title = key.replace("_", " ").capitalize()
+        if isinstance(value, dict):
+            inner = "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+            lines.append(f"- **{title}:** {inner}")
+        elif isinstance(value, list):
+            lines.append(f"- **{title}:** " + "; ".join(_fmt(v) for v in value))
+        else:
+            lines.append(f"- **{title}:** {_fmt(value)}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    return str(v)

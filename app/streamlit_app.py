@@ -1,0 +1,480 @@
+"""resunet web UI: drop in a study, see the mask over the scan in three planes, read and download results.
+
+Start with ``resunet app`` (binds to 127.0.0.1) or ``streamlit run app/streamlit_app.py``.
+The page has no segmentation logic of its own: it calls ``resunet.io`` to read, the
+``resunet.inference.Predictor`` to segment, ``resunet.evaluation`` to compare with a reference and
+the library writers for downloads. Display rendering lives in :mod:`app.viewer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # `streamlit run` puts app/ on sys.path, not its parent
+    sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from app import viewer  # noqa: E402
+from app.auth import require_login  # noqa: E402
+from app.config import AppConfig  # noqa: E402
+from app.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads  # noqa: E402
+from app.models import ModelInfo, card_markdown, describe_model, list_checkpoints  # noqa: E402
+from app.runner import RunResult, make_predictor, run_prediction  # noqa: E402
+from app.workspace import SessionWorkspace, sweep_expired  # noqa: E402
+from resunet import __version__  # noqa: E402
+from resunet.errors import GeometryError, ResunetError  # noqa: E402
+
+log = logging.getLogger("resunet.app")
+
+
+# -- session plumbing ----------------------------------------------------------------------------
+
+
+def _config() -> AppConfig:
+    if "config" not in st.session_state:
+        cfg = AppConfig.from_env()
+        # the browser enforces Streamlit's own limit; never promise more than it allows
+        server_mb = int(st.get_option("server.maxUploadSize") or cfg.max_upload_mb)
+        cfg.max_upload_mb = min(cfg.max_upload_mb, server_mb)
+        st.session_state["config"] = cfg
+    return st.session_state["config"]
+
+
+def _workspace(cfg: AppConfig) -> SessionWorkspace:
+    ws: SessionWorkspace | None = st.session_state.get("workspace")
+    ttl_s = cfg.session_ttl_min * 60
+    if ws is not None and ws.expired():
+        ws.close()
+        for key in ("study", "results", "volumes", "series", "display", "eval"):
+            st.session_state.pop(key, None)
+        st.session_state["expired_notice"] = True
+        ws = None
+    if ws is None:
+        ws = SessionWorkspace(cfg.temp_dir, ttl_s)
+        st.session_state["workspace"] = ws
+    ws.touch()
+    sweep_expired(cfg.temp_dir, ttl_s)
+    return ws
+
+
+def _store(name: str) -> dict:
+    return st.session_state.setdefault(name, {})
+
+
+def _show_error(err: BaseException, staged: StagedStudy | None = None) -> None:
+    msg = str(err)
+    if staged is not None:
+        msg = friendly_path_message(msg, staged)
+    st.error(msg, icon="⚠️")
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _predictor(model_path: str, model_sha256: str, device: str) -> Any:
+    """One loaded model per (file, hash, device), shared by all sessions."""
+    return make_predictor(Path(model_path), device=device)
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def _input_section(cfg: AppConfig, ws: SessionWorkspace) -> None:
+    st.subheader("1. Study")
+    left, right = st.columns([3, 1])
+    with left:
+        files = st.file_uploader(
+            "Upload a NIfTI file (.nii/.nii.gz), a .zip of DICOM files, or several DICOM files",
+            accept_multiple_files=True,
+            key="upload",
+            help=f"Limit {cfg.max_upload_mb} MB per upload (set with `resunet app --max-upload-mb`).",
+        )
+    with right:
+        st.write("")
+        example = st.button("Example study", type="primary", key="example", help=str(cfg.example_study.name))
+    if example:
+        try:
+            st.session_state["study"] = stage_bundled(cfg.example_study)
+            st.session_state["study_error"] = None
+            st.session_state["upload_sig"] = _upload_signature(files)
+        except ResunetError as err:
+            st.session_state["study_error"] = str(err)
+    sig = _upload_signature(files)
+    if files and sig != st.session_state.get("upload_sig"):
+        st.session_state["upload_sig"] = sig
+        dest = ws.subdir(f"upload-{len(_store('uploads'))}")
+        _store("uploads")[sig] = str(dest)
+        try:
+            st.session_state["study"] = stage_uploads([(f.name, f.getvalue()) for f in files], dest, cfg.max_upload_bytes)
+            st.session_state["study_error"] = None
+            log.info("staged an upload of %d file(s)", len(files))  # no names: they may hold patient names
+        except ResunetError as err:
+            st.session_state["study"] = None
+            st.session_state["study_error"] = str(err)
+    elif not files and st.session_state.get("upload_sig") and st.session_state.get("upload_sig") != ():
+        st.session_state["upload_sig"] = ()
+    if st.session_state.get("study_error"):
+        st.error(st.session_state["study_error"], icon="⚠️")
+
+
+def _upload_signature(files: Any) -> tuple:
+    return tuple((f.file_id, f.name, f.size) for f in files or [])
+
+
+def _pick_series(staged: StagedStudy) -> tuple[str | None, bool]:
+    """The chosen series uid (None for NIfTI / default); False if the study cannot be read."""
+    if staged.kind != "dicom":
+        return None, True
+    from resunet.io import list_series
+
+    cache = _store("series")
+    if staged.sha256 not in cache:
+        try:
+            cache[staged.sha256] = list_series(staged.path)
+        except ResunetError as err:
+            _show_error(err, staged)
+            return None, False
+    series = cache[staged.sha256]
+    if len(series) <= 1:
+        return (series[0].uid if series else None), True
+
+    def fmt(i: int) -> str:
+        s = series[i]
+        desc = s.description or "(no description)"
+        return f"{desc} · {s.modality or '?'} · {s.n_slices} slices · {s.rows}×{s.cols}"
+
+    i = st.selectbox(
+        f"This study has {len(series)} image series; choose one",
+        options=list(range(len(series))),
+        format_func=fmt,
+        key=f"series-{staged.sha256[:16]}",
+    )
+    return series[int(i)].uid, True
+
+
+def _load_volume(staged: StagedStudy, uid: str | None):
+    from resunet.io import load_study
+
+    cache = _store("volumes")
+    key = (staged.sha256, uid)
+    if key not in cache:
+        cache.clear()  # keep one study in memory per session
+        cache[key] = load_study(staged.path, series_uid=uid)
+    return cache[key]
+
+
+def _model_section(cfg: AppConfig) -> ModelInfo | None:
+    paths = list_checkpoints(cfg.model_dir)
+    default = cfg.default_model_path
+    if default.exists() and default not in paths:
+        paths.insert(0, default)
+    with st.sidebar:
+        st.header("Model")
+        if not paths:
+            st.error(
+                f"No model checkpoint (*.pt) in {cfg.model_dir}. Put one there or start with "
+                "`resunet app --model-dir DIR`.",
+                icon="⚠️",
+            )
+            return None
+        index = paths.index(default) if default in paths else 0
+        chosen = st.selectbox("Checkpoint", options=paths, index=index, format_func=lambda p: p.name, key="model")
+        info = describe_model(Path(chosen))
+        with st.expander("Model card", expanded=False):
+            st.markdown(card_markdown(info))
+        if info.error:
+            st.error(info.error, icon="⚠️")
+            return None
+        return info
+
+
+def _result_key(staged: StagedStudy, uid: str | None, model: ModelInfo) -> tuple:
+    return (staged.sha256, uid, model.sha256)
+
+
+def _run(cfg: AppConfig, staged: StagedStudy, uid: str | None, volume: Any, model: ModelInfo) -> RunResult | None:
+    results = _store("results")
+    key = _result_key(staged, uid, model)
+    if key in results:
+        return results[key]
+    bar = st.progress(0.0, text="Loading the model…")
+    try:
+        predictor = _predictor(str(model.path), model.sha256, cfg.device)
+
+        def progress(frac: float, text: str) -> None:
+            bar.progress(frac, text=f"Segmenting… {text}".strip())
+
+        result = run_prediction(
+            predictor,
+            volume,
+            label_names=model.labels,
+            model_name=model.name,
+            model_sha256=model.sha256,
+            input_sha256=staged.sha256,
+            progress=progress,
+        )
+    except ResunetError as err:
+        bar.empty()
+        _show_error(err, staged)
+        return None
+    bar.empty()
+    log.info("segmented input %s with model %s in %.1f s", staged.sha256[:12], model.sha256[:12], result.seconds)
+    results[key] = result
+    return result
+
+
+def _display(name: str, key: tuple, vol: Any) -> viewer.DisplayVolume:
+    cache = _store("display")
+    k = (name, key)
+    if k not in cache:
+        for old in [c for c in cache if c[0] == name]:
+            del cache[old]
+        cache[k] = viewer.to_display(vol)
+    return cache[k]
+
+
+@st.fragment
+def _viewer_section(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult | None) -> None:
+    """Three views with sliders; a fragment, so moving a slider re-runs only this part of the page."""
+    key = (staged.sha256, uid)
+    img = _display("image", key, volume)
+    mask = _display("mask", key + (result.model_sha256,), result.mask) if result is not None else None
+    unc = None
+    if result is not None and result.uncertainty is not None:
+        unc = _display("uncertainty", key + (result.model_sha256,), result.uncertainty)
+
+    modality = str(volume.meta.get("modality") or "").upper()
+    presets = [viewer.AUTO_PRESET, *viewer.WINDOW_PRESETS, "Manual"]
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    with c1:
+        default_preset = "CT soft tissue" if modality == "CT" else viewer.AUTO_PRESET
+        preset = st.selectbox("Window", presets, index=presets.index(default_preset), key="window_preset")
+    auto = _store("auto_window").setdefault(key, viewer.auto_window(img.array))
+    if preset == viewer.AUTO_PRESET:
+        window = auto
+    elif preset == "Manual":
+        with c2:
+            w = st.number_input("Width", value=float(round(auto[0], 1)), min_value=1.0, key="win_w")
+            lvl = st.number_input("Level", value=float(round(auto[1], 1)), key="win_l")
+        window = (w, lvl)
+    else:
+        window = viewer.WINDOW_PRESETS[preset]
+    with c3:
+        opacity = st.slider("Mask opacity", 0.0, 1.0, 0.4, 0.05, key="opacity")
+    with c4:
+        outline = st.checkbox("Outlines", value=True, key="outline")
+        show_unc = st.checkbox("Uncertainty", value=False, key="show_unc", disabled=unc is None,
+                               help=None if unc is not None else "this model run gave no uncertainty map")
+    if preset not in ("Manual",):
+        with c2:
+            st.caption(f"Width {window[0]:.0f}, level {window[1]:.0f}")
+    if img.oblique:
+        st.caption("The scan is oblique: shown on its nearest patient axes. Downloads keep the exact geometry.")
+
+    scale = viewer.scale_for(img)
+    cols = st.columns(3)
+    start = time.perf_counter()
+    for col, view in zip(cols, viewer.VIEWS):
+        with col:
+            n = img.n_slices(view)
+            idx = st.slider(f"{view.capitalize()} slice", 1, n, n // 2 + 1, key=f"slice_{view}") if n > 1 else 1
+            pic = viewer.render_slice(
+                img,
+                view,
+                idx - 1,
+                window=window,
+                mask=mask,
+                opacity=opacity,
+                outline=outline,
+                uncertainty=unc if show_unc else None,
+                mm_to_px=scale,
+            )
+            st.image(pic, caption=f"{view} {idx}/{n}", use_container_width=False)
+    st.session_state["last_render_s"] = time.perf_counter() - start
+    if mask is not None and result is not None:
+        legend = " ".join(
+            f"<span style='color:rgb{viewer.label_colour(r['label'])}'>■</span> {r['name']}" for r in result.rows
+        )
+        st.markdown(legend, unsafe_allow_html=True)
+
+
+def _results_section(result: RunResult, volume: Any) -> None:
+    st.subheader("3. Results")
+    table = [
+        {"Label": r["label"], "Name": r["name"], "Volume (mL)": round(r["volume_ml"], 2), "Voxels": r["voxels"]}
+        for r in result.rows
+    ]
+    st.dataframe(table, hide_index=True, use_container_width=False, key="volumes_table")
+    sp = " × ".join(f"{s:.3g}" for s in volume.spacing)
+    st.caption(
+        f"Model {result.model_name} (SHA-256 {result.model_sha256[:12]}…), input SHA-256 {result.input_sha256[:12]}…, "
+        f"resunet {__version__}, {result.seconds:.1f} s. Grid {volume.shape}, spacing {sp} mm."
+    )
+
+
+def _reference_section(cfg: AppConfig, staged: StagedStudy, result: RunResult, ws: SessionWorkspace) -> None:
+    from resunet.evaluation import evaluate_case, read_mask
+
+    st.subheader("4. Compare with a reference mask (optional)")
+    ref_file = st.file_uploader("Reference mask (NIfTI label map on the same grid)", key="reference")
+    use_example = False
+    if staged.path == cfg.example_study and cfg.example_reference.exists():
+        use_example = st.checkbox("Use the example study's reference brain mask", key="use_example_ref")
+    ref_path: Path | None = None
+    ref_name = ""
+    if ref_file is not None:
+        name = ref_file.name.lower()
+        if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+            st.error(f"{ref_file.name}: the reference must be a NIfTI label map (.nii or .nii.gz)", icon="⚠️")
+            return
+        if ref_file.size > cfg.max_upload_bytes:
+            st.error(f"{ref_file.name}: above the upload limit of {cfg.max_upload_mb} MB", icon="⚠️")
+            return
+        ref_path = ws.subdir("reference") / ("reference.nii.gz" if name.endswith(".gz") else "reference.nii")
+        ref_path.write_bytes(ref_file.getvalue())
+        ref_name = ref_file.name
+    elif use_example:
+        ref_path, ref_name = cfg.example_reference, cfg.example_reference.name
+    if ref_path is None:
+        return
+    resample = st.checkbox("If the grids differ, resample the prediction onto the reference (nearest neighbour)",
+                           key="resample_pred")
+    try:
+        ref = read_mask(ref_path)
+        rows = evaluate_case(result.mask, ref, tolerance_mm=cfg.tolerance_mm, resample_pred=resample)
+    except ResunetError as err:
+        st.error(str(err).replace(str(ref_path), ref_name), icon="⚠️")
+        return
+    names = {r["label"]: r["name"] for r in result.rows}
+    shown = []
+    for r in rows:
+        shown.append({
+            "Label": r["label"], "Name": names.get(r["label"], str(r["label"])), "Situation": r["situation"],
+            "Dice": r["dice"], "IoU": r["iou"], "Precision": r["precision"], "Recall": r["recall"],
+            "HD95 (mm)": r["hd95"], "ASSD (mm)": r["assd"], f"NSD@{cfg.tolerance_mm:g}mm": r["nsd"],
+            "Vol pred (mL)": r["vol_pred_ml"], "Vol ref (mL)": r["vol_gt_ml"],
+        })
+    st.dataframe(shown, hide_index=True, key="metrics_table")
+    with st.expander("Empty-mask conventions and metric definitions"):
+        st.markdown(_definitions_markdown())
+    st.session_state["eval"] = {"rows": rows, "reference": ref_name, "key": _result_key_of(result)}
+    _evaluation_downloads(rows, result, ref_path, ref_name, ws)
+
+
+def _result_key_of(result: RunResult) -> tuple:
+    return (result.input_sha256, result.model_sha256)
+
+
+def _definitions_markdown() -> str:
+    from resunet.evaluation.definitions import DEFINITIONS
+
+    lines = []
+    for section, items in DEFINITIONS:
+        if section.startswith(("Empty masks", "Overlap", "Surface distances")):
+            lines.append(f"**{section}**")
+            lines += [f"- **{term}**: {text}" for term, text in items]
+    return "\n".join(lines)
+
+
+def _evaluation_downloads(rows: list[dict], result: RunResult, ref_path: Path, ref_name: str, ws: SessionWorkspace) -> None:
+    from app.downloads import evaluation_files
+
+    try:
+        files = evaluation_files(rows, result, ref_path, ws.subdir("report"))
+    except ResunetError as err:
+        st.error(str(err), icon="⚠️")
+        return
+    cols = st.columns(max(len(files), 1))
+    for col, (fname, (data, mime)) in zip(cols, files.items()):
+        with col:
+            st.download_button(f"Download {fname}", data=data, file_name=fname, mime=mime, key=f"dl-{fname}")
+
+
+def _downloads_section(staged: StagedStudy, volume: Any, result: RunResult, ws: SessionWorkspace) -> None:
+    from app.downloads import mask_files
+
+    st.subheader("5. Download")
+    try:
+        files = mask_files(volume, result, ws.subdir("out"))
+    except ResunetError as err:
+        _show_error(err, staged)
+        return
+    cols = st.columns(max(len(files), 1))
+    for col, (fname, (data, mime)) in zip(cols, files.items()):
+        with col:
+            st.download_button(f"Download {fname}", data=data, file_name=fname, mime=mime, key=f"dl-{fname}")
+
+
+# -- page ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    st.set_page_config(page_title="resunet", page_icon="🧠", layout="wide")
+    if not require_login():
+        return
+    try:
+        cfg = _config()
+    except ResunetError as err:
+        st.error(f"Server configuration: {err}", icon="⚠️")
+        return
+    ws = _workspace(cfg)
+    st.title("resunet")
+    st.caption("Residual U-Net segmentation. Research software: not a medical device; check every result.")
+    if st.session_state.pop("expired_notice", False):
+        st.info("Your previous session expired; its uploads and results were deleted.")
+    model = _model_section(cfg)
+    _input_section(cfg, ws)
+    staged: StagedStudy | None = st.session_state.get("study")
+    if staged is None:
+        st.info("Upload a study or click **Example study** to start.")
+        return
+    uid, ok = _pick_series(staged)
+    if not ok:
+        return
+    try:
+        volume = _load_volume(staged, uid)
+    except ResunetError as err:
+        _show_error(err, staged)
+        return
+    st.caption(f"**{staged.label}**: {volume.shape[0]}×{volume.shape[1]}×{volume.shape[2]} voxels, "
+               f"{volume.meta.get('modality') or 'modality unknown'}, orientation {volume.orientation}")
+    _patient_panel(volume)
+    result = None
+    if model is not None:
+        st.subheader("2. Segmentation")
+        result = _run(cfg, staged, uid, volume, model)
+    _viewer_section(staged, uid, volume, result)
+    if result is None:
+        return
+    _results_section(result, volume)
+    _reference_section(cfg, staged, result, ws)
+    _downloads_section(staged, volume, result, ws)
+
+
+def _patient_panel(volume: Any) -> None:
+    """Patient identifiers from the DICOM header: shown on the page only, never logged."""
+    ds_list = volume.meta.get("dicom_datasets") or []
+    ds = ds_list[0] if ds_list else None
+    if ds is None:
+        files = volume.meta.get("dicom_files") or []
+        if files and Path(files[0]).exists():
+            import pydicom
+
+            try:
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+            except Exception:  # header display is best effort; reading already succeeded
+                ds = None
+    if ds is None:
+        return
+    fields = {k: str(getattr(ds, k, "") or "") for k in ("PatientName", "PatientID", "StudyDate", "StudyDescription")}
+    if any(fields.values()):
+        with st.expander("Patient and study (from the DICOM header)"):
+            st.table({k: [v] for k, v in fields.items()})
+
+
+main()

@@ -1,0 +1,117 @@
+"""``resunet app``: start the web UI (Streamlit) on this machine.
+
+Binds to 127.0.0.1 by default, so only this machine can open the page; pass ``--address 0.0.0.0``
+to serve a network, and then configure a login (see ``docs/webui.md``). Settings reach the page as
+``RESUNET_APP_*`` environment variables (``app/config.py``) because Streamlit runs the page in its
+own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import resunet
+from resunet.errors import ConfigError
+
+
+def app_script() -> Path:
+    """The page's entry point, ``app/streamlit_app.py`` next to the ``resunet`` package."""
+    return Path(resunet.__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "app",
+        help="start the web UI (Streamlit) on http://127.0.0.1:8501",
+        description="Start the web UI. Binds to 127.0.0.1 unless --address says otherwise.",
+    )
+    p.add_argument("--port", type=int, default=8501, help="TCP port (default 8501)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
+    p.add_argument("--model-dir", type=Path, help="folder of *.pt checkpoints for the model picker (default data/model)")
+    p.add_argument("--default-model", help="file name in --model-dir selected at start (default brain_extraction.pt)")
+    p.add_argument("--max-upload-mb", type=int, help="largest accepted upload in MB (default 1024)")
+    p.add_argument("--session-ttl-min", type=float,
+                   help="delete a session's uploads and results after this many idle minutes (default 60)")
+    p.add_argument("--temp-dir", type=Path, help="parent folder of the per-session temp folders")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (default auto)")
+    p.add_argument("--config", type=Path, help="YAML file with any of the settings above")
+    p.add_argument("--headless", action="store_true", help="do not open a browser window")
+    p.add_argument("--hash-password", action="store_true",
+                   help="print a password hash for .streamlit/secrets.toml ([resunet] password_hash) and exit")
+    p.set_defaults(func=run)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, str]:
+    env: dict[str, str] = {}
+    mapping = {
+        "model_dir": args.model_dir,
+        "default_model": args.default_model,
+        "max_upload_mb": args.max_upload_mb,
+        "session_ttl_min": args.session_ttl_min,
+        "temp_dir": args.temp_dir,
+        "device": args.device,
+    }
+    for name, value in mapping.items():
+        if value is not None:
+            env[f"RESUNET_APP_{name.upper()}"] = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError(f"--config {args.config}: no such file")
+        env["RESUNET_APP_CONFIG"] = str(args.config.resolve())
+    return env
+
+
+def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The ``streamlit run`` command line and the extra environment variables for the page."""
+    script = app_script()
+    if not script.is_file():
+        raise ConfigError(f"the web UI is not part of this installation ({script} is missing)")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be 1..65535, got {args.port}")
+    if args.max_upload_mb is not None and args.max_upload_mb < 1:
+        raise ConfigError(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
+    max_mb = args.max_upload_mb
+    if max_mb is None and args.config is not None and args.config.is_file():
+        import yaml
+
+        max_mb = (yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}).get("max_upload_mb")
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.port", str(args.port),
+        "--server.address", args.address,
+        "--server.maxUploadSize", str(int(max_mb or 1024)),
+        "--browser.gatherUsageStats", "false",
+        "--server.headless", "true" if args.headless else "false",
+    ]
+    return cmd, _settings(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.hash_password:
+        root = str(app_script().parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        from app.auth import hash_password  # app/ sits next to the package, not inside it
+
+        pw = getpass.getpass("Password: ")
+        if pw != getpass.getpass("Again: "):
+            raise ConfigError("the two passwords differ")
+        print("[resunet]")
+        print(f'password_hash = "{hash_password(pw)}"')
+        return 0
+    cmd, extra = command(args)
+    env = {**os.environ, **extra}
+    # app/ imports itself as a package from the repository root
+    root = str(app_script().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    print(f"resunet app: serving on http://{args.address}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        return subprocess.call(cmd, env=env, cwd=root)
+    except KeyboardInterrupt:
+        return 130
