@@ -63,7 +63,6 @@ NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.1.3.10": "Media Storage Directory (DICOMDIR)",
     "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation (SEG)",
     "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation",
-    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
     "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan",
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
@@ -191,8 +190,25 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
+def _dcmread(path: str | Path, stop_before_pixels: bool) -> Dataset:
+    """Read a DICOM file; files without the 128-byte preamble/'DICM' (old ACR-NEMA style, no file
+    meta) are accepted only if a forced read finds a SOP class and a series or study UID, so random
+    bytes stay refused."""
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=False)
+    except InvalidDicomError:
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
+            ok = "SOPClassUID" in ds and ("SeriesInstanceUID" in ds or "StudyInstanceUID" in ds)
+        except Exception:
+            ok = False
+        if not ok:
+            raise InvalidDicomError(f"{path}: not a DICOM file") from None
+        return ds
+
+
 def _read_header(path: Path) -> Dataset:
-    return pydicom.dcmread(str(path), stop_before_pixels=True, force=False)
+    return _dcmread(path, stop_before_pixels=True)
 
 
 def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
@@ -328,7 +344,11 @@ def _slices_of(path: str, ds: Dataset) -> list[_Slice]:
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     slope = _float_or(ds.get("RescaleSlope"), 1.0) or 1.0
     inter = _float_or(ds.get("RescaleIntercept"), 0.0) or 0.0
+    if str(ds.get("Modality", "")) == "RTDOSE" and ds.get("DoseGridScaling") not in (None, ""):
+        slope = _float_or(ds.get("DoseGridScaling"), 1.0) or 1.0  # dose in Gy (or the DoseUnits)
     ps = _floats(ds.get("PixelSpacing")) or _floats(ds.get("ImagerPixelSpacing"))
+    if ps is not None and (len(ps) != 2 or min(ps) <= 0):
+        ps = None  # "0\\0" in some radiographs: treated as absent
     thickness = _float_or(ds.get("SliceThickness"), None)
     between = _float_or(ds.get("SpacingBetweenSlices"), None)
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
@@ -474,10 +494,12 @@ def _stack_geometry(slices: list[_Slice], label: str) -> tuple[list[_Slice], np.
             raise GeometryError(f"{label}: images with different PixelSpacing ({s.source})")
     row_sp, col_sp = ps if ps is not None else (1.0, 1.0)
     positions = [s.position for s in slices]
+    if ps is None and iop is not None and all(p is not None for p in positions):
+        raise GeometryError(f"{label}: the images have positions but no valid PixelSpacing; cannot size the voxels")
     if iop is None or any(p is None for p in positions):
         if len(slices) > 1 and iop is not None:
             raise GeometryError(f"{label}: some images lack ImagePositionPatient; cannot order the slices")
-        if len(slices) > 1:
+        if len(slices) > 1 and len({s.path for s in slices}) > 1:
             raise GeometryError(
                 f"{label}: {len(slices)} images without ImagePositionPatient/ImageOrientationPatient;"
                 " their order and spacing in the body are unknown"
@@ -587,16 +609,22 @@ def read_series(info: SeriesInfo, source: str | None = None) -> Volume:
     slices: list[_Slice] = []
     for f in info.files:
         try:
-            ds = pydicom.dcmread(f, force=False)
+            ds = _dcmread(f, stop_before_pixels=False)
         except InvalidDicomError:
             raise InputError(f"{f}: not a DICOM file") from None
         except Exception as err:
             raise InputError(f"{f}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
+        if "Rows" not in ds or "Columns" not in ds or "PixelData" not in ds and "FloatPixelData" not in ds:
+            raise InputError(f"{f}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
         try:
             slices.extend(_slices_of(f, ds))
-        except (ValueError, TypeError, AttributeError, KeyError) as err:
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
             raise InputError(f"{f}: malformed geometry attributes ({err})") from None
-    array, affine, slices, known = read_slices(slices, label)
+    try:
+        array, affine, slices, known = read_slices(slices, label)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+        # pydicom raises these on malformed element values; name the series, never a traceback
+        raise InputError(f"{label}: malformed DICOM attributes ({type(err).__name__}: {err})") from None
     if not known:
         log.warning("%s: no patient position/orientation in the files; using an identity grid", label)
     ds0 = slices[0].ds
