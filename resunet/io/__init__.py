@@ -11,6 +11,7 @@ from resunet.io.dicom_writer import write_dicom_series
 from resunet.io.hashing import sha256_file, sha256_path
 from resunet.io.loader import list_series, load_study
 from resunet.io.nifti import read_nifti, write_mask_nifti, write_nifti
+from resunet.io.seg import read_dicom_seg, write_dicom_seg
 from resunet.io.volume import Volume
 
 __all__ = [
@@ -21,9 +22,11 @@ __all__ = [
     "atomic_write_text",
     "list_series",
     "load_study",
+    "read_dicom_seg",
     "read_nifti",
     "sha256_file",
     "sha256_path",
+    "write_dicom_seg",
     "write_dicom_series",
     "write_mask_nifti",
     "write_nifti",

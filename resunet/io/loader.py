@@ -18,6 +18,9 @@ import logging
 import os
 from pathlib import Path
 
+import pydicom
+from pydicom.dataset import Dataset
+
 from resunet.errors import InputError
 from resunet.io.archive import extract_zip
 from resunet.io.dicom import ScanReport, SeriesInfo, read_series, scan_dicom_files
@@ -117,21 +120,20 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> V
             report = _scan(folder)
             chosen = _pick(report, p, series_uid)
             vol = read_series(chosen, source=str(p))
-            # the files are gone once the temp folder is removed; keep their names inside the zip
+            # the files are gone once the temp folder is removed: keep their headers (for DICOM SEG)
+            # and their names inside the zip
+            vol.meta["dicom_datasets"] = _headers(vol.meta["dicom_files"])
             vol.meta["dicom_files"] = [str(Path(f).relative_to(folder)) for f in vol.meta["dicom_files"]]
             vol.meta["dicom_files_in_zip"] = True
-            vol.meta["dicom_datasets"] = _headers(chosen)
             return vol
     report = _scan(p)
     chosen = _pick(report, p, series_uid)
     return read_series(chosen, source=str(p))
 
 
-def _headers(info: SeriesInfo) -> list:
-    """Headers (no pixels) of a series' files, kept for writers when the files are temporary."""
-    import pydicom
-
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in info.files]
+def _headers(files: list[str]) -> list[Dataset]:
+    """Headers (no pixels) of the distinct files in slice order, kept when the files are temporary."""
+    return [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in dict.fromkeys(files)]
 
 
 def _looks_like_zip(p: Path) -> bool:

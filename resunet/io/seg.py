@@ -1,0 +1,189 @@
+"""DICOM SEG writing and reading (highdicom), so viewers show our masks on the source series.
+
+A mask for a DICOM study is written as one BINARY Segmentation object that references every source
+image (``source.meta["dicom_files"]``, or the headers kept in ``source.meta["dicom_datasets"]``
+when the study came from a .zip whose temp folder is gone). Frames are matched to source images by
+SOP Instance UID (and frame number for multi-frame sources), so the mask lands on the right slices
+whatever order the files were in. Reading back gives a label map on the source grid.
+
+Segment coding: category "Anatomical Structure" (SCT 91723000); the property type is the SNOMED CT
+concept whose name matches the label ("brain" -> SCT 12738006 Brain) when pydicom's code
+dictionary has one, else "Tissue" (SCT 85756007), with the label text as SegmentLabel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from resunet import __version__
+from resunet.errors import GeometryError, InputError
+from resunet.io.atomic import atomic_path
+from resunet.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def _property_type(label: str) -> pydicom.sr.coding.Code:
+    key = "".join(part.capitalize() for part in label.replace("-", " ").replace("_", " ").split())
+    try:
+        return getattr(codes.SCT, key)
+    except AttributeError:
+        return codes.SCT.Tissue
+
+
+def _source_datasets(source: Volume) -> list[Dataset]:
+    """The source images' headers, one per distinct file, in slice order ``k``."""
+    if source.meta.get("format") != "dicom":
+        raise InputError(
+            f"{source.meta.get('source', 'volume')}: a DICOM SEG needs a DICOM source series;"
+            " write a NIfTI mask for NIfTI input"
+        )
+    kept = source.meta.get("dicom_datasets")
+    if kept:
+        return list(kept)
+    files = source.meta.get("dicom_files") or []
+    seen: dict[str, Dataset] = {}
+    for f in files:
+        if f not in seen:
+            try:
+                seen[f] = pydicom.dcmread(f, stop_before_pixels=True)
+            except (OSError, pydicom.errors.InvalidDicomError) as err:
+                raise InputError(f"{f}: cannot re-read the source DICOM file for the SEG ({err})") from None
+    return list(seen.values())
+
+
+def write_dicom_seg(
+    mask: Volume,
+    source: Volume,
+    path: str | os.PathLike[str],
+    labels: Mapping[int, str],
+    *,
+    series_description: str = "resunet segmentation",
+    series_number: int = 900,
+    algorithm_name: str = "resunet",
+    algorithm_version: str = __version__,
+) -> Path:
+    """Write ``mask`` as a DICOM SEG (BINARY, one segment per label) referencing ``source``'s series.
+
+    Args:
+        mask: label map on exactly ``source``'s grid (``source.with_array(labels)``), values 0..N.
+        source: the DICOM volume the mask was made for (from :func:`resunet.io.load_study`).
+        path: output file (``.dcm``), written atomically.
+        labels: segment number -> name, e.g. ``{1: "brain"}``; 0 is background and not written.
+        series_description, series_number: of the new SEG series.
+        algorithm_name, algorithm_version: AlgorithmIdentificationSequence (family: AI).
+
+    Raises:
+        GeometryError: the mask is not on the source grid.
+        InputError: the source is not DICOM, or the mask holds labels missing from ``labels``.
+    """
+    if not mask.same_grid(source):
+        raise GeometryError(
+            f"the mask ({mask.describe_grid()}) is not on the source grid ({source.describe_grid()});"
+            " resample it onto the source before writing a DICOM SEG"
+        )
+    arr = np.asarray(mask.array)
+    present = {int(v) for v in np.unique(arr)} - {0}
+    missing = sorted(present - {int(k) for k in labels})
+    if missing:
+        raise InputError(f"mask holds labels {missing} that have no name in labels={dict(labels)}")
+    datasets = _source_datasets(source)
+    frames = source.meta.get("frames") or [None] * source.shape[2]
+    segment_numbers = sorted(int(k) for k in labels if int(k) > 0)
+    # highdicom wants segment numbers 1..N without gaps for a label-map style array
+    relabel = {old: new for new, old in enumerate(segment_numbers, start=1)}
+    lut = np.zeros(max(int(arr.max()), max(segment_numbers, default=0)) + 1, dtype=np.uint8)
+    for old, new in relabel.items():
+        lut[old] = new
+    planes = lut[arr.astype(np.int64)].transpose(2, 1, 0)  # (K, rows, cols)
+
+    if frames[0] is not None:  # multi-frame source: frame order of the file
+        n_frames = int(datasets[0].get("NumberOfFrames", 1))
+        pixel_array = np.zeros((n_frames, planes.shape[1], planes.shape[2]), dtype=np.uint8)
+        for k, f in enumerate(frames):
+            pixel_array[f] = planes[k]
+        source_images = datasets[:1]
+    else:  # single-frame source: one SEG frame per source image, in slice order
+        pixel_array = np.ascontiguousarray(planes)
+        source_images = datasets
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=str(algorithm_version)
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=relabel[num],
+            segment_label=str(labels[num])[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=_property_type(str(labels[num])),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for num in segment_numbers
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="resunet",
+        manufacturer_model_name=algorithm_name,
+        software_versions=str(algorithm_version),
+        device_serial_number="0",
+        series_description=series_description,
+        omit_empty_frames=bool(present),
+    )
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        seg.save_as(tmp)
+    return p
+
+
+def read_dicom_seg(path: str | os.PathLike[str], source: Volume) -> Volume:
+    """Read a DICOM SEG onto ``source``'s grid: a label map (segment number per voxel, uint8/uint16).
+
+    Raises:
+        InputError: not a readable SEG, or it does not reference ``source``'s images.
+    """
+    p = Path(path)
+    try:
+        seg = hd.seg.segread(str(p))
+    except Exception as err:  # highdicom/pydicom raise several kinds on a non-SEG or broken file
+        raise InputError(f"{p}: not a readable DICOM SEG ({type(err).__name__}: {err})") from None
+    datasets = _source_datasets(source)
+    frames = source.meta.get("frames") or [None] * source.shape[2]
+    try:
+        if frames[0] is not None:
+            uid = str(datasets[0].SOPInstanceUID)
+            planes = seg.get_pixels_by_source_frame(
+                uid,
+                source_frame_numbers=[int(f) + 1 for f in frames],
+                combine_segments=True,
+                assert_missing_frames_are_empty=True,
+            )
+        else:
+            by_file = {}
+            for f, ds in zip(dict.fromkeys(source.meta["dicom_files"]), datasets):
+                by_file[f] = str(ds.SOPInstanceUID)
+            uids = [by_file[f] for f in source.meta["dicom_files"]]
+            planes = seg.get_pixels_by_source_instance(
+                uids, combine_segments=True, assert_missing_frames_are_empty=True
+            )
+    except (KeyError, ValueError, RuntimeError, AttributeError) as err:
+        raise InputError(f"{p}: this SEG does not fit the given source series ({err})") from None
+    array = np.ascontiguousarray(np.asarray(planes).transpose(2, 1, 0))
+    array = array.astype(np.uint8 if array.max(initial=0) <= 255 else np.uint16)
+    labels = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    return source.with_array(array, is_label=True, labels=labels, seg_file=str(p), format="dicom-seg")
