@@ -18,7 +18,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -86,6 +85,8 @@ def write_dicom_seg(
         GeometryError: the mask is not on the source grid.
         InputError: the source is not DICOM, or the mask holds labels missing from ``labels``.
     """
+    import highdicom as hd  # imported here: ~0.6 s, only needed when writing a SEG
+
     if not mask.same_grid(source):
         raise GeometryError(
             f"the mask ({mask.describe_grid()}) is not on the source grid ({source.describe_grid()});"
@@ -157,6 +158,8 @@ def read_dicom_seg(path: str | os.PathLike[str], source: Volume) -> Volume:
     Raises:
         InputError: not a readable SEG, or it does not reference ``source``'s images.
     """
+    import highdicom as hd
+
     p = Path(path)
     try:
         seg = hd.seg.segread(str(p))
