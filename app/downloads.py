@@ -38,7 +38,7 @@ def mask_files(volume: Volume, result: Any, outdir: Path) -> dict[str, tuple[byt
     if volume.meta.get("format") == "dicom":
         from resunet.io import write_dicom_seg  # type: ignore[attr-defined]
 
-        seg = write_dicom_seg(result.mask, volume, outdir / "mask.seg.dcm", label_names=_names(result))
+        seg = write_dicom_seg(result.mask, volume, outdir / "mask.seg.dcm", labels=_names(result))
         files["mask.seg.dcm"] = (Path(seg).read_bytes(), MIME_DICOM)
     result.downloads["mask"] = files
     return files

@@ -76,9 +76,9 @@ def _show_error(err: BaseException, staged: StagedStudy | None = None) -> None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _predictor(model_path: str, model_sha256: str, device: str) -> Any:
-    """One loaded model per (file, hash, device), shared by all sessions."""
-    return make_predictor(Path(model_path), device=device)
+def _predictor(model_path: str, model_sha256: str, device: str, tta: bool, uncertainty: bool) -> Any:
+    """One loaded model per (file, hash, device, options), shared by all sessions (weights only, no patient data)."""
+    return make_predictor(Path(model_path), device=device, tta=tta, uncertainty=uncertainty)
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -190,11 +190,19 @@ def _model_section(cfg: AppConfig) -> ModelInfo | None:
         if info.error:
             st.error(info.error, icon="⚠️")
             return None
+        st.checkbox("Test-time augmentation (mirroring; several times slower on CPU)", key="tta")
+        st.checkbox("Uncertainty map (entropy across mirrored passes; implies test-time augmentation)",
+                    key="uncertainty")
         return info
 
 
+def _options() -> tuple[bool, bool]:
+    unc = bool(st.session_state.get("uncertainty"))
+    return bool(st.session_state.get("tta")) or unc, unc
+
+
 def _result_key(staged: StagedStudy, uid: str | None, model: ModelInfo) -> tuple:
-    return (staged.sha256, uid, model.sha256)
+    return (staged.sha256, uid, model.sha256, *_options())
 
 
 def _run(cfg: AppConfig, staged: StagedStudy, uid: str | None, volume: Any, model: ModelInfo) -> RunResult | None:
@@ -204,7 +212,7 @@ def _run(cfg: AppConfig, staged: StagedStudy, uid: str | None, volume: Any, mode
         return results[key]
     bar = st.progress(0.0, text="Loading the model…")
     try:
-        predictor = _predictor(str(model.path), model.sha256, cfg.device)
+        predictor = _predictor(str(model.path), model.sha256, cfg.device, *_options())
 
         def progress(frac: float, text: str) -> None:
             bar.progress(frac, text=f"Segmenting… {text}".strip())
@@ -294,7 +302,7 @@ def _viewer_section(staged: StagedStudy, uid: str | None, volume: Any, result: R
                 uncertainty=unc if show_unc else None,
                 mm_to_px=scale,
             )
-            st.image(pic, caption=f"{view} {idx}/{n}", use_container_width=False)
+            st.image(pic, caption=f"{view} {idx}/{n}")
     st.session_state["last_render_s"] = time.perf_counter() - start
     if mask is not None and result is not None:
         legend = " ".join(
@@ -309,7 +317,7 @@ def _results_section(result: RunResult, volume: Any) -> None:
         {"Label": r["label"], "Name": r["name"], "Volume (mL)": round(r["volume_ml"], 2), "Voxels": r["voxels"]}
         for r in result.rows
     ]
-    st.dataframe(table, hide_index=True, use_container_width=False, key="volumes_table")
+    st.dataframe(table, hide_index=True, key="volumes_table")
     sp = " × ".join(f"{s:.3g}" for s in volume.spacing)
     st.caption(
         f"Model {result.model_name} (SHA-256 {result.model_sha256[:12]}…), input SHA-256 {result.input_sha256[:12]}…, "
