@@ -1,0 +1,158 @@
+"""``resunet evaluate --pred DIR --gt DIR --out DIR``: metrics tables, report and an audit-log record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from resunet.errors import ConfigError, InputError
+from resunet.evaluation import DEFAULT_TOLERANCE_MM, evaluate_folders
+from resunet.reports.audit import ENV_VAR, audit_db_path, record_run
+from resunet.reports.provenance import collect_provenance, utc_now
+from resunet.reports.report import find_image, parse_formats, write_evaluation_outputs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="compare predicted masks with reference masks: metrics.csv, summary.csv, metrics.json, report",
+        description="Match <case>.nii.gz files of --pred and --gt by name, compute Dice, IoU, precision, "
+        "recall, HD95, ASSD, NSD (distances in mm) and volumes (mL) per case and label, and write "
+        "metrics.csv, summary.csv, metrics.json and report.html (report.pdf with --format html,pdf) into "
+        "--out. Every run is appended to the audit log. Definitions: docs/metrics.md.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label masks <case>.nii.gz")
+    p.add_argument("--gt", required=True, metavar="DIR", help="folder of reference label masks <case>.nii.gz")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--labels", metavar="L1,L2", help="labels to evaluate (default: every non-zero label found)")
+    p.add_argument("--tolerance-mm", default=str(DEFAULT_TOLERANCE_MM), metavar="T",
+                   help=f"NSD tolerance in mm (default {DEFAULT_TOLERANCE_MM:g})")  # fmt: skip
+    p.add_argument("--predictions", metavar="JSON",
+                   help="predictions.json written by `resunet predict`: records the model and label names")  # fmt: skip
+    p.add_argument("--format", default="html", metavar="html,pdf", help="report formats (default html)")
+    p.add_argument("--resample-pred", action="store_true",
+                   help="resample predictions on another grid onto the reference grid (nearest neighbour) "
+                   "instead of stopping")  # fmt: skip
+    p.add_argument("--images", metavar="DIR",
+                   help="folder of images <case>.nii.gz or <case>_0000.nii.gz shown under the worst cases")  # fmt: skip
+    p.add_argument("--audit-db", metavar="PATH",
+                   help=f"audit log SQLite file (default ${ENV_VAR} or ~/.resunet/audit.sqlite)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
+    p.set_defaults(func=run)
+
+
+def parse_labels(text: str | None) -> list[int] | None:
+    """``"1,2"`` -> ``[1, 2]``; ConfigError on anything but positive integers."""
+    if text is None:
+        return None
+    try:
+        labels = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        labels = []
+    if not labels or any(lab <= 0 for lab in labels):
+        raise ConfigError(f"--labels {text!r}: give positive integer labels separated by commas, e.g. 1,2")
+    return sorted(set(labels))
+
+
+def parse_tolerance(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not math.isfinite(t) or t < 0:
+        raise ConfigError(f"--tolerance-mm {text!r}: give a number of millimetres >= 0, e.g. 2")
+    return t
+
+
+def read_predictions_json(path: str | None) -> dict[str, Any]:
+    """The predictions.json document (``{}`` when not given); InputError if unreadable."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if p.is_dir():
+        p = p / "predictions.json"
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"cannot read --predictions {p}: {err}") from err
+    if not isinstance(doc, dict):
+        raise InputError(f"--predictions {p}: expected a JSON object written by resunet predict")
+    doc["_path"] = str(p)
+    return doc
+
+
+def _label_names(doc: dict[str, Any]) -> dict[int, str]:
+    names = doc.get("labels") or (doc.get("model") or {}).get("labels") or {}
+    out = {}
+    if isinstance(names, dict):
+        for k, v in names.items():
+            try:
+                if int(k) != 0:
+                    out[int(k)] = str(v)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    started = utc_now()
+    labels = parse_labels(args.labels)
+    tolerance = parse_tolerance(args.tolerance_mm)
+    formats = parse_formats(args.format)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give 1 or more")
+    if args.images is not None and not Path(args.images).is_dir():
+        raise InputError(f"--images {args.images} is not a folder")
+    pred_doc = read_predictions_json(args.predictions)
+    audit_db = audit_db_path(args.audit_db)
+
+    ev = evaluate_folders(args.pred, args.gt, labels, tolerance, args.resample_pred, _label_names(pred_doc),
+                          workers=args.workers)  # fmt: skip
+    files: dict[str, list] = {
+        "prediction": [p for _, p, _ in ev.match.pairs],
+        "reference": [g for _, _, g in ev.match.pairs],
+    }
+    images = [i for c, _, _ in ev.match.pairs if (i := find_image(args.images, c)) is not None]
+    if images:
+        files["image"] = images
+    if pred_doc:
+        files["predictions_summary"] = [pred_doc["_path"]]
+    prov = collect_provenance(files=files, started_utc=started)
+    pred_prov = pred_doc.get("provenance") or {}
+    if pred_prov.get("model"):
+        prov["model"] = pred_prov["model"]
+    if pred_prov.get("run_id"):
+        prov["prediction_run_id"] = pred_prov["run_id"]
+
+    written = write_evaluation_outputs(ev, prov, args.out, formats, args.images)
+    record_run("evaluate", prov, list(written.values()), db_path=audit_db)
+
+    _print_summary(ev)
+    for c in ev.match.gt_only:
+        print(f"NOT EVALUATED: reference {c} has no prediction in {args.pred}")
+    for c in ev.match.pred_only:
+        print(f"NOT EVALUATED: prediction {c} has no reference in {args.gt}")
+    print(f"wrote {', '.join(str(p) for p in written.values())}")
+    print(f"audit log: run {prov['run_id']} appended to {audit_db}")
+    return 0
+
+
+def _print_summary(ev) -> None:
+    print(f"{len(ev.match.pairs)} cases, NSD tolerance {ev.tolerance_mm:g} mm (mean [95% CI]; undefined not averaged)")
+    show = ("dice", "hd95", "assd", "nsd")
+    for lab in ev.labels:
+        rows = {r["metric"]: r for r in ev.summary if r["label"] == lab}
+        parts = []
+        for m in show:
+            r = rows[m]
+            if r["mean"] is None:
+                parts.append(f"{m} undefined ({r['n_undefined']})")
+                continue
+            ci = f" [{r['ci95_low']:.4g}, {r['ci95_high']:.4g}]" if r["ci95_low"] is not None else ""
+            und = f" ({r['n_undefined']} undefined)" if r["n_undefined"] else ""
+            parts.append(f"{m} {r['mean']:.4g}{ci}{und}")
+        name = ev.label_names.get(lab, "")
+        print(f"  label {lab}{' ' + name if name else ''}: " + ", ".join(parts))

@@ -1,0 +1,166 @@
+"""Report outputs: CSV/JSON with undefined values, self-contained HTML with its sections, PDF, provenance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from resunet.evaluation import evaluate_folders
+from resunet.evaluation.definitions import DEFINITIONS, to_markdown
+from resunet.reports import collect_provenance
+from resunet.reports.html import SECTIONS
+from resunet.reports.report import write_evaluation_outputs
+
+AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
+
+
+def _save(arr, path):
+    nib.save(nib.Nifti1Image(arr, AFFINE), str(path))
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    for d in ("pred", "gt", "img"):
+        (root / d).mkdir()
+    for c in range(3):
+        gt = np.zeros((24, 24, 8), np.uint8)
+        gt[6:18, 6:16, 2:6] = 1
+        gt[8:11, 8:11, 3:5] = 2
+        pred = np.roll(gt, c, axis=0)
+        if c == 2:
+            pred[pred == 2] = 0  # label 2 missed: precision, hd95, assd undefined
+        _save(gt, root / "gt" / f"case{c}.nii.gz")
+        _save(pred, root / "pred" / f"case{c}.nii.gz")
+        img = (gt * 100 + np.random.default_rng(c).normal(0, 10, gt.shape)).astype(np.float32)
+        _save(img, root / "img" / f"case{c}_0000.nii.gz")
+    _save(gt, root / "gt" / "lonely.nii.gz")  # reference without prediction
+    ev = evaluate_folders(root / "pred", root / "gt", workers=1)
+    prov = collect_provenance(
+        command=["resunet", "evaluate", "--pred", str(root / "pred")],
+        files={"prediction": [p for _, p, _ in ev.match.pairs], "reference": [g for _, _, g in ev.match.pairs]},
+    )
+    out = root / "out"
+    written = write_evaluation_outputs(ev, prov, out, formats=("html", "pdf"), images_dir=root / "img", worst_per_label=1)
+    return out, written, ev
+
+
+def test_metrics_csv_has_rows_and_empty_cells_for_undefined(report_dir):
+    out, _, ev = report_dir
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    need = "case,label,dice,iou,precision,recall,hd95,assd,nsd,vol_pred_ml,vol_gt_ml,vol_diff_ml".split(",")
+    assert all(c in rows[0] for c in need)
+    assert len(rows) == 6  # 3 cases x 2 labels; 'lonely' is not evaluated
+    missed = next(r for r in rows if r["case"] == "case2" and r["label"] == "2")
+    assert missed["situation"] == "pred_empty"
+    assert missed["precision"] == "" and missed["hd95"] == "" and missed["assd"] == ""
+    assert float(missed["dice"]) == 0.0 and float(missed["recall"]) == 0.0
+    exact = next(r for r in rows if r["case"] == "case0" and r["label"] == "1")
+    assert float(exact["dice"]) == 1.0 and float(exact["hd95"]) == 0.0
+    # full precision floats round-trip exactly
+    assert float(exact["vol_gt_ml"]) == ev.rows[0]["vol_gt_ml"]
+
+
+def test_summary_csv_counts_situations(report_dir):
+    out, _, _ = report_dir
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    hd = next(r for r in rows if r["label"] == "2" and r["metric"] == "hd95")
+    assert (hd["n_cases"], hd["n_defined"], hd["n_undefined"], hd["n_pred_empty"]) == ("3", "2", "1", "1")
+    for col in ("mean", "std", "median", "iqr", "ci95_low", "ci95_high"):
+        assert hd[col] != ""
+
+
+def test_metrics_json_nulls_unmatched_provenance_outputs(report_dir):
+    out, _, _ = report_dir
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["unmatched"] == {"pred_only": [], "gt_only": ["lonely"]}
+    row = next(r for r in doc["rows"] if r["case"] == "case2" and r["label"] == 2)
+    assert row["hd95"] is None and row["precision"] is None
+    prov = doc["provenance"]
+    for key in ("run_id", "command", "command_line", "user", "host", "started_utc", "finished_utc", "software"):
+        assert prov[key]
+    assert prov["software"]["monai"] and prov["software"]["resunet"] and prov["software"]["torch"]
+    assert prov["started_utc"].endswith("Z")
+    assert len(prov["files"]["prediction"]) == 3 and len(prov["files"]["prediction"][0]["sha256"]) == 64
+    names = {o["path"] for o in doc["outputs"]}
+    assert names == {"metrics.csv", "summary.csv", "report.html", "report.pdf"}
+    assert doc["conventions"]["bootstrap_resamples"] > 0
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.imgs, self.urls, self.text = set(), [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        for k in ("src", "href"):
+            if a.get(k):
+                self.urls.append(a[k])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_report_is_self_contained_with_sections_and_plots(report_dir):
+    out, _, _ = report_dir
+    text = (out / "report.html").read_text(encoding="utf-8")
+    parser = _Collector()
+    parser.feed(text)
+    for sid, _ in SECTIONS:
+        assert sid in parser.ids, sid
+    # 2 label figures + 1 worst case per label, every one an inline PNG
+    assert len(parser.imgs) == 4
+    assert all(src.startswith("data:image/png;base64,") for src in parser.imgs)
+    assert not [u for u in parser.urls if not (u.startswith("#") or u.startswith("data:"))]
+    assert "http://" not in text and "https://" not in text and "<link" not in text and "<script" not in text
+    body = " ".join(parser.text)
+    assert "lonely" in body  # the unmatched case is named
+    for section, items in DEFINITIONS:  # every definition, from the one source of truth
+        assert section in body
+        for term, _ in items:
+            assert term in body
+    assert "pred_empty" in body and "never averaged" in body
+
+
+def test_pdf_report_written(report_dir):
+    out, written, _ = report_dir
+    data = (out / "report.pdf").read_bytes()
+    assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
+    assert written["pdf"] == out / "report.pdf"
+
+
+def test_provenance_hashes_model_and_files(tmp_path):
+    model = tmp_path / "brain.resunet.pt"
+    model.write_bytes(b"weights")
+    f = tmp_path / "a.nii.gz"
+    f.write_bytes(b"abc")
+    prov = collect_provenance(command=["resunet", "predict", "x y"], files={"image": [f]}, model_path=model)
+    assert prov["model"]["name"] == "brain"
+    import hashlib
+
+    assert prov["model"]["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert prov["files"]["image"][0] == {"path": str(f.resolve()), "sha256": hashlib.sha256(b"abc").hexdigest(), "size_bytes": 3}
+    assert prov["command_line"] == "resunet predict 'x y'"
+    assert prov["software"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    json.dumps(prov)  # JSON-able
+
+
+def test_docs_metrics_md_is_generated_from_definitions():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+    assert doc.read_text(encoding="utf-8") == to_markdown(), (
+        "docs/metrics.md is stale: run `python -m resunet.evaluation.definitions > docs/metrics.md`"
+    )
