@@ -1,0 +1,65 @@
+"""``resunet train``: dataset folder -> run folder with best.pt, last.pt, log.csv, plan.json, config.yaml."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from resunet.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on an MSD or nnU-Net v2 raw dataset folder",
+        description="Train a Residual U-Net. Writes RUN/config.yaml (fully resolved), plan.json, log.csv, "
+        "last.pt (with resume state) and best.pt. Multi-GPU: torchrun --nproc_per_node=N -m resunet train ...",
+    )
+    p.add_argument("--data", required=True, help="dataset folder (MSD dataset.json 'training' list, or nnU-Net v2 raw)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--config", help="YAML config (any subset of the keys in RUN/config.yaml)")
+    p.add_argument("--preset", help="network preset (e.g. tiny, small, base, resnet18, resnet34)")
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3), help="2 = train on slices, 3 = on volumes")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its last.pt (uses RUN/config.yaml)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--fold", type=int, help="cross-validation fold held out for validation (0-based)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.01 --set dataset.num_workers=0 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """The resolved TrainConfig: defaults < --config (or RUN/config.yaml on --resume) < flags < --set."""
+    from resunet.training.config import TrainConfig
+
+    run_cfg = Path(args.out) / "config.yaml"
+    if args.resume and run_cfg.exists():
+        cfg = TrainConfig.from_yaml(run_cfg)
+    elif args.config:
+        cfg = TrainConfig.from_yaml(args.config)
+    else:
+        cfg = TrainConfig()
+    sets = [f"data={args.data}", f"out={args.out}"]
+    for flag, key in (("preset", "model.preset"), ("spatial_dims", "model.spatial_dims"), ("epochs", "epochs"),
+                      ("device", "device"), ("seed", "seed"), ("fold", "dataset.fold")):
+        value = getattr(args, flag)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    cfg = cfg.override(sets)
+    # data/out may contain characters YAML would reinterpret: set them verbatim
+    cfg.data, cfg.out = str(args.data), str(args.out)
+    return cfg.override(args.overrides).check()
+
+
+def run(args: argparse.Namespace) -> int:
+    from resunet.training.loop import train
+
+    cfg = build_config(args)
+    if not args.resume and (Path(cfg.out) / "last.pt").exists():
+        raise ConfigError(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    result = train(cfg, resume=args.resume)
+    best = f"best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}" if result.best_dice is not None else "no validation"
+    print(f"trained {result.epochs} epochs in {result.seconds:.0f} s; {best}; checkpoints in {result.out}")
+    return 0

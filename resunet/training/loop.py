@@ -1,0 +1,594 @@
+"""The training loop: from a dataset folder and a :class:`TrainConfig` to ``best.pt`` / ``last.pt``.
+
+One function, :func:`train`, runs single-process or under ``torchrun`` (DistributedDataParallel:
+NCCL on CUDA, gloo on CPU; every rank draws its own shard of patches through a
+``DistributedSampler``; rank 0 alone validates, logs and writes files).
+
+Reproducibility and resume. At the start of epoch ``e`` every random source is re-seeded from
+``(seed, e, rank)``: torch, numpy, Python ``random``, the MONAI transforms and the sampler. The state
+at an epoch boundary is therefore model + optimiser + scheduler + scaler + epoch, which ``last.pt``
+stores after every epoch (with the RNG states too). A run killed at any moment and resumed with
+``--resume`` continues from its last completed epoch and, with ``deterministic: true`` and the same
+``num_workers``, ends with bit-identical weights to a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from resunet.errors import ConfigError, DatasetError
+from resunet.io.atomic import atomic_write_text
+from resunet.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, software_versions
+from resunet.training.config import TrainConfig
+from resunet.training.dataset import DatasetSpec, load_dataset
+from resunet.training.plan import TrainingPlan, collect_stats, make_plan
+from resunet.training.transforms import PrepareCase, crop_size, train_transforms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (rank 0; other ranks get the same numbers where shared)."""
+
+    out: Path
+    epochs: int
+    best_dice: float | None
+    best_epoch: int | None
+    last_dice: float | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- set-up
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(cfg: TrainConfig, d: _Dist) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31 - 1)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [py[0], list(py[1]), py[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------- split
+def split_cases(case_ids: list[str], folds: int, fold: int, seed: int, val_cases: list[str] | None = None
+                ) -> tuple[list[str], list[str]]:
+    """``(train, val)`` case ids: k-fold by case with a fixed shuffle seed (``folds=1``: no validation)."""
+    ids = sorted(case_ids)
+    if val_cases:
+        unknown = sorted(set(val_cases) - set(ids))
+        if unknown:
+            raise ConfigError(f"dataset.val_cases names unknown case(s) {unknown}")
+        return [c for c in ids if c not in val_cases], [c for c in ids if c in val_cases]
+    if folds <= 1:
+        return ids, []
+    if len(ids) < folds:
+        raise DatasetError(f"{len(ids)} cases cannot be split into {folds} folds; set dataset.folds to at most {len(ids)} "
+                           "(or 1 to train on all cases without validation)")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = sorted(ids[i] for i in order[fold::folds])
+    return [c for c in ids if c not in val], val
+
+
+# ------------------------------------------------------------------------------------- builders
+def build_network(cfg: TrainConfig, plan: TrainingPlan, in_channels: int, out_channels: int) -> torch.nn.Module:
+    from resunet.nets import ResUNet
+
+    kwargs = dict(plan.network)
+    for key, value in cfg.model.overrides.items():
+        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+            kwargs[key] = {**kwargs[key], **value}
+        else:
+            kwargs[key] = value
+    kwargs["deep_supervision"] = cfg.model.deep_supervision
+    return ResUNet.from_preset(cfg.model.preset, spatial_dims=plan.spatial_dims, in_channels=in_channels,
+                               out_channels=out_channels, **kwargs)
+
+
+def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """Per-epoch schedule (torch.optim.lr_scheduler); warm-up is a LinearLR before poly/cosine/step."""
+    o = cfg.optim
+    sched = torch.optim.lr_scheduler
+    warm = min(o.warmup_epochs, max(cfg.epochs - 1, 0))
+    main_epochs = max(cfg.epochs - warm, 1)
+    if o.scheduler == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="max", factor=o.plateau_factor, patience=o.plateau_patience)
+    if o.scheduler == "none":
+        main: Any = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif o.scheduler == "poly":
+        main = sched.PolynomialLR(optimizer, total_iters=main_epochs, power=o.poly_exponent)
+    elif o.scheduler == "cosine":
+        main = sched.CosineAnnealingLR(optimizer, T_max=main_epochs, eta_min=o.min_lr)
+    else:
+        main = sched.StepLR(optimizer, step_size=o.step_size, gamma=o.step_gamma)
+    if warm > 0 and o.scheduler != "none":
+        first = sched.LinearLR(optimizer, start_factor=1e-2, end_factor=1.0, total_iters=warm)
+        return sched.SequentialLR(optimizer, [first, main], milestones=[warm])
+    return main
+
+
+def build_loss(cfg: TrainConfig, deep_supervision: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    base = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.loss.include_background,
+                      batch=cfg.loss.batch_dice, lambda_dice=cfg.loss.lambda_dice, lambda_ce=cfg.loss.lambda_ce)
+    if not deep_supervision:
+        return base
+    w = cfg.loss.ds_weights
+    return DeepSupervisionLoss(base, weight_mode="exp", weights=list(w) if isinstance(w, (list, tuple)) else None)
+
+
+def _amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.amp == "none":
+        return None
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+# ------------------------------------------------------------------------------------ data
+def _datasets(cfg: TrainConfig, spec: DatasetSpec, plan: TrainingPlan, train_ids: list[str], val_ids: list[str],
+              out: Path) -> tuple[Any, Any]:
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+    from monai.transforms import Compose
+
+    patch3 = crop_size(plan.patch_size, plan.spatial_dims)
+    prep = PrepareCase(spec, plan.preprocess_plan(), plan.slice_axis, patch3)
+    items = {c.case_id: c.to_dict() for c in spec.cases}
+    train_items = [items[c] for c in train_ids]
+    val_items = [items[c] for c in val_ids]
+    train_tf = Compose([prep, *train_transforms(plan.patch_size, plan.spatial_dims, cfg.augment)])
+    val_tf = Compose([prep])
+    if cfg.dataset.cache == "memory":
+        kw = {"num_workers": max(cfg.dataset.num_workers, 1), "progress": False, "copy_cache": False}
+        return CacheDataset(train_items, train_tf, **kw), CacheDataset(val_items, val_tf, **kw) if val_items else None
+    if cfg.dataset.cache == "disk":
+        cache_dir = Path(cfg.dataset.cache_dir or out / "cache")
+        return (PersistentDataset(train_items, train_tf, cache_dir=cache_dir),
+                PersistentDataset(val_items, val_tf, cache_dir=cache_dir) if val_items else None)
+    return Dataset(train_items, train_tf), Dataset(val_items, val_tf) if val_items else None
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """``n`` case draws per epoch, sharded across ranks by ``DistributedSampler`` (seeded by epoch).
+
+    Why a wrapper: an epoch here is a fixed number of steps (nnU-Net style), not one pass over the
+    cases, so the case list is repeated to length ``n * world`` before the DistributedSampler
+    shuffles it and hands each rank its share.
+    """
+
+    def __init__(self, n_cases: int, per_rank: int, d: _Dist, seed: int) -> None:
+        self.n_cases, self.per_rank, self.d, self.seed = n_cases, per_rank, d, seed
+        total = per_rank * d.world
+        self._index = [i % n_cases for i in range(total)]
+        self.inner = torch.utils.data.DistributedSampler(self._index, num_replicas=d.world, rank=d.rank,
+                                                         shuffle=True, seed=seed, drop_last=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self._index[i] for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _predictor(net: torch.nn.Module, spatial_dims: int, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    if spatial_dims == 3:
+        if channels_last:
+            return lambda x: net(x.contiguous(memory_format=torch.channels_last_3d))
+        return net
+    # 2D: windows are (B, C, px, py, 1) slabs of the volume (slice axis last)
+    return lambda x: net(x[..., 0]).unsqueeze(-1)
+
+
+@torch.no_grad()
+def validate(net: torch.nn.Module, dataset: Any, plan: TrainingPlan, cfg: TrainConfig, device: torch.device,
+             n_labels: int, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """Whole-volume sliding-window inference on the held-out cases; Dice per label on the network grid.
+
+    Returns ``{"dice_mean": ..., "dice_<label>": ...}`` (labels 1..n-1; NaN-free means over the cases
+    where the label is present in the reference or the prediction).
+    """
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import compute_dice
+
+    net.eval()
+    roi = crop_size(plan.patch_size, plan.spatial_dims)
+    predictor = _predictor(net, plan.spatial_dims, cfg.channels_last and device.type == "cuda")
+    per_label: list[list[float]] = [[] for _ in range(n_labels - 1)]
+    n = len(dataset) if cfg.validation.max_cases is None else min(len(dataset), cfg.validation.max_cases)
+    for i in range(n):
+        item = dataset[i]
+        image = torch.as_tensor(item["image"])[None].to(device)
+        label = torch.as_tensor(np.asarray(item["label"]))[None].to(device)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            logits = sliding_window_inference(image, roi, cfg.validation.sw_batch_size, predictor,
+                                              overlap=cfg.validation.overlap, mode=cfg.validation.mode)
+        pred = torch.as_tensor(logits).float().argmax(1, keepdim=True)
+        p1 = F.one_hot(pred[:, 0].long(), n_labels).movedim(-1, 1)
+        r1 = F.one_hot(label[:, 0].long(), n_labels).movedim(-1, 1)
+        dice = compute_dice(p1, r1, include_background=False, ignore_empty=True)[0]
+        for k in range(n_labels - 1):
+            v = float(dice[k])
+            if math.isnan(v):
+                v = 1.0 if not bool(p1[:, k + 1].any()) else 0.0  # label absent in the reference
+            per_label[k].append(v)
+    out = {f"dice_{k + 1}": float(np.mean(v)) for k, v in enumerate(per_label)}
+    out["dice_mean"] = float(np.mean(list(out.values()))) if out else float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------ logging
+class _Logger:
+    """log.csv (rewritten atomically each epoch) and TensorBoard when installed; rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, start_epoch: int) -> None:
+        self.path = out / "log.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.enabled = enabled
+        if enabled and self.path.exists():
+            with open(self.path, newline="") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= start_epoch]
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard not installed: log.csv is the record
+                self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        keys: list[str] = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, restval="")
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                    self.tb.add_scalar(k, v, int(row["epoch"]))
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _gpu_util(device: torch.device) -> float | str:
+    if device.type != "cuda":
+        return ""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        return float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+    except Exception:  # NVML missing or not permitted: the column stays empty
+        return ""
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    disable=not enabled, transient=False)
+
+
+# ------------------------------------------------------------------------------------ main entry
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train as ``cfg`` says; writes ``config.yaml``, ``plan.json``, ``log.csv``, ``last.pt``, ``best.pt`` to ``cfg.out``.
+
+    Args:
+        cfg: the resolved configuration (``cfg.data``, ``cfg.out`` must be set).
+        resume: continue from ``cfg.out/last.pt`` (model, optimiser, scheduler, scaler, RNG, epoch).
+
+    Raises:
+        DatasetError, ConfigError, ModelError: bad dataset, configuration or resume checkpoint.
+    """
+    from monai.data import DataLoader, set_track_meta
+
+    cfg.check()
+    if not cfg.data or not cfg.out:
+        raise ConfigError("both the dataset folder (--data) and the run folder (--out) are needed")
+    out = Path(cfg.out)
+    t_start = time.time()
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    d = _init_distributed("cuda" if want_cuda else "cpu")
+    device = _device(cfg, d)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    set_track_meta(False)  # plain tensors through the transforms: faster, and nothing needs the metadata
+
+    spec = load_dataset(cfg.data)
+    labels = {int(k): v for k, v in (cfg.labels or {}).items()} or spec.labels
+    train_ids, val_ids = split_cases([c.case_id for c in spec.cases], cfg.dataset.folds, cfg.dataset.fold,
+                                     cfg.dataset.split_seed, cfg.dataset.val_cases)
+    if not train_ids:
+        raise DatasetError(f"dataset {spec.root}: no cases left for training after holding out {len(val_ids)} for validation")
+
+    # ---- plan (fresh) or reuse the run's plan (resume) ----------------------------------------
+    last_path = out / "last.pt"
+    resume_ckpt: Checkpoint | None = None
+    if resume:
+        if not last_path.exists():
+            raise ConfigError(f"--resume: {last_path} does not exist; start without --resume")
+        resume_ckpt = load_checkpoint(last_path)
+        if resume_ckpt.train_state is None:
+            raise ConfigError(f"--resume: {last_path} holds no training state")
+        plan = TrainingPlan.from_dict(resume_ckpt.plan)
+    else:
+        from resunet.nets.presets import preset_kwargs
+
+        stats = collect_stats(spec, train_ids, seed=cfg.seed)
+        plan = make_plan(spec, stats, cfg.plan, preset=preset_kwargs(cfg.model.preset),
+                         spatial_dims=cfg.model.spatial_dims, slice_axis=cfg.dataset.slice_axis)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        plan.save(out / "plan.json")
+    fingerprint = spec.fingerprint()
+
+    # ---- model, optimiser, schedule ------------------------------------------------------------
+    _seed_all(cfg.seed)
+    net = build_network(cfg, plan, len(spec.channels), len(labels))
+    network_config = net.config
+    net.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d if plan.spatial_dims == 3 else torch.channels_last)
+    optimizer = build_optimizer(cfg, net.parameters())
+    scheduler = build_scheduler(cfg, optimizer)
+    amp_dtype = _amp(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    loss_fn = build_loss(cfg, cfg.model.deep_supervision)
+    start_epoch, best_dice, best_epoch = 0, None, None
+    if resume_ckpt is not None:
+        st = resume_ckpt.train_state or {}
+        net.load_state_dict(resume_ckpt.state_dict)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        start_epoch = int(st["epoch"])
+        best_dice, best_epoch = st.get("best_dice"), st.get("best_epoch")
+        _set_rng_state(st["rng"])
+        if start_epoch >= cfg.epochs:
+            log.info("run %s already finished %d epochs", out, start_epoch)
+    model: torch.nn.Module = net
+    if cfg.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- data ------------------------------------------------------------------------------------
+    train_ds, val_ds = _datasets(cfg, spec, plan, train_ids, val_ids, out)
+    spv = cfg.augment.samples_per_volume
+    loader_bs = max(1, plan.batch_size // spv)
+    steps = cfg.iterations_per_epoch or max(1, math.ceil(len(train_ids) * spv / (loader_bs * spv * d.world)))
+    sampler = _EpochSampler(len(train_ds), steps * loader_bs, d, cfg.seed)
+    loader = DataLoader(train_ds, batch_size=loader_bs, sampler=sampler, num_workers=cfg.dataset.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=False)
+
+    def card(metrics: dict[str, Any]) -> dict[str, Any]:
+        base = {"name": Path(cfg.out).name, "preset": cfg.model.preset, "spatial_dims": plan.spatial_dims,
+                "training_data": {"dataset": spec.name, "layout": spec.layout, "cases": len(spec.cases),
+                                  "train_cases": train_ids, "val_cases": val_ids, "fingerprint": fingerprint},
+                "metrics": metrics, "epochs": cfg.epochs}
+        base.update(cfg.model_card)
+        return base
+
+    def save(path: Path, epoch: int, metrics: dict[str, Any], with_state: bool) -> None:
+        state = None
+        if with_state:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
+                     "best_dice": best_dice, "best_epoch": best_epoch, "rng": _rng_state(), "world_size": d.world}
+        save_checkpoint(path, state_dict=net.state_dict(), network=network_config, plan=plan.to_dict(),
+                        labels={k: labels[k] for k in sorted(labels)}, channels=spec.channels,
+                        postprocess=cfg.postprocess, model_card=card(metrics), fingerprint=fingerprint,
+                        versions=software_versions(), train_state=state)
+
+    logger = _Logger(out, d.main, cfg.tensorboard, start_epoch)
+    history: list[dict[str, Any]] = []
+    last_val: dict[str, float] | None = None
+    if d.main:
+        log.info("training %s: %d train / %d val cases, patch %s, batch %d (%d per rank), %d steps/epoch, device %s%s",
+                 spec.name, len(train_ids), len(val_ids), plan.patch_size, loader_bs * spv * d.world, loader_bs * spv,
+                 steps, device, f", {d.world} processes" if d.enabled else "")
+    progress = _progress(cfg.progress and d.main)
+    with progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            es = _epoch_seed(cfg.seed, epoch, d.rank)
+            _seed_all(es)
+            train_ds.transform.set_random_state(seed=es)
+            sampler.set_epoch(epoch)
+            model.train()
+            t0 = time.time()
+            losses: list[float] = []
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, info="")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for batch in loader:
+                x = batch["image"].to(device, non_blocking=True)
+                y = batch["label"].to(device, non_blocking=True).float()
+                if device.type == "cuda" and cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+                with ctx:
+                    outputs = model(x)
+                if isinstance(outputs, (list, tuple)):
+                    outputs = [o.float() for o in outputs]
+                else:
+                    outputs = outputs.float()
+                loss = loss_fn(outputs, y)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"epoch {epoch + 1}: the loss became {float(loss)}; lower optim.lr or use amp: none")
+                scaler.scale(loss).backward()
+                if cfg.optim.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                mem = f" mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+                speed = len(losses) / max(time.time() - t0, 1e-9)
+                progress.update(task, advance=1, info=f"{speed:.2f} it/s loss {np.mean(losses):.4f}{mem}")
+            train_loss = float(np.mean(losses)) if losses else float("nan")
+            if d.enabled:
+                t = torch.tensor([train_loss], device=device)
+                dist.all_reduce(t)
+                train_loss = float(t) / d.world
+            elapsed = time.time() - t0
+            lr = optimizer.param_groups[0]["lr"]
+            # ---- validation (rank 0), shared with all ranks for the plateau schedule ---------
+            val: dict[str, float] | None = None
+            is_last = epoch + 1 == cfg.epochs
+            if val_ds is not None and ((epoch + 1) % cfg.validation.every == 0 or is_last):
+                if d.main:
+                    val = validate(net, val_ds, plan, cfg, device, len(labels), amp_dtype)
+                if d.enabled:
+                    obj = [val]
+                    dist.broadcast_object_list(obj, src=0)
+                    val = obj[0]
+                last_val = val
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if val is not None:
+                    scheduler.step(val["dice_mean"])
+            else:
+                scheduler.step()
+            improved = val is not None and (best_dice is None or val["dice_mean"] > best_dice)
+            if improved:
+                best_dice, best_epoch = val["dice_mean"], epoch + 1  # type: ignore[index]
+            row: dict[str, Any] = {
+                "epoch": epoch + 1, "time_s": round(elapsed, 3),
+                "samples_per_s": round(len(losses) * loader_bs * spv * d.world / max(elapsed, 1e-9), 3),
+                "lr": lr, "train_loss": round(train_loss, 6),
+                "val_dice": round(val["dice_mean"], 6) if val else "",
+            }
+            for k in range(1, len(labels)):
+                row[f"val_dice_{labels[k]}"] = round(val[f"dice_{k}"], 6) if val else ""
+            row["gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else ""
+            row["gpu_util"] = _gpu_util(device)
+            history.append(row)
+            progress.update(task, info=f"loss {train_loss:.4f}" + (f" val dice {val['dice_mean']:.4f}" if val else ""))
+            if d.main:
+                logger.write(row)
+                metrics = {"val_dice": val, "epoch": epoch + 1} if val else {"epoch": epoch + 1}
+                if improved:
+                    save(out / "best.pt", epoch + 1, metrics, with_state=False)
+                save(last_path, epoch + 1, metrics, with_state=True)
+                log.info("epoch %d/%d: loss %.4f%s, %.1f s, lr %.3g", epoch + 1, cfg.epochs, train_loss,
+                         f", val dice {val['dice_mean']:.4f}" if val else "", elapsed, lr)
+            if d.enabled:
+                dist.barrier()
+    if d.main and not (out / "best.pt").exists():
+        # no validation set: best = the final weights
+        save(out / "best.pt", cfg.epochs, {"val_dice": last_val} if last_val else {}, with_state=False)
+    logger.close()
+    if d.enabled:
+        dist.barrier()
+    return TrainResult(out=out, epochs=cfg.epochs, best_dice=best_dice, best_epoch=best_epoch,
+                       last_dice=last_val["dice_mean"] if last_val else None, seconds=time.time() - t_start,
+                       history=history)
