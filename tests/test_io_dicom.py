@@ -1,0 +1,205 @@
+"""DICOM series read/write geometry on series we write ourselves with known truth."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from conftest import make_volume, oblique_affine
+from io_helpers import compare_with_sitk
+from pydicom.data import get_testdata_file
+
+from resunet.errors import GeometryError, InputError
+from resunet.io import list_series, load_study, write_dicom_series
+from resunet.io.volume import Volume
+
+
+def _axial(sign=(1, 1, 1)) -> np.ndarray:
+    aff = np.diag([0.8 * sign[0], 0.9 * sign[1], 2.5 * sign[2], 1.0])
+    aff[:3, 3] = (-10.0, 20.0, 30.0)
+    return aff
+
+
+def _flip_k(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The same voxels indexed with k reversed, and the matching affine."""
+    flip = np.eye(4)
+    flip[2, 2] = -1
+    flip[2, 3] = vol.shape[2] - 1
+    return np.flip(vol.array, axis=2), vol.affine @ flip
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [_axial(), _axial((-1, -1, 1)), oblique_affine(), _axial((1, -1, 1)), oblique_affine(angles_deg=(90, 0, 0))],
+    ids=["RAS", "LPS", "oblique", "RPS", "coronal"],
+)
+def test_series_round_trip_geometry(tmp_path, affine):
+    vol = make_volume(affine=affine)
+    write_dicom_series(vol, tmp_path / "s")
+    back = load_study(tmp_path / "s")
+    assert back.meta["format"] == "dicom" and back.meta["modality"] == "MR"
+    assert back.array.dtype == np.int16
+    # the reader indexes k along +(row x column direction): a left-handed grid comes back k-reversed
+    arr, aff = (vol.array, vol.affine) if np.linalg.det(affine[:3, :3]) > 0 else _flip_k(vol)
+    assert np.array_equal(back.array, arr)
+    assert np.allclose(back.affine, aff, atol=1e-6)
+
+
+def test_k_axis_against_the_normal_reads_in_ascending_order(tmp_path):
+    vol = make_volume(affine=_axial((1, 1, -1)))
+    write_dicom_series(vol, tmp_path / "s")
+    back = load_study(tmp_path / "s")
+    arr, aff = _flip_k(vol)
+    assert np.array_equal(back.array, arr) and np.allclose(back.affine, aff, atol=1e-6)
+    # same voxel, same place: voxel (1, 2, 0) written is voxel (1, 2, K-1) read
+    assert back.array[1, 2, -1] == vol.array[1, 2, 0]
+    assert np.allclose(back.affine @ [1, 2, vol.shape[2] - 1, 1], vol.affine @ [1, 2, 0, 1])
+
+
+def test_shuffled_names_nested_folders_and_junk_files(tmp_path, caplog):
+    vol = make_volume(affine=oblique_affine())
+    rng = random.Random(3)
+    names = [f"{rng.choice('abc')}/{rng.choice('xy')}/{rng.getrandbits(40):x}" for _ in range(vol.shape[2])]
+    write_dicom_series(vol, tmp_path / "study", file_names=names)
+    (tmp_path / "study" / "notes.txt").write_text("not dicom")
+    (tmp_path / "study" / "a" / "README").write_bytes(b"\x00" * 300)
+    shutil.copy(get_testdata_file("test-SR.dcm"), tmp_path / "study" / "report.dcm")
+    with caplog.at_level(logging.INFO):
+        back = load_study(tmp_path / "study")
+    assert np.array_equal(back.array, vol.array) and np.allclose(back.affine, vol.affine, atol=1e-6)
+    assert "2 not DICOM" in caplog.text and "1 Structured Report (SR)" in caplog.text
+    # slice order follows position, not names: dicom_files[k] is slice k
+    for k, f in enumerate(back.meta["dicom_files"]):
+        assert np.allclose(pydicom.dcmread(f).pixel_array.T, vol.array[:, :, k])
+
+
+def test_matches_simpleitk_on_oblique_series(tmp_path):
+    vol = make_volume(affine=oblique_affine())
+    write_dicom_series(vol, tmp_path / "s")
+    ours = load_study(tmp_path / "s")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "s"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    same, dist, _ = compare_with_sitk(ours, reader.Execute())
+    assert same and dist < 1e-3
+
+
+def test_float_data_use_rescale_slope_intercept(tmp_path):
+    vol = make_volume(dtype="float32", affine=_axial())
+    write_dicom_series(vol, tmp_path / "s", modality="CT")
+    ds = pydicom.dcmread(next((tmp_path / "s").iterdir()))
+    slope = float(ds.RescaleSlope)
+    assert ds.SOPClassUID == pydicom.uid.CTImageStorage and slope != 1.0
+    back = load_study(tmp_path / "s")
+    assert back.array.dtype == np.float32
+    assert np.max(np.abs(back.array - vol.array)) <= slope / 2 + 1e-4
+
+
+def test_integer_intercept_stays_integer(tmp_path):
+    hu = make_volume(dtype="int16", affine=_axial())
+    write_dicom_series(hu, tmp_path / "s", modality="CT")
+    for f in (tmp_path / "s").iterdir():  # store HU + 1024 with intercept -1024, as CT scanners do
+        ds = pydicom.dcmread(f)
+        ds.PixelData = (ds.pixel_array.astype(np.int16) + 1024).astype("<i2").tobytes()
+        ds.RescaleIntercept = "-1024"
+        ds.save_as(f)
+    back = load_study(tmp_path / "s")
+    assert back.array.dtype == np.int16 and np.array_equal(back.array, hu.array)
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    vol = make_volume(dtype="uint16", affine=_axial())
+    write_dicom_series(vol, tmp_path / "s")
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(f)
+    back = load_study(tmp_path / "s")
+    assert np.array_equal(back.array.astype(np.int64), 65535 - vol.array.astype(np.int64))
+
+
+def _positions(folder):
+    return sorted(folder.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+
+
+def test_missing_slice_is_refused(tmp_path):
+    write_dicom_series(make_volume(affine=_axial()), tmp_path / "s")
+    _positions(tmp_path / "s")[3].unlink()
+    with pytest.raises(GeometryError, match=r"uneven slice spacing: gap of 5 mm .* where the others are 2.5 mm"):
+        load_study(tmp_path / "s")
+
+
+def test_gantry_tilt_is_refused(tmp_path):
+    write_dicom_series(make_volume(affine=_axial()), tmp_path / "s")
+    for f in (tmp_path / "s").iterdir():  # shift each slice along y by z * tan(15 deg)
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + (z - 30.0) * np.tan(np.radians(15)), z]
+        ds.save_as(f)
+    with pytest.raises(GeometryError, match=r"gantry tilt .*about 15.00 deg"):
+        load_study(tmp_path / "s")
+
+
+def test_two_images_at_one_position_are_refused(tmp_path):
+    write_dicom_series(make_volume(affine=_axial()), tmp_path / "s")
+    write_dicom_series(
+        make_volume(affine=_axial(), seed=1),
+        tmp_path / "s",
+        series_uid=pydicom.dcmread(next((tmp_path / "s").iterdir())).SeriesInstanceUID,
+        file_names=[f"echo2_{k}.dcm" for k in range(6)],
+    )
+    with pytest.raises(GeometryError, match="two images at the same position"):
+        load_study(tmp_path / "s")
+
+
+def test_several_series_pick_most_slices_and_series_option(tmp_path, caplog):
+    big = make_volume(shape=(8, 6, 7), affine=_axial())
+    small = make_volume(shape=(8, 6, 3), affine=oblique_affine(), seed=2)
+    write_dicom_series(big, tmp_path / "study" / "one", series_description="big")
+    write_dicom_series(small, tmp_path / "study" / "two", series_description="small", modality="CT")
+    found = list_series(tmp_path / "study")
+    assert [(s.description, s.n_slices, s.rows, s.cols) for s in found] == [("big", 7, 6, 8), ("small", 3, 6, 8)]
+    with caplog.at_level(logging.INFO):
+        vol = load_study(tmp_path / "study")
+    assert np.array_equal(vol.array, big.array)
+    assert "the one with the most slices" in caplog.text and "also found 1 other series" in caplog.text
+    assert "small" in caplog.text
+    other = load_study(tmp_path / "study", series_uid=found[1].uid)
+    assert np.array_equal(other.array, small.array) and other.meta["modality"] == "CT"
+    with pytest.raises(InputError, match="no image series 1.2.3; found: .*big"):
+        load_study(tmp_path / "study", series_uid="1.2.3")
+
+
+def test_one_series_uid_with_two_orientations_is_split(tmp_path):
+    ax = make_volume(shape=(8, 6, 5), affine=_axial())
+    ob = make_volume(shape=(8, 6, 3), affine=oblique_affine(), seed=4)
+    paths = write_dicom_series(ax, tmp_path / "s")
+    uid = pydicom.dcmread(paths[0]).SeriesInstanceUID
+    write_dicom_series(ob, tmp_path / "s", series_uid=uid, file_names=[f"ob{k}.dcm" for k in range(3)])
+    found = list_series(tmp_path / "s")
+    assert [s.uid for s in found] == [f"{uid}#1", f"{uid}#2"] and [s.n_slices for s in found] == [5, 3]
+    assert np.array_equal(load_study(tmp_path / "s").array, ax.array)
+    assert np.array_equal(load_study(tmp_path / "s", series_uid=f"{uid}#2").array, ob.array)
+
+
+def test_writer_refuses_sheared_grid(tmp_path):
+    aff = _axial()
+    aff[0, 2] = 1.0  # k axis not perpendicular to the slice plane
+    with pytest.raises(GeometryError, match="not orthogonal"):
+        write_dicom_series(make_volume(affine=aff), tmp_path / "s")
+    assert not list((tmp_path / "s").iterdir())
+
+
+def test_single_multiframe_file_and_enhanced_ct():
+    # enhanced CT (PerFrame/Shared functional groups): same grid and voxels as SimpleITK
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    vol = load_study(path)
+    same, dist, _ = compare_with_sitk(vol, sitk.ReadImage(path))
+    assert vol.shape == (512, 512, 2) and same and dist < 1e-3
+    # frames are stored in descending position in the file; we index k along +normal
+    assert vol.meta["frames"] == [1, 0]
