@@ -34,6 +34,7 @@ class BasicBlock(nn.Module):
     """
 
     expansion = 1
+    __jit_unused_properties__ = ["last_norm"]  # properties TorchScript must not compile
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
+    __jit_unused_properties__ = ["last_norm"]
 
     def __init__(
         self,

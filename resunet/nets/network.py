@@ -136,6 +136,12 @@ class ResUNet(nn.Module):
     small 3D convolutions on a slow fallback path).
     """
 
+    # Python-side properties that TorchScript must not try to compile.
+    __jit_unused_properties__ = [
+        "config", "size_divisor", "spatial_dims", "in_channels", "out_channels", "deep_supervision",
+        "deep_supervision_strides",
+    ]
+
     def __init__(
         self,
         spatial_dims: int,
@@ -342,16 +348,23 @@ class ResUNet(nn.Module):
             return outs
         return outs[0]
 
-    def forward_all(self, x: torch.Tensor, deep: bool) -> List[torch.Tensor]:
-        """Full-resolution logits first, then (if ``deep``) the coarser deep-supervision logits."""
+    def forward_all(self, x: torch.Tensor, deep: bool, always_pad: bool = False) -> List[torch.Tensor]:
+        """Full-resolution logits first, then (if ``deep``) the coarser deep-supervision logits.
+
+        ``always_pad``: pad/crop even when sizes are multiples of :attr:`size_divisor` (exported
+        graphs cannot branch on sizes; see :mod:`resunet.nets.export`).
+        """
         sizes: List[int] = []
         pad: List[int] = []
-        padded = False
+        padded = always_pad
         for i in range(len(self._divisor)):
             s = x.shape[2 + i]
             sizes.append(s)
-            p = (self._divisor[i] - s % self._divisor[i]) % self._divisor[i]
-            if p != 0:
+            # ceil(s / d) * d - s, written so torch.export can prove the padded size is d * k.
+            p = (s + self._divisor[i] - 1) // self._divisor[i] * self._divisor[i] - s
+            if not torch.jit.is_scripting():
+                _check_non_negative(p)
+            if not always_pad and p != 0:
                 padded = True
             pad = [0, p] + pad  # F.pad lists the last axis first
         if padded:
@@ -379,6 +392,12 @@ class ResUNet(nn.Module):
                     o = _crop(o, sizes, self._ds_strides[i])
                 result.append(o)
         return result
+
+
+@torch.jit.unused
+def _check_non_negative(p: int) -> None:
+    # Tells torch.export's symbolic shapes what F.pad needs (p >= 0); TorchScript never calls it.
+    torch._check(p >= 0)
 
 
 def _crop(t: torch.Tensor, sizes: List[int], strides: List[int]) -> torch.Tensor:
