@@ -1,0 +1,204 @@
+"""Web UI flows through Streamlit's AppTest: the real page script, real files, the real Predictor.
+
+Each test starts the page fresh (its own session state and temp folder) with a tiny untrained
+checkpoint as the model folder, so the flows run in seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from test_app_support import (
+    APP_SCRIPT,
+    EXAMPLE_MASK,
+    EXAMPLE_T1,
+    bad_uploads,
+    make_tiny_model,
+    two_series_zip,
+)
+
+from resunet.evaluation import evaluate_case, read_mask
+from resunet.io import load_study
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    make_tiny_model(d / "tiny.pt")
+    return d
+
+
+@pytest.fixture
+def app(model_dir, tmp_path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _only_result(at: AppTest):
+    results = at.session_state["results"]
+    assert len(results) == 1
+    return next(iter(results.values()))
+
+
+def _table(at: AppTest, column: str):
+    """The first table on the page that has ``column`` (AppTest does not expose dataframe keys)."""
+    for df in at.dataframe:
+        if column in df.value.columns:
+            return df.value
+    raise AssertionError(f"no table with column {column!r}")
+
+
+def _volume_table(at: AppTest):
+    return _table(at, "Volume (mL)")
+
+
+def test_example_study_shows_three_views_volumes_and_downloads(app):
+    at = app
+    at.button(key="example").click().run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    # three views at physical aspect (91x109x91 at 2 mm: axial is 182x218 mm -> taller than wide)
+    images = at.get("image")
+    assert len(images) == 3
+    assert [s.label for s in at.slider if s.key and s.key.startswith("slice_")] == [
+        "Axial slice", "Coronal slice", "Sagittal slice"]
+    # volume table = the Predictor's own numbers
+    result = _only_result(at)
+    table = _volume_table(at)
+    assert list(table["Name"]) == ["brain"]
+    assert int(table["Voxels"][0]) == result.prediction.voxel_counts["brain"]
+    assert float(table["Volume (mL)"][0]) == pytest.approx(result.prediction.volumes_ml["brain"], abs=0.01)
+    # the mask download is a NIfTI label map on exactly the input's grid
+    assert [b.label for b in at.get("download_button")] == ["Download mask.nii.gz"]
+    data, _mime = result.downloads["mask"]["mask.nii.gz"]
+    img = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(data))
+    src = nib.load(EXAMPLE_T1)
+    assert img.shape == src.shape
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), result.mask.array)
+    # moving a slider redraws without running the model again
+    at.slider(key="slice_axial").set_value(10).run()
+    assert not at.exception
+    assert _only_result(at) is result
+    captions = [i.proto.imgs[0].caption for i in at.get("image")]
+    assert captions[0] == "axial 10/91"
+
+
+def test_nifti_upload_and_reference_metrics_match_the_library(app):
+    at = app
+    at.file_uploader(key="upload").set_value(("t1.nii.gz", EXAMPLE_T1.read_bytes(), "application/gzip")).run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    result = _only_result(at)
+    at.file_uploader(key="reference").set_value(("ref.nii.gz", EXAMPLE_MASK.read_bytes(), "application/gzip")).run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    shown = _table(at, "Dice")
+    expected = evaluate_case(result.mask, read_mask(EXAMPLE_MASK), tolerance_mm=2.0)
+    assert len(shown) == len(expected) == 1
+    for col, key in [("Dice", "dice"), ("IoU", "iou"), ("Precision", "precision"), ("Recall", "recall"),
+                     ("HD95 (mm)", "hd95"), ("ASSD (mm)", "assd"), ("NSD@2mm", "nsd")]:
+        exp = expected[0][key]
+        got = shown[col][0]
+        if exp is None:
+            assert got is None or (isinstance(got, float) and np.isnan(got))
+        else:
+            assert got == pytest.approx(exp, rel=1e-9)
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download metrics.csv" in labels and "Download mask.nii.gz" in labels
+    csv_key = next(k for k in result.downloads if k[0] == "eval")
+    csv_text = result.downloads[csv_key]["metrics.csv"][0].decode()
+    header, row = csv_text.strip().splitlines()
+    assert header.split(",")[:4] == ["case", "label", "label_name", "situation"]
+    assert f"{expected[0]['dice']}" in row
+    # the conventions are stated on the page
+    md = " ".join(m.value for m in at.markdown)
+    assert "both_empty" in md and "ref_empty" in md and "pred_empty" in md
+
+
+def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path):
+    at = app
+    data, second_uid = two_series_zip(tmp_path)
+    at.file_uploader(key="upload").set_value(("study.zip", data, "application/zip")).run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    picker = at.selectbox[[s.label.startswith("This study has 2 image series") for s in at.selectbox].index(True)]
+    options = picker.options
+    assert len(options) == 2
+    assert "91 slices" in options[0] and "MR" in options[0]
+    assert "T1 4mm copy" in options[1] and "46 slices" in options[1] and "55×46" in options[1]
+    picker.set_value(1).run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    results = at.session_state["results"]
+    chosen = [r for k, r in results.items() if k[1] and k[1].startswith(second_uid)]
+    assert len(chosen) == 1
+    assert chosen[0].mask.shape == (46, 55, 46)
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Download mask.nii.gz", "Download mask.seg.dcm"]
+    seg = pydicom.dcmread(io.BytesIO(chosen[0].downloads["mask"]["mask.seg.dcm"][0]))
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == second_uid
+
+
+@pytest.mark.parametrize("case", sorted(bad_uploads()))
+def test_bad_upload_gives_a_readable_error_and_the_app_keeps_working(app, case, tmp_path):
+    at = app
+    files = bad_uploads()[case]
+    at.file_uploader(key="upload").set_value(files).run()
+    assert not at.exception, at.exception
+    errors = _errors(at)
+    assert len(errors) == 1, errors
+    msg = errors[0]
+    assert "Traceback" not in msg and "\n" not in msg.strip()
+    assert str(tmp_path) not in msg  # private temp paths are not shown
+    assert not list((tmp_path / "sessions").glob("**/escaped.dcm"))
+    assert not (tmp_path / "escaped.dcm").exists()
+    # the next action works
+    at.button(key="example").click().run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    assert len(at.get("image")) == 3
+
+
+def test_upload_over_the_size_limit_is_refused_with_the_limit_named(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setenv("RESUNET_APP_MAX_UPLOAD_MB", "1")
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+    at.run()
+    big = np.random.default_rng(1).bytes(1536 * 1024)
+    at.file_uploader(key="upload").set_value(("big.dcm", big, "application/dicom")).run()
+    assert not at.exception
+    (msg,) = _errors(at)
+    assert "1.5 MB" in msg and "limit of 1 MB" in msg
+
+
+def test_missing_model_folder_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+    at.run()
+    assert not at.exception
+    assert any("No model checkpoint" in e for e in _errors(at))
+    # the viewer still opens the study without a model
+    at.button(key="example").click().run()
+    assert not at.exception
+    assert len(at.get("image")) == 3
