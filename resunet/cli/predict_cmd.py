@@ -1,0 +1,112 @@
+"""``resunet predict INPUT... --out DIR``: segment one study or thousands (see resunet.inference.batch)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from resunet.errors import ConfigError
+
+#: the bundled brain-extraction model (data/model/), used when --model is not given
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "data" / "model" / "brain_extraction.pt"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="segment scans (NIfTI, DICOM folders/zips, folders or lists of them)",
+        description="Segment each case and write a mask on exactly its grid, plus predictions.json/.csv. "
+        "Re-running the same command skips finished cases (same input and model hash). "
+        "Exit code 0: all ok; 1: some cases failed; 2: every case failed or bad arguments.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="NIfTI file, DICOM folder, .zip, a folder of such cases, or a .txt/.csv list of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="checkpoint (.pt) or export (.onnx, TorchScript); default: the bundled model "
+                   "data/model/brain_extraction.pt")
+    p.add_argument("--format", default="nifti,seg", metavar="LIST",
+                   help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs); default nifti,seg")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--tta", dest="tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="mirror test-time augmentation (all flips; default on)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap fraction in [0, 1); default 0.5")
+    p.add_argument("--sw-batch", type=int, default=2, metavar="N", help="windows per network call (default 2)")
+    p.add_argument("--amp", dest="amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="float16 autocast on CUDA (default on for CUDA)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.prob.nii.gz")
+    p.add_argument("--uncertainty", nargs="?", const="tta", choices=["tta", "mc"], default=None,
+                   help="write <case>.uncertainty.nii.gz: entropy across TTA flips (tta, default) or MC dropout")
+    p.add_argument("--no-postprocess", action="store_true", help="skip the checkpoint's post-processing")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="background threads reading upcoming cases")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run shard I of N (0-based); torchrun's RANK/WORLD_SIZE are used when set")
+    p.add_argument("--series", default=None, metavar="UID", help="DICOM series to read (default: largest)")
+    p.add_argument("--no-resume", action="store_true", help="recompute cases even if already done")
+    p.add_argument("--audit-db", default=None, metavar="FILE",
+                   help="audit log (default $RESUNET_AUDIT_DB or ~/.resunet/audit.sqlite)")
+    p.add_argument("--no-audit", action="store_true", help="do not append the run to the audit log")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def run(args: argparse.Namespace) -> int:
+    from resunet.inference.batch import BatchOptions, run_batch, shard_from_env
+    from resunet.inference.cases import discover_cases
+    from resunet.inference.predictor import Predictor
+
+    model = args.model or BUNDLED_MODEL
+    if args.model is None and not Path(model).exists():
+        raise ConfigError(f"the bundled model {model} is missing; pass --model with a checkpoint")
+    formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
+    shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
+    device = args.device
+    if args.shard is None and shard[1] > 1 and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():  # torchrun: one GPU per local rank
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    options = BatchOptions(
+        out_dir=Path(args.out),
+        formats=formats,
+        save_probabilities=args.save_probabilities,
+        save_uncertainty=args.uncertainty is not None,
+        workers=args.workers,
+        shard=shard,
+        series_uid=args.series,
+        progress=not args.no_progress,
+        audit_db=False if args.no_audit else args.audit_db,
+        resume=not args.no_resume,
+    )
+    cases = discover_cases(args.inputs)
+    predictor = Predictor(
+        model,
+        device=device,
+        tta=args.tta,
+        overlap=args.overlap,
+        sw_batch=args.sw_batch,
+        amp=args.amp,
+        postprocess=False if args.no_postprocess else None,
+        uncertainty=args.uncertainty,
+    )
+    command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
+    result = run_batch(cases, predictor, options, command=command)
+    print(
+        f"resunet predict: {result.ok} ok ({result.skipped} skipped as already done), {result.failed} failed; "
+        f"summary {result.summary_path}",
+        file=sys.stderr,
+    )
+    return result.exit_code

@@ -1,0 +1,547 @@
+"""The batch runner behind ``resunet predict``: many studies, one summary, safe to kill and re-run.
+
+For each case (see :mod:`resunet.inference.cases`) the runner hashes the input, loads it
+(``resunet.io.load_study``) in a background thread while the previous case runs, predicts with one
+:class:`~resunet.inference.predictor.Predictor`, writes the outputs atomically (temp name + rename)
+and then records the case. Output files per case, in ``OUT``:
+
+- ``<case>.nii.gz``: label map on exactly the input's grid and affine (``format`` ``nifti``);
+- ``<case>.seg.dcm``: DICOM SEG referencing the source series, DICOM inputs only (``format`` ``seg``);
+- ``<case>.prob.nii.gz`` (one foreground label) or ``<case>.prob-<label>.nii.gz`` (several):
+  float32 probabilities, with ``save_probabilities``;
+- ``<case>.uncertainty.nii.gz``: normalised predictive entropy (0..1), with ``save_uncertainty``.
+
+Records and summaries:
+
+- every finished case appends one JSON line to the journal ``predictions.jsonl`` (flushed and
+  fsynced), then ``predictions.json`` and ``predictions.csv`` are rewritten atomically (after every
+  case up to :data:`REWRITE_EVERY_CASE_UP_TO` records, then at most every
+  :data:`REWRITE_INTERVAL_S` seconds and at the end). A SIGKILL therefore loses at most the case in
+  flight; its outputs are either complete files or absent.
+- re-running the same command skips a case whose record says ``ok`` with the same input SHA-256 and
+  model SHA-256 and whose outputs are all present with their recorded SHA-256.
+- sharding (``shard=(i, n)``, or ``torchrun``'s ``RANK``/``WORLD_SIZE``): shard ``i`` takes cases
+  ``i, i+n, i+2n, ...`` of the sorted case list, writes its own journal and summary
+  ``predictions.shard-<i>-of-<n>.jsonl/.json``, and when it finishes merges every journal and summary
+  in ``OUT`` into ``predictions.json``/``.csv`` under a file lock; the last shard to finish leaves
+  the complete summary (latest record per case wins). :func:`merge_summaries` does the same by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from resunet.errors import ConfigError, ResunetError
+from resunet.inference.cases import Case
+from resunet.inference.predictor import Prediction, Predictor
+from resunet.io.atomic import atomic_write_text
+from resunet.io.hashing import sha256_file, sha256_path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "resunet-predictions/1"
+FORMATS = ("nifti", "seg")
+SUMMARY = "predictions.json"
+SUMMARY_CSV = "predictions.csv"
+JOURNAL = "predictions.jsonl"
+LOCK = ".predictions.lock"
+REWRITE_EVERY_CASE_UP_TO = 2000
+REWRITE_INTERVAL_S = 30.0
+
+
+@dataclass
+class BatchOptions:
+    """How ``resunet predict`` runs a batch.
+
+    Args:
+        out_dir: output folder (created).
+        formats: ``nifti`` and/or ``seg`` (SEG is written for DICOM inputs only).
+        save_probabilities: write per-label probability NIfTIs.
+        save_uncertainty: write the uncertainty NIfTI (the Predictor needs ``uncertainty`` set).
+        workers: background threads loading upcoming cases (cases read ahead = workers).
+        shard: ``(index, count)``, 0-based index; ``(0, 1)`` = everything.
+        series_uid: DICOM series to read in every DICOM case (default: the largest series).
+        progress: show a progress bar (on a terminal).
+        audit_db: audit-log database (default ``$RESUNET_AUDIT_DB`` or ``~/.resunet/audit.sqlite``);
+            ``False`` disables the audit record.
+        resume: skip cases already done with the same input and model.
+    """
+
+    out_dir: Path
+    formats: tuple[str, ...] = ("nifti", "seg")
+    save_probabilities: bool = False
+    save_uncertainty: bool = False
+    workers: int = 1
+    shard: tuple[int, int] = (0, 1)
+    series_uid: str | None = None
+    progress: bool = True
+    audit_db: str | os.PathLike[str] | bool | None = None
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad or not self.formats:
+            raise ConfigError(f"--format takes a comma-separated list of {', '.join(FORMATS)}; got {','.join(self.formats)}")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"shard index must be in 0..{n - 1} for {n} shards, got {i}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard[1] > 1
+
+    @property
+    def journal_name(self) -> str:
+        return f"predictions.shard-{self.shard[0]}-of-{self.shard[1]}.jsonl" if self.sharded else JOURNAL
+
+    @property
+    def summary_name(self) -> str:
+        return f"predictions.shard-{self.shard[0]}-of-{self.shard[1]}.json" if self.sharded else SUMMARY
+
+
+@dataclass
+class BatchResult:
+    """What :func:`run_batch` did: records of this shard's cases and the counts."""
+
+    records: list[dict[str, Any]]
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    summary_path: Path | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok; 1 some cases failed; 2 every case failed."""
+        if not self.failed:
+            return 0
+        return 2 if self.failed == len(self.records) else 1
+
+
+def shard_from_env() -> tuple[int, int] | None:
+    """``(RANK, WORLD_SIZE)`` when launched by ``torchrun`` with more than one process, else None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return (rank, world) if world > 1 else None
+
+
+def select_shard(cases: Sequence[Case], shard: tuple[int, int]) -> list[Case]:
+    """Cases of shard ``(i, n)``: every n-th case of the list sorted by case id, starting at i."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    return ordered[shard[0] :: shard[1]]
+
+
+# -- records and summaries ---------------------------------------------------------------------------
+def read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Latest record per case id from ``predictions.json``, shard summaries and every journal in ``out_dir``."""
+    records: dict[str, dict[str, Any]] = {}
+
+    def take(rec: Any) -> None:
+        if not isinstance(rec, dict) or "case" not in rec:
+            return
+        old = records.get(rec["case"])
+        if old is None or str(rec.get("finished_utc", "")) >= str(old.get("finished_utc", "")):
+            records[rec["case"]] = rec
+
+    for p in sorted(out_dir.glob("predictions*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            for rec in json.loads(p.read_text(encoding="utf-8")).get("cases", []):
+                take(rec)
+    for p in sorted(out_dir.glob("predictions*.jsonl")):
+        with contextlib.suppress(OSError):
+            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError):  # a line cut by a kill is skipped
+                    take(json.loads(line))
+    return records
+
+
+def _csv_text(records: Sequence[dict[str, Any]]) -> str:
+    labels: list[str] = []
+    for r in records:
+        for name in r.get("volumes_ml") or {}:
+            if name not in labels:
+                labels.append(name)
+    cols = ["case", "status", "reason", "input_path", "input_sha256", "mask", "seg", "seconds", "device",
+            "model_name", "model_sha256"] + [f"volume_ml:{n}" for n in labels]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in records:
+        outs = r.get("outputs") or {}
+        row = [r.get("case"), r.get("status"), r.get("reason") or "", (r.get("input") or {}).get("path"),
+               (r.get("input") or {}).get("sha256"), (outs.get("mask") or {}).get("path", ""),
+               (outs.get("seg") or {}).get("path", ""), r.get("seconds"), r.get("device"),
+               (r.get("model") or {}).get("name"), (r.get("model") or {}).get("sha256")]
+        row += [(r.get("volumes_ml") or {}).get(n, "") for n in labels]
+        w.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def write_summary(out_dir: Path, name: str, records: Sequence[dict[str, Any]], header: dict[str, Any]) -> Path:
+    """Write ``name`` (JSON) and its CSV twin atomically; records sorted by case id."""
+    recs = sorted(records, key=lambda r: r["case"])
+    doc = {
+        "schema": SCHEMA,
+        **header,
+        "counts": {
+            "cases": len(recs),
+            "ok": sum(r.get("status") == "ok" for r in recs),
+            "failed": sum(r.get("status") == "failed" for r in recs),
+        },
+        "cases": recs,
+    }
+    path = out_dir / name
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path.with_suffix(".csv"), _csv_text(recs))
+    return path
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(out_dir / LOCK, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def merge_summaries(out_dir: str | os.PathLike[str], header: dict[str, Any] | None = None) -> Path:
+    """Merge every shard journal/summary in ``out_dir`` into ``predictions.json`` and ``predictions.csv``.
+
+    Safe to run while shards are still running (a file lock serialises merges); the latest record
+    per case wins. Returns the summary path.
+    """
+    out = Path(out_dir)
+    with _locked(out):
+        records = read_records(out)
+        head = dict(header or {})
+        runs: dict[str, Any] = {}
+        for p in sorted(out.glob("predictions*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads(p.read_text(encoding="utf-8"))
+                runs.update(doc.get("runs") or {})
+                prov = doc.get("provenance")
+                if isinstance(prov, dict) and prov.get("run_id"):
+                    runs[prov["run_id"]] = prov
+                for key in ("model", "settings"):
+                    head.setdefault(key, doc.get(key))
+        head["runs"] = runs
+        return write_summary(out, SUMMARY, list(records.values()), head)
+
+
+# -- the runner ---------------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    case: Case
+    input_record: dict[str, Any] | None = None
+    volume: Any = None
+    skip_record: dict[str, Any] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) -> dict[str, Path]:
+    out = opts.out_dir
+    paths: dict[str, Path] = {}
+    if "nifti" in opts.formats or not case.is_dicom:
+        paths["mask"] = out / f"{case.case_id}.nii.gz"
+    if "seg" in opts.formats and case.is_dicom:
+        paths["seg"] = out / f"{case.case_id}.seg.dcm"
+    if opts.save_probabilities:
+        if len(prob_labels) == 1:
+            paths["probabilities"] = out / f"{case.case_id}.prob.nii.gz"
+        else:
+            for name in prob_labels:
+                paths[f"probabilities:{name}"] = out / f"{case.case_id}.prob-{_safe(name)}.nii.gz"
+    if opts.save_uncertainty:
+        paths["uncertainty"] = out / f"{case.case_id}.uncertainty.nii.gz"
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def _resumable(prev: dict[str, Any] | None, input_sha: str, model_sha: str, wanted: dict[str, Path], out_dir: Path) -> bool:
+    if not prev or prev.get("status") != "ok":
+        return False
+    if (prev.get("input") or {}).get("sha256") != input_sha or (prev.get("model") or {}).get("sha256") != model_sha:
+        return False
+    outs = prev.get("outputs") or {}
+    for key, path in wanted.items():
+        rec = outs.get(key)
+        if not rec or Path(rec.get("path", "")).name != path.name:
+            return False
+        f = out_dir / rec["path"]
+        if not f.is_file() or sha256_file(f) != rec.get("sha256"):
+            return False
+    return True
+
+
+def run_batch(
+    cases: Sequence[Case],
+    predictor: Predictor,
+    options: BatchOptions,
+    command: Sequence[str] | None = None,
+) -> BatchResult:
+    """Segment ``cases`` (this shard's share) into ``options.out_dir``; see the module docstring.
+
+    Failures of single cases (unreadable input, geometry refused, ...) are recorded with their reason
+    and the run goes on. Returns a :class:`BatchResult`; its ``exit_code`` is what the CLI returns.
+    """
+    from resunet.io.loader import load_study
+    from resunet.reports.provenance import collect_provenance, utc_now
+
+    opts = options
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    if not opts.sharded:
+        _remove_stale_temps(opts.out_dir)
+    started = utc_now()
+    model = predictor.model
+    provenance = collect_provenance(
+        command=command, model_path=model.path, model_name=model.name, started_utc=started
+    ) if model.path is not None else collect_provenance(command=command, model_name=model.name, started_utc=started)
+    run_id = provenance["run_id"]
+    model_rec = {"name": model.name, "sha256": model.sha256, "path": str(model.path) if model.path else None,
+                 "kind": model.kind, "labels": {str(k): v for k, v in model.labels.items()}}
+    header = {"model": model_rec, "settings": predictor.settings(), "provenance": provenance}
+    mine = select_shard(cases, opts.shard)
+    previous = read_records(opts.out_dir) if opts.resume else {}
+    fg_labels = [n for v, n in model.labels.items() if v != 0]
+
+    records: dict[str, dict[str, Any]] = {}  # this run's records (this shard)
+    kept_records = {c.case_id: previous[c.case_id] for c in mine if c.case_id in previous}
+    result = BatchResult(records=[])
+    journal_path = opts.out_dir / opts.journal_name
+    last_write = [0.0]
+
+    def load(case: Case) -> _Loaded:
+        t0 = time.perf_counter()
+        item = _Loaded(case=case)
+        try:
+            item.input_record = {"path": str(case.path), "sha256": sha256_path(case.path), "kind": case.kind}
+            wanted = _output_paths(case, opts, fg_labels)
+            prev = previous.get(case.case_id)
+            if opts.resume and _resumable(prev, item.input_record["sha256"], model.sha256, wanted, opts.out_dir):
+                item.skip_record = prev
+            else:
+                item.volume = load_study(case.path, series_uid=opts.series_uid if case.is_dicom else None)
+        except ResunetError as err:
+            item.error = str(err)
+        except Exception as err:  # an unexpected failure of one case must not stop the batch
+            log.debug("loading %s failed:\n%s", case.path, traceback.format_exc())
+            item.error = f"internal error while reading the input ({type(err).__name__}: {err})"
+        item.seconds = time.perf_counter() - t0
+        return item
+
+    def save_summary(force: bool) -> None:
+        n = len(kept_records) + len(records)
+        if not force and n > REWRITE_EVERY_CASE_UP_TO and time.monotonic() - last_write[0] < REWRITE_INTERVAL_S:
+            return
+        allrec = dict(kept_records)
+        allrec.update(records)
+        if not opts.sharded:  # keep records of cases not in this run (earlier runs into the same folder)
+            merged = {k: v for k, v in previous.items()}
+            merged.update(allrec)
+            allrec = merged
+        write_summary(opts.out_dir, opts.summary_name, list(allrec.values()), header)
+        last_write[0] = time.monotonic()
+
+    bar = _Bar(enabled=opts.progress, total=len(mine))
+    with bar, ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="resunet-load") as pool, \
+            open(journal_path, "a", encoding="utf-8") as journal:
+        pending: list[Future[_Loaded]] = []
+        queue = list(mine)
+        while queue and len(pending) < opts.workers:
+            pending.append(pool.submit(load, queue.pop(0)))
+        while pending:
+            item = pending.pop(0).result()
+            if queue:
+                pending.append(pool.submit(load, queue.pop(0)))
+            case = item.case
+            bar.start_case(case.case_id)
+            if item.skip_record is not None:
+                result.skipped += 1
+                result.ok += 1
+                kept_records[case.case_id] = item.skip_record
+                bar.message(f"{case.case_id}: skipped (already done with this input and model)")
+                bar.advance()
+                continue
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {
+                "case": case.case_id, "input": item.input_record or {"path": str(case.path), "kind": case.kind},
+                "status": "failed", "reason": None, "outputs": {}, "seconds": None, "device": str(predictor.device),
+                "model": {"name": model.name, "sha256": model.sha256}, "run_id": run_id,
+            }
+            written: list[Path] = []
+            if item.error is not None:
+                rec["reason"] = item.error
+            else:
+                try:
+                    pred = predictor.predict(
+                        item.volume, probabilities=opts.save_probabilities, progress=bar.windows
+                    )
+                    rec["outputs"] = _write_outputs(case, item.volume, pred, opts, fg_labels, written)
+                    rec.update(
+                        status="ok",
+                        volumes_ml=pred.volumes_ml,
+                        voxel_counts=pred.voxel_counts,
+                        timings=pred.timings,
+                        grid=item.volume.describe_grid(),
+                        series_uid=item.volume.meta.get("series_uid"),
+                    )
+                except ResunetError as err:
+                    rec["reason"] = str(err)
+                except Exception as err:  # isolate the case; the traceback goes to the debug log
+                    log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+                    rec["reason"] = f"internal error ({type(err).__name__}: {err})"
+                if rec["status"] != "ok":
+                    for p in written:  # no outputs of a failed case are left behind
+                        with contextlib.suppress(FileNotFoundError):
+                            p.unlink()
+                    rec["outputs"] = {}
+            item.volume = None
+            rec["seconds"] = round(time.perf_counter() - t0 + item.seconds, 3)
+            rec["finished_utc"] = utc_now()
+            if opts.sharded:
+                rec["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
+            journal.write(json.dumps(rec, default=str) + "\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            records[case.case_id] = rec
+            if rec["status"] == "ok":
+                result.ok += 1
+                bar.message(f"{case.case_id}: ok in {rec['seconds']:.1f} s")
+            else:
+                result.failed += 1
+                result.failures.append((case.case_id, rec["reason"]))
+                bar.error(f"case {case.case_id} ({case.path}) failed: {rec['reason']}")
+            save_summary(force=False)
+            bar.advance()
+    save_summary(force=True)
+    result.summary_path = opts.out_dir / opts.summary_name
+    if opts.sharded:
+        result.summary_path = merge_summaries(opts.out_dir, header)
+    all_mine = dict(kept_records)
+    all_mine.update(records)
+    result.records = [all_mine[c.case_id] for c in mine if c.case_id in all_mine]
+    if opts.audit_db is not False:
+        from resunet.reports.audit import record_run
+
+        outputs = [
+            {**o, "path": str((opts.out_dir / o["path"]).resolve())}
+            for r in records.values() for o in (r.get("outputs") or {}).values()
+        ]
+        outputs.append({"path": str(result.summary_path.resolve()), "sha256": sha256_file(result.summary_path)})
+        record_run("predict", provenance, outputs, db_path=opts.audit_db or None)
+    return result
+
+
+def _write_outputs(
+    case: Case, volume: Any, pred: Prediction, opts: BatchOptions, fg_labels: Sequence[str], written: list[Path]
+) -> dict[str, dict[str, Any]]:
+    """Write the case's files atomically; returns ``{kind: {"path": name relative to OUT, "sha256"}}``."""
+    from resunet.io.nifti import write_mask_nifti, write_nifti
+
+    paths = _output_paths(case, opts, fg_labels)
+    outputs: dict[str, dict[str, Any]] = {}
+    for key, path in paths.items():
+        if key == "mask":
+            write_mask_nifti(pred.mask, path)
+        elif key == "seg":
+            from resunet.io.seg import write_dicom_seg
+
+            labels = {int(v): n for v, n in pred.mask.meta.get("labels", {}).items() if int(v) != 0}
+            write_dicom_seg(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64])
+        elif key.startswith("probabilities"):
+            assert pred.probabilities is not None
+            name = key.split(":", 1)[1] if ":" in key else fg_labels[0]
+            write_nifti(pred.probabilities[name], path)
+        elif key == "uncertainty":
+            if pred.uncertainty is None:
+                raise ConfigError("--uncertainty output asked for but the predictor computes no uncertainty")
+            write_nifti(pred.uncertainty, path)
+        written.append(path)
+        outputs[key] = {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+    return outputs
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Remove temp files a killed run left (``.<name>.<random>.part<suffix>`` from resunet.io.atomic)."""
+    for p in out_dir.glob(".*.part*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+class _Bar:
+    """Progress over cases (and windows of the current case) with rich, on a terminal; log lines otherwise."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = bool(enabled) and sys.stderr.isatty()
+        self.total = total
+        self._progress: Any = None
+        self._cases: Any = None
+        self._windows: Any = None
+
+    def __enter__(self) -> "_Bar":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            )
+            self._progress.__enter__()
+            self._cases = self._progress.add_task("cases", total=self.total)
+            self._windows = self._progress.add_task("windows", total=1, visible=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start_case(self, case_id: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._cases, description=f"cases ({case_id})")
+
+    def windows(self, stage: str, done: int, total: int) -> None:
+        if self._progress is not None and stage == "windows":
+            self._progress.update(self._windows, completed=done, total=max(total, 1), visible=total > 1)
+
+    def advance(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._cases)
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            log.info("%s", text)
+
+    def error(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(f"[red]{text}[/red]")
+        else:
+            print(f"resunet predict: {text}", file=sys.stderr)
