@@ -77,7 +77,7 @@ def test_dicomdir_test_folder_mixed_series():
     # real data with slices removed from the series: refused, not stacked with a wrong spacing
     with pytest.raises(GeometryError, match="uneven slice spacing: gap of 202.5 mm"):
         load_study(folder / "77654033" / "CT2")
-    with pytest.raises(InputError, match="no image series, only CT without pixel data"):
+    with pytest.raises(InputError, match=r"no image series, only .*truncated or empty images \(no pixel data\) \(52 files.* 50 truncated"):
         load_study(folder / "TINY_ALPHA")
 
 
@@ -86,10 +86,10 @@ def test_dicomdir_test_folder_mixed_series():
     [
         ("SC_rgb.dcm", "is a colour image \\(RGB"),
         ("examples_palette.dcm", "is a colour image \\(PALETTE COLOR"),
-        ("liver.dcm", "only Segmentation \\(SEG\\) objects"),
-        ("test-SR.dcm", "only Structured Report \\(SR\\) objects"),
-        ("rtstruct.dcm", "only RT Structure Set objects"),
-        ("waveform_ecg.dcm", "only Waveform objects"),
+        ("liver.dcm", "only Segmentation \\(SEG\\) \\(1 files"),
+        ("test-SR.dcm", "only Structured Report \\(SR\\) \\(1 files"),
+        ("rtstruct.dcm", "only RT Structure Set \\(1 files"),
+        ("waveform_ecg.dcm", "only Waveform \\(1 files"),
         ("MR_truncated.dcm", "pixel data cannot be decoded .* less than expected"),
         ("emri_small_jpeg_2k_lossless_too_short.dcm", "ends early"),
         ("JPEG2000-embedded-sequence-delimiter.dcm", "pixel data cannot be decoded \\(transfer syntax JPEG 2000"),

@@ -142,15 +142,18 @@ class ScanReport:
 
 def non_image_kind(ds: Dataset) -> str | None:
     """A name for the object's kind if it is not an image (SR, RTSTRUCT, SEG...), else None."""
-    sop = str(ds.get("SOPClassUID", ""))
+    sop = str(ds.get("SOPClassUID", "") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
     if sop in NON_IMAGE_SOP_CLASSES:
         return NON_IMAGE_SOP_CLASSES[sop]
     for prefix, name in _NON_IMAGE_PREFIXES.items():
         if sop.startswith(prefix):
             return name
     if "Rows" not in ds or "Columns" not in ds:
-        modality = str(ds.get("Modality", "")) or "object"
-        return f"{modality} without pixel data"
+        name = pydicom.uid.UID(sop).name if sop else ""
+        if "Image Storage" in str(name):
+            return "truncated or empty images (no pixel data)"
+        modality = str(ds.get("Modality", "")) or "DICOM"
+        return f"{modality} objects without pixel data"
     return None
 
 

@@ -46,7 +46,7 @@ def _nothing_found(path: Path, report: ScanReport) -> str:
         return f"{first}: unreadable DICOM file (truncated or corrupt); {report.summary()}"
     if report.non_image:
         kinds = ", ".join(sorted(report.non_image))
-        return f"{path}: no image series, only {kinds} objects ({report.summary()}); point to the images of the study"
+        return f"{path}: no image series, only {kinds} ({report.summary()}); point to the images of the study"
     if path.is_file():
         return f"{path}: not a DICOM file and not .nii/.nii.gz or .zip; expected a scan"
     return f"{path}: no DICOM images found ({report.summary()}); expected DICOM image files, a .zip, or NIfTI"
