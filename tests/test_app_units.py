@@ -1,0 +1,218 @@
+"""Web UI building blocks: display orientation/aspect/window/overlay, login, session folders, config, `resunet app`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations as nio
+from streamlit.testing.v1 import AppTest
+
+from test_app_support import APP_SCRIPT, make_tiny_model  # noqa: F401  (also puts the repo root on sys.path)
+
+from app import viewer
+from app.auth import hash_password, login_mode, verify_password
+from app.config import AppConfig
+from app.workspace import SessionWorkspace, sweep_expired
+from resunet.cli import main as cli_main
+from resunet.errors import ConfigError
+from resunet.io.volume import Volume
+
+
+# -- viewer ----------------------------------------------------------------------------------------
+
+
+def _ras_volume(shape=(20, 16, 12), spacing=(1.0, 1.5, 3.0)) -> Volume:
+    """A RAS volume whose voxels are all different, with a corner marker at the patient's right-anterior-superior."""
+    arr = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = (-10.0, 5.0, 2.0)
+    return Volume(arr, aff)
+
+
+def _reoriented(vol: Volume, codes: str) -> Volume:
+    """The same physical image stored with voxel axes ``codes`` (e.g. 'LPS', 'SAL'), via nibabel."""
+    img = nib.Nifti1Image(vol.array, vol.affine)
+    target = nio.axcodes2ornt(tuple(codes))
+    ornt = nio.ornt_transform(nio.io_orientation(vol.affine), target)
+    out = img.as_reoriented(ornt)
+    return Volume(np.asarray(out.dataobj), out.affine)
+
+
+def test_radiological_convention_right_on_screen_left_anterior_and_superior_up():
+    vol = _ras_volume()
+    d = viewer.to_display(vol)
+    x, y, z = (s - 1 for s in vol.shape)  # the voxel furthest right, anterior, superior
+    for view, index in (("axial", z), ("coronal", y)):
+        img = d.slice2d(view, index)
+        # top-left pixel = patient right (+x) and anterior (axial) / superior (coronal)
+        assert img[0, 0] == vol.array[x, y, z]
+    sag = d.slice2d("sagittal", x)
+    assert sag[0, 0] == vol.array[x, y, z]  # anterior on the left, superior at the top
+    assert viewer.VIEW_LABELS["axial"] == ("R", "L", "A", "P")
+    assert viewer.VIEW_LABELS["coronal"] == ("R", "L", "S", "I")
+    assert viewer.VIEW_LABELS["sagittal"] == ("A", "P", "S", "I")
+
+
+@pytest.mark.parametrize("codes", ["LPS", "LAS", "SAL", "PIR"])
+def test_any_storage_order_shows_the_same_screen_images(codes):
+    vol = _ras_volume()
+    ref = viewer.to_display(vol)
+    other = viewer.to_display(_reoriented(vol, codes))
+    assert other.spacing == pytest.approx(ref.spacing)
+    for view in viewer.VIEWS:
+        for i in (0, ref.n_slices(view) // 2):
+            np.testing.assert_array_equal(other.slice2d(view, i), ref.slice2d(view, i))
+
+
+def test_physical_aspect_ratio_follows_the_spacing():
+    d = viewer.to_display(_ras_volume(shape=(100, 80, 20), spacing=(0.5, 0.5, 3.0)))
+    assert d.pixel_mm("axial") == (0.5, 0.5)
+    assert d.pixel_mm("coronal") == (3.0, 0.5)  # rows are z (3 mm), columns x
+    scale = 2.0
+    img = viewer.render_slice(d, "coronal", 10, window=(100, 50), mm_to_px=scale, orientation_labels=False)
+    assert img.size == (round(100 * 0.5 * scale), round(20 * 3.0 * scale))  # 50 mm wide, 60 mm high
+    img = viewer.render_slice(d, "sagittal", 10, window=(100, 50), mm_to_px=scale, orientation_labels=False)
+    assert img.size == (round(80 * 0.5 * scale), round(20 * 3.0 * scale))
+
+
+def test_window_level_maps_the_window_edges_to_black_and_white():
+    x = np.array([[-1000.0, 0.0, 40.0, 80.0, 1000.0]])
+    out = viewer.apply_window(x, *viewer.WINDOW_PRESETS["CT brain"])  # W80 L40: 0..80 HU
+    assert out.tolist() == [[0, 0, 127, 255, 255]]
+    w, lvl = viewer.auto_window(np.r_[np.zeros(1000), np.linspace(10, 110, 10001)])
+    assert lvl == pytest.approx(60.0, abs=0.5) and w == pytest.approx(99.0, abs=1.0)
+
+
+def test_overlay_uses_the_label_colours_and_outlines():
+    shape = (40, 40, 5)
+    img = Volume(np.full(shape, 100, np.int16), np.eye(4))
+    lab = np.zeros(shape, np.uint8)
+    lab[5:15, 5:15, :] = 1
+    lab[25:35, 25:35, :] = 2
+    d, m = viewer.to_display(img), viewer.to_display(img.with_array(lab))
+    grey = 127
+    full = np.asarray(viewer.render_slice(d, "axial", 2, window=(200, 100), mask=m, opacity=1.0, outline=False,
+                                          mm_to_px=1.0, orientation_labels=False))
+    # label 1 occupies x 5..14 (screen columns 40-1-14..40-1-5 = 25..34), y 5..14 (rows 25..34)
+    assert tuple(full[30, 30]) == viewer.label_colour(1)
+    assert tuple(full[10, 10]) == viewer.label_colour(2)
+    assert tuple(full[20, 20]) == (grey, grey, grey)
+    ring = np.asarray(viewer.render_slice(d, "axial", 2, window=(200, 100), mask=m, opacity=0.0, outline=True,
+                                          mm_to_px=1.0, orientation_labels=False))
+    assert tuple(ring[25, 30]) == viewer.label_colour(1)  # boundary row of label 1
+    assert tuple(ring[30, 30]) == (grey, grey, grey)  # inside: no fill at opacity 0
+
+
+def test_uncertainty_overlay_tints_uncertain_voxels_only():
+    shape = (20, 20, 3)
+    img = Volume(np.zeros(shape, np.float32), np.eye(4))
+    u = np.zeros(shape, np.float32)
+    u[:10] = 1.0  # x < 10: patient's left half -> screen right half
+    d, du = viewer.to_display(img), viewer.to_display(img.with_array(u))
+    out = np.asarray(viewer.render_slice(d, "axial", 1, window=(10, 5), uncertainty=du, uncertainty_opacity=1.0,
+                                         mm_to_px=1.0, orientation_labels=False))
+    assert tuple(out[10, 15]) == viewer.UNCERTAINTY_COLOUR
+    assert tuple(out[10, 4]) == (0, 0, 0)
+
+
+# -- login -----------------------------------------------------------------------------------------
+
+
+def test_password_hash_round_trip():
+    stored = hash_password("correct horse", iterations=1000)
+    assert stored.startswith("pbkdf2_sha256$1000$")
+    assert verify_password("correct horse", stored)
+    assert not verify_password("wrong", stored)
+    assert not verify_password("correct horse", "garbage")
+    assert not verify_password("correct horse", "md5$1$00$00")
+
+
+def test_login_mode_from_secrets():
+    assert login_mode({}) == "none"
+    assert login_mode({"resunet": {"password_hash": "x"}}) == "password"
+    assert login_mode({"auth": {"redirect_uri": "u", "cookie_secret": "s", "client_id": "c"}}) == "oidc"
+    assert login_mode({"auth": {"redirect_uri": "u", "google": {"client_id": "c"}}}) == "oidc"
+
+
+def test_password_login_guards_the_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+    at.secrets["resunet"] = {"password_hash": hash_password("s3cret", iterations=1000)}
+    at.run()
+    assert not at.exception
+    assert not at.file_uploader  # nothing of the page before login
+    at.text_input[0].input("nope")
+    at.button[0].click().run()
+    assert [e.value for e in at.error] == ["Wrong password."]
+    assert not at.file_uploader
+    at.text_input[0].input("s3cret")
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.file_uploader(key="upload") is not None
+
+
+# -- session folders -------------------------------------------------------------------------------
+
+
+def test_session_folder_is_private_and_deleted_with_the_session(tmp_path):
+    ws = SessionWorkspace(tmp_path, ttl_s=60)
+    path = ws.path
+    assert path.is_dir() and (path.stat().st_mode & 0o777) == 0o700
+    (ws.subdir("upload") / "scan.nii.gz").write_bytes(b"x")
+    del ws  # what happens when Streamlit drops a closed session's state
+    assert not path.exists()
+
+
+def test_expired_session_folders_are_swept(tmp_path):
+    old = SessionWorkspace(tmp_path, ttl_s=60)
+    fresh = SessionWorkspace(tmp_path, ttl_s=60)
+    past = time.time() - 3600
+    os.utime(old.path / ".last-active", (past, past))
+    removed = sweep_expired(tmp_path, ttl_s=60)
+    assert removed == [old.path]
+    assert not old.path.exists() and fresh.path.exists()
+    assert old.expired()
+    assert not fresh.expired() and fresh.expired(now=time.time() + 61)
+
+
+# -- config and CLI ----------------------------------------------------------------------------------
+
+
+def test_config_yaml_round_trip_env_and_errors(tmp_path):
+    cfg = AppConfig(max_upload_mb=10, session_ttl_min=5, model_dir=tmp_path)
+    assert AppConfig.from_yaml(cfg.to_yaml()) == cfg
+    f = tmp_path / "app.yaml"
+    f.write_text(cfg.to_yaml())
+    env = AppConfig.from_env({"RESUNET_APP_CONFIG": str(f), "RESUNET_APP_MAX_UPLOAD_MB": "20"})
+    assert env.max_upload_mb == 20 and env.session_ttl_min == 5 and env.model_dir == tmp_path
+    assert AppConfig().default_model_path.name == "brain_extraction.pt"
+    with pytest.raises(ConfigError, match="max_upload_mb"):
+        AppConfig(max_upload_mb=0)
+    with pytest.raises(ConfigError, match="unknown web UI setting"):
+        AppConfig.from_dict({"max_upload": 3})
+
+
+def test_resunet_app_binds_to_localhost_by_default():
+    from resunet.cli import build_parser
+    from resunet.cli.app_cmd import app_script, command
+
+    args = build_parser().parse_args(["app", "--max-upload-mb", "50", "--model-dir", "models"])
+    cmd, env = command(args)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(app_script())
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8501"
+    assert cmd[cmd.index("--server.maxUploadSize") + 1] == "50"
+    assert env["RESUNET_APP_MAX_UPLOAD_MB"] == "50"
+    assert os.path.isabs(env["RESUNET_APP_MODEL_DIR"])
+    assert app_script().is_file()
+
+
+def test_resunet_app_bad_option_is_one_line_and_exit_code_2(capsys):
+    assert cli_main(["app", "--port", "70000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "resunet app: error: --port must be 1..65535, got 70000"
