@@ -38,6 +38,7 @@ def folders(tmp_path):
     _save(b, gt / "b.nii.gz")
     _save(_cube(0), pred / "b.nii.gz")
     _save(_cube(0), pred / "orphan.nii.gz")  # prediction without reference
+    _save(_cube(0).astype(np.float32) * 0.7, pred / "a.prob.nii.gz")  # predict's probability map: not a case
     return tmp_path
 
 
@@ -55,7 +56,7 @@ def test_evaluate_end_to_end(folders, capsys):
                "--audit-db", str(db), "--workers", "2"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "NOT EVALUATED: prediction orphan has no reference" in text
+    assert "NOT EVALUATED: prediction orphan has no reference" in text and "a.prob" not in text
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     # label 2 is absent from both masks of case a: a both_empty row, not a missing one
@@ -69,6 +70,7 @@ def test_evaluate_end_to_end(folders, capsys):
     assert len(runs) == 1 and runs[0]["kind"] == "evaluate"
     doc = json.loads((out / "metrics.json").read_text())
     assert runs[0]["run_id"] == doc["provenance"]["run_id"]
+    assert doc["unmatched"] == {"pred_only": ["orphan"], "gt_only": []}
     assert doc["provenance"]["command"][:2] != []
     assert (out / "report.html").is_file() and not (out / "report.pdf").exists()
     assert main(["audit", "verify", str(out), "--audit-db", str(db)]) == 0

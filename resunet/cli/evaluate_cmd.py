@@ -122,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
         files["predictions_summary"] = [pred_doc["_path"]]
     prov = collect_provenance(files=files, started_utc=started)
     pred_prov = pred_doc.get("provenance") or {}
-    if pred_prov.get("model"):
-        prov["model"] = pred_prov["model"]
+    model = pred_prov.get("model") or pred_doc.get("model")
+    if isinstance(model, dict) and model.get("name"):
+        prov["model"] = {k: model.get(k) for k in ("name", "path", "sha256", "size_bytes") if k in model}
     if pred_prov.get("run_id"):
         prov["prediction_run_id"] = pred_prov["run_id"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from resunet.errors import InputError
 from resunet.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Side outputs of ``resunet predict`` that share a prediction folder but are not label masks.
+_NOT_MASKS = re.compile(r"\.(prob(-\d+)?|uncertainty)$")
 
 
 def case_name(path: Path) -> str | None:
@@ -23,6 +26,9 @@ def case_name(path: Path) -> str | None:
 def list_cases(folder: str | os.PathLike[str], role: str) -> dict[str, Path]:
     """``{case: path}`` of the NIfTI files directly in ``folder``.
 
+    ``resunet predict``'s probability and uncertainty maps (``<case>.prob.nii.gz``,
+    ``<case>.prob-<label>.nii.gz``, ``<case>.uncertainty.nii.gz``) are not cases and are skipped.
+
     Raises:
         InputError: ``folder`` is missing or not a folder, or two files map to one case name.
     """
@@ -32,7 +38,7 @@ def list_cases(folder: str | os.PathLike[str], role: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for p in sorted(d.iterdir()):
         name = case_name(p)
-        if name is None or not p.is_file() or name.startswith("."):
+        if name is None or not p.is_file() or name.startswith(".") or _NOT_MASKS.search(name):
             continue
         if name in out:
             raise InputError(f"{role} folder {d} holds both {out[name].name} and {p.name} for case {name!r}; keep one")
