@@ -77,7 +77,7 @@ def write_dicom_series(
     *,
     modality: str = "MR",
     series_description: str = "resunet series",
-    patient_name: str = "Anonymous",
+    patient_name: str = "Anonymous^",
     patient_id: str = "RESUNET0001",
     study_description: str = "",
     study_uid: str | None = None,

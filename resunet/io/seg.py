@@ -167,6 +167,12 @@ def read_dicom_seg(path: str | os.PathLike[str], source: Volume) -> Volume:
         raise InputError(f"{p}: not a readable DICOM SEG ({type(err).__name__}: {err})") from None
     datasets = _source_datasets(source)
     frames = source.meta.get("frames") or [None] * source.shape[2]
+    referenced = {str(uids[2]) for uids in seg.get_source_image_uids()}
+    if not referenced & {str(ds.SOPInstanceUID) for ds in datasets}:
+        raise InputError(
+            f"{p}: this SEG does not fit the given source series (it references none of its images;"
+            f" source series {source.meta.get('series_uid')})"
+        )
     try:
         if frames[0] is not None:
             uid = str(datasets[0].SOPInstanceUID)
