@@ -53,7 +53,7 @@ def _err_line(capsys) -> str:
 def test_evaluate_end_to_end(folders, capsys):
     out, db = folders / "out", folders / "audit.sqlite"
     rc = main(["evaluate", "--pred", str(folders / "pred"), "--gt", str(folders / "gt"), "--out", str(out),
-               "--audit-db", str(db), "--workers", "2"])  # fmt: skip
+               "--audit-db", str(db), "--workers", "2", "--worst-cases", "1"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
     assert "NOT EVALUATED: prediction orphan has no reference" in text and "a.prob" not in text
@@ -86,7 +86,7 @@ def test_labels_option_and_predictions_json(folders, capsys):
     pj.write_text(json.dumps({"labels": {"0": "background", "1": "tumour"},
                               "provenance": collect_provenance(command=["resunet", "predict"], model_path=model)}))  # fmt: skip
     rc = main(["evaluate", "--pred", str(folders / "pred"), "--gt", str(folders / "gt"), "--out", str(out),
-               "--labels", "1", "--predictions", str(pj), "--audit-db", str(folders / "db.sqlite"), "--workers", "1"])  # fmt: skip
+               "--labels", "1", "--predictions", str(pj), "--audit-db", str(folders / "db.sqlite"), "--workers", "1", "--worst-cases", "0"])  # fmt: skip
     assert rc == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["labels"] == [1] and {r["label"] for r in doc["rows"]} == {1}
@@ -134,7 +134,7 @@ def test_grid_mismatch_refused_unless_resample_pred(tmp_path, capsys):
     shifted[0, 3] = 1.0  # the prediction's grid is shifted by one voxel (1 mm) along x
     _save(np.roll(_cube(), -1, axis=0), tmp_path / "p" / "c.nii.gz", shifted)
     base = ["evaluate", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g"), "--out", str(tmp_path / "o"),
-            "--audit-db", str(tmp_path / "db"), "--workers", "1"]  # fmt: skip
+            "--audit-db", str(tmp_path / "db"), "--workers", "1", "--worst-cases", "0"]  # fmt: skip
     assert main(base) == 2
     line = _err_line(capsys)
     assert "different voxel grids" in line and "--resample-pred" in line and line.count("spacing") == 2

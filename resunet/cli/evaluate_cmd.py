@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder of images <case>.nii.gz or <case>_0000.nii.gz shown under the worst cases")  # fmt: skip
     p.add_argument("--audit-db", metavar="PATH",
                    help=f"audit log SQLite file (default ${ENV_VAR} or ~/.resunet/audit.sqlite)")  # fmt: skip
+    p.add_argument("--worst-cases", type=int, default=3, metavar="N",
+                   help="worst cases per label shown with a slice image in the report (default 3)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
     p.set_defaults(func=run)
 
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: give 1 or more")
+    if args.worst_cases < 0:
+        raise ConfigError(f"--worst-cases {args.worst_cases}: give 0 or more")
     if args.images is not None and not Path(args.images).is_dir():
         raise InputError(f"--images {args.images} is not a folder")
     pred_doc = read_predictions_json(args.predictions)
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if pred_prov.get("run_id"):
         prov["prediction_run_id"] = pred_prov["run_id"]
 
-    written = write_evaluation_outputs(ev, prov, args.out, formats, args.images)
+    written = write_evaluation_outputs(ev, prov, args.out, formats, args.images, args.worst_cases)
     record_run("evaluate", prov, list(written.values()), db_path=audit_db)
 
     _print_summary(ev)
