@@ -13,13 +13,15 @@ import warnings
 from pathlib import Path
 
 import pydicom
+import SimpleITK as sitk
 from pydicom.data import get_testdata_file, get_testdata_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from io_helpers import compare_with_sitk, sitk_read  # noqa: E402
 
 from resunet.errors import ResunetError  # noqa: E402
-from resunet.io.loader import load_study  # noqa: E402
+from resunet.io.dicom import read_series  # noqa: E402
+from resunet.io.loader import list_series, load_study  # noqa: E402
 
 logging.disable(logging.WARNING)
 warnings.simplefilter("ignore")
@@ -58,14 +60,26 @@ def main() -> None:
         ts, got, cmp = outcome(f)
         print(f"| {Path(f).name} | {ts} | {got} | {cmp} |")
     folder = Path(get_testdata_file("DICOMDIR")).parent
-    for sub in [folder] + sorted(p for p in folder.rglob("*") if p.is_dir() and p.parent.parent == folder):
+    print()
+    print(f"dicomdirtests folder ({len(list_series(folder))} image series found by list_series):")
+    print()
+    print("| series (last digits) | description | slices | resunet | SimpleITK ImageSeriesReader |")
+    print("|---|---|---|---|---|")
+    for info in list_series(folder):
         try:
-            vol = load_study(sub)
-            got = f"read {vol.shape} series {vol.meta['series_key'][-12:]}"
+            vol = read_series(info)
         except ResunetError as err:
-            got = f"refused: {err}"
-        print(f"| dicomdirtests/{sub.relative_to(folder)} (folder) | mixed | {got} | |")
-
+            msg = str(err).split(": ", 1)[-1].replace("|", "/")
+            print(f"| ...{info.uid[-14:]} | {info.description} | {info.n_slices} | refused: {msg} | |")
+            continue
+        parents = {str(Path(f).parent) for f in info.files}
+        if "#" in info.uid or len(parents) > 1:
+            files = info.files
+        else:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(parents.pop(), info.uid)
+        same, dist, note = compare_with_sitk(vol, sitk_read(list(files)))
+        cmp = f"voxels {'equal' if same else 'DIFFER'}, corners {dist:.2g} mm" + (f" ({note})" if note else "")
+        print(f"| ...{info.uid[-14:]} | {info.description} | {info.n_slices} | read {vol.shape} | {cmp} |")
 
 if __name__ == "__main__":
     main()

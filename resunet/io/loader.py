@@ -68,7 +68,9 @@ def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
     how = "as asked" if series_uid else "the one with the most slices"
     log.info("%s: reading series %s, %s", path, chosen.describe(), how)
     if others:
-        log.info("%s: also found %d other series: %s", path, len(others), "; ".join(s.describe() for s in others))
+        shown = "; ".join(s.describe() for s in others[:8])
+        more = f"; and {len(others) - 8} more (list them with `resunet convert --list`)" if len(others) > 8 else ""
+        log.info("%s: also found %d other series: %s%s", path, len(others), shown, more)
     skipped = report.n_not_dicom + sum(report.non_image.values()) + len(report.unreadable)
     if skipped:
         log.info("%s: skipped %s", path, report.summary())
