@@ -24,7 +24,6 @@ _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAXPOOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVGPOOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _BATCH = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_INSTANCE = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
 def same_padding(kernel_size: Sequence[int]) -> tuple[int, ...]:
@@ -77,11 +76,14 @@ def avg_pool(spatial_dims: int, stride: Sequence[int]) -> nn.Module:
 def norm(spatial_dims: int, name: str, channels: int, groups: int = 8) -> nn.Module:
     """Normalisation layer ``name`` (``instance``, ``batch`` or ``group``) over ``channels``.
 
-    Instance norm is affine and keeps no running statistics (nnU-Net's choice for small batches);
-    group norm uses ``min(groups, channels)`` groups, which must divide ``channels``.
+    Instance norm is affine and keeps no running statistics (nnU-Net's choice for small batches).
+    It is built as ``GroupNorm(channels, channels)``, which computes exactly the same thing (mean and
+    variance per sample and channel, eps 1e-5, per-channel affine; same ``weight``/``bias`` keys)
+    but whose CPU kernel was 2-3x faster than ``InstanceNorm3d`` here (torch 2.13, 2 threads).
+    Group norm uses ``min(groups, channels)`` groups, which must divide ``channels``.
     """
     if name == "instance":
-        return _INSTANCE[spatial_dims](channels, affine=True)
+        return nn.GroupNorm(channels, channels)
     if name == "batch":
         return _BATCH[spatial_dims](channels)
     if name == "group":
