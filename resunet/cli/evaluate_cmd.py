@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="resample predictions on another grid onto the reference grid (nearest neighbour) "
                    "instead of stopping")  # fmt: skip
     p.add_argument("--images", metavar="DIR",
-                   help="folder of images <case>.nii.gz or <case>_0000.nii.gz shown under the worst cases")  # fmt: skip
+                   help="folder of images <case>.nii.gz or <case>_0000.nii.gz shown under the worst cases; "
+                   "for DICOM SEG masks, the folder of the DICOM studies they refer to")  # fmt: skip
     p.add_argument("--audit-db", metavar="PATH",
                    help=f"audit log SQLite file (default ${ENV_VAR} or ~/.resunet/audit.sqlite)")  # fmt: skip
     p.add_argument("--worst-cases", type=int, default=3, metavar="N",
@@ -114,12 +115,13 @@ def run(args: argparse.Namespace) -> int:
     audit_db = audit_db_path(args.audit_db)
 
     ev = evaluate_folders(args.pred, args.gt, labels, tolerance, args.resample_pred, _label_names(pred_doc),
-                          workers=args.workers)  # fmt: skip
+                          workers=args.workers, images_dir=args.images)  # fmt: skip
     files: dict[str, list] = {
         "prediction": [p for _, p, _ in ev.match.pairs],
         "reference": [g for _, _, g in ev.match.pairs],
     }
     images = [i for c, _, _ in ev.match.pairs if (i := find_image(args.images, c)) is not None]
+    images += sorted({src for src, _ in ev.match.sources.values()})  # DICOM studies behind SEG masks
     if images:
         files["image"] = images
     if pred_doc:

@@ -1,4 +1,13 @@
-"""Finding the cases of an evaluation: prediction and reference files matched by file name."""
+"""Finding the cases of an evaluation: prediction and reference files matched by name or by DICOM series.
+
+- NIfTI: ``<case>.nii.gz`` (or ``.nii``) in both folders, matched by case name.
+- DICOM SEG (``<case>.seg.dcm`` as ``resunet predict`` writes it, or any ``*.dcm`` whose Modality is
+  SEG): a SEG is matched with a reference of the same case name (NIfTI or SEG), else with a reference
+  SEG that refers to the same image series (ReferencedSeriesSequence SeriesInstanceUID). A SEG is read
+  onto the grid of the series it refers to, which must be found in ``--images`` (a folder of DICOM
+  studies: folders, zips or files; see :func:`resunet.io.load_study`). A case with a NIfTI prediction
+  uses it and ignores a SEG of the same case (``resunet predict`` writes both with the same content).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resunet.errors import InputError
+from resunet.io.nifti import read_nifti
 from resunet.io.volume import Volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SEG_SUFFIXES = (".seg.dcm", ".dcm")
 #: Side outputs of ``resunet predict`` that share a prediction folder but are not label masks.
 _NOT_MASKS = re.compile(r"\.(prob(-\d+)?|uncertainty)$")
 
@@ -23,6 +34,13 @@ def case_name(path: Path) -> str | None:
     return None
 
 
+def _folder(folder: str | os.PathLike[str], role: str) -> Path:
+    d = Path(folder)
+    if not d.is_dir():
+        raise InputError(f"{role} folder {d} does not exist or is not a folder")
+    return d
+
+
 def list_cases(folder: str | os.PathLike[str], role: str) -> dict[str, Path]:
     """``{case: path}`` of the NIfTI files directly in ``folder``.
 
@@ -32,9 +50,7 @@ def list_cases(folder: str | os.PathLike[str], role: str) -> dict[str, Path]:
     Raises:
         InputError: ``folder`` is missing or not a folder, or two files map to one case name.
     """
-    d = Path(folder)
-    if not d.is_dir():
-        raise InputError(f"{role} folder {d} does not exist or is not a folder")
+    d = _folder(folder, role)
     out: dict[str, Path] = {}
     for p in sorted(d.iterdir()):
         name = case_name(p)
@@ -46,23 +62,97 @@ def list_cases(folder: str | os.PathLike[str], role: str) -> dict[str, Path]:
     return out
 
 
+def list_segs(folder: str | os.PathLike[str], role: str) -> dict[str, tuple[Path, str]]:
+    """``{case: (path, referenced SeriesInstanceUID)}`` of the DICOM SEG files directly in ``folder``."""
+    import pydicom
+
+    d = _folder(folder, role)
+    out: dict[str, tuple[Path, str]] = {}
+    for p in sorted(d.iterdir()):
+        if not (p.is_file() and p.name.lower().endswith(".dcm")):
+            continue
+        try:
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        except Exception:  # not DICOM at all: not a SEG, not our business here
+            continue
+        if str(ds.get("Modality", "")) != "SEG":
+            continue
+        refs = ds.get("ReferencedSeriesSequence") or []
+        if not refs or "SeriesInstanceUID" not in refs[0]:
+            raise InputError(f"DICOM SEG {p} names no referenced series (ReferencedSeriesSequence); cannot place it")
+        low = p.name.lower()
+        name = p.name[: -len(".seg.dcm")] if low.endswith(".seg.dcm") else p.name[: -len(".dcm")]
+        out[name] = (p, str(refs[0].SeriesInstanceUID))
+    return out
+
+
 @dataclass
 class CaseMatch:
-    """Cases found in both folders, and those found in only one (reported, never silently dropped)."""
+    """Cases found in both folders, and those found in only one (reported, never silently dropped).
 
-    pairs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (case, prediction, reference)
+    Attributes:
+        pairs: ``(case, prediction file, reference file)``; a file is NIfTI or DICOM SEG.
+        pred_only, gt_only: case names found on one side only.
+        sources: for cases with a DICOM SEG on either side, ``(DICOM study path, series key)`` of the
+            image series the SEG refers to (pass to :func:`resunet.io.load_study`).
+    """
+
+    pairs: list[tuple[str, Path, Path]] = field(default_factory=list)
     pred_only: list[str] = field(default_factory=list)
     gt_only: list[str] = field(default_factory=list)
+    sources: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
 
-def match_cases(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str]) -> CaseMatch:
-    """Match ``<case>.nii.gz`` (or ``.nii``) files of the prediction and reference folders by case name.
+def _series_index(images_dir: Path) -> dict[str, tuple[Path, str]]:
+    """``{SeriesInstanceUID: (study path, series key)}`` for every DICOM study directly in ``images_dir``."""
+    from resunet.io.loader import list_series
+
+    index: dict[str, tuple[Path, str]] = {}
+    for p in sorted(images_dir.iterdir()):
+        if case_name(p) is not None:
+            continue  # NIfTI images carry no series UID
+        try:
+            series = list_series(p)
+        except InputError:
+            continue  # not a DICOM study
+        for s in series:
+            index.setdefault(s.series_instance_uid or s.uid, (p, s.uid))
+    return index
+
+
+def match_cases(
+    pred_dir: str | os.PathLike[str],
+    gt_dir: str | os.PathLike[str],
+    images_dir: str | os.PathLike[str] | None = None,
+) -> CaseMatch:
+    """Match prediction and reference files (see the module docstring for the rules).
+
+    Args:
+        pred_dir: folder of predictions (NIfTI and/or DICOM SEG).
+        gt_dir: folder of references (NIfTI and/or DICOM SEG).
+        images_dir: folder of the DICOM studies that SEG files refer to (needed only with SEG files).
 
     Raises:
-        InputError: a folder is missing, or no case is present in both folders.
+        InputError: a folder is missing, no case is present in both folders, or a SEG's series is
+            not found in ``images_dir``.
     """
-    preds = list_cases(pred_dir, "prediction")
-    gts = list_cases(gt_dir, "reference")
+    preds: dict[str, Path] = dict(list_cases(pred_dir, "prediction"))
+    gts: dict[str, Path] = dict(list_cases(gt_dir, "reference"))
+    pred_segs = {c: v for c, v in list_segs(pred_dir, "prediction").items() if c not in preds}
+    gt_segs = {c: v for c, v in list_segs(gt_dir, "reference").items() if c not in gts}
+    seg_series: dict[str, str] = {}  # case -> referenced SeriesInstanceUID
+    for c, (p, uid) in gt_segs.items():
+        gts[c] = p
+        seg_series[c] = uid
+    gt_by_series = {uid: c for c, (_, uid) in gt_segs.items()}
+    for c, (p, uid) in pred_segs.items():
+        if c not in gts and uid in gt_by_series and gt_by_series[uid] not in preds:
+            # matched through the referenced series: take the reference's case name
+            c = gt_by_series[uid]
+        if c in preds:
+            continue
+        preds[c] = p
+        seg_series[c] = uid
     common = sorted(set(preds) & set(gts))
     m = CaseMatch(
         pairs=[(c, preds[c], gts[c]) for c in common],
@@ -71,34 +161,57 @@ def match_cases(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str]
     )
     if not m.pairs:
         raise InputError(
-            f"no case is in both {pred_dir} ({len(preds)} NIfTI files) and {gt_dir} ({len(gts)} NIfTI files); "
-            "cases are matched by file name <case>.nii.gz"
+            f"no case is in both {pred_dir} ({len(preds)} masks) and {gt_dir} ({len(gts)} masks); "
+            "cases are matched by file name <case>.nii.gz (DICOM SEG: <case>.seg.dcm or the referenced series)"
         )
+    need = {c: seg_series[c] for c in common if c in seg_series}
+    if need:
+        if images_dir is None or not Path(images_dir).is_dir():
+            raise InputError(
+                f"{len(need)} case(s) ({', '.join(sorted(need)[:3])}...) have DICOM SEG masks; pass --images DIR "
+                "holding the DICOM series they refer to"
+            )
+        index = _series_index(Path(images_dir))
+        for c, uid in need.items():
+            if uid not in index:
+                raise InputError(
+                    f"case {c}: the DICOM SEG refers to series {uid}, which is not in {images_dir}; "
+                    "put that DICOM study there (folder, .zip or file)"
+                )
+            m.sources[c] = index[uid]
     return m
 
 
 def read_mask(path: str | os.PathLike[str]) -> Volume:
-    """Read a NIfTI label mask as a :class:`Volume` (through ``resunet.io.nifti.read_nifti`` when present)."""
-    try:
-        from resunet.io.nifti import read_nifti
-    except ImportError:  # io.nifti not in this build yet: read with nibabel directly
-        return _read_nifti_nibabel(path)
+    """Read a NIfTI file (mask or image) as a :class:`Volume` (``resunet.io.nifti.read_nifti``)."""
     return read_nifti(path)
 
 
-def _read_nifti_nibabel(path: str | os.PathLike[str]) -> Volume:
-    import nibabel as nib
-    import numpy as np
+def is_seg_path(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(".dcm")
 
-    try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types on corrupt files
-        raise InputError(f"cannot read NIfTI file {path}: {err}") from err
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3:
-        raise InputError(f"{path}: expected a 3D mask, got shape {arr.shape}")
-    return Volume(array=arr, affine=img.affine, meta={"source": str(path), "format": "nifti", "is_label": True})
+
+def read_pair(
+    pred_path: Path, gt_path: Path, source: tuple[Path, str] | None = None
+) -> tuple[Volume, Volume, Volume | None]:
+    """Read one case: ``(prediction, reference, source image Volume or None)``.
+
+    DICOM SEG files are read onto the grid of ``source`` (study path, series key), which is loaded
+    with :func:`resunet.io.load_study` and returned as the case's image.
+    """
+    image = None
+    if source is not None:
+        from resunet.io.loader import load_study
+
+        image = load_study(source[0], series_uid=source[1])
+
+    def read(p: Path) -> Volume:
+        if is_seg_path(p):
+            from resunet.io.seg import read_dicom_seg
+
+            if image is None:
+                raise InputError(f"{p} is a DICOM SEG; its source series is needed to read it (pass --images DIR)")
+            return read_dicom_seg(p, image)
+        return read_mask(p)
+
+    return read(pred_path), read(gt_path), image

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resunet.evaluation.cases import CaseMatch, match_cases, read_mask
+from resunet.evaluation.cases import CaseMatch, match_cases, read_pair
 from resunet.evaluation.metrics import DEFAULT_TOLERANCE_MM, METRICS, evaluate_case_metrics
 from resunet.evaluation.summary import summarize
 
@@ -45,11 +45,16 @@ class Evaluation:
 
 
 def _evaluate_pair(
-    case: str, pred_path: Path, gt_path: Path, labels: list[int] | None, tolerance_mm: float, resample_pred: bool
+    case: str,
+    pred_path: Path,
+    gt_path: Path,
+    labels: list[int] | None,
+    tolerance_mm: float,
+    resample_pred: bool,
+    source: tuple[Path, str] | None = None,
 ) -> tuple[str, list[dict[str, Any]], bool]:
     """Worker: read one pair of masks and compute its metrics (runs in a child process)."""
-    pred = read_mask(pred_path)
-    ref = read_mask(gt_path)
+    pred, ref, _ = read_pair(pred_path, gt_path, source)
     resampled = not pred.same_grid(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the parent logs one warning per resampled case
@@ -65,8 +70,12 @@ def evaluate_folders(
     resample_pred: bool = False,
     label_names: dict[int, str] | None = None,
     workers: int | None = None,
+    images_dir: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
-    """Evaluate every case present in both folders (``<case>.nii.gz``), in parallel over cases.
+    """Evaluate every case present in both folders, in parallel over cases.
+
+    Cases are matched by :func:`resunet.evaluation.cases.match_cases` (``<case>.nii.gz``; DICOM SEG by
+    name or referenced series).
 
     Args:
         pred_dir: folder of predicted label masks.
@@ -78,19 +87,20 @@ def evaluate_folders(
             neighbour, warned) instead of raising :class:`resunet.errors.GeometryError`.
         label_names: optional ``{label: name}`` for the tables.
         workers: processes; default ``os.cpu_count()`` (1 = in this process).
+        images_dir: folder of the DICOM studies that DICOM SEG masks refer to (only needed for SEG).
 
     Raises:
         resunet.errors.InputError: missing folders, no matched case, unreadable or non-label masks.
         resunet.errors.GeometryError: a prediction is on another grid than its reference.
     """
-    match = match_cases(pred_dir, gt_dir)
+    match = match_cases(pred_dir, gt_dir, images_dir)
     for c in match.pred_only:
         log.warning("case %s: prediction without reference in %s; not evaluated", c, gt_dir)
     for c in match.gt_only:
         log.warning("case %s: reference without prediction in %s; not evaluated", c, pred_dir)
     n = len(match.pairs)
     workers = max(1, min(workers or os.cpu_count() or 1, n))
-    jobs = [(c, p, g, labels, tolerance_mm, resample_pred) for c, p, g in match.pairs]
+    jobs = [(c, p, g, labels, tolerance_mm, resample_pred, match.sources.get(c)) for c, p, g in match.pairs]
     if workers == 1:
         results = [_evaluate_pair(*j) for j in jobs]
     else:

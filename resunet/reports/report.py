@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from resunet.errors import ConfigError, InputError
-from resunet.evaluation.cases import read_mask
+from resunet.evaluation.cases import read_mask, read_pair
 from resunet.evaluation.definitions import DEFINITIONS, TITLE as DEFINITIONS_TITLE
 from resunet.evaluation.metrics import resample_nearest
 from resunet.evaluation.runner import Evaluation
@@ -64,12 +64,11 @@ def worst_cases(evaluation: Evaluation, per_label: int = 3) -> list[dict[str, An
 def _case_volumes(evaluation: Evaluation, case: str, images_dir) -> tuple[Volume, Volume, Volume | None, str]:
     paths = {c: (p, g) for c, p, g in evaluation.match.pairs}
     p_path, g_path = paths[case]
-    pred, ref = read_mask(p_path), read_mask(g_path)
+    pred, ref, image = read_pair(p_path, g_path, evaluation.match.sources.get(case))
     note = ""
     if not pred.same_grid(ref):
         pred = resample_nearest(pred, ref)
-    image = None
-    img_path = find_image(images_dir, case)
+    img_path = find_image(images_dir, case) if image is None else None
     if img_path is not None:
         try:
             image = read_mask(img_path)
