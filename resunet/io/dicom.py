@@ -432,7 +432,8 @@ def _decode(ds: Dataset, source: str) -> np.ndarray:
     except Exception as err:  # decoder missing, truncated data, corrupt stream...
         ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
         name = getattr(ts, "name", str(ts))
-        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        msg = " / ".join(lines)[:400] if lines else type(err).__name__
         raise InputError(
             f"{source}: the pixel data cannot be decoded (transfer syntax {name}): {msg};"
             " the file may be truncated, or re-export it uncompressed"
