@@ -168,3 +168,25 @@ def test_non_integer_mask_refused():
     a[1, 1, 1] = 0.5
     with pytest.raises(InputError, match="non-integer"):
         evaluate_case(_vol(a), _vol(a))
+
+
+def test_sheared_grid_refused():
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[1:3, 1:3, 1:3] = 1
+    aff = np.eye(4)
+    aff[0, 2] = 0.5  # k axis leans along x: voxel axes not orthogonal
+    v = Volume(a, aff, {"source": "sheared.nii.gz"})
+    with pytest.raises(GeometryError, match="non-orthogonal"):
+        evaluate_case(v, v)
+
+
+def test_labels_found_in_either_mask_with_any_dtype():
+    a = np.zeros((5, 5, 5), np.int16)
+    a[0, 0, 0] = 3
+    b = np.zeros((5, 5, 5), np.uint8)
+    b[1, 1, 1] = 1
+    rows = evaluate_case(_vol(a), _vol(b))
+    assert [(r["label"], r["situation"]) for r in rows] == [(1, "pred_empty"), (3, "ref_empty")]
+    neg = np.zeros((5, 5, 5), np.int16)
+    neg[2, 2, 2] = -1  # negative labels are labels too
+    assert [r["label"] for r in evaluate_case(_vol(neg), _vol(b))] == [-1, 1]

@@ -48,7 +48,7 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
              "zero border. This is MONAI's `get_mask_edges` without sub-voxels. 2D images stored with one slice "
              "(K = 1) use in-plane boundaries."),
             ("Distance", "Euclidean distance in mm between voxel centres, with the voxel spacing taken from the "
-             "affine (anisotropic spacing honoured; never voxel units). d(P→R) is the list of distances from each "
+             "affine (anisotropic spacing honoured; never voxel units; grids with non-orthogonal voxel axes are refused). d(P→R) is the list of distances from each "
              "boundary voxel of P to the nearest boundary voxel of R, and d(R→P) the other way round."),
             ("hd95", "max(p95(d(P→R)), p95(d(R→P))): the larger of the two directed 95th percentiles, percentile "
              "with linear interpolation between order statistics (numpy and torch default)."),
