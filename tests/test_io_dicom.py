@@ -203,3 +203,28 @@ def test_single_multiframe_file_and_enhanced_ct():
     assert vol.shape == (512, 512, 2) and same and dist < 1e-3
     # frames are stored in descending position in the file; we index k along +normal
     assert vol.meta["frames"] == [1, 0]
+
+
+def test_duplicate_copies_and_orientation_noise(tmp_path, caplog):
+    vol = make_volume(affine=_axial())
+    paths = write_dicom_series(vol, tmp_path / "s" / "a")
+    (tmp_path / "s" / "copy").mkdir()
+    for p in paths[:3]:  # the same images exported twice
+        shutil.copy(p, tmp_path / "s" / "copy" / p.name)
+    for i, p in enumerate(paths):  # IOP noise around a 3-decimal rounding boundary
+        ds = pydicom.dcmread(p)
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0004 if i % 2 else 0.0006]
+        ds.save_as(p)
+    with caplog.at_level(logging.INFO):
+        back = load_study(tmp_path / "s")
+    assert len(list_series(tmp_path / "s")) == 1
+    assert np.array_equal(back.array, vol.array)
+    assert "3 duplicate images (same SOP Instance UID) skipped" in caplog.text
+
+
+def test_folder_of_nifti_files_says_pass_the_file(tmp_path):
+    from resunet.io import write_nifti
+
+    write_nifti(make_volume(), tmp_path / "d" / "t1.nii.gz")
+    with pytest.raises(InputError, match=r"no DICOM images here, but NIfTI files \(t1.nii.gz\)"):
+        load_study(tmp_path / "d")

@@ -4,8 +4,8 @@ Discovery (:func:`scan_dicom_files`): every regular file under a folder is tried
 ``pydicom.dcmread(stop_before_pixels=True, force=False)``; files that are not DICOM are skipped and
 counted. Objects that are not images (SR, RTSTRUCT, RT plan, SEG, presentation states, key object
 selections, waveforms, DICOMDIR, ...) are skipped and counted. Images are grouped by
-SeriesInstanceUID, then split by orientation, rows/columns, echo number and temporal position;
-each multi-frame file is a group of its own. A group's ``key`` is the SeriesInstanceUID, with
+SeriesInstanceUID, then split by orientation (within 1e-3), rows/columns, echo number and temporal
+position; each multi-frame file is a group of its own; a SOP Instance UID seen twice is read once. A group's ``key`` is the SeriesInstanceUID, with
 ``#2``, ``#3``... appended when one series splits into several groups.
 
 Reading (:func:`read_series`):
@@ -127,6 +127,7 @@ class ScanReport:
     non_image: dict[str, int] = field(default_factory=dict)
     unreadable: list[str] = field(default_factory=list)
     not_dicom_examples: list[str] = field(default_factory=list)
+    duplicates: int = 0
 
     def summary(self) -> str:
         """One line: counts of files, series, non-DICOM files and non-image objects."""
@@ -137,6 +138,8 @@ class ScanReport:
             parts.append(f"{n} {name}")
         if self.unreadable:
             parts.append(f"{len(self.unreadable)} unreadable DICOM")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate images (same SOP Instance UID) skipped")
         return ", ".join(parts)
 
 
@@ -172,6 +175,7 @@ def _iter_files(root: Path) -> Iterable[Path]:
 @dataclass
 class _Header:
     path: str
+    sop_uid: str
     series_uid: str
     description: str
     modality: str
@@ -214,6 +218,22 @@ def _read_header(path: Path) -> Dataset:
     return _dcmread(path, stop_before_pixels=True)
 
 
+def _split_by_orientation(headers: list[_Header]) -> list[list[_Header]]:
+    """Cluster headers whose ImageOrientationPatient agree within 1e-3 (tolerance, not rounding,
+    so scanner noise around a rounding boundary never splits one stack)."""
+    clusters: list[tuple[tuple[float, ...] | None, list[_Header]]] = []
+    for h in headers:
+        for ref, members in clusters:
+            if (ref is None and h.iop is None) or (
+                ref is not None and h.iop is not None and max(abs(a - b) for a, b in zip(ref, h.iop)) <= 1e-3
+            ):
+                members.append(h)
+                break
+        else:
+            clusters.append((h.iop, [h]))
+    return [members for _, members in clusters]
+
+
 def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
     """Find the image series under ``root`` (a folder, searched recursively, or one file).
 
@@ -223,6 +243,7 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
     root = Path(root)
     groups: dict[tuple, list[_Header]] = defaultdict(list)
     report = ScanReport(series=[])
+    seen_sops: set[str] = set()
     for path in _iter_files(root):
         report.n_files += 1
         try:
@@ -247,6 +268,7 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
                 iop = _enhanced_iop(ds, 0)
             h = _Header(
                 path=str(path),
+                sop_uid=str(ds.get("SOPInstanceUID", "")) or str(path),
                 series_uid=str(ds.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}",
                 description=str(ds.get("SeriesDescription", "") or ""),
                 modality=str(ds.get("Modality", "") or ""),
@@ -254,7 +276,7 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
                 rows=int(ds.Rows),
                 cols=int(ds.Columns),
                 n_frames=n_frames,
-                iop=tuple(round(v, 3) for v in iop) if iop and len(iop) == 6 else None,
+                iop=tuple(iop) if iop and len(iop) == 6 else None,
                 echo=str(ds.get("EchoNumbers", "") or ""),
                 temporal=str(ds.get("TemporalPositionIdentifier", "") or ""),
             )
@@ -262,12 +284,16 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
             log.debug("%s: malformed DICOM header: %s", path, err)
             report.unreadable.append(str(path))
             continue
-        sub = (h.iop, h.rows, h.cols, h.echo, h.temporal, h.path if n_frames > 1 else "")
+        if h.sop_uid in seen_sops:  # the same image twice (copied into two folders): read it once
+            report.duplicates += 1
+            continue
+        seen_sops.add(h.sop_uid)
+        sub = (h.rows, h.cols, h.echo, h.temporal, h.path if n_frames > 1 else "")
         groups[(h.series_uid, sub)].append(h)
 
     by_uid: dict[str, list[list[_Header]]] = defaultdict(list)
     for (uid, _sub), headers in groups.items():
-        by_uid[uid].append(headers)
+        by_uid[uid].extend(_split_by_orientation(headers))
     for uid, stacks in by_uid.items():
         stacks.sort(key=lambda hs: (-sum(h.n_frames for h in hs), hs[0].path))
         for n, headers in enumerate(stacks, start=1):

@@ -49,6 +49,12 @@ def _nothing_found(path: Path, report: ScanReport) -> str:
         return f"{path}: no image series, only {kinds} ({report.summary()}); point to the images of the study"
     if path.is_file():
         return f"{path}: not a DICOM file and not .nii/.nii.gz or .zip; expected a scan"
+    niftis = sorted(p.name for p in path.rglob("*") if p.is_file() and is_nifti_path(p))
+    if niftis:
+        return (
+            f"{path}: no DICOM images here, but NIfTI files ({', '.join(niftis[:3])}); pass a .nii/.nii.gz"
+            " file itself, not its folder"
+        )
     return f"{path}: no DICOM images found ({report.summary()}); expected DICOM image files, a .zip, or NIfTI"
 
 
@@ -71,7 +77,7 @@ def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
         shown = "; ".join(s.describe() for s in others[:8])
         more = f"; and {len(others) - 8} more (list them with `resunet convert --list`)" if len(others) > 8 else ""
         log.info("%s: also found %d other series: %s%s", path, len(others), shown, more)
-    skipped = report.n_not_dicom + sum(report.non_image.values()) + len(report.unreadable)
+    skipped = report.n_not_dicom + sum(report.non_image.values()) + len(report.unreadable) + report.duplicates
     if skipped:
         log.info("%s: skipped %s", path, report.summary())
     return chosen
