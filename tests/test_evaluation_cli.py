@@ -156,3 +156,11 @@ def test_unusable_mask_files(tmp_path, capsys, kind):
             "--audit-db", str(tmp_path / "db"), "--workers", "1"]  # fmt: skip
     assert main(args) == 2
     assert "c.nii.gz" in _err_line(capsys)
+
+
+def test_bad_case_in_process_pool_is_one_line(folders, capsys):
+    (folders / "gt" / "b.nii.gz").write_bytes(b"garbage")
+    args = ["evaluate", "--pred", str(folders / "pred"), "--gt", str(folders / "gt"), "--out", str(folders / "o"),
+            "--audit-db", str(folders / "db"), "--workers", "2"]  # fmt: skip
+    assert main(args) == 2
+    assert "b.nii.gz" in _err_line(capsys)

@@ -164,3 +164,25 @@ def test_docs_metrics_md_is_generated_from_definitions():
     assert doc.read_text(encoding="utf-8") == to_markdown(), (
         "docs/metrics.md is stale: run `python -m resunet.evaluation.definitions > docs/metrics.md`"
     )
+
+
+@pytest.mark.browser
+def test_html_report_renders_offline_in_headless_chromium(report_dir, tmp_path):
+    """Chromium, with every host name unresolvable, loads the report and decodes every plot."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no chromium on this machine")
+    out, _, _ = report_dir
+    probe = tmp_path / "probe.html"
+    script = ("<script>window.addEventListener('load', () => { const im = [...document.images];"
+              " document.body.setAttribute('data-decoded', im.filter(i => i.complete && i.naturalWidth > 0).length);"
+              " document.body.setAttribute('data-total', im.length); });</script></body>")  # fmt: skip
+    probe.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", script))
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP * ~NOTFOUND",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert 'data-total="4"' in dom and 'data-decoded="4"' in dom
+    assert 'id="definitions"' in dom and 'id="provenance"' in dom

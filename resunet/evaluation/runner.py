@@ -6,10 +6,12 @@ import logging
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resunet.errors import ResunetError
 from resunet.evaluation.cases import CaseMatch, match_cases, read_pair
 from resunet.evaluation.metrics import DEFAULT_TOLERANCE_MM, METRICS, evaluate_case_metrics
 from resunet.evaluation.summary import summarize
@@ -104,9 +106,16 @@ def evaluate_folders(
     if workers == 1:
         results = [_evaluate_pair(*j) for j in jobs]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        try:
             futures = [pool.submit(_evaluate_pair, *j) for j in jobs]
             results = [f.result() for f in futures]
+        except BrokenProcessPool as err:
+            raise ResunetError(
+                f"a worker process evaluating {pred_dir} died ({err}); out of memory? rerun with --workers 1"
+            ) from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on a bad case, stop at once instead of finishing all
 
     resampled = [case for case, _, r in results if r]
     for case in resampled:
