@@ -228,3 +228,24 @@ def test_folder_of_nifti_files_says_pass_the_file(tmp_path):
     write_nifti(make_volume(), tmp_path / "d" / "t1.nii.gz")
     with pytest.raises(InputError, match=r"no DICOM images here, but NIfTI files \(t1.nii.gz\)"):
         load_study(tmp_path / "d")
+
+
+def test_zipped_nifti_is_read(tmp_path):
+    import zipfile
+
+    from resunet.io import write_nifti
+
+    vol = make_volume(affine=oblique_affine())
+    write_nifti(vol, tmp_path / "t1.nii.gz")
+    with zipfile.ZipFile(tmp_path / "up.zip", "w") as zf:
+        zf.write(tmp_path / "t1.nii.gz", "case/t1.nii.gz")
+    back = load_study(tmp_path / "up.zip")
+    assert np.array_equal(back.array, vol.array) and back.meta["source"].endswith("up.zip:case/t1.nii.gz")
+
+
+def test_example_dicom_series_matches_simpleitk(example_dir):
+    ours = load_study(example_dir / "colin27_t1_dicom")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(example_dir / "colin27_t1_dicom")))
+    same, dist, _ = compare_with_sitk(ours, reader.Execute())
+    assert same and dist < 1e-3

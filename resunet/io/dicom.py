@@ -422,6 +422,9 @@ def _slices_of(path: str, ds: Dataset) -> list[_Slice]:
         return [_Slice(source=path, frame=None, position=np.array(pos) if pos and len(pos) == 3 else None, **base)]
     # classic multi-frame: frames stacked along the normal
     offsets = _floats(ds.get("GridFrameOffsetVector"))
+    if offsets and pos and len(pos) == 3 and offsets[0] != 0 and abs(offsets[0] - pos[2]) < 1e-3:
+        # the older absolute form (offsets are z coordinates, first = IPP z): make them relative
+        offsets = tuple(o - offsets[0] for o in offsets)
     step = between or thickness
     out = []
     normal = None

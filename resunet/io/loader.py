@@ -37,8 +37,10 @@ def _scan(path: Path) -> ScanReport:
     return report
 
 
-def _nothing_found(path: Path, report: ScanReport) -> str:
-    what = "file" if path.is_file() else "folder"
+def _nothing_found(path: Path, report: ScanReport, contents: Path | None = None) -> str:
+    """One line saying why no image series was found under ``path`` (``contents``: extracted zip)."""
+    what = "zip" if contents is not None else ("file" if path.is_file() else "folder")
+    where = contents if contents is not None else path
     if report.n_files == 0:
         return f"{path}: the {what} is empty; expected DICOM image files, a .zip of them, or a .nii/.nii.gz file"
     if report.unreadable and not report.non_image and not report.n_not_dicom:
@@ -47,13 +49,13 @@ def _nothing_found(path: Path, report: ScanReport) -> str:
     if report.non_image:
         kinds = ", ".join(sorted(report.non_image))
         return f"{path}: no image series, only {kinds} ({report.summary()}); point to the images of the study"
-    if path.is_file():
+    if contents is None and path.is_file():
         return f"{path}: not a DICOM file and not .nii/.nii.gz or .zip; expected a scan"
-    niftis = sorted(p.name for p in path.rglob("*") if p.is_file() and is_nifti_path(p))
+    niftis = sorted(p.name for p in where.rglob("*") if p.is_file() and is_nifti_path(p))
     if niftis:
         return (
-            f"{path}: no DICOM images here, but NIfTI files ({', '.join(niftis[:3])}); pass a .nii/.nii.gz"
-            " file itself, not its folder"
+            f"{path}: no DICOM images here, but NIfTI files ({', '.join(niftis[:3])}); pass one .nii/.nii.gz"
+            " file itself"
         )
     return f"{path}: no DICOM images found ({report.summary()}); expected DICOM image files, a .zip, or NIfTI"
 
@@ -125,7 +127,14 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> V
         return read_nifti(p)
     if p.is_file() and (p.name.lower().endswith(".zip") or _looks_like_zip(p)):
         with extract_zip(p) as folder:
-            report = _scan(folder)
+            report = scan_dicom_files(folder)
+            if not report.series:
+                niftis = sorted(f for f in folder.rglob("*") if f.is_file() and is_nifti_path(f))
+                if len(niftis) == 1 and not series_uid:  # a zipped NIfTI (common for web uploads)
+                    vol = read_nifti(niftis[0])
+                    vol.meta["source"] = f"{p}:{niftis[0].relative_to(folder)}"
+                    return vol
+                raise InputError(_nothing_found(p, report, folder))
             chosen = _pick(report, p, series_uid)
             vol = read_series(chosen, source=str(p))
             # the files are gone once the temp folder is removed: keep their headers (for DICOM SEG)
