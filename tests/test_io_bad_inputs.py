@@ -39,6 +39,13 @@ def _nifti_bytes(tmp_path: Path, arr: np.ndarray) -> bytes:
     return (tmp_path / "full.nii.gz").read_bytes()
 
 
+@pytest.fixture(autouse=True)
+def _no_temp_files_left(private_tmpdir):
+    """Every test here runs with tempfile pointed at an empty folder that must be empty afterwards."""
+    yield
+    assert not list(private_tmpdir.iterdir()), "temporary files were left behind"
+
+
 @pytest.fixture
 def out(tmp_path) -> Path:
     d = tmp_path / "out"
