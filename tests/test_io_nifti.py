@@ -117,6 +117,12 @@ def test_mask_nifti_has_input_grid_and_label_intent(tmp_path):
     assert int(img.header["sform_code"]) == int(scan.meta["nifti_header"]["sform_code"])
     assert int(img.header["qform_code"]) == int(scan.meta["nifti_header"]["qform_code"])
     assert np.array_equal(np.asanyarray(img.dataobj), labels)
+    # read back, it is known as a label map; an image written on its header is not
+    mask = read_nifti(out)
+    assert mask.meta["is_label"] and not scan.meta["is_label"]
+    assert nib.load(write_nifti(mask, tmp_path / "again.nii.gz")).header.get_intent()[0] == "label"
+    img2 = nib.load(write_nifti(mask.with_array(scan.array, is_label=False), tmp_path / "img.nii.gz"))
+    assert img2.header.get_intent()[0] == "none"
 
 
 def test_mask_nifti_uint16_and_refusals(tmp_path):

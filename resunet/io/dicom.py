@@ -531,7 +531,10 @@ def _stack_geometry(slices: list[_Slice], label: str) -> tuple[list[_Slice], np.
         raise GeometryError(f"{label}: the images have positions but no valid PixelSpacing; cannot size the voxels")
     if iop is None or any(p is None for p in positions):
         if len(slices) > 1 and iop is not None:
-            raise GeometryError(f"{label}: some images lack ImagePositionPatient; cannot order the slices")
+            raise GeometryError(
+                f"{label}: some images or frames have no position (ImagePositionPatient, or for multi-frame"
+                " files GridFrameOffsetVector/SpacingBetweenSlices); cannot place the slices"
+            )
         if len(slices) > 1 and len({s.path for s in slices}) > 1:
             raise GeometryError(
                 f"{label}: {len(slices)} images without ImagePositionPatient/ImageOrientationPatient;"

@@ -106,7 +106,13 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         data = data[..., np.newaxis]
     if data.dtype.byteorder not in ("=", "|"):
         data = data.astype(data.dtype.newbyteorder("="))
-    meta: dict = {"source": str(p), "format": "nifti", "nifti_header": img.header.copy(), "nonfinite_voxels": 0}
+    meta: dict = {
+        "source": str(p),
+        "format": "nifti",
+        "nifti_header": img.header.copy(),
+        "nonfinite_voxels": 0,
+        "is_label": img.header.get_intent()[0] == "label",
+    }
     if np.issubdtype(data.dtype, np.floating):
         bad = ~np.isfinite(data)
         n_bad = int(bad.sum())
@@ -155,6 +161,9 @@ def _to_image(volume: Volume, array: np.ndarray, label: bool) -> nib.Nifti1Image
         hdr.set_intent(NIFTI_INTENT_LABEL, (), name="label")
         hdr["cal_min"] = 0
         hdr["cal_max"] = float(array.max()) if array.size else 0.0
+    elif hdr.get_intent()[0] == "label":  # an image written from a label map's header is not a label map
+        hdr.set_intent("none", (), name="")
+        hdr["cal_min"] = hdr["cal_max"] = 0
     return img
 
 
