@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 
 from resunet.evaluation.metrics import DEFAULT_TOLERANCE_MM
-from resunet.evaluation.summary import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from resunet.evaluation.runner import ROW_COLUMNS
+from resunet.evaluation.summary import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SUMMARY_COLUMNS
 
 TITLE = "Metric definitions and conventions"
 
@@ -27,8 +28,11 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
             ("Labels evaluated", "The labels given with `--labels`; by default every non-zero value found in any "
              "prediction or reference. A label absent from both masks of a case counts as both empty for that case."),
             ("Case matching", "A case is a file `<case>.nii.gz` (or `.nii`) present in both the prediction and the "
-             "reference folder. Files present in only one folder are listed as unmatched in every output and are "
-             "not evaluated."),
+             "reference folder. A DICOM SEG (`<case>.seg.dcm`, or any `.dcm` of Modality SEG) is matched with the "
+             "reference of the same case name, else with a reference SEG that refers to the same image series; it "
+             "is read onto the grid of that series, found in `--images`. Files present in only one folder are "
+             "listed as unmatched in every output and are not evaluated. `resunet predict`'s probability and "
+             "uncertainty maps (`<case>.prob*.nii.gz`, `<case>.uncertainty.nii.gz`) are not cases."),
         ],
     ),
     (
@@ -100,6 +104,21 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
         ],
     ),
     (
+        "Output files (in --out)",
+        [
+            ("metrics.csv", "One row per case and label; columns " + ", ".join(f"`{c}`" for c in ROW_COLUMNS)
+             + ". `situation` is the empty-mask situation; `n_pred`, `n_gt`, `tp` are voxel counts. Floats are "
+             "written with full precision; undefined values are empty cells."),
+            ("summary.csv", "One row per label and metric; columns " + ", ".join(f"`{c}`" for c in SUMMARY_COLUMNS)
+             + "."),
+            ("metrics.json", "The same rows and summary (undefined = null), the unmatched and resampled cases, "
+             "these conventions, the provenance, and the SHA-256 of every other output file."),
+            ("report.html / report.pdf", "Tables, per-label plots, the worst cases with a slice image, these "
+             "definitions and the provenance; the HTML file is self-contained (inline CSS and images, no "
+             "external links)."),
+        ],
+    ),
+    (
         "Provenance and audit",
         [
             ("Provenance", "Each report records the resunet, Python, torch, MONAI, numpy and scipy versions, the "
@@ -107,7 +126,8 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
              "file, the full command, the user, the host and UTC start and end times."),
             ("Audit log", "Every evaluate (and predict) run appends one record to an SQLite audit log "
              "(`~/.resunet/audit.sqlite`, or `RESUNET_AUDIT_DB`, or `--audit-db`). The table refuses updates and "
-             "deletes."),
+             "deletes, and each record holds the SHA-256 of the previous record and its own content, so an edit "
+             "made with another tool shows in `resunet audit log`."),
             ("audit verify", "`resunet audit verify DIR` recomputes the SHA-256 of every file listed with a hash in "
              "DIR's metrics.json / predictions.json and names each changed or missing file (exit code 1 if any)."),
         ],
