@@ -249,3 +249,23 @@ def test_example_dicom_series_matches_simpleitk(example_dir):
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(example_dir / "colin27_t1_dicom")))
     same, dist, _ = compare_with_sitk(ours, reader.Execute())
     assert same and dist < 1e-3
+
+
+def test_convert_cli_lists_and_picks_series(tmp_path, capsys):
+    import nibabel as nib
+
+    from resunet.cli import main
+
+    big = make_volume(shape=(8, 6, 5), affine=_axial())
+    small = make_volume(shape=(8, 6, 3), affine=oblique_affine(), seed=2)
+    write_dicom_series(big, tmp_path / "st" / "a", series_description="big")
+    write_dicom_series(small, tmp_path / "st" / "b", series_description="small")
+    assert main(["convert", "--list", str(tmp_path / "st")]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and "'big', 5 slices of 6x8" in listed[0] and "'small', 3 slices" in listed[1]
+    uid_small = listed[1].split(" ")[0]
+    assert main(["convert", str(tmp_path / "st"), str(tmp_path / "o.nii.gz"), "--series", uid_small]) == 0
+    assert f"from series {uid_small}" in capsys.readouterr().out
+    img = nib.load(tmp_path / "o.nii.gz")
+    assert np.array_equal(np.asanyarray(img.dataobj), small.array)
+    assert np.allclose(img.affine, small.affine, atol=1e-5)

@@ -77,7 +77,10 @@ def write_dicom_seg(
         mask: label map on exactly ``source``'s grid (``source.with_array(labels)``), values 0..N.
         source: the DICOM volume the mask was made for (from :func:`resunet.io.load_study`).
         path: output file (``.dcm``), written atomically.
-        labels: segment number -> name, e.g. ``{1: "brain"}``; 0 is background and not written.
+        labels: label value -> name, e.g. ``{1: "brain"}``; 0 is background and not written. DICOM
+            numbers segments 1..N without gaps, so label values are renumbered in increasing order
+            (``{2: "liver", 5: "spleen"}`` become segments 1 and 2); :func:`read_dicom_seg` returns
+            segment numbers and ``meta["labels"]`` names them.
         series_description, series_number: of the new SEG series.
         algorithm_name, algorithm_version: AlgorithmIdentificationSequence (family: AI).
 
