@@ -36,7 +36,7 @@ def mask_files(volume: Volume, result: Any, outdir: Path) -> dict[str, tuple[byt
     nii = write_mask_nifti(result.mask, outdir / "mask.nii.gz")
     files["mask.nii.gz"] = (Path(nii).read_bytes(), MIME_NIFTI)
     if volume.meta.get("format") == "dicom":
-        from resunet.io import write_dicom_seg  # type: ignore[attr-defined]
+        from resunet.io.seg import write_dicom_seg
 
         seg = write_dicom_seg(result.mask, volume, outdir / "mask.seg.dcm", labels=_names(result))
         files["mask.seg.dcm"] = (Path(seg).read_bytes(), MIME_DICOM)

@@ -57,6 +57,76 @@ def make_predictor(model_path: Path, device: str = "auto", tta: bool = False, un
     return Predictor(model_path, device=device, tta=tta, uncertainty="tta" if uncertainty else None)
 
 
+class PredictorCache:
+    """Loaded Predictors shared by all sessions of the server process (weights only, no patient data).
+
+    A Predictor is built once per (file, SHA-256, device, options) and warmed up with one prediction
+    on a small blank volume: PyTorch's first convolution calls on CPU cost seconds of one-off setup,
+    which would otherwise land on the user's first click. :meth:`preload` does both in a background
+    thread as soon as the page shows a model, so the click only pays for the real prediction.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple, Any] = {}
+        self._building: dict[tuple, threading.Event] = {}
+        self.max_entries = max_entries
+
+    def get(self, model_path: Path, sha256: str, device: str, tta: bool, uncertainty: bool) -> Any:
+        key = (str(model_path), sha256, device, tta, uncertainty)
+        while True:
+            with self._lock:
+                if key in self._entries:
+                    return self._entries[key]
+                event = self._building.get(key)
+                if event is None:
+                    event = threading.Event()
+                    self._building[key] = event
+                    break
+            event.wait()  # another thread is building it
+        try:
+            predictor = make_predictor(model_path, device=device, tta=tta, uncertainty=uncertainty)
+            _warm_up(predictor)
+            with self._lock:
+                while len(self._entries) >= self.max_entries:
+                    self._entries.pop(next(iter(self._entries)))
+                self._entries[key] = predictor
+            return predictor
+        finally:
+            with self._lock:
+                self._building.pop(key, None)
+            event.set()
+
+    def preload(self, model_path: Path, sha256: str, device: str, tta: bool, uncertainty: bool) -> None:
+        """Build and warm up in a background thread (errors surface later, on :meth:`get`)."""
+        key = (str(model_path), sha256, device, tta, uncertainty)
+        with self._lock:
+            if key in self._entries or key in self._building:
+                return
+
+        def work() -> None:
+            try:
+                self.get(model_path, sha256, device, tta, uncertainty)
+            except Exception:  # noqa: BLE001 - reported when the page asks for it
+                pass
+
+        threading.Thread(target=work, name="resunet-preload", daemon=True).start()
+
+
+def _warm_up(predictor: Any) -> None:
+    """One prediction on a blank volume of one window at the model's spacing (one-off CPU setup costs)."""
+    import numpy as np
+
+    spacing = [s or 1.0 for s in (predictor.plan.spacing or (1.0, 1.0, 1.0))]
+    patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
+    blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
+    with RUN_LOCK:
+        predictor.predict(blank)
+
+
+PREDICTORS = PredictorCache()
+
+
 #: Share of the progress bar per Predictor stage (``progress(stage, done, total)``), in order.
 STAGES: dict[str, tuple[float, float, str]] = {
     "prepare": (0.0, 0.1, "preparing the scan"),

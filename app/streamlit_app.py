@@ -26,7 +26,7 @@ from app.auth import require_login  # noqa: E402
 from app.config import AppConfig  # noqa: E402
 from app.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads  # noqa: E402
 from app.models import ModelInfo, card_markdown, describe_model, list_checkpoints  # noqa: E402
-from app.runner import RunResult, make_predictor, run_prediction  # noqa: E402
+from app.runner import PREDICTORS, RunResult, run_prediction  # noqa: E402
 from app.workspace import SessionWorkspace, sweep_expired  # noqa: E402
 from resunet import __version__  # noqa: E402
 from resunet.errors import GeometryError, ResunetError  # noqa: E402
@@ -73,12 +73,6 @@ def _show_error(err: BaseException, staged: StagedStudy | None = None) -> None:
     if staged is not None:
         msg = friendly_path_message(msg, staged)
     st.error(msg, icon="⚠️")
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _predictor(model_path: str, model_sha256: str, device: str, tta: bool, uncertainty: bool) -> Any:
-    """One loaded model per (file, hash, device, options), shared by all sessions (weights only, no patient data)."""
-    return make_predictor(Path(model_path), device=device, tta=tta, uncertainty=uncertainty)
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -193,6 +187,7 @@ def _model_section(cfg: AppConfig) -> ModelInfo | None:
         st.checkbox("Test-time augmentation (mirroring; several times slower on CPU)", key="tta")
         st.checkbox("Uncertainty map (entropy across mirrored passes; implies test-time augmentation)",
                     key="uncertainty")
+        PREDICTORS.preload(info.path, info.sha256, cfg.device, *_options())
         return info
 
 
@@ -212,7 +207,7 @@ def _run(cfg: AppConfig, staged: StagedStudy, uid: str | None, volume: Any, mode
         return results[key]
     bar = st.progress(0.0, text="Loading the model…")
     try:
-        predictor = _predictor(str(model.path), model.sha256, cfg.device, *_options())
+        predictor = PREDICTORS.get(model.path, model.sha256, cfg.device, *_options())
 
         def progress(frac: float, text: str) -> None:
             bar.progress(frac, text=f"Segmenting… {text}".strip())

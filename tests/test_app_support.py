@@ -26,8 +26,12 @@ EXAMPLE_DICOM = REPO / "data" / "example" / "colin27_t1_dicom"
 BUNDLED_MODEL = REPO / "data" / "model" / "brain_extraction.pt"
 
 
-def make_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Write an untrained tiny 3D ResUNet checkpoint (labels background/brain, 6 mm, 16^3 patches)."""
+def make_tiny_model(path: Path, seed: int = 0, all_foreground: bool = False) -> Path:
+    """Write an untrained tiny 3D ResUNet checkpoint (labels background/brain, 6 mm, 32^3 patches).
+
+    ``all_foreground=True`` zeroes the output layer's weights and biases it towards label 1, so every
+    voxel is predicted as "brain" (a known, visible mask for the browser test).
+    """
     import torch
 
     from resunet.nets import ResUNet
@@ -35,10 +39,14 @@ def make_tiny_model(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     net = ResUNet.from_preset("tiny", spatial_dims=3, in_channels=1, out_channels=2)
+    if all_foreground:
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.copy_(torch.tensor([-1.0, 1.0]))
     plan = {
         "spacing": [6.0, 6.0, 6.0],
         "normalization": [{"scheme": "zscore"}],
-        "patch_size": [16, 16, 16],
+        "patch_size": [32, 32, 32],
         "batch_size": 2,
         "spatial_dims": 3,
         "modality": "MR",

@@ -1,0 +1,221 @@
+"""End-to-end: the real page in a real headless Chromium, driven through the DevTools protocol.
+
+Starts ``streamlit run app/streamlit_app.py`` on a free localhost port, opens it in Debian's
+``/usr/bin/chromium`` (no browser download), clicks "Example study", waits until three views and the
+volume table are on the page and Streamlit has stopped running, then checks a screenshot: the viewer
+area shows the mask colour and the page shows no error. It also moves the axial slider with the
+keyboard and waits for the redraw. Measured times are printed (``pytest -s``) and written next to
+the screenshot (``RESUNET_BROWSER_ARTIFACTS=DIR`` keeps both).
+
+Model: the bundled ``data/model/brain_extraction.pt`` when present (the real demo), otherwise a tiny
+checkpoint whose every voxel is "brain" (a known mask).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_app_support import APP_SCRIPT, BUNDLED_MODEL, REPO, make_tiny_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+class DevTools:
+    """A minimal Chrome DevTools protocol client over the page's websocket."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=None, open_timeout=20).__enter__()
+        self.next_id = 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        my_id = self.next_id
+        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == my_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def js(self, expression: str):
+        res = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"JS error in {expression!r}: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float, what: str) -> float:
+        start = time.perf_counter()
+        while time.perf_counter() - start < timeout:
+            if self.js(expression):
+                return time.perf_counter() - start
+            time.sleep(0.05)
+        raise TimeoutError(f"waited {timeout} s for {what}; page text: {self.js('document.body.innerText')[:2000]!r}")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+IDLE = "!document.querySelector('[data-testid=\"stStatusWidget\"]')"
+VIEWS_SHOWN = "document.querySelectorAll('[data-testid=\"stImage\"] img').length === 3"
+TABLE_SHOWN = "document.body.innerText.includes('3. Results')"
+ERRORS = ("document.querySelectorAll('[data-testid=\"stException\"], [data-testid=\"stAlertContentError\"]').length")
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    """(url, process) of the page served by `streamlit run` on a free localhost port."""
+    if BUNDLED_MODEL.exists():
+        model_dir, model_name = BUNDLED_MODEL.parent, BUNDLED_MODEL.name
+    else:
+        model_dir = tmp_path / "models"
+        make_tiny_model(model_dir / "tiny.pt", all_foreground=True)
+        model_name = "tiny.pt"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "RESUNET_APP_MODEL_DIR": str(model_dir),
+        "RESUNET_APP_DEFAULT_MODEL": model_name,
+        "RESUNET_APP_TEMP_DIR": str(tmp_path / "sessions"),
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
+           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, proc) == b"ok"
+        yield f"http://127.0.0.1:{port}/", proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """A DevTools client on a fresh headless Chromium page."""
+    port = _free_port()
+    profile = tmp_path / "chromium-profile"
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
+           "--remote-allow-origins=*", "--window-size=1600,2000", "about:blank"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = None
+    try:
+        targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", 30, proc))
+        page = next(t for t in targets if t.get("type") == "page")
+        client = DevTools(page["webSocketDebuggerUrl"])
+        client.call("Emulation.setDeviceMetricsOverride", width=1600, height=2000, deviceScaleFactor=1, mobile=False)
+        yield client
+    finally:
+        if client is not None:
+            client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _mask_coloured_fraction(png: bytes, rects: list[dict]) -> list[float]:
+    """Per image rectangle: the fraction of pixels tinted by label 1's colour (red clearly above green and blue)."""
+    shot = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    out = []
+    for r in rects:
+        x0, y0 = int(r["x"]), int(r["y"])
+        crop = shot[y0:y0 + int(r["height"]), x0:x0 + int(r["width"])]
+        red = (crop[..., 0] - crop[..., 1] > 40) & (crop[..., 0] - crop[..., 2] > 40)
+        out.append(float(red.mean()) if crop.size else 0.0)
+    return out
+
+
+def test_example_study_click_to_mask_in_a_real_browser(served_app, chromium, tmp_path):
+    url, _proc = served_app
+    page = chromium
+    page.call("Page.enable")
+    page.call("Page.navigate", url=url)
+    page.wait_for("Array.from(document.querySelectorAll('button')).some(b => b.innerText.includes('Example study'))"
+                  f" && {IDLE}", 60, "the Example study button")
+    assert page.js(ERRORS) == 0
+
+    start = time.perf_counter()
+    page.js("Array.from(document.querySelectorAll('button')).find(b => b.innerText.includes('Example study')).click()")
+    page.wait_for(f"{VIEWS_SHOWN} && {TABLE_SHOWN} && {IDLE}", 120, "the three views and the volume table")
+    click_to_mask = time.perf_counter() - start
+    assert page.js(ERRORS) == 0, page.js("document.body.innerText")
+
+    # move the axial slider one step with the keyboard and wait for the redrawn caption
+    before = page.js("Array.from(document.querySelectorAll('[data-testid=\"stImage\"]')).map(e => e.innerText)[0]")
+    page.js("document.querySelector('input[type=\"range\"][aria-label=\"Axial slice\"]').focus()")
+    start = time.perf_counter()
+    for kind in ("keyDown", "keyUp"):
+        page.call("Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight", windowsVirtualKeyCode=39)
+    caption_js = "Array.from(document.querySelectorAll('[data-testid=\"stImage\"]')).map(e => e.innerText)[0]"
+    page.wait_for(f"{caption_js} !== {json.dumps(before)} && {IDLE}", 30, "the redrawn axial view")
+    slider_redraw = time.perf_counter() - start
+    after = page.js(caption_js)
+    assert before.startswith("axial") and after.startswith("axial") and after != before
+
+    shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
+    artifacts = Path(os.environ.get("RESUNET_BROWSER_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "example_study.png").write_bytes(shot)
+    (artifacts / "timings.json").write_text(json.dumps(
+        {"click_to_mask_s": round(click_to_mask, 2), "slider_redraw_s": round(slider_redraw, 3)}))
+    print(f"\nclick-to-mask {click_to_mask:.2f} s, slider redraw {slider_redraw:.3f} s, screenshot {artifacts}")
+
+    rects = page.js("Array.from(document.querySelectorAll('[data-testid=\"stImage\"] img'))"
+                    ".map(i => { const r = i.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; })")
+    assert len(rects) == 3 and all(r["width"] > 100 and r["height"] > 100 for r in rects)
+    fractions = _mask_coloured_fraction(shot, rects)
+    assert all(f > 0.05 for f in fractions), fractions  # the mask is drawn in every view
+    text = page.js("document.body.innerText")
+    assert "Traceback" not in text and "Error" not in text
+    assert "brain" in text and "Download mask.nii.gz" in text
