@@ -191,13 +191,44 @@ def is_seg_path(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(".dcm")
 
 
+def _seg_to_label_values(seg: Volume, label_names: dict[int, str] | None) -> Volume:
+    """Map a SEG's segment numbers back to label values through the segment names.
+
+    DICOM numbers segments 1..N without gaps, so ``{2: "liver", 5: "spleen"}`` is stored as segments 1
+    and 2; with the label names (from predictions.json) the original values are restored. Without
+    names, or when a name is unknown or ambiguous, segment numbers are kept.
+    """
+    import numpy as np
+
+    seg_names = seg.meta.get("labels") or {}
+    by_name: dict[str, list[int]] = {}
+    for value, name in (label_names or {}).items():
+        by_name.setdefault(name, []).append(int(value))
+    mapping = {}
+    for segnum, name in seg_names.items():
+        values = by_name.get(name)
+        if not values or len(values) != 1:
+            return seg
+        mapping[int(segnum)] = values[0]
+    if all(k == v for k, v in mapping.items()):
+        return seg
+    lut = np.arange(max([*mapping, 0]) + 1, dtype=np.int64)
+    for k, v in mapping.items():
+        lut[k] = v
+    return seg.with_array(lut[np.asarray(seg.array)], label_values_from="segment names")
+
+
 def read_pair(
-    pred_path: Path, gt_path: Path, source: tuple[Path, str] | None = None
+    pred_path: Path,
+    gt_path: Path,
+    source: tuple[Path, str] | None = None,
+    label_names: dict[int, str] | None = None,
 ) -> tuple[Volume, Volume, Volume | None]:
     """Read one case: ``(prediction, reference, source image Volume or None)``.
 
     DICOM SEG files are read onto the grid of ``source`` (study path, series key), which is loaded
-    with :func:`resunet.io.load_study` and returned as the case's image.
+    with :func:`resunet.io.load_study` and returned as the case's image; their segment numbers are
+    mapped back to label values through ``label_names`` ``{value: name}`` when given.
     """
     image = None
     if source is not None:
@@ -211,7 +242,7 @@ def read_pair(
 
             if image is None:
                 raise InputError(f"{p} is a DICOM SEG; its source series is needed to read it (pass --images DIR)")
-            return read_dicom_seg(p, image)
+            return _seg_to_label_values(read_dicom_seg(p, image), label_names)
         return read_mask(p)
 
     return read(pred_path), read(gt_path), image

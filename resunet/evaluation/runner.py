@@ -54,9 +54,10 @@ def _evaluate_pair(
     tolerance_mm: float,
     resample_pred: bool,
     source: tuple[Path, str] | None = None,
+    label_names: dict[int, str] | None = None,
 ) -> tuple[str, list[dict[str, Any]], bool]:
     """Worker: read one pair of masks and compute its metrics (runs in a child process)."""
-    pred, ref, _ = read_pair(pred_path, gt_path, source)
+    pred, ref, _ = read_pair(pred_path, gt_path, source, label_names)
     resampled = not pred.same_grid(ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the parent logs one warning per resampled case
@@ -102,7 +103,8 @@ def evaluate_folders(
         log.warning("case %s: reference without prediction in %s; not evaluated", c, pred_dir)
     n = len(match.pairs)
     workers = max(1, min(workers or os.cpu_count() or 1, n))
-    jobs = [(c, p, g, labels, tolerance_mm, resample_pred, match.sources.get(c)) for c, p, g in match.pairs]
+    names = {int(k): v for k, v in (label_names or {}).items()}
+    jobs = [(c, p, g, labels, tolerance_mm, resample_pred, match.sources.get(c), names) for c, p, g in match.pairs]
     if workers == 1:
         results = [_evaluate_pair(*j) for j in jobs]
     else:
@@ -121,7 +123,6 @@ def evaluate_folders(
     for case in resampled:
         log.warning("case %s: prediction resampled onto the reference grid (nearest neighbour)", case)
     all_labels = sorted(labels) if labels is not None else sorted({d["label"] for _, ds, _ in results for d in ds})
-    names = {int(k): v for k, v in (label_names or {}).items()}
     rows: list[dict[str, Any]] = []
     for case, dicts, _ in results:
         by_label = {d["label"]: d for d in dicts}

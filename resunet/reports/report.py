@@ -64,7 +64,7 @@ def worst_cases(evaluation: Evaluation, per_label: int = 3) -> list[dict[str, An
 def _case_volumes(evaluation: Evaluation, case: str, images_dir) -> tuple[Volume, Volume, Volume | None, str]:
     paths = {c: (p, g) for c, p, g in evaluation.match.pairs}
     p_path, g_path = paths[case]
-    pred, ref, image = read_pair(p_path, g_path, evaluation.match.sources.get(case))
+    pred, ref, image = read_pair(p_path, g_path, evaluation.match.sources.get(case), evaluation.label_names)
     note = ""
     if not pred.same_grid(ref):
         pred = resample_nearest(pred, ref)
