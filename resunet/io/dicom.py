@@ -604,26 +604,36 @@ def read_slices(slices: list[_Slice], label: str) -> tuple[np.ndarray, np.ndarra
         key = id(s.ds)
         if key not in decoded:
             decoded[key] = _decode(s.ds, s.path)
-        frames = decoded[key]
-        plane = frames[s.frame or 0]
+        plane = decoded[key][s.frame or 0]
         if plane.shape != (rows, cols):
             raise InputError(f"{s.source}: image size {plane.shape} differs from {(rows, cols)} of the series")
         planes.append(plane)
-    slopes = np.array([s.slope for s in slices])
-    inters = np.array([s.intercept for s in slices])
-    stored = np.stack(planes, axis=0)  # (K, rows, cols)
-    exact = bool(
-        np.issubdtype(stored.dtype, np.integer)
-        and np.all(slopes == np.round(slopes))
-        and np.all(inters == np.round(inters))
-    )
+    decoded.clear()
+    slopes = [float(s.slope) for s in slices]
+    inters = [float(s.intercept) for s in slices]
+    integer = all(np.issubdtype(p.dtype, np.integer) for p in planes)
+    exact = integer and all(v == round(v) for v in slopes + inters)
+    identity = all(v == 1.0 for v in slopes) and all(v == 0.0 for v in inters)
     if exact:
-        values = stored.astype(np.int64) * slopes.astype(np.int64)[:, None, None] + inters.astype(np.int64)[:, None, None]
-        dtype = _output_dtype(float(values.min()), float(values.max()), True)
-        data = values.astype(dtype)
+        lo, hi = np.inf, -np.inf
+        for plane, a, b in zip(planes, slopes, inters):
+            ends = (float(plane.min()) * a + b, float(plane.max()) * a + b)
+            lo, hi = min(lo, *ends), max(hi, *ends)
+        dtype = _output_dtype(lo, hi, True)
     else:
-        data = (stored.astype(np.float64) * slopes[:, None, None] + inters[:, None, None]).astype(np.float32)
-    array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (cols=i, rows=j, slices=k)
+        dtype = np.dtype(np.float32)
+    # Filled slice by slice into (K, rows, cols): one pass, no full-size temporaries.
+    data = np.empty((len(planes), rows, cols), dtype=dtype)
+    for k, (plane, a, b) in enumerate(zip(planes, slopes, inters)):
+        if identity:
+            data[k] = plane
+        elif exact:
+            data[k] = plane.astype(np.int64) * int(a) + int(b)
+        else:
+            data[k] = plane.astype(np.float64) * a + b
+    planes.clear()
+    # (cols=i, rows=j, slices=k): a transposed view, Fortran-contiguous, the layout NIfTI stores
+    array = data.transpose(2, 1, 0)
     return array, RAS_FROM_LPS @ aff_lps, slices, known
 
 
