@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from resunet.errors import ConfigError
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and (Path(cfg.out) / "last.pt").exists():
         raise ConfigError(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
     best = f"best val Dice {result.best_dice:.4f} at epoch {result.best_epoch}" if result.best_dice is not None else "no validation"
     print(f"trained {result.epochs} epochs in {result.seconds:.0f} s; {best}; checkpoints in {result.out}")
     return 0

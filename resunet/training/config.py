@@ -115,6 +115,8 @@ class AugmentConfig:
         elastic_prob: Rand3DElasticd probability (3D only; slow on CPU, off by default).
         elastic_sigma, elastic_magnitude: elastic smoothing (voxels) and displacement magnitude.
         flip_prob: per spatial axis.
+        flip_axes: the patch axes that may be flipped (``None`` = all; e.g. ``[0]`` = left-right only
+            on RAS-reoriented 3D data, since heads are never upside down after reorientation).
         intensity_scale_prob, intensity_scale: multiply by ``1 + u``, ``u`` in +-``intensity_scale``.
         intensity_shift_prob, intensity_shift: add ``u`` in +-``intensity_shift`` (normalised units).
         gamma_prob, gamma_range: RandAdjustContrastd gamma range.
@@ -135,6 +137,7 @@ class AugmentConfig:
     elastic_sigma: list[float] = field(default_factory=lambda: [9.0, 13.0])
     elastic_magnitude: list[float] = field(default_factory=lambda: [0.0, 200.0])
     flip_prob: float = 0.5
+    flip_axes: list[int] | None = None
     intensity_scale_prob: float = 0.15
     intensity_scale: float = 0.25
     intensity_shift_prob: float = 0.15

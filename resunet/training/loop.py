@@ -368,6 +368,24 @@ def _progress(enabled: bool) -> Any:
                     disable=not enabled, transient=False)
 
 
+def _rank_weight_hashes(net: torch.nn.Module, d: _Dist) -> list[str]:
+    """SHA-256 of every rank's weights (gathered on all ranks); raises if DDP replicas diverged."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in net.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    mine = h.hexdigest()
+    if not d.enabled:
+        return [mine]
+    hashes: list[Any] = [None] * d.world
+    dist.all_gather_object(hashes, mine)
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"DDP replicas diverged: weight hashes per rank {hashes}")
+    return [str(x) for x in hashes]
+
+
 # ------------------------------------------------------------------------------------ main entry
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train as ``cfg`` says; writes ``config.yaml``, ``plan.json``, ``log.csv``, ``last.pt``, ``best.pt`` to ``cfg.out``.
@@ -483,12 +501,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         if with_state:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
-                     "best_dice": best_dice, "best_epoch": best_epoch, "rng": _rng_state(), "world_size": d.world}
+                     "best_dice": best_dice, "best_epoch": best_epoch, "rng": _rng_state(), "world_size": d.world,
+                     "rank_weight_sha256": rank_hashes}
         save_checkpoint(path, state_dict=net.state_dict(), network=network_config, plan=plan.to_dict(),
                         labels={k: labels[k] for k in sorted(labels)}, channels=spec.channels,
                         postprocess=cfg.postprocess, model_card=card(metrics), fingerprint=fingerprint,
                         versions=software_versions(), train_state=state)
 
+    rank_hashes: list[str] = []
     logger = _Logger(out, d.main, cfg.tensorboard, start_epoch)
     history: list[dict[str, Any]] = []
     last_val: dict[str, float] | None = None
@@ -573,6 +593,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             row["gpu_util"] = _gpu_util(device)
             history.append(row)
             progress.update(task, info=f"loss {train_loss:.4f}" + (f" val dice {val['dice_mean']:.4f}" if val else ""))
+            rank_hashes = _rank_weight_hashes(net, d)
             if d.main:
                 logger.write(row)
                 metrics = {"val_dice": val, "epoch": epoch + 1} if val else {"epoch": epoch + 1}

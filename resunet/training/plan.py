@@ -297,7 +297,7 @@ def make_plan(
     axes = [a for a in range(3) if a != slice_axis] if spatial_dims == 2 else [0, 1, 2]
     eff_spacing = [float(spacing[a]) if spacing[a] is not None else float(np.median([s.spacing[a] for s in stats]))
                    for a in axes]
-    total_voxels = float(sum(math.prod(sh[a] for a in axes) for sh in shapes))
+    total_voxels = float(sum(math.prod(sh) for sh in shapes))  # 2D: every slice is a sample
     # --- patch, strides, batch -----------------------------------------------------------------
     if cfg.patch_size is not None:
         patch = [int(p) for p in cfg.patch_size]

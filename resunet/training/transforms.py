@@ -112,6 +112,7 @@ def train_transforms(patch_size: Sequence[int], spatial_dims: int, aug: AugmentC
     ]
     if aug.bias_prob > 0:
         out.append(mt.RandBiasFieldd(keys="image", prob=aug.bias_prob, coeff_range=tuple(aug.bias_coeff)))
-    out += [mt.RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=a) for a in range(d)]
+    flip_axes = range(d) if aug.flip_axes is None else [a for a in aug.flip_axes if 0 <= a < d]
+    out += [mt.RandFlipd(keys=keys, prob=aug.flip_prob, spatial_axis=a) for a in flip_axes]
     out.append(mt.CastToTyped(keys=keys, dtype=(np.float32, np.uint8)))
     return out
