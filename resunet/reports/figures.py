@@ -71,7 +71,7 @@ def label_figure(rows: Sequence[Mapping[str, Any]], label: int, name: str = "") 
         ax.axhline(bias, color="black", lw=1, label=f"bias {bias:.3g} mL")
         for lim in (bias - 1.96 * sd, bias + 1.96 * sd):
             ax.axhline(lim, color="black", lw=1, ls=":")
-        ax.set_title(f"Bland-Altman: bias {bias:.3g} mL, LoA ±{1.96 * sd:.3g} mL", fontsize=9)
+        ax.set_title(f"Bland-Altman: bias {bias:.3g} mL\nlimits of agreement ±{1.96 * sd:.3g} mL", fontsize=9)
     else:
         ax.set_title("Bland-Altman (needs 2 cases)", fontsize=9)
     ax.set_xlabel("mean of volumes (mL)")
