@@ -257,7 +257,12 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
             log.debug("%s: unreadable DICOM header: %s", path, err)
             report.unreadable.append(str(path))
             continue
-        kind = non_image_kind(ds)
+        try:
+            kind = non_image_kind(ds)
+        except Exception as err:  # element values are parsed lazily: a corrupt one raises here
+            log.debug("%s: malformed DICOM header: %s", path, err)
+            report.unreadable.append(str(path))
+            continue
         if kind is not None:
             report.non_image[kind] = report.non_image.get(kind, 0) + 1
             continue
@@ -458,7 +463,10 @@ def _decode(ds: Dataset, source: str) -> np.ndarray:
     """All frames of ``ds`` as an array ``(frames, rows, cols)`` of stored values."""
     try:
         arr = ds.pixel_array
-    except Exception as err:  # decoder missing, truncated data, corrupt stream...
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as err:  # noqa: BLE001 - decoder missing, truncated or corrupt stream; the
+        # Rust RLE decoder (pyo3) raises PanicException, a BaseException, on corrupt data
         ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
         name = getattr(ts, "name", str(ts))
         lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
@@ -664,11 +672,11 @@ def read_series(info: SeriesInfo, source: str | None = None) -> Volume:
             raise InputError(f"{f}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
         try:
             slices.extend(_slices_of(f, ds))
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
-            raise InputError(f"{f}: malformed geometry attributes ({err})") from None
+        except Exception as err:  # noqa: BLE001 - pydicom parses values lazily; any of them can be corrupt
+            raise InputError(f"{f}: malformed DICOM attributes ({type(err).__name__}: {err})") from None
     try:
         array, affine, slices, known = read_slices(slices, label)
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError, OverflowError) as err:
         # pydicom raises these on malformed element values; name the series, never a traceback
         raise InputError(f"{label}: malformed DICOM attributes ({type(err).__name__}: {err})") from None
     if not known:
