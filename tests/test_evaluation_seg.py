@@ -50,7 +50,7 @@ def test_seg_predictions_matched_by_name_and_by_series(tmp_path, capsys):
             "--worst-cases", "1", "--audit-db", str(tmp_path / "db")]  # fmt: skip
     assert main(base) == 2  # the SEG files cannot be placed without their series
     assert "--images" in capsys.readouterr().err
-    assert main(base + ["--images", str(images), "--predictions", str(pred / "predictions.json")]) == 0
+    assert main(base + ["--images", str(images)]) == 0  # pred/predictions.json is found without --predictions
     with open(out / "metrics.csv", newline="") as fh:
         rows = {(r["case"], r["label"]): r for r in csv.DictReader(fh)}
     assert {c for c, _ in rows} == {"case1", "reader_A"}

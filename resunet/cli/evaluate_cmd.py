@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance-mm", default=str(DEFAULT_TOLERANCE_MM), metavar="T",
                    help=f"NSD tolerance in mm (default {DEFAULT_TOLERANCE_MM:g})")  # fmt: skip
     p.add_argument("--predictions", metavar="JSON",
-                   help="predictions.json written by `resunet predict`: records the model and label names")  # fmt: skip
+                   help="predictions.json written by `resunet predict`: records the model and label names "
+                   "(default: --pred DIR/predictions.json when present)")  # fmt: skip
     p.add_argument("--format", default="html", metavar="html,pdf", help="report formats (default html)")
     p.add_argument("--resample-pred", action="store_true",
                    help="resample predictions on another grid onto the reference grid (nearest neighbour) "
@@ -111,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--worst-cases {args.worst_cases}: give 0 or more")
     if args.images is not None and not Path(args.images).is_dir():
         raise InputError(f"--images {args.images} is not a folder")
-    pred_doc = read_predictions_json(args.predictions)
+    predictions = args.predictions
+    if predictions is None and (Path(args.pred) / "predictions.json").is_file():
+        predictions = str(Path(args.pred) / "predictions.json")  # written by resunet predict next to the masks
+    pred_doc = read_predictions_json(predictions)
     audit_db = audit_db_path(args.audit_db)
 
     ev = evaluate_folders(args.pred, args.gt, labels, tolerance, args.resample_pred, _label_names(pred_doc),
