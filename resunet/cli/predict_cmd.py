@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from resunet.inference.cases import discover_cases
     from resunet.inference.predictor import Predictor
 
+    import logging
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
     model = args.model or BUNDLED_MODEL
     if args.model is None and not Path(model).exists():
         raise ConfigError(f"the bundled model {model} is missing; pass --model with a checkpoint")
