@@ -82,10 +82,10 @@ def label_figure(rows: Sequence[Mapping[str, Any]], label: int, name: str = "") 
 
 def _slice_axis_and_index(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[int, int]:
     """Slice across the axis with the largest spacing (k on ties), where the masks disagree most."""
+    if 1 in pred.shape:  # a 2D image stored as (I, J, 1): show its plane
+        return pred.shape.index(1), 0
     sp = np.asarray(spacing)
     axis = int(np.flatnonzero(sp == sp.max())[-1])
-    if pred.shape[axis] == 1:
-        return axis, 0
     others = tuple(a for a in range(3) if a != axis)
     score = np.count_nonzero(pred ^ ref, axis=others)
     if not score.any():
