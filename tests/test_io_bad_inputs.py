@@ -197,3 +197,19 @@ def test_output_not_nifti_and_missing_input(tmp_path, capsys):
     write_nifti(make_volume(), tmp_path / "a.nii.gz")
     assert "output name must end in .nii or .nii.gz" in _convert(capsys, tmp_path / "a.nii.gz", tmp_path / "a.txt")
     assert "no such file or folder" in _convert(capsys, tmp_path / "missing", tmp_path / "b.nii.gz")
+
+
+def test_truncated_uncompressed_nii(tmp_path, capsys, out):
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), np.eye(4)), tmp_path / "v.nii")
+    data = (tmp_path / "v.nii").read_bytes()
+    (tmp_path / "v.nii").write_bytes(data[:1000])
+    msg = _convert(capsys, tmp_path / "v.nii", out)
+    assert "promises 2352 bytes (shape (10, 10, 10), int16) but the file holds 1000" in msg
+
+
+def test_damaged_dims_are_refused_before_allocating(tmp_path, capsys, out):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "d.nii")
+    raw = bytearray((tmp_path / "d.nii").read_bytes())
+    raw[42:48] = np.array([30000, 30000, 30000], "<i2").tobytes()  # dim[1:4]: 108 TB of voxels
+    (tmp_path / "d.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    assert "the header promises" in _convert(capsys, tmp_path / "d.nii.gz", out)

@@ -87,6 +87,7 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
             )
         else:
             raise InputError(f"{p}: has {len(shape)} dimensions (shape {shape}); expected a 3D scan")
+    _check_size(p, img)
     try:
         slope, inter = img.dataobj.slope, img.dataobj.inter
         scaled = not (
@@ -99,6 +100,8 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         raise InputError(
             f"{p}: the voxel data cannot be read ({_short(err)}); the file is probably truncated, re-export it"
         ) from None
+    except MemoryError:
+        raise InputError(f"{p}: shape {shape} does not fit in memory; the header may be damaged") from None
     data = np.asarray(data)
     if data.ndim > 3:
         data = data.reshape(shape[:3])
@@ -127,6 +130,31 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
             " (e.g. `fslorient`) before using this file"
         )
     return Volume(array=data, affine=affine, meta=meta)
+
+
+def _check_size(p: Path, img: nib.Nifti1Image) -> None:
+    """Refuse a header that promises more voxel bytes than the file can hold (truncated or damaged).
+
+    Checked before reading so a damaged ``dim`` field never makes us allocate gigabytes. An
+    uncompressed ``.nii`` must hold offset + voxels x itemsize bytes. For ``.nii.gz`` the uncompressed
+    size is unknown without decompressing (the gzip trailer is unreliable for multi-member files),
+    so only absurd sizes (over 64 GiB) are refused up front; a truncated stream fails while reading.
+    """
+    header = img.header
+    nbytes = int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    expected = int(getattr(img.dataobj, "offset", header.get_data_offset())) + nbytes
+    if nbytes > 64 * 1024**3:
+        raise InputError(
+            f"{p}: the header promises {nbytes / 1024**3:.0f} GiB of voxels (shape {img.shape}); the header is"
+            " damaged or the scan is too large for resunet"
+        )
+    if not p.name.lower().endswith(".gz"):
+        size = p.stat().st_size
+        if size < expected:
+            raise InputError(
+                f"{p}: the header promises {expected} bytes (shape {img.shape}, {header.get_data_dtype()}) but"
+                f" the file holds {size}; it is truncated or damaged, re-export it"
+            )
 
 
 def _header_for(volume: Volume, label: bool) -> nib.Nifti1Header | None:
