@@ -186,3 +186,20 @@ def test_html_report_renders_offline_in_headless_chromium(report_dir, tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     assert 'data-total="4"' in dom and 'data-decoded="4"' in dom
     assert 'id="definitions"' in dom and 'id="provenance"' in dom
+
+
+def test_slice_figure_picks_the_plane_of_2d_images_and_the_worst_slice_of_3d():
+    from resunet.io import Volume
+    from resunet.reports.figures import case_slice_figure
+
+    a = np.zeros((20, 30, 1), np.uint8)
+    a[5:10, 5:20, 0] = 1
+    fig = case_slice_figure("two_d", 1, Volume(np.roll(a, 2, 0), np.diag([2, 2, 1, 1])), Volume(a, np.diag([2, 2, 1, 1])))
+    assert fig.axes[0].images[0].get_array().shape == (30, 20)  # j vertical, i horizontal
+    ref = np.zeros((12, 12, 8), np.uint8)
+    ref[2:8, 2:8, 1:7] = 1
+    pred = ref.copy()
+    pred[2:8, 2:8, 5] = 0  # disagreement only on slice k = 5 (k has the largest spacing)
+    aff = np.diag([1.0, 1.0, 3.0, 1.0])
+    fig = case_slice_figure("three_d", 1, Volume(pred, aff), Volume(ref, aff))
+    assert "slice k = 5" in fig._suptitle.get_text()
