@@ -67,7 +67,7 @@ def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
         if not exact:
             exact = [s for s in series if s.series_instance_uid == series_uid]
         if not exact:
-            found = "; ".join(s.describe() for s in series)
+            found = "; ".join(s.describe() for s in series[:8]) + (f"; and {len(series) - 8} more" if len(series) > 8 else "")
             raise InputError(f"{path}: no image series {series_uid}; found: {found}")
         chosen = exact[0]
     else:
@@ -79,6 +79,9 @@ def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
         shown = "; ".join(s.describe() for s in others[:8])
         more = f"; and {len(others) - 8} more (list them with `resunet convert --list`)" if len(others) > 8 else ""
         log.info("%s: also found %d other series: %s%s", path, len(others), shown, more)
+    if report.unreadable:
+        names = ", ".join(Path(f).name for f in report.unreadable[:5])
+        log.warning("%s: %d unreadable DICOM files skipped (truncated or corrupt): %s", path, len(report.unreadable), names)
     skipped = report.n_not_dicom + sum(report.non_image.values()) + len(report.unreadable) + report.duplicates
     if skipped:
         log.info("%s: skipped %s", path, report.summary())
