@@ -227,6 +227,10 @@ def write_evaluation_outputs(
         "summary_csv": write_summary_csv(evaluation.summary, out / "summary.csv"),
     }
     written.update(render_report(evaluation, provenance, out, formats, images_dir, worst_per_label))
+    for fmt in FORMATS:
+        stale = out / f"report.{fmt}"
+        if fmt not in written and stale.exists():
+            log.warning("%s is from an earlier run (not rewritten now, not listed in metrics.json)", stale)
     outputs = []
     for p in written.values():
         rec = file_record(p)
