@@ -168,7 +168,7 @@ def _iter_files(root: Path) -> Iterable[Path]:
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            if p.is_file() and not p.is_symlink():
+            if p.is_file():  # symlinked files are followed; symlinked folders are not (no loops)
                 yield p
 
 
