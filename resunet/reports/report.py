@@ -102,7 +102,7 @@ def render_report(
         worst_per_label: how many worst cases to show per label.
         title: report title.
     """
-    formats = parse_formats(list(formats))
+    formats = parse_formats(formats)
     out = Path(out_dir)
     label_plots = []
     for lab in evaluation.labels:
