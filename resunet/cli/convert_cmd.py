@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        for s in list_series(args.input):
+        found = list_series(args.input)
+        if not found:
+            print(f"{args.input}: a NIfTI file (one volume, no DICOM series)")
+        for s in found:
             print(s.describe())
         return 0
     if not args.output:
