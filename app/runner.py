@@ -70,7 +70,18 @@ class PredictorCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple, Any] = {}
         self._building: dict[tuple, threading.Event] = {}
+        self._failed: set[tuple] = set()
         self.max_entries = max_entries
+
+    def state(self, model_path: Path, sha256: str, device: str, tta: bool, uncertainty: bool) -> str:
+        """``"ready"``, ``"loading"``, ``"failed"`` (the last build raised) or ``"absent"``."""
+        key = (str(model_path), sha256, device, tta, uncertainty)
+        with self._lock:
+            if key in self._entries:
+                return "ready"
+            if key in self._building:
+                return "loading"
+            return "failed" if key in self._failed else "absent"
 
     def get(self, model_path: Path, sha256: str, device: str, tta: bool, uncertainty: bool) -> Any:
         key = (str(model_path), sha256, device, tta, uncertainty)
@@ -85,9 +96,15 @@ class PredictorCache:
                     break
             event.wait()  # another thread is building it
         try:
-            predictor = make_predictor(model_path, device=device, tta=tta, uncertainty=uncertainty)
-            _warm_up(predictor)
+            try:
+                predictor = make_predictor(model_path, device=device, tta=tta, uncertainty=uncertainty)
+                _warm_up(predictor)
+            except BaseException:
+                with self._lock:
+                    self._failed.add(key)
+                raise
             with self._lock:
+                self._failed.discard(key)
                 while len(self._entries) >= self.max_entries:
                     self._entries.pop(next(iter(self._entries)))
                 self._entries[key] = predictor
@@ -101,7 +118,7 @@ class PredictorCache:
         """Build and warm up in a background thread (errors surface later, on :meth:`get`)."""
         key = (str(model_path), sha256, device, tta, uncertainty)
         with self._lock:
-            if key in self._entries or key in self._building:
+            if key in self._entries or key in self._building or key in self._failed:
                 return
 
         def work() -> None:

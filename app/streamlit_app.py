@@ -8,6 +8,7 @@ the library writers for downloads. Display rendering lives in :mod:`app.viewer`.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import time
@@ -52,7 +53,7 @@ def _workspace(cfg: AppConfig) -> SessionWorkspace:
     ttl_s = cfg.session_ttl_min * 60
     if ws is not None and ws.expired():
         ws.close()
-        for key in ("study", "results", "volumes", "series", "display", "eval"):
+        for key in ("study", "results", "volumes", "series", "display", "eval", "png", "auto_window", "uploads"):
             st.session_state.pop(key, None)
         st.session_state["expired_notice"] = True
         ws = None
@@ -188,7 +189,29 @@ def _model_section(cfg: AppConfig) -> ModelInfo | None:
         st.checkbox("Uncertainty map (entropy across mirrored passes; implies test-time augmentation)",
                     key="uncertainty")
         PREDICTORS.preload(info.path, info.sha256, cfg.device, *_options())
+        if PREDICTORS.state(info.path, info.sha256, cfg.device, *_options()) == "loading":
+            _model_loading(info, cfg)
+        else:
+            _model_status(info, cfg)
         return info
+
+
+def _model_status(info: ModelInfo, cfg: AppConfig) -> None:
+    state = PREDICTORS.state(info.path, info.sha256, cfg.device, *_options())
+    if state == "ready":
+        st.caption("Model loaded and ready.")
+    elif state == "loading":
+        st.caption("Loading the model…")
+    else:
+        st.caption("The model loads on the first run.")
+
+
+@st.fragment(run_every=1.0)
+def _model_loading(info: ModelInfo, cfg: AppConfig) -> None:
+    """Polls once a second while the model loads in the background, then redraws the page once."""
+    if PREDICTORS.state(info.path, info.sha256, cfg.device, *_options()) != "loading":
+        st.rerun(scope="app")
+    _model_status(info, cfg)
 
 
 def _options() -> tuple[bool, bool]:
@@ -282,22 +305,32 @@ def _viewer_section(staged: StagedStudy, uid: str | None, volume: Any, result: R
     scale = viewer.scale_for(img)
     cols = st.columns(3)
     start = time.perf_counter()
+    pngs = _store("png")
     for col, view in zip(cols, viewer.VIEWS):
         with col:
             n = img.n_slices(view)
             idx = st.slider(f"{view.capitalize()} slice", 1, n, n // 2 + 1, key=f"slice_{view}") if n > 1 else 1
-            pic = viewer.render_slice(
-                img,
-                view,
-                idx - 1,
-                window=window,
-                mask=mask,
-                opacity=opacity,
-                outline=outline,
-                uncertainty=unc if show_unc else None,
-                mm_to_px=scale,
-            )
-            st.image(pic, caption=f"{view} {idx}/{n}")
+            # a slider move changes one view: the other two come from this per-session cache of PNGs
+            pkey = (key, id(result) if result else None, view, idx, window, opacity, outline,
+                    bool(show_unc and unc is not None))
+            if pkey not in pngs:
+                pic = viewer.render_slice(
+                    img,
+                    view,
+                    idx - 1,
+                    window=window,
+                    mask=mask,
+                    opacity=opacity,
+                    outline=outline,
+                    uncertainty=unc if show_unc else None,
+                    mm_to_px=scale,
+                )
+                buf = io.BytesIO()
+                pic.save(buf, format="PNG", compress_level=1)
+                while len(pngs) >= 96:
+                    pngs.pop(next(iter(pngs)))
+                pngs[pkey] = buf.getvalue()
+            st.image(pngs[pkey], caption=f"{view} {idx}/{n}")
     st.session_state["last_render_s"] = time.perf_counter() - start
     if mask is not None and result is not None:
         legend = " ".join(

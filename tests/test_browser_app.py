@@ -87,8 +87,11 @@ class DevTools:
     def wait_for(self, expression: str, timeout: float, what: str) -> float:
         start = time.perf_counter()
         while time.perf_counter() - start < timeout:
-            if self.js(expression):
-                return time.perf_counter() - start
+            try:
+                if self.js(expression):
+                    return time.perf_counter() - start
+            except RuntimeError:  # e.g. document.body is still null while the page loads
+                pass
             time.sleep(0.05)
         raise TimeoutError(f"waited {timeout} s for {what}; page text: {self.js('document.body.innerText')[:2000]!r}")
 
@@ -184,6 +187,8 @@ def test_example_study_click_to_mask_in_a_real_browser(served_app, chromium, tmp
     page.wait_for("Array.from(document.querySelectorAll('button')).some(b => b.innerText.includes('Example study'))"
                   f" && {IDLE}", 60, "the Example study button")
     assert page.js(ERRORS) == 0
+    # the page loads the model in the background; a user reads the page meanwhile
+    model_ready = page.wait_for("document.body.innerText.includes('Model loaded and ready')", 120, "the model")
 
     start = time.perf_counter()
     page.js("Array.from(document.querySelectorAll('button')).find(b => b.innerText.includes('Example study')).click()")
@@ -191,25 +196,34 @@ def test_example_study_click_to_mask_in_a_real_browser(served_app, chromium, tmp
     click_to_mask = time.perf_counter() - start
     assert page.js(ERRORS) == 0, page.js("document.body.innerText")
 
-    # move the axial slider one step with the keyboard and wait for the redrawn caption
-    before = page.js("Array.from(document.querySelectorAll('[data-testid=\"stImage\"]')).map(e => e.innerText)[0]")
-    page.js("document.querySelector('input[type=\"range\"][aria-label=\"Axial slice\"]').focus()")
-    start = time.perf_counter()
-    for kind in ("keyDown", "keyUp"):
-        page.call("Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight", windowsVirtualKeyCode=39)
+    # move the axial slider one step at a time with the keyboard; time until the new image is shown
+    img_js = "(() => { const i = document.querySelector('[data-testid=\"stImage\"] img'); return i.src + '|' + i.complete; })()"
     caption_js = "Array.from(document.querySelectorAll('[data-testid=\"stImage\"]')).map(e => e.innerText)[0]"
-    page.wait_for(f"{caption_js} !== {json.dumps(before)} && {IDLE}", 30, "the redrawn axial view")
-    slider_redraw = time.perf_counter() - start
-    after = page.js(caption_js)
-    assert before.startswith("axial") and after.startswith("axial") and after != before
+    slider_js = "document.querySelector('input[type=\"range\"][aria-label=\"Axial slice\"]')"
+    redraws = []
+    for _ in range(3):
+        time.sleep(0.5)
+        before_img, before = page.js(img_js), page.js(caption_js)
+        page.js(f"{slider_js}.focus()")
+        start = time.perf_counter()
+        for kind in ("keyDown", "keyUp"):
+            page.call("Input.dispatchKeyEvent", type=kind, key="ArrowRight", code="ArrowRight", windowsVirtualKeyCode=39)
+        page.wait_for(f"{img_js} !== {json.dumps(before_img)} && {img_js}.endsWith('|true')", 30, "the redrawn axial view")
+        redraws.append(time.perf_counter() - start)
+        page.wait_for(IDLE, 30, "the end of the rerun")
+        after = page.js(caption_js)
+        assert before.startswith("axial ") and after == "axial " + str(int(before.split()[1].split("/")[0]) + 1) + "/91"
+    slider_redraw = float(np.median(redraws))
 
     shot = base64.b64decode(page.call("Page.captureScreenshot", format="png")["data"])
     artifacts = Path(os.environ.get("RESUNET_BROWSER_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "example_study.png").write_bytes(shot)
     (artifacts / "timings.json").write_text(json.dumps(
-        {"click_to_mask_s": round(click_to_mask, 2), "slider_redraw_s": round(slider_redraw, 3)}))
-    print(f"\nclick-to-mask {click_to_mask:.2f} s, slider redraw {slider_redraw:.3f} s, screenshot {artifacts}")
+        {"model_ready_after_page_s": round(model_ready, 2), "click_to_mask_s": round(click_to_mask, 2),
+         "slider_redraw_s": round(slider_redraw, 3)}))
+    print(f"\nmodel ready {model_ready:.2f} s after the page showed, click-to-mask {click_to_mask:.2f} s, "
+          f"slider redraw {slider_redraw:.3f} s, screenshot {artifacts}")
 
     rects = page.js("Array.from(document.querySelectorAll('[data-testid=\"stImage\"] img'))"
                     ".map(i => { const r = i.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; })")
