@@ -154,8 +154,33 @@ def build_network(cfg: TrainConfig, plan: TrainingPlan, in_channels: int, out_ch
         else:
             kwargs[key] = value
     kwargs["deep_supervision"] = cfg.model.deep_supervision
+    _fit_decoder_widths(cfg.model.preset, plan.spatial_dims, in_channels, out_channels, kwargs)
     return ResUNet.from_preset(cfg.model.preset, spatial_dims=plan.spatial_dims, in_channels=in_channels,
                                out_channels=out_channels, **kwargs)
+
+
+def _fit_decoder_widths(preset: str, spatial_dims: int, in_channels: int, out_channels: int,
+                        kwargs: dict[str, Any]) -> None:
+    """Trim explicit decoder widths (finest first) when the planned strides give fewer decoder levels.
+
+    The planner may switch off a preset's deepest downsampling for a small patch; the preset's (or
+    the user's) per-level decoder widths then list one level too many. The finest levels are kept.
+    """
+    from resunet.nets.config import ResUNetConfig
+    from resunet.nets.presets import preset_kwargs
+
+    merged = preset_kwargs(preset)
+    for key, value in kwargs.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    widths = (merged.get("decoder") or {}).get("widths")
+    if not isinstance(widths, (list, tuple)):
+        return
+    probe = dict(merged)
+    probe["decoder"] = {**merged["decoder"], "widths": None}
+    probe.pop("deep_supervision", None)
+    n_levels = ResUNetConfig.build(spatial_dims, in_channels, out_channels, **probe).num_decoder_levels
+    if len(widths) > n_levels:
+        kwargs["decoder"] = {**(kwargs.get("decoder") or {}), "widths": list(widths)[:n_levels]}
 
 
 def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
