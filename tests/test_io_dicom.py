@@ -269,3 +269,26 @@ def test_convert_cli_lists_and_picks_series(tmp_path, capsys):
     img = nib.load(tmp_path / "o.nii.gz")
     assert np.array_equal(np.asanyarray(img.dataobj), small.array)
     assert np.allclose(img.affine, small.affine, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_enhanced_mr_from_highdicom_legacy_conversion(tmp_path):
+    """An enhanced (multi-frame) MR made by highdicom from our oblique series reads onto the same
+    grid as the single-frame series, and matches SimpleITK."""
+    import highdicom as hd
+
+    vol = make_volume(affine=oblique_affine())
+    paths = write_dicom_series(vol, tmp_path / "s")
+    rng = random.Random(1)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    rng.shuffle(datasets)  # highdicom orders the frames itself (here: descending along the normal)
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=5, sop_instance_uid=hd.UID(),
+        instance_number=1,
+    )
+    mf.save_as(tmp_path / "enhanced.dcm")
+    back = load_study(tmp_path / "enhanced.dcm")
+    assert np.array_equal(back.array, vol.array) and np.allclose(back.affine, vol.affine, atol=1e-6)
+    assert sorted(back.meta["frames"]) == list(range(vol.shape[2])) and back.meta["frames"] != list(range(6))
+    same, dist, _ = compare_with_sitk(back, sitk.ReadImage(str(tmp_path / "enhanced.dcm")))
+    assert same and dist < 1e-3
