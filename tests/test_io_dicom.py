@@ -292,3 +292,23 @@ def test_enhanced_mr_from_highdicom_legacy_conversion(tmp_path):
     assert sorted(back.meta["frames"]) == list(range(vol.shape[2])) and back.meta["frames"] != list(range(6))
     same, dist, _ = compare_with_sitk(back, sitk.ReadImage(str(tmp_path / "enhanced.dcm")))
     assert same and dist < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_multiframe_file_with_two_echoes_is_refused_with_advice(tmp_path):
+    import highdicom as hd
+
+    first = write_dicom_series(make_volume(affine=_axial()), tmp_path / "s")
+    ds0 = pydicom.dcmread(first[0])
+    second = write_dicom_series(
+        make_volume(affine=_axial(), seed=3), tmp_path / "s", series_uid=ds0.SeriesInstanceUID,
+        study_uid=ds0.StudyInstanceUID, frame_of_reference_uid=ds0.FrameOfReferenceUID,
+        file_names=[f"echo2_{k}.dcm" for k in range(6)],
+    )
+    mf = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=[pydicom.dcmread(p) for p in first + second], series_instance_uid=hd.UID(),
+        series_number=5, sop_instance_uid=hd.UID(), instance_number=1,
+    )
+    mf.save_as(tmp_path / "two_echoes.dcm")
+    with pytest.raises(GeometryError, match="multi-frame file holds several stacks .* split it first"):
+        load_study(tmp_path / "two_echoes.dcm")

@@ -566,9 +566,15 @@ def _stack_geometry(slices: list[_Slice], label: str) -> tuple[list[_Slice], np.
         gaps = np.diff(proj)
         if np.min(gaps) < SPACING_ATOL_MM:
             i = int(np.argmin(gaps))
+            advice = (
+                "this multi-frame file holds several stacks (echoes, time points or b-values); resunet reads"
+                " one stack per file: split it first (e.g. dcm2niix writes one NIfTI per stack)"
+                if len({s.path for s in slices}) == 1
+                else "the series holds several stacks (echoes, time points or repeats) that resunet cannot"
+                " tell apart: export one stack as its own series, or convert with dcm2niix"
+            )
             raise GeometryError(
-                f"{label}: two images at the same position ({slices[i].source} and {slices[i + 1].source});"
-                " the series holds several stacks (echoes, time points or repeats): pick one series"
+                f"{label}: two images at the same position ({slices[i].source} and {slices[i + 1].source}); {advice}"
             )
         dz = float(np.median(gaps))
         bad = np.abs(gaps - dz) > max(SPACING_ATOL_MM, SPACING_RTOL * dz)
