@@ -121,3 +121,9 @@ def test_every_series_in_dicomdirtests_matches_simpleitk_series_reader():
         assert same and dist < 1e-3, f"{info.describe()}: {note} {dist}"
         compared += 1
     assert compared >= 20
+
+
+def test_dicomdir_file_reads_its_folder():
+    dicomdir = Path(get_testdata_file("DICOMDIR"))
+    assert load_study(dicomdir).shape == load_study(dicomdir.parent).shape == (16, 16, 5)
+    assert len(list_series(dicomdir)) == len(list_series(dicomdir.parent))

@@ -6,6 +6,7 @@
 - a file ending in ``.zip`` -> extracted safely into a private temp folder (removed afterwards),
   then read as a DICOM folder;
 - a folder -> every file under it (any names, nested) scanned as DICOM;
+- a file named ``DICOMDIR`` -> its folder (as on CDs);
 - any other file -> read as one DICOM file (single- or multi-frame).
 
 When several image series are found the one with the most slices is read (or the one named by
@@ -105,6 +106,8 @@ def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
     if p.is_file() and p.name.lower().endswith(".zip"):
         with extract_zip(p) as folder:
             return list(_scan(folder).series)
+    if p.is_file() and p.name.upper() == "DICOMDIR":
+        p = p.parent
     return list(_scan(p).series)
 
 
@@ -146,6 +149,9 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> V
             vol.meta["dicom_files"] = [str(Path(f).relative_to(folder)) for f in vol.meta["dicom_files"]]
             vol.meta["dicom_files_in_zip"] = True
             return vol
+    if p.is_file() and p.name.upper() == "DICOMDIR":
+        log.info("%s: a DICOMDIR index; reading the folder it sits in", p)
+        p = p.parent  # CDs and exports: the images are in the folder tree beside the index
     report = _scan(p)
     chosen = _pick(report, p, series_uid)
     return read_series(chosen, source=str(p))
