@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
     root = str(app_script().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     print(f"resunet app: serving on http://{args.address}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
+    sys.stderr.flush()
+    if os.name == "posix":
+        # replace this process, so signals (Ctrl+C, docker stop) reach Streamlit directly
+        os.chdir(root)  # .streamlit/config.toml is read from the working directory
+        os.execve(cmd[0], cmd, env)
     try:
         return subprocess.call(cmd, env=env, cwd=root)
     except KeyboardInterrupt:
