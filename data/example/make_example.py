@@ -19,6 +19,7 @@ Run:  .venv/bin/python data/example/make_example.py
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import sys
 from pathlib import Path
@@ -39,10 +40,11 @@ SRC = Path("/usr/share/mricron/templates")
 SPACING_MM = 2.0
 SHAPE = (91, 109, 91)
 ORIGIN_MM = (-90.0, -126.0, -72.0)
-# Fixed UIDs under pydicom's root so re-running the script gives the same series identity.
+# Fixed UIDs under pydicom's root and a fixed date so re-running the script gives identical files.
 STUDY_UID = "1.2.826.0.1.3680043.8.498.10001.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.10001.1.1"
 FOR_UID = "1.2.826.0.1.3680043.8.498.10001.1.2"
+SOP_ROOT = "1.2.826.0.1.3680043.8.498.10001.1.1.1"  # slice k: SOP_ROOT.(k+1)
 
 
 def main() -> None:
@@ -86,6 +88,8 @@ def main() -> None:
         study_uid=STUDY_UID,
         series_uid=SERIES_UID,
         frame_of_reference_uid=FOR_UID,
+        sop_instance_uid_root=SOP_ROOT,
+        date_time=datetime.datetime(2026, 11, 27, 0, 0, 0),
     )
     vox_ml = SPACING_MM**3 / 1000.0
     print(f"T1 {t1_arr.shape} int16 range {t1_arr.min()}..{t1_arr.max()}")

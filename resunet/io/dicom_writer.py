@@ -85,6 +85,8 @@ def write_dicom_series(
     frame_of_reference_uid: str | None = None,
     series_number: int = 1,
     file_names: Sequence[str] | None = None,
+    sop_instance_uid_root: str | None = None,
+    date_time: _dt.datetime | None = None,
 ) -> list[Path]:
     """Write ``volume`` as one DICOM file per slice ``k`` into ``folder``.
 
@@ -97,6 +99,9 @@ def write_dicom_series(
         study_uid, series_uid, frame_of_reference_uid: reuse these UIDs (new ones otherwise).
         series_number: SeriesNumber.
         file_names: one name per slice (default ``IM00001.dcm``...).
+        sop_instance_uid_root: if given, slice ``k`` gets SOPInstanceUID ``f"{root}.{k + 1}"``
+            (reproducible files); otherwise new random UIDs.
+        date_time: study/series/content date and time (default: now).
 
     Returns:
         The written paths in slice order ``k``.
@@ -128,7 +133,9 @@ def write_dicom_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     for_uid = frame_of_reference_uid or generate_uid()
-    now = _dt.datetime.now()
+    now = date_time or _dt.datetime.now()
+    if sop_instance_uid_root is not None and len(f"{sop_instance_uid_root}.{n_k}") > 64:
+        raise InputError(f"sop_instance_uid_root {sop_instance_uid_root!r} is too long for a 64-character UID")
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sop_class = _SOP_CLASS[modality]
     iop = [_ds(float(v)) for v in (*dirs[:, 0], *dirs[:, 1])]
@@ -137,7 +144,7 @@ def write_dicom_series(
     for k in range(n_k):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
-        sop_uid = generate_uid()
+        sop_uid = f"{sop_instance_uid_root}.{k + 1}" if sop_instance_uid_root else generate_uid()
         ds.file_meta.MediaStorageSOPClassUID = sop_class
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
