@@ -312,3 +312,18 @@ def test_multiframe_file_with_two_echoes_is_refused_with_advice(tmp_path):
     mf.save_as(tmp_path / "two_echoes.dcm")
     with pytest.raises(GeometryError, match="multi-frame file holds several stacks .* split it first"):
         load_study(tmp_path / "two_echoes.dcm")
+
+
+def test_writer_reproducible_uids(tmp_path):
+    import datetime
+
+    from resunet.io import sha256_path
+
+    vol = make_volume(shape=(6, 5, 3))
+    kw = dict(study_uid="1.2.3.4", series_uid="1.2.3.4.1", frame_of_reference_uid="1.2.3.4.2",
+              sop_instance_uid_root="1.2.3.4.1.1", date_time=datetime.datetime(2020, 1, 2, 3, 4, 5))
+    paths = write_dicom_series(vol, tmp_path / "a", **kw)
+    write_dicom_series(vol, tmp_path / "b", **kw)
+    assert sha256_path(tmp_path / "a") == sha256_path(tmp_path / "b")
+    ds = pydicom.dcmread(paths[2])
+    assert ds.SOPInstanceUID == "1.2.3.4.1.1.3" and ds.StudyDate == "20200102" and ds.SeriesInstanceUID == "1.2.3.4.1"
