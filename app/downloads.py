@@ -2,9 +2,8 @@
 
 - the mask as NIfTI (:func:`resunet.io.write_mask_nifti`: exactly the input's affine and shape);
 - a DICOM SEG for DICOM input (:func:`resunet.io.write_dicom_seg`, referencing the source series);
-- for an evaluation against a reference: the per-label metrics CSV (the columns of
-  ``resunet evaluate``'s ``metrics.csv``) and the HTML (and PDF when available) report from
-  :mod:`resunet.reports`.
+- for an evaluation against a reference: exactly what ``resunet evaluate`` writes (metrics.csv,
+  summary.csv, report.html, report.pdf, metrics.json), made by the same library functions.
 
 Files are written into the session folder, read back as bytes and kept on the result, so
 re-rendering the page does not write them again.
@@ -12,8 +11,6 @@ re-rendering the page does not write them again.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -48,50 +45,57 @@ def _names(result: Any) -> dict[int, str]:
     return {int(r["label"]): str(r["name"]) for r in result.rows}
 
 
-def metrics_csv(rows: list[dict[str, Any]], case: str, label_names: dict[int, str]) -> bytes:
-    """The rows as ``resunet evaluate``'s ``metrics.csv`` (same columns; undefined = empty cell)."""
-    from resunet.evaluation import ROW_COLUMNS
+def evaluation_outputs(
+    result: Any,
+    volume: Volume,
+    ref_path: Path,
+    workdir: Path,
+    *,
+    model_path: Path | None,
+    tolerance_mm: float,
+    resample_pred: bool = False,
+    formats: tuple[str, ...] = ("html", "pdf"),
+) -> tuple[list[dict[str, Any]], dict[str, tuple[bytes, str]]]:
+    """Evaluate the prediction against a reference exactly as ``resunet evaluate`` does, and its files.
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(ROW_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        out = {**r, "case": case, "label_name": label_names.get(int(r["label"]), "")}
-        writer.writerow({k: ("" if out.get(k) is None else out.get(k)) for k in ROW_COLUMNS})
-    return buf.getvalue().encode("utf-8")
+    The mask, the reference and the image are written as one case (``study``) into folders under
+    ``workdir`` and passed to :func:`resunet.evaluation.evaluate_folders` and
+    :func:`resunet.reports.write_evaluation_outputs`: the same functions, so the same numbers and the
+    same report, as the command line.
 
+    Returns:
+        ``(rows, files)``: the metrics rows (one per label; ``None`` = undefined) and
+        ``{file name: (bytes, mime)}`` for metrics.csv, summary.csv, report.html, report.pdf, metrics.json.
+    """
+    import shutil
 
-def evaluation_files(rows: list[dict[str, Any]], result: Any, ref_path: Path, outdir: Path) -> dict[str, tuple[bytes, str]]:
-    """CSV and report downloads for an evaluation of ``result`` against the reference at ``ref_path``."""
-    key = ("eval", str(ref_path), tuple(sorted((int(r["label"]), r.get("dice")) for r in rows)))
-    if key in result.downloads:
-        return result.downloads[key]
+    from resunet.evaluation import evaluate_folders
+    from resunet.io import write_mask_nifti, write_nifti
+    from resunet.reports import collect_provenance, write_evaluation_outputs
+
+    suffix = ".nii" if ref_path.name.endswith(".nii") else ".nii.gz"
+    dirs = {name: workdir / name for name in ("pred", "gt", "images", "report")}
+    for d in dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    pred = write_mask_nifti(result.mask, dirs["pred"] / "study.nii.gz")
+    ref = dirs["gt"] / f"study{suffix}"
+    shutil.copyfile(ref_path, ref)
+    image = write_nifti(volume, dirs["images"] / "study.nii.gz")
     names = _names(result)
-    files: dict[str, tuple[bytes, str]] = {"metrics.csv": (metrics_csv(rows, "study", names), MIME_CSV)}
-    files.update(_reports(rows, result, ref_path, outdir, names))
-    result.downloads[key] = files
-    return files
-
-
-def _reports(rows: list[dict[str, Any]], result: Any, ref_path: Path, outdir: Path, names: dict[int, str]) -> dict[str, tuple[bytes, str]]:
-    """HTML/PDF report through resunet.reports (absent in builds without the reports module)."""
-    try:
-        from resunet.reports import write_case_report  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    out: dict[str, tuple[bytes, str]] = {}
-    written = write_case_report(
-        rows,
-        outdir,
-        case="study",
-        label_names=names,
-        model={"name": result.model_name, "sha256": result.model_sha256},
-        input_sha256=result.input_sha256,
-        reference=ref_path,
+    ev = evaluate_folders(dirs["pred"], dirs["gt"], tolerance_mm=tolerance_mm, resample_pred=resample_pred,
+                          label_names=names, workers=1)
+    prov = collect_provenance(
+        command=["resunet", "app"],
+        files={"prediction": [pred], "reference": [ref], "image": [image]},
+        model_path=model_path,
+        model_name=result.model_name,
     )
-    for p in written:
-        p = Path(p)
-        mime = {".html": MIME_HTML, ".pdf": MIME_PDF, ".csv": MIME_CSV, ".json": "application/json"}.get(p.suffix)
-        if mime and p.name != "metrics.csv":
-            out[p.name] = (p.read_bytes(), mime)
-    return out
+    written = write_evaluation_outputs(ev, prov, dirs["report"], formats=formats, images_dir=dirs["images"])
+    mimes = {".csv": MIME_CSV, ".html": MIME_HTML, ".pdf": MIME_PDF, ".json": "application/json"}
+    files = {}
+    for key in ("metrics_csv", "summary_csv", "html", "pdf", "metrics_json"):
+        if key in written:
+            p = Path(written[key])
+            files[p.name] = (p.read_bytes(), mimes.get(p.suffix, "application/octet-stream"))
+    return ev.rows, files

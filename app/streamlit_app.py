@@ -53,7 +53,7 @@ def _workspace(cfg: AppConfig) -> SessionWorkspace:
     ttl_s = cfg.session_ttl_min * 60
     if ws is not None and ws.expired():
         ws.close()
-        for key in ("study", "results", "volumes", "series", "display", "eval", "png", "auto_window", "uploads"):
+        for key in ("study", "results", "volumes", "series", "display", "evaluations", "png", "auto_window", "uploads"):
             st.session_state.pop(key, None)
         st.session_state["expired_notice"] = True
         ws = None
@@ -353,9 +353,7 @@ def _results_section(result: RunResult, volume: Any) -> None:
     )
 
 
-def _reference_section(cfg: AppConfig, staged: StagedStudy, result: RunResult, ws: SessionWorkspace) -> None:
-    from resunet.evaluation import evaluate_case, read_mask
-
+def _reference_section(cfg: AppConfig, staged: StagedStudy, volume: Any, result: RunResult, ws: SessionWorkspace) -> None:
     st.subheader("4. Compare with a reference mask (optional)")
     ref_file = st.file_uploader("Reference mask (NIfTI label map on the same grid)", key="reference")
     use_example = False
@@ -380,12 +378,25 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, result: RunResult, w
         return
     resample = st.checkbox("If the grids differ, resample the prediction onto the reference (nearest neighbour)",
                            key="resample_pred")
-    try:
-        ref = read_mask(ref_path)
-        rows = evaluate_case(result.mask, ref, tolerance_mm=cfg.tolerance_mm, resample_pred=resample)
-    except ResunetError as err:
-        st.error(str(err).replace(str(ref_path), ref_name), icon="⚠️")
-        return
+    from app.downloads import evaluation_outputs
+    from resunet.io.hashing import sha256_file
+
+    ev_key = (id(result), sha256_file(ref_path), resample)
+    evaluations = _store("evaluations")
+    if ev_key not in evaluations:
+        evaluations.clear()
+        model = st.session_state.get("model")
+        try:
+            with st.spinner("Computing the metrics and the report…"):
+                evaluations[ev_key] = evaluation_outputs(
+                    result, volume, ref_path, ws.path / "evaluation",
+                    model_path=Path(model) if model else None,
+                    tolerance_mm=cfg.tolerance_mm, resample_pred=resample,
+                )
+        except ResunetError as err:
+            st.error(str(err).replace(str(ref_path), ref_name).replace(str(ws.path), "…"), icon="⚠️")
+            return
+    rows, files = evaluations[ev_key]
     names = {r["label"]: r["name"] for r in result.rows}
     shown = []
     for r in rows:
@@ -396,14 +407,14 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, result: RunResult, w
             "Vol pred (mL)": r["vol_pred_ml"], "Vol ref (mL)": r["vol_gt_ml"],
         })
     st.dataframe(shown, hide_index=True, key="metrics_table")
+    st.caption("Computed by resunet.evaluation exactly as `resunet evaluate` does; empty cells are undefined "
+               "values (see the conventions below), never counted as zero.")
     with st.expander("Empty-mask conventions and metric definitions"):
         st.markdown(_definitions_markdown())
-    st.session_state["eval"] = {"rows": rows, "reference": ref_name, "key": _result_key_of(result)}
-    _evaluation_downloads(rows, result, ref_path, ref_name, ws)
-
-
-def _result_key_of(result: RunResult) -> tuple:
-    return (result.input_sha256, result.model_sha256)
+    cols = st.columns(max(len(files), 1))
+    for col, (fname, (data, mime)) in zip(cols, files.items()):
+        with col:
+            st.download_button(f"Download {fname}", data=data, file_name=fname, mime=mime, key=f"dl-{fname}")
 
 
 def _definitions_markdown() -> str:
@@ -415,20 +426,6 @@ def _definitions_markdown() -> str:
             lines.append(f"**{section}**")
             lines += [f"- **{term}**: {text}" for term, text in items]
     return "\n".join(lines)
-
-
-def _evaluation_downloads(rows: list[dict], result: RunResult, ref_path: Path, ref_name: str, ws: SessionWorkspace) -> None:
-    from app.downloads import evaluation_files
-
-    try:
-        files = evaluation_files(rows, result, ref_path, ws.subdir("report"))
-    except ResunetError as err:
-        st.error(str(err), icon="⚠️")
-        return
-    cols = st.columns(max(len(files), 1))
-    for col, (fname, (data, mime)) in zip(cols, files.items()):
-        with col:
-            st.download_button(f"Download {fname}", data=data, file_name=fname, mime=mime, key=f"dl-{fname}")
 
 
 def _downloads_section(staged: StagedStudy, volume: Any, result: RunResult, ws: SessionWorkspace) -> None:
@@ -488,7 +485,7 @@ def main() -> None:
     if result is None:
         return
     _results_section(result, volume)
-    _reference_section(cfg, staged, result, ws)
+    _reference_section(cfg, staged, volume, result, ws)
     _downloads_section(staged, volume, result, ws)
 
 

@@ -6,6 +6,7 @@ checkpoint as the model folder, so the flows run in seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from test_app_support import (
     two_series_zip,
 )
 
+from resunet.cli import main as cli_main
 from resunet.evaluation import evaluate_case, read_mask
 from resunet.io import load_study
 
@@ -100,7 +102,7 @@ def test_example_study_shows_three_views_volumes_and_downloads(app):
     assert captions[0] == "axial 10/91"
 
 
-def test_nifti_upload_and_reference_metrics_match_the_library(app):
+def test_nifti_upload_and_reference_metrics_match_the_cli(app, tmp_path, monkeypatch):
     at = app
     at.file_uploader(key="upload").set_value(("t1.nii.gz", EXAMPLE_T1.read_bytes(), "application/gzip")).run()
     assert not at.exception, at.exception
@@ -121,12 +123,24 @@ def test_nifti_upload_and_reference_metrics_match_the_library(app):
         else:
             assert got == pytest.approx(exp, rel=1e-9)
     labels = [b.label for b in at.get("download_button")]
-    assert "Download metrics.csv" in labels and "Download mask.nii.gz" in labels
-    csv_key = next(k for k in result.downloads if k[0] == "eval")
-    csv_text = result.downloads[csv_key]["metrics.csv"][0].decode()
-    header, row = csv_text.strip().splitlines()
-    assert header.split(",")[:4] == ["case", "label", "label_name", "situation"]
-    assert f"{expected[0]['dice']}" in row
+    for name in ("mask.nii.gz", "metrics.csv", "summary.csv", "report.html", "report.pdf", "metrics.json"):
+        assert f"Download {name}" in labels
+    (_rows, files), = at.session_state["evaluations"].values()
+    assert files["report.pdf"][0].startswith(b"%PDF")
+    assert b"both_empty" in files["report.html"][0]  # the report states the empty-mask rules
+    # the same numbers as the command line on the downloaded mask and the same reference
+    pred_dir, gt_dir, out_dir = tmp_path / "pred", tmp_path / "gt", tmp_path / "cli"
+    pred_dir.mkdir(), gt_dir.mkdir()
+    (pred_dir / "case.nii.gz").write_bytes(result.downloads["mask"]["mask.nii.gz"][0])
+    (gt_dir / "case.nii.gz").write_bytes(EXAMPLE_MASK.read_bytes())
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    assert cli_main(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out_dir)]) == 0
+    cli_rows = list(csv.DictReader(io.StringIO((out_dir / "metrics.csv").read_text())))
+    app_rows = list(csv.DictReader(io.StringIO(files["metrics.csv"][0].decode())))
+    for row in cli_rows + app_rows:
+        row.pop("case")
+        row.pop("label_name")  # the page knows the model's label names; the bare CLI call does not
+    assert app_rows == cli_rows
     # the conventions are stated on the page
     md = " ".join(m.value for m in at.markdown)
     assert "both_empty" in md and "ref_empty" in md and "pred_empty" in md
