@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +21,7 @@ from test_app_support import (
     APP_SCRIPT,
     EXAMPLE_MASK,
     EXAMPLE_T1,
+    PATIENT_ID,
     bad_uploads,
     make_tiny_model,
     two_series_zip,
@@ -146,7 +148,8 @@ def test_nifti_upload_and_reference_metrics_match_the_cli(app, tmp_path, monkeyp
     assert "both_empty" in md and "ref_empty" in md and "pred_empty" in md
 
 
-def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path):
+def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     at = app
     data, second_uid = two_series_zip(tmp_path)
     at.file_uploader(key="upload").set_value(("study.zip", data, "application/zip")).run()
@@ -169,6 +172,10 @@ def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path
     seg = pydicom.dcmread(io.BytesIO(chosen[0].downloads["mask"]["mask.seg.dcm"][0]))
     assert seg.Modality == "SEG"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == second_uid
+    # patient identifiers: on the page (collapsed panel), never in the logs
+    assert any(e.label.startswith("Patient and study") for e in at.expander)
+    assert "Doe" in str(at.table[0].value.to_dict())
+    assert "Doe" not in caplog.text and PATIENT_ID not in caplog.text and "study.zip" not in caplog.text
 
 
 @pytest.mark.parametrize("case", sorted(bad_uploads()))
@@ -203,6 +210,26 @@ def test_upload_over_the_size_limit_is_refused_with_the_limit_named(model_dir, t
     assert not at.exception
     (msg,) = _errors(at)
     assert "1.5 MB" in msg and "limit of 1 MB" in msg
+
+
+def test_uncertainty_option_runs_tta_and_shows_the_overlay(app):
+    at = app
+    at.button(key="example").click().run()
+    first = _only_result(at)
+    assert first.uncertainty is None
+    at.checkbox(key="uncertainty").check().run()
+    assert not at.exception, at.exception
+    results = at.session_state["results"]
+    assert len(results) == 2  # a new run for the new options; the first result stays cached
+    second = [r for r in results.values() if r is not first][0]
+    assert second.uncertainty is not None and second.uncertainty.shape == second.mask.shape
+    assert second.prediction.passes == 8  # mirror TTA in 3D
+    at.checkbox(key="show_unc").check().run()
+    assert not at.exception
+    assert len(at.get("image")) == 3
+    at.checkbox(key="uncertainty").uncheck().run()
+    assert len(at.session_state["results"]) == 2  # switching back re-uses the cached first result
+    assert int(_volume_table(at)["Voxels"][0]) == first.rows[0]["voxels"]
 
 
 def test_missing_model_folder_is_explained(tmp_path, monkeypatch):

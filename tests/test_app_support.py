@@ -24,6 +24,9 @@ EXAMPLE_T1 = REPO / "data" / "example" / "colin27_t1.nii.gz"
 EXAMPLE_MASK = REPO / "data" / "example" / "colin27_brainmask.nii.gz"
 EXAMPLE_DICOM = REPO / "data" / "example" / "colin27_t1_dicom"
 BUNDLED_MODEL = REPO / "data" / "model" / "brain_extraction.pt"
+#: Identifiers written into the second series of :func:`two_series_zip` (must never reach a log).
+PATIENT_NAME = "Doe^Jane"
+PATIENT_ID = "PID-7731-XQ"
 
 
 def make_tiny_model(path: Path, seed: int = 0, all_foreground: bool = False) -> Path:
@@ -102,7 +105,8 @@ def two_series_zip(tmp: Path) -> tuple[bytes, str]:
     low = Volume(array=small, affine=aff, meta={"source": "downsampled"})
     uid = generate_uid()
     folder = tmp / "second"
-    write_dicom_series(low, folder, series_description="T1 4mm copy", series_uid=uid, series_number=2)
+    write_dicom_series(low, folder, series_description="T1 4mm copy", series_uid=uid, series_number=2,
+                       patient_name=PATIENT_NAME, patient_id=PATIENT_ID)
     entries = {f"study/t1/{p.name}": p.read_bytes() for p in sorted(EXAMPLE_DICOM.iterdir()) if p.is_file()}
     entries.update({f"study/t1_4mm/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())})
     return zip_bytes(entries), uid
