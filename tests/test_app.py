@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 import logging
 from pathlib import Path
 
@@ -230,6 +231,26 @@ def test_uncertainty_option_runs_tta_and_shows_the_overlay(app):
     at.checkbox(key="uncertainty").uncheck().run()
     assert len(at.session_state["results"]) == 2  # switching back re-uses the cached first result
     assert int(_volume_table(at)["Voxels"][0]) == first.rows[0]["voxels"]
+
+
+def test_idle_session_expires_and_its_folder_is_deleted(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setenv("RESUNET_APP_SESSION_TTL_MIN", "0.02")  # 1.2 s
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
+    at.run()
+    at.file_uploader(key="upload").set_value(("t1.nii.gz", EXAMPLE_T1.read_bytes(), "application/gzip")).run()
+    assert not at.exception and _errors(at) == []
+    folder = at.session_state["workspace"].path
+    assert list(folder.rglob("study.nii.gz"))
+    time.sleep(1.5)
+    at.run()
+    assert not at.exception
+    assert any("expired" in i.value for i in at.info)
+    assert not folder.exists()
+    assert "results" not in at.session_state or not at.session_state["results"]
+    assert not at.get("image")
 
 
 def test_missing_model_folder_is_explained(tmp_path, monkeypatch):
