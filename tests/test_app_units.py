@@ -216,3 +216,13 @@ def test_resunet_app_bad_option_is_one_line_and_exit_code_2(capsys):
     assert cli_main(["app", "--port", "70000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "resunet app: error: --port must be 1..65535, got 70000"
+
+
+def test_resunet_app_hash_password_prints_a_secrets_line(monkeypatch, capsys):
+    answers = iter(["pa55 word", "pa55 word"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))  # stands in for the keyboard
+    assert cli_main(["app", "--hash-password"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[resunet]"
+    key, _, value = out[1].partition(" = ")
+    assert key == "password_hash" and verify_password("pa55 word", value.strip('"'))
