@@ -177,6 +177,9 @@ def save_checkpoint(
             raise ModelError(f"checkpoint plan needs '{key}' (got keys {sorted(payload['plan'])})")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared model from other users
         with open(tmp, "rb") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
     return sha256_file(path)

@@ -421,7 +421,24 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     Raises:
         DatasetError, ConfigError, ModelError: bad dataset, configuration or resume checkpoint.
+
+    Process-wide torch settings changed for the run (threads, deterministic algorithms, MONAI
+    meta tracking) are put back afterwards, so a library caller's process is left as it was.
     """
+    from monai.data import get_track_meta, set_track_meta
+
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), get_track_meta(),
+             torch.backends.cudnn.benchmark)
+    try:
+        return _train(cfg, resume)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        set_track_meta(saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
+
+
+def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
     from monai.data import DataLoader, set_track_meta
 
     cfg.check()
