@@ -281,9 +281,8 @@ class Predictor:
         ref = vols[0]
         names = {v: n for v, n in self.labels.items()}
         mask_vol = ref.with_array(mask, is_label=True, labels={str(v): n for v, n in names.items()})
-        counts = np.bincount(mask.ravel(), minlength=max(label_values) + 1)
         vox_ml = ref.voxel_volume_ml
-        voxel_counts = {names[v]: int(counts[v]) for v in label_values if v != 0}
+        voxel_counts = {names[v]: int(np.count_nonzero(mask == v)) for v in label_values if v != 0}
         volumes_ml = {n: round(c * vox_ml, 6) for n, c in voxel_counts.items()}
         prob_vols = None
         if probabilities:
@@ -443,19 +442,27 @@ def _restore_argmax(
     """Argmax over classes of the probabilities restored onto the input grid, one class at a time.
 
     Returns the class index map (uint8/uint16 ``(I, J, K)``) and the restored probabilities of the
-    classes in ``keep``. Ties go to the lower class index, as ``np.argmax``.
+    classes in ``keep``. Ties go to the lower class index, as ``np.argmax``. With two classes only
+    the foreground is restored and thresholded (``p1 > 0.5``, i.e. ``p1 > p0`` since restoring is
+    linear and ``p0 + p1 = 1``), so a single input-sized float array is alive at any time.
     """
     n = prob.shape[0]
-    best: np.ndarray | None = None
-    index = np.zeros(case.input_shape, dtype=np.uint8 if n <= 256 else np.uint16)
     kept: dict[int, np.ndarray] = {}
     keep = set(keep)
+    if n == 2:
+        p1 = restore(prob[1:2], case)[0]
+        index = (p1 > 0.5).view(np.uint8)
+        if 1 in keep:
+            kept[1] = p1
+        return index, kept
+    best: np.ndarray | None = None
+    index = np.zeros(case.input_shape, dtype=np.uint8 if n <= 256 else np.uint16, order="F")
     for c in range(n):
         ch = restore(prob[c : c + 1], case)[0]
         if c in keep:
             kept[c] = np.array(ch, dtype=np.float32, copy=True)
         if best is None:
-            best = np.ascontiguousarray(ch, dtype=np.float32)
+            best = ch
             continue
         better = ch > best
         index[better] = c
