@@ -127,8 +127,10 @@ def test_nnunet_2d_multichannel_on_thick_slices(tmp_path):
     run = tmp_path / "run2d"
     rc = cli_main(["train", "--data", str(data), "--out", str(run), "--epochs", "2", "--spatial-dims", "2", *FAST,
                    "--set", "dataset.folds=2", "--set", "model.deep_supervision=false",
-                   "--set", "augment.elastic_prob=0.5", "--set", "augment.bias_prob=0.5"])
+                   "--set", "augment.elastic_prob=0.5", "--set", "augment.bias_prob=0.5",
+                   "--set", "dataset.cache=disk"])
     assert rc == 0
+    assert len(list((run / "cache").glob("*.pt"))) == 4  # every case prepared once, on disk (PersistentDataset)
     plan = json.loads((run / "plan.json").read_text())
     # 1.2 x 1.2 x 3 mm: 2D slices along the thick axis, which keeps its native spacing
     assert plan["spatial_dims"] == 2 and plan["slice_axis"] == 2 and plan["spacing"][2] is None
