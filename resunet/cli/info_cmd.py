@@ -18,6 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _compact(value: Any, limit: int = 6) -> Any:
+    """Long lists shortened to their first and last items with a count, recursively."""
+    if isinstance(value, list) and len(value) > limit:
+        return [*map(_compact, value[:3]), f"... {len(value) - 4} more ...", _compact(value[-1])]
+    if isinstance(value, dict):
+        return {k: _compact(v, limit) for k, v in value.items()}
+    return value
+
+
 def model_card_text(model: Any) -> str:
     """Human-readable model card of a :class:`resunet.inference.model.LoadedModel`."""
     meta = model.meta
@@ -48,12 +57,12 @@ def model_card_text(model: Any) -> str:
     for key in ("intended_use", "training_data", "training", "metrics", "limitations", "license", "licence"):
         if key in card:
             value = card[key]
-            text = value if isinstance(value, str) else json.dumps(value, indent=2)
+            text = value if isinstance(value, str) else json.dumps(_compact(value), indent=2)
             lines.append(f"{key.replace('_', ' '):<10} " + text.replace("\n", "\n           "))
     shown = {"name", "preset", "intended_use", "training_data", "training", "metrics", "limitations", "license", "licence"}
     for key, value in card.items():
         if key not in shown:
-            text = value if isinstance(value, str) else json.dumps(value)
+            text = value if isinstance(value, str) else json.dumps(_compact(value))
             lines.append(f"{key}: {text}")
     if meta.get("fingerprint"):
         lines.append(f"training data fingerprint {meta['fingerprint']}")
