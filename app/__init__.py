@@ -1,0 +1,1 @@
+"""resunet web UI (Streamlit): ``streamlit_app.py`` is the page; the other modules are its parts."""

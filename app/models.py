@@ -84,16 +84,20 @@ def card_markdown(info: ModelInfo) -> str:
     order = ["intended_use", "training_data", "metrics", "limitations", "license", "authors", "version"]
     keys = [k for k in order if k in info.card] + [k for k in info.card if k not in order and k != "name"]
     for key in keys:
-        value = info.card[key]
-        title = key.replace("_", " ").capitalize()
-        if isinstance(value, dict):
-            inner = "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
-            lines.append(f"- **{title}:** {inner}")
-        elif isinstance(value, list):
-            lines.append(f"- **{title}:** " + "; ".join(_fmt(v) for v in value))
-        else:
-            lines.append(f"- **{title}:** {_fmt(value)}")
+        lines += _md_item(key, info.card[key], indent="")
     return "\n".join(lines)
+
+
+def _md_item(key: str, value: Any, indent: str, depth: int = 0) -> list[str]:
+    """One card entry as a Markdown bullet; dicts become nested bullets (two levels), long lists are shortened."""
+    title = str(key).replace("_", " ")
+    title = title[:1].upper() + title[1:]
+    if isinstance(value, dict) and depth < 2:
+        out = [f"{indent}- **{title}:**"]
+        for k, v in value.items():
+            out += _md_item(k, v, indent + "    ", depth + 1)
+        return out
+    return [f"{indent}- **{title}:** {_fmt(value)}"]
 
 
 def _fmt(v: Any) -> str:
@@ -101,4 +105,8 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, dict):
         return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        if len(v) > 6:
+            return ", ".join(_fmt(x) for x in v[:3]) + f", … ({len(v)} in all)"
+        return ", ".join(_fmt(x) for x in v)
     return str(v)

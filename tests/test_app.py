@@ -20,6 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from test_app_support import (
     APP_SCRIPT,
+    EXAMPLE_DICOM,
     EXAMPLE_MASK,
     EXAMPLE_T1,
     PATIENT_ID,
@@ -177,6 +178,18 @@ def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path
     assert any(e.label.startswith("Patient and study") for e in at.expander)
     assert "Doe" in str(at.table[0].value.to_dict())
     assert "Doe" not in caplog.text and PATIENT_ID not in caplog.text and "study.zip" not in caplog.text
+
+
+def test_several_dicom_files_uploaded_at_once(app):
+    at = app
+    files = [(p.name, p.read_bytes(), "application/dicom") for p in sorted(EXAMPLE_DICOM.iterdir()) if p.is_file()]
+    at.file_uploader(key="upload").set_value(files).run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    result = _only_result(at)
+    reference = load_study(EXAMPLE_DICOM)
+    assert result.mask.shape == reference.shape and result.mask.same_grid(reference)
+    assert [b.label for b in at.get("download_button")] == ["Download mask.nii.gz", "Download mask.seg.dcm"]
 
 
 @pytest.mark.parametrize("case", sorted(bad_uploads()))
