@@ -156,6 +156,18 @@ def test_password_login_guards_the_page(tmp_path, monkeypatch):
     assert at.file_uploader(key="upload") is not None
 
 
+def test_oidc_login_guards_the_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+                          "client_id": "resunet", "client_secret": "s",
+                          "server_metadata_url": "https://login.example.org/.well-known/openid-configuration"}
+    at.run()
+    assert not at.exception
+    assert [b.label for b in at.button] == ["Log in"]
+    assert not at.file_uploader
+
+
 # -- session folders -------------------------------------------------------------------------------
 
 
