@@ -267,6 +267,13 @@ def _display(name: str, key: tuple, vol: Any) -> viewer.DisplayVolume:
 @st.fragment
 def _viewer_section(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult | None) -> None:
     """Three views with sliders; a fragment, so moving a slider re-runs only this part of the page."""
+    try:
+        _viewer(staged, uid, volume, result)
+    except Exception as err:  # noqa: BLE001 - see _unexpected
+        _unexpected(err, "drawing the views")
+
+
+def _viewer(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult | None) -> None:
     key = (staged.sha256, uid)
     img = _display("image", key, volume)
     mask = _display("mask", key + (result.model_sha256,), result.mask) if result is not None else None
@@ -461,7 +468,21 @@ def main() -> None:
     if st.session_state.pop("expired_notice", False):
         st.info("Your previous session expired; its uploads and results were deleted.")
     model = _model_section(cfg)
-    _input_section(cfg, ws)
+    try:
+        _input_section(cfg, ws)
+        _study_sections(cfg, ws, model)
+    except Exception as err:  # noqa: BLE001 - a bug must not take the page down; library errors are handled inside
+        _unexpected(err, "showing the study")
+
+
+def _unexpected(err: BaseException, what: str) -> None:
+    """An error that is not a ResunetError: a bug. Generic message on the page, details in the server log."""
+    log.error("unexpected %s while %s", type(err).__name__, what, exc_info=err)
+    st.error(f"Unexpected error while {what} ({type(err).__name__}). The page keeps working for the next study; "
+             "the details are in the server log. Please report it.", icon="⚠️")
+
+
+def _study_sections(cfg: AppConfig, ws: SessionWorkspace, model: ModelInfo | None) -> None:
     staged: StagedStudy | None = st.session_state.get("study")
     if staged is None:
         st.info("Upload a study or click **Example study** to start.")
