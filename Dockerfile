@@ -3,7 +3,8 @@
 #   docker build -t resunet .                                   # CPU image (torch CPU build)
 #   docker build -t resunet:cuda --build-arg VARIANT=cuda .     # CUDA image (PyPI's CUDA torch build)
 #   docker run --rm -p 127.0.0.1:8501:8501 resunet              # web UI on http://localhost:8501
-#   docker run --rm -v "$PWD:/work" resunet resunet predict /work/study.nii.gz --out /work/masks
+#   docker run --rm -v "$PWD:/work" --user "$(id -u):$(id -g)" -e HOME=/tmp \
+#       resunet resunet predict /work/study.nii.gz --out /work/masks
 #   docker run --rm --gpus all -p 127.0.0.1:8501:8501 resunet:cuda
 #
 # No ENTRYPOINT: the default command serves the web UI; any other command (resunet predict, resunet
