@@ -1,0 +1,267 @@
+"""Benchmark ``resunet predict`` (run by hand; every comparison is measured in the same run).
+
+    .venv/bin/python bench/bench_predict.py [--model data/model/brain_extraction.pt] [--repeats 2]
+        [--skip-memory] [--out bench/results/predict.md]
+
+Sections (all on the CPU unless CUDA is available):
+
+1. Overhead: end-to-end time per case (read the study, predict, write the mask) on the example study
+   versus the network's own time over the same windows (same count, size and batch, run bare).
+   Target: overhead <= 25% of the total.
+2. Plain MONAI pipeline with the same network, window size, overlap, blending and batch:
+   LoadImaged + EnsureChannelFirstd + Orientationd(RAS) + Spacingd(plan spacing) +
+   NormalizeIntensityd + sliding_window_inference + Invertd + SaveImaged. Both without TTA and
+   without post-processing; times and Dice between the two masks.
+3. The bundled model with its defaults (mirror TTA on) on data/example/colin27_t1.nii.gz through
+   ``resunet predict`` in a fresh process (target < 20 s on 2 cores).
+4. Peak RSS of ``resunet predict`` on a synthetic 512x512x600 int16 CT (0.7 x 0.7 x 0.8 mm).
+
+The machine is shared with other developers: the load average is printed with the results, and
+run-to-run noise between processes was about +-20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from resunet.inference import Predictor  # noqa: E402
+from resunet.io.loader import load_study  # noqa: E402
+from resunet.io.nifti import write_mask_nifti  # noqa: E402
+
+EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else float(2 * np.logical_and(a, b).sum() / s)
+
+
+def end_to_end(predictor: Predictor, path: Path, out: Path) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    vol = load_study(path)
+    pred = predictor.predict(vol)
+    write_mask_nifti(pred.mask, out)
+    return time.perf_counter() - t0, pred
+
+
+def bare_network_time(predictor: Predictor, windows: int, passes: int, roi: tuple[int, ...]) -> float:
+    """The network alone on ``windows * passes`` windows of size ``roi`` in batches of ``sw_batch``."""
+    forward = predictor.model.forward_fn()
+    c = len(predictor.model.channels)
+    b = predictor.sw_batch
+    x = torch.randn((b, c, *roi), device=predictor.device)
+    calls = [b] * ((windows // b)) + ([windows % b] if windows % b else [])
+    with torch.inference_mode():
+        forward(x[:1])  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            for n in calls:
+                forward(x[:n])
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def section_overhead(model: Path, repeats: int, tmp: Path) -> list[str]:
+    rows = ["| run | end-to-end s | Predictor stages (s) | network in predict s | bare network same windows s | overhead |",
+            "|---|---|---|---|---|---|"]
+    for tta in (False, True):
+        p = Predictor(model, tta=tta)
+        best = None
+        for _ in range(repeats):
+            total, pred = end_to_end(p, EXAMPLE, tmp / "mask.nii.gz")
+            if best is None or total < best[0]:
+                best = (total, pred)
+        total, pred = best
+        shape = load_study(EXAMPLE).shape
+        from resunet.preprocess import prepare
+
+        grid = prepare(load_study(EXAMPLE), p.plan).shape
+        roi = p.roi_for(grid)
+        bare = min(bare_network_time(p, pred.windows, pred.passes, roi) for _ in range(repeats))
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in pred.timings.items() if k != "network")
+        rows.append(
+            f"| TTA {'on (8 flips)' if tta else 'off'}, {pred.windows} windows of {roi} x {pred.passes} passes, "
+            f"input {shape}, grid {grid} | {total:.2f} | {stages} | {pred.timings['network']:.2f} | {bare:.2f} | "
+            f"{100 * (total - bare) / total:.1f}% |"
+        )
+    return rows
+
+
+def section_monai(model: Path, repeats: int, tmp: Path) -> list[str]:
+    from monai.data import decollate_batch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
+                                  NormalizeIntensityd, Orientationd, SaveImaged, Spacingd)
+
+    p = Predictor(model, tta=False, postprocess=False)
+    spacing = p.plan.spacing
+    net = p.model.module
+    pre = Compose([
+        LoadImaged(keys="image", image_only=False),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=spacing, mode="bilinear"),
+        NormalizeIntensityd(keys="image"),
+    ])
+    post = Compose([
+        Activationsd(keys="pred", softmax=True),
+        Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted(keys="pred", argmax=True),
+        SaveImaged(keys="pred", output_dir=str(tmp / "monai"), output_postfix="seg", separate_folder=False,
+                   output_dtype=np.uint8, resample=False, print_log=False),
+    ])
+
+    def run_monai() -> tuple[float, np.ndarray]:
+        t0 = time.perf_counter()
+        data = pre({"image": str(EXAMPLE)})
+        img = data["image"]
+        roi = p.roi_for(tuple(img.shape[1:]))
+        with torch.inference_mode():
+            logits = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch,
+                                              lambda x: p.model.forward_fn()(x), overlap=p.overlap, mode="gaussian")
+        data["pred"] = logits[0].cpu()
+        data["pred"].applied_operations = img.applied_operations
+        data["pred"].meta = img.meta
+        out = post(data)
+        arr = np.asarray(out["pred"][0])
+        return time.perf_counter() - t0, arr
+
+    ours_t, monai_t = [], []
+    ours_mask = monai_mask = None
+    for _ in range(repeats):  # interleaved so that load changes hit both
+        t, pred = end_to_end(p, EXAMPLE, tmp / "ours.nii.gz")
+        ours_t.append(t)
+        ours_mask = pred.mask.array
+        t, monai_mask = run_monai()
+        monai_t.append(t)
+    del decollate_batch, net
+    d = dice(ours_mask, monai_mask)
+    same = int((ours_mask > 0).ravel().__eq__((monai_mask > 0).ravel()).sum())
+    return [
+        "| pipeline (TTA off, no post-processing) | best end-to-end s | all runs s |",
+        "|---|---|---|",
+        f"| resunet Predictor (+ load + write) | {min(ours_t):.2f} | {', '.join(f'{t:.2f}' for t in ours_t)} |",
+        f"| plain MONAI (LoadImaged..Spacingd, sliding_window_inference, Invertd, SaveImaged) | {min(monai_t):.2f} | "
+        f"{', '.join(f'{t:.2f}' for t in monai_t)} |",
+        "",
+        f"Masks: Dice {d:.4f}; {ours_mask.size - same} of {ours_mask.size} voxels differ "
+        f"(the two pipelines' resampled grids differ slightly: MONAI's Spacingd keeps the origin and rounds the "
+        f"extent, resunet keeps the grid's outer corners).",
+    ]
+
+
+def section_cli(model: Path, tmp: Path, extra: list[str]) -> list[str]:
+    out = tmp / "cli"
+    cmd = [sys.executable, "-m", "resunet", "predict", str(EXAMPLE), "--out", str(out), "--model", str(model),
+           "--no-audit", "--no-progress", *extra]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    import json
+
+    doc = json.loads((out / "predictions.json").read_text()) if (out / "predictions.json").exists() else {}
+    case = (doc.get("cases") or [{}])[0]
+    return [
+        f"`{shlex.join(['resunet', *cmd[3:]])}` (exit {res.returncode}): whole command {wall:.1f} s "
+        f"(interpreter start and imports included), case {case.get('seconds')} s, "
+        f"stages {case.get('timings')}, volume {case.get('volumes_ml')} mL",
+    ]
+
+
+def section_memory(model: Path, tmp: Path) -> list[str]:
+    import nibabel as nib
+
+    path = tmp / "ct512.nii"
+    rng = np.random.default_rng(0)
+    arr = np.empty((512, 512, 600), dtype=np.int16, order="F")
+    for k in range(600):  # a body-like ellipse of soft tissue in air, plus noise
+        yy, xx = np.mgrid[-256:256, -256:256]
+        body = (xx / 220.0) ** 2 + (yy / 160.0) ** 2 < 1
+        arr[:, :, k] = np.where(body, 40, -1000) + rng.integers(-20, 20, size=(512, 512), dtype=np.int16)
+    affine = np.diag([-0.7, -0.7, 0.8, 1.0])
+    nib.save(nib.Nifti1Image(arr, affine), str(path))
+    del arr
+    out = tmp / "mem"
+    cmd = [sys.executable, "-c",
+           "import resource, sys; from resunet.cli import main; code = main(sys.argv[1:]); "
+           "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)",
+           "predict", str(path), "--out", str(out), "--model", str(model), "--no-audit", "--no-progress"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak = next((ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("PEAK_RSS_MB")), "?")
+    import json
+
+    doc = json.loads((out / "predictions.json").read_text()) if (out / "predictions.json").exists() else {}
+    case = (doc.get("cases") or [{}])[0]
+    return [
+        f"Synthetic CT 512x512x600 int16 (0.7x0.7x0.8 mm, {512 * 512 * 600 * 2 / 2**20:.0f} MiB of voxels) through "
+        f"`resunet predict` (defaults: TTA on): peak RSS **{float(peak):.0f} MB** (whole process, torch included), "
+        f"exit {res.returncode}, {wall:.1f} s wall, case stages {case.get('timings')}",
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(BUNDLED))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "predict.md"))
+    args = ap.parse_args()
+    model = Path(args.model)
+    lines = [
+        "# resunet predict benchmark",
+        "",
+        f"Command: `{shlex.join(['.venv/bin/python', 'bench/bench_predict.py', *sys.argv[1:]])}`",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads, device "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; model {model} ; load average at start {loadavg()} "
+        "(the machine is shared; run-to-run noise about +-20%)",
+        "",
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as d:
+        tmp = Path(d)
+        print("overhead ...", flush=True)
+        lines += ["## 1. Overhead: end-to-end vs the network alone (example study)", ""]
+        lines += section_overhead(model, args.repeats, tmp) + [""]
+        print("monai ...", flush=True)
+        lines += ["## 2. Versus a plain MONAI pipeline (same network, windows, overlap, blending, batch)", ""]
+        lines += section_monai(model, args.repeats, tmp) + [""]
+        print("cli ...", flush=True)
+        lines += ["## 3. Bundled model, defaults, example study, fresh process", ""]
+        lines += section_cli(model, tmp, []) + [""]
+        if not args.skip_memory:
+            print("memory ...", flush=True)
+            lines += ["## 4. Memory on a big CT", ""]
+            lines += section_memory(model, tmp) + [""]
+    lines += [f"Load average at end: {loadavg()}", ""]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
