@@ -98,7 +98,8 @@ class DisplayVolume:
         """The 2D screen image of slice ``index`` of ``view`` (rows top->bottom, columns left->right)."""
         axis = VIEW_AXIS[view]
         index = int(np.clip(index, 0, self.shape[axis] - 1))
-        sl = np.take(self.array, index, axis=axis)
+        # basic indexing gives a view (np.take would first copy the whole, possibly non-contiguous, volume)
+        sl = self.array[(slice(None),) * axis + (index,)]
         return sl.T[::-1, ::-1]
 
     def pixel_mm(self, view: str) -> tuple[float, float]:
@@ -115,7 +116,8 @@ def to_display(volume: Volume) -> DisplayVolume:
     spacing = tuple(float(s) for s in np.linalg.norm(new_affine[:3, :3], axis=0))
     direction = new_affine[:3, :3] / np.asarray(spacing)
     oblique = not np.allclose(np.abs(direction), np.eye(3), atol=1e-3)
-    return DisplayVolume(array=np.ascontiguousarray(arr), spacing=spacing, oblique=oblique)  # type: ignore[arg-type]
+    # a view of the source array (axis flips/permutation only): no copy of a possibly GB-sized scan
+    return DisplayVolume(array=arr, spacing=spacing, oblique=oblique)  # type: ignore[arg-type]
 
 
 def auto_window(array: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.5) -> tuple[float, float]:
