@@ -102,8 +102,8 @@ def _input_section(cfg: AppConfig, ws: SessionWorkspace) -> None:
     sig = _upload_signature(files)
     if files and sig != st.session_state.get("upload_sig"):
         st.session_state["upload_sig"] = sig
-        dest = ws.subdir(f"upload-{len(_store('uploads'))}")
-        _store("uploads")[sig] = str(dest)
+        dest = ws.subdir("upload")  # replaces the previous upload's files: one study on disk per session
+        _store("volumes").clear()
         try:
             st.session_state["study"] = stage_uploads([(f.name, f.getvalue()) for f in files], dest, cfg.max_upload_bytes)
             st.session_state["study_error"] = None
