@@ -34,6 +34,9 @@ from resunet.errors import GeometryError, ResunetError  # noqa: E402
 
 log = logging.getLogger("resunet.app")
 
+#: Results (mask + uncertainty arrays) kept per session; the oldest is dropped beyond this.
+MAX_RESULTS_PER_SESSION = 6
+
 
 # -- session plumbing ----------------------------------------------------------------------------
 
@@ -250,6 +253,8 @@ def _run(cfg: AppConfig, staged: StagedStudy, uid: str | None, volume: Any, mode
         return None
     bar.empty()
     log.info("segmented input %s with model %s in %.1f s", staged.sha256[:12], model.sha256[:12], result.seconds)
+    while len(results) >= MAX_RESULTS_PER_SESSION:  # masks are input-sized arrays: bound the memory
+        results.pop(next(iter(results)))
     results[key] = result
     return result
 
@@ -274,6 +279,9 @@ def _viewer_section(staged: StagedStudy, uid: str | None, volume: Any, result: R
 
 
 def _viewer(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult | None) -> None:
+    ws = st.session_state.get("workspace")
+    if ws is not None:
+        ws.touch()  # looking at the images is activity too (fragment reruns skip main())
     key = (staged.sha256, uid)
     img = _display("image", key, volume)
     mask = _display("mask", key + (result.model_sha256,), result.mask) if result is not None else None
