@@ -68,6 +68,18 @@ def test_any_storage_order_shows_the_same_screen_images(codes):
             np.testing.assert_array_equal(other.slice2d(view, i), ref.slice2d(view, i))
 
 
+def test_oblique_scan_is_shown_on_its_nearest_axes_and_flagged():
+    a = np.radians(20.0)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([1.0, 1.5, 3.0])
+    vol = Volume(np.arange(20 * 16 * 12, dtype=np.int32).reshape(20, 16, 12), aff)
+    d = viewer.to_display(vol)
+    assert d.oblique and not viewer.to_display(_ras_volume()).oblique
+    assert d.spacing == pytest.approx((1.0, 1.5, 3.0))
+    np.testing.assert_array_equal(d.slice2d("axial", 11), viewer.to_display(_ras_volume()).slice2d("axial", 11))
+
+
 def test_physical_aspect_ratio_follows_the_spacing():
     d = viewer.to_display(_ras_volume(shape=(100, 80, 20), spacing=(0.5, 0.5, 3.0)))
     assert d.pixel_mm("axial") == (0.5, 0.5)
