@@ -212,3 +212,16 @@ def test_info_prints_the_model_card(study, capsys):
     from resunet.io.hashing import sha256_file
 
     assert sha256_file(study["ckpt"]) in out
+
+
+def test_a_journal_line_cut_by_a_kill_does_not_swallow_the_next_record(study, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"case": "earlier", "status": "ok", "finished_utc": "2026-01-01T00:00:00Z", "input": {}, "outputs": {}}
+    (out / "predictions.jsonl").write_text(json.dumps(old) + "\n" + '{"case": "cut", "sta')
+    assert main(["predict", str(study["inputs"] / "scan.nii.gz"), "--out", str(out), "--model", str(study["ckpt"]),
+                 "--no-tta", "--no-progress", "--no-audit"]) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert lines[1] == '{"case": "cut", "sta' and json.loads(lines[2])["case"] == "scan"
+    doc = json.loads((out / "predictions.json").read_text())
+    assert {r["case"] for r in doc["cases"]} == {"earlier", "scan"}

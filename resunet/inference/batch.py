@@ -368,6 +368,7 @@ def run_batch(
         write_summary(opts.out_dir, opts.summary_name, list(allrec.values()), header)
         last_write[0] = time.monotonic()
 
+    _end_journal_line(journal_path)
     bar = _Bar(enabled=opts.progress, total=len(mine))
     with bar, ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="resunet-load") as pool, \
             open(journal_path, "a", encoding="utf-8") as journal:
@@ -485,6 +486,15 @@ def _write_outputs(
         written.append(path)
         outputs[key] = {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
     return outputs
+
+
+def _end_journal_line(path: Path) -> None:
+    """Terminate a journal line cut by a kill, so the next record starts on its own line."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as fh:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
 
 
 def _remove_stale_temps(out_dir: Path) -> None:
