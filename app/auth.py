@@ -64,6 +64,17 @@ def _has_provider(auth: Any) -> bool:
     return isinstance(auth, Mapping) and any(isinstance(v, Mapping) and v.get("client_id") for v in auth.values())
 
 
+def web_user() -> str | None:
+    """Who is signed in, for the audit log: the OIDC e-mail or name, ``"password login"``, or None."""
+    import streamlit as st
+
+    if bool(getattr(st.user, "is_logged_in", False)):
+        return str(st.user.get("email") or st.user.get("name") or "signed-in user")
+    if st.session_state.get("authenticated"):
+        return "password login"
+    return None
+
+
 def require_login() -> bool:
     """Show the login UI if one is configured; True when the page may be shown."""
     import streamlit as st

@@ -43,6 +43,8 @@ class RunResult:
     input_sha256: str
     prediction: Any = None
     downloads: dict[str, bytes] = field(default_factory=dict)
+    started_utc: str = ""
+    audit_run_id: str | None = None
 
 
 def make_predictor(model_path: Path, device: str = "auto", tta: bool = False, uncertainty: bool = False) -> Any:
@@ -175,6 +177,9 @@ def run_prediction(
     progress: Callable[[float, str], None] | None = None,
 ) -> RunResult:
     """Predict ``volume`` and collect what the page shows."""
+    from resunet.reports.provenance import utc_now
+
+    started_utc = utc_now()
     start = time.perf_counter()
     cb = _progress_adapter(progress) if progress else None
     with RUN_LOCK:
@@ -190,7 +195,43 @@ def run_prediction(
         model_sha256=model_sha256,
         input_sha256=input_sha256,
         prediction=pred,
+        started_utc=started_utc,
     )
+
+
+def record_prediction(
+    result: RunResult,
+    input_path: Path,
+    model_path: Path,
+    outputs: list[Path],
+    web_user: str | None,
+) -> str:
+    """Append the web UI prediction to the audit log (the same log as ``resunet predict``); returns the run id.
+
+    The record holds the provenance (software versions, model and input SHA-256, server user and
+    host, times), the signed-in web user when a login is configured, the volumes and settings, and
+    the SHA-256 of the written mask files. No patient names: input files are stored under neutral
+    names in the session folder.
+    """
+    from resunet.reports import collect_provenance, record_run
+
+    prov = collect_provenance(
+        command=["resunet", "app"],
+        files={"input": [input_path]},
+        model_path=model_path,
+        model_name=result.model_name,
+        started_utc=result.started_utc or None,
+    )
+    prov["web_user"] = web_user
+    pred = result.prediction
+    prov["prediction"] = {
+        "volumes_ml": dict(pred.volumes_ml),
+        "voxel_counts": dict(pred.voxel_counts),
+        "settings": dict(pred.settings),
+        "device": pred.device,
+        "seconds": round(result.seconds, 3),
+    }
+    return record_run("predict", prov, outputs)
 
 
 def volume_rows(pred: Any, label_names: dict[int, str]) -> list[dict[str, Any]]:

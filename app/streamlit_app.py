@@ -456,6 +456,23 @@ def _downloads_section(staged: StagedStudy, volume: Any, result: RunResult, ws: 
     for col, (fname, (data, mime)) in zip(cols, files.items()):
         with col:
             st.download_button(f"Download {fname}", data=data, file_name=fname, mime=mime, key=f"dl-{fname}")
+    _audit(staged, result, ws)
+
+
+def _audit(staged: StagedStudy, result: RunResult, ws: SessionWorkspace) -> None:
+    """Record the prediction in the audit log once (after its mask files exist, so their hashes are kept)."""
+    from app.auth import web_user
+    from app.runner import record_prediction
+
+    if result.audit_run_id is None:
+        model = st.session_state.get("model")
+        outputs = sorted(p for p in (ws.path / "out").glob("mask*") if p.is_file())
+        try:
+            result.audit_run_id = record_prediction(result, staged.path, Path(model), outputs, web_user())
+        except ResunetError as err:
+            st.warning(f"The audit log could not be written: {err}", icon="⚠️")
+            return
+    st.caption(f"Audit log: run {result.audit_run_id}")
 
 
 # -- page ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ checkpoint as the model folder, so the flows run in seconds on 2 CPU cores.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
 import logging
@@ -32,6 +33,7 @@ from test_app_support import (
 from resunet.cli import main as cli_main
 from resunet.evaluation import evaluate_case, read_mask
 from resunet.io import load_study
+from resunet.reports.audit import read_runs
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def app(model_dir, tmp_path, monkeypatch) -> AppTest:
     monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
     monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
     monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
     at.run()
     assert not at.exception, at.exception
@@ -74,7 +77,7 @@ def _volume_table(at: AppTest):
     return _table(at, "Volume (mL)")
 
 
-def test_example_study_shows_three_views_volumes_and_downloads(app):
+def test_example_study_shows_three_views_volumes_and_downloads(app, tmp_path):
     at = app
     at.button(key="example").click().run()
     assert not at.exception, at.exception
@@ -98,6 +101,13 @@ def test_example_study_shows_three_views_volumes_and_downloads(app):
     assert img.shape == src.shape
     np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(img.dataobj), result.mask.array)
+    # the run is in the audit log with the model, the input and the mask's hash
+    (run,) = read_runs(tmp_path / "audit.sqlite")
+    assert run["kind"] == "predict" and run["run_id"] == result.audit_run_id
+    assert run["model_sha256"] == result.model_sha256
+    assert run["provenance"]["files"]["input"][0]["sha256"] == result.input_sha256
+    assert run["provenance"]["prediction"]["voxel_counts"] == result.prediction.voxel_counts
+    assert {o["sha256"] for o in run["outputs"]} == {hashlib.sha256(data).hexdigest()}
     # moving a slider redraws without running the model again
     at.slider(key="slice_axial").set_value(10).run()
     assert not at.exception
@@ -217,6 +227,7 @@ def test_upload_over_the_size_limit_is_refused_with_the_limit_named(model_dir, t
     monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
     monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
     monkeypatch.setenv("RESUNET_APP_MAX_UPLOAD_MB", "1")
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
     at.run()
     big = np.random.default_rng(1).bytes(1536 * 1024)
@@ -251,6 +262,7 @@ def test_idle_session_expires_and_its_folder_is_deleted(model_dir, tmp_path, mon
     monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
     monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
     monkeypatch.setenv("RESUNET_APP_SESSION_TTL_MIN", "0.02")  # 1.2 s
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120)
     at.run()
     at.file_uploader(key="upload").set_value(("t1.nii.gz", EXAMPLE_T1.read_bytes(), "application/gzip")).run()
@@ -268,6 +280,7 @@ def test_idle_session_expires_and_its_folder_is_deleted(model_dir, tmp_path, mon
 
 def test_missing_model_folder_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
     monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
     at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
     at.run()

@@ -120,6 +120,7 @@ def served_app(tmp_path):
         "RESUNET_APP_MODEL_DIR": str(model_dir),
         "RESUNET_APP_DEFAULT_MODEL": model_name,
         "RESUNET_APP_TEMP_DIR": str(tmp_path / "sessions"),
+        "RESUNET_AUDIT_DB": str(tmp_path / "audit.sqlite"),
         "PYTHONPATH": str(REPO),
     }
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
