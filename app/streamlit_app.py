@@ -284,10 +284,10 @@ def _viewer(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult
         ws.touch()  # looking at the images is activity too (fragment reruns skip main())
     key = (staged.sha256, uid)
     img = _display("image", key, volume)
-    mask = _display("mask", key + (result.model_sha256,), result.mask) if result is not None else None
+    mask = _display("mask", key + (id(result),), result.mask) if result is not None else None
     unc = None
     if result is not None and result.uncertainty is not None:
-        unc = _display("uncertainty", key + (result.model_sha256,), result.uncertainty)
+        unc = _display("uncertainty", key + (id(result),), result.uncertainty)
 
     modality = str(volume.meta.get("modality") or "").upper()
     presets = [viewer.AUTO_PRESET, *viewer.WINDOW_PRESETS, "Manual"]

@@ -27,6 +27,7 @@ from test_app_support import (
     PATIENT_ID,
     bad_uploads,
     make_tiny_model,
+    nifti_gz_bytes,
     two_series_zip,
 )
 
@@ -158,6 +159,22 @@ def test_nifti_upload_and_reference_metrics_match_the_cli(app, tmp_path, monkeyp
     # the conventions are stated on the page
     md = " ".join(m.value for m in at.markdown)
     assert "both_empty" in md and "ref_empty" in md and "pred_empty" in md
+
+
+def test_reference_on_another_grid_is_refused_unless_resampling_is_asked(app):
+    at = app
+    at.button(key="example").click().run()
+    ref = nib.load(EXAMPLE_MASK)
+    coarse = nib.Nifti1Image(np.asarray(ref.dataobj)[::2, ::2, ::2].astype(np.uint8), ref.affine @ np.diag([2, 2, 2, 1]))
+    at.file_uploader(key="reference").set_value(("coarse.nii.gz", nifti_gz_bytes(coarse), "application/gzip")).run()
+    assert not at.exception, at.exception
+    (msg,) = _errors(at)
+    assert "grid" in msg and "(46, 55, 46)" in msg and "(91, 109, 91)" in msg
+    assert "/tmp" not in msg and "\n" not in msg
+    at.checkbox(key="resample_pred").check().run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    assert len(_table(at, "Dice")) == 1
 
 
 def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path, caplog):
