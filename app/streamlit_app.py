@@ -409,7 +409,13 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, volume: Any, result:
                     tolerance_mm=cfg.tolerance_mm, resample_pred=resample,
                 )
         except ResunetError as err:
-            st.error(str(err).replace(str(ref_path), ref_name).replace(str(ws.path), "…"), icon="⚠️")
+            ev_dir = ws.path / "evaluation"
+            msg = str(err).replace(str(ev_dir / "pred" / "study.nii.gz"), "(the page's mask)").replace(str(ref_path), ref_name)
+            for suffix in (".nii.gz", ".nii"):
+                msg = msg.replace(str(ev_dir / "gt" / f"study{suffix}"), ref_name)
+            msg = msg.replace(str(ws.path), "…").replace(
+                "pass --resample-pred (resample_pred=True)", "tick the resampling box above")
+            st.error(msg, icon="⚠️")
             return
     rows, files = evaluations[ev_key]
     names = {r["label"]: r["name"] for r in result.rows}
