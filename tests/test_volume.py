@@ -59,6 +59,9 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(final) as tmp:
         tmp.write_bytes(b"whole")
     assert final.read_bytes() == b"whole" and os.listdir(final.parent) == ["mask.nii.gz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert final.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_hashes_change_with_content(tmp_path):
