@@ -13,7 +13,6 @@ from resunet.nets import ResUNet
 from resunet.nets.export import export_onnx, export_program, export_torchscript
 from resunet.nets.pretrained import adapt_input_conv, inflate, load_torchvision_resnet
 
-torch.set_num_threads(2)
 
 
 def torchvision_resnet_state_dict(blocks: list[int], bottleneck: bool, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -175,12 +174,14 @@ def tiny2d() -> ResUNet:
 
 
 def test_torchscript_round_trip_on_other_sizes(tiny3d, tmp_path) -> None:
+    tiny3d.train()  # export switches to eval mode for the export only
     path = export_torchscript(tiny3d, tmp_path / "net.pt", (1, 1, 16, 16, 16))
+    assert tiny3d.training is True
+    tiny3d.eval()
     loaded = torch.jit.load(str(path))
     x = torch.randn(2, 1, 13, 22, 17)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), tiny3d(x), rtol=1e-4, atol=1e-5)
-    assert tiny3d.training is False
 
 
 def test_torch_export_program_with_dynamic_sizes(tiny2d, tmp_path) -> None:

@@ -72,8 +72,8 @@ def export_torchscript(
     eager mode before anything is written. Load with ``torch.jit.load(path)``; the module's forward
     returns logits. Returns the path.
     """
-    wrapper, x = _prepare(net, example_shape, any_size)
     was_training = net.training
+    wrapper, x = _prepare(net, example_shape, any_size)
     try:
         scripted = torch.jit.script(wrapper)
         with torch.no_grad():
@@ -95,9 +95,9 @@ def export_program(
     sizes 0 and 1); with ``any_size=False`` the spatial sizes are constrained to multiples of
     ``net.size_divisor``.
     """
+    was_training = net.training
     wrapper, _ = _prepare(net, tuple(example.shape), any_size)
     dyn = _dynamic_shapes(net, tuple(example.shape), any_size) if dynamic else None
-    was_training = net.training
     try:
         return torch.export.export(wrapper, (example,), dynamic_shapes=dyn)
     finally:
@@ -117,9 +117,9 @@ def export_onnx(
     Input name ``"image"`` ``(B, C, *spatial)``, output name ``"logits"`` ``(B, out_channels, *spatial)``.
     ``dynamic``: batch and spatial axes are dynamic (example sizes must be >= 2). Returns the path.
     """
+    was_training = net.training
     wrapper, x = _prepare(net, example_shape, any_size)
     dyn = {"x": _dynamic_shapes(net, tuple(x.shape), any_size)["x"]} if dynamic else None
-    was_training = net.training
     try:
         program = torch.onnx.export(
             wrapper,
