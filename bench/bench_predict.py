@@ -66,26 +66,36 @@ def end_to_end(predictor: Predictor, path: Path, out: Path) -> tuple[float, obje
 
 
 def bare_network_time(predictor: Predictor, windows: int, passes: int, roi: tuple[int, ...]) -> float:
-    """The network alone on ``windows * passes`` windows of size ``roi`` in batches of ``sw_batch``."""
+    """The network alone over the same windows in the same calls the Predictor makes.
+
+    Per sliding-window step of ``sw_batch`` windows (the last step may hold fewer), the Predictor
+    runs its ``passes`` (TTA flips x MC samples) in calls of up to ``max(max_batch, sw_batch)`` windows.
+    """
     forward = predictor.model.forward_fn()
     c = len(predictor.model.channels)
     b = predictor.sw_batch
-    x = torch.randn((b, c, *roi), device=predictor.device)
-    calls = [b] * ((windows // b)) + ([windows % b] if windows % b else [])
+    steps = [b] * (windows // b) + ([windows % b] if windows % b else [])
+    calls = []
+    for n in steps:
+        per_call = max(1, max(predictor.max_batch, n) // n)
+        for g in range(0, passes, per_call):
+            calls.append(n * min(per_call, passes - g))
+    x = torch.randn((max(calls), c, *roi), device=predictor.device)
     with torch.inference_mode():
-        forward(x[:1])  # warm-up
+        for n in sorted(set(calls)):
+            forward(x[:n])  # warm-up, one per batch size (the Predictor's first calls pay this too)
         t0 = time.perf_counter()
-        for _ in range(passes):
-            for n in calls:
-                forward(x[:n])
+        for n in calls:
+            forward(x[:n])
         if predictor.device.type == "cuda":
             torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def section_overhead(model: Path, repeats: int, tmp: Path) -> list[str]:
-    rows = ["| run | end-to-end s | Predictor stages (s) | network in predict s | bare network same windows s | overhead |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| run | end-to-end s (read + predict + write) | Predictor stages (s) | network time inside predict s "
+            "| overhead vs network inside | bare network, same windows and calls, s | overhead vs bare |",
+            "|---|---|---|---|---|---|---|"]
     for tta in (False, True):
         p = Predictor(model, tta=tta)
         best = None
@@ -103,13 +113,29 @@ def section_overhead(model: Path, repeats: int, tmp: Path) -> list[str]:
         stages = ", ".join(f"{k} {v:.2f}" for k, v in pred.timings.items() if k != "network")
         rows.append(
             f"| TTA {'on (8 flips)' if tta else 'off'}, {pred.windows} windows of {roi} x {pred.passes} passes, "
-            f"input {shape}, grid {grid} | {total:.2f} | {stages} | {pred.timings['network']:.2f} | {bare:.2f} | "
-            f"{100 * (total - bare) / total:.1f}% |"
+            f"input {shape}, grid {grid} | {total:.2f} | {stages} | {pred.timings['network']:.2f} | "
+            f"{100 * (total - pred.timings['network']) / total:.1f}% | {bare:.2f} | {100 * (total - bare) / total:.1f}% |"
         )
     return rows
 
 
-def section_monai(model: Path, repeats: int, tmp: Path) -> list[str]:
+def lps_1mm_input(tmp: Path) -> Path | None:
+    """Colin27 at 1 mm (mricron-data's ch2.nii.gz, 181x217x181) with the voxel axes flipped to LPS, or None."""
+    import nibabel as nib
+    from nibabel import orientations as nio
+
+    src = Path("/usr/share/mricron/templates/ch2.nii.gz")
+    if not src.exists():
+        return None
+    img = nib.load(str(src))
+    t = nio.ornt_transform(nio.io_orientation(img.affine), nio.axcodes2ornt(("L", "P", "S")))
+    data = np.asanyarray(img.dataobj).astype(np.int16)
+    out = tmp / "colin27_1mm_lps.nii.gz"
+    nib.save(nib.Nifti1Image(nio.apply_orientation(data, t), img.affine @ nio.inv_ornt_aff(t, img.shape)), str(out))
+    return out
+
+
+def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -> list[str]:
     from monai.data import decollate_batch
     from monai.inferers import sliding_window_inference
     from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
@@ -133,10 +159,13 @@ def section_monai(model: Path, repeats: int, tmp: Path) -> list[str]:
                    output_dtype=np.uint8, resample=False, print_log=False),
     ])
 
+    grids: dict[str, tuple] = {}
+
     def run_monai() -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
-        data = pre({"image": str(EXAMPLE)})
+        data = pre({"image": str(image)})
         img = data["image"]
+        grids["monai"] = tuple(img.shape[1:])
         roi = p.roi_for(tuple(img.shape[1:]))
         with torch.inference_mode():
             logits = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch,
@@ -151,7 +180,7 @@ def section_monai(model: Path, repeats: int, tmp: Path) -> list[str]:
     ours_t, monai_t = [], []
     ours_mask = monai_mask = None
     for _ in range(repeats):  # interleaved so that load changes hit both
-        t, pred = end_to_end(p, EXAMPLE, tmp / "ours.nii.gz")
+        t, pred = end_to_end(p, image, tmp / "ours.nii.gz")
         ours_t.append(t)
         ours_mask = pred.mask.array
         t, monai_mask = run_monai()
@@ -159,7 +188,13 @@ def section_monai(model: Path, repeats: int, tmp: Path) -> list[str]:
     del decollate_batch, net
     d = dice(ours_mask, monai_mask)
     same = int((ours_mask > 0).ravel().__eq__((monai_mask > 0).ravel()).sum())
+    shape = load_study(image).shape
+    from resunet.preprocess import prepare
+
+    monai_grid, ours_grid = grids["monai"], prepare(load_study(image), p.plan).shape
     return [
+        f"Input `{image.name}` {shape}:",
+        "",
         "| pipeline (TTA off, no post-processing) | best end-to-end s | all runs s |",
         "|---|---|---|",
         f"| resunet Predictor (+ load + write) | {min(ours_t):.2f} | {', '.join(f'{t:.2f}' for t in ours_t)} |",
@@ -167,8 +202,9 @@ def section_monai(model: Path, repeats: int, tmp: Path) -> list[str]:
         f"{', '.join(f'{t:.2f}' for t in monai_t)} |",
         "",
         f"Masks: Dice {d:.4f}; {ours_mask.size - same} of {ours_mask.size} voxels differ "
-        f"(the two pipelines' resampled grids differ slightly: MONAI's Spacingd keeps the origin and rounds the "
-        f"extent, resunet keeps the grid's outer corners).",
+        f"(where the input needs resampling the two network grids differ by up to half a voxel: MONAI's Spacingd "
+        f"keeps the first voxel's centre, resunet keeps the grid's outer corners; network grids: MONAI "
+        f"{monai_grid}, resunet {ours_grid}).",
     ]
 
 
@@ -207,7 +243,7 @@ def section_memory(model: Path, tmp: Path) -> list[str]:
     cmd = [sys.executable, "-c",
            "import resource, sys; from resunet.cli import main; code = main(sys.argv[1:]); "
            "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)",
-           "predict", str(path), "--out", str(out), "--model", str(model), "--no-audit", "--no-progress"]
+           "predict", str(path), "--out", str(out), "--model", str(model), "--no-audit", "--no-progress", "--no-tta"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -218,7 +254,7 @@ def section_memory(model: Path, tmp: Path) -> list[str]:
     case = (doc.get("cases") or [{}])[0]
     return [
         f"Synthetic CT 512x512x600 int16 (0.7x0.7x0.8 mm, {512 * 512 * 600 * 2 / 2**20:.0f} MiB of voxels) through "
-        f"`resunet predict` (defaults: TTA on): peak RSS **{float(peak):.0f} MB** (whole process, torch included), "
+        f"`resunet predict --no-tta` (TTA multiplies the window count, not the memory): peak RSS **{float(peak):.0f} MB** (whole process, torch included), "
         f"exit {res.returncode}, {wall:.1f} s wall, case stages {case.get('timings')}",
     ]
 
@@ -249,6 +285,9 @@ def main() -> int:
         print("monai ...", flush=True)
         lines += ["## 2. Versus a plain MONAI pipeline (same network, windows, overlap, blending, batch)", ""]
         lines += section_monai(model, args.repeats, tmp) + [""]
+        lps = lps_1mm_input(tmp)
+        if lps is not None:
+            lines += section_monai(model, args.repeats, tmp, lps) + [""]
         print("cli ...", flush=True)
         lines += ["## 3. Bundled model, defaults, example study, fresh process", ""]
         lines += section_cli(model, tmp, []) + [""]
