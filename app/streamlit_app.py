@@ -19,7 +19,6 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # `streamlit run` puts app/ on sys.path, not its parent
     sys.path.insert(0, str(_ROOT))
 
-import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from app import viewer  # noqa: E402
@@ -30,7 +29,7 @@ from app.models import ModelInfo, card_markdown, describe_model, list_checkpoint
 from app.runner import PREDICTORS, RunResult, run_prediction  # noqa: E402
 from app.workspace import SessionWorkspace, sweep_expired  # noqa: E402
 from resunet import __version__  # noqa: E402
-from resunet.errors import GeometryError, ResunetError  # noqa: E402
+from resunet.errors import ResunetError  # noqa: E402
 
 log = logging.getLogger("resunet.app")
 
@@ -410,7 +409,8 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, volume: Any, result:
                 )
         except ResunetError as err:
             ev_dir = ws.path / "evaluation"
-            msg = str(err).replace(str(ev_dir / "pred" / "study.nii.gz"), "(the page's mask)").replace(str(ref_path), ref_name)
+            msg = str(err).replace(str(ev_dir / "pred" / "study.nii.gz"), "(the page's mask)")
+            msg = msg.replace(str(ref_path), ref_name)
             for suffix in (".nii.gz", ".nii"):
                 msg = msg.replace(str(ev_dir / "gt" / f"study{suffix}"), ref_name)
             msg = msg.replace(str(ws.path), "…").replace(

@@ -11,7 +11,7 @@ import pytest
 from nibabel import orientations as nio
 from streamlit.testing.v1 import AppTest
 
-from test_app_support import APP_SCRIPT, make_tiny_model  # noqa: F401  (also puts the repo root on sys.path)
+from test_app_support import APP_SCRIPT  # also puts the repo root on sys.path (app/ is not installed)
 
 from app import viewer
 from app.auth import hash_password, login_mode, verify_password
