@@ -15,11 +15,11 @@ CPU presets (full-resolution residual stem, basic blocks):
   resolution (one basic block each), decoder 128/64/32/16 and a learned transposed-conv logit
   upsampling: no convolution runs at full resolution and only the stem and one decoder block at
   half resolution, where low-channel 3D convolutions are slowest on CPU (their backward pass ran
-  ~8x slower than their forward here). Divisor 32; 5.7 M parameters, 14 GFLOP per 96^3 patch.
+  ~8x slower than their forward here). Divisor 32; 5.7 M parameters, 11.4 GFLOP per 96^3 patch.
 - ``base``: the default 3D preset (``DEFAULT_3D_PRESET``) for real tasks: 3x3/2 stem with 32
   channels, stages 64/128/256/320 with 2/3/4/4 basic blocks at 1/4..1/32 resolution, decoder
   256/128/64/32 and a transposed-conv logit upsampling. Compute sits where channel counts are high
-  (efficient convolutions), not at full resolution; 46 M parameters, 125 GFLOP per 96^3 patch
+  (efficient convolutions), not at full resolution; 46 M parameters, 62.5 GFLOP per 96^3 patch
   (nnU-Net ResEnc-M: 102 M, 605 GFLOP). Divisor 32.
 """
 
