@@ -305,6 +305,9 @@ Dice {seen['dice']:.4f}, HD95 {seen['hd95_mm']:.2f} mm, volume error {seen['volu
 - The reference masks differ by definition: Colin27's is BET-style (`ch2bet` > 0, holes filled);
   MNI152's is an intensity threshold of a stripped template. Part of the measured error is that
   difference.
+- Volumes on the MNI152 template tend to be under-estimated, most on its noise-free variants (see
+  the volume-error column): a template with a perfectly black background is itself outside the
+  training distribution.
 - Trained at 2 mm: boundaries are no finer than about 2 mm on any input.
 
 ## Reproduce
