@@ -132,3 +132,21 @@ def test_kfold_split_is_by_case_and_fixed():
     assert split_cases(ids, 1, 0, seed=7) == (sorted(ids), [])
     with pytest.raises(DatasetError, match="cannot be split into 5 folds"):
         split_cases(ids[:3], 5, 0, seed=7)
+
+
+def test_msd_case_image_may_be_a_dicom_folder(tmp_path):
+    """dataset.json may list a DICOM series folder as a case's image; its label is a NIfTI on that grid."""
+    from resunet.io import Volume, write_dicom_series
+
+    root = make_msd(tmp_path / "msd", n_cases=2)
+    img = nib.load(root / "imagesTr/case1.nii.gz")
+    vol = Volume(np.round(np.asarray(img.dataobj)).astype(np.int16), img.affine)
+    write_dicom_series(vol, root / "imagesTr/case1_dicom")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][1]["image"] = "./imagesTr/case1_dicom"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    spec = load_dataset(root)
+    case = [c for c in spec.cases if c.images[0].endswith("case1_dicom")][0]
+    images, label = read_case(spec, case)
+    assert images[0].meta["format"] == "dicom" and images[0].shape == label.shape
+    assert np.array_equal(images[0].array, vol.array)
