@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from resunet.inference import Predictor  # noqa: E402
+from resunet.io.hashing import sha256_file  # noqa: E402
 from resunet.io.loader import load_study  # noqa: E402
 from resunet.io.nifti import write_mask_nifti  # noqa: E402
 
@@ -273,7 +274,8 @@ def main() -> int:
         f"Command: `{shlex.join(['.venv/bin/python', 'bench/bench_predict.py', *sys.argv[1:]])}`",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads, device "
-        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; model {model} ; load average at start {loadavg()} "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}; model {model} (sha256 {sha256_file(model)[:16]}...); "
+        f"load average at start {loadavg()} "
         "(the machine is shared; run-to-run noise about +-20%)",
         "",
     ]
