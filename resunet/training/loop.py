@@ -147,8 +147,10 @@ def split_cases(case_ids: list[str], folds: int, fold: int, seed: int, val_cases
 def build_network(cfg: TrainConfig, plan: TrainingPlan, in_channels: int, out_channels: int) -> torch.nn.Module:
     from resunet.nets import ResUNet
 
-    kwargs = dict(plan.network)
-    for key, value in cfg.model.overrides.items():
+    # The user's overrides first, then the planner's strides on top: the planner already planned
+    # from the preset merged with the overrides (to fix strides, set plan.strides).
+    kwargs = dict(cfg.model.overrides)
+    for key, value in plan.network.items():
         if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
             kwargs[key] = {**kwargs[key], **value}
         else:
@@ -480,7 +482,10 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         from resunet.nets.presets import preset_kwargs
 
         stats = collect_stats(spec, train_ids, seed=cfg.seed)
-        plan = make_plan(spec, stats, cfg.plan, preset=preset_kwargs(cfg.model.preset),
+        preset = preset_kwargs(cfg.model.preset)  # the planner sees the preset with the user's overrides
+        for key, value in cfg.model.overrides.items():
+            preset[key] = {**preset[key], **value} if isinstance(value, dict) and isinstance(preset.get(key), dict) else value
+        plan = make_plan(spec, stats, cfg.plan, preset=preset,
                          spatial_dims=cfg.model.spatial_dims, slice_axis=cfg.dataset.slice_axis)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
