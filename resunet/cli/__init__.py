@@ -19,7 +19,12 @@ from resunet.errors import ResunetError
 SUBCOMMANDS = ["convert", "train", "predict", "export", "info", "evaluate", "audit", "app"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, just that subcommand's module is imported.
+
+    Importing every subcommand pulls in pydicom, scipy, matplotlib and torch (seconds at start-up),
+    so ``main`` registers only the subcommand being run; ``resunet --help`` still lists them all.
+    """
     parser = argparse.ArgumentParser(
         prog="resunet",
         description="Residual U-Net segmentation of DICOM and NIfTI scans: convert, train, predict, "
@@ -28,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"resunet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in [only] if only else SUBCOMMANDS:
         try:
             module = importlib.import_module(f"resunet.cli.{name}_cmd")
         except ModuleNotFoundError as err:
@@ -40,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
