@@ -237,16 +237,7 @@ def _load_onnx(path: Path) -> LoadedModel:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelError(f"{path}: onnxruntime cannot load the model ({str(err).splitlines()[0][:160]})") from None
-    return LoadedModel(
-        kind="onnx",
-        path=path,
-        sha256=sha256_file(path),
-        name=_model_name(meta, path),
-        meta=meta,
-        spatial_dims=int(meta.get("spatial_dims") or meta.get("network", {}).get("spatial_dims", 3)),
-        size_divisor=tuple(int(d) for d in meta.get("size_divisor") or ()),
-        session=sess,
-    )
+    return _exported_model("onnx", path, meta, session=sess)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -270,15 +261,20 @@ def _load_torchscript(path: Path) -> LoadedModel:
     raw = extra[EXTRA_FILE]
     meta = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     module.eval()
+    return _exported_model("torchscript", path, meta, module=module)
+
+
+def _exported_model(kind: str, path: Path, meta: dict[str, Any], **backend: Any) -> LoadedModel:
+    """A LoadedModel for an exported file (ONNX/TorchScript) from the resunet metadata embedded in it."""
     return LoadedModel(
-        kind="torchscript",
+        kind=kind,
         path=path,
         sha256=sha256_file(path),
         name=_model_name(meta, path),
         meta=meta,
         spatial_dims=int(meta.get("spatial_dims") or meta.get("network", {}).get("spatial_dims", 3)),
         size_divisor=tuple(int(d) for d in meta.get("size_divisor") or ()),
-        module=module,
+        **backend,
     )
 
 
