@@ -8,6 +8,7 @@ import pytest
 from resunet.errors import InputError, ModelError
 from resunet.inference import PostProcess, Predictor
 from resunet.io import Volume
+from resunet.preprocess import PreprocessPlan, prepare
 from test_inference_support import single_torch_thread  # noqa: F401  (autouse fixture)
 from test_inference_support import make_checkpoint, reorient, rotated, synthetic_scan, to_orientation_of
 
@@ -89,6 +90,17 @@ def test_2d_model_runs_slicewise_on_input_grid(tmp_path, scan):
     lps = reorient(scan, "LPI")
     other = p.predict(lps)
     assert np.array_equal(to_orientation_of(other.mask.array, lps.affine, scan.affine), ras.mask.array)
+
+
+def test_2d_model_slices_along_the_axis_its_plan_names(tmp_path, scan):
+    """A 2D model trained on slices of reoriented axis 0 (plan slice_axis) is run on those slices."""
+    ck = make_checkpoint(tmp_path / "tiny2d_sag.pt", scan, spatial_dims=2, spacing=(None, 1.5, 1.5),
+                         patch=(16, 16), slice_axis=0)
+    res = Predictor(ck, tta=False).predict(scan)
+    n_slices = prepare(scan, PreprocessPlan(spacing=(None, 1.5, 1.5))).shape[0]
+    assert res.windows % n_slices == 0 and res.windows >= n_slices
+    assert res.mask.shape == scan.shape and np.array_equal(res.mask.affine, scan.affine)
+    _nontrivial(res.mask.array)
 
 
 def test_uncertainty_mc_dropout(tmp_path, scan):

@@ -71,6 +71,7 @@ def make_checkpoint(
     postprocess: dict | None = None,
     dropout: float = 0.0,
     seed: int = 0,
+    slice_axis: int | None = None,
 ) -> Path:
     """Save a tiny random ResUNet checkpoint whose mask covers about half of ``calibrate_on``."""
     from resunet.inference import Predictor
@@ -88,6 +89,8 @@ def make_checkpoint(
         "batch_size": 2,
         "modality": "MR",
     }
+    if slice_axis is not None:
+        plan["slice_axis"] = slice_axis
     fields = dict(
         network=net.config, plan=plan, labels={0: "background", 1: "object"}, channels=["T1"],
         postprocess=postprocess or {"largest_component": False, "fill_holes": False, "min_island_voxels": 0},

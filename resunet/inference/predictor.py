@@ -9,7 +9,8 @@ Steps, each timed (``Prediction.timings``, seconds):
    through all mirror flips (test-time augmentation) and, for Monte Carlo dropout, several samples;
    the softmax probabilities of those passes are averaged before blending. ``network`` is the part
    of that time spent inside the network itself (what a bare network benchmark would measure).
-   2D models run the same way on the slices of the reoriented ``k`` axis.
+   2D models run the same way on the slices of the reoriented axis their plan names (``slice_axis``,
+   ``k`` by default).
 3. ``restore``: :func:`resunet.preprocess.restore` maps each class's probability back onto the input
    grid (linear interpolation, then the inverse axis permutation/flip) and the argmax is taken there,
    one class at a time so only two full-size float arrays are alive at once.
@@ -185,6 +186,9 @@ class Predictor:
         if len(patch) != self.spatial_dims:
             raise ConfigError(f"roi_size {patch} does not match a {self.spatial_dims}D model")
         self.patch = patch
+        # 2D models: the reoriented axis the training sliced along (resunet.training.plan; k by default)
+        slice_axis = self.model.plan.get("slice_axis")
+        self.slice_axis = 2 if slice_axis is None else int(slice_axis)
         self.stitch_on_cpu = stitch_on_cpu
         self.max_batch = max(1, int(max_batch))
         self.labels = self.model.labels
@@ -380,6 +384,8 @@ class Predictor:
         """Sliding-window probabilities on the prepared grid: float32 ``(K, X, Y, Z)`` on the CPU."""
         n_classes = len(self.labels)
         x = torch.from_numpy(case.array)
+        if self.spatial_dims == 2:
+            x = x.movedim(1 + self.slice_axis, -1)  # the sliced axis last
         spatial = tuple(x.shape[1:])
         if self.spatial_dims == 3:
             roi = self.roi_for(spatial)
@@ -427,6 +433,8 @@ class Predictor:
                     out = torch.empty((n_classes, *spatial), dtype=torch.float32)
                 out[..., zrange[0] : zrange[1]] = res.permute(1, 2, 3, 0)
         assert out is not None
+        if self.spatial_dims == 2:
+            out = out.movedim(-1, 1 + self.slice_axis)
         if out.shape[0] != n_classes:
             raise ModelError(
                 f"{self.model.name}: the network gives {out.shape[0]} output channels but the model declares "
