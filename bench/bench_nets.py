@@ -121,6 +121,8 @@ def _torchvision_cpu_shim() -> None:
 
 
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, int, bool]]] = {
+    "cpu": _ours("cpu", False),
+    "cpu cl": _ours("cpu", True),
     "small": _ours("small", False),
     "small cl": _ours("small", True),
     "base": _ours("base", False),
@@ -132,6 +134,7 @@ MODELS: dict[str, Callable[[], tuple[torch.nn.Module, int, bool]]] = {
     "monai_segresnet": _monai_segresnet,
     "monai_basicunet": _monai_basicunet,
     "nnunet_resenc_m": _resenc_m,
+    "resnet34_2d": _ours("resnet34_2d", False),
     "resnet34_2d cl": _ours("resnet34_2d", True),
     "smp_unet_resnet34_2d": _smp_unet_resnet34,
 }

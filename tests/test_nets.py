@@ -18,7 +18,7 @@ from resunet.nets import PRESETS, BasicBlock, Bottleneck, ResUNet
 
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
-SMALL = ["tiny", "small", "base"]
+SMALL = ["tiny", "small", "base", "cpu"]
 
 # torchvision.models: "num_params" of each ImageNet weight enum (docs.pytorch.org/vision/stable/models,
 # e.g. ResNet50_Weights.IMAGENET1K_V1.meta["num_params"]) minus the fc layer
@@ -60,7 +60,8 @@ def test_every_preset_maps_odd_sizes_to_same_size_logits(name: str, d: int) -> N
 
 
 @pytest.mark.parametrize(
-    ("name", "d"), [("tiny", 2), ("tiny", 3), ("small", 3), ("base", 2), ("resnet18", 2), ("resnet50", 2)]
+    ("name", "d"),
+    [("tiny", 2), ("tiny", 3), ("small", 3), ("cpu", 3), ("base", 2), ("resnet18", 2), ("resnet50", 2)],
 )
 def test_forward_on_odd_sizes_computes_finite_logits(name: str, d: int) -> None:
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def test_padding_inside_equals_padding_outside() -> None:
     torch.testing.assert_close(y, y_full[:, :, :13, :17, :9])
 
 
-@pytest.mark.parametrize(("name", "d"), [("tiny", 3), ("small", 2)])
+@pytest.mark.parametrize(("name", "d"), [("tiny", 3), ("small", 2), ("cpu", 3)])
 def test_gradients_reach_every_parameter_including_the_first_conv(name: str, d: int) -> None:
     torch.manual_seed(0)
     net = ResUNet.from_preset(name, spatial_dims=d, deep_supervision=True).train()
@@ -176,6 +177,48 @@ def test_config_round_trip_through_json_rebuilds_the_same_network() -> None:
     x = torch.randn(2, 2, 9, 10, 11)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), net(x))
+
+
+def test_cpu_preset_config_round_trip_rebuilds_the_same_network() -> None:
+    torch.manual_seed(0)
+    net = ResUNet.from_preset("cpu", spatial_dims=3, in_channels=1, out_channels=3).eval()
+    cfg = json.loads(json.dumps(net.config))
+    assert cfg["decoder"] == {"widths": [8, 32, 64, 128], "blocks": [1, 1, 1, 1], "full_res": "transpose"}
+    twin = ResUNet.from_config(cfg)
+    assert twin.config == net.config
+    assert twin.size_divisor == net.size_divisor == (32, 32, 32)
+    twin.load_state_dict(net.state_dict())
+    twin.eval()
+    # odd sizes that pad to 64 inside, so the 1/32 level has 2 voxels per axis (instance norm needs >1)
+    x = torch.randn(1, 1, 37, 41, 45)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), net(x))
+
+
+def _forward_gflop(net: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"), counter:
+        net.eval()(torch.empty(shape))
+    return counter.get_total_flops() / 1e9
+
+
+def test_cpu_preset_needs_less_compute_than_small_and_monai_unet() -> None:
+    # FLOPs counted on the meta device (shapes only): the cpu preset's lighter half-resolution
+    # decoder level must make it cheaper than the bundled small preset and than the MONAI UNet
+    # it is benchmarked against, at similar capacity (parameters).
+    from monai.networks.nets import UNet
+
+    shape = (1, 1, 96, 96, 96)
+    with torch.device("meta"):
+        cpu = ResUNet.from_preset("cpu", spatial_dims=3)
+        small = ResUNet.from_preset("small", spatial_dims=3)
+        unet = UNet(3, 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    g_cpu, g_small, g_unet = (_forward_gflop(n, shape) for n in (cpu, small, unet))
+    assert g_cpu < 0.8 * g_unet and g_cpu < 0.75 * g_small, (g_cpu, g_small, g_unet)
+    n_cpu, n_unet = (sum(p.numel() for p in n.parameters()) for n in (cpu, unet))
+    assert 0.5 * n_unet < n_cpu < 3 * n_unet
 
 
 def test_preset_overrides_merge_into_stem_and_decoder() -> None:

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder (MSD dataset.json 'training' list, or nnU-Net v2 raw)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--config", help="YAML config (any subset of the keys in RUN/config.yaml)")
-    p.add_argument("--preset", help="network preset (e.g. tiny, small, base, resnet18, resnet34)")
+    p.add_argument("--preset", help="network preset (e.g. tiny, cpu, small, base, resnet18, resnet34; cpu trains fastest on a CPU)")
     p.add_argument("--spatial-dims", type=int, choices=(2, 3), help="2 = train on slices, 3 = on volumes")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")

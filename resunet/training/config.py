@@ -243,7 +243,8 @@ class TrainConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         amp: ``"auto"`` (bf16 on CUDA when supported, else fp16; none on CPU), ``"bf16"``,
             ``"fp16"`` or ``"none"``.
-        channels_last: use channels-last memory format on CUDA.
+        channels_last: use channels-last memory format on CUDA, and on the CPU for 3D networks
+            (faster there; 2D is slower on the CPU, so it stays off: bench/results/nets.md).
         compile: wrap the network in ``torch.compile``.
         seed: seed of weights, patch sampling and augmentation.
         deterministic: ``torch.use_deterministic_algorithms(True)`` (bit-for-bit repeatable runs
