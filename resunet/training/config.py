@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from resunet.errors import ConfigError
+from resunet.nets.presets import DEFAULT_3D_PRESET
 
 
 @dataclass
@@ -88,13 +89,14 @@ class ModelConfig:
     """The network.
 
     Attributes:
-        preset: a :class:`resunet.nets.ResUNet` preset name.
+        preset: a :class:`resunet.nets.ResUNet` preset name (default ``base``, the 3D preset with
+            the highest achieved GFLOP/s in bench/results/nets.md; ``cpu`` trains fastest on a CPU).
         spatial_dims: 2 (slices) or 3 (volumes).
         deep_supervision: train with auxiliary outputs at lower decoder resolutions.
         overrides: extra keyword arguments for ``ResUNet.from_preset`` (e.g. ``{"norm": "batch"}``).
     """
 
-    preset: str = "resnet18"
+    preset: str = DEFAULT_3D_PRESET
     spatial_dims: int = 3
     deep_supervision: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
