@@ -11,7 +11,11 @@ Sections (all on the CPU unless CUDA is available):
 2. Plain MONAI pipeline with the same network, window size, overlap, blending and batch:
    LoadImaged + EnsureChannelFirstd + Orientationd(RAS) + Spacingd(plan spacing) +
    NormalizeIntensityd + sliding_window_inference + Invertd + SaveImaged. Both without TTA and
-   without post-processing; times and Dice between the two masks.
+   without post-processing; times, and voxels that differ between the two masks. Both pipelines blend
+   window probabilities (softmax inside the window function, as resunet and nnU-Net do); the count
+   for MONAI blending logits instead (softmax after stitching) is given too. Inputs: the example
+   study (2 mm RAS), the same voxels flipped to LPS (orientation only), and Colin27 at 1 mm in LPS
+   (resampled: there the two grids differ by convention, see the table's note).
 3. The bundled model with its defaults (mirror TTA on) on data/example/colin27_t1.nii.gz through
    ``resunet predict`` in a fresh process (target < 20 s on 2 cores).
 4. Peak RSS of ``resunet predict`` on a synthetic 512x512x600 int16 CT (0.7 x 0.7 x 0.8 mm).
@@ -32,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,10 +133,18 @@ def lps_1mm_input(tmp: Path) -> Path | None:
     src = Path("/usr/share/mricron/templates/ch2.nii.gz")
     if not src.exists():
         return None
+    return lps_input(tmp, src, "colin27_1mm_lps.nii.gz")
+
+
+def lps_input(tmp: Path, src: Path, name: str) -> Path:
+    """``src`` with its voxel axes flipped to LPS (same voxels, same world positions)."""
+    import nibabel as nib
+    from nibabel import orientations as nio
+
     img = nib.load(str(src))
     t = nio.ornt_transform(nio.io_orientation(img.affine), nio.axcodes2ornt(("L", "P", "S")))
-    data = np.asanyarray(img.dataobj).astype(np.int16)
-    out = tmp / "colin27_1mm_lps.nii.gz"
+    data = np.asanyarray(img.dataobj)
+    out = tmp / name
     nib.save(nib.Nifti1Image(nio.apply_orientation(data, t), img.affine @ nio.inv_ornt_aff(t, img.shape)), str(out))
     return out
 
@@ -139,7 +152,7 @@ def lps_1mm_input(tmp: Path) -> Path | None:
 def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -> list[str]:
     from monai.data import decollate_batch
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
+    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
                                   NormalizeIntensityd, Orientationd, SaveImaged, Spacingd)
 
     p = Predictor(model, tta=False, postprocess=False)
@@ -153,14 +166,14 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
         NormalizeIntensityd(keys="image"),
     ])
     post = Compose([
-        Activationsd(keys="pred", softmax=True),
         Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
         AsDiscreted(keys="pred", argmax=True),
         SaveImaged(keys="pred", output_dir=str(tmp / "monai"), output_postfix="seg", separate_folder=False,
                    output_dtype=np.uint8, resample=False, print_log=False),
     ])
 
-    grids: dict[str, tuple] = {}
+    grids: dict[str, Any] = {}
+    forward = p.model.forward_fn()
 
     def run_monai() -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
@@ -169,13 +182,23 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
         grids["monai"] = tuple(img.shape[1:])
         roi = p.roi_for(tuple(img.shape[1:]))
         with torch.inference_mode():
-            logits = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch,
-                                              lambda x: p.model.forward_fn()(x), overlap=p.overlap, mode="gaussian")
-        data["pred"] = logits[0].cpu()
+            prob = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch,
+                                            lambda x: torch.softmax(forward(x), 1), overlap=p.overlap, mode="gaussian")
+            if "logits_blend" not in grids:  # once, untimed: MONAI's other common choice
+                logits = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch, forward,
+                                                  overlap=p.overlap, mode="gaussian")
+                grids["logits_blend"] = logits[0].cpu()
+        data["pred"] = prob[0].cpu()
         data["pred"].applied_operations = img.applied_operations
         data["pred"].meta = img.meta
         out = post(data)
         arr = np.asarray(out["pred"][0])
+        if "logits_mask" not in grids:
+            d2 = dict(data)
+            d2["pred"] = grids["logits_blend"]
+            d2["pred"].applied_operations = img.applied_operations
+            d2["pred"].meta = img.meta
+            grids["logits_mask"] = np.asarray(post(d2)["pred"][0])
         return time.perf_counter() - t0, arr
 
     ours_t, monai_t = [], []
@@ -188,7 +211,8 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
         monai_t.append(t)
     del decollate_batch, net
     d = dice(ours_mask, monai_mask)
-    same = int((ours_mask > 0).ravel().__eq__((monai_mask > 0).ravel()).sum())
+    differ = int((ours_mask != monai_mask).sum())
+    differ_logits = int((ours_mask != grids["logits_mask"]).sum())
     shape = load_study(image).shape
     from resunet.preprocess import prepare
 
@@ -202,10 +226,13 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
         f"| plain MONAI (LoadImaged..Spacingd, sliding_window_inference, Invertd, SaveImaged) | {min(monai_t):.2f} | "
         f"{', '.join(f'{t:.2f}' for t in monai_t)} |",
         "",
-        f"Masks: Dice {d:.4f}; {ours_mask.size - same} of {ours_mask.size} voxels differ "
-        f"(where the input needs resampling the two network grids differ by up to half a voxel: MONAI's Spacingd "
-        f"keeps the first voxel's centre, resunet keeps the grid's outer corners; network grids: MONAI "
-        f"{monai_grid}, resunet {ours_grid}).",
+        f"Masks: **{differ} of {ours_mask.size} voxels differ** (Dice {d:.4f}); network grids: MONAI "
+        f"{monai_grid}, resunet {ours_grid}"
+        + (" (the same grid)." if monai_grid == ours_grid else
+           ": where the input needs resampling the grids differ by up to half a voxel by convention (MONAI's "
+           "Spacingd keeps the first voxel's centre, resunet keeps the grid's outer corners), so masks differ "
+           "along the boundary.")
+        + f" With MONAI blending logits instead of probabilities: {differ_logits} voxels differ.",
     ]
 
 
@@ -287,6 +314,7 @@ def main() -> int:
         print("monai ...", flush=True)
         lines += ["## 2. Versus a plain MONAI pipeline (same network, windows, overlap, blending, batch)", ""]
         lines += section_monai(model, args.repeats, tmp) + [""]
+        lines += section_monai(model, args.repeats, tmp, lps_input(tmp, EXAMPLE, "colin27_t1_lps.nii.gz")) + [""]
         lps = lps_1mm_input(tmp)
         if lps is not None:
             lines += section_monai(model, args.repeats, tmp, lps) + [""]
