@@ -225,3 +225,29 @@ def test_a_journal_line_cut_by_a_kill_does_not_swallow_the_next_record(study, tm
     assert lines[1] == '{"case": "cut", "sta' and json.loads(lines[2])["case"] == "scan"
     doc = json.loads((out / "predictions.json").read_text())
     assert {r["case"] for r in doc["cases"]} == {"earlier", "scan"}
+
+
+def test_several_loader_threads_give_the_same_masks_and_records_as_one(study, tmp_path):
+    # --workers 3 reads cases ahead on three threads: results, order of records and the isolated
+    # failure must not depend on it.
+    inputs = tmp_path / "cases"
+    inputs.mkdir()
+    for i, codes in enumerate(["RAS", "LPS", "RSA", "PIR", "LAS"]):
+        write_nifti(reorient(study["scan"], codes), inputs / f"case{i}.nii.gz")
+    (inputs / "case9_bad.nii.gz").write_bytes(b"not a nifti file")
+    docs, masks = {}, {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        code = main(["predict", str(inputs), "--out", str(out), "--model", str(study["ckpt"]), "--no-tta",
+                     "--no-progress", "--workers", str(workers)])
+        assert code == 1  # one case failed
+        docs[workers] = json.loads((out / "predictions.json").read_text())
+        masks[workers] = {i: read_mask(out / f"case{i}.nii.gz")[0] for i in range(5)}
+    for workers, doc in docs.items():
+        assert doc["counts"] == {"cases": 6, "ok": 5, "failed": 1}, workers
+        bad = next(r for r in doc["cases"] if r["case"] == "case9_bad")
+        assert bad["status"] == "failed" and "case9_bad.nii.gz" in bad["reason"], workers
+    assert [r["case"] for r in docs[1]["cases"]] == [r["case"] for r in docs[3]["cases"]]
+    for i in range(5):
+        assert np.array_equal(masks[1][i], masks[3][i]), i
+        assert 0 < (masks[3][i] > 0).sum()
