@@ -94,6 +94,10 @@ def test_example_study_shows_three_views_volumes_and_downloads(app, tmp_path):
     assert list(table["Name"]) == ["brain"]
     assert int(table["Voxels"][0]) == result.prediction.voxel_counts["brain"]
     assert float(table["Volume (mL)"][0]) == pytest.approx(result.prediction.volumes_ml["brain"], abs=0.01)
+    # the caption says how the figures were made: model, input, test-time augmentation (off by default)
+    caption = " ".join(c.value for c in at.caption)
+    assert result.model_sha256[:12] in caption and result.input_sha256[:12] in caption
+    assert result.passes == result.prediction.passes == 1 and "test-time augmentation off" in caption
     # the mask download is a NIfTI label map on exactly the input's grid
     assert [b.label for b in at.get("download_button")] == ["Download mask.nii.gz"]
     data, _mime = result.downloads["mask"]["mask.nii.gz"]
