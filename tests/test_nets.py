@@ -168,31 +168,29 @@ def test_config_round_trip_through_json_rebuilds_the_same_network() -> None:
         encoder_dropout=[0.0, 0.1, 0.1, 0.2], decoder_dropout=0.1, deep_supervision=True, resnet_d=True,
         strides=[1, 2, (2, 2, 1), 2],
     ).eval()
+    cfg = _assert_json_config_rebuilds(net, torch.randn(2, 2, 9, 10, 11))
+    assert tuple(cfg["strides"][2]) == (2, 2, 1) and net.size_divisor == (8, 8, 4)
+
+
+def _assert_json_config_rebuilds(net: ResUNet, x: torch.Tensor) -> dict:
+    """``net.config`` through JSON rebuilds a network with the same config that computes the same logits."""
     cfg = json.loads(json.dumps(net.config))
     twin = ResUNet.from_config(cfg)
-    assert twin.config == net.config
-    assert twin.size_divisor == net.size_divisor == (8, 8, 4)
+    assert twin.config == net.config and twin.size_divisor == net.size_divisor
     twin.load_state_dict(net.state_dict())
     twin.eval()
-    x = torch.randn(2, 2, 9, 10, 11)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), net(x))
+    return cfg
 
 
 def test_cpu_preset_config_round_trip_rebuilds_the_same_network() -> None:
     torch.manual_seed(0)
     net = ResUNet.from_preset("cpu", spatial_dims=3, in_channels=1, out_channels=3).eval()
-    cfg = json.loads(json.dumps(net.config))
-    assert cfg["decoder"] == {"widths": [8, 32, 64, 128], "blocks": [1, 1, 1, 1], "full_res": "transpose"}
-    twin = ResUNet.from_config(cfg)
-    assert twin.config == net.config
-    assert twin.size_divisor == net.size_divisor == (32, 32, 32)
-    twin.load_state_dict(net.state_dict())
-    twin.eval()
     # odd sizes that pad to 64 inside, so the 1/32 level has 2 voxels per axis (instance norm needs >1)
-    x = torch.randn(1, 1, 37, 41, 45)
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), net(x))
+    cfg = _assert_json_config_rebuilds(net, torch.randn(1, 1, 37, 41, 45))
+    assert cfg["decoder"] == {"widths": [8, 32, 64, 128], "blocks": [1, 1, 1, 1], "full_res": "transpose"}
+    assert net.size_divisor == (32, 32, 32)
 
 
 def _forward_gflop(net: torch.nn.Module, shape: tuple[int, ...]) -> float:
