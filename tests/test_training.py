@@ -177,6 +177,23 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()  # the process-wide setting was put back
 
 
+def test_resume_with_more_epochs_continues_the_schedule_of_the_new_total(tmp_path, caplog):
+    """A run planned for 1 epoch, resumed with --epochs 3, follows a 3-epoch schedule from epoch 2 on
+    (the saved schedule would have kept the learning rate at 0 after its last epoch)."""
+    data = make_msd(tmp_path / "msd", n_cases=2)
+    ref_run, short_run = tmp_path / "ref", tmp_path / "short"
+    assert cli_main(_train_args(data, ref_run, "--set", "optim.scheduler=poly")) == 0
+    assert cli_main([*_train_args(data, short_run, "--set", "optim.scheduler=poly"), "--epochs", "1"]) == 0
+    with caplog.at_level("WARNING"):
+        assert cli_main(_train_args(data, short_run, "--set", "optim.scheduler=poly", "--resume")) == 0
+    assert "recomputed for 3 epochs" in caplog.text
+    ref_lr = [float(r["lr"]) for r in _log(ref_run)]
+    lr = [float(r["lr"]) for r in _log(short_run)]
+    assert len(lr) == 3 and lr[1] > 0
+    assert lr[1:] == pytest.approx(ref_lr[1:], rel=1e-9)
+    assert load_checkpoint(short_run / "last.pt").model_card["epochs"] == 3
+
+
 def test_ddp_two_gloo_processes_keep_identical_weights(tmp_path):
     data = make_msd(tmp_path / "msd")
     run = tmp_path / "ddp"

@@ -216,6 +216,20 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
     return main
 
 
+def _advanced_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, epochs_done: int) -> Any:
+    """A fresh schedule for ``cfg.epochs`` stepped ``epochs_done`` times, from the base learning rates."""
+    import warnings
+
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    scheduler = build_scheduler(cfg, optimizer)
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epochs_done):
+            scheduler.step()
+    return scheduler
+
+
 def build_loss(cfg: TrainConfig, deep_supervision: bool) -> Callable[[Any, torch.Tensor], torch.Tensor]:
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
@@ -517,10 +531,19 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         st = resume_ckpt.train_state or {}
         net.load_state_dict(resume_ckpt.state_dict)
         optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
+        start_epoch = int(st["epoch"])
+        planned = resume_ckpt.model_card.get("epochs")
+        if planned is not None and int(planned) != cfg.epochs and cfg.optim.scheduler != "plateau":
+            # The saved schedule runs to the old total (poly would sit at lr 0 after it): rebuild it
+            # for the new total and advance it to where the run stands.
+            log.warning("resuming a run planned for %d epochs with --epochs %d: the learning-rate schedule is "
+                        "recomputed for %d epochs and continues at epoch %d", int(planned), cfg.epochs,
+                        cfg.epochs, start_epoch + 1)
+            scheduler = _advanced_scheduler(cfg, optimizer, start_epoch)
+        else:
+            scheduler.load_state_dict(st["scheduler"])
         if st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
-        start_epoch = int(st["epoch"])
         best_dice, best_epoch = st.get("best_dice"), st.get("best_epoch")
         _set_rng_state(st["rng"])
         if start_epoch >= cfg.epochs:
