@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         print(f'password_hash = "{hash_password(pw)}"')
         return 0
     cmd, extra = command(args)
-    env = {**os.environ, **extra}
+    # Streamlit asks for an e-mail address on its first run on a machine (no ~/.streamlit/credentials.toml)
+    # unless headless, and waits at that prompt: switch it off (an environment variable, so Streamlit
+    # versions without the option ignore it instead of refusing a command-line flag).
+    env = {**os.environ, "STREAMLIT_SERVER_SHOW_EMAIL_PROMPT": "false", **extra}
     # app/ imports itself as a package from the repository root
     root = str(app_script().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
