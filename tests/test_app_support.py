@@ -8,7 +8,11 @@ are arbitrary but real outputs of the real Predictor.
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -152,3 +156,33 @@ def bad_uploads() -> dict[str, list[tuple[str, bytes, str]]]:
         "empty_file": [("empty.dcm", b"", "application/dicom")],
         "mixed": [("t1.nii.gz", t1, "application/gzip"), ("IM0001.dcm", rng.bytes(512), "application/dicom")],
     }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> bytes:
+    """The body of ``url`` once it answers; fails when ``proc`` exits first or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.read()
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate ``proc``, kill it if it has not exited 10 s later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -240,14 +240,12 @@ def test_resunet_app_serves_on_a_fresh_machine_without_asking_anything(tmp_path)
     # The README's main command on a machine where Streamlit never ran (no ~/.streamlit): Streamlit's
     # first-run "Email:" question must not hold the server back. stdin is closed, as under a
     # service manager; the page must answer its health check.
-    import socket
     import subprocess
     import sys
-    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from test_app_support import free_port, stop, wait_http
+
+    port = free_port()
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "RESUNET_APP_TEMP_DIR": str(tmp_path / "sessions"),
@@ -257,19 +255,11 @@ def test_resunet_app_serves_on_a_fresh_machine_without_asking_anything(tmp_path)
         proc = subprocess.Popen([sys.executable, "-m", "resunet", "app", "--port", str(port)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
         try:
-            deadline, answer = time.monotonic() + 90, None
-            while time.monotonic() < deadline and proc.poll() is None and answer is None:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                        answer = r.read()
-                except OSError:
-                    time.sleep(0.3)
+            answer = wait_http(f"http://127.0.0.1:{port}/_stcore/health", 90, proc)
+        except (RuntimeError, TimeoutError) as err:
+            answer = str(err).encode()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     text = log.read_text(errors="replace")
     assert answer == b"ok", text[-2000:]
     assert "Email:" not in text and f"http://127.0.0.1:{port}" in text

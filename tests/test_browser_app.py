@@ -18,18 +18,16 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_app_support import APP_SCRIPT, BUNDLED_MODEL, REPO, make_tiny_model
+from test_app_support import APP_SCRIPT, BUNDLED_MODEL, REPO, free_port, make_tiny_model, stop, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -37,25 +35,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.read()
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 class DevTools:
@@ -114,7 +93,7 @@ def served_app(tmp_path):
         model_dir = tmp_path / "models"
         make_tiny_model(model_dir / "tiny.pt", all_foreground=True)
         model_name = "tiny.pt"
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "RESUNET_APP_MODEL_DIR": str(model_dir),
@@ -129,21 +108,17 @@ def served_app(tmp_path):
     log = open(tmp_path / "streamlit.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        assert _wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, proc) == b"ok"
+        assert wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, proc) == b"ok"
         yield f"http://127.0.0.1:{port}/", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
 @pytest.fixture
 def chromium(tmp_path):
     """A DevTools client on a fresh headless Chromium page."""
-    port = _free_port()
+    port = free_port()
     profile = tmp_path / "chromium-profile"
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
@@ -152,7 +127,7 @@ def chromium(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = None
     try:
-        targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list", 30, proc))
+        targets = json.loads(wait_http(f"http://127.0.0.1:{port}/json/list", 30, proc))
         page = next(t for t in targets if t.get("type") == "page")
         client = DevTools(page["webSocketDebuggerUrl"])
         client.call("Emulation.setDeviceMetricsOverride", width=1600, height=2000, deviceScaleFactor=1, mobile=False)
@@ -160,11 +135,7 @@ def chromium(tmp_path):
     finally:
         if client is not None:
             client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         shutil.rmtree(profile, ignore_errors=True)
 
 
