@@ -301,13 +301,9 @@ class ResUNet(nn.Module):
         cls, name: str, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, **overrides: Any
     ) -> ResUNet:
         """Build preset ``name`` (see :data:`resunet.nets.presets.PRESETS`), overriding any argument."""
-        from resunet.nets.presets import preset_kwargs
+        from resunet.nets.presets import merged_kwargs, preset_kwargs
 
-        kwargs = preset_kwargs(name)
-        for key in ("stem", "decoder"):
-            if isinstance(overrides.get(key), Mapping) and isinstance(kwargs.get(key), Mapping):
-                overrides[key] = {**kwargs[key], **overrides[key]}
-        kwargs.update(overrides)
+        kwargs = merged_kwargs(preset_kwargs(name), overrides)
         net = cls(spatial_dims, in_channels, out_channels, **kwargs)
         net.preset = name
         return net

@@ -34,6 +34,7 @@ CPU presets (full-resolution residual stem, basic blocks):
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 from resunet.nets.errors import NetConfigError
@@ -110,6 +111,16 @@ DEFAULT_3D_PRESET = "base"
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+def merged_kwargs(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``, where nested settings (``stem``, ``decoder``) merge key by key:
+    ``{"stem": {"stride": 1}}`` changes the stem's stride and keeps its width. Neither input is changed."""
+    out = dict(base)
+    for key, value in overrides.items():
+        old = out.get(key)
+        out[key] = {**old, **value} if isinstance(value, Mapping) and isinstance(old, Mapping) else value
+    return out
 
 
 def preset_kwargs(name: str) -> dict[str, Any]:

@@ -146,15 +146,11 @@ def split_cases(case_ids: list[str], folds: int, fold: int, seed: int, val_cases
 # ------------------------------------------------------------------------------------- builders
 def build_network(cfg: TrainConfig, plan: TrainingPlan, in_channels: int, out_channels: int) -> torch.nn.Module:
     from resunet.nets import ResUNet
+    from resunet.nets.presets import merged_kwargs
 
     # The user's overrides first, then the planner's strides on top: the planner already planned
     # from the preset merged with the overrides (to fix strides, set plan.strides).
-    kwargs = dict(cfg.model.overrides)
-    for key, value in plan.network.items():
-        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
-            kwargs[key] = {**kwargs[key], **value}
-        else:
-            kwargs[key] = value
+    kwargs = merged_kwargs(cfg.model.overrides, plan.network)
     kwargs["deep_supervision"] = cfg.model.deep_supervision
     _fit_decoder_widths(cfg.model.preset, plan.spatial_dims, in_channels, out_channels, kwargs)
     return ResUNet.from_preset(cfg.model.preset, spatial_dims=plan.spatial_dims, in_channels=in_channels,
@@ -169,11 +165,9 @@ def _fit_decoder_widths(preset: str, spatial_dims: int, in_channels: int, out_ch
     the user's) per-level decoder widths then list one level too many. The finest levels are kept.
     """
     from resunet.nets.config import ResUNetConfig
-    from resunet.nets.presets import preset_kwargs
+    from resunet.nets.presets import merged_kwargs, preset_kwargs
 
-    merged = preset_kwargs(preset)
-    for key, value in kwargs.items():
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    merged = merged_kwargs(preset_kwargs(preset), kwargs)
     widths = (merged.get("decoder") or {}).get("widths")
     if not isinstance(widths, (list, tuple)):
         return
@@ -499,12 +493,11 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
             raise ConfigError(f"--resume: {last_path} holds no training state")
         plan = TrainingPlan.from_dict(resume_ckpt.plan)
     else:
-        from resunet.nets.presets import preset_kwargs
+        from resunet.nets.presets import merged_kwargs, preset_kwargs
 
         stats = collect_stats(spec, train_ids, seed=cfg.seed)
-        preset = preset_kwargs(cfg.model.preset)  # the planner sees the preset with the user's overrides
-        for key, value in cfg.model.overrides.items():
-            preset[key] = {**preset[key], **value} if isinstance(value, dict) and isinstance(preset.get(key), dict) else value
+        # the planner sees the preset with the user's overrides
+        preset = merged_kwargs(preset_kwargs(cfg.model.preset), cfg.model.overrides)
         plan = make_plan(spec, stats, cfg.plan, preset=preset,
                          spatial_dims=cfg.model.spatial_dims, slice_axis=cfg.dataset.slice_axis)
     if d.main:
