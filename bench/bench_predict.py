@@ -127,9 +127,6 @@ def section_overhead(model: Path, repeats: int, tmp: Path) -> list[str]:
 
 def lps_1mm_input(tmp: Path) -> Path | None:
     """Colin27 at 1 mm (mricron-data's ch2.nii.gz, 181x217x181) with the voxel axes flipped to LPS, or None."""
-    import nibabel as nib
-    from nibabel import orientations as nio
-
     src = Path("/usr/share/mricron/templates/ch2.nii.gz")
     if not src.exists():
         return None
@@ -172,34 +169,23 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
                    output_dtype=np.uint8, resample=False, print_log=False),
     ])
 
-    grids: dict[str, Any] = {}
     forward = p.model.forward_fn()
 
-    def run_monai() -> tuple[float, np.ndarray]:
+    def run_monai(blend_probabilities: bool = True) -> tuple[float, np.ndarray, tuple[int, ...]]:
+        """(seconds, mask on the input grid, network grid) of the plain MONAI pipeline."""
         t0 = time.perf_counter()
         data = pre({"image": str(image)})
         img = data["image"]
-        grids["monai"] = tuple(img.shape[1:])
-        roi = p.roi_for(tuple(img.shape[1:]))
+        grid = tuple(img.shape[1:])
+        window = (lambda x: torch.softmax(forward(x), 1)) if blend_probabilities else forward
         with torch.inference_mode():
-            prob = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch,
-                                            lambda x: torch.softmax(forward(x), 1), overlap=p.overlap, mode="gaussian")
-            if "logits_blend" not in grids:  # once, untimed: MONAI's other common choice
-                logits = sliding_window_inference(img[None].float().to(p.device), roi, p.sw_batch, forward,
-                                                  overlap=p.overlap, mode="gaussian")
-                grids["logits_blend"] = logits[0].cpu()
-        data["pred"] = prob[0].cpu()
+            out = sliding_window_inference(img[None].float().to(p.device), p.roi_for(grid), p.sw_batch, window,
+                                           overlap=p.overlap, mode="gaussian")
+        data["pred"] = out[0].cpu()
         data["pred"].applied_operations = img.applied_operations
         data["pred"].meta = img.meta
-        out = post(data)
-        arr = np.asarray(out["pred"][0])
-        if "logits_mask" not in grids:
-            d2 = dict(data)
-            d2["pred"] = grids["logits_blend"]
-            d2["pred"].applied_operations = img.applied_operations
-            d2["pred"].meta = img.meta
-            grids["logits_mask"] = np.asarray(post(d2)["pred"][0])
-        return time.perf_counter() - t0, arr
+        arr = np.asarray(post(data)["pred"][0])
+        return time.perf_counter() - t0, arr, grid
 
     ours_t, monai_t = [], []
     ours_mask = monai_mask = None
@@ -207,16 +193,18 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
         t, pred = end_to_end(p, image, tmp / "ours.nii.gz")
         ours_t.append(t)
         ours_mask = pred.mask.array
-        t, monai_mask = run_monai()
+        t, monai_mask, monai_grid = run_monai()
         monai_t.append(t)
+    _, logits_mask, _ = run_monai(blend_probabilities=False)  # untimed: MONAI's other common choice
     del decollate_batch, net
     d = dice(ours_mask, monai_mask)
     differ = int((ours_mask != monai_mask).sum())
-    differ_logits = int((ours_mask != grids["logits_mask"]).sum())
-    shape = load_study(image).shape
+    differ_logits = int((ours_mask != logits_mask).sum())
+    vol = load_study(image)
+    shape = vol.shape
     from resunet.preprocess import prepare
 
-    monai_grid, ours_grid = grids["monai"], prepare(load_study(image), p.plan).shape
+    ours_grid = prepare(vol, p.plan).shape
     return [
         f"Input `{image.name}` {shape}:",
         "",
@@ -236,6 +224,28 @@ def section_monai(model: Path, repeats: int, tmp: Path, image: Path = EXAMPLE) -
     ]
 
 
+def first_case(out: Path) -> dict[str, Any]:
+    """The first case record of ``out/predictions.json`` (empty when the run wrote none)."""
+    import json
+
+    doc = json.loads((out / "predictions.json").read_text()) if (out / "predictions.json").exists() else {}
+    return (doc.get("cases") or [{}])[0]
+
+
+def write_synthetic_ct(path: Path) -> Path:
+    """A 512x512x600 int16 CT (0.7x0.7x0.8 mm, LPS): a body-like ellipse of soft tissue in air, plus noise."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    arr = np.empty((512, 512, 600), dtype=np.int16, order="F")
+    yy, xx = np.mgrid[-256:256, -256:256]
+    body = (xx / 220.0) ** 2 + (yy / 160.0) ** 2 < 1
+    for k in range(600):
+        arr[:, :, k] = np.where(body, 40, -1000) + rng.integers(-20, 20, size=(512, 512), dtype=np.int16)
+    nib.save(nib.Nifti1Image(arr, np.diag([-0.7, -0.7, 0.8, 1.0])), str(path))
+    return path
+
+
 def section_cli(model: Path, tmp: Path, extra: list[str]) -> list[str]:
     out = tmp / "cli"
     cmd = [sys.executable, "-m", "resunet", "predict", str(EXAMPLE), "--out", str(out), "--model", str(model),
@@ -243,10 +253,7 @@ def section_cli(model: Path, tmp: Path, extra: list[str]) -> list[str]:
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    import json
-
-    doc = json.loads((out / "predictions.json").read_text()) if (out / "predictions.json").exists() else {}
-    case = (doc.get("cases") or [{}])[0]
+    case = first_case(out)
     return [
         f"`{shlex.join(['resunet', *cmd[3:]])}` (exit {res.returncode}): whole command {wall:.1f} s "
         f"(interpreter start and imports included), case {case.get('seconds')} s, "
@@ -255,18 +262,7 @@ def section_cli(model: Path, tmp: Path, extra: list[str]) -> list[str]:
 
 
 def section_memory(model: Path, tmp: Path) -> list[str]:
-    import nibabel as nib
-
-    path = tmp / "ct512.nii"
-    rng = np.random.default_rng(0)
-    arr = np.empty((512, 512, 600), dtype=np.int16, order="F")
-    for k in range(600):  # a body-like ellipse of soft tissue in air, plus noise
-        yy, xx = np.mgrid[-256:256, -256:256]
-        body = (xx / 220.0) ** 2 + (yy / 160.0) ** 2 < 1
-        arr[:, :, k] = np.where(body, 40, -1000) + rng.integers(-20, 20, size=(512, 512), dtype=np.int16)
-    affine = np.diag([-0.7, -0.7, 0.8, 1.0])
-    nib.save(nib.Nifti1Image(arr, affine), str(path))
-    del arr
+    path = write_synthetic_ct(tmp / "ct512.nii")
     out = tmp / "mem"
     cmd = [sys.executable, "-c",
            "import resource, sys; from resunet.cli import main; code = main(sys.argv[1:]); "
@@ -276,10 +272,7 @@ def section_memory(model: Path, tmp: Path) -> list[str]:
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     peak = next((ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("PEAK_RSS_MB")), "?")
-    import json
-
-    doc = json.loads((out / "predictions.json").read_text()) if (out / "predictions.json").exists() else {}
-    case = (doc.get("cases") or [{}])[0]
+    case = first_case(out)
     return [
         f"Synthetic CT 512x512x600 int16 (0.7x0.7x0.8 mm, {512 * 512 * 600 * 2 / 2**20:.0f} MiB of voxels) through "
         f"`resunet predict --no-tta` (TTA multiplies the window count, not the memory): peak RSS **{float(peak):.0f} MB** (whole process, torch included), "

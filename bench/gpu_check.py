@@ -21,7 +21,6 @@ What it does, each section on its own so that one failure does not hide the othe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import signal
@@ -40,8 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests")]
 
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+from bench_predict import BUNDLED, EXAMPLE, first_case, write_synthetic_ct  # noqa: E402
 OUT_LINES: list[str] = []
 
 
@@ -163,9 +161,10 @@ def bench_training(dev: torch.device, tmp: Path) -> None:
         if (run / "last.pt").exists():
             from resunet.training.checkpoint import load_checkpoint
 
-            st = load_checkpoint(run / "last.pt").train_state or {}
+            last = load_checkpoint(run / "last.pt")
+            st = last.train_state or {}
             ck = (f"last.pt epoch {st.get('epoch')}, scaler state {'saved' if st.get('scaler') else 'none'}, "
-                  f"versions {load_checkpoint(run / 'last.pt').versions.get('torch')}")
+                  f"versions {last.versions.get('torch')}")
         say(f"| {name} | {code} | {wall:.1f} | {max(len(log) - 1, 0)} | {log[-1] if len(log) > 1 else ''} | {ck} |")
         if code != 0 and text:
             say("", "```", text[-2500:], "```", "")
@@ -240,8 +239,7 @@ def bench_predict(dev: torch.device, tmp: Path, reps: int) -> None:
 
     code, wall, text = run_cli(["predict", str(EXAMPLE), "--out", str(tmp / "cli"), "--device", dev.type,
                                 "--no-audit", "--no-progress"], 180)
-    doc = json.loads((tmp / "cli" / "predictions.json").read_text()) if (tmp / "cli" / "predictions.json").exists() else {}
-    case = (doc.get("cases") or [{}])[0]
+    case = first_case(tmp / "cli")
     say("", f"`resunet predict {EXAMPLE.name} --device {dev.type}` (defaults: TTA on, AMP on CUDA) in a fresh "
         f"process: exit {code}, whole command {wall:.1f} s, case {case.get('seconds')} s, stages {case.get('timings')}")
     if code != 0:
@@ -249,17 +247,7 @@ def bench_predict(dev: torch.device, tmp: Path, reps: int) -> None:
 
 
 def bench_big_ct(dev: torch.device, tmp: Path) -> None:
-    import nibabel as nib
-
-    path = tmp / "ct512.nii"
-    rng = np.random.default_rng(0)
-    arr = np.empty((512, 512, 600), dtype=np.int16, order="F")
-    yy, xx = np.mgrid[-256:256, -256:256]
-    body = (xx / 220.0) ** 2 + (yy / 160.0) ** 2 < 1
-    for k in range(600):
-        arr[:, :, k] = np.where(body, 40, -1000) + rng.integers(-20, 20, size=(512, 512), dtype=np.int16)
-    nib.save(nib.Nifti1Image(arr, np.diag([-0.7, -0.7, 0.8, 1.0])), str(path))
-    del arr
+    path = write_synthetic_ct(tmp / "ct512.nii")
     code = ("import resource, sys, torch; from resunet.cli import main; c = main(sys.argv[1:]); "
             "print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); "
             "print('PEAK_GPU_MB', torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0); "
@@ -272,8 +260,7 @@ def bench_big_ct(dev: torch.device, tmp: Path) -> None:
                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         wall = time.perf_counter() - t0
         vals = dict(ln.split()[:2] for ln in res.stdout.splitlines() if ln.startswith("PEAK_"))
-        doc = json.loads((out / "predictions.json").read_text()) if (out / "predictions.json").exists() else {}
-        case = (doc.get("cases") or [{}])[0]
+        case = first_case(out)
         say(f"- CT 512x512x600 int16, `resunet predict {tta} --device {dev.type}`: exit {res.returncode}, "
             f"{wall:.1f} s wall, case {case.get('seconds')} s, peak RSS {vals.get('PEAK_RSS_MB')} MB, peak GPU "
             f"memory allocated {vals.get('PEAK_GPU_MB')} MB, stages {case.get('timings')}")
