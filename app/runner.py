@@ -31,8 +31,6 @@ class RunResult:
         rows: per foreground label ``{"label", "name", "voxels", "volume_ml"}``.
         seconds: wall time of the model run, s.
         model_name, model_sha256, input_sha256: what was run on what.
-        passes: network passes per window (1 = no test-time augmentation, 8 = 3D mirroring), so
-            the page can say how the figures were made (``resunet predict`` mirrors by default).
         downloads: file name -> bytes, filled lazily by the page.
     """
 
@@ -47,7 +45,6 @@ class RunResult:
     downloads: dict[str, bytes] = field(default_factory=dict)
     started_utc: str = ""
     audit_run_id: str | None = None
-    passes: int = 1
 
 
 def make_predictor(model_path: Path, device: str = "auto", tta: bool = False, uncertainty: bool = False) -> Any:
@@ -199,7 +196,6 @@ def run_prediction(
         input_sha256=input_sha256,
         prediction=pred,
         started_utc=started_utc,
-        passes=int(getattr(pred, "passes", 1) or 1),
     )
 
 

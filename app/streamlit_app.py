@@ -361,10 +361,11 @@ def _results_section(result: RunResult, volume: Any) -> None:
     ]
     st.dataframe(table, hide_index=True, key="volumes_table")
     sp = " × ".join(f"{s:.3g}" for s in volume.spacing)
+    passes = result.prediction.passes
     st.caption(
         f"Model {result.model_name} (SHA-256 {result.model_sha256[:12]}…), input SHA-256 {result.input_sha256[:12]}…, "
         f"resunet {__version__}, {result.seconds:.1f} s, "
-        + (f"test-time augmentation on ({result.passes} mirrored passes). " if result.passes > 1
+        + (f"test-time augmentation on ({passes} mirrored passes). " if passes > 1
            else "test-time augmentation off (`resunet predict` mirrors by default, so its volumes can differ "
                 "slightly). ")
         + f"Grid {volume.shape}, spacing {sp} mm."
