@@ -56,6 +56,26 @@ def _resnet(block: str, blocks: list[int], width_factor: float = 1.0) -> dict[st
     }
 
 
+def merged_kwargs(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``, where nested settings (``stem``, ``decoder``) merge key by key:
+    ``{"stem": {"stride": 1}}`` changes the stem's stride and keeps its width. Neither input is changed."""
+    out = dict(base)
+    for key, value in overrides.items():
+        old = out.get(key)
+        out[key] = {**old, **value} if isinstance(value, Mapping) and isinstance(old, Mapping) else value
+    return out
+
+
+_SMALL: dict[str, Any] = {
+    "widths": [32, 64, 128, 256],
+    "blocks": 1,
+    "block": "basic",
+    "strides": [2, 2, 2, 2],
+    "kernel_sizes": 3,
+    "stem": {"width": 16, "kernel_size": 3, "stride": 2, "pool_stride": 1},
+    "decoder": {"widths": [16, 32, 64, 128], "blocks": 1, "full_res": "transpose"},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # He et al. 2016 / torchvision.models.resnet*; wide: Zagoruyko & Komodakis 2016.
     "resnet18": _resnet("basic", [2, 2, 2, 2]),
@@ -74,15 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stem": {"width": 8, "kernel_size": 3, "stride": 1, "pool_stride": 1},
         "decoder": {"widths": None, "blocks": 1, "full_res": "block"},
     },
-    "small": {
-        "widths": [32, 64, 128, 256],
-        "blocks": 1,
-        "block": "basic",
-        "strides": [2, 2, 2, 2],
-        "kernel_sizes": 3,
-        "stem": {"width": 16, "kernel_size": 3, "stride": 2, "pool_stride": 1},
-        "decoder": {"widths": [16, 32, 64, 128], "blocks": 1, "full_res": "transpose"},
-    },
+    "small": _SMALL,
     "base": {
         "widths": [64, 128, 256, 320],
         "blocks": [2, 3, 4, 4],
@@ -92,15 +104,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "stem": {"width": 32, "kernel_size": 3, "stride": 2, "pool_stride": 1},
         "decoder": {"widths": [32, 64, 128, 256], "blocks": 1, "full_res": "transpose"},
     },
-    "cpu": {
-        "widths": [32, 64, 128, 256],
-        "blocks": 1,
-        "block": "basic",
-        "strides": [2, 2, 2, 2],
-        "kernel_sizes": 3,
-        "stem": {"width": 16, "kernel_size": 3, "stride": 2, "pool_stride": 1},
-        "decoder": {"widths": [8, 32, 64, 128], "blocks": 1, "full_res": "transpose"},
-    },
+    # small's encoder, 8 instead of 16 channels at the decoder's half-resolution level
+    "cpu": merged_kwargs(_SMALL, {"decoder": {"widths": [8, 32, 64, 128]}}),
 }
 
 #: The preset the bundled brain-extraction model uses.
@@ -111,16 +116,6 @@ DEFAULT_3D_PRESET = "base"
 
 def preset_names() -> list[str]:
     return list(PRESETS)
-
-
-def merged_kwargs(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``overrides``, where nested settings (``stem``, ``decoder``) merge key by key:
-    ``{"stem": {"stride": 1}}`` changes the stem's stride and keeps its width. Neither input is changed."""
-    out = dict(base)
-    for key, value in overrides.items():
-        old = out.get(key)
-        out[key] = {**old, **value} if isinstance(value, Mapping) and isinstance(old, Mapping) else value
-    return out
 
 
 def preset_kwargs(name: str) -> dict[str, Any]:
