@@ -29,3 +29,7 @@ class ConfigError(ResunetError):
 
 class DatasetError(ResunetError):
     """A training dataset folder is inconsistent (missing files, shape/geometry mismatch, ...)."""
+
+
+class PacsError(ResunetError):
+    """A PACS (DICOMweb server or DICOM node) cannot be reached, refuses a request, or lacks a study."""

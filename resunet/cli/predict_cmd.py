@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint (.pt) or export (.onnx, TorchScript); default: the bundled model "
                    "data/model/brain_extraction.pt")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
-                   help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs); default nifti,seg")
+                   help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
+                   "Set contours for DICOM inputs); default nifti,seg")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--tta", dest="tta", action=argparse.BooleanOptionalAction, default=True,
                    help="mirror test-time augmentation (all flips; default on)")

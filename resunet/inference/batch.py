@@ -7,6 +7,8 @@ and then records the case. Output files per case, in ``OUT``:
 
 - ``<case>.nii.gz``: label map on exactly the input's grid and affine (``format`` ``nifti``);
 - ``<case>.seg.dcm``: DICOM SEG referencing the source series, DICOM inputs only (``format`` ``seg``);
+- ``<case>.rtstruct.dcm``: RTSTRUCT (contours per label and slice) referencing the source series,
+  DICOM inputs only (``format`` ``rtstruct``);
 - ``<case>.prob.nii.gz`` (one foreground label) or ``<case>.prob-<label>.nii.gz`` (several):
   float32 probabilities, with ``save_probabilities``;
 - ``<case>.uncertainty.nii.gz``: normalised predictive entropy (0..1), with ``save_uncertainty``.
@@ -52,7 +54,7 @@ from resunet.io.hashing import sha256_file, sha256_path
 log = logging.getLogger(__name__)
 
 SCHEMA = "resunet-predictions/1"
-FORMATS = ("nifti", "seg")
+FORMATS = ("nifti", "seg", "rtstruct")
 SUMMARY = "predictions.json"
 SUMMARY_CSV = "predictions.csv"
 JOURNAL = "predictions.jsonl"
@@ -67,7 +69,7 @@ class BatchOptions:
 
     Args:
         out_dir: output folder (created).
-        formats: ``nifti`` and/or ``seg`` (SEG is written for DICOM inputs only).
+        formats: ``nifti``, ``seg`` and/or ``rtstruct`` (SEG and RTSTRUCT for DICOM inputs only).
         save_probabilities: write per-label probability NIfTIs.
         save_uncertainty: write the uncertainty NIfTI (the Predictor needs ``uncertainty`` set).
         workers: background threads loading upcoming cases (cases read ahead = workers).
@@ -268,6 +270,8 @@ def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) ->
         paths["mask"] = out / f"{case.case_id}.nii.gz"
     if "seg" in opts.formats and case.is_dicom:
         paths["seg"] = out / f"{case.case_id}.seg.dcm"
+    if "rtstruct" in opts.formats and case.is_dicom:
+        paths["rtstruct"] = out / f"{case.case_id}.rtstruct.dcm"
     if opts.save_probabilities:
         if len(prob_labels) == 1:
             paths["probabilities"] = out / f"{case.case_id}.prob.nii.gz"
@@ -474,7 +478,14 @@ def _write_outputs(
             from resunet.io.seg import write_dicom_seg
 
             labels = {int(v): n for v, n in pred.mask.meta.get("labels", {}).items() if int(v) != 0}
-            write_dicom_seg(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64])
+            write_dicom_seg(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64],
+                            model_sha256=pred.model_sha256)
+        elif key == "rtstruct":
+            from resunet.io.rtstruct import write_rtstruct
+
+            labels = {int(v): n for v, n in pred.mask.meta.get("labels", {}).items() if int(v) != 0}
+            write_rtstruct(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64],
+                           model_sha256=pred.model_sha256)
         elif key.startswith("probabilities"):
             assert pred.probabilities is not None
             name = key.split(":", 1)[1] if ":" in key else fg_labels[0]

@@ -13,6 +13,7 @@ dictionary has one, else "Tissue" (SCT 85756007), with the label text as Segment
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 
 from resunet import __version__
@@ -37,6 +39,26 @@ def _property_type(label: str) -> pydicom.sr.coding.Code:
         return getattr(codes.SCT, key)
     except AttributeError:
         return codes.SCT.Tissue
+
+
+def contributing_equipment(name: str, version: str, model_sha256: str | None = None) -> Sequence:
+    """ContributingEquipmentSequence naming resunet as the processing equipment (IHE AI Results).
+
+    One item: Manufacturer "resunet", ManufacturerModelName = ``name`` (e.g. "resunet brain_extraction"),
+    SoftwareVersions = ``version``, purpose (DCM 109102 "Processing Equipment"), and the model's
+    SHA-256 in ContributionDescription, so a viewer shows which software and model made the object.
+    """
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "109102", "DCM", "Processing Equipment"
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    item.Manufacturer = "resunet"
+    item.ManufacturerModelName = str(name)[:64]
+    item.SoftwareVersions = str(version)[:64]
+    item.ContributionDateTime = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+    text = f"automatic segmentation by {name} (resunet {__version__})"
+    item.ContributionDescription = text + (f"; model sha256 {model_sha256}" if model_sha256 else "")
+    return Sequence([item])
 
 
 def _source_datasets(source: Volume) -> list[Dataset]:
@@ -70,6 +92,7 @@ def write_dicom_seg(
     series_number: int = 900,
     algorithm_name: str = "resunet",
     algorithm_version: str = __version__,
+    model_sha256: str | None = None,
 ) -> Path:
     """Write ``mask`` as a DICOM SEG (BINARY, one segment per label) referencing ``source``'s series.
 
@@ -82,7 +105,9 @@ def write_dicom_seg(
             (``{2: "liver", 5: "spleen"}`` become segments 1 and 2); :func:`read_dicom_seg` returns
             segment numbers and ``meta["labels"]`` names them.
         series_description, series_number: of the new SEG series.
-        algorithm_name, algorithm_version: AlgorithmIdentificationSequence (family: AI).
+        algorithm_name, algorithm_version: AlgorithmIdentificationSequence (family: AI), with
+            ``model_sha256`` in its AlgorithmParameters; every segment is AUTOMATIC, and the
+            dataset gets a ContributingEquipmentSequence (IHE AI Results: who made the SEG).
 
     Raises:
         GeometryError: the mask is not on the source grid.
@@ -120,7 +145,8 @@ def write_dicom_seg(
         pixel_array = np.ascontiguousarray(planes)
         source_images = datasets
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=str(algorithm_version)
+        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=str(algorithm_version),
+        parameters={"model_sha256": model_sha256} if model_sha256 else None,
     )
     descriptions = [
         hd.seg.SegmentDescription(
@@ -149,6 +175,7 @@ def write_dicom_seg(
         series_description=series_description,
         omit_empty_frames=bool(present),
     )
+    seg.ContributingEquipmentSequence = contributing_equipment(algorithm_name, str(algorithm_version), model_sha256)
     p = Path(path)
     with atomic_path(p) as tmp:
         seg.save_as(tmp)
