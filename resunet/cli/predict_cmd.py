@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Re-running the same command skips finished cases (same input and model hash). "
         "Exit code 0: all ok; 1: some cases failed; 2: every case failed or bad arguments.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="NIfTI file, DICOM folder, .zip, a folder of such cases, or a .txt/.csv list of them")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="NIfTI file, DICOM folder, .zip, a folder of such cases, or a .txt/.csv list of them "
+                   "(none with --pacs)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="checkpoint (.pt) or export (.onnx, TorchScript); default: the bundled model "
@@ -50,6 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="audit log (default $RESUNET_AUDIT_DB or ~/.resunet/audit.sqlite)")
     p.add_argument("--no-audit", action="store_true", help="do not append the run to the audit log")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pacs = p.add_argument_group("PACS (DICOMweb), see docs/pacs.md")
+    pacs.add_argument("--pacs", default=None, metavar="URL",
+                      help="DICOMweb root of a PACS (e.g. http://pacs:8042/dicom-web): pull --study from it, "
+                      "segment it and store the SEG (and RTSTRUCT with --format) back into the study")
+    pacs.add_argument("--study", default=None, metavar="UID", help="Study Instance UID to pull (with --pacs)")
+    pacs.add_argument("--pacs-user", default=None, metavar="USER",
+                      help="HTTP basic user (password from $RESUNET_PACS_PASSWORD); a bearer token comes from "
+                      "$RESUNET_PACS_TOKEN")
+    pacs.add_argument("--no-store", action="store_true", help="with --pacs: keep the results local, store nothing")
     p.set_defaults(func=run)
 
 
@@ -95,7 +105,12 @@ def run(args: argparse.Namespace) -> int:
         audit_db=False if args.no_audit else args.audit_db,
         resume=not args.no_resume,
     )
-    cases = discover_cases(args.inputs)
+    if args.pacs or args.study:
+        if not (args.pacs and args.study) or args.inputs:
+            raise ConfigError("--pacs URL and --study UID go together, without INPUT paths")
+    elif not args.inputs:
+        raise ConfigError("give INPUT paths to segment, or --pacs URL --study UID")
+    cases = discover_cases(args.inputs) if args.inputs else []
     predictor = Predictor(
         model,
         device=device,
@@ -107,6 +122,17 @@ def run(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
     )
     command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
+    if args.pacs:
+        from resunet.pacs import PacsClient, PacsConfig, segment_from_pacs
+
+        client = PacsClient(PacsConfig.from_env(args.pacs, args.pacs_user))
+        run = segment_from_pacs(client, args.study, predictor, options, series_uid=args.series,
+                                store=not args.no_store, command=command)
+        stored = f"; stored {', '.join(p.name for p in run.stored)} in study {args.study}" if run.stored else ""
+        print(f"resunet predict: study {args.study} from {args.pacs} segmented in {run.timings['segment']:.1f} s "
+              f"(pull {run.timings['pull']:.1f} s{', store %.1f s' % run.timings['store'] if 'store' in run.timings else ''})"
+              f"{stored}; summary {run.batch.summary_path}", file=sys.stderr)
+        return run.batch.exit_code
     result = run_batch(cases, predictor, options, command=command)
     print(
         f"resunet predict: {result.ok} ok ({result.skipped} skipped as already done), {result.failed} failed; "

@@ -1,0 +1,365 @@
+"""DICOM networking (DIMSE) with pynetdicom: a C-STORE listener that segments what it receives, and a sender.
+
+- :class:`StoreListener` is a C-STORE SCP (AE title, host and port set by the operator). Each
+  received instance is written atomically to ``incoming/<study>/<series>/<SOP>.dcm``. A series is
+  *complete* when no new instance of it arrived for ``settle_seconds`` (DICOM has no "end of
+  series" message; PACS gateways such as MONAI Deploy's Informatics Gateway and Orthanc's
+  ``StableAge`` use the same timeout rule). The folder of a complete series is handed to a callback.
+- :class:`DicomNode` is the listener plus segmentation: complete series go, one at a time, through
+  :func:`resunet.inference.batch.run_batch` (the same path as ``resunet predict``), and the SEG (and
+  RTSTRUCT when asked) are sent with C-STORE to a destination node; ``resunet serve`` can pass its
+  own callback instead, to queue the series as a job.
+- :func:`send_files` is the C-STORE SCU used for that (and for tests that send a study).
+
+DIMSE has no authentication; restrict who may send with ``allowed_calling_aets`` and the network.
+Non-image objects that arrive (SEG, RTSTRUCT, SR, ...) are accepted and dropped: only image series
+are segmented.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resunet.errors import ConfigError, PacsError, ResunetError
+from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES
+
+log = logging.getLogger(__name__)
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node to send results to: ``host``, ``port``, called ``ae_title``."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """``"HOST:PORT:AET"`` (e.g. ``pacs.local:4242:ORTHANC``) -> Destination."""
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not parts[0] or not parts[2]:
+            raise ConfigError(f"destination {text!r} must look like HOST:PORT:AET, e.g. 127.0.0.1:4242:ORTHANC")
+        try:
+            port = int(parts[1])
+        except ValueError:
+            raise ConfigError(f"destination {text!r}: the port {parts[1]!r} is not a number") from None
+        return cls(parts[0], port, _aet(parts[2], "destination AE title"))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _aet(value: str, what: str) -> str:
+    v = str(value).strip()
+    if not 1 <= len(v) <= 16 or "\\" in v or not v.isprintable():
+        raise ConfigError(f"{what} {value!r} must be 1-16 printable characters without a backslash")
+    return v
+
+
+@dataclass
+class ListenerConfig:
+    """How the DICOM node listens.
+
+    Args:
+        ae_title: our AE title (what senders call).
+        port: TCP port (11112 is the registered DICOM port; 104 needs root).
+        host: address to listen on (``127.0.0.1``: this machine only; ``0.0.0.0``: every interface).
+        incoming_dir: where received instances are written (per study/series folders).
+        settle_seconds: a series is complete after this long without a new instance.
+        allowed_calling_aets: AE titles allowed to send; empty = any.
+    """
+
+    ae_title: str = "RESUNET"
+    port: int = 11112
+    host: str = "127.0.0.1"
+    incoming_dir: Path = field(default_factory=lambda: Path("incoming"))
+    settle_seconds: float = 5.0
+    allowed_calling_aets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.ae_title = _aet(self.ae_title, "AE title")
+        self.incoming_dir = Path(self.incoming_dir)
+        if not 0 < int(self.port) < 65536:
+            raise ConfigError(f"DICOM port must be 1..65535, got {self.port}")
+        if self.settle_seconds <= 0:
+            raise ConfigError(f"settle time must be > 0 s, got {self.settle_seconds}")
+
+
+@dataclass(frozen=True)
+class ReceivedSeries:
+    """A complete series: its folder (one file per instance) and identifiers."""
+
+    folder: Path
+    study_uid: str
+    series_uid: str
+    n_instances: int
+    calling_aet: str
+
+
+def _safe(uid: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in uid) or "unknown"
+
+
+class StoreListener:
+    """C-STORE SCP that hands each complete series to ``on_series`` (see the module docstring)."""
+
+    def __init__(self, config: ListenerConfig, on_series: Callable[[ReceivedSeries], Any]) -> None:
+        self.config = config
+        self.on_series = on_series
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], dict[str, Any]] = {}  # (study, series) -> last, count, aet
+        self._server: Any = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.received = 0
+
+    # -- pynetdicom handlers ---------------------------------------------------------------------
+    def _on_store(self, event: Any) -> int:
+        from resunet.io.atomic import atomic_write_bytes
+
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+        except Exception as err:  # undecodable dataset
+            log.warning("C-STORE from %s: cannot decode the dataset (%s)", event.assoc.requestor.ae_title, err)
+            return 0xC210
+        if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+            return 0x0000
+        study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        sop = str(ds.get("SOPInstanceUID", "")) or f"instance{self.received}"
+        if not study or not series:
+            return 0xC211  # cannot place it in a series
+        path = self.config.incoming_dir / _safe(study) / _safe(series) / f"{_safe(sop)}.dcm"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, event.encoded_dataset())
+        except OSError as err:
+            log.error("C-STORE: cannot write %s (%s)", path, err)
+            return 0xA700  # out of resources
+        with self._lock:
+            entry = self._pending.setdefault((study, series), {"count": 0})
+            entry["last"] = time.monotonic()
+            entry["count"] += 1
+            entry["aet"] = str(event.assoc.requestor.ae_title).strip()
+            self.received += 1
+        return 0x0000
+
+    def _watch(self) -> None:
+        tick = min(0.2, self.config.settle_seconds / 4)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                done = [(k, v) for k, v in self._pending.items() if now - v["last"] >= self.config.settle_seconds]
+                for k, _ in done:
+                    del self._pending[k]
+            for (study, series), v in done:
+                folder = self.config.incoming_dir / _safe(study) / _safe(series)
+                item = ReceivedSeries(folder=folder, study_uid=study, series_uid=series,
+                                      n_instances=v["count"], calling_aet=v["aet"])
+                log.info("series %s of study %s complete (%d instances from %s)", series, study, v["count"], v["aet"])
+                try:
+                    self.on_series(item)
+                except Exception:  # a failing callback must not stop the listener
+                    log.exception("handling series %s failed", series)
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> "StoreListener":
+        """Listen (non-blocking). Raises PacsError when the port cannot be opened."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        self.config.incoming_dir.mkdir(parents=True, exist_ok=True)
+        ae = AE(ae_title=self.config.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.require_called_aet = True
+        if self.config.allowed_calling_aets:
+            ae.require_calling_aet = list(self.config.allowed_calling_aets)
+        ae.maximum_pdu_size = 0  # no limit on what senders may send per PDU
+        try:
+            self._server = ae.start_server((self.config.host, int(self.config.port)), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        except OSError as err:
+            raise PacsError(f"cannot listen for DICOM on {self.config.host}:{self.config.port} ({err.strerror or err});"
+                            " choose another port or stop what uses it") from None
+        self._stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name="resunet-dicom-series", daemon=True)
+        self._watcher.start()
+        log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+        return self
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with port 0 in tests)."""
+        return int(self._server.server_address[1]) if self._server is not None else int(self.config.port)
+
+    def stop(self) -> None:
+        """Stop listening; series still settling are not handed over."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+
+    def __enter__(self) -> "StoreListener":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def send_files(files: Sequence[str | Path], destination: Destination, calling_aet: str = "RESUNET",
+               timeout: float = 60.0) -> int:
+    """Send DICOM files with C-STORE to ``destination``; returns how many were stored.
+
+    Raises:
+        PacsError: the node is unreachable, rejects the association, or refuses an instance.
+    """
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    if not datasets:
+        return 0
+    ae = AE(ae_title=_aet(calling_aet, "calling AE title"))
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    wanted: dict[str, set[str]] = {}
+    for ds in datasets:
+        wanted.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+    for sop_class, syntaxes in wanted.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        why = "rejected the association (check our AE title is known there)" if assoc.is_rejected else \
+            "is unreachable or aborted the association (check host, port and that it runs)"
+        raise PacsError(f"DICOM node {destination} {why}")
+    sent = 0
+    try:
+        for f, ds in zip(files, datasets):
+            status = assoc.send_c_store(ds)
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code not in (0x0000, 0xB000, 0xB006, 0xB007):  # success or warning
+                raise PacsError(f"DICOM node {destination} refused {f} (C-STORE status 0x{code & 0xFFFF:04X})"
+                                if code >= 0 else f"DICOM node {destination} did not answer the C-STORE of {f}")
+            sent += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return sent
+
+
+@dataclass
+class NodeResult:
+    """One series segmented by :class:`DicomNode`: the batch records, files sent, error if any."""
+
+    series: ReceivedSeries
+    records: list[dict[str, Any]]
+    sent: list[Path]
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class DicomNode:
+    """A C-STORE listener that segments each complete series and sends the SEG/RTSTRUCT to ``destination``.
+
+    Series are segmented one at a time in a worker thread (the model is loaded once, in
+    ``predictor``); outputs go to ``out_dir`` exactly as ``resunet predict`` writes them (case id =
+    series UID). The received images are deleted after segmentation unless ``keep_incoming``.
+    ``results`` collects one :class:`NodeResult` per series.
+    """
+
+    def __init__(self, config: ListenerConfig, predictor: Any, out_dir: str | Path, *,
+                 destination: Destination | None = None, formats: tuple[str, ...] = ("seg",),
+                 keep_incoming: bool = False, audit_db: Any = None) -> None:
+        self.predictor = predictor
+        self.out_dir = Path(out_dir)
+        self.destination = destination
+        self.formats = formats
+        self.keep_incoming = keep_incoming
+        self.audit_db = audit_db
+        self.listener = StoreListener(config, self._enqueue)
+        self.results: list[NodeResult] = []
+        self._queue: queue.Queue[ReceivedSeries | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self.done = threading.Condition()
+
+    def _enqueue(self, series: ReceivedSeries) -> None:
+        self._queue.put(series)
+
+    def process(self, series: ReceivedSeries) -> NodeResult:
+        """Segment one received series and send its DICOM outputs (the worker calls this)."""
+        from resunet.inference.batch import BatchOptions, run_batch
+        from resunet.inference.cases import Case
+        from resunet.pacs.segment import DICOM_OUTPUTS
+
+        t0 = time.perf_counter()
+        result = NodeResult(series=series, records=[], sent=[])
+        try:
+            options = BatchOptions(out_dir=self.out_dir, formats=self.formats, series_uid=series.series_uid,
+                                   progress=False, audit_db=self.audit_db, resume=False)
+            batch = run_batch([Case(case_id=_safe(series.series_uid), path=series.folder, kind="dicom")],
+                              self.predictor, options, command=["resunet", "dicom-node", str(self.listener.config.ae_title)])
+            result.records = batch.records
+            bad = [r for r in batch.records if r.get("status") != "ok"]
+            if bad:
+                raise PacsError(f"series {series.series_uid}: {bad[0].get('reason')}")
+            files = [self.out_dir / o["path"] for r in batch.records
+                     for key, o in (r.get("outputs") or {}).items() if key in DICOM_OUTPUTS]
+            if self.destination is not None and files:
+                send_files(files, self.destination, calling_aet=self.listener.config.ae_title)
+                result.sent = files
+        except Exception as err:  # noqa: BLE001 - one bad series must not stop the node
+            result.error = str(err) if isinstance(err, ResunetError) else f"internal error ({type(err).__name__}: {err})"
+            log.error("DICOM node: %s", result.error)
+        finally:
+            if not self.keep_incoming:
+                shutil.rmtree(series.folder, ignore_errors=True)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _work(self) -> None:
+        while True:
+            series = self._queue.get()
+            if series is None:
+                return
+            result = self.process(series)
+            with self.done:
+                self.results.append(result)
+                self.done.notify_all()
+
+    def wait_for(self, n: int, timeout: float) -> list[NodeResult]:
+        """Block until ``n`` series were processed (or ``timeout`` s); returns the results so far."""
+        with self.done:
+            self.done.wait_for(lambda: len(self.results) >= n, timeout=timeout)
+            return list(self.results)
+
+    def start(self) -> "DicomNode":
+        self._worker = threading.Thread(target=self._work, name="resunet-dicom-worker", daemon=True)
+        self._worker.start()
+        self.listener.start()
+        return self
+
+    def stop(self) -> None:
+        self.listener.stop()
+        self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+
+    def __enter__(self) -> "DicomNode":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

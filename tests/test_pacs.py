@@ -1,0 +1,170 @@
+"""PACS in and out against a real Orthanc (Debian orthanc + orthanc-dicomweb) on loopback.
+
+(a) DICOMweb: the example study is uploaded to Orthanc, ``resunet predict --pacs URL --study UID``
+pulls it (WADO-RS), segments it and stores SEG + RTSTRUCT (STOW-RS); the SEG is then found in
+Orthanc under the same study (QIDO-RS), retrieved, and read back with highdicom onto the source
+voxels, equal to a local ``resunet predict`` of the same files.
+(b) DIMSE: a resunet DICOM node (C-STORE SCP) receives the study from Orthanc ("send to modality"),
+segments the complete series and sends the SEG back with C-STORE to Orthanc.
+
+The bundled model without TTA: a real brain mask in about a second per run on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from orthanc_support import ORTHANC_AET, dicomweb_plugin, orthanc_binary, start_orthanc
+from test_app_support import BUNDLED_MODEL, EXAMPLE_DICOM, free_port
+
+from resunet.cli import main
+from resunet.errors import ConfigError, PacsError
+from resunet.io import load_study, read_dicom_seg, read_nifti, read_rtstruct
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
+                       reason="Debian orthanc + orthanc-dicomweb not installed (.ci/run installs them)"),
+]
+LISTENER_AET = "RESUNET"
+PREDICT = ["--model", str(BUNDLED_MODEL), "--no-tta", "--no-audit", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def listener_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, listener_port):
+    """A real Orthanc holding the example study; it knows the resunet node as modality ``resunet``."""
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), {"resunet": (LISTENER_AET, "127.0.0.1", listener_port)})
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def study_uid() -> str:
+    return str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+
+
+@pytest.fixture(scope="module")
+def local_mask(tmp_path_factory) -> np.ndarray:
+    """The same model on the local files (the reference for what came back from the PACS)."""
+    out = tmp_path_factory.mktemp("local")
+    assert main(["predict", str(EXAMPLE_DICOM), "--out", str(out), "--format", "nifti", *PREDICT]) == 0
+    return np.asarray(read_nifti(out / f"{EXAMPLE_DICOM.name}.nii.gz").array)
+
+
+def _series_by_modality(orthanc, study_uid):
+    from resunet.pacs import PacsClient, PacsConfig
+
+    client = PacsClient(PacsConfig(orthanc.dicomweb))
+    found: dict[str, list[str]] = {}
+    for s in client.search_series(study_uid):
+        found.setdefault(s.modality, []).append(s.series_uid)
+    return client, found
+
+
+def test_predict_from_pacs_stores_seg_and_rtstruct_in_the_same_study(orthanc, study_uid, local_mask, tmp_path, capsys):
+    from resunet.pacs import PacsClient, PacsConfig
+
+    studies = PacsClient(PacsConfig(orthanc.dicomweb)).search_studies()
+    assert [s.study_uid for s in studies] == [study_uid] and studies[0].n_instances == 91
+    out = tmp_path / "out"
+    rc = main(["predict", "--pacs", orthanc.dicomweb, "--study", study_uid, "--out", str(out),
+               "--format", "nifti,seg,rtstruct", *PREDICT])
+    assert rc == 0, capsys.readouterr().err
+    assert "stored" in capsys.readouterr().err
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["cases"][0]["status"] == "ok" and set(summary["cases"][0]["outputs"]) == {"mask", "seg", "rtstruct"}
+
+    client, found = _series_by_modality(orthanc, study_uid)  # QIDO: the results are in the same study
+    assert set(found) == {"MR", "SEG", "RTSTRUCT"} and len(found["SEG"]) == 1
+    pulled = client.retrieve(study_uid, tmp_path / "back", found["SEG"] + found["RTSTRUCT"])
+    seg_file = next(p for p in pulled if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
+    rt_file = next(p for p in pulled if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT")
+    source = load_study(EXAMPLE_DICOM)  # the original files: the SEG references their SOP instances
+    seg_mask = read_dicom_seg(seg_file, source)
+    assert local_mask.sum() > 10000 and np.array_equal(np.asarray(seg_mask.array), local_mask)
+    rt = np.asarray(read_rtstruct(rt_file, source).array) == 1
+    assert 2.0 * (rt & (local_mask == 1)).sum() / (rt.sum() + (local_mask == 1).sum()) >= 0.97
+
+    ds = pydicom.dcmread(seg_file, stop_before_pixels=True)  # IHE AI Results: who made it
+    assert ds.StudyInstanceUID == study_uid
+    assert ds.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert ds.SegmentSequence[0].SegmentAlgorithmName.startswith("resunet ")
+    assert ds.ContributingEquipmentSequence[0].Manufacturer == "resunet"
+    assert summary["model"]["sha256"] in ds.ContributingEquipmentSequence[0].ContributionDescription
+
+
+def test_pacs_errors_are_one_clear_line(orthanc, tmp_path, capsys):
+    rc = main(["predict", "--pacs", orthanc.dicomweb, "--study", "1.2.3.999", "--out", str(tmp_path), *PREDICT])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no study 1.2.3.999" in err and "Traceback" not in err
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    rc = main(["predict", "--pacs", dead, "--study", "1.2.3", "--out", str(tmp_path), *PREDICT])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"PACS {dead} is unreachable" in err
+    rc = main(["predict", str(EXAMPLE_DICOM), "--pacs", orthanc.dicomweb, "--out", str(tmp_path), *PREDICT])
+    assert rc == 2 and "--pacs URL and --study UID go together" in capsys.readouterr().err
+    from resunet.pacs import PacsConfig
+
+    with pytest.raises(ConfigError, match="http"):
+        PacsConfig("pacs.local/dicom-web")
+
+
+def test_dicom_node_segments_a_study_sent_by_c_store_and_sends_the_seg_back(
+        orthanc, study_uid, local_mask, listener_port, tmp_path):
+    from resunet.inference.predictor import Predictor
+    from resunet.pacs import Destination, DicomNode, ListenerConfig, send_files
+
+    _, before = _series_by_modality(orthanc, study_uid)
+    predictor = Predictor(BUNDLED_MODEL, tta=False)
+    config = ListenerConfig(ae_title=LISTENER_AET, port=listener_port, incoming_dir=tmp_path / "incoming",
+                            settle_seconds=1.0, allowed_calling_aets=(ORTHANC_AET,))
+    destination = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
+    with DicomNode(config, predictor, tmp_path / "out", destination=destination, audit_db=False) as node:
+        # Orthanc's "send to modality" (its REST API), i.e. a real C-STORE SCU, to our listener
+        lookup = urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
+        with urllib.request.urlopen(lookup, timeout=30) as r:
+            orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
+        req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert r.status == 200
+        results = node.wait_for(1, timeout=120)
+        assert len(results) == 1 and results[0].error is None, results
+        # a sender whose AE title is not allowed is refused at association
+        with pytest.raises(PacsError, match="rejected the association"):
+            send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", listener_port, LISTENER_AET),
+                       calling_aet="STRANGER")
+    res = results[0]
+    assert res.series.n_instances == 91 and res.series.calling_aet == ORTHANC_AET
+    assert [p.name for p in res.sent] == [f"{res.series.series_uid}.seg.dcm"]
+    assert not res.series.folder.exists()  # received images are not kept
+
+    client, after = _series_by_modality(orthanc, study_uid)
+    new = sorted(set(after["SEG"]) - set(before.get("SEG", [])))
+    assert len(new) == 1
+    seg_file = client.retrieve(study_uid, tmp_path / "back", new)[0]
+    assert np.array_equal(np.asarray(read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM)).array), local_mask)
+
+
+def test_listener_port_in_use_and_bad_destination(tmp_path, orthanc):
+    from resunet.pacs import Destination, ListenerConfig, StoreListener, send_files
+
+    with pytest.raises(PacsError, match=f"cannot listen for DICOM on 127.0.0.1:{orthanc.port}"):
+        StoreListener(ListenerConfig(port=orthanc.port, incoming_dir=tmp_path), lambda s: None).start()
+    with pytest.raises(ConfigError, match="HOST:PORT:AET"):
+        Destination.parse("pacs.local:4242")
+    assert Destination.parse("pacs.local:4242:ORTHANC") == Destination("pacs.local", 4242, "ORTHANC")
+    with pytest.raises(PacsError, match="unreachable"):
+        send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", free_port(), "NOBODY"), timeout=5)
