@@ -13,6 +13,9 @@ The bundled model without TTA: a real brain mask in about a second per run on 2 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -168,3 +171,21 @@ def test_listener_port_in_use_and_bad_destination(tmp_path, orthanc):
     assert Destination.parse("pacs.local:4242:ORTHANC") == Destination("pacs.local", 4242, "ORTHANC")
     with pytest.raises(PacsError, match="unreachable"):
         send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", free_port(), "NOBODY"), timeout=5)
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
+    from resunet.pacs import ListenerConfig, StoreListener
+
+    got: list = []
+    port = free_port()
+    config = ListenerConfig(ae_title="RESUNET", port=port, incoming_dir=tmp_path / "in", settle_seconds=0.5)
+    with StoreListener(config, got.append):
+        subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "RESUNET", "+sd", "127.0.0.1", str(port),
+                        str(EXAMPLE_DICOM)], check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(got) == 1 and got[0].n_instances == 91 and got[0].calling_aet == "STORESCU"
+    vol = load_study(got[0].folder)  # what arrived is the study, voxel for voxel
+    assert np.array_equal(np.asarray(vol.array), np.asarray(load_study(EXAMPLE_DICOM).array))

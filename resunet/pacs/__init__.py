@@ -9,11 +9,19 @@ Segmentation always goes through :func:`resunet.inference.batch.run_batch` and t
 writers, so a SEG from the PACS path is the same file ``resunet predict`` writes. Details: docs/pacs.md.
 """
 
-from resunet.pacs.dicomweb import PacsClient, PacsConfig, SeriesSummary, StudySummary
-from resunet.pacs.dimse import DicomNode, Destination, ListenerConfig, ReceivedSeries, StoreListener, send_files
-from resunet.pacs.segment import PacsRun, segment_from_pacs
+import importlib
+from typing import Any
 
-__all__ = [
-    "Destination", "DicomNode", "ListenerConfig", "PacsClient", "PacsConfig", "PacsRun", "ReceivedSeries",
-    "SeriesSummary", "StoreListener", "StudySummary", "segment_from_pacs", "send_files",
-]
+#: public name -> submodule; imported on first use (segment pulls in torch, seconds at start-up)
+_WHERE = {
+    "PacsClient": "dicomweb", "PacsConfig": "dicomweb", "SeriesSummary": "dicomweb", "StudySummary": "dicomweb",
+    "Destination": "dimse", "DicomNode": "dimse", "ListenerConfig": "dimse", "ReceivedSeries": "dimse",
+    "StoreListener": "dimse", "send_files": "dimse", "PacsRun": "segment", "segment_from_pacs": "segment",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'resunet.pacs' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"resunet.pacs.{_WHERE[name]}"), name)
