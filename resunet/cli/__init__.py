@@ -16,7 +16,7 @@ from resunet import __version__
 from resunet.errors import ResunetError
 
 # Order is the order shown in ``resunet --help``.
-SUBCOMMANDS = ["convert", "train", "predict", "export", "info", "evaluate", "audit", "app"]
+SUBCOMMANDS = ["convert", "train", "predict", "export", "info", "evaluate", "audit", "app", "serve"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

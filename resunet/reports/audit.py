@@ -163,6 +163,15 @@ def read_runs(db_path: str | os.PathLike[str] | None = None) -> list[dict[str, A
     return rows
 
 
+def run_recorded(run_id: str, db_path: str | os.PathLike[str] | None = None) -> bool:
+    """True when the audit log holds a run with this ``run_id`` (lets a recorder killed midway retry once)."""
+    db = audit_db_path(db_path)
+    if not db.exists():
+        return False
+    with closing(_connect(db)) as conn:
+        return conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is not None
+
+
 def verify_log(db_path: str | os.PathLike[str] | None = None) -> list[str]:
     """Problems found in the audit log's hash chain (empty list = intact)."""
     problems = []

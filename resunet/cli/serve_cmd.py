@@ -1,0 +1,133 @@
+"""``resunet serve``: the REST inference service (FastAPI + uvicorn), model loaded once and kept warm.
+
+Binds to 127.0.0.1 by default. On any other address every request needs a bearer token
+(``resunet serve --add-token NAME``); with no token stored the service refuses to start there unless
+``--allow-anonymous``. See docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from resunet.errors import ConfigError
+
+log = logging.getLogger("resunet.serve")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from resunet.serve.config import DEFAULT_STATE_DIR, STATE_ENV, ServeConfig
+
+    d = ServeConfig.__dataclass_fields__
+    p = subparsers.add_parser(
+        "serve",
+        help="run the REST inference service (submit studies over HTTP, poll, fetch masks)",
+        description="Start the HTTP inference service with the model loaded once. Jobs persist in "
+        "STATE/jobs.sqlite and survive a restart. Token commands (--add-token, --remove-token, --list-tokens) "
+        "change STATE/tokens.json and exit. API and reverse-proxy set-up: docs/serve.md.",
+    )
+    p.add_argument("--host", default=d["host"].default,
+                   help="address to listen on (default 127.0.0.1: this machine only; anything else needs tokens)")
+    p.add_argument("--port", type=int, default=d["port"].default, help="TCP port (default 8000)")
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help=f"job database, tokens, uploads and results (default ${STATE_ENV} or {DEFAULT_STATE_DIR})")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="checkpoint (.pt) or export (.onnx, TorchScript); default: the bundled model")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--tta", dest="tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="mirror test-time augmentation, as resunet predict (default on)")
+    p.add_argument("--overlap", type=float, default=d["overlap"].default, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--sw-batch", type=int, default=d["sw_batch"].default, metavar="N", help="windows per network call (default 2)")
+    p.add_argument("--format", default="nifti,seg", metavar="LIST",
+                   help="outputs of a job that names none (default nifti,seg; as resunet predict --format)")
+    p.add_argument("--max-upload-mb", type=float, default=d["max_upload_mb"].default, metavar="MB",
+                   help="largest upload accepted, MB (default 2000); larger gets HTTP 413")
+    p.add_argument("--retention-hours", type=float, default=d["retention_hours"].default, metavar="H",
+                   help="delete uploads and results this many hours after a job finishes (default 72)")
+    p.add_argument("--sweep-interval", type=float, default=d["sweep_interval_s"].default, metavar="S",
+                   help="seconds between retention sweeps (default 60)")
+    p.add_argument("--require-token", action="store_true", help="ask for a bearer token on loopback too")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="serve a non-loopback address without tokens (anyone who reaches it can submit; not for hospitals)")
+    p.add_argument("--root-path", default="", metavar="PREFIX",
+                   help="URL prefix the reverse proxy serves this under (e.g. /resunet)")
+    p.add_argument("--forwarded-allow-ips", default=d["forwarded_allow_ips"].default, metavar="IPS",
+                   help="proxies whose X-Forwarded-For/-Proto headers are trusted (comma list; default 127.0.0.1)")
+    p.add_argument("--audit-db", default=None, metavar="FILE",
+                   help="audit log (default $RESUNET_AUDIT_DB or ~/.resunet/audit.sqlite)")
+    p.add_argument("--no-audit", action="store_true", help="do not record jobs in the audit log")
+    p.add_argument("--add-token", metavar="NAME", help="make a token for NAME, print it once, store its hash, and exit")
+    p.add_argument("--remove-token", metavar="NAME", help="delete the token NAME and exit")
+    p.add_argument("--list-tokens", action="store_true", help="print the names of the stored tokens and exit")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
+    from resunet.serve.config import ServeConfig
+
+    kwargs = dict(
+        host=args.host, port=args.port, model=Path(args.model) if args.model else None, device=args.device,
+        tta=args.tta, overlap=args.overlap, sw_batch=args.sw_batch,
+        formats=tuple(f.strip().lower() for f in args.format.split(",") if f.strip()),
+        max_upload_mb=args.max_upload_mb, retention_hours=args.retention_hours, sweep_interval_s=args.sweep_interval,
+        require_token=args.require_token, allow_anonymous=args.allow_anonymous, root_path=args.root_path,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        audit_db=False if args.no_audit else (Path(args.audit_db) if args.audit_db else None),
+    )
+    if args.state_dir is not None:
+        kwargs["state_dir"] = args.state_dir
+    return ServeConfig(**kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resunet.serve.jobs import segment_options
+    from resunet.serve.tokens import TOKENS_FILE, TokenStore
+
+    config = config_from_args(args)
+    tokens = TokenStore(config.state_dir / TOKENS_FILE)
+    if args.add_token:
+        token = tokens.add(args.add_token)
+        print(f"token for {args.add_token} (shown once; only its SHA-256 is stored in {tokens.path}):", file=sys.stderr)
+        print(token)
+        return 0
+    if args.remove_token:
+        tokens.remove(args.remove_token)
+        print(f"removed token {args.remove_token} from {tokens.path}", file=sys.stderr)
+        return 0
+    if args.list_tokens:
+        for name in tokens.names():
+            print(name)
+        return 0
+    n_tokens = len(tokens)
+    if not config.loopback:
+        if n_tokens == 0 and not config.allow_anonymous:
+            raise ConfigError(
+                f"--host {config.host} can be reached from other machines, but {tokens.path} holds no token; add one with "
+                f"`resunet serve --add-token NAME --state-dir {config.state_dir}` (or pass --allow-anonymous, not for patient data)"
+            )
+        if config.allow_anonymous:
+            log.warning("!" * 78)
+            log.warning("ANONYMOUS ACCESS: --allow-anonymous on %s: anyone who can reach this port can submit studies "
+                        "and download results. Use tokens for patient data.", config.host)
+            log.warning("!" * 78)
+    if config.auth_required and n_tokens == 0:
+        raise ConfigError(f"--require-token but {tokens.path} holds no token; add one with `resunet serve --add-token NAME`")
+    segment_options({"formats": list(config.formats)}, ())  # a bad --format is a start-up error
+
+    import uvicorn
+
+    from resunet.serve.app import create_app
+    from resunet.serve.service import Service
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    service = Service(config).open()
+    app = create_app(service)
+    log.info("resunet serve on http://%s:%d%s (state %s, auth %s, retention %g h, uploads up to %g MB)",
+             config.host, config.port, config.root_path, config.state_dir,
+             "bearer token" if config.auth_required else "none (loopback)" if config.loopback else "NONE (anonymous)",
+             config.retention_hours, config.max_upload_mb)
+    uvicorn.run(app, host=config.host, port=config.port, root_path=config.root_path, proxy_headers=True,
+                forwarded_allow_ips=config.forwarded_allow_ips, log_level="info", timeout_keep_alive=30)
+    return 0

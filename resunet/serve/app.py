@@ -1,0 +1,209 @@
+"""The HTTP API of ``resunet serve`` (FastAPI): submit, poll, fetch; health, readiness, metrics.
+
+Routes (``/docs`` shows them with their schemas):
+
+- ``POST /v1/jobs`` (multipart: ``files`` = one NIfTI, one .zip of a DICOM series, or DICOM files;
+  form fields ``formats``, ``uncertainty``, ``probabilities``, ``series_uid``) -> 202 with the job;
+- ``GET /v1/jobs/{id}`` -> the job's state, error, results and output links; ``GET /v1/jobs`` -> recent jobs;
+- ``GET /v1/jobs/{id}/outputs/{key}`` -> one result file (``mask``, ``seg``, ``uncertainty``,
+  ``predictions``, ...); ``GET /v1/jobs/{id}/predictions`` -> the predictions JSON;
+- ``GET /healthz`` (process alive), ``GET /readyz`` (model loaded: 200, else 503), ``GET /metrics``.
+
+Errors are JSON ``{"detail": "<one line>"}``: 4xx with the library's message for bad input (the same
+text ``resunet predict`` prints), 401 without a valid token where one is needed, 404 for an unknown
+job or output, 409 when the job is not done yet, 410 when retention deleted its files, 413 for an
+upload over the limit. Never a traceback: anything unexpected is logged and answered with a one-line 500.
+"""
+
+# no "from __future__ import annotations": FastAPI reads these annotations at run time, closures included
+
+import inspect
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from resunet import __version__
+from resunet.errors import ResunetError
+from resunet.serve.queue import Job
+from resunet.serve.service import Service, UploadTooLarge, _iso
+
+log = logging.getLogger("resunet.serve")
+
+_bearer = HTTPBearer(auto_error=False, description="a token made by `resunet serve --add-token NAME`")
+
+
+def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
+    """The FastAPI application over ``service`` (already :meth:`~Service.open`).
+
+    Args:
+        manage_lifecycle: start the service's threads when the server starts and stop them at shutdown.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            service.start()
+        yield
+        if manage_lifecycle:
+            service.stop()
+
+    kwargs: dict[str, Any] = {}
+    if "form_limits" in inspect.signature(FastAPI.__init__).parameters:  # FastAPI >= 0.13x: DICOM series as files
+        kwargs["form_limits"] = {"max_files": service.config.max_files}
+    app = FastAPI(
+        title="resunet serve",
+        version=__version__,
+        description="Segmentation of DICOM and NIfTI studies with a warm Residual U-Net: submit a study, poll the "
+        "job, fetch the mask (NIfTI, DICOM SEG, ...), the predictions JSON and the uncertainty map.",
+        lifespan=lifespan,
+        root_path=service.config.root_path,
+        **kwargs,
+    )
+    metrics = service.metrics
+    assert metrics is not None and service.queue is not None
+    queue = service.queue
+    max_bytes = service.config.max_upload_bytes
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_bytes + 1_000_000:  # + room for multipart framing
+            response: Response = JSONResponse(
+                {"detail": f"upload larger than the limit of {service.config.max_upload_mb:g} MB; ask the operator to "
+                 "raise --max-upload-mb or send a smaller study"}, status_code=413)
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # noqa: BLE001 - never a traceback to the client
+                log.exception("unhandled error on %s %s", request.method, request.url.path)
+                response = JSONResponse({"detail": "internal error; the service log has the details"}, status_code=500)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(ResunetError)
+    async def resunet_error(request: Request, err: ResunetError) -> JSONResponse:
+        status = 413 if isinstance(err, UploadTooLarge) else 422
+        return JSONResponse({"detail": str(err)}, status_code=status)
+
+    def who(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+        """The token's name; 401 when a token is needed and missing or unknown."""
+        name = service.tokens.check(creds.credentials) if creds is not None else None
+        if name is not None:
+            return name
+        if service.config.auth_required:
+            raise HTTPException(
+                status_code=401,
+                detail="a valid bearer token is needed (Authorization: Bearer <token>); ask the operator for one "
+                "(resunet serve --add-token NAME)" if creds is None else "unknown or revoked token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return "anonymous"
+
+    def job_or_404(job_id: str) -> Job:
+        job = queue.get(job_id)
+        if job is None:
+            raise HTTPException(status_code=404, detail=f"no job {job_id!r} on this service")
+        return job
+
+    def describe(job: Job, request: Request) -> dict[str, Any]:
+        base = str(request.base_url).rstrip("/")
+        out: dict[str, Any] = {
+            "id": job.id, "kind": job.kind, "state": job.state, "input": job.input_name,
+            "input_sha256": job.input_sha256, "submitted_by": job.submitted_by, "options": job.options,
+            "created_utc": _iso(job.created_at), "started_utc": _iso(job.started_at),
+            "finished_utc": _iso(job.finished_at), "attempts": job.attempts, "error": job.error,
+            "url": f"{base}/v1/jobs/{job.id}",
+        }
+        if job.state == "done":
+            out["result"] = job.result
+            out["outputs"] = {
+                k: {"file": o["path"].rsplit("/", 1)[-1], "sha256": o.get("sha256"), "size_bytes": o.get("size_bytes"),
+                    "url": f"{base}/v1/jobs/{job.id}/outputs/{k}"}
+                for k, o in sorted(job.outputs.items())
+            }
+        if job.purged_at is not None:
+            out["files_deleted_utc"] = _iso(job.purged_at)
+        return out
+
+    @app.post("/v1/jobs", status_code=202, summary="Submit a study; returns the queued job at once")
+    def submit(
+        request: Request,
+        user: Annotated[str, Depends(who)],
+        files: Annotated[list[UploadFile], File(description="one .nii/.nii.gz, one .zip of a DICOM series, or DICOM files")],
+        formats: Annotated[str | None, Form(description="comma-separated output formats (default: the service's --format)")] = None,
+        uncertainty: Annotated[bool, Form(description="also write the TTA uncertainty map")] = False,
+        probabilities: Annotated[bool, Form(description="also write per-label probability maps")] = False,
+        series_uid: Annotated[str | None, Form(description="DICOM series to read (default: the largest)")] = None,
+    ) -> JSONResponse:
+        # a plain def: FastAPI runs it in its thread pool, so copying and checking the upload does not block
+        options = {"formats": formats, "uncertainty": uncertainty, "probabilities": probabilities, "series_uid": series_uid}
+        job = service.submit([(f.filename, f.file) for f in files], options, user)
+        log.info("job %s queued: %s from %s", job.id, job.input_name, user)
+        body = describe(job, request)
+        return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
+
+    @app.get("/v1/jobs", summary="Recent jobs, newest first")
+    def list_jobs(request: Request, user: Annotated[str, Depends(who)], state: str | None = None,
+                  limit: int = 100) -> dict[str, Any]:
+        return {"jobs": [describe(j, request) for j in queue.jobs(state, max(1, min(limit, 1000)))],
+                "counts": queue.counts()}
+
+    @app.get("/v1/jobs/{job_id}", summary="State of a job, its results and output links")
+    def get_job(job_id: str, request: Request, user: Annotated[str, Depends(who)]) -> dict[str, Any]:
+        return describe(job_or_404(job_id), request)
+
+    def output_file(job: Job, key: str) -> FileResponse:
+        if job.state in ("queued", "running"):
+            raise HTTPException(status_code=409, detail=f"job {job.id} is {job.state}; poll /v1/jobs/{job.id} until done")
+        if job.state == "failed":
+            raise HTTPException(status_code=409, detail=f"job {job.id} failed: {job.error}")
+        if job.purged_at is not None:
+            raise HTTPException(status_code=410, detail=f"the files of job {job.id} were deleted after the retention time")
+        rec = job.outputs.get(key)
+        if rec is None:
+            raise HTTPException(status_code=404, detail=f"job {job.id} has no output {key!r}; it has: {', '.join(sorted(job.outputs))}")
+        path = service.job_dir(job.id) / rec["path"]
+        if not path.is_file():
+            raise HTTPException(status_code=410, detail=f"output {key!r} of job {job.id} is gone from the service's disk")
+        media = "application/json" if path.suffix == ".json" else (
+            "application/dicom" if path.suffix == ".dcm" else "application/gzip")
+        return FileResponse(path, media_type=media, filename=path.name, headers={"X-Content-SHA256": rec["sha256"]})
+
+    @app.get("/v1/jobs/{job_id}/outputs/{key}", summary="Download one result file of a done job")
+    def get_output(job_id: str, key: str, user: Annotated[str, Depends(who)]) -> FileResponse:
+        return output_file(job_or_404(job_id), key)
+
+    @app.get("/v1/jobs/{job_id}/predictions", summary="The predictions JSON (volumes per label, hashes, model)")
+    def get_predictions(job_id: str, user: Annotated[str, Depends(who)]) -> FileResponse:
+        return output_file(job_or_404(job_id), "predictions")
+
+    @app.get("/healthz", summary="The process is alive")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "uptime_s": round(time.time() - service.started_at, 3)}
+
+    @app.get("/readyz", summary="The model is loaded and warm (503 until then)")
+    def readyz() -> JSONResponse:
+        model = service.model
+        body: dict[str, Any] = {"ready": service.ready}
+        if model is not None:
+            body["model"] = {"name": model.name, "sha256": model.sha256, "kind": model.kind}
+        if service.model_error:
+            body["error"] = service.model_error
+        return JSONResponse(body, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def get_metrics(user: Annotated[str, Depends(who)]) -> Response:
+        from resunet.serve.metrics import CONTENT_TYPE
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,82 @@
+"""Settings of ``resunet serve`` in one dataclass (every default here)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from resunet.errors import ConfigError
+from resunet.netaddr import is_loopback_address
+
+#: Default state folder (job database, tokens, uploads, results); ``$RESUNET_SERVE_STATE`` overrides it.
+DEFAULT_STATE_DIR = Path("~/.resunet/serve")
+STATE_ENV = "RESUNET_SERVE_STATE"
+
+
+@dataclass
+class ServeConfig:
+    """How the service runs.
+
+    Attributes:
+        state_dir: folder for ``jobs.sqlite`` (queue), ``tokens.json``, ``jobs/<id>/`` (uploads and results).
+        host, port: where uvicorn listens.
+        model: checkpoint/export path; None = the bundled model.
+        device, tta, overlap, sw_batch: Predictor settings, as ``resunet predict`` (TTA on by default).
+        formats: output formats of a job that names none (``resunet.inference.batch.FORMATS``).
+        max_upload_mb: largest request body accepted, MB (1 MB = 10^6 bytes); larger gets HTTP 413.
+        retention_hours: uploads and results of finished jobs are deleted this long after they finish.
+        sweep_interval_s: how often the retention sweep runs, s.
+        require_token: ask for a bearer token even on loopback.
+        allow_anonymous: serve without tokens on a non-loopback address (logged as a warning).
+        root_path: URL prefix when behind a reverse proxy that strips it (uvicorn ``root_path``).
+        forwarded_allow_ips: proxies whose X-Forwarded-* headers are trusted (uvicorn).
+        audit_db: audit log path; None = the default (``$RESUNET_AUDIT_DB`` or ~/.resunet/audit.sqlite);
+            False = no audit records.
+        max_files: most files in one multipart upload (DICOM slices); send a .zip for more.
+    """
+
+    state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: Path | None = None
+    device: str = "auto"
+    tta: bool = True
+    overlap: float = 0.5
+    sw_batch: int = 2
+    formats: tuple[str, ...] = ("nifti", "seg")
+    max_upload_mb: float = 2000.0
+    retention_hours: float = 72.0
+    sweep_interval_s: float = 60.0
+    require_token: bool = False
+    allow_anonymous: bool = False
+    root_path: str = ""
+    forwarded_allow_ips: str = "127.0.0.1"
+    audit_db: Path | bool | None = None
+    max_files: int = 5000
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).expanduser()
+        if self.max_upload_mb <= 0:
+            raise ConfigError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+        if self.retention_hours <= 0:
+            raise ConfigError(f"--retention-hours must be > 0, got {self.retention_hours}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback_address(self.host)
+
+    @property
+    def auth_required(self) -> bool:
+        """Bearer token needed on every job/metrics request: off loopback (unless anonymous is allowed) or asked for."""
+        return self.require_token or (not self.loopback and not self.allow_anonymous)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_hours * 3600.0

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the service (prometheus-client), on ``GET /metrics``.
+
+Names (all prefixed ``resunet_``):
+
+- ``resunet_http_requests_total{method,route,status}``: requests answered;
+- ``resunet_http_request_duration_seconds{method,route}``: latency histogram, s;
+- ``resunet_queue_depth{state}``: jobs per state (queued, running, done, failed), read from the queue
+  database at scrape time;
+- ``resunet_jobs_finished_total{outcome}`` (done/failed) and ``resunet_job_failures_total``;
+- ``resunet_job_duration_seconds``: claim-to-finish time of a job, s;
+- ``resunet_model_load_seconds``: time to load and warm up the model at start-up, s;
+- ``resunet_model_ready``: 1 once the model is loaded;
+- the standard ``process_*`` metrics (resident memory, CPU seconds, open files).
+
+Each service has its own registry, so tests can run several in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Latency buckets, s: from a health check (ms) to a large study on CPU (minutes).
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("resunet_queue_depth", "Jobs in the queue database per state", labels=["state"])
+        for state, n in self._counts().items():
+            g.add_metric([state], n)
+        yield g
+
+
+class Metrics:
+    """The service's metrics; ``counts`` returns jobs per state (JobQueue.counts)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("resunet_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r)
+        self.latency = Histogram("resunet_http_request_duration_seconds", "HTTP request latency, s",
+                                 ["method", "route"], buckets=BUCKETS, registry=r)
+        self.jobs_finished = Counter("resunet_jobs_finished", "Jobs finished, by outcome", ["outcome"], registry=r)
+        self.job_failures = Counter("resunet_job_failures", "Jobs that failed", registry=r)
+        self.job_duration = Histogram("resunet_job_duration_seconds", "Job run time (claim to finish), s",
+                                      buckets=BUCKETS, registry=r)
+        self.model_load = Gauge("resunet_model_load_seconds", "Time to load and warm up the model, s", registry=r)
+        self.model_ready = Gauge("resunet_model_ready", "1 once the model is loaded and warm", registry=r)
+        r.register(_QueueCollector(counts))
+        ProcessCollector(registry=r)
+
+    def render(self) -> bytes:
+        """The exposition text for ``GET /metrics``."""
+        return generate_latest(self.registry)

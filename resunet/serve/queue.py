@@ -1,0 +1,326 @@
+"""The service's job queue: one SQLite database file (WAL) in the state folder.
+
+Why SQLite and not a dict: an accepted job must survive a SIGKILL of the service. Every state change
+is one transaction, so after a crash the database holds exactly the jobs that were accepted (the
+HTTP 202 is sent after the ``enqueue`` commit) and the ones that were finished (``finish`` commits the
+state ``done`` together with the output hashes).
+
+Job life cycle (column ``state``)::
+
+    queued --claim--> running --finish--> done
+                         |------fail----> failed
+    running --(service killed, restarted)--> queued   (requeue_running at start-up; attempts + 1)
+
+- :meth:`JobQueue.claim` takes the oldest queued job atomically (``BEGIN IMMEDIATE``) and stamps it
+  with a fresh claim token; :meth:`finish`/:meth:`fail` only change a job that still holds that token,
+  so a job can be finished once only. Each transition is also appended to the ``events`` table, which
+  is how "finished exactly once" is checked (one ``done`` event per job).
+- Jobs have a ``kind`` (``"segment"``: segment the uploaded study) and free-form ``options`` (JSON).
+  Other modules add kinds without touching this file: call :meth:`JobQueue.enqueue` with a new kind
+  and register its handler with :func:`resunet.serve.jobs.register_kind` (see docs/ARCHITECTURE.md).
+- Only one service process may use a state folder at a time (``resunet.serve.service`` holds a lock);
+  that is what makes "re-queue every running job at start-up" safe.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from resunet.errors import ConfigError
+
+#: Job states, in life-cycle order.
+STATES = ("queued", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    submitted_by TEXT,
+    input_name TEXT,
+    input_path TEXT,
+    input_sha256 TEXT,
+    options_json TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claim TEXT,
+    error TEXT,
+    outputs_json TEXT,
+    result_json TEXT,
+    audit_run_id TEXT,
+    purged_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+"""
+
+
+@dataclass
+class Job:
+    """One row of the ``jobs`` table.
+
+    Attributes:
+        id: 32 hex characters (uuid4).
+        kind: what the worker does with it (``"segment"``, or a kind another module registered).
+        state: one of :data:`STATES`.
+        submitted_by: token name of the submitter (``"anonymous"`` without auth).
+        input_name: the name the client gave (file name or ``n DICOM files``); shown in messages.
+        input_path: the stored input (file or folder), absolute; None for kinds that fetch their input.
+        input_sha256: SHA-256 of the stored input (``resunet.io.hashing.sha256_path``).
+        options: kind-specific options (for ``segment``: ``formats``, ``uncertainty``, ...).
+        created_at, started_at, finished_at, purged_at: Unix times, s.
+        attempts: how many times a worker claimed it (> 1 after a crash mid-job).
+        claim: token of the current claim (running jobs only).
+        error: the one-line reason of a failed job.
+        outputs: ``{key: {"path" (relative to the job folder), "sha256", "size_bytes"}}`` of a done job.
+        result: kind-specific results (for ``segment``: volumes per label, model, timings).
+        audit_run_id: the audit-log run id once recorded there.
+    """
+
+    id: str
+    kind: str
+    state: str
+    submitted_by: str | None
+    input_name: str | None
+    input_path: str | None
+    input_sha256: str | None
+    options: dict[str, Any]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    claim: str | None = None
+    error: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    audit_run_id: str | None = None
+    purged_at: float | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        return cls(
+            id=row["id"], kind=row["kind"], state=row["state"], submitted_by=row["submitted_by"],
+            input_name=row["input_name"], input_path=row["input_path"], input_sha256=row["input_sha256"],
+            options=json.loads(row["options_json"] or "{}"), created_at=row["created_at"],
+            started_at=row["started_at"], finished_at=row["finished_at"], attempts=row["attempts"],
+            claim=row["claim"], error=row["error"], outputs=json.loads(row["outputs_json"] or "{}"),
+            result=json.loads(row["result_json"] or "{}"), audit_run_id=row["audit_run_id"],
+            purged_at=row["purged_at"],
+        )
+
+
+class JobQueue:
+    """The SQLite job queue at ``path`` (created with its tables on first use).
+
+    Safe to use from several threads (one connection per thread) and processes (SQLite locking; WAL
+    lets readers run while the worker writes).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn().executescript(_SCHEMA)  # IF NOT EXISTS: safe on every start
+        except (OSError, sqlite3.Error) as err:
+            raise ConfigError(f"cannot open the job database {self.path}: {err}; check the state folder") from err
+
+    # -- connections --------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a committed 202/done survives power loss too
+            self._local.conn = conn
+        return conn
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: Any, *rest: Any) -> None:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+    def _tx(self) -> "JobQueue._Tx":
+        """One write transaction (``BEGIN IMMEDIATE``: takes the write lock at once)."""
+        return JobQueue._Tx(self._conn())
+
+    @staticmethod
+    def _event(conn: sqlite3.Connection, job_id: str, event: str, detail: str | None = None) -> None:
+        conn.execute("INSERT INTO events (job_id, at, event, detail) VALUES (?, ?, ?, ?)",
+                     (job_id, time.time(), event, detail))
+
+    # -- the API other modules use -----------------------------------------------------------------
+    def enqueue(
+        self,
+        kind: str,
+        *,
+        input_path: str | Path | None = None,
+        input_name: str | None = None,
+        input_sha256: str | None = None,
+        options: dict[str, Any] | None = None,
+        submitted_by: str | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        """Add a job in state ``queued`` and return it (committed when this returns).
+
+        Args:
+            kind: a kind registered with :func:`resunet.serve.jobs.register_kind` (``"segment"`` built in).
+            input_path: stored input file or folder (the job owns it: retention deletes it); None when the
+                job fetches its input itself (e.g. a PACS pull).
+            input_name: what to call the input in messages and listings.
+            input_sha256: SHA-256 of the input, if known.
+            options: JSON-able, kind-specific options.
+            submitted_by: who asked (token name, AE title, ...); recorded in the audit log.
+            job_id: a chosen id (32 hex); default a new uuid4.
+        """
+        job_id = job_id or uuid.uuid4().hex
+        opts = json.dumps(options or {}, sort_keys=True)
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO jobs (id, kind, state, submitted_by, input_name, input_path, input_sha256,"
+                " options_json, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, submitted_by, input_name, str(input_path) if input_path else None,
+                 input_sha256, opts, now),
+            )
+            self._event(conn, job_id, "queued")
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def claim(self) -> Job | None:
+        """Take the oldest queued job: state ``running``, a new claim token, attempts + 1; None if none."""
+        token = uuid.uuid4().hex
+        with self._tx() as conn:
+            row = conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE jobs SET state = 'running', claim = ?, started_at = ?, attempts = attempts + 1"
+                " WHERE id = ? AND state = 'queued'",
+                (token, time.time(), row["id"]),
+            )
+            self._event(conn, row["id"], "claimed", token)
+        return self.get(row["id"])
+
+    def finish(self, job: Job, outputs: dict[str, Any], result: dict[str, Any] | None = None) -> bool:
+        """Mark ``job`` done with its output records, in one transaction; False if its claim is stale."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'done', finished_at = ?, outputs_json = ?, result_json = ?, claim = NULL,"
+                " error = NULL WHERE id = ? AND state = 'running' AND claim = ?",
+                (time.time(), json.dumps(outputs, sort_keys=True), json.dumps(result or {}, sort_keys=True, default=str),
+                 job.id, job.claim),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(conn, job.id, "done", json.dumps({k: v.get("sha256") for k, v in outputs.items()}))
+        return True
+
+    def fail(self, job: Job, message: str) -> bool:
+        """Mark ``job`` failed with a one-line ``message``; False if its claim is stale."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, error = ?, claim = NULL"
+                " WHERE id = ? AND state = 'running' AND claim = ?",
+                (time.time(), message, job.id, job.claim),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(conn, job.id, "failed", message)
+        return True
+
+    def requeue_running(self) -> list[str]:
+        """Put every ``running`` job back to ``queued`` (start-up after a crash); returns their ids."""
+        with self._tx() as conn:
+            ids = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY seq")]
+            conn.execute("UPDATE jobs SET state = 'queued', claim = NULL WHERE state = 'running'")
+            for i in ids:
+                self._event(conn, i, "requeued")
+        return ids
+
+    # -- listings -------------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per state (every state present, 0 when none)."""
+        out = {s: 0 for s in STATES}
+        for row in self._conn().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            out[row["state"]] = int(row["n"])
+        return out
+
+    def jobs(self, state: str | None = None, limit: int = 1000) -> list[Job]:
+        """Jobs (newest first), optionally of one state."""
+        if state is None:
+            rows = self._conn().execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+        else:
+            rows = self._conn().execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
+        return [Job.from_row(r) for r in rows]
+
+    def finished_before(self, when: float) -> list[Job]:
+        """Done/failed jobs finished before Unix time ``when`` whose files are not purged yet."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE state IN ('done', 'failed') AND finished_at < ? AND purged_at IS NULL"
+            " ORDER BY seq", (when,))
+        return [Job.from_row(r) for r in rows]
+
+    def mark_purged(self, job_id: str) -> None:
+        """Record that retention deleted the job's files (the row stays: it is what the audit log points to)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET purged_at = ? WHERE id = ?", (time.time(), job_id))
+            self._event(conn, job_id, "purged")
+
+    def unaudited(self) -> list[Job]:
+        """Finished jobs not yet recorded in the audit log (the recorder was killed in between)."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE state IN ('done', 'failed') AND audit_run_id IS NULL ORDER BY seq")
+        return [Job.from_row(r) for r in rows]
+
+    def mark_audited(self, job_id: str, run_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET audit_run_id = ? WHERE id = ?", (run_id, job_id))
+
+    def known_ids(self) -> set[str]:
+        return {r["id"] for r in self._conn().execute("SELECT id FROM jobs")}
+
+    def events(self, job_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """The event log (oldest first): ``{"job_id", "at", "event", "detail"}``."""
+        sql = "SELECT job_id, at, event, detail FROM events"
+        rows = self._conn().execute(sql + " WHERE job_id = ? ORDER BY seq", (job_id,)) if job_id else \
+            self._conn().execute(sql + " ORDER BY seq")
+        for r in rows:
+            yield dict(r)
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,400 @@
+"""The service behind the HTTP API: state folder, warm model, worker thread, retention sweep, audit.
+
+One :class:`Service` per state folder (a lock file refuses a second one: "re-queue every running
+job at start-up" relies on it). Start-up order: :meth:`Service.open` (lock, queue database, re-queue
+jobs a killed service left ``running``, audit records a kill cut short) happens before uvicorn binds,
+so a wrong state folder is a one-line CLI error; :meth:`Service.start` then loads the model in a
+background thread (``/healthz`` answers at once, ``/readyz`` when the model is warm) and starts the
+worker and the retention sweep.
+
+Layout of the state folder::
+
+    jobs.sqlite          the queue (resunet.serve.queue), WAL mode
+    tokens.json          bearer-token hashes (resunet.serve.tokens)
+    service.lock         held by the running service
+    uploads/             uploads being received and checked (moved into jobs/<id>/input when accepted)
+    jobs/<id>/input/     the accepted study
+    jobs/<id>/out/       results (written by the batch runner of ``resunet predict``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+from resunet.errors import ConfigError, InputError, ResunetError
+from resunet.serve.config import ServeConfig
+from resunet.serve.jobs import KINDS, JobOutcome, client_message, segment_options
+from resunet.serve.metrics import Metrics
+from resunet.serve.queue import Job, JobQueue
+from resunet.serve.tokens import TOKENS_FILE, TokenStore
+
+log = logging.getLogger("resunet.serve")
+
+#: Upload file names kept as given when they are this plain; anything else is replaced by ``_``.
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def safe_upload_name(name: str | None, fallback: str) -> str:
+    """A file name safe to create in a folder: the last path part, plain characters, not hidden."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(ch if ch in _NAME_CHARS else "_" for ch in base).lstrip(".")[:128]
+    return base or fallback
+
+
+class UploadTooLarge(InputError):
+    """The upload is larger than ``--max-upload-mb``."""
+
+
+class Service:
+    """The state, model and threads of one ``resunet serve`` process."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
+        self.queue: JobQueue | None = None
+        self.metrics: Metrics | None = None
+        self.started_at = time.time()
+        self.model: Any = None
+        self.model_error: str | None = None
+        self._predictors: dict[bool, Any] = {}
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock_fh: Any = None
+        self.model_path: Path | None = None
+
+    # -- start-up ------------------------------------------------------------------------------------
+    def open(self) -> "Service":
+        """Lock the state folder, open the queue, re-queue jobs left running; raises ConfigError."""
+        import fcntl
+
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / "jobs").mkdir(exist_ok=True)
+            (self.state_dir / "uploads").mkdir(exist_ok=True)
+            self._lock_fh = open(self.state_dir / "service.lock", "a+")
+        except OSError as err:
+            raise ConfigError(f"cannot use the state folder {self.state_dir}: {err}; pass --state-dir with a writable folder") from None
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(
+                f"another resunet serve is running with the state folder {self.state_dir}; stop it or pass another --state-dir"
+            ) from None
+        self.queue = JobQueue(self.state_dir / "jobs.sqlite")
+        self.metrics = Metrics(self.queue.counts)
+        again = self.queue.requeue_running()
+        if again:
+            log.warning("re-queued %d job(s) left running by a stopped service: %s", len(again), ", ".join(again))
+        for p in (self.state_dir / "uploads").iterdir():  # uploads cut short by a kill never became jobs
+            shutil.rmtree(p, ignore_errors=True)
+        self.record_audits()
+        self.model_path = Path(self.config.model) if self.config.model else _bundled_model()
+        if not self.model_path.exists():
+            raise ConfigError(f"model {self.model_path} does not exist; pass --model with a checkpoint or export")
+        return self
+
+    def start(self) -> None:
+        """Load the model (background), then run the worker; run the retention sweep."""
+        self._threads = [
+            threading.Thread(target=self._load_then_work, name="resunet-serve-worker", daemon=True),
+            threading.Thread(target=self._sweep_loop, name="resunet-serve-retention", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the threads to end (a job being segmented finishes or is redone at the next start)."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def _load_model(self) -> None:
+        from resunet.inference import load_model
+
+        t0 = time.perf_counter()
+        self.model = load_model(self.model_path)
+        pred = self.predictor(uncertainty=False)
+        _warm_up(pred)
+        seconds = time.perf_counter() - t0
+        assert self.metrics is not None
+        self.metrics.model_load.set(seconds)
+        self.metrics.model_ready.set(1)
+        log.info("model %s (sha256 %s) loaded and warm in %.1f s on %s", self.model.name, self.model.sha256[:12],
+                 seconds, pred.device)
+        self._ready.set()
+
+    def predictor(self, uncertainty: bool = False) -> Any:
+        """The Predictor for this model and the service's settings (built once per uncertainty mode)."""
+        from resunet.inference import Predictor
+
+        key = bool(uncertainty)
+        if key not in self._predictors:
+            c = self.config
+            self._predictors[key] = Predictor(self.model, device=c.device, tta=c.tta, overlap=c.overlap,
+                                              sw_batch=c.sw_batch, uncertainty="tta" if key else None)
+        return self._predictors[key]
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.state_dir / "jobs" / job_id
+
+    def default_formats(self) -> tuple[str, ...]:
+        return tuple(self.config.formats)
+
+    # -- submitting -------------------------------------------------------------------------------
+    def submit(self, files: Sequence[tuple[str | None, BinaryIO]], options: dict[str, Any], who: str) -> Job:
+        """Store an upload, check it reads as a study (the CLI's message if not), queue a ``segment`` job.
+
+        Args:
+            files: ``(client file name, readable binary stream)`` per uploaded file: one NIfTI, one .zip,
+                or DICOM files.
+            options: ``segment`` options (see :func:`resunet.serve.jobs.segment_options`).
+            who: token name of the submitter.
+
+        Raises:
+            InputError, ConfigError: the upload or an option is not usable (HTTP 4xx with this message).
+        """
+        assert self.queue is not None
+        opts = segment_options(options, self.default_formats())
+        if not files:
+            raise InputError("no file uploaded; send one .nii/.nii.gz file, one .zip of a DICOM series, or DICOM files")
+        if len(files) > self.config.max_files:
+            raise InputError(f"{len(files)} files uploaded, more than the limit of {self.config.max_files}; send a .zip of the series")
+        names = [safe_upload_name(n, f"file{i:05d}") for i, (n, _) in enumerate(files)]
+        from resunet.io.nifti import is_nifti_path
+
+        n_nifti = sum(is_nifti_path(Path(n)) for n in names)
+        n_zip = sum(n.lower().endswith(".zip") for n in names)
+        if (n_nifti or n_zip) and len(names) > 1:
+            raise InputError(
+                f"{len(names)} files uploaded ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); send one NIfTI file, "
+                "one .zip, or only DICOM files, not a mix"
+            )
+        job_id = uuid.uuid4().hex
+        staging = self.state_dir / "uploads" / job_id
+        staging.mkdir(parents=True)
+        try:
+            if n_nifti or n_zip or len(names) == 1:  # one file: read as the CLI reads that file
+                target = staging / names[0]
+                display = names[0]
+                self._copy(files[0][1], target, 0)
+            else:
+                target = staging / "study"
+                target.mkdir()
+                display = f"{len(names)} DICOM files"
+                total = 0
+                seen: set[str] = set()
+                for i, ((_, fh), name) in enumerate(zip(files, names)):
+                    if name in seen:
+                        name = f"{i:05d}_{name}"
+                    seen.add(name)
+                    total = self._copy(fh, target / name, total)
+            self._check_study(target, opts["series_uid"], staging, display)
+            from resunet.io.hashing import sha256_path
+
+            sha = sha256_path(target)
+            final_dir = self.job_dir(job_id) / "input"
+            final_dir.parent.mkdir(parents=True)
+            os.replace(staging, final_dir)  # same filesystem: atomic
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        job = self.queue.enqueue("segment", input_path=final_dir / target.name, input_name=display,
+                                 input_sha256=sha, options=opts, submitted_by=who, job_id=job_id)
+        self._wake.set()
+        return job
+
+    def _copy(self, src: BinaryIO, dst: Path, total: int) -> int:
+        """Copy an upload to ``dst``; returns the running byte total; UploadTooLarge past the limit."""
+        limit = self.config.max_upload_bytes
+        with open(dst, "wb") as out:
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise UploadTooLarge(
+                        f"upload larger than the limit of {self.config.max_upload_mb:g} MB; ask the operator to raise "
+                        "--max-upload-mb or send a smaller study"
+                    )
+                out.write(chunk)
+        return total
+
+    @staticmethod
+    def _check_study(target: Path, series_uid: str | None, staging: Path, display: str) -> None:
+        """Read the study as the CLI would (load_study): its InputError, with client names, if it cannot be read."""
+        from resunet.io.loader import load_study
+
+        try:
+            load_study(target, series_uid=series_uid)
+        except ResunetError as err:
+            raise type(err)(_rename(str(err), staging, display)) from None
+        except Exception as err:  # a reader bug must still be a clear 4xx about this input
+            log.debug("reading upload %s failed:\n%s", display, traceback.format_exc())
+            raise InputError(f"{display}: cannot be read as a scan ({type(err).__name__}: {err})") from None
+
+    # -- the worker --------------------------------------------------------------------------------
+    def _load_then_work(self) -> None:
+        try:
+            self._load_model()
+        except Exception as err:  # noqa: BLE001 - the service stays up and says why on /readyz
+            self.model_error = str(err) if isinstance(err, ResunetError) else f"{type(err).__name__}: {err}"
+            log.error("cannot load the model %s: %s", self.model_path, self.model_error)
+            return
+        while not self._stop.is_set():
+            if not self.run_one():
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    def run_one(self) -> bool:
+        """Claim and run one job; False when the queue is empty."""
+        assert self.queue is not None and self.metrics is not None
+        job = self.queue.claim()
+        if job is None:
+            return False
+        t0 = time.perf_counter()
+        handler = KINDS.get(job.kind)
+        outcome: JobOutcome | None = None
+        error: str | None = None
+        try:
+            if handler is None:
+                raise ConfigError(f"job {job.id} has kind {job.kind!r}, which this service does not run")
+            outcome = handler(job, self)
+        except ResunetError as err:
+            error = client_message(str(err), self.job_dir(job.id), job.input_name, job.input_path)
+        except Exception as err:  # noqa: BLE001 - one bad job must not stop the worker
+            log.error("job %s failed with an internal error:\n%s", job.id, traceback.format_exc())
+            error = f"internal error ({type(err).__name__}: {client_message(str(err), self.job_dir(job.id), job.input_name, job.input_path)})"
+        if outcome is not None:
+            ok = self.queue.finish(job, outcome.outputs, outcome.result)
+            outcome_name = "done"
+        else:
+            ok = self.queue.fail(job, error or "unknown error")
+            outcome_name = "failed"
+            log.warning("job %s (%s) failed: %s", job.id, job.input_name, error)
+        if ok:
+            self.metrics.jobs_finished.labels(outcome_name).inc()
+            if outcome_name == "failed":
+                self.metrics.job_failures.inc()
+            self.metrics.job_duration.observe(time.perf_counter() - t0)
+        self.record_audits()
+        return True
+
+    def record_audits(self) -> None:
+        """Append every finished, not yet recorded job to the audit log (once: run id ``serve-<job id>``)."""
+        if self.config.audit_db is False or self.queue is None:
+            return
+        from resunet.reports.audit import record_run, run_recorded
+
+        db = None if self.config.audit_db in (None, True) else self.config.audit_db
+        for job in self.queue.unaudited():
+            run_id = f"serve-{job.id}"
+            try:
+                if not run_recorded(run_id, db):
+                    record_run("serve", self._provenance(job, run_id), self._output_records(job), db_path=db)
+                self.queue.mark_audited(job.id, run_id)
+            except ResunetError as err:
+                log.error("cannot record job %s in the audit log: %s", job.id, err)
+                return
+
+    def _provenance(self, job: Job, run_id: str) -> dict[str, Any]:
+        from resunet.reports.provenance import collect_provenance
+
+        prov = collect_provenance(command=["resunet", "serve", "job", job.id], run_id=run_id,
+                                  started_utc=_iso(job.started_at or job.created_at))
+        prov["user"] = job.submitted_by or "anonymous"
+        model = job.result.get("model") if job.result else None
+        if not model and self.model is not None:
+            model = {"name": self.model.name, "sha256": self.model.sha256}
+        prov["model"] = {**(model or {}), "path": str(self.model_path)}
+        prov["files"] = {"input": [{"path": job.input_name, "sha256": job.input_sha256}]}
+        prov["job"] = {"id": job.id, "kind": job.kind, "state": job.state, "error": job.error,
+                       "options": job.options, "attempts": job.attempts, "finished_utc": _iso(job.finished_at)}
+        return prov
+
+    def _output_records(self, job: Job) -> list[dict[str, Any]]:
+        return [{"path": str(self.job_dir(job.id) / o["path"]), "sha256": o["sha256"], "key": k}
+                for k, o in sorted(job.outputs.items())]
+
+    # -- retention ---------------------------------------------------------------------------------
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval_s):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - a failed sweep is retried at the next interval
+                log.error("retention sweep failed:\n%s", traceback.format_exc())
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete the files of jobs finished more than ``retention_hours`` ago; returns how many jobs."""
+        assert self.queue is not None
+        now = time.time() if now is None else now
+        cutoff = now - self.config.retention_s
+        n = 0
+        for job in self.queue.finished_before(cutoff):
+            shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+            self.queue.mark_purged(job.id)
+            n += 1
+        known = self.queue.known_ids()
+        for d in (self.state_dir / "jobs").iterdir():  # folders of uploads whose job row never committed
+            with contextlib.suppress(OSError):
+                if d.name not in known and d.stat().st_mtime < cutoff:
+                    shutil.rmtree(d, ignore_errors=True)
+        if n:
+            log.info("retention: deleted the files of %d job(s) finished more than %g h ago", n, self.config.retention_hours)
+        return n
+
+
+def _rename(message: str, staging: Path, display: str) -> str:
+    text = message
+    for folder in sorted({p for p in staging.rglob("*")} | {staging}, key=lambda p: -len(str(p))):
+        if folder.is_dir():
+            text = text.replace(str(folder) + "/", "")
+    return text.replace(str(staging), display)
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _bundled_model() -> Path:
+    from resunet.cli.predict_cmd import BUNDLED_MODEL
+
+    return BUNDLED_MODEL
+
+
+def _warm_up(predictor: Any) -> None:
+    """One prediction on a blank volume of one window at the model's spacing.
+
+    PyTorch's first convolutions on CPU cost seconds of one-off setup; paying them at start-up keeps
+    them off the first job. (The web UI does the same in app/runner.py, which the library cannot import.)
+    """
+    import numpy as np
+
+    from resunet.io.volume import Volume
+
+    spacing = [s or 1.0 for s in (predictor.plan.spacing or (1.0, 1.0, 1.0))]
+    patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
+    blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
+    predictor.predict(blank)

@@ -1,0 +1,101 @@
+"""Bearer tokens of the service: made by ``resunet serve --add-token NAME``, stored hashed.
+
+The tokens file (``<state>/tokens.json``) maps a name to the SHA-256 of its token; the token itself
+is printed once and never stored. A token is 32 random bytes (``secrets.token_urlsafe``), so a plain
+SHA-256 is enough (no password stretching needed: nothing to guess). Checking compares every stored
+hash with :func:`hmac.compare_digest`. The file is rewritten atomically (temp + rename) and made
+readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+
+from resunet.errors import ConfigError
+from resunet.io.atomic import atomic_path
+from resunet.reports.provenance import utc_now
+
+TOKENS_FILE = "tokens.json"
+SCHEMA = "resunet-serve-tokens/1"
+#: Token names: recorded in the audit log as "who", so keep them plain.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+PREFIX = "rsu_"
+
+
+def token_sha256(token: str) -> str:
+    """Hex SHA-256 of a token (what the tokens file stores)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenStore:
+    """The tokens file of a state folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        if not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            tokens = doc["tokens"]
+            if not isinstance(tokens, dict):
+                raise TypeError("tokens is not an object")
+            return {str(k): dict(v) for k, v in tokens.items()}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{self.path}: unreadable tokens file ({err}); fix or remove it and add tokens again") from None
+
+    def names(self) -> list[str]:
+        """Names of the stored tokens, sorted."""
+        return sorted(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def add(self, name: str) -> str:
+        """Make a token for ``name``, store its hash and return the token (shown to the operator once).
+
+        Raises:
+            ConfigError: bad name, or a token of that name exists (remove it first).
+        """
+        if not NAME_RE.match(name or ""):
+            raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+        tokens = self._read()
+        if name in tokens:
+            raise ConfigError(f"a token named {name!r} exists in {self.path}; remove it with --remove-token {name} first")
+        token = PREFIX + secrets.token_urlsafe(32)
+        tokens[name] = {"sha256": token_sha256(token), "created_utc": utc_now()}
+        self._write(tokens)
+        return token
+
+    def remove(self, name: str) -> None:
+        """Delete the token ``name`` (ConfigError if there is none)."""
+        tokens = self._read()
+        if name not in tokens:
+            raise ConfigError(f"no token named {name!r} in {self.path}; known: {', '.join(sorted(tokens)) or 'none'}")
+        del tokens[name]
+        self._write(tokens)
+
+    def check(self, token: str) -> str | None:
+        """The name of ``token``, or None when it matches no stored hash."""
+        if not token:
+            return None
+        digest = token_sha256(token)
+        found = None
+        for name, rec in self._read().items():
+            if hmac.compare_digest(digest, str(rec.get("sha256", ""))):
+                found = name
+        return found
+
+    def _write(self, tokens: dict[str, dict[str, str]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"schema": SCHEMA, "tokens": tokens}, indent=1, sort_keys=True) + "\n"
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+            os.chmod(tmp, 0o600)  # owner only, before the rename makes it visible

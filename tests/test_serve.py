@@ -1,0 +1,312 @@
+"""``resunet serve``: a real uvicorn server in a subprocess, real uploads, masks equal to ``resunet predict``'s.
+
+The server runs the tiny untrained checkpoint of test_app_support (a second per job on 2 cores); the
+masks are arbitrary but real outputs of the real Predictor, so "the service's mask equals the CLI's
+mask" is a real check of the shared code path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from serve_support import ServiceProcess, submit, wait_job
+from test_app_support import EXAMPLE_DICOM, EXAMPLE_T1, REPO, bad_uploads, make_tiny_model
+
+from resunet.cli import main as cli_main
+from resunet.errors import InputError
+from resunet.netaddr import is_loopback_address
+from resunet.serve.tokens import TokenStore, token_sha256
+
+
+def dicom_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(EXAMPLE_DICOM.iterdir()):
+            zf.writestr(f"colin27_t1_dicom/{p.name}", p.read_bytes())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One service (tiny model, no TTA, 3 MB upload limit) and its folders."""
+    root = tmp_path_factory.mktemp("serve")
+    model = make_tiny_model(root / "tiny.pt")
+    audit = root / "audit.sqlite"
+    svc = ServiceProcess(root / "state", model, "--no-tta", "--max-upload-mb", "3", audit_db=audit)
+    with svc:
+        yield {"svc": svc, "url": svc.url, "model": model, "root": root, "audit": audit}
+
+
+def fetch(url: str, path: str) -> httpx.Response:
+    r = httpx.get(url + path, timeout=60)
+    return r
+
+
+def test_nifti_and_dicom_zip_masks_equal_resunet_predict(served, tmp_path):
+    url = served["url"]
+    nifti_job = submit(url, [("colin27_t1.nii.gz", EXAMPLE_T1.read_bytes())])
+    zip_job = submit(url, [("colin27_t1_dicom.zip", dicom_zip())], uncertainty=True)
+    assert nifti_job.status_code == 202 and zip_job.status_code == 202, (nifti_job.text, zip_job.text)
+    assert nifti_job.headers["location"].endswith(nifti_job.json()["id"])
+    assert nifti_job.json()["state"] == "queued"
+    # the same inputs through the CLI, same model and settings
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "colin27_t1_dicom.zip").write_bytes(dicom_zip())
+    cli_out = tmp_path / "cli"
+    assert cli_main(["predict", str(EXAMPLE_T1), str(inputs / "colin27_t1_dicom.zip"), "--out", str(cli_out),
+                     "--model", str(served["model"]), "--no-tta", "--no-audit", "--no-progress"]) == 0
+
+    job = wait_job(url, nifti_job.json()["id"])
+    assert job["state"] == "done", job
+    assert set(job["outputs"]) == {"mask", "predictions"}  # no SEG for a NIfTI input
+    r = fetch(url, f"/v1/jobs/{job['id']}/outputs/mask")
+    assert r.status_code == 200
+    got = tmp_path / "svc_nifti.nii.gz"
+    got.write_bytes(r.content)
+    import hashlib
+
+    assert hashlib.sha256(r.content).hexdigest() == job["outputs"]["mask"]["sha256"] == r.headers["x-content-sha256"]
+    mine, cli = nib.load(got), nib.load(cli_out / "colin27_t1.nii.gz")
+    assert np.array_equal(np.asarray(mine.dataobj), np.asarray(cli.dataobj))
+    assert np.allclose(mine.affine, nib.load(EXAMPLE_T1).affine)
+    assert mine.shape == nib.load(EXAMPLE_T1).shape
+
+    pred = fetch(url, f"/v1/jobs/{job['id']}/predictions").json()
+    case = pred["cases"][0]
+    assert case["status"] == "ok" and case["input"]["sha256"] == job["input_sha256"]
+    assert pred["model"]["name"] == "tiny-untrained" and pred["model"]["sha256"] == job["result"]["model"]["sha256"]
+    assert case["volumes_ml"] == job["result"]["volumes_ml"]
+    assert case["outputs"]["mask"]["sha256"] == job["outputs"]["mask"]["sha256"]
+
+    zjob = wait_job(url, zip_job.json()["id"])
+    assert zjob["state"] == "done", zjob
+    assert set(zjob["outputs"]) == {"mask", "seg", "uncertainty", "predictions"}
+    got_zip = tmp_path / "svc_zip.nii.gz"
+    got_zip.write_bytes(fetch(url, f"/v1/jobs/{zjob['id']}/outputs/mask").content)
+    zip_mask = np.asarray(nib.load(got_zip).dataobj)
+    cli_zip = nib.load(cli_out / "colin27_t1_dicom.nii.gz")
+    # the uncertainty job ran with TTA (uncertainty needs the flips), the CLI without: same grid, and the
+    # SEG must hold exactly the service's own mask on the source DICOM voxels
+    assert zip_mask.shape == cli_zip.shape and np.allclose(nib.load(got_zip).affine, cli_zip.affine)
+    seg_path = tmp_path / "svc.seg.dcm"
+    seg_path.write_bytes(fetch(url, f"/v1/jobs/{zjob['id']}/outputs/seg").content)
+    from resunet.io import load_study, read_dicom_seg
+
+    back = read_dicom_seg(seg_path, load_study(EXAMPLE_DICOM))
+    assert np.array_equal(np.asarray(back.array) > 0, zip_mask > 0)
+    unc = tmp_path / "svc.unc.nii.gz"
+    unc.write_bytes(fetch(url, f"/v1/jobs/{zjob['id']}/outputs/uncertainty").content)
+    u = np.asarray(nib.load(unc).dataobj)
+    assert u.shape == zip_mask.shape and 0.0 <= u.min() and u.max() <= 1.0 and u.max() > 0
+
+    # several DICOM files in one multipart request, no TTA: the CLI's mask of the zip exactly
+    files = [(p.name, p.read_bytes()) for p in sorted(EXAMPLE_DICOM.iterdir())]
+    many = wait_job(url, submit(url, files, formats="nifti").json()["id"])
+    assert many["state"] == "done" and set(many["outputs"]) == {"mask", "predictions"}, many
+    assert many["input"] == f"{len(files)} DICOM files"
+    got_many = tmp_path / "svc_many.nii.gz"
+    got_many.write_bytes(fetch(url, f"/v1/jobs/{many['id']}/outputs/mask").content)
+    assert np.array_equal(np.asarray(nib.load(got_many).dataobj), np.asarray(cli_zip.dataobj))
+
+    # every job in the audit log once, with input, model and output hashes
+    from resunet.reports.audit import read_runs, verify_log
+
+    runs = {r["run_id"]: r for r in read_runs(served["audit"])}
+    for j in (job, zjob, many):
+        r = runs[f"serve-{j['id']}"]
+        assert r["kind"] == "serve" and r["user"] == "anonymous"
+        assert r["model_sha256"] == j["result"]["model"]["sha256"]
+        assert r["provenance"]["files"]["input"][0]["sha256"] == j["input_sha256"]
+        assert {o["key"]: o["sha256"] for o in r["outputs"]} == {k: o["sha256"] for k, o in j["outputs"].items()}
+    assert verify_log(served["audit"]) == []
+
+
+def library_message(tmp_path: Path, name: str, data: bytes) -> str:
+    """What ``load_study`` (the CLI's reader) says about this file, with the folder cut off."""
+    from resunet.io import load_study
+
+    d = tmp_path / "lib"
+    d.mkdir(exist_ok=True)
+    p = d / name
+    p.write_bytes(data)
+    with pytest.raises(InputError) as err:
+        load_study(p)
+    return str(err.value).replace(str(d) + "/", "")
+
+
+def test_bad_uploads_get_4xx_with_the_cli_message(served, tmp_path):
+    url = served["url"]
+    cases = bad_uploads()
+    for case, items in cases.items():
+        r = submit(url, [(name, data) for name, data, _ in items])
+        assert r.status_code == 422, (case, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and "Traceback" not in detail and str(served["root"]) not in detail, (case, detail)
+        if case in ("truncated_nifti", "text_as_nifti", "zip_slip", "random_dcm", "sr_only_zip"):
+            name, data, _ = items[0]
+            assert detail == library_message(tmp_path, name, data), case
+    assert "not a mix" in submit(url, [(n, d) for n, d, _ in cases["mixed"]]).json()["detail"]
+    r = submit(url, [("t1.nii.gz", EXAMPLE_T1.read_bytes())], formats="png")
+    assert r.status_code == 422 and "png" in r.json()["detail"] and "nifti" in r.json()["detail"]
+    r = httpx.post(url + "/v1/jobs", timeout=30)
+    assert r.status_code == 422
+    big = submit(url, [("big.zip", np.random.default_rng(0).bytes(5_000_000))])
+    assert big.status_code == 413 and "--max-upload-mb" in big.json()["detail"]
+    assert fetch(url, "/v1/jobs/0123456789abcdef").status_code == 404
+    ok = wait_job(url, submit(url, [("t1.nii.gz", EXAMPLE_T1.read_bytes())]).json()["id"])
+    missing = fetch(url, f"/v1/jobs/{ok['id']}/outputs/seg")
+    assert missing.status_code == 404 and "mask" in missing.json()["detail"]
+
+
+def test_failing_jobs_are_marked_failed_and_the_worker_goes_on(served, tmp_path):
+    """Jobs put straight into the queue with the library call other modules use (JobQueue.enqueue)."""
+    from resunet.serve.queue import JobQueue
+
+    url = served["url"]
+    r = submit(url, [("colin27_t1_dicom.zip", dicom_zip())], series_uid="1.2.3.4")
+    assert r.status_code == 422 and "1.2.3.4" in r.json()["detail"]
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(EXAMPLE_T1.read_bytes()[:5000])
+    queue = JobQueue(served["svc"].state_dir / "jobs.sqlite")
+    bad = queue.enqueue("segment", input_path=broken, input_name="broken.nii.gz", submitted_by="test")
+    odd = queue.enqueue("no-such-kind", submitted_by="test")
+    good = queue.enqueue("segment", input_path=EXAMPLE_T1, input_name="colin27_t1.nii.gz", options={"formats": ["nifti"]},
+                         submitted_by="test")
+    a, b, c = (wait_job(url, j.id) for j in (bad, odd, good))
+    assert a["state"] == "failed" and a["error"].startswith("broken.nii.gz: ") and "truncated" in a["error"], a
+    assert str(tmp_path) not in a["error"]
+    assert b["state"] == "failed" and "no-such-kind" in b["error"]
+    assert c["state"] == "done" and set(c["outputs"]) == {"mask", "predictions"}
+    conflict = fetch(url, f"/v1/jobs/{a['id']}/outputs/mask")
+    assert conflict.status_code == 409 and "truncated" in conflict.json()["detail"]
+    text = fetch(url, "/metrics").text
+    failures = [float(x.split()[-1]) for x in text.splitlines() if x.startswith("resunet_job_failures_total ")]
+    assert failures and failures[0] >= 2
+
+
+def test_health_ready_docs_and_metrics(served):
+    url = served["url"]
+    assert fetch(url, "/healthz").json()["status"] == "ok"
+    ready = fetch(url, "/readyz").json()
+    assert ready["ready"] is True and ready["model"]["name"] == "tiny-untrained"
+    assert fetch(url, "/docs").status_code == 200
+    spec = fetch(url, "/openapi.json").json()
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/outputs/{key}", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    text = fetch(url, "/metrics").text
+    for name in ("resunet_http_requests_total", "resunet_http_request_duration_seconds_bucket", "resunet_queue_depth",
+                 "resunet_job_failures_total", "resunet_jobs_finished_total", "resunet_model_load_seconds",
+                 "process_resident_memory_bytes"):
+        assert name in text, name
+    load = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("resunet_model_load_seconds ")]
+    assert load and load[0] > 0
+    assert 'resunet_queue_depth{state="done"}' in text
+
+
+def test_loopback_rule():
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST.", "::ffff:127.0.0.1"):
+        assert is_loopback_address(host), host
+    for host in ("0.0.0.0", "::", "", "192.168.1.20", "10.0.0.1", "example.org", "127.0.0.1.example.org", "fe80::1"):
+        assert not is_loopback_address(host), host
+
+
+def test_refuses_a_network_address_without_tokens(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "resunet", "serve", "--host", "0.0.0.0", "--state-dir", str(tmp_path / "s")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("resunet serve: error: --host 0.0.0.0 can be reached from other machines")
+    assert "--add-token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tokens_auth_off_loopback_and_retention(tmp_path):
+    """On 0.0.0.0 every job request needs a token; the job is recorded under the token's name; files expire."""
+    state = tmp_path / "state"
+    made = subprocess.run([sys.executable, "-m", "resunet", "serve", "--state-dir", str(state), "--add-token", "ris-node1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("rsu_") and len(token) > 40
+    stored = (state / "tokens.json").read_text()
+    assert token not in stored and token_sha256(token) in stored  # hashed at rest
+    assert TokenStore(state / "tokens.json").check(token) == "ris-node1"
+    assert (state / "tokens.json").stat().st_mode & 0o077 == 0
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    audit = tmp_path / "audit.sqlite"
+    with ServiceProcess(state, model, "--no-tta", "--retention-hours", "0.0005", "--sweep-interval", "0.5",
+                        host="0.0.0.0", audit_db=audit) as svc:
+        url = svc.url
+        body = [("t1.nii.gz", EXAMPLE_T1.read_bytes())]
+        r = submit(url, body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "--add-token" in r.json()["detail"]
+        assert submit(url, body, token="rsu_wrong").status_code == 401
+        assert httpx.get(url + "/v1/jobs", timeout=30).status_code == 401
+        assert httpx.get(url + "/metrics", timeout=30).status_code == 401
+        assert httpx.get(url + "/healthz", timeout=30).status_code == 200  # probes stay open
+        r = submit(url, body, token=token)
+        assert r.status_code == 202, r.text
+        job = wait_job(url, r.json()["id"], token=token)
+        assert job["state"] == "done" and job["submitted_by"] == "ris-node1"
+        assert httpx.get(f"{url}/v1/jobs/{job['id']}", timeout=30).status_code == 401
+        from resunet.reports.audit import read_runs
+
+        run = [x for x in read_runs(audit) if x["run_id"] == f"serve-{job['id']}"]
+        assert len(run) == 1 and run[0]["user"] == "ris-node1"
+        # retention 1.8 s: the job folder (upload and results) goes, the job row stays and says so
+        job_dir = state / "jobs" / job["id"]
+        import time
+
+        deadline = time.monotonic() + 60
+        while job_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not job_dir.exists()
+        headers = {"Authorization": f"Bearer {token}"}
+        gone = httpx.get(f"{url}/v1/jobs/{job['id']}/outputs/mask", headers=headers, timeout=30)
+        assert gone.status_code == 410 and "retention" in gone.json()["detail"]
+        assert httpx.get(f"{url}/v1/jobs/{job['id']}", headers=headers, timeout=30).json()["files_deleted_utc"]
+
+
+def test_sigkill_mid_queue_then_restart_finishes_every_job_once(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    audit = tmp_path / "audit.sqlite"
+    state = tmp_path / "state"
+    svc = ServiceProcess(state, model, "--no-tta", audit_db=audit).start()
+    try:
+        ids = [submit(svc.url, [("t1.nii.gz", EXAMPLE_T1.read_bytes())]).json()["id"] for _ in range(4)]
+        wait_job(svc.url, ids[0])
+        svc.kill()
+    finally:
+        svc.stop()
+    with sqlite3.connect(state / "jobs.sqlite") as conn:
+        states = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+    assert set(states) == set(ids) and states[ids[0]] == "done"
+    assert any(s in ("queued", "running") for s in states.values()), states  # the kill left work behind
+    with ServiceProcess(state, model, "--no-tta", audit_db=audit) as again:
+        jobs = [wait_job(again.url, i, timeout=180) for i in ids]
+        assert [j["state"] for j in jobs] == ["done"] * 4
+        for j in jobs:  # outputs on disk are the ones recorded
+            r = httpx.get(f"{again.url}/v1/jobs/{j['id']}/outputs/mask", timeout=30)
+            import hashlib
+
+            assert hashlib.sha256(r.content).hexdigest() == j["outputs"]["mask"]["sha256"]
+    with sqlite3.connect(state / "jobs.sqlite") as conn:
+        done = dict(conn.execute("SELECT job_id, COUNT(*) FROM events WHERE event = 'done' GROUP BY job_id").fetchall())
+        leftovers = conn.execute("SELECT COUNT(*) FROM jobs WHERE state != 'done'").fetchone()[0]
+    assert done == {i: 1 for i in ids} and leftovers == 0
+    from resunet.reports.audit import read_runs, verify_log
+
+    runs = [r["run_id"] for r in read_runs(audit)]
+    assert sorted(runs) == sorted(f"serve-{i}" for i in ids)  # each job once in the audit log
+    assert verify_log(audit) == []
+    assert not list((state / "uploads").iterdir())
+    assert json.loads((state / "jobs" / ids[-1] / "out" / "predictions.json").read_text())["counts"]["ok"] == 1
