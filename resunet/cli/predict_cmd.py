@@ -25,9 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="NIfTI file, DICOM folder, .zip, a folder of such cases, or a .txt/.csv list of them "
                    "(none with --pacs)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--model", default=None, metavar="MODEL",
+    p.add_argument("--model", default=None, nargs="+", action="extend", metavar="MODEL",
                    help="checkpoint (.pt) or export (.onnx, TorchScript); default: the bundled model "
-                   "data/model/brain_extraction.pt")
+                   "data/model/brain_extraction.pt. Several models (or a run folder of `resunet train --fold all`) "
+                   "predict as one ensemble: softmax probabilities averaged window by window; put INPUTs before --model "
+                   "or repeat --model per file")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
                    help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
                    "Set contours for DICOM inputs); default nifti,seg")
@@ -40,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="float16 autocast on CUDA (default on for CUDA)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.prob.nii.gz")
     p.add_argument("--uncertainty", nargs="?", const="tta", choices=["tta", "mc"], default=None,
-                   help="write <case>.uncertainty.nii.gz: entropy across TTA flips (tta, default) or MC dropout")
+                   help="write <case>.uncertainty.nii.gz: entropy across TTA flips (tta, default) or MC dropout "
+                   "(and ensemble members); ensembles also write <case>.uncertainty-models.nii.gz (members' disagreement)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the checkpoint's post-processing")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="background threads reading upcoming cases")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -82,9 +85,12 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
-    model = args.model or BUNDLED_MODEL
-    if args.model is None and not Path(model).exists():
-        raise ConfigError(f"the bundled model {model} is missing; pass --model with a checkpoint")
+    from resunet.inference.ensemble import expand_model_args
+
+    models = expand_model_args(args.model) if args.model else [BUNDLED_MODEL]
+    if args.model is None and not BUNDLED_MODEL.exists():
+        raise ConfigError(f"the bundled model {BUNDLED_MODEL} is missing; pass --model with a checkpoint")
+    model = models[0] if len(models) == 1 else models
     formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
     shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
     device = args.device
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         audit_db=False if args.no_audit else args.audit_db,
         resume=not args.no_resume,
+        save_disagreement=len(models) > 1,
     )
     if args.pacs or args.study:
         if not (args.pacs and args.study) or args.inputs:

@@ -23,7 +23,7 @@ from resunet.io.volume import Volume
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SEG_SUFFIXES = (".seg.dcm", ".dcm")
 #: Side outputs of ``resunet predict`` that share a prediction folder but are not label masks.
-_NOT_MASKS = re.compile(r"\.(prob(-\d+)?|uncertainty)$")
+_NOT_MASKS = re.compile(r"\.(prob(-\d+)?|uncertainty(-models)?)$")
 
 
 def case_name(path: Path) -> str | None:
@@ -45,7 +45,8 @@ def list_cases(folder: str | os.PathLike[str], role: str) -> dict[str, Path]:
     """``{case: path}`` of the NIfTI files directly in ``folder``.
 
     ``resunet predict``'s probability and uncertainty maps (``<case>.prob.nii.gz``,
-    ``<case>.prob-<label>.nii.gz``, ``<case>.uncertainty.nii.gz``) are not cases and are skipped.
+    ``<case>.prob-<label>.nii.gz``, ``<case>.uncertainty.nii.gz``, ``<case>.uncertainty-models.nii.gz``) are not
+    cases and are skipped.
 
     Raises:
         InputError: ``folder`` is missing or not a folder, or two files map to one case name.

@@ -11,7 +11,9 @@ and then records the case. Output files per case, in ``OUT``:
   DICOM inputs only (``format`` ``rtstruct``);
 - ``<case>.prob.nii.gz`` (one foreground label) or ``<case>.prob-<label>.nii.gz`` (several):
   float32 probabilities, with ``save_probabilities``;
-- ``<case>.uncertainty.nii.gz``: normalised predictive entropy (0..1), with ``save_uncertainty``.
+- ``<case>.uncertainty.nii.gz``: normalised predictive entropy (0..1), with ``save_uncertainty``;
+- ``<case>.uncertainty-models.nii.gz``: an ensemble's disagreement (normalised mutual information,
+  0..1), with ``save_uncertainty`` and several models.
 
 Records and summaries:
 
@@ -79,6 +81,8 @@ class BatchOptions:
         audit_db: audit-log database (default ``$RESUNET_AUDIT_DB`` or ``~/.resunet/audit.sqlite``);
             ``False`` disables the audit record.
         resume: skip cases already done with the same input and model.
+        save_disagreement: with ``save_uncertainty`` and an ensemble, also write the members'
+            disagreement ``<case>.uncertainty-models.nii.gz``.
     """
 
     out_dir: Path
@@ -91,6 +95,7 @@ class BatchOptions:
     progress: bool = True
     audit_db: str | os.PathLike[str] | bool | None = None
     resume: bool = True
+    save_disagreement: bool = False
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -280,6 +285,8 @@ def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) ->
                 paths[f"probabilities:{name}"] = out / f"{case.case_id}.prob-{_safe(name)}.nii.gz"
     if opts.save_uncertainty:
         paths["uncertainty"] = out / f"{case.case_id}.uncertainty.nii.gz"
+    if opts.save_uncertainty and opts.save_disagreement:
+        paths["disagreement"] = out / f"{case.case_id}.uncertainty-models.nii.gz"
     return paths
 
 
@@ -329,6 +336,11 @@ def run_batch(
     run_id = provenance["run_id"]
     model_rec = {"name": model.name, "sha256": model.sha256, "path": str(model.path) if model.path else None,
                  "kind": model.kind, "labels": {str(k): v for k, v in model.labels.items()}}
+    members = predictor.model_records()
+    if len(members) > 1:  # an ensemble: its hash names the set; every member's hash is recorded too
+        model_rec["members"] = members
+        provenance["model"] = {"name": model.name, "path": None, "sha256": model.sha256, "size_bytes": None,
+                               "members": members}
     header = {"model": model_rec, "settings": predictor.settings(), "provenance": provenance}
     mine = select_shard(cases, opts.shard)
     previous = read_records(opts.out_dir) if opts.resume else {}
@@ -399,6 +411,8 @@ def run_batch(
                 "status": "failed", "reason": None, "outputs": {}, "seconds": None, "device": str(predictor.device),
                 "model": {"name": model.name, "sha256": model.sha256}, "run_id": run_id,
             }
+            if len(members) > 1:
+                rec["model"]["members"] = [m["sha256"] for m in members]
             written: list[Path] = []
             if item.error is not None:
                 rec["reason"] = item.error
@@ -494,6 +508,10 @@ def _write_outputs(
             if pred.uncertainty is None:
                 raise ConfigError("--uncertainty output asked for but the predictor computes no uncertainty")
             write_nifti(pred.uncertainty, path)
+        elif key == "disagreement":
+            if pred.disagreement is None:
+                raise ConfigError("the ensemble disagreement output asked for but the predictor computes none")
+            write_nifti(pred.disagreement, path)
         written.append(path)
         outputs[key] = {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
     return outputs

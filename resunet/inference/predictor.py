@@ -18,6 +18,16 @@ Steps, each timed (``Prediction.timings``, seconds):
 
 Uncertainty (``uncertainty="tta"`` or ``"mc"``): the normalised entropy of the mean softmax across
 the passes, ``H = -sum_c p_c log p_c / log(C)`` (0 = all passes certain and agreeing, 1 = uniform).
+
+Ensembles (``model`` a list of models, :mod:`resunet.inference.ensemble`): every member runs on
+every window through the same flips (and MC samples), and the window's probability is the mean over
+members and passes, ``p = mean_m mean_s p_{m,s}``; blending, restoring and post-processing then run
+once. The uncertainty is the normalised entropy of that mean over members and passes (total
+predictive uncertainty: it rises where the members disagree), and ``Prediction.disagreement`` is
+the models' disagreement alone, the mutual information between the prediction and the member:
+``(H(mean_m p_m) - mean_m H(p_m)) / log(C)``, with ``p_m`` member ``m``'s mean over its passes
+(0 = the members agree, whatever their confidence), computed on each window and blended like the
+probabilities (so overlapping windows that differ add nothing to it).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
 from resunet.errors import ConfigError, InputError, ModelError
+from resunet.inference.ensemble import EnsembleModel
 from resunet.inference.model import LoadedModel, load_model
 from resunet.inference.postprocess import PostProcess
 from resunet.io.volume import Volume
@@ -60,13 +71,17 @@ class Prediction:
         probabilities: label name -> float32 Volume of that label's probability on the input grid
             (foreground labels only), when requested; else None.
         uncertainty: float32 Volume of the normalised predictive entropy (0..1) on the input grid, or None.
+        disagreement: ensembles with uncertainty on: float32 Volume of the members' normalised mutual
+            information (0..1, see the module docstring); else None.
+        models: ``[{"name", "sha256", "path", "kind"}]`` of every model that made it (one, or an
+            ensemble's members).
         volumes_ml: label name -> volume in mL (voxel count x voxel volume), foreground labels.
         voxel_counts: label name -> number of voxels, foreground labels.
         timings: stage -> seconds (``prepare``, ``sliding_window``, ``network``, ``restore``,
             ``postprocess``, ``total``).
         model_name, model_sha256: which model made it.
         device: where the network ran (``cpu``, ``cuda:0``).
-        windows: number of network windows per pass; passes: flips x MC samples per window.
+        windows: number of network windows per pass; passes: flips x MC samples (x ensemble members) per window.
     """
 
     mask: Volume
@@ -81,6 +96,8 @@ class Prediction:
     windows: int = 0
     passes: int = 1
     settings: dict[str, Any] = field(default_factory=dict)
+    disagreement: Volume | None = None
+    models: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (no arrays)."""
@@ -94,6 +111,7 @@ class Prediction:
             "windows": self.windows,
             "passes": self.passes,
             "settings": self.settings,
+            "models": self.models,
         }
 
 
@@ -116,7 +134,9 @@ class Predictor:
 
     Args:
         model: a checkpoint path (``.pt``), an export (``.onnx``, TorchScript), a loaded
-            ``resunet.training.checkpoint.Checkpoint`` or a :class:`LoadedModel`.
+            ``resunet.training.checkpoint.Checkpoint`` or a :class:`LoadedModel`; or a list of them
+            (an ensemble: probabilities averaged window by window, see the module docstring), or an
+            :class:`~resunet.inference.ensemble.EnsembleModel`.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         tta: mirror test-time augmentation: average over all flips of the spatial axes
             (8 passes in 3D, 4 in 2D).
@@ -157,7 +177,12 @@ class Predictor:
             raise ConfigError(f"sw_batch must be >= 1, got {sw_batch}")
         if uncertainty not in UNCERTAINTY_MODES:
             raise ConfigError(f"uncertainty must be one of None, 'tta', 'mc'; got {uncertainty!r}")
-        self.model: LoadedModel = model if isinstance(model, LoadedModel) else load_model(model)
+        if isinstance(model, (list, tuple)):
+            model = model[0] if len(model) == 1 else EnsembleModel.load(model)
+        self.model: LoadedModel | EnsembleModel = (
+            model if isinstance(model, (LoadedModel, EnsembleModel)) else load_model(model))
+        self.members: list[LoadedModel] = (
+            list(self.model.members) if isinstance(self.model, EnsembleModel) else [self.model])
         self.device = resolve_device(device)
         self.model.to(self.device)
         self.uncertainty = uncertainty
@@ -194,7 +219,9 @@ class Predictor:
         self.labels = self.model.labels
         if not self.labels:
             raise ModelError(f"{self.model.name}: the model has no label names")
-        self._forward = self.model.forward_fn()
+        self._forwards = [m.forward_fn() for m in self.members]
+        # ensembles with uncertainty: the windows carry one more channel, the members' mutual information
+        self._disagreement = len(self.members) > 1 and uncertainty is not None
 
     # -- public -----------------------------------------------------------------------------------
     @property
@@ -207,6 +234,7 @@ class Predictor:
 
     def settings(self) -> dict[str, Any]:
         """The inference settings, for provenance records."""
+        extra = {"ensemble": [m.sha256 for m in self.members]} if len(self.members) > 1 else {}
         return {
             "tta": self.tta,
             "flips": len(self.flips),
@@ -219,7 +247,8 @@ class Predictor:
             "mc_samples": self.mc_samples if self.uncertainty == "mc" else None,
             "postprocess": self.postprocess.to_dict(),
             "blend": "gaussian",
-            "backend": self.model.kind,
+            "backend": self.model.kind if len(self.members) == 1 else sorted({m.kind for m in self.members}),
+            **extra,
         }
 
     def predict(
@@ -262,13 +291,20 @@ class Predictor:
         timings["sliding_window"] = time.perf_counter() - t
         timings["network"] = net_time[0]
         case.array = np.empty((0, 0, 0, 0), np.float32)  # the prepared input is no longer needed
+        mutual_info = None
+        if self._disagreement:  # last channel: the members' mutual information per window, blended
+            mutual_info, prob = prob[-1], prob[:-1]
 
-        unc_vol = None
+        unc_vol = dis_vol = None
         if self.uncertainty is not None:
             t = time.perf_counter()
             ent = _normalised_entropy(prob)
             unc = restore(ent[None], case)[0].astype(np.float32)
             unc_vol = vols[0].with_array(unc, is_label=False, description="normalised predictive entropy (0..1)")
+            if mutual_info is not None:
+                dis = restore(mutual_info[None], case)[0].astype(np.float32)
+                dis_vol = vols[0].with_array(dis, is_label=False,
+                                             description="ensemble disagreement: normalised mutual information (0..1)")
             timings["uncertainty"] = time.perf_counter() - t
 
         report("restore", 0, 1)
@@ -311,9 +347,16 @@ class Predictor:
             model_sha256=self.model.sha256,
             device=str(self.device),
             windows=n_windows,
-            passes=len(self.flips) * self.mc_samples,
+            passes=len(self.flips) * self.mc_samples * len(self.members),
             settings=self.settings(),
+            disagreement=dis_vol,
+            models=self.model_records(),
         )
+
+    def model_records(self) -> list[dict[str, Any]]:
+        """``[{"name", "sha256", "path", "kind"}]`` per model (one, or each ensemble member)."""
+        return [{"name": m.name, "sha256": m.sha256, "path": str(m.path) if m.path is not None else None,
+                 "kind": m.kind} for m in self.members]
 
     # -- internals --------------------------------------------------------------------------------
     def roi_for(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -329,7 +372,8 @@ class Predictor:
         return tuple(roi)
 
     def _window_fn(self, net_time: list[float], counter: Callable[[int], None]) -> Callable[[torch.Tensor], torch.Tensor]:
-        forward = self._forward
+        forwards = self._forwards
+        with_entropy = self._disagreement
         flips = self.flips
         samples = self.mc_samples
         amp = self.amp
@@ -342,32 +386,48 @@ class Predictor:
         def window(x: torch.Tensor) -> torch.Tensor:
             # All TTA/MC passes of the sw_batch windows go through the network together, in calls of
             # at most max(max_batch, B) windows: on CPU one call of 8 windows of 64^3 cost ~0.4x per
-            # window of a call of 2 (measured, bundled model).
+            # window of a call of 2 (measured, bundled model). Ensemble members run one after the
+            # other on the same (flipped) windows; the flipped inputs are rebuilt per member, which
+            # costs far less than a network call.
             b = int(x.shape[0])
             per_call = max(1, max(cap, b) // b)
             acc: torch.Tensor | None = None
-            for g in range(0, len(passes), per_call):
-                group = passes[g : g + per_call]
-                xin = torch.cat([torch.flip(x, d) if d else x for d in group]) if len(group) > 1 else (
-                    torch.flip(x, group[0]) if group[0] else x)
-                t0 = time.perf_counter()
-                if amp:
-                    with torch.autocast(device_type="cuda", dtype=torch.float16):
+            entropy: torch.Tensor | None = None  # sum over members of H(p_m), nats
+            for forward in forwards:
+                member: torch.Tensor | None = None
+                for g in range(0, len(passes), per_call):
+                    group = passes[g : g + per_call]
+                    xin = torch.cat([torch.flip(x, d) if d else x for d in group]) if len(group) > 1 else (
+                        torch.flip(x, group[0]) if group[0] else x)
+                    t0 = time.perf_counter()
+                    if amp:
+                        with torch.autocast(device_type="cuda", dtype=torch.float16):
+                            logits = forward(xin)
+                    else:
                         logits = forward(xin)
-                else:
-                    logits = forward(xin)
-                if sync:
-                    torch.cuda.synchronize(dev)
-                net_time[0] += time.perf_counter() - t0
-                probs = torch.softmax(logits.float(), dim=1)
-                for i, d in enumerate(group):
-                    p = probs[i * b : (i + 1) * b]
-                    if d:
-                        p = torch.flip(p, d)
-                    acc = p.clone() if acc is None else acc.add_(p)
+                    if sync:
+                        torch.cuda.synchronize(dev)
+                    net_time[0] += time.perf_counter() - t0
+                    probs = torch.softmax(logits.float(), dim=1)
+                    for i, d in enumerate(group):
+                        p = probs[i * b : (i + 1) * b]
+                        if d:
+                            p = torch.flip(p, d)
+                        member = p.clone() if member is None else member.add_(p)
+                assert member is not None
+                if with_entropy:  # this member's entropy of its mean over the passes, (B, 1, ...) nats
+                    pm = member / len(passes)
+                    h = -torch.xlogy(pm, pm).sum(dim=1, keepdim=True)
+                    entropy = h if entropy is None else entropy.add_(h)
+                acc = member if acc is None else acc.add_(member)
             assert acc is not None
             counter(b)
-            return acc.div_(len(passes))
+            acc.div_(len(passes) * len(forwards))
+            if entropy is not None:  # mutual information, normalised: H(mean) - mean H, / log C
+                total = -torch.xlogy(acc, acc).sum(dim=1, keepdim=True)
+                mi = (total - entropy.div_(len(forwards))).div_(math.log(max(acc.shape[1], 2))).clamp_(0.0, 1.0)
+                return torch.cat([acc, mi], dim=1)
+            return acc
 
         return window
 
@@ -381,8 +441,10 @@ class Predictor:
         return self.device if need < 0.5 * free else torch.device("cpu")
 
     def _infer(self, case: PreparedCase, report: ProgressFn, net_time: list[float]) -> tuple[torch.Tensor, int]:
-        """Sliding-window probabilities on the prepared grid: float32 ``(K, X, Y, Z)`` on the CPU."""
+        """Sliding-window probabilities on the prepared grid: float32 ``(K, X, Y, Z)`` on the CPU (plus the
+        members' blended mutual information as channel ``K`` for ensembles with uncertainty)."""
         n_classes = len(self.labels)
+        n_out = n_classes + (1 if self._disagreement else 0)
         x = torch.from_numpy(case.array)
         if self.spatial_dims == 2:
             x = x.movedim(1 + self.slice_axis, -1)  # the sliced axis last
@@ -409,7 +471,7 @@ class Predictor:
             report("windows", min(done[0], total), total)
 
         window = self._window_fn(net_time, count)
-        stitch = self._stitch_device(n_classes, spatial)
+        stitch = self._stitch_device(n_out, spatial)
         report("windows", 0, total)
         out: torch.Tensor | None = None
         for zrange, inp in batches:
@@ -430,15 +492,15 @@ class Predictor:
                 out = res[0]
             else:
                 if out is None:
-                    out = torch.empty((n_classes, *spatial), dtype=torch.float32)
+                    out = torch.empty((n_out, *spatial), dtype=torch.float32)
                 out[..., zrange[0] : zrange[1]] = res.permute(1, 2, 3, 0)
         assert out is not None
         if self.spatial_dims == 2:
             out = out.movedim(-1, 1 + self.slice_axis)
-        if out.shape[0] != n_classes:
+        if out.shape[0] != n_out:
             raise ModelError(
-                f"{self.model.name}: the network gives {out.shape[0]} output channels but the model declares "
-                f"{n_classes} labels"
+                f"{self.model.name}: the network gives {out.shape[0] - n_out + n_classes} output channels but the "
+                f"model declares {n_classes} labels"
             )
         return out, total
 
