@@ -25,16 +25,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its last.pt (uses RUN/config.yaml)")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--fold", type=int, help="cross-validation fold held out for validation (0-based)")
+    p.add_argument("--fold", type=_fold, metavar="K|all",
+                   help="cross-validation fold held out for validation (0-based), or all: train every fold into "
+                   "RUN/fold_<k>/ with a shared plan, write each fold's held-out predictions (RUN/fold_<k>/validation/, "
+                   "all of them in RUN/crossval/) for `resunet evaluate`; `resunet predict --model RUN` ensembles the folds")
+    p.add_argument("--pretrained", metavar="FILE",
+                   help="local torchvision ResNet .pth (resnet18..152, wide_resnet50_2/101_2) that starts the encoder of "
+                   "the matching --preset (2D as is, 3D inflated); file name and SHA-256 go into the model card")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.01 --set dataset.num_workers=0 (repeatable)")
     p.set_defaults(func=run)
+
+
+def _fold(text: str) -> int | str:
+    if text.strip().lower() in ("all", "all-folds"):
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fold takes a fold number (0-based) or all; got {text!r}") from None
 
 
 def build_config(args: argparse.Namespace):
     """The resolved TrainConfig: defaults < --config (or RUN/config.yaml on --resume) < flags < --set."""
     from resunet.training.config import TrainConfig
 
+    all_folds = getattr(args, "fold", None) == "all"
     run_cfg = Path(args.out) / "config.yaml"
     if args.resume and run_cfg.exists():
         cfg = TrainConfig.from_yaml(run_cfg)
@@ -44,22 +60,37 @@ def build_config(args: argparse.Namespace):
         cfg = TrainConfig()
     sets = [f"data={args.data}", f"out={args.out}"]
     for flag, key in (("preset", "model.preset"), ("spatial_dims", "model.spatial_dims"), ("epochs", "epochs"),
-                      ("device", "device"), ("seed", "seed"), ("fold", "dataset.fold")):
-        value = getattr(args, flag)
+                      ("device", "device"), ("seed", "seed"), ("fold", "dataset.fold"),
+                      ("pretrained", "model.pretrained")):
+        value = getattr(args, flag, None)
+        if flag == "fold" and all_folds:
+            continue
         if value is not None:
             sets.append(f"{key}={value}")
     cfg = cfg.override(sets)
     # data/out may contain characters YAML would reinterpret: set them verbatim
     cfg.data, cfg.out = str(args.data), str(args.out)
+    if getattr(args, "pretrained", None):
+        cfg.model.pretrained = str(args.pretrained)
     return cfg.override(args.overrides).check()
 
 
 def run(args: argparse.Namespace) -> int:
-    from resunet.training.loop import train
+    from resunet.training.loop import train, train_folds
 
     cfg = build_config(args)
-    if not args.resume and (Path(cfg.out) / "last.pt").exists():
+    if not args.resume and ((Path(cfg.out) / "last.pt").exists() or (Path(cfg.out) / "fold_0" / "last.pt").exists()):
         raise ConfigError(f"{cfg.out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    if args.fold == "all":
+        results = train_folds(cfg, resume=args.resume)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        for k, r in enumerate(results):
+            best = f"best val Dice {r.best_dice:.4f} at epoch {r.best_epoch}" if r.best_dice is not None else "no validation"
+            print(f"fold {k}: {r.epochs} epochs in {r.seconds:.0f} s; {best}; {r.out}")
+        print(f"{len(results)} folds in {cfg.out}; evaluate: resunet evaluate --pred {Path(cfg.out) / 'crossval'} "
+              f"--gt LABELS --out REPORT; ensemble: resunet predict INPUT --model {cfg.out} --out DIR")
+        return 0
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports

@@ -210,4 +210,94 @@ def load_torchvision_resnet(
     return report
 
 
-__all__ = ["LoadReport", "adapt_input_conv", "inflate", "load_torchvision_resnet", "read_state_dict"]
+#: torchvision architecture of each resnet preset: (block, blocks per stage, width of layer1.0.conv1)
+TORCHVISION_ARCHS: dict[str, tuple[str, tuple[int, ...], int]] = {
+    "resnet18": ("basic", (2, 2, 2, 2), 64),
+    "resnet34": ("basic", (3, 4, 6, 3), 64),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 64),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), 64),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), 64),
+    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 128),
+    "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3), 128),
+}
+
+
+def torchvision_arch(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet a state dict belongs to (``"resnet50"``, ...), from its keys and shapes; else None."""
+    blocks = [0, 0, 0, 0]
+    for key in state_dict:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] in ("layer1", "layer2", "layer3", "layer4") and parts[1].isdigit():
+            i = int(parts[0][-1]) - 1
+            blocks[i] = max(blocks[i], int(parts[1]) + 1)
+    first = state_dict.get("layer1.0.conv1.weight")
+    if first is None:
+        return None
+    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
+    for name, arch in TORCHVISION_ARCHS.items():
+        if arch == (block, tuple(blocks), int(first.shape[0])):
+            return name
+    return None
+
+
+def check_pretrained_file(path: str | os.PathLike[str], preset: str) -> dict[str, torch.Tensor]:
+    """Read ``path`` and check that it holds the torchvision weights of ``preset``; returns the state dict.
+
+    Raises:
+        ModelError: one line naming the file, what it holds and the preset that would take it.
+    """
+    p = Path(path)
+    src = read_state_dict(p)
+    arch = torchvision_arch(src)
+    holds = f"holds torchvision {arch} weights" if arch else "is not a torchvision ResNet state dict"
+    if preset not in TORCHVISION_ARCHS:
+        raise ModelError(
+            f"--pretrained {p}: preset {preset!r} has no torchvision encoder to take ImageNet weights ({p.name} "
+            f"{holds}); use --preset {arch or 'resnet18'} (presets taking them: {', '.join(TORCHVISION_ARCHS)})"
+        )
+    if arch != preset:
+        hint = f"use --preset {arch}" if arch else "pass a torchvision resnet18..152 or wide_resnet50_2/101_2 .pth"
+        raise ModelError(f"--pretrained {p}: the file {holds}, which do not fit preset {preset!r}; {hint}")
+    return src
+
+
+def load_pretrained_file(net: ResUNet, path: str | os.PathLike[str], depth_axis: int = 0,
+                         state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, object]:
+    """``resunet train --pretrained FILE``: load a local torchvision ResNet ``.pth`` into ``net``'s encoder.
+
+    Strict: every encoder tensor must come from the file (2D as is, 3D inflated, the first conv
+    adapted to the input channels) and every tensor of the file but ``fc`` must be used.
+
+    Returns the record the model card and config keep: ``file`` (name), ``path``, ``sha256``,
+    ``arch`` (the torchvision architecture recognised in the file), ``parameters`` (number of
+    values taken from the file, ``fc`` and running statistics excluded), ``loaded``, ``adapted``.
+
+    ``state_dict``: the file's contents when already read by :func:`check_pretrained_file`.
+
+    Raises:
+        ModelError: one line naming the file, what it holds and the preset that would take it.
+    """
+    from resunet.io.hashing import sha256_file
+
+    p = Path(path)
+    preset = getattr(net, "preset", None) or "this network"
+    src = dict(state_dict) if state_dict is not None else check_pretrained_file(p, preset)
+    arch = torchvision_arch(src)
+    try:
+        report = load_torchvision_resnet(net, src, strict=True, depth_axis=depth_axis)
+    except ModelError as err:
+        raise ModelError(f"--pretrained {p}: {err}") from None
+    used = [k for k, v in src.items() if not k.startswith("fc.") and k.rsplit(".", 1)[-1] not in _RUNNING]
+    return {
+        "file": p.name,
+        "path": str(p.resolve()),
+        "sha256": sha256_file(p),
+        "arch": arch,
+        "parameters": int(sum(src[k].numel() for k in used)),
+        "loaded": len(report.loaded),
+        "adapted": len(report.adapted),
+    }
+
+
+__all__ = ["LoadReport", "TORCHVISION_ARCHS", "adapt_input_conv", "check_pretrained_file", "inflate", "load_pretrained_file",
+           "load_torchvision_resnet", "read_state_dict", "torchvision_arch"]

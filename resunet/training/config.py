@@ -35,8 +35,11 @@ class DataConfig:
         cache_dir: folder for ``"disk"``; default ``RUN/cache``.
         num_workers: DataLoader worker processes (0 = load in the main process).
         folds: number of cross-validation folds (split by case, fixed ``split_seed``); 1 = train on all
-            cases and validate on none.
-        fold: which fold is held out for validation (0-based).
+            cases and validate on none. With fewer cases than folds the run uses as many folds as
+            there are cases (one case held out per fold; a single case trains without validation),
+            says so in one line and writes the number used here in ``RUN/config.yaml``.
+        fold: which fold is held out for validation (0-based); ``resunet train --fold all`` trains
+            every fold into ``RUN/fold_<k>/``.
         split_seed: seed of the case shuffle that defines the folds (independent of ``seed``).
         val_cases: explicit validation case ids (overrides the folds when set).
         slice_axis: for 2D training on 3D volumes, the (reoriented, RAS) axis sliced along; ``None``
@@ -94,12 +97,18 @@ class ModelConfig:
         spatial_dims: 2 (slices) or 3 (volumes).
         deep_supervision: train with auxiliary outputs at lower decoder resolutions.
         overrides: extra keyword arguments for ``ResUNet.from_preset`` (e.g. ``{"norm": "batch"}``).
+        pretrained: local torchvision ResNet ``.pth`` whose weights start the encoder (resnet presets;
+            2D as is, 3D inflated); ``None`` = random initialisation.
+        pretrained_sha256: SHA-256 of that file, filled in by the run (the checkpoint's model card
+            records it too, as ``pretrained``).
     """
 
     preset: str = DEFAULT_3D_PRESET
     spatial_dims: int = 3
     deep_supervision: bool = True
     overrides: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None
 
 
 @dataclass
@@ -223,6 +232,11 @@ class ValidationConfig:
         sw_batch_size: windows per forward pass.
         mode: window blending, ``"gaussian"`` or ``"constant"``.
         max_cases: validate on at most this many held-out cases (``None`` = all).
+        save_predictions: after training, predict every held-out case with ``best.pt`` (the
+            :class:`resunet.inference.Predictor`, as ``resunet predict`` would) into
+            ``RUN/validation/<case>.nii.gz`` on the case's own grid, for ``resunet evaluate``
+            (on with ``--fold all``).
+        tta: mirror test-time augmentation for those predictions.
     """
 
     every: int = 1
@@ -230,6 +244,8 @@ class ValidationConfig:
     sw_batch_size: int = 2
     mode: str = "gaussian"
     max_cases: int | None = None
+    save_predictions: bool = False
+    tta: bool = True
 
 
 @dataclass

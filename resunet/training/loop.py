@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -141,6 +143,21 @@ def split_cases(case_ids: list[str], folds: int, fold: int, seed: int, val_cases
     order = np.random.default_rng(seed).permutation(len(ids))
     val = sorted(ids[i] for i in order[fold::folds])
     return [c for c in ids if c not in val], val
+
+
+def effective_folds(n_cases: int, folds: int) -> tuple[int, str | None]:
+    """The number of folds a dataset of ``n_cases`` allows, and the line saying why when it is fewer.
+
+    Fewer cases than folds: as many folds as cases (each fold holds out one case); one case: a
+    single fold that trains on it without validation. Otherwise ``folds`` unchanged and no line.
+    """
+    if folds <= 1 or n_cases >= folds:
+        return folds, None
+    if n_cases >= 2:
+        return n_cases, (f"{n_cases} cases cannot be split into {folds} folds: using {n_cases} folds instead (one "
+                         f"case held out for validation per fold); dataset.folds={n_cases} is recorded in config.yaml")
+    return 1, (f"{n_cases} case cannot be split into {folds} folds: training on it without validation; "
+               "dataset.folds=1 is recorded in config.yaml")
 
 
 # ------------------------------------------------------------------------------------- builders
@@ -428,12 +445,14 @@ def _rank_weight_hashes(net: torch.nn.Module, d: _Dist) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ main entry
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, plan: TrainingPlan | None = None) -> TrainResult:
     """Train as ``cfg`` says; writes ``config.yaml``, ``plan.json``, ``log.csv``, ``last.pt``, ``best.pt`` to ``cfg.out``.
 
     Args:
         cfg: the resolved configuration (``cfg.data``, ``cfg.out`` must be set).
         resume: continue from ``cfg.out/last.pt`` (model, optimiser, scheduler, scaler, RNG, epoch).
+        plan: use this plan instead of planning from the training cases (:func:`train_folds` plans
+            once on all cases so that every fold shares it and the folds can form an ensemble).
 
     Raises:
         DatasetError, ConfigError, ModelError: bad dataset, configuration or resume checkpoint.
@@ -446,7 +465,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), get_track_meta(),
              torch.backends.cudnn.benchmark)
     try:
-        return _train(cfg, resume)
+        return _train(cfg, resume, plan)
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
@@ -454,7 +473,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         torch.backends.cudnn.benchmark = saved[3]
 
 
-def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool, given_plan: TrainingPlan | None = None) -> TrainResult:
     from monai.data import DataLoader, set_track_meta
 
     cfg.check()
@@ -475,7 +494,21 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         torch.backends.cudnn.benchmark = True
     set_track_meta(False)  # plain tensors through the transforms: faster, and nothing needs the metadata
 
+    pretrained_sd = None
+    if cfg.model.pretrained and not resume:  # a file that does not fit stops the run before any work
+        from resunet.nets.pretrained import check_pretrained_file
+
+        pretrained_sd = check_pretrained_file(cfg.model.pretrained, cfg.model.preset)
     spec = load_dataset(cfg.data)
+    if not cfg.dataset.val_cases:
+        folds, note = effective_folds(len(spec.cases), cfg.dataset.folds)
+        if note is not None:
+            if cfg.dataset.fold >= folds:
+                raise ConfigError(f"dataset.fold={cfg.dataset.fold}, but {len(spec.cases)} case(s) allow only "
+                                  f"{folds} fold(s); choose a fold in 0..{folds - 1}")
+            if d.main:
+                log.warning("%s", note)
+            cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, folds=folds))
     labels = {int(k): v for k, v in (cfg.labels or {}).items()} or spec.labels
     train_ids, val_ids = split_cases([c.case_id for c in spec.cases], cfg.dataset.folds, cfg.dataset.fold,
                                      cfg.dataset.split_seed, cfg.dataset.val_cases)
@@ -492,6 +525,8 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         if resume_ckpt.train_state is None:
             raise ConfigError(f"--resume: {last_path} holds no training state")
         plan = TrainingPlan.from_dict(resume_ckpt.plan)
+    elif given_plan is not None:
+        plan = given_plan
     else:
         from resunet.nets.presets import merged_kwargs, preset_kwargs
 
@@ -500,16 +535,28 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         preset = merged_kwargs(preset_kwargs(cfg.model.preset), cfg.model.overrides)
         plan = make_plan(spec, stats, cfg.plan, preset=preset,
                          spatial_dims=cfg.model.spatial_dims, slice_axis=cfg.dataset.slice_axis)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
-        plan.save(out / "plan.json")
     fingerprint = spec.fingerprint()
 
     # ---- model, optimiser, schedule ------------------------------------------------------------
     _seed_all(cfg.seed)
     net = build_network(cfg, plan, len(spec.channels), len(labels))
     network_config = net.config
+    pretrained: dict[str, Any] | None = None
+    if resume_ckpt is not None:
+        pretrained = resume_ckpt.model_card.get("pretrained")
+    elif cfg.model.pretrained:
+        from resunet.nets.pretrained import load_pretrained_file
+
+        pretrained = load_pretrained_file(net, cfg.model.pretrained, state_dict=pretrained_sd)
+        del pretrained_sd
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_sha256=pretrained["sha256"]))
+        if d.main:
+            log.info("encoder initialised from %s (torchvision %s, sha256 %s)", pretrained["file"], pretrained["arch"],
+                     pretrained["sha256"][:12])
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        plan.save(out / "plan.json")
     net.to(device)
     channels_last = _channels_last(cfg, device, plan.spatial_dims)
     if channels_last:
@@ -563,6 +610,11 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
                 "training_data": {"dataset": spec.name, "layout": spec.layout, "cases": len(spec.cases),
                                   "train_cases": train_ids, "val_cases": val_ids, "fingerprint": fingerprint},
                 "metrics": metrics, "epochs": cfg.epochs}
+        if pretrained is not None:
+            base["pretrained"] = pretrained
+        if val_ids or cfg.dataset.folds > 1:
+            base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,
+                                        "split_seed": cfg.dataset.split_seed}
         base.update(cfg.model_card)
         return base
 
@@ -678,8 +730,108 @@ def _train(cfg: TrainConfig, resume: bool) -> TrainResult:
         # no validation set: best = the final weights
         save(out / "best.pt", cfg.epochs, {"val_dice": last_val} if last_val else {}, with_state=False)
     logger.close()
+    if d.main and cfg.validation.save_predictions and val_ids:
+        write_validation_predictions(out / "best.pt", spec, val_ids, out / "validation", device, cfg)
     if d.enabled:
         dist.barrier()
     return TrainResult(out=out, epochs=cfg.epochs, best_dice=best_dice, best_epoch=best_epoch,
                        last_dice=last_val["dice_mean"] if last_val else None, seconds=time.time() - t_start,
                        history=history)
+
+
+# ------------------------------------------------------------------------- cross-validation folds
+def write_validation_predictions(model: Path, spec: DatasetSpec, case_ids: list[str], out_dir: Path,
+                                 device: torch.device, cfg: TrainConfig) -> list[Path]:
+    """Predict each held-out case with ``model`` into ``out_dir/<case>.nii.gz`` on the case's own grid.
+
+    The very :class:`resunet.inference.Predictor` ``resunet predict`` uses (preprocessing, sliding
+    window with the validation overlap, TTA per ``validation.tta``, post-processing), so
+    ``resunet evaluate --pred out_dir --gt DATASET/labelsTr`` scores the fold as users will run it.
+    """
+    from resunet.inference import Predictor
+    from resunet.io.nifti import write_mask_nifti
+    from resunet.training.dataset import read_case
+
+    predictor = Predictor(model, device=device, tta=cfg.validation.tta, overlap=cfg.validation.overlap,
+                          sw_batch=cfg.validation.sw_batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case_id in case_ids:
+        images, _ = read_case(spec, spec.case(case_id))
+        pred = predictor.predict(images)
+        path = out_dir / f"{case_id}.nii.gz"
+        write_mask_nifti(pred.mask, path)
+        written.append(path)
+    log.info("validation predictions of %d case(s) in %s", len(written), out_dir)
+    return written
+
+
+def train_folds(cfg: TrainConfig, *, resume: bool = False) -> list[TrainResult]:
+    """``resunet train --fold all``: every cross-validation fold, one after the other, into ``RUN/fold_<k>/``.
+
+    The plan is made once from all cases (as nnU-Net does), saved as ``RUN/plan.json`` and shared
+    by every fold, so the folds' ``best.pt`` files form an ensemble (``resunet predict --model RUN``).
+    Each fold writes its held-out cases' predictions to ``RUN/fold_<k>/validation/``; they are also
+    gathered in ``RUN/crossval/`` (every case predicted by the fold that did not train on it).
+    ``RUN/config.yaml`` holds the shared settings, ``RUN/folds.json`` each fold's cases, Dice and
+    checkpoint hash. With ``resume`` finished folds are kept and the others continue or start.
+    """
+    import shutil
+
+    from resunet.io.hashing import sha256_file
+
+    cfg.check()
+    if not cfg.data or not cfg.out:
+        raise ConfigError("both the dataset folder (--data) and the run folder (--out) are needed")
+    if cfg.dataset.val_cases:
+        raise ConfigError("--fold all splits by dataset.folds; unset dataset.val_cases")
+    root = Path(cfg.out)
+    spec = load_dataset(cfg.data)
+    folds, note = effective_folds(len(spec.cases), cfg.dataset.folds)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if note is not None and main:
+        log.warning("%s", note)
+    if folds < 2:
+        raise DatasetError(f"dataset {spec.root}: {len(spec.cases)} case(s) give no cross-validation folds; "
+                           "train without --fold all")
+    cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, folds=folds, fold=0),
+                              validation=dataclasses.replace(cfg.validation, save_predictions=True))
+    plan_path = root / "plan.json"
+    if resume and plan_path.exists():
+        plan = TrainingPlan.from_dict(json.loads(plan_path.read_text(encoding="utf-8")))
+    else:
+        from resunet.nets.presets import merged_kwargs, preset_kwargs
+
+        stats = collect_stats(spec, None, seed=cfg.seed)
+        preset = merged_kwargs(preset_kwargs(cfg.model.preset), cfg.model.overrides)
+        plan = make_plan(spec, stats, cfg.plan, preset=preset, spatial_dims=cfg.model.spatial_dims,
+                         slice_axis=cfg.dataset.slice_axis)
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        cfg.save(root / "config.yaml")
+        plan.save(plan_path)
+    results = []
+    summary = []
+    for k in range(folds):
+        fold_cfg = dataclasses.replace(cfg, out=str(root / f"fold_{k}"),
+                                       dataset=dataclasses.replace(cfg.dataset, fold=k))
+        fold_resume = resume and (root / f"fold_{k}" / "last.pt").exists()
+        if main:
+            log.info("fold %d of %d", k + 1, folds)
+        res = train(fold_cfg, resume=fold_resume, plan=plan)
+        results.append(res)
+        if main:
+            best = root / f"fold_{k}" / "best.pt"
+            card = load_checkpoint(best).model_card
+            summary.append({"fold": k, "out": f"fold_{k}", "val_cases": card["training_data"]["val_cases"],
+                            "best_dice": res.best_dice, "best_epoch": res.best_epoch,
+                            "best_sha256": sha256_file(best)})
+    if main:
+        cross = root / "crossval"
+        cross.mkdir(exist_ok=True)
+        for k in range(folds):
+            for f in sorted((root / f"fold_{k}" / "validation").glob("*.nii.gz")):
+                shutil.copyfile(f, cross / f.name)
+        atomic_write_text(root / "folds.json", json.dumps({"folds": summary, "plan": "plan.json",
+                                                           "crossval": "crossval"}, indent=1) + "\n")
+    return results
