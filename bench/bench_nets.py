@@ -127,6 +127,8 @@ MODELS: dict[str, Callable[[], tuple[torch.nn.Module, int, bool]]] = {
     "small cl": _ours("small", True),
     "base": _ours("base", False),
     "base cl": _ours("base", True),
+    "gpu": _ours("gpu", False),
+    "gpu cl": _ours("gpu", True),
     "resnet18 cl": _ours("resnet18", True),
     "resnet34 cl": _ours("resnet34", True),
     "resnet50 cl": _ours("resnet50", True),

@@ -75,7 +75,7 @@ def bench_networks(dev: torch.device, size: int, reps: int) -> None:
 
     import bench_nets as bn
 
-    names = ["cpu cl", "small cl", "base", "base cl", "resnet18 cl", "monai_unet", "monai_segresnet",
+    names = ["cpu cl", "small cl", "base", "base cl", "gpu cl", "resnet18 cl", "monai_unet", "monai_segresnet",
              "monai_basicunet", "nnunet_resenc_m"]
     amp = dev.type == "cuda"
     say(f"Patch 2 x 1 x {size}^3, SGD step, {'bf16 autocast' if amp else 'fp32'}; median of {reps} steps after 2 "

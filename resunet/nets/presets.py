@@ -29,6 +29,14 @@ CPU presets (full-resolution residual stem, basic blocks):
   cuts that work by ~3x. Divisor 32; 5.7 M parameters, 8.1 GFLOP per 96^3 patch (MONAI
   ``UNet(16..256, num_res_units=2)``: 4.8 M, 10.2 GFLOP); training step (2 x 1 x 96^3, 2 threads)
   ~1.6x faster than that UNet here (bench/results/nets.md).
+- ``gpu``: a 3D preset sized for GPU tensor cores, meant for channels-last with bf16 autocast (the
+  training defaults on CUDA: ``channels_last: true``, ``amp: auto``). ``base``'s layout with twice its
+  widths: 3x3/2 stem with 64 channels at 1/2 resolution, stages 128/256/512/512 with 2/3/4/2 basic
+  blocks at 1/4..1/32, decoder 512/256/128/32 (coarse to fine) and the transposed-conv logit
+  upsampling, so no convolution runs at full resolution and most of the compute sits in wide
+  convolutions at 1/4 and 1/8. 125.2 M parameters (nnU-Net ResEnc-M: 102.3 M), 195 GFLOP per 96^3
+  and 462 GFLOP per 128^3 patch (ResEnc-M: 605 and 1435), counted with FlopCounterMode. Divisor 32.
+  Its GPU step time and achieved TFLOP/s are measured by ``bench/gpu_check.py`` (row ``gpu cl``).
 """
 
 from __future__ import annotations
@@ -106,6 +114,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # small's encoder, 8 instead of 16 channels at the decoder's half-resolution level
     "cpu": merged_kwargs(_SMALL, {"decoder": {"widths": [8, 32, 64, 128]}}),
+    # base's layout, twice as wide, and its width at 1/16 kept at 1/32: sized for GPU tensor cores
+    "gpu": {
+        "widths": [128, 256, 512, 512],
+        "blocks": [2, 3, 4, 2],
+        "block": "basic",
+        "strides": [2, 2, 2, 2],
+        "kernel_sizes": 3,
+        "stem": {"width": 64, "kernel_size": 3, "stride": 2, "pool_stride": 1},
+        "decoder": {"widths": [32, 128, 256, 512], "blocks": 1, "full_res": "transpose"},
+    },
 }
 
 #: The preset the bundled brain-extraction model uses.
