@@ -219,7 +219,8 @@ def test_duplicate_copies_and_orientation_noise(tmp_path, caplog):
         back = load_study(tmp_path / "s")
     assert len(list_series(tmp_path / "s")) == 1
     assert np.array_equal(back.array, vol.array)
-    assert "3 duplicate images (same SOP Instance UID) skipped" in caplog.text
+    assert "read 6 files of series" in caplog.text
+    assert "left aside 3 of 9 files: 3 duplicate copies of images already read (same SOP Instance UID)" in caplog.text
 
 
 def test_folder_of_nifti_files_says_pass_the_file(tmp_path):

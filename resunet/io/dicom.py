@@ -1,12 +1,19 @@
 """DICOM series discovery and reading (pydicom), with the geometry checked rather than assumed.
 
 Discovery (:func:`scan_dicom_files`): every regular file under a folder is tried with
-``pydicom.dcmread(stop_before_pixels=True, force=False)``; files that are not DICOM are skipped and
-counted. Objects that are not images (SR, RTSTRUCT, RT plan, SEG, presentation states, key object
-selections, waveforms, DICOMDIR, ...) are skipped and counted. Images are grouped by
-SeriesInstanceUID, then split by orientation (within 1e-3), rows/columns, echo number and temporal
-position; each multi-frame file is a group of its own; a SOP Instance UID seen twice is read once. A group's ``key`` is the SeriesInstanceUID, with
-``#2``, ``#3``... appended when one series splits into several groups.
+``pydicom.dcmread(stop_before_pixels=True, force=False)`` (:func:`resunet.io.dicom_headers.read_header`,
+which also notes where the pixel data starts); files that are not DICOM are skipped and counted.
+Objects that are not images (SR, RTSTRUCT, RT plan, SEG, presentation states, key object
+selections, waveforms, DICOMDIR, private non-image objects, ...) and colour images (RGB/YBR/palette
+screenshots and photos) are left aside and counted. Images are grouped by SeriesInstanceUID, then
+split by orientation (within 1e-3), rows/columns, echo number, echo time and temporal position;
+a stack whose images repeat positions is split by AcquisitionNumber when that resolves it
+(acquisitions interleaved in one series); each multi-frame file is a group of its own. A SOP
+Instance UID seen twice at the same position is read once (a copy); two different images sharing
+one are both read, with a warning (a DICOM SEG then refuses them). A group's ``key`` is the
+SeriesInstanceUID, with ``#1``, ``#2``... appended when one series splits into several groups
+(most slices first, then by echo, echo time and acquisition number). The headers read are kept on
+the :class:`SeriesInfo`, so reading a series parses no header twice.
 
 Reading (:func:`read_series`):
 
@@ -15,6 +22,9 @@ Reading (:func:`read_series`):
 - Gaps that differ from the others (missing slices), two slices at one position, a stack direction
   not parallel to ``n`` (gantry tilt, sheared stacks) and mixed orientations raise
   :class:`~resunet.errors.GeometryError`: we refuse rather than build a wrong volume.
+- Pixel data: straight from each file into one preallocated array (uncompressed little endian),
+  else decoded by pydicom, in worker processes when there are many files
+  (:mod:`resunet.io.dicom_pixels`).
 - Pixel values: MONOCHROME1 is inverted over the stored range (``min_stored + max_stored - v``, so
   that bright means dense/high signal as in MONOCHROME2), then RescaleSlope/Intercept is applied.
   The output stays an integer array (int16, uint16 or int32: the smallest that holds the values)
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +63,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from resunet.errors import GeometryError, InputError
+from resunet.io.dicom_headers import HeaderView, UnsupportedEncoding, read_header
+from resunet.io.dicom_pixels import NeedsWiderType, PixelSource, read_pixels
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -99,6 +112,8 @@ class SeriesInfo:
         files: the files of the series (unsorted).
         series_instance_uid: the DICOM SeriesInstanceUID itself.
         series_number: SeriesNumber or None.
+        headers: the headers the scan read (pixel data not read), one per file, so that reading the
+            series does not parse them again; empty when not kept (then they are read again).
     """
 
     uid: str
@@ -110,6 +125,7 @@ class SeriesInfo:
     files: list[str] = field(default_factory=list)
     series_instance_uid: str = ""
     series_number: int | None = None
+    headers: list[_Header] = field(default_factory=list, repr=False, compare=False)
 
     def describe(self) -> str:
         """One line for logs and the UI picker."""
@@ -119,7 +135,18 @@ class SeriesInfo:
 
 @dataclass
 class ScanReport:
-    """What a folder scan found: the image series and the counts of what was skipped."""
+    """What a folder scan found: the image series and what was left aside, per reason.
+
+    Attributes:
+        series: the greyscale image series, most slices first.
+        n_files: every regular file looked at.
+        n_not_dicom: files that are not DICOM (``not_dicom_examples``: the first three).
+        non_image: DICOM objects that are not images, by kind (SR, RTSTRUCT, colour images, ...).
+        unreadable: DICOM files whose header cannot be read (``unreadable_reasons``: why, when known).
+        duplicates: second copies of an image (same SOP Instance UID, same position) not read again.
+        colour: one refusal line per colour image (RGB/YBR/palette screenshots, photos).
+        uid_conflicts: pairs of files that share a SOP Instance UID but are different images.
+    """
 
     series: list[SeriesInfo]
     n_files: int = 0
@@ -128,6 +155,9 @@ class ScanReport:
     unreadable: list[str] = field(default_factory=list)
     not_dicom_examples: list[str] = field(default_factory=list)
     duplicates: int = 0
+    colour: list[str] = field(default_factory=list)
+    unreadable_reasons: dict[str, str] = field(default_factory=dict)
+    uid_conflicts: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line: counts of files, series, non-DICOM files and non-image objects."""
@@ -142,8 +172,38 @@ class ScanReport:
             parts.append(f"{self.duplicates} duplicate images (same SOP Instance UID) skipped")
         return ", ".join(parts)
 
+    def left_aside(self, chosen: SeriesInfo, how: str = "") -> str:
+        """What was read and what was left aside and why, e.g. ``read 62 files of series X (...),
+        the one with the most slices; left aside 5 of 67 files: 3 in 2 other image series (...),
+        1 Structured Report (SR) (not part of an image volume), 1 not DICOM (e.g. notes.txt)``."""
+        n_read = len(chosen.files)
+        parts = []
+        others = [s for s in self.series if s is not chosen]
+        if others:
+            n_other = sum(len(s.files) for s in others)
+            parts.append(
+                f"{n_other} in {len(others)} other image series (pick one with --series; list them with"
+                " `resunet convert --list`)"
+            )
+        for name, n in sorted(self.non_image.items()):
+            parts.append(f"{n} {name} (not part of an image volume)")
+        if self.n_not_dicom:
+            examples = ", ".join(Path(f).name for f in self.not_dicom_examples)
+            parts.append(f"{self.n_not_dicom} not DICOM (e.g. {examples})")
+        if self.unreadable:
+            names = ", ".join(Path(f).name for f in self.unreadable[:3])
+            parts.append(f"{len(self.unreadable)} unreadable DICOM (truncated, corrupt or unsupported encoding: {names})")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicate copies of images already read (same SOP Instance UID)")
+        n_aside = self.n_files - n_read
+        head = f"read {n_read} file{'s' if n_read != 1 else ''} of series {chosen.describe()}"
+        head += f", {how}" if how else ""
+        if not parts or n_aside <= 0:
+            return head + "; nothing else in the folder"
+        return f"{head}; left aside {n_aside} of {self.n_files} files: " + ", ".join(parts)
 
-def non_image_kind(ds: Dataset) -> str | None:
+
+def non_image_kind(ds: Dataset | HeaderView) -> str | None:
     """A name for the object's kind if it is not an image (SR, RTSTRUCT, SEG...), else None."""
     sop = str(ds.get("SOPClassUID", "") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
     if sop in NON_IMAGE_SOP_CLASSES:
@@ -155,9 +215,28 @@ def non_image_kind(ds: Dataset) -> str | None:
         name = pydicom.uid.UID(sop).name if sop else ""
         if "Image Storage" in str(name):
             return "truncated or empty images (no pixel data)"
+        if not sop.startswith("1.2.840.10008."):
+            return "private (non-standard) objects without pixel data"
         modality = str(ds.get("Modality", "")) or "DICOM"
         return f"{modality} objects without pixel data"
     return None
+
+
+def colour_of(ds: Dataset | HeaderView) -> str | None:
+    """``'RGB, 3 samples per pixel'`` for colour images (RGB, YBR, palette), None for greyscale."""
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+    if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
+        return f"{pi}, {spp} samples per pixel"
+    return None
+
+
+def colour_message(source: str, what: str) -> str:
+    """The one-line refusal of a colour image."""
+    return (
+        f"{source}: is a colour image ({what}), not a greyscale scan;"
+        " resunet reads CT/MR/PET-like greyscale series only"
+    )
 
 
 def _iter_files(root: Path) -> Iterable[Path]:
@@ -174,7 +253,12 @@ def _iter_files(root: Path) -> Iterable[Path]:
 
 @dataclass
 class _Header:
+    """One image file's header as the scan found it, with the values grouping needs."""
+
     path: str
+    ds: Dataset  # header only (pixel data not read)
+    pixel_offset: int | None  # byte offset of the pixel data element; None: unknown (deflated)
+    has_pixels: bool | None  # False: the file ends where the pixel data should start
     sop_uid: str
     series_uid: str
     description: str
@@ -184,8 +268,11 @@ class _Header:
     cols: int
     n_frames: int
     iop: tuple[float, ...] | None
+    position: tuple[float, ...] | None
     echo: str
+    echo_time: str
     temporal: str
+    acquisition: str
 
 
 def _floats(value: Any) -> tuple[float, ...] | None:
@@ -197,25 +284,48 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
-def _dcmread(path: str | Path, stop_before_pixels: bool) -> Dataset:
-    """Read a DICOM file; files without the 128-byte preamble/'DICM' (old ACR-NEMA style, no file
-    meta) are accepted only if a forced read finds a SOP class and a series or study UID, so random
-    bytes stay refused."""
-    try:
-        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=False)
-    except InvalidDicomError:
-        try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
-            ok = "SOPClassUID" in ds and ("SeriesInstanceUID" in ds or "StudyInstanceUID" in ds)
-        except Exception:
-            ok = False
-        if not ok:
-            raise InvalidDicomError(f"{path}: not a DICOM file") from None
-        return ds
+def _header_of(path: str | Path) -> _Header | None:
+    """Read one file's header; None for non-image objects (callers classify them with the dataset).
+
+    Raises:
+        InvalidDicomError: not DICOM; other exceptions: truncated/corrupt header.
+    """
+    ds, offset = read_header(path)
+    return _make_header(str(path), ds, offset)
 
 
-def _read_header(path: Path) -> Dataset:
-    return _dcmread(path, stop_before_pixels=True)
+def _make_header(path: str, ds: Dataset, offset: int | None) -> _Header:
+    hv = HeaderView(ds)
+    n_frames = int(hv.get("NumberOfFrames", 1) or 1)
+    iop = _floats(hv.get("ImageOrientationPatient"))
+    if iop is None and "SharedFunctionalGroupsSequence" in ds:
+        iop = _enhanced_iop(ds, 0)
+    pos = _floats(hv.get("ImagePositionPatient"))
+    series_number = hv.get("SeriesNumber")
+    echo_time = _float_or(hv.get("EchoTime"), None)
+    has_pixels = None
+    if offset is not None:
+        has_pixels = offset < os.stat(path).st_size
+    return _Header(
+        path=path,
+        ds=ds,
+        pixel_offset=offset,
+        has_pixels=has_pixels,
+        sop_uid=str(hv.get("SOPInstanceUID", "")) or path,
+        series_uid=str(hv.get("SeriesInstanceUID", "")) or f"no-series-uid:{Path(path).parent}",
+        description=str(hv.get("SeriesDescription", "") or ""),
+        modality=str(hv.get("Modality", "") or ""),
+        series_number=int(float(series_number)) if series_number not in (None, "") else None,
+        rows=int(hv.Rows),
+        cols=int(hv.Columns),
+        n_frames=n_frames,
+        iop=tuple(iop) if iop and len(iop) == 6 else None,
+        position=tuple(pos) if pos and len(pos) == 3 else None,
+        echo=str(hv.get("EchoNumbers", "") or ""),
+        echo_time=f"{echo_time:.3f}" if echo_time is not None else "",
+        temporal=str(hv.get("TemporalPositionIdentifier", "") or ""),
+        acquisition=str(hv.get("AcquisitionNumber", "") or ""),
+    )
 
 
 def _split_by_orientation(headers: list[_Header]) -> list[list[_Header]]:
@@ -234,20 +344,59 @@ def _split_by_orientation(headers: list[_Header]) -> list[list[_Header]]:
     return [members for _, members in clusters]
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")
+
+
+def _has_repeated_positions(headers: list[_Header]) -> bool:
+    """True if two single-frame images of the stack lie at the same position along the normal."""
+    if len(headers) < 2 or headers[0].iop is None or any(h.position is None or h.n_frames > 1 for h in headers):
+        return False
+    iop = np.array(headers[0].iop)
+    normal = np.cross(iop[:3], iop[3:])
+    proj = np.sort([float(np.dot(h.position, normal)) for h in headers])
+    return bool(np.min(np.diff(proj)) < SPACING_ATOL_MM)
+
+
+def _split_by_acquisition(headers: list[_Header]) -> list[list[_Header]]:
+    """Split a stack whose images repeat positions by AcquisitionNumber, if that resolves it.
+
+    Several acquisitions interleaved in one series (same SeriesInstanceUID, e.g. a repeat or two
+    echo trains numbered as acquisitions) put two images at each position. AcquisitionNumber is
+    split on only then: some scanners number every slice group of one volume as its own acquisition.
+    """
+    if not _has_repeated_positions(headers):
+        return [headers]
+    groups: dict[str, list[_Header]] = defaultdict(list)
+    for h in headers:
+        groups[h.acquisition].append(h)
+    if len(groups) < 2 or any(_has_repeated_positions(g) for g in groups.values()):
+        return [headers]  # not resolved by acquisition numbers: the reader refuses it with advice
+    return [groups[a] for a in sorted(groups, key=lambda a: (_number(a), a))]
+
+
 def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
     """Find the image series under ``root`` (a folder, searched recursively, or one file).
 
     Returns:
-        A :class:`ScanReport` whose ``series`` are sorted by number of slices, most first.
+        A :class:`ScanReport` whose ``series`` are sorted by number of slices, most first; each
+        series keeps the headers read (``SeriesInfo.headers``).
     """
     root = Path(root)
     groups: dict[tuple, list[_Header]] = defaultdict(list)
     report = ScanReport(series=[])
-    seen_sops: set[str] = set()
+    seen_sops: dict[str, _Header] = {}
     for path in _iter_files(root):
         report.n_files += 1
         try:
-            ds = _read_header(path)
+            ds, offset = read_header(path)
+        except UnsupportedEncoding as err:
+            report.unreadable.append(str(path))
+            report.unreadable_reasons[str(path)] = str(err)
+            continue
         except InvalidDicomError:
             report.n_not_dicom += 1
             if len(report.not_dicom_examples) < 3:
@@ -258,49 +407,50 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
             report.unreadable.append(str(path))
             continue
         try:
-            kind = non_image_kind(ds)
+            hv = HeaderView(ds)
+            kind = non_image_kind(hv)
+            colour = colour_of(hv) if kind is None else None
         except Exception as err:  # element values are parsed lazily: a corrupt one raises here
             log.debug("%s: malformed DICOM header: %s", path, err)
             report.unreadable.append(str(path))
             continue
+        if colour is not None:
+            kind = "colour images (screenshots, photos: not a greyscale scan)"
+            report.colour.append(colour_message(str(path), colour))
         if kind is not None:
             report.non_image[kind] = report.non_image.get(kind, 0) + 1
             continue
         try:
-            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-            iop = _floats(ds.get("ImageOrientationPatient"))
-            if iop is None and "SharedFunctionalGroupsSequence" in ds:
-                iop = _enhanced_iop(ds, 0)
-            h = _Header(
-                path=str(path),
-                sop_uid=str(ds.get("SOPInstanceUID", "")) or str(path),
-                series_uid=str(ds.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}",
-                description=str(ds.get("SeriesDescription", "") or ""),
-                modality=str(ds.get("Modality", "") or ""),
-                series_number=int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
-                rows=int(ds.Rows),
-                cols=int(ds.Columns),
-                n_frames=n_frames,
-                iop=tuple(iop) if iop and len(iop) == 6 else None,
-                echo=str(ds.get("EchoNumbers", "") or ""),
-                temporal=str(ds.get("TemporalPositionIdentifier", "") or ""),
-            )
+            h = _make_header(str(path), ds, offset)
         except Exception as err:  # malformed element values
             log.debug("%s: malformed DICOM header: %s", path, err)
             report.unreadable.append(str(path))
             continue
-        if h.sop_uid in seen_sops:  # the same image twice (copied into two folders): read it once
-            report.duplicates += 1
-            continue
-        seen_sops.add(h.sop_uid)
-        sub = (h.rows, h.cols, h.echo, h.temporal, h.path if n_frames > 1 else "")
+        first = seen_sops.get(h.sop_uid)
+        if first is not None:
+            if first.series_uid == h.series_uid and first.position == h.position and first.n_frames == h.n_frames:
+                report.duplicates += 1  # the same image twice (copied into two folders): read it once
+                continue
+            # a different image under the same UID (broken anonymiser or export): both are read;
+            # a DICOM SEG cannot reference them and refuses (resunet.io.seg)
+            report.uid_conflicts.append((first.path, h.path))
+        else:
+            seen_sops[h.sop_uid] = h
+        sub = (h.rows, h.cols, h.echo, h.echo_time, h.temporal, h.path if h.n_frames > 1 else "")
         groups[(h.series_uid, sub)].append(h)
 
     by_uid: dict[str, list[list[_Header]]] = defaultdict(list)
     for (uid, _sub), headers in groups.items():
-        by_uid[uid].extend(_split_by_orientation(headers))
+        for stack in _split_by_orientation(headers):
+            by_uid[uid].extend(_split_by_acquisition(stack))
     for uid, stacks in by_uid.items():
-        stacks.sort(key=lambda hs: (-sum(h.n_frames for h in hs), hs[0].path))
+        stacks.sort(
+            key=lambda hs: (
+                -sum(h.n_frames for h in hs),
+                min((_number(h.echo), _number(h.echo_time), _number(h.acquisition)) for h in hs),
+                min(h.path for h in hs),
+            )
+        )
         for n, headers in enumerate(stacks, start=1):
             h0 = headers[0]
             report.series.append(
@@ -314,9 +464,17 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
                     files=sorted(h.path for h in headers),
                     series_instance_uid=uid,
                     series_number=h0.series_number,
+                    headers=sorted(headers, key=lambda h: h.path),
                 )
             )
     report.series.sort(key=lambda s: (-s.n_slices, s.series_number or 0, s.uid))
+    if report.uid_conflicts:
+        a, b = report.uid_conflicts[0]
+        log.warning(
+            "%s: %d image(s) share a SOP Instance UID with a different image (e.g. %s and %s); both are read,"
+            " but a DICOM SEG cannot reference them: the export or anonymisation broke the UIDs",
+            root, len(report.uid_conflicts), Path(a).name, Path(b).name,
+        )
     return report
 
 
@@ -363,6 +521,8 @@ class _Slice:
     spacing_between: float | None
     slope: float
     intercept: float
+    header: _Header | None = None
+    philips: tuple[float, float] | None = None  # Philips private (scale slope, scale intercept)
 
 
 def _float_or(value: Any, default: float | None) -> float | None:
@@ -374,7 +534,28 @@ def _float_or(value: Any, default: float | None) -> float | None:
         return default
 
 
-def _slices_of(path: str, ds: Dataset) -> list[_Slice]:
+def _philips_scale(ds: Dataset | HeaderView) -> tuple[float, float] | None:
+    """Philips' private floating-point scale slope/intercept (2005,xx0E)/(2005,xx0D), if present."""
+    full = ds.ds if isinstance(ds, HeaderView) else ds
+    if not any((0x2005 << 16 | e) in full for e in range(0x10, 0x20)):
+        return None
+    try:
+        block = full.private_block(0x2005, "Philips MR Imaging DD 001")
+        values = []
+        for offset in (0x0E, 0x0D):
+            v = block[offset].value if offset in block else None
+            if isinstance(v, (bytes, bytearray)):
+                v = struct.unpack("<f", bytes(v[:4]))[0] if len(v) >= 4 else None
+            values.append(float(v) if v not in (None, "") else None)
+    except (KeyError, ValueError, TypeError, struct.error):
+        return None
+    ss, si = values
+    if ss is None or not np.isfinite(ss) or ss == 0:
+        return None
+    return ss, (si if si is not None and np.isfinite(si) else 0.0)
+
+
+def _slices_of(path: str, ds: Dataset | HeaderView, header: _Header | None = None) -> list[_Slice]:
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     slope = _float_or(ds.get("RescaleSlope"), 1.0) or 1.0
     inter = _float_or(ds.get("RescaleIntercept"), 0.0) or 0.0
@@ -400,6 +581,7 @@ def _slices_of(path: str, ds: Dataset) -> list[_Slice]:
                     source=f"{path} frame {f + 1}",
                     path=path,
                     ds=ds,
+                    header=header,
                     frame=f,
                     position=np.array(pos) if pos and len(pos) == 3 else None,
                     iop=np.array(iop) if iop and len(iop) == 6 else None,
@@ -416,6 +598,8 @@ def _slices_of(path: str, ds: Dataset) -> list[_Slice]:
     base = dict(
         path=path,
         ds=ds,
+        header=header,
+        philips=_philips_scale(ds),
         iop=np.array(iop) if iop and len(iop) == 6 else None,
         pixel_spacing=(ps[0], ps[1]) if ps and len(ps) == 2 else None,
         thickness=thickness,
@@ -450,45 +634,9 @@ def _slices_of(path: str, ds: Dataset) -> list[_Slice]:
 
 
 def _check_pixels(ds: Dataset, source: str) -> None:
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(
-            f"{source}: is a colour image ({pi}, {spp} samples per pixel), not a greyscale scan;"
-            " resunet reads CT/MR/PET-like greyscale series only"
-        )
-
-
-def _decode(ds: Dataset, source: str) -> np.ndarray:
-    """All frames of ``ds`` as an array ``(frames, rows, cols)`` of stored values."""
-    try:
-        arr = ds.pixel_array
-    except (KeyboardInterrupt, SystemExit, MemoryError):
-        raise
-    except BaseException as err:  # noqa: BLE001 - decoder missing, truncated or corrupt stream; the
-        # Rust RLE decoder (pyo3) raises PanicException, a BaseException, on corrupt data
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
-        name = getattr(ts, "name", str(ts))
-        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        msg = " / ".join(lines)[:400] if lines else type(err).__name__
-        raise InputError(
-            f"{source}: the pixel data cannot be decoded (transfer syntax {name}): {msg};"
-            " the file may be truncated, or re-export it uncompressed"
-        ) from None
-    arr = np.asarray(arr)
-    if arr.ndim == 2:
-        arr = arr[np.newaxis]
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if arr.ndim != 3 or arr.shape[0] != n_frames:
-        raise InputError(f"{source}: pixel data has shape {arr.shape}, expected {n_frames} greyscale frames")
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-        if int(ds.get("PixelRepresentation", 0)) == 1:
-            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        else:
-            lo, hi = 0, (1 << bits) - 1
-        arr = (lo + hi) - arr.astype(np.int64)
-    return arr
+    colour = colour_of(ds)
+    if colour is not None:
+        raise InputError(colour_message(source, colour))
 
 
 def _output_dtype(values_min: float, values_max: float, exact_int: bool) -> np.dtype:
@@ -605,81 +753,169 @@ def _stack_geometry(slices: list[_Slice], label: str) -> tuple[list[_Slice], np.
 
 
 def read_slices(slices: list[_Slice], label: str) -> tuple[np.ndarray, np.ndarray, list[_Slice], bool]:
-    """Decode and stack slices; returns (array (I,J,K), affine RAS, sorted slices, geometry_known)."""
+    """Read and stack slices; returns (array (I,J,K), affine RAS, sorted slices, geometry_known).
+
+    Geometry is checked first (no pixel is read for a refused series); then every file's pixel
+    data goes straight into one preallocated ``(K, rows, cols)`` array of the stored type
+    (:mod:`resunet.io.dicom_pixels`), MONOCHROME1 is inverted and the rescale applied in place.
+    """
     if not slices:
         raise InputError(f"{label}: no images to read")
     for s in slices:
         _check_pixels(s.ds, s.source)
     slices, aff_lps, known = _stack_geometry(slices, label)
     rows, cols = int(slices[0].ds.Rows), int(slices[0].ds.Columns)
-    decoded: dict[int, np.ndarray] = {}
-    planes = []
-    for s in slices:
-        key = id(s.ds)
-        if key not in decoded:
-            decoded[key] = _decode(s.ds, s.path)
-        plane = decoded[key][s.frame or 0]
-        if plane.shape != (rows, cols):
-            raise InputError(f"{s.source}: image size {plane.shape} differs from {(rows, cols)} of the series")
-        planes.append(plane)
-    decoded.clear()
-    slopes = [float(s.slope) for s in slices]
-    inters = [float(s.intercept) for s in slices]
-    integer = all(np.issubdtype(p.dtype, np.integer) for p in planes)
-    exact = integer and all(v == round(v) for v in slopes + inters)
-    identity = all(v == 1.0 for v in slopes) and all(v == 0.0 for v in inters)
-    if exact:
-        lo, hi = np.inf, -np.inf
-        for plane, a, b in zip(planes, slopes, inters):
-            ends = (float(plane.min()) * a + b, float(plane.max()) * a + b)
-            lo, hi = min(lo, *ends), max(hi, *ends)
-        dtype = _output_dtype(lo, hi, True)
-    else:
-        dtype = np.dtype(np.float32)
-    # Filled slice by slice into (K, rows, cols): one pass, no full-size temporaries.
-    data = np.empty((len(planes), rows, cols), dtype=dtype)
-    for k, (plane, a, b) in enumerate(zip(planes, slopes, inters)):
-        if identity:
-            data[k] = plane
-        elif exact:
-            data[k] = plane.astype(np.int64) * int(a) + int(b)
-        else:
-            data[k] = plane.astype(np.float64) * a + b
-    planes.clear()
+    # one pixel source per distinct file; plane_of[n][f] = slice k of frame f of file n
+    index: dict[str, int] = {}
+    sources: list[PixelSource] = []
+    plane_of: list[list[int]] = []
+    for k, s in enumerate(slices):
+        n = index.get(s.path)
+        if n is None:
+            n = index[s.path] = len(sources)
+            src = _pixel_source(s)
+            if (src.rows, src.cols) != (rows, cols):
+                raise InputError(f"{s.source}: image size {(src.rows, src.cols)} differs from {(rows, cols)} of the series")
+            sources.append(src)
+            plane_of.append([-1] * src.n_frames)
+        f = s.frame or 0
+        if not 0 <= f < len(plane_of[n]):
+            raise InputError(f"{s.source}: frame {f + 1} is not in the file ({len(plane_of[n])} frames)")
+        plane_of[n][f] = k
+    stored = np.result_type(*{src.dtype for src in sources})
+    while True:
+        raw = np.empty((len(slices), rows, cols), dtype=stored)
+        try:
+            read_pixels(sources, raw, plane_of)
+            break
+        except NeedsWiderType as err:  # a decoder returned a wider type than the header says
+            if err.dtype == stored:
+                raise InputError(f"{label}: pixel values of an unexpected type ({err.dtype})") from None
+            stored = err.dtype
+    for n, src in enumerate(sources):  # MONOCHROME1: invert over the stored range
+        s0 = slices[next(k for k in plane_of[n] if k >= 0)]
+        if str(s0.ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            bits = src.bits_stored
+            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if src.signed else (0, (1 << bits) - 1)
+            for k in plane_of[n]:
+                if k >= 0:
+                    raw[k] = (lo + hi) - raw[k].astype(np.int64)
+    data = _apply_rescale(raw, [float(s.slope) for s in slices], [float(s.intercept) for s in slices])
     # (cols=i, rows=j, slices=k): a transposed view, Fortran-contiguous, the layout NIfTI stores
     array = data.transpose(2, 1, 0)
     return array, RAS_FROM_LPS @ aff_lps, slices, known
 
 
+def _pixel_source(s: _Slice) -> PixelSource:
+    h, ds = s.header, s.ds
+    implicit, little = ds.ds.original_encoding if isinstance(ds, HeaderView) else ds.original_encoding
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    bits_allocated = int(ds.get("BitsAllocated", 16) or 16)
+    return PixelSource(
+        path=s.path,
+        source=s.path,
+        offset=h.pixel_offset if h is not None and h.has_pixels else None,
+        transfer_syntax=ts,
+        little_endian=bool(little) if little is not None else True,
+        implicit_vr=bool(implicit) if implicit is not None else True,
+        n_frames=int(ds.get("NumberOfFrames", 1) or 1),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        bits_allocated=bits_allocated,
+        bits_stored=int(ds.get("BitsStored", bits_allocated) or bits_allocated),
+        signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
+        float_data="FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+    )
+
+
+def _wrap(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Integers cast to ``dtype`` modulo its width (``astype`` wraps)."""
+    return np.asarray(values, dtype=np.int64).astype(dtype)
+
+
+def _apply_rescale(raw: np.ndarray, slopes: list[float], inters: list[float]) -> np.ndarray:
+    """``raw * slope + intercept`` per slice ``k`` (axis 0), in the smallest exact type.
+
+    Integer data with whole slopes and intercepts stay integers (int16, uint16 or int32, the
+    smallest holding every value; CT HU stay exact), computed in place modulo the type's width,
+    which is exact because every result fits. Otherwise float32, computed in float64 per slice.
+    """
+    n = raw.shape[0]
+    a = np.asarray(slopes, dtype=np.float64)
+    b = np.asarray(inters, dtype=np.float64)
+    integer = np.issubdtype(raw.dtype, np.integer)
+    exact = integer and bool(np.all(a == np.round(a)) and np.all(b == np.round(b)))
+    identity = bool(np.all(a == 1.0) and np.all(b == 0.0))
+    if exact:
+        flat = raw.reshape(n, -1)
+        mins = flat.min(axis=1).astype(np.float64)
+        maxs = flat.max(axis=1).astype(np.float64)
+        ends = np.concatenate([mins * a + b, maxs * a + b])
+        dtype = _output_dtype(float(ends.min()), float(ends.max()), True)
+    else:
+        dtype = np.dtype(np.float32)
+    if exact and dtype != np.float32:
+        data = raw.astype(dtype, copy=False)  # exact: every stored value fits (checked above)
+        if identity:
+            return data
+        if np.all(a == a[0]) and np.all(b == b[0]):
+            if a[0] != 1:
+                np.multiply(data, _wrap(a[0], dtype), out=data)
+            if b[0] != 0:
+                np.add(data, _wrap(b[0], dtype), out=data)
+        else:
+            np.multiply(data, _wrap(a, dtype)[:, None, None], out=data)
+            np.add(data, _wrap(b, dtype)[:, None, None], out=data)
+        return data
+    data = np.empty(raw.shape, dtype=np.float32)
+    step = 16  # slices per chunk: float64 temporaries stay small
+    for k0 in range(0, n, step):
+        chunk = raw[k0: k0 + step].astype(np.float64)
+        chunk *= a[k0: k0 + step, None, None]
+        chunk += b[k0: k0 + step, None, None]
+        data[k0: k0 + step] = chunk
+    return data
+
+
 def read_series(info: SeriesInfo, source: str | None = None) -> Volume:
     """Read one image series (or multi-frame file) found by :func:`scan_dicom_files` into a Volume.
+
+    Uses the headers the scan kept (``info.headers``), else reads them again.
 
     Returns:
         Volume, ``array`` shape ``(Columns, Rows, Slices)`` (see module docstring), ``affine``
         voxel -> RAS mm; ``meta``: ``source``, ``format="dicom"``, ``modality``, ``series_uid``
         (SeriesInstanceUID), ``series_key`` (``info.uid``), ``series_description``,
         ``dicom_files`` (one per slice ``k``; a multi-frame file repeats), ``frames`` (frame
-        index per slice, None for single-frame files), ``geometry`` (``"patient"`` or ``"unknown"``).
+        index per slice, None for single-frame files), ``geometry`` (``"patient"`` or ``"unknown"``);
+        for Philips files with private scale factors ``philips_scale_slope``/``philips_scale_intercept``.
 
     Raises:
         InputError: unreadable/undecodable files, colour images.
         GeometryError: missing slices, tilt, mixed orientations (see module docstring).
     """
     label = f"{source or Path(info.files[0]).parent} series {info.uid}"
+    headers = list(info.headers)
+    if len(headers) != len(info.files):
+        headers = []
+        for f in info.files:
+            try:
+                headers.append(_header_of(f))
+            except UnsupportedEncoding as err:
+                raise InputError(str(err)) from None
+            except InvalidDicomError:
+                raise InputError(f"{f}: not a DICOM file") from None
+            except Exception as err:
+                raise InputError(f"{f}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
     slices: list[_Slice] = []
-    for f in info.files:
+    for h in headers:
+        if h.has_pixels is False:
+            raise InputError(f"{h.path}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
         try:
-            ds = _dcmread(f, stop_before_pixels=False)
-        except InvalidDicomError:
-            raise InputError(f"{f}: not a DICOM file") from None
-        except Exception as err:
-            raise InputError(f"{f}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
-        if "Rows" not in ds or "Columns" not in ds or "PixelData" not in ds and "FloatPixelData" not in ds:
-            raise InputError(f"{f}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
-        try:
-            slices.extend(_slices_of(f, ds))
+            slices.extend(_slices_of(h.path, HeaderView(h.ds), h))
         except Exception as err:  # noqa: BLE001 - pydicom parses values lazily; any of them can be corrupt
-            raise InputError(f"{f}: malformed DICOM attributes ({type(err).__name__}: {err})") from None
+            raise InputError(f"{h.path}: malformed DICOM attributes ({type(err).__name__}: {err})") from None
     try:
         array, affine, slices, known = read_slices(slices, label)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError, OverflowError) as err:
@@ -701,4 +937,14 @@ def read_series(info: SeriesInfo, source: str | None = None) -> Volume:
         "frames": [s.frame for s in slices],
         "geometry": "patient" if known else "unknown",
     }
+    philips = {s.philips for s in slices if s.philips is not None}
+    if philips:
+        ss, si = sorted(philips)[0]
+        meta["philips_scale_slope"], meta["philips_scale_intercept"] = ss, si
+        log.info(
+            "%s: Philips private scale slope %g (intercept %g) found; the values are the display values"
+            " (RescaleSlope/Intercept, as the scanner's viewer and SimpleITK show them); the floating-point"
+            " values (dcm2niix's default) are value / (RescaleSlope * %g)",
+            label, ss, si, ss,
+        )
     return Volume(array=array, affine=affine, meta=meta)

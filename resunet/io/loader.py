@@ -46,7 +46,12 @@ def _nothing_found(path: Path, report: ScanReport, contents: Path | None = None)
         return f"{path}: the {what} is empty; expected DICOM image files, a .zip of them, or a .nii/.nii.gz file"
     if report.unreadable and not report.non_image and not report.n_not_dicom:
         first = report.unreadable[0]
+        if first in report.unreadable_reasons:
+            return report.unreadable_reasons[first]
         return f"{first}: unreadable DICOM file (truncated or corrupt); {report.summary()}"
+    if report.colour and sum(report.non_image.values()) == len(report.colour):
+        extra = f" ({report.summary()})" if report.n_files > 1 else ""
+        return report.colour[0] + extra
     if report.non_image:
         kinds = ", ".join(sorted(report.non_image))
         return f"{path}: no image series, only {kinds} ({report.summary()}); point to the images of the study"
@@ -75,17 +80,18 @@ def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
         chosen = series[0]
     others = [s for s in series if s is not chosen]
     how = "as asked" if series_uid else "the one with the most slices"
-    log.info("%s: reading series %s, %s", path, chosen.describe(), how)
+    log.info("%s: %s", path, report.left_aside(chosen, how))
     if others:
         shown = "; ".join(s.describe() for s in others[:8])
         more = f"; and {len(others) - 8} more (list them with `resunet convert --list`)" if len(others) > 8 else ""
         log.info("%s: also found %d other series: %s%s", path, len(others), shown, more)
     if report.unreadable:
+        first = report.unreadable[0]
+        why = report.unreadable_reasons.get(first, "truncated or corrupt")
         names = ", ".join(Path(f).name for f in report.unreadable[:5])
-        log.warning("%s: %d unreadable DICOM files skipped (truncated or corrupt): %s", path, len(report.unreadable), names)
-    skipped = report.n_not_dicom + sum(report.non_image.values()) + len(report.unreadable) + report.duplicates
-    if skipped:
-        log.info("%s: skipped %s", path, report.summary())
+        log.warning("%s: %d unreadable DICOM files left aside (%s): %s", path, len(report.unreadable), why, names)
+    for other in others:  # the headers of series not read are no longer needed
+        other.headers = []
     return chosen
 
 
@@ -105,10 +111,14 @@ def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
         return []
     if p.is_file() and p.name.lower().endswith(".zip"):
         with extract_zip(p) as folder:
-            return list(_scan(folder).series)
-    if p.is_file() and p.name.upper() == "DICOMDIR":
-        p = p.parent
-    return list(_scan(p).series)
+            series = list(_scan(folder).series)
+    else:
+        if p.is_file() and p.name.upper() == "DICOMDIR":
+            p = p.parent
+        series = list(_scan(p).series)
+    for s in series:  # listing only: do not hold every header in memory
+        s.headers = []
+    return series
 
 
 def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:

@@ -28,6 +28,7 @@ from pydicom.sr.codedict import codes
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
+from resunet.io.dicom_headers import with_type2_defaults
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,30 @@ def _source_datasets(source: Volume) -> list[Dataset]:
     return list(seen.values())
 
 
+def _check_source_uids(datasets: list[Dataset], source: Volume) -> None:
+    """Refuse sources a SEG cannot reference: shared SOP Instance UIDs, missing study/series UIDs."""
+    name = source.meta.get("source", "the source series")
+    seen: dict[str, int] = {}
+    for n, ds in enumerate(datasets):
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if uid in seen:
+            files = list(dict.fromkeys(source.meta.get("dicom_files") or []))
+            a = Path(files[seen[uid]]).name if seen[uid] < len(files) else "?"
+            b = Path(files[n]).name if n < len(files) else "?"
+            raise InputError(
+                f"{name}: images {a} and {b} share the SOP Instance UID {uid}, so a DICOM SEG cannot"
+                " reference them; write a NIfTI mask instead (--format nifti) or export the series again"
+                " with unique UIDs"
+            )
+        seen[uid] = n
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
+        if not str(datasets[0].get(keyword, "") or ""):
+            raise InputError(
+                f"{name}: the source images have no {keyword}, which a DICOM SEG must reference;"
+                " write a NIfTI mask instead (--format nifti)"
+            )
+
+
 def write_dicom_seg(
     mask: Volume,
     source: Volume,
@@ -111,7 +136,11 @@ def write_dicom_seg(
 
     Raises:
         GeometryError: the mask is not on the source grid.
-        InputError: the source is not DICOM, or the mask holds labels missing from ``labels``.
+        InputError: the source is not DICOM, the mask holds labels missing from ``labels``, two
+            source images share a SOP Instance UID, or the sources lack a study/series/SOP class UID.
+
+    Source headers missing Type 2 patient/study attributes (anonymised studies) are written with
+    those attributes empty (:func:`resunet.io.dicom_headers.with_type2_defaults`, on copies).
     """
     import highdicom as hd  # imported here: ~0.6 s, only needed when writing a SEG
 
@@ -125,7 +154,10 @@ def write_dicom_seg(
     missing = sorted(present - {int(k) for k in labels})
     if missing:
         raise InputError(f"mask holds labels {missing} that have no name in labels={dict(labels)}")
-    datasets = _source_datasets(source)
+    # anonymised sources lack Type 2 patient/study attributes that highdicom copies: fill them with
+    # empty values on copies (the user's files and the kept headers are never changed)
+    datasets = [with_type2_defaults(ds) for ds in _source_datasets(source)]
+    _check_source_uids(datasets, source)
     frames = source.meta.get("frames") or [None] * source.shape[2]
     segment_numbers = sorted(int(k) for k in labels if int(k) > 0)
     # highdicom wants segment numbers 1..N without gaps for a label-map style array

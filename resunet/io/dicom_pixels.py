@@ -1,0 +1,313 @@
+"""Reading the pixel data of a DICOM series into one preallocated array.
+
+- Uncompressed little-endian data (implicit/explicit VR little endian, 8/16/32-bit, greyscale) is
+  read straight from the file into its slice of the volume (``readinto`` at the offset the header
+  scan found): no second header parse and no intermediate copy. Unused high bits (BitsStored <
+  BitsAllocated) are cleared or sign-extended exactly as pydicom does.
+- Everything else (JPEG, JPEG-LS, JPEG 2000, RLE, deflated, big endian, float pixel data, 1-bit)
+  is decoded by pydicom (with the pylibjpeg/pyjpegls plugins). These decoders hold the GIL, so
+  with many files they run in worker processes (``forkserver``: safe in threaded programs such as
+  the web app), ``RESUNET_DICOM_WORKERS`` of them (default: the CPU count, at most 8; ``1``
+  decodes in this process). Where processes cannot be started (daemon processes, sandboxes) the
+  files are decoded here, one after the other.
+
+Measured on 512x512 int16 CT (bench/io_read_speed.py, bench/results/io.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from resunet.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+_PIXEL_DATA_TAG = (0x7FE0, 0x0010)
+#: fewer compressed files than this are decoded in this process (a worker pool costs ~0.1-0.5 s)
+MIN_FILES_FOR_PROCESSES = 24
+
+
+@dataclass(frozen=True)
+class PixelSource:
+    """Where and how one file's pixels are stored (all from its header).
+
+    Attributes:
+        path: the file.
+        source: how to name it in messages.
+        offset: byte offset of the top-level pixel data element, or None (unknown).
+        transfer_syntax: the TransferSyntaxUID ('' when the file has no meta: implicit VR LE).
+        little_endian, implicit_vr: how the data set is encoded.
+        n_frames, rows, cols: the frame count and size.
+        bits_allocated, bits_stored, signed: the stored integer format.
+        float_data: FloatPixelData/DoubleFloatPixelData instead of PixelData (offset is then None).
+    """
+
+    path: str
+    source: str
+    offset: int | None
+    transfer_syntax: str
+    little_endian: bool
+    implicit_vr: bool
+    n_frames: int
+    rows: int
+    cols: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    float_data: bool = False
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy dtype of the stored values (what pydicom's pixel_array gives)."""
+        if self.bits_allocated == 1:
+            return np.dtype(np.uint8)
+        if self.float_data:
+            return np.dtype(np.float64 if self.bits_allocated == 64 else np.float32)
+        size = max(1, (self.bits_allocated + 7) // 8)
+        size = 1 if size == 1 else 2 if size == 2 else 4 if size <= 4 else 8
+        return np.dtype(f"{'i' if self.signed else 'u'}{size}")
+
+    @property
+    def native(self) -> bool:
+        """True if the pixels can be read straight from the file (uncompressed little endian)."""
+        return (
+            self.offset is not None
+            and not self.float_data
+            and (self.transfer_syntax in _NATIVE_LE or (self.transfer_syntax == "" and self.little_endian))
+            and self.bits_allocated in (8, 16, 32)
+            and 1 <= self.bits_stored <= self.bits_allocated
+        )
+
+
+def _read_native(src: PixelSource, out: np.ndarray) -> None:
+    """Read all frames of an uncompressed little-endian file into ``out`` (frames, rows, cols)."""
+    expected = out.nbytes
+    with open(src.path, "rb") as fh:
+        fh.seek(src.offset)
+        head = fh.read(12)
+        if len(head) < 8:
+            raise InputError(f"{src.source}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
+        group, elem = struct.unpack("<HH", head[:4])
+        if (group, elem) != _PIXEL_DATA_TAG:
+            if group == 0x7FE0:
+                raise _NotNative  # float pixel data: pydicom reads it
+            raise InputError(f"{src.source}: no pixel data element where the header ends; the file is damaged, copy it again")
+        if src.implicit_vr:
+            length = struct.unpack("<I", head[4:8])[0]
+            fh.seek(src.offset + 8)
+        else:
+            length = struct.unpack("<I", head[8:12])[0] if len(head) == 12 else 0
+            fh.seek(src.offset + 12)
+        if length == 0xFFFFFFFF:
+            raise _NotNative  # encapsulated data under a native transfer syntax: let pydicom judge
+        got = fh.readinto(memoryview(out).cast("B")) if length >= expected else min(length, expected)
+    if length < expected or got < expected:
+        have = min(length, got)
+        raise InputError(
+            f"{src.source}: the pixel data cannot be decoded (transfer syntax {_ts_name(src.transfer_syntax)}):"
+            f" it holds {have} bytes, less than expected {expected} for {src.n_frames} frame(s) of"
+            f" {src.rows}x{src.cols} at {src.bits_allocated} bits; the file may be truncated, copy it again"
+        )
+    if src.bits_stored < src.bits_allocated:  # unused high bits: the same correction pydicom applies
+        shift = src.bits_allocated - src.bits_stored
+        np.left_shift(out, shift, out=out)
+        np.right_shift(out, shift, out=out)
+
+
+class _NotNative(Exception):
+    pass
+
+
+class NeedsWiderType(Exception):
+    """A decoder returned values of a type ``out`` cannot hold; read again into ``dtype``."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        super().__init__(str(dtype))
+        self.dtype = dtype
+
+
+def _ts_name(uid: str) -> str:
+    import pydicom.uid
+
+    return pydicom.uid.UID(uid).name if uid else "Implicit VR Little Endian (no file meta)"
+
+
+#: decoder plugin tried first per transfer syntax (pydicom's own order otherwise): for JPEG-LS,
+#: pyjpegls (CharLS) decoded a 512x512 16-bit frame in ~22 ms where pylibjpeg-libjpeg took ~77 ms
+_PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+
+
+def _pixel_array(ds: Dataset) -> np.ndarray:
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    plugin = _PREFERRED_PLUGIN.get(ts)
+    if plugin:
+        from pydicom.pixels import get_decoder
+
+        try:
+            available = plugin in get_decoder(ts).available_plugins
+        except (NotImplementedError, ValueError):
+            available = False
+        if available:
+            try:
+                ds.pixel_array_options(decoding_plugin=plugin)
+                return ds.pixel_array
+            except Exception:  # noqa: BLE001 - let pydicom's own order try the other decoders
+                ds.pixel_array_options(decoding_plugin="")
+    return ds.pixel_array
+
+
+def decode_stored(ds: Dataset, source: str) -> np.ndarray:
+    """All frames of a full dataset (pixels read) as ``(frames, rows, cols)`` stored values (pydicom)."""
+    try:
+        arr = _pixel_array(ds)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as err:  # noqa: BLE001 - decoder missing, truncated or corrupt stream; the
+        # Rust RLE decoder (pyo3) raises PanicException, a BaseException, on corrupt data
+        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        name = getattr(ts, "name", str(ts))
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        msg = " / ".join(lines)[:400] if lines else type(err).__name__
+        raise InputError(
+            f"{source}: the pixel data cannot be decoded (transfer syntax {name}): {msg};"
+            " the file may be truncated, or re-export it uncompressed"
+        ) from None
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if arr.ndim != 3 or arr.shape[0] != n_frames:
+        raise InputError(f"{source}: pixel data has shape {arr.shape}, expected {n_frames} greyscale frames")
+    return arr
+
+
+def decode_file(path: str, source: str) -> np.ndarray:
+    """Read a whole file and decode its pixels with pydicom (run in worker processes too)."""
+    from resunet.io.dicom_headers import read_full
+
+    try:
+        ds = read_full(path)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on damaged files
+        raise InputError(f"{source}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InputError(f"{source}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
+    return decode_stored(ds, source)
+
+
+def _decode_job(job: tuple[str, str]) -> np.ndarray:
+    return decode_file(*job)
+
+
+def workers_for(n_files: int) -> int:
+    """How many processes decode ``n_files`` compressed files (1: in this process)."""
+    env = os.environ.get("RESUNET_DICOM_WORKERS", "").strip()
+    if env:
+        try:
+            wanted = int(env)
+        except ValueError:
+            log.warning("RESUNET_DICOM_WORKERS=%r is not a number; using the default", env)
+            wanted = 0
+        if wanted > 0:
+            return min(wanted, n_files) if n_files >= 2 else 1
+    if n_files < MIN_FILES_FOR_PROCESSES:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8, n_files))
+
+
+def _decode_in_processes(jobs: Sequence[tuple[str, str]], workers: int) -> Iterator[tuple[int, np.ndarray]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["resunet.io.dicom_pixels"])
+    chunk = max(1, len(jobs) // (workers * 4))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for i, arr in enumerate(pool.map(_decode_job, jobs, chunksize=chunk)):
+            yield i, arr
+
+
+def decode_files(jobs: Sequence[tuple[str, str]]) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode ``(path, source)`` files with pydicom; yields ``(index, (frames, rows, cols) array)``.
+
+    In worker processes when there are many (see the module docstring), else here.
+
+    Raises:
+        InputError: a file cannot be decoded (the first one in order).
+    """
+    workers = workers_for(len(jobs))
+    done = 0
+    if workers > 1:
+        try:
+            for i, arr in _decode_in_processes(jobs, workers):
+                done = i + 1
+                yield i, arr
+            return
+        except InputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - no processes here (daemon, sandbox, broken pool)
+            log.debug("decoding in %d processes failed (%s: %s); decoding here", workers, type(err).__name__, err)
+    for i in range(done, len(jobs)):
+        yield i, decode_file(*jobs[i])
+
+
+def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Sequence[Sequence[int]]) -> list[int]:
+    """Fill ``out`` (K, rows, cols) with the stored values of ``sources``.
+
+    Args:
+        sources: one per file.
+        out: the preallocated array, dtype able to hold every file's values.
+        plane_of: for each source, the slice index ``k`` in ``out`` of each of its frames
+            (``-1``: frame not used).
+
+    Returns:
+        The indices of the sources whose values were read through pydicom (for logging).
+
+    Raises:
+        InputError: unreadable, truncated or undecodable pixel data (naming the file).
+        NeedsWiderType: a decoder gave a type ``out`` cannot hold; allocate that type and call again.
+    """
+    rows, cols = out.shape[1:]
+    decoded: list[int] = []
+    for n, src in enumerate(sources):
+        if not src.native:
+            decoded.append(n)
+            continue
+        ks = list(plane_of[n])
+        contiguous = src.dtype == out.dtype and ks == list(range(ks[0], ks[0] + len(ks))) if ks else False
+        try:
+            if contiguous:
+                _read_native(src, out[ks[0]: ks[0] + len(ks)])
+            else:
+                buf = np.empty((src.n_frames, rows, cols), dtype=src.dtype)
+                _read_native(src, buf)
+                for f, k in enumerate(ks):
+                    if k >= 0:
+                        out[k] = buf[f]
+        except _NotNative:
+            decoded.append(n)
+        except OSError as err:
+            raise InputError(f"{src.source}: cannot read the file ({err.strerror or err})") from None
+    if decoded:
+        jobs = [(sources[n].path, sources[n].source) for n in decoded]
+        for i, arr in decode_files(jobs):
+            n = decoded[i]
+            src = sources[n]
+            if arr.shape[1:] != (rows, cols):
+                raise InputError(f"{src.source}: image size {arr.shape[1:]} differs from {(rows, cols)} of the series")
+            if not np.can_cast(arr.dtype, out.dtype, "safe"):
+                raise NeedsWiderType(np.result_type(arr.dtype, out.dtype))
+            for f, k in enumerate(plane_of[n]):
+                if k >= 0:
+                    out[k] = arr[f]
+    return decoded
