@@ -102,6 +102,7 @@ def _expand(path: Path, out: list[tuple[Path, str]], depth: int) -> None:
 
 
 def _expand_folder(folder: Path, out: list[tuple[Path, str]], depth: int) -> None:
+    before = len(out)
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
     dirs = [p for p in entries if p.is_dir()]
@@ -116,6 +117,8 @@ def _expand_folder(folder: Path, out: list[tuple[Path, str]], depth: int) -> Non
             out.append((d, "dicom"))
         else:
             _expand_folder(d, out, depth + 1)
+    if depth == 0 and len(out) == before and files:
+        out.append((folder, "dicom"))  # named on the command line: load_study says what is wrong with it
 
 
 def _only_dicom_below(folder: Path) -> bool:
@@ -133,15 +136,16 @@ def _only_dicom_below(folder: Path) -> bool:
 
 
 def _is_dicom_file(path: Path) -> bool:
-    """DICOM Part 10 preamble check (``DICM`` at byte 128), or a ``.dcm`` name."""
+    """DICOM Part 10 preamble check (``DICM`` at byte 128), a ``.dcm`` name, or a file without
+    preamble (old ACR-NEMA style) that starts with a group 0002/0008 tag (either byte order)."""
     if path.name.lower().endswith(".dcm"):
         return True
     try:
         with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
+            head = fh.read(132)
     except OSError:
         return False
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
 
 
 def _read_list(path: Path) -> list[Path]:

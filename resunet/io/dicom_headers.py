@@ -83,18 +83,6 @@ def read_header(path: str | Path) -> tuple[Dataset, int | None]:
     return ds, offset
 
 
-def read_full(path: str | Path) -> Dataset:
-    """Read a whole DICOM file (pixel data included) with the same acceptance rules as
-    :func:`read_header` (preamble-less files if they carry a SOP class and a series/study UID)."""
-    try:
-        return pydicom.dcmread(str(path), force=False)
-    except InvalidDicomError:
-        ds = pydicom.dcmread(str(path), force=True)
-        if not ("SOPClassUID" in ds and ("SeriesInstanceUID" in ds or "StudyInstanceUID" in ds)):
-            raise InvalidDicomError(f"{path}: not a DICOM file") from None
-        return ds
-
-
 def _big_endian_message(path: str | Path, what: str) -> str:
     return (
         f"{path}: DICOM data in implicit VR big endian ({what}), an encoding no standard transfer syntax"

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydicom.dataset import Dataset
 
+from resunet.dicom_decode import decode_file, decode_job
 from resunet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -140,75 +140,6 @@ def _ts_name(uid: str) -> str:
     return pydicom.uid.UID(uid).name if uid else "Implicit VR Little Endian (no file meta)"
 
 
-#: decoder plugin tried first per transfer syntax (pydicom's own order otherwise): for JPEG-LS,
-#: pyjpegls (CharLS) decoded a 512x512 16-bit frame in ~22 ms where pylibjpeg-libjpeg took ~77 ms
-_PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
-
-
-def _pixel_array(ds: Dataset) -> np.ndarray:
-    meta = getattr(ds, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-    plugin = _PREFERRED_PLUGIN.get(ts)
-    if plugin:
-        from pydicom.pixels import get_decoder
-
-        try:
-            available = plugin in get_decoder(ts).available_plugins
-        except (NotImplementedError, ValueError):
-            available = False
-        if available:
-            try:
-                ds.pixel_array_options(decoding_plugin=plugin)
-                return ds.pixel_array
-            except Exception:  # noqa: BLE001 - let pydicom's own order try the other decoders
-                ds.pixel_array_options(decoding_plugin="")
-    return ds.pixel_array
-
-
-def decode_stored(ds: Dataset, source: str) -> np.ndarray:
-    """All frames of a full dataset (pixels read) as ``(frames, rows, cols)`` stored values (pydicom)."""
-    try:
-        arr = _pixel_array(ds)
-    except (KeyboardInterrupt, SystemExit, MemoryError):
-        raise
-    except BaseException as err:  # noqa: BLE001 - decoder missing, truncated or corrupt stream; the
-        # Rust RLE decoder (pyo3) raises PanicException, a BaseException, on corrupt data
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
-        name = getattr(ts, "name", str(ts))
-        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        msg = " / ".join(lines)[:400] if lines else type(err).__name__
-        raise InputError(
-            f"{source}: the pixel data cannot be decoded (transfer syntax {name}): {msg};"
-            " the file may be truncated, or re-export it uncompressed"
-        ) from None
-    arr = np.asarray(arr)
-    if arr.ndim == 2:
-        arr = arr[np.newaxis]
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if arr.ndim != 3 or arr.shape[0] != n_frames:
-        raise InputError(f"{source}: pixel data has shape {arr.shape}, expected {n_frames} greyscale frames")
-    return arr
-
-
-def decode_file(path: str, source: str) -> np.ndarray:
-    """Read a whole file and decode its pixels with pydicom (run in worker processes too)."""
-    from resunet.io.dicom_headers import read_full
-
-    try:
-        ds = read_full(path)
-    except InputError:
-        raise
-    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on damaged files
-        raise InputError(f"{source}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InputError(f"{source}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
-    return decode_stored(ds, source)
-
-
-def _decode_job(job: tuple[str, str]) -> np.ndarray:
-    return decode_file(*job)
-
-
 def workers_for(n_files: int) -> int:
     """How many processes decode ``n_files`` compressed files (1: in this process)."""
     env = os.environ.get("RESUNET_DICOM_WORKERS", "").strip()
@@ -230,10 +161,10 @@ def _decode_in_processes(jobs: Sequence[tuple[str, str]], workers: int) -> Itera
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["resunet.io.dicom_pixels"])
+    ctx.set_forkserver_preload(["resunet.dicom_decode"])
     chunk = max(1, len(jobs) // (workers * 4))
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        for i, arr in enumerate(pool.map(_decode_job, jobs, chunksize=chunk)):
+        for i, arr in enumerate(pool.map(decode_job, jobs, chunksize=chunk)):
             yield i, arr
 
 
@@ -284,7 +215,7 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
             decoded.append(n)
             continue
         ks = list(plane_of[n])
-        contiguous = src.dtype == out.dtype and ks == list(range(ks[0], ks[0] + len(ks))) if ks else False
+        contiguous = bool(ks) and ks[0] >= 0 and src.dtype == out.dtype and ks == list(range(ks[0], ks[0] + len(ks)))
         try:
             if contiguous:
                 _read_native(src, out[ks[0]: ks[0] + len(ks)])

@@ -28,7 +28,7 @@ from pydicom.sr.codedict import codes
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
-from resunet.io.dicom_headers import with_type2_defaults
+from resunet.io.dicom_headers import read_header, with_type2_defaults
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _source_datasets(source: Volume) -> list[Dataset]:
     for f in files:
         if f not in seen:
             try:
-                seen[f] = pydicom.dcmread(f, stop_before_pixels=True)
+                seen[f] = read_header(f)[0]  # preamble-less files too, as the reader accepted them
             except (OSError, pydicom.errors.InvalidDicomError) as err:
                 raise InputError(f"{f}: cannot re-read the source DICOM file for the SEG ({err})") from None
     return list(seen.values())
