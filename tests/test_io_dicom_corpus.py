@@ -39,6 +39,7 @@ from resunet.cli import main
 from resunet.errors import InputError
 from resunet.io import load_study, read_dicom_seg, write_dicom_seg
 from resunet.io.dicom_headers import TYPE2_PATIENT_STUDY, with_type2_defaults
+from resunet.io.rtstruct import read_rtstruct
 from test_inference_support import single_torch_thread  # noqa: F401  (autouse fixture)
 from test_inference_support import make_checkpoint, read_mask
 
@@ -146,7 +147,7 @@ class Expect:
     affine: np.ndarray | None = None
     error: str | None = None  # a piece of the one-line refusal
     sitk_files: list[str] | None = None  # SimpleITK ImageSeriesReader reads these files the same way
-    seg_error: str | None = None  # the volume reads, but a DICOM SEG is refused with this line
+    seg_error: str | None = None  # the volume reads, but DICOM SEG and RTSTRUCT are refused with this line
     log: list[str] = field(default_factory=list)  # pieces of the INFO/WARNING log of load_study
     dtype: type | None = None
 
@@ -391,12 +392,12 @@ def tiny_model(corpus):
 
 @pytest.fixture(scope="module")
 def predicted(corpus, tiny_model, tmp_path_factory):
-    """One `resunet predict` run over every case folder: NIfTI mask + DICOM SEG."""
+    """One `resunet predict` run over every case folder: NIfTI mask, DICOM SEG and RTSTRUCT."""
     root, cases = corpus
     out = root / "predict"
     db = tmp_path_factory.mktemp("audit") / "audit.sqlite"
     code = main(["predict", *[str(f) for f, _, _ in cases.values()], "--out", str(out), "--model", str(tiny_model),
-                 "--format", "nifti,seg", "--no-tta", "--no-progress", "--audit-db", str(db)])
+                 "--format", "nifti,seg,rtstruct", "--no-tta", "--no-progress", "--audit-db", str(db)])
     doc = json.loads((out / "predictions.json").read_text())
     return code, out, {r["case"]: r for r in doc["cases"]}
 
@@ -521,6 +522,11 @@ def test_predict_cli_same_outcome_and_seg_on_source_voxels(corpus, predicted, na
     assert 0 < (mask > 0).sum() < mask.size
     seg = read_dicom_seg(out / f"{name}.seg.dcm", vol)
     assert np.array_equal(np.asarray(seg.array), mask)
+    contours = read_rtstruct(out / f"{name}.rtstruct.dcm", vol)
+    assert contours.same_grid(vol)
+    # contours (marching squares) give the mask back except where they cut pixel-wide diagonal bridges
+    fg, back = mask > 0, np.asarray(contours.array) > 0
+    assert 2 * (fg & back).sum() / (fg.sum() + back.sum()) >= 0.97, name
     assert folder_digest(folder) == digest
 
 

@@ -40,7 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
-from resunet.io.seg import _source_datasets, contributing_equipment
+from resunet.io.seg import _check_source_uids, _source_datasets, contributing_equipment
 from resunet.io.volume import Volume
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -129,6 +129,7 @@ def write_rtstruct(
     if missing:
         raise InputError(f"mask holds labels {missing} that have no name in labels={dict(labels)}")
     datasets = _source_datasets(source)
+    _check_source_uids(datasets, source)  # shared SOP Instance UIDs would make the references ambiguous
     files = source.meta.get("dicom_files") or []
     frames = source.meta.get("frames") or [None] * source.shape[2]
     by_file = dict(zip(dict.fromkeys(files), datasets)) if files else {}
@@ -258,6 +259,7 @@ def read_rtstruct(path: str | os.PathLike[str], source: Volume) -> Volume:
     if str(ds.get("SOPClassUID", "")) != RTSTRUCT_STORAGE or "ROIContourSequence" not in ds:
         raise InputError(f"{p}: not a DICOM RT Structure Set (SOP class {ds.get('SOPClassUID', 'missing')})")
     datasets = _source_datasets(source)
+    _check_source_uids(datasets, source)  # shared SOP Instance UIDs would make the references ambiguous
     files = source.meta.get("dicom_files") or []
     frames = source.meta.get("frames") or [None] * source.shape[2]
     by_file = dict(zip(dict.fromkeys(files), datasets)) if files else {}

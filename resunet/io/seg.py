@@ -94,15 +94,15 @@ def _check_source_uids(datasets: list[Dataset], source: Volume) -> None:
             a = Path(files[seen[uid]]).name if seen[uid] < len(files) else "?"
             b = Path(files[n]).name if n < len(files) else "?"
             raise InputError(
-                f"{name}: images {a} and {b} share the SOP Instance UID {uid}, so a DICOM SEG cannot"
-                " reference them; write a NIfTI mask instead (--format nifti) or export the series again"
-                " with unique UIDs"
+                f"{name}: images {a} and {b} share the SOP Instance UID {uid}, so a DICOM SEG or RTSTRUCT"
+                " cannot reference them; write a NIfTI mask instead (--format nifti) or export the series"
+                " again with unique UIDs"
             )
         seen[uid] = n
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"):
         if not str(datasets[0].get(keyword, "") or ""):
             raise InputError(
-                f"{name}: the source images have no {keyword}, which a DICOM SEG must reference;"
+                f"{name}: the source images have no {keyword}, which a DICOM SEG or RTSTRUCT must reference;"
                 " write a NIfTI mask instead (--format nifti)"
             )
 
