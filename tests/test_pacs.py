@@ -34,6 +34,8 @@ pytestmark = [
     pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
                        reason="Debian orthanc + orthanc-dicomweb not installed (.ci/run installs them)"),
 ]
+pytest.importorskip("dicomweb_client")  # runtime dependencies (pyproject); an older venv may lack them
+pytest.importorskip("pynetdicom")
 LISTENER_AET = "RESUNET"
 PREDICT = ["--model", str(BUNDLED_MODEL), "--no-tta", "--no-audit", "--no-progress"]
 
