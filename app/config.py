@@ -39,6 +39,8 @@ class AppConfig:
         temp_dir: parent folder of the per-session temp folders.
         device: ``auto``, ``cpu`` or ``cuda`` for inference.
         tolerance_mm: NSD tolerance in mm for the metrics against a reference mask.
+        pacs_url: DICOMweb root of a PACS for "Browse PACS" (empty: no PACS list); credentials from
+            ``RESUNET_PACS_USER``/``RESUNET_PACS_PASSWORD`` or ``RESUNET_PACS_TOKEN`` (docs/pacs.md).
     """
 
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -50,6 +52,7 @@ class AppConfig:
     temp_dir: Path = Path(tempfile.gettempdir()) / "resunet-app"
     device: str = "auto"
     tolerance_mm: float = 2.0
+    pacs_url: str = ""
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "example_study", "example_reference", "temp_dir"):

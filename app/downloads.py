@@ -2,6 +2,7 @@
 
 - the mask as NIfTI (:func:`resunet.io.write_mask_nifti`: exactly the input's affine and shape);
 - a DICOM SEG for DICOM input (:func:`resunet.io.write_dicom_seg`, referencing the source series);
+- an RTSTRUCT for DICOM input (:func:`resunet.io.write_rtstruct`: contours per label and slice);
 - for an evaluation against a reference: exactly what ``resunet evaluate`` writes (metrics.csv,
   summary.csv, report.html, report.pdf, metrics.json), made by the same library functions.
 
@@ -35,8 +36,15 @@ def mask_files(volume: Volume, result: Any, outdir: Path) -> dict[str, tuple[byt
     if volume.meta.get("format") == "dicom":
         from resunet.io.seg import write_dicom_seg
 
-        seg = write_dicom_seg(result.mask, volume, outdir / "mask.seg.dcm", labels=_names(result))
+        algorithm = f"resunet {result.model_name}"[:64]
+        seg = write_dicom_seg(result.mask, volume, outdir / "mask.seg.dcm", labels=_names(result),
+                              algorithm_name=algorithm, model_sha256=result.model_sha256)
         files["mask.seg.dcm"] = (Path(seg).read_bytes(), MIME_DICOM)
+        from resunet.io.rtstruct import write_rtstruct
+
+        rts = write_rtstruct(result.mask, volume, outdir / "mask.rtstruct.dcm", labels=_names(result),
+                             algorithm_name=algorithm, model_sha256=result.model_sha256)
+        files["mask.rtstruct.dcm"] = (Path(rts).read_bytes(), MIME_DICOM)
     result.downloads["mask"] = files
     return files
 

@@ -115,8 +115,71 @@ def _input_section(cfg: AppConfig, ws: SessionWorkspace) -> None:
             st.session_state["study_error"] = str(err)
     elif not files and st.session_state.get("upload_sig") and st.session_state.get("upload_sig") != ():
         st.session_state["upload_sig"] = ()
+    if cfg.pacs_url:
+        _pacs_browser(cfg, ws, files)
     if st.session_state.get("study_error"):
         st.error(st.session_state["study_error"], icon="⚠️")
+
+
+def _pacs_browser(cfg: AppConfig, ws: SessionWorkspace, files: Any) -> None:
+    """Browse PACS: studies listed over QIDO-RS; the chosen one is pulled (WADO-RS) as the session's study."""
+    from app.pacs import client_for, stage_from_pacs, study_label
+
+    with st.expander(f"Browse PACS ({cfg.pacs_url})", expanded=False):
+        try:
+            if st.button("Refresh the list", key="pacs_refresh") or "pacs_studies" not in st.session_state:
+                st.session_state["pacs_studies"] = client_for(cfg.pacs_url).search_studies(limit=200)
+        except ResunetError as err:
+            st.session_state.pop("pacs_studies", None)
+            st.error(str(err), icon="⚠️")
+            return
+        studies = st.session_state["pacs_studies"]
+        if not studies:
+            st.info("The PACS lists no studies.")
+            return
+        i = st.selectbox(f"{len(studies)} studies", options=list(range(len(studies))),
+                         format_func=lambda k: study_label(studies[k]), key="pacs_study")
+        if st.button("Open this study", key="pacs_open"):
+            chosen = studies[int(i)]
+            try:
+                with st.spinner("Pulling the study from the PACS…"):
+                    staged = stage_from_pacs(client_for(cfg.pacs_url), chosen.study_uid, ws.subdir("pacs"),
+                                             study_label(chosen))
+            except ResunetError as err:
+                st.session_state["study_error"] = str(err)
+                return
+            _store("volumes").clear()
+            st.session_state["study"] = staged
+            st.session_state["study_error"] = None
+            st.session_state["upload_sig"] = _upload_signature(files)
+            _store("pacs_origin")[staged.sha256] = chosen.study_uid
+
+
+def _pacs_send(cfg: AppConfig, staged: StagedStudy, result: RunResult) -> None:
+    """For a study opened from the PACS: store its SEG (and RTSTRUCT) back into the study (STOW-RS)."""
+    study_uid = _store("pacs_origin").get(staged.sha256)
+    if not cfg.pacs_url or study_uid is None:
+        return
+    from app.pacs import client_for
+
+    sent = _store("pacs_sent")
+    what = st.multiselect("Send to the PACS", ["mask.seg.dcm", "mask.rtstruct.dcm"], default=["mask.seg.dcm"],
+                          key="pacs_send_what")
+    if st.button("Send to PACS", key="pacs_send", disabled=not what):
+        folder = st.session_state["workspace"].subdir("pacs-send")
+        files = []
+        for name in what:  # the bytes the download buttons offer, so the PACS gets the same files
+            (folder / name).write_bytes(result.downloads["mask"][name][0])
+            files.append(folder / name)
+        try:
+            with st.spinner("Storing into the study on the PACS…"):
+                client_for(cfg.pacs_url).store(files, study_uid)
+        except ResunetError as err:
+            st.error(str(err), icon="⚠️")
+            return
+        sent[id(result)] = list(what)
+    if id(result) in sent:
+        st.success(f"Stored {', '.join(sent[id(result)])} in study {study_uid} on {cfg.pacs_url}.")
 
 
 def _upload_signature(files: Any) -> tuple:
@@ -467,6 +530,7 @@ def _downloads_section(staged: StagedStudy, volume: Any, result: RunResult, ws: 
     for col, (fname, (data, mime)) in zip(cols, files.items()):
         with col:
             st.download_button(f"Download {fname}", data=data, file_name=fname, mime=mime, key=f"dl-{fname}")
+    _pacs_send(st.session_state["config"], staged, result)
     _audit(staged, result, ws)
 
 

@@ -201,7 +201,7 @@ def test_dicom_zip_with_two_series_offers_a_picker_and_a_dicom_seg(app, tmp_path
     assert len(chosen) == 1
     assert chosen[0].mask.shape == (46, 55, 46)
     labels = [b.label for b in at.get("download_button")]
-    assert labels == ["Download mask.nii.gz", "Download mask.seg.dcm"]
+    assert labels == ["Download mask.nii.gz", "Download mask.seg.dcm", "Download mask.rtstruct.dcm"]
     seg = pydicom.dcmread(io.BytesIO(chosen[0].downloads["mask"]["mask.seg.dcm"][0]))
     assert seg.Modality == "SEG"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == second_uid
@@ -220,7 +220,8 @@ def test_several_dicom_files_uploaded_at_once(app):
     result = _only_result(at)
     reference = load_study(EXAMPLE_DICOM)
     assert result.mask.shape == reference.shape and result.mask.same_grid(reference)
-    assert [b.label for b in at.get("download_button")] == ["Download mask.nii.gz", "Download mask.seg.dcm"]
+    assert [b.label for b in at.get("download_button")] == ["Download mask.nii.gz", "Download mask.seg.dcm",
+                                                             "Download mask.rtstruct.dcm"]
 
 
 @pytest.mark.parametrize("case", sorted(bad_uploads()))

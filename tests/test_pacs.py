@@ -191,3 +191,52 @@ def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
     assert len(got) == 1 and got[0].n_instances == 91 and got[0].calling_aet == "STORESCU"
     vol = load_study(got[0].folder)  # what arrived is the study, voxel for voxel
     assert np.array_equal(np.asarray(vol.array), np.asarray(load_study(EXAMPLE_DICOM).array))
+
+
+def _page(tmp_path, monkeypatch, pacs_url: str):
+    from streamlit.testing.v1 import AppTest
+    from test_app_support import APP_SCRIPT, make_tiny_model
+
+    make_tiny_model(tmp_path / "models" / "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    monkeypatch.setenv("RESUNET_APP_PACS_URL", pacs_url)
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_web_ui_browse_pacs_segment_and_send_back(orthanc, study_uid, tmp_path, monkeypatch):
+    at = _page(tmp_path, monkeypatch, orthanc.dicomweb)
+    box = at.selectbox(key="pacs_study")
+    assert len(box.options) == 1 and "91 images" in box.options[0]
+    at.button(key="pacs_open").click().run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == []
+    (result,) = at.session_state["results"].values()
+    labels = [b.label for b in at.get("download_button")]
+    assert labels == ["Download mask.nii.gz", "Download mask.seg.dcm", "Download mask.rtstruct.dcm"]
+
+    client, before = _series_by_modality(orthanc, study_uid)
+    at.multiselect(key="pacs_send_what").set_value(["mask.seg.dcm", "mask.rtstruct.dcm"]).run()
+    at.button(key="pacs_send").click().run()
+    assert not at.exception, at.exception
+    assert any(f"in study {study_uid}" in s.value for s in at.success)
+    _, after = _series_by_modality(orthanc, study_uid)
+    new_seg = sorted(set(after["SEG"]) - set(before.get("SEG", [])))
+    new_rt = sorted(set(after["RTSTRUCT"]) - set(before.get("RTSTRUCT", [])))
+    assert len(new_seg) == 1 and len(new_rt) == 1
+    seg_file = client.retrieve(study_uid, tmp_path / "back", new_seg)[0]
+    back = read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM))
+    assert np.array_equal(np.asarray(back.array), np.asarray(result.mask.array))
+
+
+def test_web_ui_unreachable_pacs_is_one_message(tmp_path, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    at = _page(tmp_path, monkeypatch, dead)
+    assert any(f"PACS {dead} is unreachable" in e.value for e in at.error)
+    at.button(key="example").click().run()  # the rest of the page still works
+    assert not at.exception and len(at.session_state["results"]) == 1

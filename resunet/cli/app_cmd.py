@@ -40,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="delete a session's uploads and results after this many idle minutes (default 60)")
     p.add_argument("--temp-dir", type=Path, help="parent folder of the per-session temp folders")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (default auto)")
+    p.add_argument("--pacs", dest="pacs_url", metavar="URL",
+                   help="DICOMweb root of a PACS for the page's Browse PACS list (credentials: docs/pacs.md)")
     p.add_argument("--config", type=Path, help="YAML file with any of the settings above")
     p.add_argument("--headless", action="store_true", help="do not open a browser window")
     p.add_argument("--hash-password", action="store_true",
@@ -56,6 +58,7 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
         "session_ttl_min": args.session_ttl_min,
         "temp_dir": args.temp_dir,
         "device": args.device,
+        "pacs_url": getattr(args, "pacs_url", None),
     }
     for name, value in mapping.items():
         if value is not None:
