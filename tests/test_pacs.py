@@ -240,3 +240,54 @@ def test_web_ui_unreachable_pacs_is_one_message(tmp_path, monkeypatch):
     assert any(f"PACS {dead} is unreachable" in e.value for e in at.error)
     at.button(key="example").click().run()  # the rest of the page still works
     assert not at.exception and len(at.session_state["results"]) == 1
+
+
+def test_resunet_serve_pacs_pull_job_and_dicom_node(orthanc, study_uid, local_mask, listener_port, tmp_path):
+    """The service pulls a study on request (pacs-pull job), and its DICOM node turns a C-STORE into a job."""
+    from serve_support import ServiceProcess, wait_job
+
+    import httpx
+
+    _, before = _series_by_modality(orthanc, study_uid)
+    svc = ServiceProcess(tmp_path / "state", BUNDLED_MODEL, "--no-tta", "--format", "nifti,seg",
+                         "--pacs", orthanc.dicomweb, "--dicom-port", str(listener_port), "--ae-title", LISTENER_AET,
+                         "--store-to", f"127.0.0.1:{orthanc.port}:{ORTHANC_AET}", "--settle-seconds", "1",
+                         "--allow-aet", ORTHANC_AET)
+    with svc:
+        r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, timeout=60)
+        assert r.status_code == 202, r.text
+        job = wait_job(svc.url, r.json()["id"], timeout=180)
+        assert job["state"] == "done", job
+        stored = job["result"]["stored_to_pacs"]
+        assert stored["study_uid"] == study_uid and [f.endswith(".seg.dcm") for f in stored["files"]] == [True]
+        mask = httpx.get(f"{svc.url}/v1/jobs/{job['id']}/outputs/mask", timeout=60)
+        mask_file = tmp_path / "mask.nii.gz"
+        mask_file.write_bytes(mask.content)
+        assert np.array_equal(np.asarray(read_nifti(mask_file).array), local_mask)
+
+        bad = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": "1.2.3.999"}, timeout=60)
+        failed = wait_job(svc.url, bad.json()["id"], timeout=60)
+        assert failed["state"] == "failed" and "has no study 1.2.3.999" in failed["error"]
+
+        # Orthanc "send to modality" to the service's DICOM node: the series becomes a dicom-series job
+        lookup = urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
+        with urllib.request.urlopen(lookup, timeout=30) as resp:
+            orthanc_id = next(x["ID"] for x in json.loads(resp.read()) if x["Type"] == "Study")
+        req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 200
+        deadline = time.monotonic() + 180
+        node_jobs: list = []
+        while time.monotonic() < deadline and not node_jobs:
+            jobs = httpx.get(f"{svc.url}/v1/jobs", timeout=30).json()["jobs"]
+            node_jobs = [j for j in jobs if j["kind"] == "dicom-series" and j["state"] in ("done", "failed")]
+            time.sleep(0.3)
+        assert len(node_jobs) == 1 and node_jobs[0]["state"] == "done", node_jobs or svc.log()[-3000:]
+        assert node_jobs[0]["result"]["sent_to"]["destination"].endswith(f":{ORTHANC_AET}")
+
+    client, after = _series_by_modality(orthanc, study_uid)
+    new = sorted(set(after["SEG"]) - set(before.get("SEG", [])))
+    assert len(new) == 2  # one stored by the pacs-pull job (STOW), one sent by the node (C-STORE)
+    for uid in new:
+        seg_file = client.retrieve(study_uid, tmp_path / uid, [uid])[0]
+        assert np.array_equal(np.asarray(read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM)).array), local_mask)

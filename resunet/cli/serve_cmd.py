@@ -58,6 +58,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit-db", default=None, metavar="FILE",
                    help="audit log (default $RESUNET_AUDIT_DB or ~/.resunet/audit.sqlite)")
     p.add_argument("--no-audit", action="store_true", help="do not record jobs in the audit log")
+    pacs = p.add_argument_group("PACS (docs/pacs.md)")
+    pacs.add_argument("--pacs", dest="pacs_url", default="", metavar="URL",
+                      help="DICOMweb root of a PACS for POST /v1/pacs/jobs (credentials from $RESUNET_PACS_USER/"
+                      "$RESUNET_PACS_PASSWORD or $RESUNET_PACS_TOKEN)")
+    pacs.add_argument("--dicom-port", type=int, default=0, metavar="PORT",
+                      help="also listen as a DICOM node (C-STORE SCP) on this port; complete series become jobs")
+    pacs.add_argument("--dicom-host", default=d["dicom_host"].default, metavar="HOST",
+                      help="address of the DICOM node (default 127.0.0.1; DIMSE has no authentication)")
+    pacs.add_argument("--ae-title", default=d["ae_title"].default, help="AE title of the DICOM node (default RESUNET)")
+    pacs.add_argument("--store-to", default="", metavar="HOST:PORT:AET",
+                      help="send each SEG/RTSTRUCT of a received series there with C-STORE")
+    pacs.add_argument("--settle-seconds", type=float, default=d["settle_seconds"].default, metavar="S",
+                      help="a received series is complete after S seconds without a new instance (default 5)")
+    pacs.add_argument("--allow-aet", action="append", default=[], metavar="AET",
+                      help="AE title allowed to send to the node (repeat; default: any)")
     p.add_argument("--add-token", metavar="NAME", help="make a token for NAME, print it once, store its hash, and exit")
     p.add_argument("--remove-token", metavar="NAME", help="delete the token NAME and exit")
     p.add_argument("--list-tokens", action="store_true", help="print the names of the stored tokens and exit")
@@ -74,6 +89,10 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         max_upload_mb=args.max_upload_mb, retention_hours=args.retention_hours, sweep_interval_s=args.sweep_interval,
         require_token=args.require_token, allow_anonymous=args.allow_anonymous, root_path=args.root_path,
         forwarded_allow_ips=args.forwarded_allow_ips,
+        pacs_url=getattr(args, "pacs_url", ""), dicom_port=getattr(args, "dicom_port", 0),
+        dicom_host=getattr(args, "dicom_host", "127.0.0.1"), ae_title=getattr(args, "ae_title", "RESUNET"),
+        store_to=getattr(args, "store_to", ""), settle_seconds=getattr(args, "settle_seconds", 5.0),
+        allowed_aets=tuple(getattr(args, "allow_aet", []) or ()),
         audit_db=False if args.no_audit else (Path(args.audit_db) if args.audit_db else None),
     )
     if args.state_dir is not None:
@@ -128,6 +147,16 @@ def run(args: argparse.Namespace) -> int:
              config.host, config.port, config.root_path, config.state_dir,
              "bearer token" if config.auth_required else "none (loopback)" if config.loopback else "NONE (anonymous)",
              config.retention_hours, config.max_upload_mb)
-    uvicorn.run(app, host=config.host, port=config.port, root_path=config.root_path, proxy_headers=True,
-                forwarded_allow_ips=config.forwarded_allow_ips, log_level="info", timeout_keep_alive=30)
+    from resunet.serve.pacs_jobs import start_node
+
+    node = start_node(service)  # before uvicorn: a taken DICOM port is a start-up error
+    if node is not None:
+        log.info("DICOM node %s on %s:%d%s", config.ae_title, config.dicom_host, config.dicom_port,
+                 f", results to {config.store_to}" if config.store_to else "")
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, root_path=config.root_path, proxy_headers=True,
+                    forwarded_allow_ips=config.forwarded_allow_ips, log_level="info", timeout_keep_alive=30)
+    finally:
+        if node is not None:
+            node.stop()
     return 0

@@ -193,11 +193,23 @@ class StoreListener:
         except OSError as err:
             raise PacsError(f"cannot listen for DICOM on {self.config.host}:{self.config.port} ({err.strerror or err});"
                             " choose another port or stop what uses it") from None
+        self._recover()
         self._stop.clear()
         self._watcher = threading.Thread(target=self._watch, name="resunet-dicom-series", daemon=True)
         self._watcher.start()
         log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
         return self
+
+    def _recover(self) -> None:
+        """Series folders left by a stopped listener are handed over after the settle time, not lost."""
+        now = time.monotonic()
+        for part in self.config.incoming_dir.glob("*/*/.*.part*"):  # temp files of writes cut by a kill
+            part.unlink(missing_ok=True)
+        for folder in sorted(self.config.incoming_dir.glob("*/*")):
+            n = sum(1 for f in folder.iterdir() if f.suffix == ".dcm") if folder.is_dir() else 0
+            if n:
+                with self._lock:
+                    self._pending[(folder.parent.name, folder.name)] = {"last": now, "count": n, "aet": "(before a restart)"}
 
     @property
     def port(self) -> int:

@@ -151,6 +151,22 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         body = describe(job, request)
         return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
 
+    @app.post("/v1/pacs/jobs", status_code=202, summary="Pull a study from the service's PACS, segment it, store the SEG back")
+    def submit_pacs(
+        request: Request,
+        user: Annotated[str, Depends(who)],
+        study_uid: Annotated[str, Form(description="Study Instance UID on the PACS (--pacs)")],
+        series_uid: Annotated[str | None, Form(description="only this series (default: every image series, the largest segmented)")] = None,
+        formats: Annotated[str | None, Form(description="comma-separated output formats (default: the service's --format)")] = None,
+        store: Annotated[bool, Form(description="store the SEG/RTSTRUCT back into the study (STOW-RS)")] = True,
+    ) -> JSONResponse:
+        from resunet.serve.pacs_jobs import enqueue_pull
+
+        job = enqueue_pull(service, study_uid, user, series_uid=series_uid, formats=formats, store=store)
+        log.info("job %s queued: PACS study from %s", job.id, user)
+        body = describe(job, request)
+        return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
+
     @app.get("/v1/jobs", summary="Recent jobs, newest first")
     def list_jobs(request: Request, user: Annotated[str, Depends(who)], state: str | None = None,
                   limit: int = 100) -> dict[str, Any]:

@@ -34,6 +34,12 @@ class ServeConfig:
         audit_db: audit log path; None = the default (``$RESUNET_AUDIT_DB`` or ~/.resunet/audit.sqlite);
             False = no audit records.
         max_files: most files in one multipart upload (DICOM slices); send a .zip for more.
+        pacs_url: DICOMweb root for ``pacs-pull`` jobs (``POST /v1/pacs/jobs``); empty = none (docs/pacs.md).
+        dicom_port: listen as a DICOM node (C-STORE SCP) on this port; 0 = no node.
+        dicom_host, ae_title: the node's address and AE title.
+        store_to: ``HOST:PORT:AET`` the node sends SEG/RTSTRUCT to with C-STORE; empty = keep them here.
+        settle_seconds: a received series is complete after this long without a new instance.
+        allowed_aets: AE titles that may send to the node; empty = any.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -54,6 +60,13 @@ class ServeConfig:
     forwarded_allow_ips: str = "127.0.0.1"
     audit_db: Path | bool | None = None
     max_files: int = 5000
+    pacs_url: str = ""
+    dicom_port: int = 0
+    dicom_host: str = "127.0.0.1"
+    ae_title: str = "RESUNET"
+    store_to: str = ""
+    settle_seconds: float = 5.0
+    allowed_aets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()

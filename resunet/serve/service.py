@@ -36,6 +36,7 @@ from resunet.serve.jobs import KINDS, JobOutcome, client_message, segment_option
 from resunet.serve.metrics import Metrics
 from resunet.serve.queue import Job, JobQueue
 from resunet.serve.tokens import TOKENS_FILE, TokenStore
+import resunet.serve.pacs_jobs  # noqa: E402,F401 - registers the pacs-pull and dicom-series job kinds
 
 log = logging.getLogger("resunet.serve")
 
@@ -123,6 +124,10 @@ class Service:
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
+
+    def wake(self) -> None:
+        """Tell the worker a job was queued (other modules enqueue too, e.g. the DICOM node)."""
+        self._wake.set()
 
     @property
     def ready(self) -> bool:

@@ -1,0 +1,140 @@
+"""PACS job kinds of ``resunet serve`` and its DICOM node (C-STORE listener feeding the job queue).
+
+Two job kinds, both through :func:`resunet.serve.jobs.run_segmentation` (the batch runner of
+``resunet predict``), so they persist in the SQLite queue, survive a restart and are audited like
+uploads:
+
+- ``pacs-pull`` (``POST /v1/pacs/jobs``): options ``study_uid``, ``series_uid``, ``formats``,
+  ``store`` (STOW the SEG/RTSTRUCT back, default true) and ``pacs_url`` (the service's ``--pacs``).
+  The handler retrieves the study over WADO-RS into the job's ``input/`` folder, segments it and
+  stores the DICOM outputs into the study.
+- ``dicom-series``: queued by the DICOM node when a series received with C-STORE is complete
+  (``--dicom-port``); the series folder moves into the job's ``input/``; after segmentation the SEG
+  (and RTSTRUCT) go with C-STORE to ``--store-to HOST:PORT:AET``.
+
+A job killed mid-run is redone from the start (new SEG UIDs): at worst the archive receives a second
+copy of a result; no accepted study is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from resunet.errors import ConfigError, InputError
+from resunet.serve.jobs import JobEnv, JobOutcome, register_kind, run_segmentation, segment_options
+from resunet.serve.queue import Job
+
+log = logging.getLogger(__name__)
+
+#: outputs that go back to the archive
+DICOM_OUTPUTS = ("seg", "rtstruct")
+#: where the node writes instances while a series is arriving (under the state folder)
+INCOMING = "dicom-incoming"
+
+
+def _dicom_files(job_dir: Path, outcome: JobOutcome) -> list[Path]:
+    return [job_dir / o["path"] for key, o in outcome.outputs.items() if key in DICOM_OUTPUTS]
+
+
+def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
+    from resunet.pacs import PacsClient, PacsConfig
+
+    opts = job.options
+    study_uid = str(opts.get("study_uid") or "")
+    if not study_uid or not opts.get("pacs_url"):
+        raise ConfigError(f"job {job.id}: a pacs-pull job needs study_uid and the service's --pacs URL")
+    client = PacsClient(PacsConfig.from_env(str(opts["pacs_url"])))
+    folder = env.job_dir(job.id) / "input" / "study"
+    shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt
+    series = [str(opts["series_uid"])] if opts.get("series_uid") else None
+    client.retrieve(study_uid, folder, series)
+    outcome = run_segmentation(job, env, folder)
+    if opts.get("store", True):
+        files = _dicom_files(env.job_dir(job.id), outcome)
+        if files:
+            client.store(files, study_uid)
+        outcome.result["stored_to_pacs"] = {"url": opts["pacs_url"], "study_uid": study_uid,
+                                            "files": [p.name for p in files]}
+    return outcome
+
+
+def _dicom_series(job: Job, env: JobEnv) -> JobOutcome:
+    from resunet.pacs.dimse import Destination, send_files
+
+    if not job.input_path:
+        raise InputError(f"job {job.id} has no received series")
+    outcome = run_segmentation(job, env, job.input_path)
+    dest = job.options.get("destination")
+    if dest:
+        files = _dicom_files(env.job_dir(job.id), outcome)
+        if files:
+            send_files(files, Destination.parse(str(dest)), calling_aet=str(job.options.get("ae_title") or "RESUNET"))
+        outcome.result["sent_to"] = {"destination": dest, "files": [p.name for p in files]}
+    return outcome
+
+
+register_kind("pacs-pull", _pacs_pull)
+register_kind("dicom-series", _dicom_series)
+
+
+def enqueue_pull(service: Any, study_uid: str, who: str, series_uid: str | None = None,
+                 formats: Any = None, store: bool = True) -> Job:
+    """Queue a ``pacs-pull`` job (the HTTP route calls this); ConfigError when no PACS is configured."""
+    url = getattr(service.config, "pacs_url", None)
+    if not url:
+        raise ConfigError("this service has no PACS; start it with `resunet serve --pacs URL`")
+    if not study_uid or not str(study_uid).strip():
+        raise InputError("study_uid is empty; give the Study Instance UID to pull")
+    opts = segment_options({"formats": formats, "series_uid": series_uid}, service.default_formats())
+    opts.update(study_uid=str(study_uid).strip(), store=bool(store), pacs_url=url)
+    job = service.queue.enqueue("pacs-pull", input_name=f"PACS study {study_uid}", options=opts, submitted_by=who)
+    service.wake()
+    return job
+
+
+class NodeFeeder:
+    """The callback of the service's :class:`~resunet.pacs.dimse.StoreListener`: a complete series becomes a job."""
+
+    def __init__(self, service: Any, ae_title: str, destination: str | None, formats: tuple[str, ...]) -> None:
+        self.service = service
+        self.ae_title = ae_title
+        self.destination = destination
+        self.formats = formats
+
+    def __call__(self, series: Any) -> None:
+        job_id = uuid.uuid4().hex
+        final = self.service.job_dir(job_id) / "input"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(series.folder, final)  # same filesystem (both under the state folder): atomic
+        study_dir = series.folder.parent
+        if study_dir.is_dir() and not any(study_dir.iterdir()):
+            study_dir.rmdir()
+        opts = {"formats": list(self.formats), "series_uid": series.series_uid, "uncertainty": False,
+                "probabilities": False, "destination": self.destination, "ae_title": self.ae_title}
+        self.service.queue.enqueue("dicom-series", input_path=final, input_sha256=None, options=opts,
+                                   input_name=f"{series.n_instances} instances from {series.calling_aet}",
+                                   submitted_by=f"DICOM {series.calling_aet}", job_id=job_id)
+        self.service.wake()
+        log.info("series %s (%d instances from %s) queued as job %s", series.series_uid, series.n_instances,
+                 series.calling_aet, job_id)
+
+
+def start_node(service: Any) -> Any:
+    """Start the DICOM node of ``service`` when its config has a ``dicom_port``; returns the listener or None."""
+    c = service.config
+    if not getattr(c, "dicom_port", None):
+        return None
+    from resunet.pacs.dimse import Destination, ListenerConfig, StoreListener
+
+    if c.store_to:
+        Destination.parse(c.store_to)  # a bad destination is a start-up error
+    cfg = ListenerConfig(ae_title=c.ae_title, port=c.dicom_port, host=c.dicom_host,
+                         incoming_dir=service.state_dir / INCOMING, settle_seconds=c.settle_seconds,
+                         allowed_calling_aets=tuple(c.allowed_aets))
+    listener = StoreListener(cfg, NodeFeeder(service, cfg.ae_title, c.store_to, tuple(c.formats)))
+    return listener.start()
