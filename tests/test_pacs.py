@@ -212,7 +212,7 @@ def _page(tmp_path, monkeypatch, pacs_url: str):
 def test_web_ui_browse_pacs_segment_and_send_back(orthanc, study_uid, tmp_path, monkeypatch):
     at = _page(tmp_path, monkeypatch, orthanc.dicomweb)
     box = at.selectbox(key="pacs_study")
-    assert len(box.options) == 1 and "91 images" in box.options[0]
+    assert len(box.options) == 1 and "resunet example study · MR" in box.options[0]  # date · description · modalities
     at.button(key="pacs_open").click().run()
     assert not at.exception, at.exception
     assert [e.value for e in at.error] == []
