@@ -56,11 +56,33 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _exit_cleanly_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except ResunetError as err:
         print(f"resunet {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except MemoryError:
+        print(f"resunet {args.command}: error: ran out of memory; lower --max-memory-gb so that such inputs are"
+              " refused up front, or use a machine with more memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"resunet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, ``timeout``, ``docker stop``) into ``SystemExit(143)`` in the main thread, so
+    ``finally`` blocks run: temporary ``.part`` files of atomic writes are removed instead of left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, handler)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from resunet.errors import InputError
+from resunet.io.atomic import remove_stale_temps
+from resunet.io.limits import add_limit_argument, limits_from_args
 from resunet.io.loader import list_series, load_study
 from resunet.io.nifti import is_nifti_path, write_nifti
 
@@ -24,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("output", nargs="?", help="output .nii or .nii.gz file")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID (or key from --list) to convert")
     p.add_argument("--list", action="store_true", help="only list the image series found, then exit")
+    add_limit_argument(p)
     p.set_defaults(func=run)
 
 
@@ -39,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("convert needs an OUTPUT .nii or .nii.gz path (or --list)")
     if not is_nifti_path(args.output):
         raise InputError(f"{args.output}: output name must end in .nii or .nii.gz")
-    vol = load_study(args.input, series_uid=args.series)
+    limits = limits_from_args(args)
+    # temps of this output left by a killed earlier run (resunet.io.atomic names them .<name>.*.part*)
+    remove_stale_temps(Path(args.output).parent, [Path(args.output).name.split(".")[0]])
+    vol = load_study(args.input, series_uid=args.series, limits=limits)
     out = write_nifti(vol, args.output)
     what = f"series {vol.meta.get('series_key')}" if vol.meta.get("format") == "dicom" else "NIfTI"
     print(f"wrote {out} from {what}: {vol.describe_grid()}, dtype {vol.array.dtype}")

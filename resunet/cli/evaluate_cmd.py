@@ -10,6 +10,7 @@ from typing import Any
 
 from resunet.errors import ConfigError, InputError
 from resunet.evaluation import DEFAULT_TOLERANCE_MM, evaluate_folders
+from resunet.io.limits import add_limit_argument, export_limit
 from resunet.reports.audit import ENV_VAR, audit_db_path, record_run
 from resunet.reports.provenance import collect_provenance, utc_now
 from resunet.reports.report import find_image, parse_formats, write_evaluation_outputs
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--worst-cases", type=int, default=3, metavar="N",
                    help="worst cases per label shown with a slice image in the report (default 3)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="processes (default: all cores)")
+    add_limit_argument(p)
     p.set_defaults(func=run)
 
 
@@ -103,6 +105,7 @@ def _label_names(doc: dict[str, Any]) -> dict[int, str]:
 
 def run(args: argparse.Namespace) -> int:
     started = utc_now()
+    export_limit(args)  # the worker processes read the masks with this limit
     labels = parse_labels(args.labels)
     tolerance = parse_tolerance(args.tolerance_mm)
     formats = parse_formats(args.format)

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from resunet.errors import ConfigError
+from resunet.errors import ConfigError, InputError
+from resunet.io.limits import add_limit_argument, limits_from_args
 
 #: the bundled brain-extraction model (data/model/), used when --model is not given
 BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "data" / "model" / "brain_extraction.pt"
@@ -63,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="HTTP basic user (password from $RESUNET_PACS_PASSWORD); a bearer token comes from "
                       "$RESUNET_PACS_TOKEN")
     pacs.add_argument("--no-store", action="store_true", help="with --pacs: keep the results local, store nothing")
+    add_limit_argument(p)
     p.set_defaults(func=run)
 
 
@@ -118,6 +120,26 @@ def run(args: argparse.Namespace) -> int:
     elif not args.inputs:
         raise ConfigError("give INPUT paths to segment, or --pacs URL --study UID")
     cases = discover_cases(args.inputs) if args.inputs else []
+    # every input's headers are checked before the model loads; all refusals are reported at once
+    from resunet.inference.batch import select_shard
+    from resunet.inference.validate import validate_cases, write_refused_summary
+
+    limits = limits_from_args(args)
+    options.limits = limits
+    mine = select_shard(cases, shard)
+    options.refused = validate_cases(mine, args.series, limits, workers=args.workers)
+    for case in mine:
+        if case.case_id in options.refused:
+            print(f"resunet predict: case {case.case_id} refused: {options.refused[case.case_id]}", file=sys.stderr)
+    command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
+    if mine and len(options.refused) == len(mine):
+        summary = write_refused_summary(mine, options.refused, options.out_dir, model, options.summary_name,
+                                        options.journal_name, command, keep_previous=not options.sharded)
+        raise InputError(f"none of the {len(mine)} input(s) can be read (reasons above, and in {summary});"
+                         " the model was not loaded")
+    if options.refused:
+        print(f"resunet predict: {len(options.refused)} of {len(mine)} input(s) refused; segmenting the other "
+              f"{len(mine) - len(options.refused)}", file=sys.stderr)
     predictor = Predictor(
         model,
         device=device,
@@ -127,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp,
         postprocess=False if args.no_postprocess else None,
         uncertainty=args.uncertainty,
+        limits=limits,
     )
-    command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
     if args.pacs:
         from resunet.pacs import PacsClient, PacsConfig, segment_from_pacs
 

@@ -157,7 +157,17 @@ def resample_nearest(moving: Volume, target: Volume) -> Volume:
 
 
 def _as_labels(vol: Volume, role: str) -> np.ndarray:
-    """The integer label array of a mask Volume; InputError if it holds non-integer values."""
+    """The integer label array of a mask Volume; InputError if it holds non-integer values.
+
+    NaN/inf voxels are refused too: the NIfTI reader sets them to 0 for images (``meta["nonfinite_voxels"]``
+    counts them), which would silently count them as background in a label map.
+    """
+    bad = int(vol.meta.get("nonfinite_voxels") or 0)
+    if bad:
+        raise InputError(
+            f"{role} {vol.meta.get('source', '')} is not a valid label mask: {bad} voxels are NaN or infinite;"
+            " a label mask holds whole numbers (0 = background): fix the file that wrote it"
+        )
     a = np.asarray(vol.array)
     if a.dtype == bool:
         return a.astype(np.uint8)

@@ -83,6 +83,8 @@ class BatchOptions:
         resume: skip cases already done with the same input and model.
         save_disagreement: with ``save_uncertainty`` and an ensemble, also write the members'
             disagreement ``<case>.uncertainty-models.nii.gz``.
+        limits: per-case limits checked from the headers before reading (default from the environment).
+        refused: ``{case_id: reason}`` of cases refused by a header check (recorded as failed, not read).
     """
 
     out_dir: Path
@@ -96,6 +98,8 @@ class BatchOptions:
     audit_db: str | os.PathLike[str] | bool | None = None
     resume: bool = True
     save_disagreement: bool = False
+    limits: Any = None
+    refused: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -328,6 +332,10 @@ def run_batch(
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     if not opts.sharded:
         _remove_stale_temps(opts.out_dir)
+    else:  # other shards may be writing: only temps of this shard's cases (names no other case shares)
+        others = {c.case_id.split(".")[0] for c in cases} - {c.case_id.split(".")[0] for c in select_shard(cases, opts.shard)}
+        _remove_stale_temps(opts.out_dir, sorted({c.case_id.split(".")[0] for c in select_shard(cases, opts.shard)}
+                                                 - others - {"predictions"}))
     started = utc_now()
     model = predictor.model
     provenance = collect_provenance(
@@ -361,10 +369,15 @@ def run_batch(
             prev = previous.get(case.case_id)
             if opts.resume and _resumable(prev, item.input_record["sha256"], model.sha256, wanted, opts.out_dir):
                 item.skip_record = prev
+            elif case.case_id in opts.refused:
+                item.error = opts.refused[case.case_id]
             else:
-                item.volume = load_study(case.path, series_uid=opts.series_uid if case.is_dicom else None)
+                item.volume = load_study(case.path, series_uid=opts.series_uid if case.is_dicom else None,
+                                         limits=opts.limits)
         except ResunetError as err:
             item.error = str(err)
+        except MemoryError:
+            item.error = f"{case.path}: ran out of memory while reading it; lower --workers or --max-memory-gb"
         except Exception as err:  # an unexpected failure of one case must not stop the batch
             log.debug("loading %s failed:\n%s", case.path, traceback.format_exc())
             item.error = f"internal error while reading the input ({type(err).__name__}: {err})"
@@ -432,6 +445,9 @@ def run_batch(
                     )
                 except ResunetError as err:
                     rec["reason"] = str(err)
+                except MemoryError:
+                    rec["reason"] = (f"{case.path}: ran out of memory while segmenting it ({item.volume.describe_grid()});"
+                                     " use a machine with more memory or lower --max-memory-gb to refuse such cases early")
                 except Exception as err:  # isolate the case; the traceback goes to the debug log
                     log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
                     rec["reason"] = f"internal error ({type(err).__name__}: {err})"
@@ -526,11 +542,12 @@ def _end_journal_line(path: Path) -> None:
                 fh.write(b"\n")
 
 
-def _remove_stale_temps(out_dir: Path) -> None:
-    """Remove temp files a killed run left (``.<name>.<random>.part<suffix>`` from resunet.io.atomic)."""
-    for p in out_dir.glob(".*.part*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+def _remove_stale_temps(out_dir: Path, stems: Sequence[str] | None = None) -> None:
+    """Remove temp files a killed run left (``.<name>.<random>.part<suffix>`` from resunet.io.atomic);
+    with ``stems``, only those of outputs named ``<stem>.*`` (a shard's own cases)."""
+    from resunet.io.atomic import remove_stale_temps
+
+    remove_stale_temps(out_dir, stems)
 
 
 class _Bar:

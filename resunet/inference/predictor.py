@@ -49,7 +49,8 @@ from resunet.inference.ensemble import EnsembleModel
 from resunet.inference.model import LoadedModel, load_model
 from resunet.inference.postprocess import PostProcess
 from resunet.io.volume import Volume
-from resunet.preprocess import PreparedCase, PreprocessPlan, prepare, restore
+from resunet.io.limits import Limits
+from resunet.preprocess import PreparedCase, PreprocessPlan, prepare, reorientation, restore, target_shape
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class Predictor:
         stitch_on_cpu: None = decide by free GPU memory; True/False forces where windows are blended.
         max_batch: at most this many windows per network call when the TTA flips / MC samples of the
             ``sw_batch`` windows are batched together (never fewer than ``sw_batch``).
+        limits: per-case limits (:mod:`resunet.io.limits`); the case's grid at the model's spacing is
+            checked against them before it is made. Default :meth:`Limits.from_env`.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class Predictor:
         roi_size: Sequence[int] | None = None,
         stitch_on_cpu: bool | None = None,
         max_batch: int = 8,
+        limits: Limits | None = None,
     ) -> None:
         if not 0 <= float(overlap) < 1:
             raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
@@ -222,6 +226,7 @@ class Predictor:
         self._forwards = [m.forward_fn() for m in self.members]
         # ensembles with uncertainty: the windows carry one more channel, the members' mutual information
         self._disagreement = len(self.members) > 1 and uncertainty is not None
+        self.limits = limits
 
     # -- public -----------------------------------------------------------------------------------
     @property
@@ -279,6 +284,7 @@ class Predictor:
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
+        self._check_grid(vols[0])
         report("prepare", 0, 1)
         t = time.perf_counter()
         case = prepare(vols, self.plan)
@@ -359,6 +365,33 @@ class Predictor:
                  "kind": m.kind} for m in self.members]
 
     # -- internals --------------------------------------------------------------------------------
+    def _check_grid(self, volume: Volume) -> None:
+        """Refuse, before any allocation, a case whose grid at the model's spacing is too large for the
+        limits or too small for the network (one line naming the sizes, spacings and accepted range)."""
+        limits = self.limits if self.limits is not None else Limits.from_env()
+        source = volume.meta.get("source", "the scan")
+        spacing = volume.spacing
+        limits.check_spacing(source, spacing)
+        _, ro_shape, ro_affine = reorientation(volume.affine, volume.shape)
+        grid = target_shape(ro_shape, np.linalg.norm(ro_affine[:3, :3], axis=0), self.plan.spacing)
+        limits.check_model_grid(source, volume.shape, spacing, grid, self.plan.spacing,
+                                channels=len(self.model.channels), classes=len(self.labels))
+        if self.spatial_dims == 3:
+            planes = [grid]
+        else:  # 2D models see the slices of their slice axis
+            planes = [[g for a, g in enumerate(grid) if a != self.slice_axis]]
+        div = self.model.size_divisor or (1,) * len(planes[0])
+        div = tuple(div) * len(planes[0]) if len(div) == 1 else tuple(div)
+        if not any(int(g) > int(d) for g, d in zip(planes[0], div)):
+            need = " or ".join(f"{int(d) + 1}" for d in sorted(set(div)))
+            target = " x ".join("native" if s is None else f"{float(s):.4g}" for s in (self.plan.spacing or ()))
+            raise InputError(
+                f"{source}: the scan ({'x'.join(str(s) for s in volume.shape)} voxels of"
+                f" {' x '.join(f'{s:.4g}' for s in spacing)} mm) is {'x'.join(str(int(g)) for g in grid)} voxels at"
+                f" the model's voxel size ({target or 'native'} mm); the network needs more than {need} voxels along"
+                " at least one axis there: check that this is the whole scan and its voxel size is right"
+            )
+
     def roi_for(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Window size for an image of ``shape`` (spatial): the patch size, shrunk to the image where
         the image is smaller, rounded up to the network's size divisor on every axis."""

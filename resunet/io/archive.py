@@ -80,9 +80,29 @@ def extract_zip(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _extract_all(
-    p: Path, zf: zipfile.ZipFile, tmp: Path, max_total_bytes: int, max_entries: int, max_ratio: float
-) -> None:
+def check_zip(
+    path: str | os.PathLike[str],
+    *,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_entries: int = MAX_ENTRIES,
+    max_ratio: float = MAX_RATIO,
+) -> int:
+    """Check a zip's directory (names, symlinks, entry count, sizes, ratios) without extracting anything.
+
+    Returns the number of file entries. Raises :class:`InputError` as :func:`extract_zip` would.
+    """
+    p = Path(path)
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return len(_plan(p, zf, max_total_bytes, max_entries, max_ratio))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as err:
+        raise InputError(f"{p}: not a readable .zip file ({err})") from None
+
+
+def _plan(
+    p: Path, zf: zipfile.ZipFile, max_total_bytes: int, max_entries: int, max_ratio: float
+) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The file entries to extract with their safe relative paths; InputError on any cap or unsafe name."""
     infos = zf.infolist()
     if len(infos) > max_entries:
         raise InputError(f"{p}: has {len(infos)} entries, more than the limit of {max_entries}")
@@ -111,6 +131,13 @@ def _extract_all(
                 f" (limit {max_ratio:.0f}x); refusing a likely zip bomb"
             )
         plan.append((info, rel))
+    return plan
+
+
+def _extract_all(
+    p: Path, zf: zipfile.ZipFile, tmp: Path, max_total_bytes: int, max_entries: int, max_ratio: float
+) -> None:
+    plan = _plan(p, zf, max_total_bytes, max_entries, max_ratio)
     written = 0
     for info, rel in plan:
         dest = tmp.joinpath(*rel.parts)

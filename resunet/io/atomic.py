@@ -8,9 +8,10 @@ filesystem). A reader therefore sees either the old file, the new file, or no fi
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
@@ -29,7 +30,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}.", suffix=".part" + suffix, dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".part" + suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600; give the output the permissions a plain open() would (0666 minus umask)
@@ -52,3 +53,31 @@ def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(final: str | os.PathLike[str], text: str) -> None:
     """Write UTF-8 ``text`` to ``final`` atomically."""
     atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def temp_prefix(final: str | os.PathLike[str]) -> str:
+    """The name prefix of :func:`atomic_path`'s temporary files for ``final`` (``.<name up to the first dot>.``)."""
+    return f".{Path(final).name.split('.')[0]}."
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], stems: Iterable[str] | None = None) -> list[Path]:
+    """Delete temporary files that a killed writer left in ``folder`` (``.<stem>.<random>.part<suffix>``).
+
+    A SIGKILL (or power loss) skips the clean-up of :func:`atomic_path`; the next run calls this on
+    start. With ``stems``, only temps of outputs whose name starts ``<stem>.`` are removed (for a run
+    that shares the folder with others, e.g. one shard of a batch). Returns the removed paths.
+    """
+    d = Path(folder)
+    if not d.is_dir():
+        return []
+    if stems is None:
+        candidates = list(d.glob(".*.part*"))
+    else:
+        candidates = [p for stem in stems for p in d.glob(glob.escape(temp_prefix(stem + ".x")) + "*.part*")]
+    removed = []
+    for p in candidates:
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed

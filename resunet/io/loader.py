@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 
 from resunet.errors import InputError
 from resunet.io.archive import extract_zip
+from resunet.io.limits import Limits
 from resunet.io.dicom import ScanReport, SeriesInfo, read_series, scan_dicom_files
 from resunet.io.nifti import is_nifti_path, read_nifti
 from resunet.io.volume import Volume
@@ -121,7 +122,7 @@ def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
     return series
 
 
-def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limits: Limits | None = None) -> Volume:
     """Read a study into one :class:`Volume` (voxels ``[i, j, k]``, affine voxel -> RAS mm).
 
     Args:
@@ -135,24 +136,27 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> V
         GeometryError: the series' geometry cannot be represented (missing slices, tilt, ...).
     """
     p = Path(path)
+    limits = limits if limits is not None else Limits.from_env()
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.is_file() and is_nifti_path(p):
         if series_uid:
             raise InputError(f"{p}: --series applies to DICOM input, not to a NIfTI file")
-        return read_nifti(p)
+        return read_nifti(p, limits)
     if p.is_file() and (p.name.lower().endswith(".zip") or _looks_like_zip(p)):
         with extract_zip(p) as folder:
             report = scan_dicom_files(folder)
             if not report.series:
                 niftis = sorted(f for f in folder.rglob("*") if f.is_file() and is_nifti_path(f))
                 if len(niftis) == 1 and not series_uid:  # a zipped NIfTI (common for web uploads)
-                    vol = read_nifti(niftis[0])
+                    vol = read_nifti(niftis[0], limits)
                     vol.meta["source"] = f"{p}:{niftis[0].relative_to(folder)}"
                     return vol
                 raise InputError(_nothing_found(p, report, folder))
             chosen = _pick(report, p, series_uid)
+            limits.check_series(p, chosen)
             vol = read_series(chosen, source=str(p))
+            limits.check_spacing(p, vol.spacing)
             # the files are gone once the temp folder is removed: keep their headers (for DICOM SEG)
             # and their names inside the zip
             vol.meta["dicom_datasets"] = _headers(vol.meta["dicom_files"])
@@ -164,7 +168,10 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None) -> V
         p = p.parent  # CDs and exports: the images are in the folder tree beside the index
     report = _scan(p)
     chosen = _pick(report, p, series_uid)
-    return read_series(chosen, source=str(p))
+    limits.check_series(p, chosen)
+    vol = read_series(chosen, source=str(p))
+    limits.check_spacing(p, vol.spacing)
+    return vol
 
 
 def _headers(files: list[str]) -> list[Dataset]:

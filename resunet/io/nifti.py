@@ -30,6 +30,7 @@ import numpy as np
 
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
+from resunet.io.limits import Limits
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,15 @@ def is_nifti_path(path: str | os.PathLike[str]) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
-def read_nifti(path: str | os.PathLike[str]) -> Volume:
-    """Read a NIfTI-1 or NIfTI-2 file (``.nii`` or ``.nii.gz``) into a :class:`Volume`.
+def check_nifti(path: str | os.PathLike[str], limits: Limits | None = None) -> nib.Nifti1Image:
+    """Open a NIfTI file and check its header only (no voxel is read or decompressed).
 
-    Args:
-        path: the file.
-
-    Returns:
-        Volume with ``array`` shape ``(I, J, K)`` in the file's voxel order, ``affine`` voxel ->
-        RAS mm, ``meta`` keys ``source``, ``format="nifti"``, ``nifti_header``, ``nonfinite_voxels``.
+    Checks: readable NIfTI-1/-2, no zero-sized dimension, 3D (or 4D with one volume), the file holds
+    the bytes the header promises (``.nii``), and the case fits ``limits`` (size, memory estimate,
+    voxel size; see :mod:`resunet.io.limits`). Returns the nibabel image with its lazy data proxy.
 
     Raises:
-        InputError: unreadable, truncated or not a NIfTI file; 4D with several volumes; a zero-sized
-            dimension; more than 4 dimensions.
-        GeometryError: the affine is singular or not finite.
+        InputError: as :func:`read_nifti`.
     """
     p = Path(path)
     if not p.exists():
@@ -74,7 +70,7 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{p}: is a {type(img).__name__}, not NIfTI; convert it to .nii.gz first")
     shape = tuple(int(s) for s in img.shape)
-    if any(s == 0 for s in shape):
+    if any(s <= 0 for s in shape):
         raise InputError(f"{p}: a dimension has size 0 (shape {shape}); the file holds no voxels")
     if len(shape) > 3:
         extra = shape[3:]
@@ -88,11 +84,40 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
         else:
             raise InputError(f"{p}: has {len(shape)} dimensions (shape {shape}); expected a 3D scan")
     _check_size(p, img)
+    limits = limits if limits is not None else Limits.from_env()
+    shape3 = (tuple(shape[:3]) + (1, 1, 1))[:3]
+    itemsize = img.header.get_data_dtype().itemsize
+    if _is_scaled(img):
+        itemsize = max(itemsize, 4)  # scaled data are read as float32
+    limits.check_size(p, shape3, itemsize)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) >= 1e-12:
+        limits.check_spacing(p, np.linalg.norm(affine[:3, :3], axis=0))
+    return img
+
+
+def read_nifti(path: str | os.PathLike[str], limits: Limits | None = None) -> Volume:
+    """Read a NIfTI-1 or NIfTI-2 file (``.nii`` or ``.nii.gz``) into a :class:`Volume`.
+
+    Args:
+        path: the file.
+        limits: per-case limits checked from the header before any voxel is read (default
+            :meth:`Limits.from_env`).
+
+    Returns:
+        Volume with ``array`` shape ``(I, J, K)`` in the file's voxel order, ``affine`` voxel ->
+        RAS mm, ``meta`` keys ``source``, ``format="nifti"``, ``nifti_header``, ``nonfinite_voxels``.
+
+    Raises:
+        InputError: unreadable, truncated or not a NIfTI file; 4D with several volumes; a zero-sized
+            dimension; more than 4 dimensions; above the limits of :mod:`resunet.io.limits`.
+        GeometryError: the affine is singular or not finite.
+    """
+    p = Path(path)
+    img = check_nifti(p, limits)
+    shape = tuple(int(s) for s in img.shape)
     try:
-        slope, inter = img.dataobj.slope, img.dataobj.inter
-        scaled = not (
-            (slope is None or np.isnan(slope) or slope in (0, 1)) and (inter is None or np.isnan(inter) or inter == 0)
-        )
+        scaled = _is_scaled(img)
         data = np.asanyarray(img.dataobj)
         if scaled:
             data = np.asarray(data, dtype=np.float32)
@@ -130,6 +155,14 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
             " (e.g. `fslorient`) before using this file"
         )
     return Volume(array=data, affine=affine, meta=meta)
+
+
+def _is_scaled(img: nib.Nifti1Image) -> bool:
+    """True if ``scl_slope``/``scl_inter`` change the stored values (then they are read as float32)."""
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    return not (
+        (slope is None or np.isnan(slope) or slope in (0, 1)) and (inter is None or np.isnan(inter) or inter == 0)
+    )
 
 
 def _check_size(p: Path, img: nib.Nifti1Image) -> None:
