@@ -76,5 +76,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8501/_stcore/health', timeout=4).read() == b'ok' else 1)"]
 
 # inside the container the server must listen on all interfaces for -p to reach it; publish it on
-# 127.0.0.1 (as above) or configure a login (docs/webui.md) before exposing it on a network
-CMD ["resunet", "app", "--address", "0.0.0.0", "--port", "8501", "--headless"]
+# 127.0.0.1 (as above) or configure a login (docs/webui.md) before exposing it on a network.
+# --allow-anonymous states that choice (resunet app refuses 0.0.0.0 without a login otherwise) and
+# prints a warning at every start.
+CMD ["resunet", "app", "--address", "0.0.0.0", "--port", "8501", "--headless", "--allow-anonymous"]

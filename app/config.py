@@ -36,6 +36,8 @@ class AppConfig:
         example_reference: its reference mask (offered for the metrics demo).
         max_upload_mb: largest upload accepted, MB (also Streamlit's ``server.maxUploadSize``).
         session_ttl_min: minutes of inactivity after which a session's uploads and results are deleted.
+        session_close_s: seconds after a browser tab closed (no heartbeat from the page) after which its
+            uploads and results are deleted.
         temp_dir: parent folder of the per-session temp folders.
         device: ``auto``, ``cpu`` or ``cuda`` for inference.
         tolerance_mm: NSD tolerance in mm for the metrics against a reference mask.
@@ -49,6 +51,7 @@ class AppConfig:
     example_reference: Path = EXAMPLE_REFERENCE
     max_upload_mb: int = 1024
     session_ttl_min: float = 60.0
+    session_close_s: float = 120.0
     temp_dir: Path = Path(tempfile.gettempdir()) / "resunet-app"
     device: str = "auto"
     tolerance_mm: float = 2.0
@@ -60,6 +63,7 @@ class AppConfig:
         try:
             self.max_upload_mb = int(self.max_upload_mb)
             self.session_ttl_min = float(self.session_ttl_min)
+            self.session_close_s = float(self.session_close_s)
             self.tolerance_mm = float(self.tolerance_mm)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"web UI setting has a wrong value: {err}") from None
@@ -67,6 +71,8 @@ class AppConfig:
             raise ConfigError(f"max_upload_mb must be at least 1, got {self.max_upload_mb}")
         if self.session_ttl_min <= 0:
             raise ConfigError(f"session_ttl_min must be positive, got {self.session_ttl_min}")
+        if self.session_close_s < 2:
+            raise ConfigError(f"session_close_s must be at least 2 seconds, got {self.session_close_s}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -63,6 +63,7 @@ def evaluation_outputs(
     tolerance_mm: float,
     resample_pred: bool = False,
     formats: tuple[str, ...] = ("html", "pdf"),
+    web_user: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[bytes, str]]]:
     """Evaluate the prediction against a reference exactly as ``resunet evaluate`` does, and its files.
 
@@ -99,6 +100,8 @@ def evaluation_outputs(
         model_path=model_path,
         model_name=result.model_name,
     )
+    if web_user:
+        prov["web_user"] = web_user  # the signed-in user of the page (report and metrics.json)
     written = write_evaluation_outputs(ev, prov, dirs["report"], formats=formats, images_dir=dirs["images"])
     mimes = {".csv": MIME_CSV, ".html": MIME_HTML, ".pdf": MIME_PDF, ".json": "application/json"}
     files = {}

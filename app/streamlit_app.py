@@ -27,7 +27,7 @@ from app.config import AppConfig  # noqa: E402
 from app.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads  # noqa: E402
 from app.models import ModelInfo, card_markdown, describe_model, list_checkpoints  # noqa: E402
 from app.runner import PREDICTORS, RunResult, run_prediction  # noqa: E402
-from app.workspace import SessionWorkspace, sweep_expired  # noqa: E402
+from app.workspace import SessionWorkspace, start_janitor, sweep_expired  # noqa: E402
 from resunet import __version__  # noqa: E402
 from resunet.errors import ResunetError  # noqa: E402
 
@@ -63,8 +63,30 @@ def _workspace(cfg: AppConfig) -> SessionWorkspace:
         ws = SessionWorkspace(cfg.temp_dir, ttl_s)
         st.session_state["workspace"] = ws
     ws.touch()
-    sweep_expired(cfg.temp_dir, ttl_s)
+    sweep_expired(cfg.temp_dir, ttl_s, closed_after_s=cfg.session_close_s)
+    start_janitor(cfg.temp_dir, ttl_s, cfg.session_close_s, interval_s=_heartbeat_s(cfg))
     return ws
+
+
+def _heartbeat_s(cfg: AppConfig) -> float:
+    """How often an open page says its tab is still open (and the janitor sweeps), seconds."""
+    return max(1.0, cfg.session_close_s / 4)
+
+
+def _heartbeat(cfg: AppConfig, ws: SessionWorkspace) -> None:
+    """A fragment the browser reruns every few seconds while the tab is open: the tab-closed signal."""
+
+    @st.fragment(run_every=_heartbeat_s(cfg))
+    def beat() -> None:
+        ws.heartbeat()
+
+    beat()
+
+
+def _web_user() -> str | None:
+    from app.auth import web_user
+
+    return web_user()
 
 
 def _store(name: str) -> dict:
@@ -473,7 +495,7 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, volume: Any, result:
                 evaluations[ev_key] = evaluation_outputs(
                     result, volume, ref_path, ws.path / "evaluation",
                     model_path=Path(model) if model else None,
-                    tolerance_mm=cfg.tolerance_mm, resample_pred=resample,
+                    tolerance_mm=cfg.tolerance_mm, resample_pred=resample, web_user=_web_user(),
                 )
         except ResunetError as err:
             ev_dir = ws.path / "evaluation"
@@ -563,6 +585,12 @@ def main() -> None:
         st.error(f"Server configuration: {err}", icon="⚠️")
         return
     ws = _workspace(cfg)
+    _heartbeat(cfg, ws)
+    with ws.running():
+        _page(cfg, ws)
+
+
+def _page(cfg: AppConfig, ws: SessionWorkspace) -> None:
     st.title("resunet")
     st.caption("Residual U-Net segmentation. Research software: not a medical device; check every result.")
     if st.session_state.pop("expired_notice", False):

@@ -2,9 +2,13 @@
 
 Each browser session gets a private folder (mode 0700) under ``AppConfig.temp_dir``. It is removed
 
-- when the session ends: the :class:`SessionWorkspace` lives in ``st.session_state``; when Streamlit
-  drops a closed session its state is garbage-collected and a :func:`weakref.finalize` callback
-  deletes the folder (also at interpreter exit);
+- when the browser tab closes: an open page touches the folder's heartbeat file every
+  ``session_close_s / 4`` seconds (a Streamlit fragment with ``run_every``); a janitor thread in the
+  server (:func:`start_janitor`) deletes folders whose heartbeat is older than ``session_close_s``
+  (default 120 s) and that no page run is using (``.running`` marker), so a closed tab's uploads are
+  gone within ``session_close_s`` plus one janitor interval;
+- when Streamlit drops a closed session: its state is garbage-collected and a
+  :func:`weakref.finalize` callback deletes the folder (also at interpreter exit);
 - after ``session_ttl_min`` minutes without activity: every page run calls :func:`sweep_expired`,
   which deletes other sessions' folders whose activity stamp is older than that, and a session that
   comes back after expiry finds its data gone (:meth:`SessionWorkspace.expired`).
@@ -12,18 +16,24 @@ Each browser session gets a private folder (mode 0700) under ``AppConfig.temp_di
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "session-"
 _STAMP = ".last-active"
+_HEARTBEAT = ".heartbeat"
+_RUNNING = ".running"
+_MARKERS = (_STAMP, _HEARTBEAT, _RUNNING)
 
 
 class SessionWorkspace:
@@ -48,6 +58,22 @@ class SessionWorkspace:
         self.last_active = time.time()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / _STAMP).touch()
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Record that the browser tab is still open (called every few seconds by the open page)."""
+        if self.path.exists():
+            (self.path / _HEARTBEAT).touch()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Mark the folder in use by a page run (a long prediction), so the janitor never deletes it meanwhile."""
+        marker = self.path / _RUNNING
+        marker.touch()
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
 
     def expired(self, now: float | None = None) -> bool:
         """True when the session was idle longer than the TTL or its folder was swept away."""
@@ -64,7 +90,7 @@ class SessionWorkspace:
     def clear(self) -> None:
         """Delete everything in the folder (the folder itself stays)."""
         for child in self.path.iterdir() if self.path.exists() else []:
-            if child.name == _STAMP:
+            if child.name in _MARKERS:
                 continue
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
@@ -80,8 +106,11 @@ class SessionWorkspace:
         return self._finalizer.alive
 
 
-def sweep_expired(root: str | os.PathLike[str], ttl_s: float, now: float | None = None) -> list[Path]:
-    """Delete session folders under ``root`` whose last activity is older than ``ttl_s`` seconds.
+def sweep_expired(
+    root: str | os.PathLike[str], ttl_s: float, now: float | None = None, closed_after_s: float | None = None
+) -> list[Path]:
+    """Delete session folders under ``root`` whose last activity is older than ``ttl_s`` seconds, or (with
+    ``closed_after_s``) whose tab stopped sending heartbeats that long ago and no page run is using them.
 
     Returns the deleted folders. Only folders named ``session-*`` are touched.
     """
@@ -98,9 +127,43 @@ def sweep_expired(root: str | os.PathLike[str], ttl_s: float, now: float | None 
             last = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
         except OSError:
             continue
-        if now - last > ttl_s:
+        closed = False
+        if closed_after_s is not None and not (d / _RUNNING).exists():
+            try:
+                closed = now - (d / _HEARTBEAT).stat().st_mtime > closed_after_s
+            except OSError:
+                closed = False  # no heartbeat yet: the page has not finished its first run
+        if now - last > ttl_s or closed:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     if removed:
         log.info("removed %d expired session folder(s)", len(removed))
     return removed
+
+
+_JANITORS: dict[str, threading.Thread] = {}
+_JANITORS_LOCK = threading.Lock()
+
+
+def start_janitor(root: str | os.PathLike[str], ttl_s: float, closed_after_s: float, interval_s: float) -> None:
+    """Start (once per ``root`` and process) a daemon thread calling :func:`sweep_expired` every ``interval_s``.
+
+    It runs in the Streamlit server process whether or not any page is open, so closed tabs' folders go
+    away even when nobody else uses the server.
+    """
+    key = str(Path(root).resolve())
+    with _JANITORS_LOCK:
+        if key in _JANITORS and _JANITORS[key].is_alive():
+            return
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval_s)
+                try:
+                    sweep_expired(root, ttl_s, closed_after_s=closed_after_s)
+                except Exception as err:  # noqa: BLE001 - the janitor must keep running
+                    log.warning("session folder sweep failed: %s", err)
+
+        t = threading.Thread(target=loop, name="resunet-session-janitor", daemon=True)
+        t.start()
+        _JANITORS[key] = t

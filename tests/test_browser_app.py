@@ -205,3 +205,74 @@ def test_example_study_click_to_mask_in_a_real_browser(served_app, chromium, tmp
     text = page.js("document.body.innerText")
     assert "Traceback" not in text and "Error" not in text
     assert "brain" in text and "Download mask.nii.gz" in text
+
+
+def _json(url: str, method: str = "GET"):
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def test_closing_the_tab_deletes_the_sessions_uploads_within_the_stated_time(tmp_path):
+    """Upload a NIfTI file, close the tab, and find the session folder gone within session_close_s plus
+    one janitor interval (docs/webui.md); while the tab stays open the folder stays."""
+    from test_app_support import EXAMPLE_T1
+
+    close_s = 3.0  # RESUNET_APP_SESSION_CLOSE_S: heartbeat and janitor every max(1, close_s / 4) s
+    stated = close_s + max(1.0, close_s / 4)
+    model_dir = tmp_path / "models"
+    make_tiny_model(model_dir / "tiny.pt", all_foreground=True)
+    sessions = tmp_path / "sessions"
+    port = free_port()
+    env = {**os.environ, "RESUNET_APP_MODEL_DIR": str(model_dir), "RESUNET_APP_DEFAULT_MODEL": "tiny.pt",
+           "RESUNET_APP_TEMP_DIR": str(sessions), "RESUNET_APP_SESSION_CLOSE_S": str(close_s),
+           "RESUNET_AUDIT_DB": str(tmp_path / "audit.sqlite"), "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
+           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    log = open(tmp_path / "streamlit.log", "wb")
+    app = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cport = free_port()
+    browser = subprocess.Popen(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={cport}", "--remote-allow-origins=*",
+         "--window-size=1400,1400", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    page = None
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, app) == b"ok"
+        targets = json.loads(wait_http(f"http://127.0.0.1:{cport}/json/list", 30, browser))
+        tab = next(t for t in targets if t.get("type") == "page")
+        page = DevTools(tab["webSocketDebuggerUrl"])
+        page.call("Page.enable")
+        page.call("Page.navigate", url=f"http://127.0.0.1:{port}/")
+        page.wait_for("!!document.querySelector('input[type=file]') && " + IDLE, 90, "the upload box")
+        doc = page.call("DOM.getDocument")
+        node = page.call("DOM.querySelector", nodeId=doc["root"]["nodeId"], selector="input[type=file]")
+        page.call("DOM.setFileInputFiles", nodeId=node["nodeId"], files=[str(EXAMPLE_T1)])
+        page.wait_for(f"{VIEWS_SHOWN} && {IDLE}", 120, "the uploaded study's views")
+        folders = [d for d in sessions.glob("session-*") if (d / "upload").is_dir()]
+        assert len(folders) == 1 and any((folders[0] / "upload").iterdir())
+        folder = folders[0]
+        time.sleep(2 * stated)  # the tab is open: its heartbeat keeps the uploads
+        assert folder.is_dir() and any((folder / "upload").iterdir())
+        # close the tab (a second tab keeps the browser running)
+        _json(f"http://127.0.0.1:{cport}/json/new?about:blank", method="PUT")
+        page.close()
+        page = None
+        _json(f"http://127.0.0.1:{cport}/json/close/{tab['id']}")
+        closed = time.monotonic()
+        while folder.exists() and time.monotonic() - closed < stated + 30:
+            time.sleep(0.1)
+        gone_after = time.monotonic() - closed
+        print(f"\nsession folder deleted {gone_after:.1f} s after the tab closed (stated: within {stated:.0f} s)")
+        assert not folder.exists(), f"session folder still there {gone_after:.0f} s after the tab closed"
+        assert gone_after <= stated + 5  # the stated time, plus scheduling slack on a loaded 2-core machine
+    finally:
+        if page is not None:
+            page.close()
+        stop(browser)
+        stop(app)
+        log.close()
+        shutil.rmtree(tmp_path / "profile", ignore_errors=True)

@@ -1,7 +1,9 @@
 """``resunet app``: start the web UI (Streamlit) on this machine.
 
 Binds to 127.0.0.1 by default, so only this machine can open the page; pass ``--address 0.0.0.0``
-to serve a network, and then configure a login (see ``docs/webui.md``). Settings reach the page as
+to serve a network, and then configure a login (see ``docs/webui.md``): without one, a non-loopback
+address is refused unless ``--allow-anonymous`` says it is deliberate (then a warning is printed and
+logged at every start). ``--add-user NAME`` adds a named user to the secrets file. Settings reach the page as
 ``RESUNET_APP_*`` environment variables (``app/config.py``) because Streamlit runs the page in its
 own process.
 """
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import resunet
 from resunet.errors import ConfigError
+from resunet.io.limits import ENV_MAX_MEMORY_GB, add_limit_argument, limits_from_args
+from resunet.netaddr import is_loopback_address
 
 
 def app_script() -> Path:
@@ -38,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=int, help="largest accepted upload in MB (default 1024)")
     p.add_argument("--session-ttl-min", type=float,
                    help="delete a session's uploads and results after this many idle minutes (default 60)")
+    p.add_argument("--session-close-s", type=float,
+                   help="delete a session's uploads and results this many seconds after its browser tab closed"
+                   " (default 120)")
     p.add_argument("--temp-dir", type=Path, help="parent folder of the per-session temp folders")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (default auto)")
     p.add_argument("--pacs", dest="pacs_url", metavar="URL",
@@ -46,6 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--headless", action="store_true", help="do not open a browser window")
     p.add_argument("--hash-password", action="store_true",
                    help="print a password hash for .streamlit/secrets.toml ([resunet] password_hash) and exit")
+    p.add_argument("--add-user", metavar="NAME",
+                   help="add (or change the password of) user NAME in the secrets file and exit; the password is"
+                   " asked twice on a terminal, else read from the first line of stdin")
+    p.add_argument("--secrets", type=Path, default=None, metavar="FILE",
+                   help="secrets file --add-user writes (default .streamlit/secrets.toml in the installation)")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="serve a non-loopback --address without any login configured (anyone who reaches the"
+                   " port can upload scans and run models); refused otherwise")
+    add_limit_argument(p)
     p.set_defaults(func=run)
 
 
@@ -56,6 +72,7 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
         "default_model": args.default_model,
         "max_upload_mb": args.max_upload_mb,
         "session_ttl_min": args.session_ttl_min,
+        "session_close_s": args.session_close_s,
         "temp_dir": args.temp_dir,
         "device": args.device,
         "pacs_url": getattr(args, "pacs_url", None),
@@ -63,6 +80,8 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
     for name, value in mapping.items():
         if value is not None:
             env[f"RESUNET_APP_{name.upper()}"] = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
+    if getattr(args, "max_memory_gb", None) is not None:
+        env[ENV_MAX_MEMORY_GB] = repr(limits_from_args(args).max_memory_gb)
     if args.config is not None:
         if not args.config.is_file():
             raise ConfigError(f"--config {args.config}: no such file")
@@ -95,12 +114,74 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     return cmd, _settings(args)
 
 
+def _import_app() -> None:
+    root = str(app_script().parent.parent)
+    if root not in sys.path:  # app/ sits next to the package, not inside it
+        sys.path.insert(0, root)
+
+
+def secrets_files() -> list[Path]:
+    """The secrets files Streamlit reads for the page, lowest priority first (its ``secrets.files`` default:
+    the user's ``~/.streamlit/secrets.toml``, then the working directory's, which ``resunet app`` sets to
+    the installation root)."""
+    return [Path.home() / ".streamlit" / "secrets.toml", app_script().parent.parent / ".streamlit" / "secrets.toml"]
+
+
+def configured_login() -> str:
+    """``"oidc"``, ``"password"`` or ``"none"``: the login the page will ask for, from the secrets files."""
+    _import_app()
+    from app.auth import _toml_loads, login_mode
+
+    merged: dict = {}
+    for f in secrets_files():
+        if f.is_file():
+            try:
+                merged.update(_toml_loads(f.read_text(encoding="utf-8")))
+            except Exception as err:  # tomllib/toml decode errors
+                raise ConfigError(f"{f}: not valid TOML ({err}); Streamlit could not read it either") from None
+    return login_mode(merged)
+
+
+def check_exposure(args: argparse.Namespace) -> str | None:
+    """Refuse a non-loopback ``--address`` without a login unless ``--allow-anonymous``; returns a warning
+    line to print when anonymous access is allowed deliberately, else None."""
+    if is_loopback_address(args.address):
+        return None
+    mode = configured_login()
+    if mode != "none":
+        return None
+    if not args.allow_anonymous:
+        raise ConfigError(
+            f"--address {args.address} serves other machines but no login is configured; add a user with"
+            " `resunet app --add-user NAME` (or an [auth] OIDC section in .streamlit/secrets.toml), or pass"
+            " --allow-anonymous if anyone who can reach the port may use it"
+        )
+    return (f"WARNING: serving {args.address}:{args.port} to the network WITHOUT A LOGIN (--allow-anonymous):"
+            " anyone who can reach this port can upload scans and run the models")
+
+
+def _read_new_password(name: str) -> str:
+    if sys.stdin is not None and sys.stdin.isatty():
+        pw = getpass.getpass(f"Password for {name}: ")
+        if pw != getpass.getpass("Again: "):
+            raise ConfigError("the two passwords differ")
+        return pw
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    return line.rstrip("\r\n")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.add_user:
+        _import_app()
+        from app.auth import add_user
+
+        target = args.secrets or secrets_files()[-1]
+        path = add_user(target, args.add_user, _read_new_password(args.add_user))
+        print(f"resunet app: user {args.add_user} saved in {path} (restart the app to use it)", file=sys.stderr)
+        return 0
     if args.hash_password:
-        root = str(app_script().parent.parent)
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        from app.auth import hash_password  # app/ sits next to the package, not inside it
+        _import_app()
+        from app.auth import hash_password
 
         pw = getpass.getpass("Password: ")
         if pw != getpass.getpass("Again: "):
@@ -109,6 +190,12 @@ def run(args: argparse.Namespace) -> int:
         print(f'password_hash = "{hash_password(pw)}"')
         return 0
     cmd, extra = command(args)
+    warning = check_exposure(args)
+    if warning:
+        import logging
+
+        logging.getLogger("resunet.app").warning("%s", warning)
+        print(f"resunet app: {warning}", file=sys.stderr)
     # Streamlit asks for an e-mail address on its first run on a machine (no ~/.streamlit/credentials.toml)
     # unless headless, and waits at that prompt: switch it off (an environment variable, so Streamlit
     # versions without the option ignore it instead of refusing a command-line flag).

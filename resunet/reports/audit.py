@@ -121,7 +121,8 @@ def record_run(
         "run_id": str(provenance.get("run_id") or ""),
         "kind": kind,
         "recorded_utc": utc_now(),
-        "user": provenance.get("user"),
+        # the signed-in web user when there is one (the server account stays in the provenance JSON)
+        "user": provenance.get("web_user") or provenance.get("user"),
         "host": provenance.get("host"),
         "command": provenance.get("command_line"),
         "model_sha256": (provenance.get("model") or {}).get("sha256"),

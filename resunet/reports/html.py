@@ -84,6 +84,7 @@ def provenance_html(prov: Mapping[str, Any]) -> str:
         ("command", prov.get("command_line")),
         ("working directory", prov.get("cwd")),
         ("user", prov.get("user")),
+        *([("web user", prov["web_user"])] if prov.get("web_user") else []),
         ("host", prov.get("host")),
         ("started (UTC)", prov.get("started_utc")),
         ("finished (UTC)", prov.get("finished_utc")),
