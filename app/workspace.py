@@ -73,6 +73,7 @@ class SessionWorkspace:
         try:
             yield
         finally:
+            self.heartbeat()  # the page's heartbeats waited for this run: count its end as one
             marker.unlink(missing_ok=True)
 
     def expired(self, now: float | None = None) -> bool:
