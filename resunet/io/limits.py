@@ -30,11 +30,13 @@ from resunet.errors import ConfigError, InputError
 #: Environment variable that sets :attr:`Limits.max_memory_gb` when no flag does.
 ENV_MAX_MEMORY_GB = "RESUNET_MAX_MEMORY_GB"
 #: Default limit, GB (2^30 bytes): leaves room for the OS, torch and a second case read ahead on a
-#: 24 GB machine; a 512x512x2000 int16 CT is estimated at about 7.8 GB.
+#: 24 GB machine; a 512x512x2000 int16 CT is estimated at about 8.8 GB (measured peak 8.41 GB).
 DEFAULT_MAX_MEMORY_GB = 16.0
-#: Bytes per input voxel that predict holds at its peak on top of the input array (measured: see the
-#: module docstring). Rounded up from the measured value.
-WORK_BYTES_PER_VOXEL = 12
+#: Bytes per input voxel that predict holds at its peak on top of the input array, rounded up from the
+#: worst case measured (bench/results/memory.md): a 512x512x2000 int16 CT as a DICOM series through
+#: ``resunet predict`` with the default outputs (NIfTI mask + DICOM SEG) peaked at 8.41 GB, i.e. 13.2
+#: bytes per voxel above the input and the 1 GiB base; as NIfTI it peaked at 4.09 GB.
+WORK_BYTES_PER_VOXEL = 14
 #: Fixed cost of a run (interpreter, torch, model), bytes.
 BASE_BYTES = 1 << 30
 #: Bytes per voxel assumed for a DICOM series before reading it (int16 CT/MR; rescaled data become
