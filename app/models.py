@@ -71,6 +71,14 @@ def describe_model(path: Path) -> ModelInfo:
     return _describe(str(path), st.st_mtime_ns, st.st_size)
 
 
+def option_label(path: Path) -> str:
+    """The picker's text for a checkpoint: its name and label names, e.g.
+    ``brain_tissue.pt: CSF, grey matter, white matter``."""
+    info = describe_model(Path(path))
+    names = [v for k, v in sorted(info.labels.items()) if k != 0]
+    return f"{info.path.name}: {', '.join(names)}" if names and not info.error else info.path.name
+
+
 def card_markdown(info: ModelInfo) -> str:
     """The model card as Markdown for the page."""
     if info.error:

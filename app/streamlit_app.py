@@ -25,7 +25,7 @@ from app import viewer  # noqa: E402
 from app.auth import require_login  # noqa: E402
 from app.config import AppConfig  # noqa: E402
 from app.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads  # noqa: E402
-from app.models import ModelInfo, card_markdown, describe_model, list_checkpoints  # noqa: E402
+from app.models import ModelInfo, card_markdown, describe_model, list_checkpoints, option_label  # noqa: E402
 from app.runner import PREDICTORS, RunResult, run_prediction  # noqa: E402
 from app.workspace import SessionWorkspace, start_janitor, sweep_expired  # noqa: E402
 from resunet import __version__  # noqa: E402
@@ -265,7 +265,7 @@ def _model_section(cfg: AppConfig) -> ModelInfo | None:
             )
             return None
         index = paths.index(default) if default in paths else 0
-        chosen = st.selectbox("Checkpoint", options=paths, index=index, format_func=lambda p: p.name, key="model")
+        chosen = st.selectbox("Checkpoint", options=paths, index=index, format_func=option_label, key="model")
         info = describe_model(Path(chosen))
         with st.expander("Model card", expanded=False):
             st.markdown(card_markdown(info))

@@ -12,7 +12,8 @@ anatomy, written with its own voxel grid:
   storage), a smooth multiplicative bias field, Rician noise, and optionally the skull removed
   (a skull-stripped input).
 
-The label is resampled with the same geometry (linear interpolation of the mask, threshold 0.5).
+The label is resampled with the same geometry (linear interpolation of the mask, threshold 0.5; a
+label map with several labels is resampled channel by channel, one per label, and the largest wins).
 All randomness comes from the ``numpy.random.Generator`` passed in.
 """
 
@@ -87,12 +88,21 @@ def simulate(image: Volume, mask: Volume, acq: Acquisition, rng: np.random.Gener
 
     Returns:
         ``(image, mask)`` on the new grid; the image has the intensity remapping applied, the mask
-        is uint8 0/1.
+        is uint8 0/1 (or the input's label values when it has several labels).
     """
     src = np.asarray(image.array, dtype=np.float32)
-    m = (np.asarray(mask.array) > 0).astype(np.float32)
+    lab = np.asarray(mask.array)
+    values = [int(v) for v in np.unique(lab) if v != 0]
+    if len(values) > 1:
+        # several labels: one channel per label (background first), each resampled like the binary
+        # mask below, then the label whose channel is largest wins (as nnU-Net resamples labels)
+        values = [0, *values]
+        m = np.stack([(lab == v).astype(np.float32) for v in values])
+    else:
+        values = []
+        m = (lab > 0).astype(np.float32)
     if acq.strip_skull:
-        src = src * ndimage.binary_dilation(m > 0, iterations=1)
+        src = src * ndimage.binary_dilation(lab > 0, iterations=1)
     # --- new grid ------------------------------------------------------------------------------
     rot = Rotation.from_euler("xyz", acq.rotation_deg, degrees=True).as_matrix()
     direction = rot @ axes_matrix(acq.orientation)
@@ -120,13 +130,18 @@ def simulate(image: Volume, mask: Volume, acq: Acquisition, rng: np.random.Gener
     sigma = np.sqrt(np.maximum(eff**2 - src_sp**2, 0)) / 2.3548 / src_sp
     if np.any(sigma > 0.1):
         src = ndimage.gaussian_filter(src, sigma)
-        m = ndimage.gaussian_filter(m, sigma)
+        m = np.stack([ndimage.gaussian_filter(c, sigma) for c in m]) if values else ndimage.gaussian_filter(m, sigma)
     # --- resample -------------------------------------------------------------------------------
     to_src = np.linalg.inv(image.affine) @ out_affine
     img_out = ndimage.affine_transform(src, to_src[:3, :3], to_src[:3, 3], output_shape=tuple(shape), order=1,
                                        mode="constant", cval=0.0)
-    m_out = ndimage.affine_transform(m, to_src[:3, :3], to_src[:3, 3], output_shape=tuple(shape), order=1,
-                                     mode="constant", cval=0.0) > 0.5
+    if values:
+        chans = [ndimage.affine_transform(c, to_src[:3, :3], to_src[:3, 3], output_shape=tuple(shape), order=1,
+                                          mode="constant", cval=1.0 if v == 0 else 0.0) for c, v in zip(m, values)]
+        m_out = np.asarray(values, dtype=np.uint8)[np.argmax(np.stack(chans), 0)]
+    else:
+        m_out = ndimage.affine_transform(m, to_src[:3, :3], to_src[:3, 3], output_shape=tuple(shape), order=1,
+                                         mode="constant", cval=0.0) > 0.5
     # --- intensities -----------------------------------------------------------------------------
     ref = float(np.percentile(src[src > 0], 99)) if np.any(src > 0) else 1.0
     x = np.clip(img_out / ref, 0, None) ** acq.gamma

@@ -11,10 +11,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "info",
         help="print a model's card: network, labels, spacing, training data, metrics, hash",
-        description="Print the model card of a checkpoint (.pt) or export (.onnx, TorchScript).",
+        description="Print the model card of a checkpoint (.pt), an export (.onnx, TorchScript) or a bundled "
+        "model given by name (brain_extraction, brain_tissue); --list lists the bundled models.",
     )
-    p.add_argument("model", metavar="MODEL", help="checkpoint or export")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint, export or bundled model name")
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    p.add_argument("--list", action="store_true", help="list the bundled models (name, labels, file) and exit")
     p.set_defaults(func=run)
 
 
@@ -72,9 +74,32 @@ def model_card_text(model: Any) -> str:
     return "\n".join(lines)
 
 
+def bundled_list_text() -> str:
+    """One line per bundled model: name, labels (from its checkpoint) and file."""
+    from resunet.inference.bundled import BUNDLED_MODELS, bundled_path
+    from resunet.training.checkpoint import load_checkpoint
+
+    lines = []
+    for name, what in BUNDLED_MODELS.items():
+        path = bundled_path(name)
+        if path.is_file():
+            labels = load_checkpoint(path).labels
+            text = ", ".join(f"{k}={v}" for k, v in labels.items() if int(k) != 0)
+            lines.append(f"{name:<18} labels {text}  ({path})")
+        else:
+            lines.append(f"{name:<18} {what}  (missing: {path})")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    from resunet.errors import ConfigError
     from resunet.inference.model import load_model
 
+    if args.list:
+        print(bundled_list_text())
+        return 0
+    if args.model is None:
+        raise ConfigError("give a MODEL (file or bundled model name) or --list to list the bundled models")
     model = load_model(args.model)
     if args.json:
         print(json.dumps({"name": model.name, "kind": model.kind, "sha256": model.sha256, **model.meta}, indent=2))

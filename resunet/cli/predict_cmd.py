@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(none with --pacs)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--model", default=None, nargs="+", action="extend", metavar="MODEL",
-                   help="checkpoint (.pt) or export (.onnx, TorchScript); default: the bundled model "
-                   "data/model/brain_extraction.pt. Several models (or a run folder of `resunet train --fold all`) "
+                   help="checkpoint (.pt), export (.onnx, TorchScript) or bundled model name (brain_extraction, "
+                   "brain_tissue; see resunet info --list); default: the bundled brain_extraction. Several models "
+                   "(or a run folder of `resunet train --fold all`) "
                    "predict as one ensemble: softmax probabilities averaged window by window; put INPUTs before --model "
                    "or repeat --model per file")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",

@@ -158,16 +158,20 @@ class LoadedModel:
 
 
 def load_model(model: Any) -> LoadedModel:
-    """Load a model for inference from a path (``.pt`` checkpoint, ``.onnx``, TorchScript) or a Checkpoint.
+    """Load a model for inference from a path (``.pt`` checkpoint, ``.onnx``, TorchScript), the name of a
+    bundled model (:mod:`resunet.inference.bundled`) or a Checkpoint.
 
     Raises:
         ModelError: the file is missing, unreadable, or lacks the resunet metadata.
     """
     if not isinstance(model, (str, os.PathLike)):
         return _from_checkpoint(model)
-    path = Path(model)
+    from resunet.inference.bundled import BUNDLED_MODELS, resolve_model
+
+    path = resolve_model(model)  # a bundled model's name ("brain_tissue") -> data/model/brain_tissue.pt
     if not path.exists():
-        raise ModelError(f"{path}: no such model file; pass --model with a resunet checkpoint (.pt) or export (.onnx)")
+        raise ModelError(f"{path}: no such model file; pass --model with a resunet checkpoint (.pt), an export "
+                         f"(.onnx) or a bundled model name ({', '.join(BUNDLED_MODELS)})")
     if path.is_dir():
         raise ModelError(f"{path}: is a folder; pass the model file itself (.pt checkpoint or .onnx)")
     if path.suffix.lower() == ".onnx":
