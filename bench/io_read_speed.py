@@ -7,8 +7,10 @@ pyjpegls, RLE). They are written once under ``/tmp/resunet-read-speed`` (several
 runs; delete by hand). Every timing is a fresh read of a warm page cache, in this process:
 
 - ``resunet``: ``load_study(folder)`` (discovery + headers + pixels + geometry checks);
-- ``SimpleITK``: ``ImageSeriesGDCMReader`` file list (``GetGDCMSeriesFileNames``, which reads
-  and sorts the headers) plus ``ImageSeriesReader.Execute()``: what reading a folder costs there;
+- ``SimpleITK (folder)``: ``ImageSeriesReader.GetGDCMSeriesFileNames`` (reads and sorts the
+  headers) plus ``ImageSeriesReader.Execute()``: what reading a folder costs there; ``SimpleITK
+  (Execute, list given)``: ``Execute()`` alone on the sorted file list (the stricter comparison:
+  resunet's time includes finding and sorting the files);
 - ``dcm2niix`` (if installed): ``dcm2niix -z n`` writing an uncompressed NIfTI into a temp folder
   (a separate process that also writes the file: not the same work, listed for scale).
 
@@ -125,6 +127,12 @@ def sitk_read_folder(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+def sitk_execute(files: list[str]) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
 def dcm2niix_read(folder: Path) -> float | None:
     exe = shutil.which("dcm2niix")
     if exe is None:
@@ -168,33 +176,41 @@ def main() -> None:
             size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
             load_study(folder)  # warm the page cache for everyone
             # alternate the readers so a load change hits both
-            t_sitk, t_ours, sitk_times, our_times = [], [], [], []
+            sitk_times, our_times, exec_times = [], [], []
             img = vol = None
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
             for _ in range(args.repeat):
                 t, _, img = best_of(lambda: sitk_read_folder(folder), 1)
                 sitk_times.append(t)
                 t, _, vol = best_of(lambda: load_study(folder), 1)
                 our_times.append(t)
+                if syntax == "raw":  # compressed: decoding dominates, the file listing is negligible
+                    t, _, _ = best_of(lambda: sitk_execute(files), 1)
+                    exec_times.append(t)
             t_sitk, t_ours = min(sitk_times), min(our_times)
+            t_exec = min(exec_times) if exec_times else None
             same, dist, _ = compare_with_sitk(vol, img)
             t_d2n = dcm2niix_read(folder)
             del img, vol
-            rows.append((NAMES[syntax], n, size_mb, t_ours, t_sitk, t_d2n, same, dist))
+            rows.append((NAMES[syntax], n, size_mb, t_ours, t_sitk, t_exec, t_d2n, same, dist))
             print(
                 f"{NAMES[syntax]:>20} {n:5d} slices {size_mb:7.0f} MB: resunet {t_ours:.3f} s"
                 f" ({' '.join(f'{t:.2f}' for t in our_times)}), SimpleITK {t_sitk:.3f} s"
                 f" ({' '.join(f'{t:.2f}' for t in sitk_times)}), ratio {t_ours / t_sitk:.2f},"
+                + (f" SimpleITK Execute only {t_exec:.3f} s (ratio {t_ours / t_exec:.2f})," if t_exec else "") +
                 f" dcm2niix {'-' if t_d2n is None else f'{t_d2n:.2f} s'}; voxels {'equal' if same else 'DIFFER'},"
                 f" corners {dist:.1e} mm; load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
     print()
-    print("| series | slices | MB | resunet s | SimpleITK s | resunet / SimpleITK | dcm2niix s | voxels, corners |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, n, mb, t_o, t_s, t_d, same, dist in rows:
+    print("| series | slices | MB | resunet s | SimpleITK s (folder) | ratio | SimpleITK s (Execute, list given) | ratio |"
+          " dcm2niix s | voxels, corners |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, mb, t_o, t_s, t_e, t_d, same, dist in rows:
         d2n = "-" if t_d is None else f"{t_d:.2f}"
-        print(f"| {name} | {n} | {mb:.0f} | {t_o:.2f} | {t_s:.2f} | {t_o / t_s:.2f} | {d2n} |"
-              f" {'equal' if same else 'DIFFER'}, {dist:.1e} mm |")
+        exe = f"{t_e:.2f} | {t_o / t_e:.2f}" if t_e else "- | -"
+        print(f"| {name} | {n} | {mb:.0f} | {t_o:.2f} | {t_s:.2f} | {t_o / t_s:.2f} | {exe} |"
+              f" {d2n} | {'equal' if same else 'DIFFER'}, {dist:.1e} mm |")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from pydicom.errors import InvalidDicomError
 
 from resunet.errors import GeometryError, InputError
 from resunet.io.dicom_headers import HeaderView, UnsupportedEncoding, read_header
-from resunet.io.dicom_pixels import NeedsWiderType, PixelSource, read_pixels
+from resunet.io.dicom_pixels import READ_THREADS, NeedsWiderType, PixelSource, read_pixels
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -870,11 +870,21 @@ def _apply_rescale(raw: np.ndarray, slopes: list[float], inters: list[float]) ->
         return data
     data = np.empty(raw.shape, dtype=np.float32)
     step = 16  # slices per chunk: float64 temporaries stay small
-    for k0 in range(0, n, step):
+
+    def convert(k0: int) -> None:
         chunk = raw[k0: k0 + step].astype(np.float64)
         chunk *= a[k0: k0 + step, None, None]
         chunk += b[k0: k0 + step, None, None]
         data[k0: k0 + step] = chunk
+
+    starts = range(0, n, step)
+    if len(starts) > 1:  # numpy releases the GIL; first touches of ``data`` fault pages in parallel
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(starts))) as pool:
+            list(pool.map(convert, starts))
+    else:
+        convert(0)
     return data
 
 

@@ -2,7 +2,7 @@
 
 - Uncompressed little-endian data (implicit/explicit VR little endian, 8/16/32-bit, greyscale) is
   read straight from the file into its slice of the volume (``readinto`` at the offset the header
-  scan found): no second header parse and no intermediate copy. Unused high bits (BitsStored <
+  scan found), in a few threads: no second header parse and no intermediate copy. Unused high bits (BitsStored <
   BitsAllocated) are cleared or sign-extended exactly as pydicom does.
 - Everything else (JPEG, JPEG-LS, JPEG 2000, RLE, deflated, big endian, float pixel data, 1-bit)
   is decoded by pydicom (with the pylibjpeg/pyjpegls plugins). These decoders hold the GIL, so
@@ -33,6 +33,8 @@ _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _PIXEL_DATA_TAG = (0x7FE0, 0x0010)
 #: fewer compressed files than this are decoded in this process (a worker pool costs ~0.1-0.5 s)
 MIN_FILES_FOR_PROCESSES = 24
+#: threads reading uncompressed files into the volume
+READ_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -209,11 +211,10 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
         NeedsWiderType: a decoder gave a type ``out`` cannot hold; allocate that type and call again.
     """
     rows, cols = out.shape[1:]
-    decoded: list[int] = []
-    for n, src in enumerate(sources):
-        if not src.native:
-            decoded.append(n)
-            continue
+
+    def read_one(n: int) -> bool:
+        """Read source ``n`` in place; False if pydicom must decode it."""
+        src = sources[n]
         ks = list(plane_of[n])
         contiguous = bool(ks) and ks[0] >= 0 and src.dtype == out.dtype and ks == list(range(ks[0], ks[0] + len(ks)))
         try:
@@ -226,9 +227,25 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
                     if k >= 0:
                         out[k] = buf[f]
         except _NotNative:
-            decoded.append(n)
+            return False
         except OSError as err:
             raise InputError(f"{src.source}: cannot read the file ({err.strerror or err})") from None
+        return True
+
+    native = [n for n, src in enumerate(sources) if src.native]
+    decoded = [n for n, src in enumerate(sources) if not src.native]
+    # Threads: the reads release the GIL, and the first touch of each page of a fresh ``out``
+    # (a page fault per 4 kB) is what a big series spends its time on; measured on this 2-core VM,
+    # 1000 slices of 512x512 int16: 3.7-7.0 s in one thread, 0.8-0.9 s in four.
+    if len(native) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(native)), thread_name_prefix="resunet-dicom") as pool:
+            ok = list(pool.map(read_one, native))
+    else:
+        ok = [read_one(n) for n in native]
+    decoded += [n for n, good in zip(native, ok) if not good]
+    decoded.sort()
     if decoded:
         jobs = [(sources[n].path, sources[n].source) for n in decoded]
         for i, arr in decode_files(jobs):
