@@ -12,7 +12,8 @@ runs; delete by hand). Every timing is a fresh read of a warm page cache, in thi
   (Execute, list given)``: ``Execute()`` alone on the sorted file list (the stricter comparison:
   resunet's time includes finding and sorting the files);
 - ``dcm2niix`` (if installed): ``dcm2niix -z n`` writing an uncompressed NIfTI into a temp folder
-  (a separate process that also writes the file: not the same work, listed for scale).
+  (a separate process that also writes the file: not the same work, listed for scale; the
+  Debian build has no JPEG-LS decoder).
 
 The voxels and geometry of resunet and SimpleITK are compared on every series (equal values,
 corners within 1e-3 mm). Run by hand (minutes; nothing else heavy should run):
@@ -133,15 +134,20 @@ def sitk_execute(files: list[str]) -> sitk.Image:
     return reader.Execute()
 
 
-def dcm2niix_read(folder: Path) -> float | None:
+def dcm2niix_read(folder: Path) -> str:
+    """dcm2niix's wall time as text ('-' if not installed, 'failed (exit N)' if it wrote nothing)."""
     exe = shutil.which("dcm2niix")
     if exe is None:
-        return None
+        return "-"
     out = Path(tempfile.mkdtemp(prefix="resunet-d2n-"))
     try:
         t0 = time.perf_counter()
-        subprocess.run([exe, "-z", "n", "-b", "n", "-o", str(out), "-f", "x", str(folder)], capture_output=True, check=True)
-        return time.perf_counter() - t0
+        proc = subprocess.run([exe, "-z", "n", "-b", "n", "-o", str(out), "-f", "x", str(folder)],
+                              capture_output=True, check=False)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0 or not list(out.glob("*.nii")):
+            return f"failed (exit {proc.returncode})"
+        return f"{seconds:.2f}"
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -198,7 +204,7 @@ def main() -> None:
                 f" ({' '.join(f'{t:.2f}' for t in our_times)}), SimpleITK {t_sitk:.3f} s"
                 f" ({' '.join(f'{t:.2f}' for t in sitk_times)}), ratio {t_ours / t_sitk:.2f},"
                 + (f" SimpleITK Execute only {t_exec:.3f} s (ratio {t_ours / t_exec:.2f})," if t_exec else "") +
-                f" dcm2niix {'-' if t_d2n is None else f'{t_d2n:.2f} s'}; voxels {'equal' if same else 'DIFFER'},"
+                f" dcm2niix {t_d2n}; voxels {'equal' if same else 'DIFFER'},"
                 f" corners {dist:.1e} mm; load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
@@ -207,7 +213,7 @@ def main() -> None:
           " dcm2niix s | voxels, corners |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, mb, t_o, t_s, t_e, t_d, same, dist in rows:
-        d2n = "-" if t_d is None else f"{t_d:.2f}"
+        d2n = t_d
         exe = f"{t_e:.2f} | {t_o / t_e:.2f}" if t_e else "- | -"
         print(f"| {name} | {n} | {mb:.0f} | {t_o:.2f} | {t_s:.2f} | {t_o / t_s:.2f} | {exe} |"
               f" {d2n} | {'equal' if same else 'DIFFER'}, {dist:.1e} mm |")
