@@ -113,8 +113,14 @@ def test_nifti_and_dicom_zip_masks_equal_resunet_predict(served, tmp_path):
 
     # several DICOM files in one multipart request, no TTA: the CLI's mask of the zip exactly
     files = [(p.name, p.read_bytes()) for p in sorted(EXAMPLE_DICOM.iterdir())]
-    many = wait_job(url, submit(url, files, formats="nifti").json()["id"])
-    assert many["state"] == "done" and set(many["outputs"]) == {"mask", "predictions"}, many
+    many = wait_job(url, submit(url, files, formats="nifti,rtstruct").json()["id"])
+    assert many["state"] == "done" and set(many["outputs"]) == {"mask", "rtstruct", "predictions"}, many
+    import pydicom
+
+    rt = pydicom.dcmread(io.BytesIO(fetch(url, f"/v1/jobs/{many['id']}/outputs/rtstruct").content))
+    src = pydicom.dcmread(sorted(EXAMPLE_DICOM.iterdir())[0], stop_before_pixels=True)
+    assert rt.Modality == "RTSTRUCT" and rt.StudyInstanceUID == src.StudyInstanceUID
+    assert rt.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == src.FrameOfReferenceUID
     assert many["input"] == f"{len(files)} DICOM files"
     got_many = tmp_path / "svc_many.nii.gz"
     got_many.write_bytes(fetch(url, f"/v1/jobs/{many['id']}/outputs/mask").content)

@@ -360,9 +360,10 @@ class Service:
             self.queue.mark_purged(job.id)
             n += 1
         known = self.queue.known_ids()
+        orphan_cutoff = now - max(self.config.retention_s, 3600.0)  # never race an upload being committed
         for d in (self.state_dir / "jobs").iterdir():  # folders of uploads whose job row never committed
             with contextlib.suppress(OSError):
-                if d.name not in known and d.stat().st_mtime < cutoff:
+                if d.name not in known and d.stat().st_mtime < orphan_cutoff:
                     shutil.rmtree(d, ignore_errors=True)
         if n:
             log.info("retention: deleted the files of %d job(s) finished more than %g h ago", n, self.config.retention_hours)

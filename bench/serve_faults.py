@@ -1,0 +1,167 @@
+"""Fault run of `resunet serve`: N jobs while the service is SIGKILLed K times and restarted (run by hand).
+
+    .venv/bin/python bench/serve_faults.py [--jobs 50] [--kills 3] [--tta]
+
+- one service (bundled model unless --model; audit log on, in a temp file) on loopback;
+- a submitter thread sends the example NIfTI `--jobs` times, one after another; a submit that gets
+  no 202 (service down) is retried until one is accepted; "accepted" = a 202 with a job id;
+- a killer SIGKILLs the service (no clean shutdown) each time another `jobs/(kills+1)` jobs are done,
+  and restarts it at once on the same state folder;
+- a prober GETs /healthz every 0.2 s for the whole run (uptime = answered probes / all probes);
+- at the end: every accepted job's final state from the queue database; lost = accepted but not
+  done at the end (or missing), done twice = more than one `done` event for a job, audit rows per
+  job, jobs the database holds that no client got a 202 for (the kill fell between commit and answer).
+
+Prints a Markdown table (used for bench/results/serve.md) and the machine load (`uptime`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from serve_support import ServiceProcess  # noqa: E402
+
+EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=50)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--tta", action="store_true", help="mirror TTA (default off)")
+    ap.add_argument("--model", type=Path, default=BUNDLED)
+    args = ap.parse_args()
+    print(f"load before: {uptime()}", flush=True)
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(tmp.name)
+    state, audit = root / "state", root / "audit.sqlite"
+    extra = ["--tta" if args.tta else "--no-tta"]
+    svc_box = [ServiceProcess(state, args.model, *extra, audit_db=audit, log_path=root / "serve.log").start(timeout=600)]
+    url = svc_box[0].url  # same port after each restart
+    body = EXAMPLE.read_bytes()
+    accepted: list[str] = []
+    submit_retries = [0]
+    stop = threading.Event()
+    probes = collections.Counter()
+    kills_done: list[dict] = []
+
+    def submitter() -> None:
+        with httpx.Client(timeout=120) as c:
+            while len(accepted) < args.jobs and not stop.is_set():
+                try:
+                    r = c.post(url + "/v1/jobs", files=[("files", ("colin27_t1.nii.gz", body))])
+                    if r.status_code == 202:
+                        accepted.append(r.json()["id"])
+                        continue
+                except httpx.HTTPError:
+                    pass
+                submit_retries[0] += 1
+                time.sleep(0.2)
+
+    def prober() -> None:
+        with httpx.Client(timeout=2) as c:
+            while not stop.is_set():
+                try:
+                    probes["up" if c.get(url + "/healthz").status_code == 200 else "down"] += 1
+                except httpx.HTTPError:
+                    probes["down"] += 1
+                stop.wait(0.2)
+
+    def done_count() -> int:
+        try:
+            with sqlite3.connect(state / "jobs.sqlite", timeout=30) as conn:
+                return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    t_start = time.perf_counter()
+    threads = [threading.Thread(target=submitter, daemon=True), threading.Thread(target=prober, daemon=True)]
+    for t in threads:
+        t.start()
+    step = args.jobs // (args.kills + 1)
+    for k in range(1, args.kills + 1):
+        while done_count() < k * step:
+            time.sleep(0.1)
+        svc = svc_box[0]
+        with sqlite3.connect(state / "jobs.sqlite", timeout=30) as conn:
+            before = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        svc.kill()
+        t_kill = time.perf_counter()
+        print(f"SIGKILL {k} at {t_kill - t_start:.1f} s; queue then: {before}", flush=True)
+        new = ServiceProcess(state, args.model, *extra, audit_db=audit, log_path=root / "serve.log")
+        new.port, new.url = svc.port, svc.url
+        new.cmd[new.cmd.index("--port") + 1] = str(svc.port)
+        svc_box[0] = new.start(timeout=600)
+        kills_done.append({"at_s": t_kill - t_start, "restart_s": time.perf_counter() - t_kill, "queue": before})
+        print(f"  restarted and ready after {kills_done[-1]['restart_s']:.1f} s", flush=True)
+    while len(accepted) < args.jobs:
+        time.sleep(0.2)
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        with sqlite3.connect(state / "jobs.sqlite", timeout=30) as conn:
+            open_jobs = conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+        if open_jobs == 0:
+            break
+        time.sleep(0.5)
+    wall = time.perf_counter() - t_start
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    svc_box[0].stop()
+
+    with sqlite3.connect(state / "jobs.sqlite") as conn:
+        states = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+        attempts = dict(conn.execute("SELECT id, attempts FROM jobs").fetchall())
+        done_events = collections.Counter(r[0] for r in conn.execute("SELECT job_id FROM events WHERE event = 'done'"))
+    from resunet.reports.audit import read_runs, verify_log
+
+    audit_rows = collections.Counter(r["run_id"] for r in read_runs(audit))
+    acc = set(accepted)
+    finished = sum(states.get(i) == "done" for i in acc)
+    failed = sum(states.get(i) == "failed" for i in acc)
+    lost = sum(states.get(i) != "done" and states.get(i) != "failed" for i in acc)
+    twice = sum(n > 1 for n in done_events.values())
+    redone = sum(attempts.get(i, 0) > 1 for i in acc)
+    unknown = len(set(states) - acc)
+    audit_once = sum(audit_rows.get(f"serve-{i}") == 1 for i in acc)
+    audit_twice = sum(n > 1 for n in audit_rows.values())
+    up = probes["up"] / max(1, probes["up"] + probes["down"])
+    chain = verify_log(audit)
+    print()
+    print(f"{args.jobs} jobs, {args.kills} SIGKILLs, TTA {'on' if args.tta else 'off'}, model {args.model.name}; "
+          f"wall {wall:.0f} s; load after: {uptime()}")
+    print()
+    print("| accepted (202) | finished done | failed | lost | done twice | redone after a kill | in DB without a 202 "
+          "| audit rows exactly once | audit rows twice | audit chain | /healthz uptime | submit retries |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {len(acc)} | {finished} | {failed} | {lost} | {twice} | {redone} | {unknown} | {audit_once}/{len(acc)} | "
+          f"{audit_twice} | {'intact' if not chain else chain[0]} | {100 * up:.1f}% ({probes['up']}/{probes['up'] + probes['down']} probes) "
+          f"| {submit_retries[0]} |")
+    print()
+    for i, k in enumerate(kills_done, 1):
+        print(f"kill {i}: at {k['at_s']:.0f} s, queue {k['queue']}, restart to ready {k['restart_s']:.1f} s")
+    tmp.cleanup()
+    return 0 if lost == 0 and twice == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
