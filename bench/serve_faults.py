@@ -1,6 +1,6 @@
 """Fault run of `resunet serve`: N jobs while the service is SIGKILLed K times and restarted (run by hand).
 
-    .venv/bin/python bench/serve_faults.py [--jobs 50] [--kills 3] [--tta]
+    .venv/bin/python bench/serve_faults.py [--jobs 50] [--kills 3] [--tta] [--tiny | --model M]
 
 - one service (bundled model unless --model; audit log on, in a temp file) on loopback;
 - a submitter thread sends the example NIfTI `--jobs` times, one after another; a submit that gets
@@ -48,10 +48,16 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--tta", action="store_true", help="mirror TTA (default off)")
     ap.add_argument("--model", type=Path, default=BUNDLED)
+    ap.add_argument("--tiny", action="store_true",
+                    help="use the tests' tiny untrained checkpoint (jobs of ~1 s: the run measures the queue, not the model)")
     args = ap.parse_args()
     print(f"load before: {uptime()}", flush=True)
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
+    if args.tiny:
+        from test_app_support import make_tiny_model
+
+        args.model = make_tiny_model(root / "tiny.pt")
     state, audit = root / "state", root / "audit.sqlite"
     extra = ["--tta" if args.tta else "--no-tta"]
     svc_box = [ServiceProcess(state, args.model, *extra, audit_db=audit, log_path=root / "serve.log").start(timeout=600)]

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -88,6 +89,15 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "request"
+            parts.append(f"{where}: {e.get('msg', 'invalid')}")
+        hint = " (send the study as multipart form field 'files'; see /docs)" if request.url.path.endswith("/jobs") else ""
+        return JSONResponse({"detail": "; ".join(parts) + hint}, status_code=422)
 
     @app.exception_handler(ResunetError)
     async def resunet_error(request: Request, err: ResunetError) -> JSONResponse:

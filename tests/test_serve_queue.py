@@ -1,0 +1,91 @@
+"""The service's SQLite job queue on a real database file: atomic claims, finish once, re-queue, tokens file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from resunet.errors import ConfigError
+from resunet.serve.queue import JobQueue
+from resunet.serve.tokens import TokenStore
+
+
+def test_concurrent_workers_claim_every_job_exactly_once(tmp_path):
+    db = tmp_path / "jobs.sqlite"
+    q = JobQueue(db)
+    ids = [q.enqueue("segment", input_name=f"case{i}", options={"formats": ["nifti"]}).id for i in range(40)]
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        mine = JobQueue(db)  # its own connections, as another process would have
+        while (job := mine.claim()) is not None:
+            assert mine.finish(job, {"mask": {"path": "out/m.nii.gz", "sha256": job.id}})
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+    assert q.counts() == {"queued": 0, "running": 0, "done": 40, "failed": 0}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        done = conn.execute("SELECT job_id, COUNT(*) FROM events WHERE event = 'done' GROUP BY job_id").fetchall()
+    assert sorted(done) == sorted((i, 1) for i in ids)
+    assert [j.id for j in q.jobs()][::-1] == ids  # newest first
+
+
+def test_stale_claim_cannot_finish_and_running_jobs_are_requeued(tmp_path):
+    q = JobQueue(tmp_path / "jobs.sqlite")
+    a = q.enqueue("segment", input_name="a", submitted_by="alice")
+    first = q.claim()
+    assert first is not None and first.id == a.id and first.state == "running" and first.attempts == 1
+    assert q.requeue_running() == [a.id]  # what a restarted service does
+    assert q.get(a.id).state == "queued"
+    second = q.claim()
+    assert second.attempts == 2 and second.claim != first.claim
+    assert not q.finish(first, {"mask": {"path": "x", "sha256": "0"}})  # the killed attempt's claim is stale
+    assert not q.fail(first, "late failure")
+    assert q.finish(second, {"mask": {"path": "out/a.nii.gz", "sha256": "ab"}}, {"volumes_ml": {"brain": 1.0}})
+    assert not q.finish(second, {"mask": {"path": "out/a.nii.gz", "sha256": "ab"}})  # finished once
+    done = q.get(a.id)
+    assert done.state == "done" and done.outputs["mask"]["sha256"] == "ab" and done.result["volumes_ml"] == {"brain": 1.0}
+    assert done.submitted_by == "alice" and done.claim is None
+    events = [e["event"] for e in q.events(a.id)]
+    assert events == ["queued", "claimed", "requeued", "claimed", "done"]
+    assert q.claim() is None
+    assert [j.id for j in q.unaudited()] == [a.id]
+    q.mark_audited(a.id, "serve-" + a.id)
+    assert q.unaudited() == []
+
+
+def test_bad_queue_path_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot open the job database"):
+        JobQueue(blocker / "jobs.sqlite")
+
+
+def test_tokens_file_add_check_remove(tmp_path):
+    store = TokenStore(tmp_path / "tokens.json")
+    t1 = store.add("pacs-gateway")
+    t2 = store.add("ris")
+    assert t1 != t2 and store.names() == ["pacs-gateway", "ris"]
+    assert store.check(t1) == "pacs-gateway" and store.check(t2) == "ris"
+    assert store.check(t1 + "x") is None and store.check("") is None
+    text = (tmp_path / "tokens.json").read_text()
+    assert t1 not in text and t2 not in text
+    with pytest.raises(ConfigError, match="exists"):
+        store.add("ris")
+    with pytest.raises(ConfigError, match="token name"):
+        store.add("bad name; drop table")
+    store.remove("ris")
+    assert store.check(t2) is None and store.names() == ["pacs-gateway"]
+    (tmp_path / "tokens.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable tokens file"):
+        store.check(t1)
