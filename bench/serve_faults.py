@@ -6,7 +6,8 @@
 - a submitter thread sends the example NIfTI `--jobs` times, one after another; a submit that gets
   no 202 (service down) is retried until one is accepted; "accepted" = a 202 with a job id;
 - a killer SIGKILLs the service (no clean shutdown) each time another `jobs/(kills+1)` jobs are done,
-  and restarts it at once on the same state folder;
+  while a job is being segmented (claimed >= 0.5 s before), and restarts it at once on the same state
+  folder;
 - a prober GETs /healthz every 0.2 s for the whole run (uptime = answered probes / all probes);
 - at the end: every accepted job's final state from the queue database; lost = accepted but not
   done at the end (or missing), done twice = more than one `done` event for a job, audit rows per
@@ -98,6 +99,15 @@ def main() -> int:
         except sqlite3.Error:
             return 0
 
+    def running_for() -> float:
+        """Seconds since the running job (if any) was claimed; -1 when none runs."""
+        try:
+            with sqlite3.connect(state / "jobs.sqlite", timeout=30) as conn:
+                row = conn.execute("SELECT started_at FROM jobs WHERE state = 'running'").fetchone()
+        except sqlite3.Error:
+            return -1.0
+        return time.time() - row[0] if row else -1.0
+
     t_start = time.perf_counter()
     threads = [threading.Thread(target=submitter, daemon=True), threading.Thread(target=prober, daemon=True)]
     for t in threads:
@@ -106,6 +116,8 @@ def main() -> int:
     for k in range(1, args.kills + 1):
         while done_count() < k * step:
             time.sleep(0.1)
+        while running_for() < 0.5:  # kill mid-job: a job claimed at least 0.5 s ago is being segmented
+            time.sleep(0.05)
         svc = svc_box[0]
         with sqlite3.connect(state / "jobs.sqlite", timeout=30) as conn:
             before = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
