@@ -38,7 +38,7 @@ class ServiceProcess:
         self.log_path = Path(log_path or self.state_dir.parent / f"serve-{self.port}.log")
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0) -> "ServiceProcess":
+    def start(self, timeout: float = 300.0) -> "ServiceProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -86,12 +86,12 @@ def submit(url: str, files: list[tuple[str, bytes]], token: str | None = None, *
                       headers=headers, timeout=120)
 
 
-def wait_job(url: str, job_id: str, timeout: float = 120.0, token: str | None = None) -> dict[str, Any]:
+def wait_job(url: str, job_id: str, timeout: float = 300.0, token: str | None = None) -> dict[str, Any]:
     """Poll the job until done or failed; returns its JSON."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=30)
+        r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=120)
         r.raise_for_status()
         job = r.json()
         if job["state"] in ("done", "failed"):
