@@ -118,8 +118,8 @@ def make_scans(d: Path) -> dict[str, Path]:
     (d / "hdrbomb.nii.gz").write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
     out["header_claims_64G"] = d / "hdrbomb.nii.gz"
     hdr = _header((32767, 32767, 32767), np.int16)
-    (d / "hdrbomb.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + b"\0" * 4096)
-    out["uncompressed_header_claims_70T"] = d / "hdrbomb.nii"
+    (d / "hdrbomb_raw.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + b"\0" * 4096)
+    out["uncompressed_header_claims_70T"] = d / "hdrbomb_raw.nii"
     (d / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
     out["truncated_gz"] = d / "truncated.nii.gz"
     (d / "text.nii.gz").write_text("this is not a scan\n")
@@ -166,7 +166,7 @@ def make_scans(d: Path) -> dict[str, Path]:
     out["zip_slip"] = zip_of(d / "slip.zip", {"../../evil.dcm": b"x" * 10, "ok/a.dcm": b"y"})
     out["zip_ratio_bomb"] = zip_of(d / "ratio.zip", {"a.dcm": bytes(300 * 2**20)})
     out["zip_symlink"] = zip_of(d / "link.zip", {"a.dcm": b"x"}, symlink="b.dcm")
-    out["zip_empty"] = zip_of(d / "empty.zip", {})
+    out["zip_empty"] = zip_of(d / "emptyzip.zip", {})  # case ids must differ from empty.nii.gz's
     out["zip_with_gzbomb_nifti"] = zip_of(d / "nested.zip", {"scan.nii.gz": out["gzbomb_1100cubed"].read_bytes()})
     out["zip_truncated"] = d / "cut.zip"
     out["zip_truncated"].write_bytes(zip_of(d / "whole.zip", {"a.dcm": b"z" * 5000}).read_bytes()[:100])
