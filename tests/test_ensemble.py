@@ -119,3 +119,16 @@ def test_cli_ensemble_records_every_model_hash_and_resumes(tmp_path, members, sc
     assert main(swapped) == 0
     assert json.loads((out / "predictions.json").read_text())["cases"][0]["finished_utc"] != rec["finished_utc"]
     assert math.isfinite(float(np.asarray(nib.load(out / "scan.uncertainty-models.nii.gz").dataobj).max()))
+
+
+def test_inputs_written_after_model_are_inputs_not_models(tmp_path, members, scan):
+    """``--model`` takes several values; ``--model A.pt B.pt scan.nii.gz`` must not load the scan as a model."""
+    nii = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(scan.array, scan.affine), nii)
+    out = tmp_path / "out"
+    rc = main(["predict", "--out", str(out), "--no-audit", "--no-progress", "--no-tta", "--model", str(members[0]),
+               str(members[1]), str(nii)])
+    assert rc == 0
+    doc = json.loads((out / "predictions.json").read_text())
+    assert [m["sha256"] for m in doc["model"]["members"]] == [sha256_file(m) for m in members[:2]]
+    assert [c["case"] for c in doc["cases"]] == ["scan"] and (out / "scan.nii.gz").is_file()

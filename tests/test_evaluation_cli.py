@@ -39,6 +39,7 @@ def folders(tmp_path):
     _save(_cube(0), pred / "b.nii.gz")
     _save(_cube(0), pred / "orphan.nii.gz")  # prediction without reference
     _save(_cube(0).astype(np.float32) * 0.7, pred / "a.prob.nii.gz")  # predict's probability map: not a case
+    _save(_cube(0).astype(np.float32) * 0.3, pred / "b.prob-grey_matter.nii.gz")  # a named label's map: not a case
     return tmp_path
 
 
@@ -57,6 +58,7 @@ def test_evaluate_end_to_end(folders, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "NOT EVALUATED: prediction orphan has no reference" in text and "a.prob" not in text
+    assert "prob-grey_matter" not in text
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     # label 2 is absent from both masks of case a: a both_empty row, not a missing one

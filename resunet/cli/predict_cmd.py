@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint (.pt), export (.onnx, TorchScript) or bundled model name (brain_extraction, "
                    "brain_tissue; see resunet info --list); default: the bundled brain_extraction. Several models "
                    "(or a run folder of `resunet train --fold all`) "
-                   "predict as one ensemble: softmax probabilities averaged window by window; put INPUTs before --model "
-                   "or repeat --model per file")
+                   "predict as one ensemble: softmax probabilities averaged window by window. Values after the first "
+                   "that are not models (no .pt/.onnx/.ts suffix, bundled name or run folder) count as INPUTs")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
                    help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
                    "Set contours for DICOM inputs); default nifti,seg")
@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied DICOM module
-    from resunet.inference.ensemble import expand_model_args
+    from resunet.inference.ensemble import expand_model_args, split_model_args
 
+    if args.model:
+        args.model, args.inputs = split_model_args(args.model, args.inputs)
     models = expand_model_args(args.model) if args.model else [BUNDLED_MODEL]
     if args.model is None and not BUNDLED_MODEL.exists():
         raise ConfigError(f"the bundled model {BUNDLED_MODEL} is missing; pass --model with a checkpoint")

@@ -23,7 +23,7 @@ from resunet.io.volume import Volume
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SEG_SUFFIXES = (".seg.dcm", ".dcm")
 #: Side outputs of ``resunet predict`` that share a prediction folder but are not label masks.
-_NOT_MASKS = re.compile(r"\.(prob(-\d+)?|uncertainty(-models)?)$")
+_NOT_MASKS = re.compile(r"\.(prob(-[^.]+)?|uncertainty(-models)?)$")
 
 
 def case_name(path: Path) -> str | None:

@@ -38,6 +38,37 @@ ENSEMBLE_TAG = "resunet-ensemble/1"
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
 
 
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".ts", ".torchscript", ".jit")
+
+
+def looks_like_model(value: str | os.PathLike[str]) -> bool:
+    """Whether a ``--model`` value names a model: a model file suffix, a bundled model's name, or a run
+    folder (``best.pt`` or ``fold_*/best.pt`` inside)."""
+    from resunet.inference.bundled import BUNDLED_MODELS
+
+    p = Path(value)
+    if os.fspath(value) in BUNDLED_MODELS or p.suffix.lower() in MODEL_SUFFIXES:
+        return True
+    if p.is_dir():
+        return (p / "best.pt").is_file() or any(_FOLD_DIR.match(d.name) for d in p.iterdir() if d.is_dir())
+    return False
+
+
+def split_model_args(models: Sequence[str], inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--model`` takes several values, so ``--model A.pt scan.nii.gz`` would swallow the scan.
+
+    The first value is always a model; later values that do not look like a model
+    (:func:`looks_like_model`) are inputs written after ``--model`` and are moved to the inputs, so both
+    ``resunet predict scan --model A.pt`` and ``resunet predict --model A.pt scan`` work.
+
+    Returns:
+        ``(models, inputs)``.
+    """
+    kept = [models[0], *(m for m in models[1:] if looks_like_model(m))]
+    moved = [m for m in models[1:] if not looks_like_model(m)]
+    return kept, [*inputs, *moved]
+
+
 def expand_model_args(models: Sequence[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
     """Model arguments with run folders replaced by their checkpoints.
 
