@@ -40,7 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
-from resunet.io.seg import _check_source_uids, _source_datasets, contributing_equipment
+from resunet.io.seg import _check_source_uids, _source_datasets, check_mask_on_source, contributing_equipment
 from resunet.io.volume import Volume
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -86,6 +86,21 @@ def _slice_contours(plane: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _source_slices(source: Volume) -> tuple[list[Dataset], list[Dataset], list[int | None]]:
+    """``(datasets, slice_ds, frames)``: the source headers, the header of the image each slice k lies
+    on (a file's dataset; zip sources keep headers in slice order; one multi-frame file serves every
+    slice) and the frame index per slice (None for single-frame files), for writing and reading back."""
+    datasets = _source_datasets(source)
+    _check_source_uids(datasets, source)  # shared SOP Instance UIDs would make the references ambiguous
+    files = source.meta.get("dicom_files") or []
+    frames = source.meta.get("frames") or [None] * source.shape[2]
+    by_file = dict(zip(dict.fromkeys(files), datasets)) if files else {}
+    slice_ds = [by_file[f] for f in files] if by_file else list(datasets)
+    if len(slice_ds) != source.shape[2]:
+        slice_ds = [datasets[0]] * source.shape[2] if frames[0] is not None else slice_ds
+    return datasets, slice_ds, frames
+
+
 def write_rtstruct(
     mask: Volume,
     source: Volume,
@@ -113,30 +128,13 @@ def write_rtstruct(
         GeometryError: the mask is not on the source grid, or the source has no patient geometry.
         InputError: the source is not DICOM, or the mask holds labels missing from ``labels``.
     """
-    if not mask.same_grid(source):
-        raise GeometryError(
-            f"the mask ({mask.describe_grid()}) is not on the source grid ({source.describe_grid()});"
-            " resample it onto the source before writing an RTSTRUCT"
-        )
+    arr = check_mask_on_source(mask, source, labels, "an RTSTRUCT")
     if source.meta.get("geometry") == "unknown":
         raise GeometryError(
             f"{source.meta.get('source', 'volume')}: the source has no patient position/orientation, so"
             " contours in patient coordinates cannot be placed; write a DICOM SEG or NIfTI mask instead"
         )
-    arr = np.asarray(mask.array)
-    present = {int(v) for v in np.unique(arr)} - {0}
-    missing = sorted(present - {int(k) for k in labels})
-    if missing:
-        raise InputError(f"mask holds labels {missing} that have no name in labels={dict(labels)}")
-    datasets = _source_datasets(source)
-    _check_source_uids(datasets, source)  # shared SOP Instance UIDs would make the references ambiguous
-    files = source.meta.get("dicom_files") or []
-    frames = source.meta.get("frames") or [None] * source.shape[2]
-    by_file = dict(zip(dict.fromkeys(files), datasets)) if files else {}
-    # the image each slice k lies on (the file's dataset; zip sources keep headers in slice order)
-    slice_ds = [by_file[f] for f in files] if by_file else list(datasets)
-    if len(slice_ds) != source.shape[2]:
-        slice_ds = [datasets[0]] * source.shape[2] if frames[0] is not None else slice_ds
+    datasets, slice_ds, frames = _source_slices(source)
     ref = datasets[0]
 
     now = _dt.datetime.now()
@@ -258,12 +256,8 @@ def read_rtstruct(path: str | os.PathLike[str], source: Volume) -> Volume:
         raise InputError(f"{p}: not a readable DICOM file ({type(err).__name__}: {err})") from None
     if str(ds.get("SOPClassUID", "")) != RTSTRUCT_STORAGE or "ROIContourSequence" not in ds:
         raise InputError(f"{p}: not a DICOM RT Structure Set (SOP class {ds.get('SOPClassUID', 'missing')})")
-    datasets = _source_datasets(source)
-    _check_source_uids(datasets, source)  # shared SOP Instance UIDs would make the references ambiguous
-    files = source.meta.get("dicom_files") or []
-    frames = source.meta.get("frames") or [None] * source.shape[2]
-    by_file = dict(zip(dict.fromkeys(files), datasets)) if files else {}
-    uids = [str(by_file[f].SOPInstanceUID) for f in files] if by_file else [str(d.SOPInstanceUID) for d in datasets]
+    _, slice_ds, frames = _source_slices(source)
+    uids = [str(d.SOPInstanceUID) for d in slice_ds]
     if len(uids) != source.shape[2]:
         uids = [uids[0]] * source.shape[2]
     slice_of = {(u, None if f is None else int(f) + 1): k for k, (u, f) in enumerate(zip(uids, frames))}

@@ -107,6 +107,26 @@ def _check_source_uids(datasets: list[Dataset], source: Volume) -> None:
             )
 
 
+def check_mask_on_source(mask: Volume, source: Volume, labels: Mapping[int, str], target: str) -> np.ndarray:
+    """The mask's array, after checking it can be written as ``target`` (e.g. "a DICOM SEG") for ``source``.
+
+    Raises:
+        GeometryError: the mask is not on the source grid.
+        InputError: the mask holds labels that have no name in ``labels``.
+    """
+    if not mask.same_grid(source):
+        raise GeometryError(
+            f"the mask ({mask.describe_grid()}) is not on the source grid ({source.describe_grid()});"
+            f" resample it onto the source before writing {target}"
+        )
+    arr = np.asarray(mask.array)
+    present = {int(v) for v in np.unique(arr)} - {0}
+    missing = sorted(present - {int(k) for k in labels})
+    if missing:
+        raise InputError(f"mask holds labels {missing} that have no name in labels={dict(labels)}")
+    return arr
+
+
 def write_dicom_seg(
     mask: Volume,
     source: Volume,
@@ -144,16 +164,7 @@ def write_dicom_seg(
     """
     import highdicom as hd  # imported here: ~0.6 s, only needed when writing a SEG
 
-    if not mask.same_grid(source):
-        raise GeometryError(
-            f"the mask ({mask.describe_grid()}) is not on the source grid ({source.describe_grid()});"
-            " resample it onto the source before writing a DICOM SEG"
-        )
-    arr = np.asarray(mask.array)
-    present = {int(v) for v in np.unique(arr)} - {0}
-    missing = sorted(present - {int(k) for k in labels})
-    if missing:
-        raise InputError(f"mask holds labels {missing} that have no name in labels={dict(labels)}")
+    arr = check_mask_on_source(mask, source, labels, "a DICOM SEG")
     # anonymised sources lack Type 2 patient/study attributes that highdicom copies: fill them with
     # empty values on copies (the user's files and the kept headers are never changed)
     datasets = [with_type2_defaults(ds) for ds in _source_datasets(source)]
@@ -205,7 +216,7 @@ def write_dicom_seg(
         software_versions=str(algorithm_version),
         device_serial_number="0",
         series_description=series_description,
-        omit_empty_frames=bool(present),
+        omit_empty_frames=bool(arr.any()),  # all background: keep the frames (omitting every one would leave none)
     )
     seg.ContributingEquipmentSequence = contributing_equipment(algorithm_name, str(algorithm_version), model_sha256)
     p = Path(path)
