@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,17 +28,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from serve_support import ServiceProcess  # noqa: E402
-
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+# the paths, the tests' service helper and uptime() as bench_serve.py has them (it puts tests/ on sys.path)
+from bench_serve import BUNDLED, EXAMPLE, ServiceProcess, uptime
 
 
 def main() -> int:
