@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
@@ -176,20 +177,39 @@ def _summary(rows: list[dict]) -> dict:
             "abs_volume_error_pct": stats("abs_volume_error_pct")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/resunet-bundled", help="scratch folder (data, run)")
-    ap.add_argument("--config", default=str(HERE / "train_config.yaml"))
+def data_and_training(argv: list[str] | None, description: str, work: str, config: Path,
+                      make_data: Callable[[Path], Path]) -> tuple[Path, Path, Path]:
+    """The command line every reproduce script shares: make the data in WORK, train (unless
+    --skip-train/--model) and return ``(work, model to evaluate, config)``."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=work, help="scratch folder (data, run)")
+    ap.add_argument("--config", default=str(config))
     ap.add_argument("--skip-train", action="store_true", help="evaluate/ship WORK/run/best.pt as it is")
     ap.add_argument("--model", help="evaluate/ship this checkpoint instead of WORK/run/best.pt")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra `resunet train --set` overrides")
     args = ap.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    make_training_data(work)
+    work_dir = Path(args.work)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    make_data(work_dir)
     if not args.skip_train and not args.model:
-        train(work, Path(args.config), [x for o in args.overrides for x in ("--set", o)])
-    model = Path(args.model) if args.model else work / "run" / "best.pt"
+        train(work_dir, Path(args.config), [x for o in args.overrides for x in ("--set", o)])
+    model = Path(args.model) if args.model else work_dir / "run" / "best.pt"
+    return work_dir, model, Path(args.config)
+
+
+def save_with_card(ck: Any, card: dict, dest: Path) -> None:
+    """Write checkpoint ``ck`` (a loaded :class:`~resunet.training.checkpoint.Checkpoint`) to ``dest``
+    with ``card`` as its model card, everything else unchanged."""
+    from resunet.training.checkpoint import save_checkpoint
+
+    save_checkpoint(dest, state_dict=ck.state_dict, network=ck.network, plan=ck.plan, labels=ck.labels,
+                    channels=ck.channels, postprocess=ck.postprocess, model_card=card, fingerprint=ck.fingerprint,
+                    versions=ck.versions)
+
+
+def main(argv: list[str] | None = None) -> int:
+    work, model, config = data_and_training(argv, __doc__, "/tmp/resunet-bundled", HERE / "train_config.yaml",
+                                            make_training_data)
     print("held-out evaluation (MNI152, never seen in training):", flush=True)
     test_rows = evaluate(model, make_test_data(work))
     print("seen head (Colin27 example as shipped; not a generalisation measure):", flush=True)
@@ -199,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         r["abs_volume_error_pct"] = abs(r["volume_error_pct"])
     metrics = {"held_out_mni152": {"summary": _summary(test_rows), "cases": test_rows},
                "seen_colin27": {"cases": seen_rows}}
-    ship(model, work, metrics, Path(args.config))
+    ship(model, work, metrics, config)
     return 0
 
 
 def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
     """Copy the checkpoint into data/model with the metrics in its model card; write metrics.json and the card."""
-    from resunet.training.checkpoint import load_checkpoint, save_checkpoint
+    from resunet.training.checkpoint import load_checkpoint
 
     ck = load_checkpoint(model)
     seconds = (work / "train_seconds.txt").read_text().strip() if (work / "train_seconds.txt").exists() else "unknown"
@@ -230,9 +250,7 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
         "licence": "model weights: Apache-2.0 (resunet); training data Colin27: BSD-3-clause (mricron-data)",
     })
     dest = HERE / "brain_extraction.pt"
-    save_checkpoint(dest, state_dict=ck.state_dict, network=ck.network, plan=ck.plan, labels=ck.labels,
-                    channels=ck.channels, postprocess=ck.postprocess, model_card=card, fingerprint=ck.fingerprint,
-                    versions=ck.versions)
+    save_with_card(ck, card, dest)
     (HERE / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     write_card(card, metrics, config)
     print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB); held-out Dice mean {s['dice']['mean']:.4f}")

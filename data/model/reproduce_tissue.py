@@ -24,7 +24,6 @@ acquisitions, ``simulate.py``), on another head and task:
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -37,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from reproduce import train  # noqa: E402  (the one `resunet train` call, shared with the brain model)
+from reproduce import data_and_training, save_with_card  # noqa: E402  (command line, training call, shipping: shared with the brain model)
 from simulate import Acquisition, random_acquisition, simulate  # noqa: E402
 
 from resunet.io import Volume, read_nifti, write_nifti  # noqa: E402
@@ -207,19 +206,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="/tmp/resunet-tissue", help="scratch folder (data, run)")
-    ap.add_argument("--config", default=str(HERE / "train_config_tissue.yaml"))
-    ap.add_argument("--skip-train", action="store_true", help="evaluate/ship WORK/run/best.pt as it is")
-    ap.add_argument("--model", help="evaluate/ship this checkpoint instead of WORK/run/best.pt")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra `resunet train --set` overrides")
-    args = ap.parse_args(argv)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    make_training_data(work)
-    if not args.skip_train and not args.model:
-        train(work, Path(args.config), [x for o in args.overrides for x in ("--set", o)])
-    model = Path(args.model) if args.model else work / "run" / "best.pt"
+    work, model, config = data_and_training(argv, __doc__, "/tmp/resunet-tissue", HERE / "train_config_tissue.yaml",
+                                            make_training_data)
     print("held-out evaluation (simulated acquisitions never used in training):", flush=True)
     rows = evaluate(model, make_test_data(work))
     print("Colin27 example (another head; brain extent only, it has no tissue maps):", flush=True)
@@ -227,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  brain extent dice {_num(colin['brain_extent_dice'], 4)}, predicted {colin['predicted_ml']}", flush=True)
     held_out = [r for r in rows if not r["acquisition"].get("original")]  # the 2 mm original is a training case
     metrics = {"held_out_mni152": {"summary": summarise(held_out), "cases": rows}, "colin27_extent": colin}
-    ship(model, work, metrics, Path(args.config))
+    ship(model, work, metrics, config)
     return 0
 
 
 def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
     """Copy the checkpoint to data/model/brain_tissue.pt with the metrics in its card; write the card."""
-    from resunet.training.checkpoint import load_checkpoint, save_checkpoint
+    from resunet.training.checkpoint import load_checkpoint
 
     ck = load_checkpoint(model)
     seconds = (work / "train_seconds.txt").read_text().strip() if (work / "train_seconds.txt").exists() else "unknown"
@@ -257,9 +245,7 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
         "licence": "model weights: Apache-2.0 (resunet); MNI152 template: ICBM licence (free use with attribution)",
     })
     dest = HERE / "brain_tissue.pt"
-    save_checkpoint(dest, state_dict=ck.state_dict, network=ck.network, plan=ck.plan, labels=ck.labels,
-                    channels=ck.channels, postprocess=ck.postprocess, model_card=card, fingerprint=ck.fingerprint,
-                    versions=ck.versions)
+    save_with_card(ck, card, dest)
     (HERE / "metrics_tissue.json").write_text(json.dumps(metrics, indent=1) + "\n")
     for name, shipped in (("plan.json", "plan_tissue.json"), ("log.csv", "train_log_tissue.csv")):  # the run's own
         if (model.parent / name).exists():
