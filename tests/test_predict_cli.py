@@ -97,6 +97,30 @@ def test_nifti_dicom_folder_and_zip_give_masks_on_their_grids_and_the_same_mask(
     assert len(runs) == 1 and runs[0]["kind"] == "predict"
 
 
+def test_inputs_of_one_folder_sharing_a_name_get_their_kind_as_suffix_and_all_masks(study, tmp_path, capsys):
+    """`a.nii.gz`, `a.zip` and the DICOM folder `a/` side by side: three cases, three masks (the ids
+    once refused the whole batch); in two folders the parent names still tell `T1` apart."""
+    inputs = tmp_path / "in"
+    shutil.copy(study["inputs"] / "scan.nii.gz", inputs.mkdir() or inputs / "a.nii.gz")
+    shutil.copy(study["zip"], inputs / "a.zip")
+    shutil.copytree(study["inputs"] / "scan_dicom", inputs / "a")
+    for site in ("siteA", "siteB"):
+        (tmp_path / site).mkdir()
+        shutil.copy(study["inputs"] / "scan.nii.gz", tmp_path / site / "T1.nii.gz")
+    out = tmp_path / "out"
+    code = main(["predict", str(inputs), str(tmp_path / "siteA"), str(tmp_path / "siteB"), "--out", str(out),
+                 "--model", str(study["ckpt"]), "--no-tta", "--no-progress", "--no-audit"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "predictions.json").read_text())
+    rec = {r["case"]: r for r in doc["cases"]}
+    assert set(rec) == {"a_nii_gz", "a_zip", "a_dicom", "siteA__T1", "siteB__T1"}
+    assert rec["a_zip"]["input"]["path"] == str((inputs / "a.zip").resolve())
+    assert rec["a_dicom"]["input"]["path"] == str((inputs / "a").resolve())
+    ref = read_mask(out / "a_nii_gz.nii.gz")[0]
+    for case in rec:
+        assert np.array_equal(read_mask(out / f"{case}.nii.gz")[0], ref), case
+
+
 def test_shards_merge_into_one_summary(study, tmp_path):
     out = tmp_path / "sharded"
     args = ["predict", str(study["inputs"] / "scan.nii.gz"), str(study["inputs"] / "scan_las.nii.gz"),

@@ -12,8 +12,10 @@ Each INPUT is one of:
   ``input`` or ``image``, else the first column): each entry is handled as above, relative paths
   are relative to the list file's folder.
 
-Case ids must be unique in the output folder: when two inputs share an id, the parent folder names
-are prepended (``siteA__T1``) until they differ.
+Case ids must be unique in the output folder: when two inputs in one folder share an id (``a.nii.gz``
+and ``a.zip``, or ``a.nii.gz`` and the DICOM folder ``a``), each takes its kind as a suffix
+(``a_nii_gz``, ``a_zip``, ``a_dicom``); when inputs in different folders share an id, the parent
+folder names are prepended (``siteA__T1``) until they differ.
 """
 
 from __future__ import annotations
@@ -181,8 +183,27 @@ def _read_list(path: Path) -> list[Path]:
     return out
 
 
+def _kind_tag(path: Path, kind: str) -> str:
+    """``nii`` / ``nii_gz`` / ``zip`` / ``dcm`` (a single DICOM file) / ``dicom`` (a folder): what tells apart two
+    inputs of one folder that share a case id."""
+    if kind == "dicom":
+        return "dcm" if path.is_file() else "dicom"
+    if kind == "nifti":
+        return "nii_gz" if path.name.lower().endswith(".gz") else "nii"
+    return kind
+
+
 def _with_unique_ids(items: list[tuple[Path, str]]) -> list[Case]:
     names = {p: case_id_for(p) for p, _ in items}
+    # Same folder, same id: parent names cannot separate them, their kinds can.
+    siblings: dict[tuple[Path, str], list[tuple[Path, str]]] = {}
+    for p, k in items:
+        siblings.setdefault((p.parent, names[p]), []).append((p, k))
+    for group in siblings.values():
+        if len(group) > 1:
+            for p, k in group:
+                names[p] = f"{names[p]}_{_kind_tag(p, k)}"
+    base = dict(names)
     level = {p: 0 for p, _ in items}
     for _ in range(16):
         groups: dict[str, list[Path]] = {}
@@ -195,7 +216,7 @@ def _with_unique_ids(items: list[tuple[Path, str]]) -> list[Case]:
             for p in ps:
                 level[p] += 1
                 parents = [a.name for a in list(p.parents)[: level[p]] if a.name]
-                names[p] = "__".join([*reversed(parents), case_id_for(p)])
+                names[p] = "__".join([*reversed(parents), base[p]])
     else:
         dup = [n for n in names.values() if list(names.values()).count(n) > 1]
         raise InputError(f"cannot give unique case ids to inputs named {sorted(set(dup))}")
