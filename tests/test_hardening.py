@@ -247,6 +247,24 @@ def test_evaluate_refuses_nan_labels_naming_the_file_and_count(tmp_path, capsys)
     assert "c1.nii.gz" in err and "7 voxels are NaN" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_evaluate_refuses_negative_labels_naming_the_file_and_count(tmp_path, capsys):
+    """A label 200 written as int8 wraps to -56: refused, not scored as a label of its own."""
+    arr = np.zeros((10, 10, 10), np.int8)
+    arr[2:6, 2:6, 2:6] = 1
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "gt").mkdir()
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "gt" / "c1.nii.gz"))
+    bad = arr.copy()
+    bad[7, 7, :5] = np.array(200, np.uint8).view(np.int8)
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), str(tmp_path / "pred" / "c1.nii.gz"))
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out",
+                 str(tmp_path / "rep"), "--workers", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "c1.nii.gz" in err and "5 voxels hold negative values (lowest -56" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "rep" / "metrics.csv").exists(), err
+
+
 # -- 5. no anonymous access off loopback ----------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
              "grid (same shape and voxel-to-world affine within 1e-4 mm); otherwise the evaluation stops with an "
              "error naming both geometries, unless `--resample-pred` is given, which resamples the prediction onto "
              "the reference grid with nearest-neighbour interpolation (and warns). A mask must hold whole numbers: "
-             "non-integer values and NaN/infinite voxels are refused with the file and the count named."),
+             "non-integer values, negative values and NaN/infinite voxels are refused with the file and the count named."),
             ("Labels evaluated", "The labels given with `--labels`; by default every non-zero value found in any "
              "prediction or reference. A label absent from both masks of a case counts as both empty for that case."),
             ("Case matching", "A case is a file `<case>.nii.gz` (or `.nii`) present in both the prediction and the "

@@ -172,13 +172,29 @@ def _as_labels(vol: Volume, role: str) -> np.ndarray:
     if a.dtype == bool:
         return a.astype(np.uint8)
     if np.issubdtype(a.dtype, np.integer):
+        _refuse_negative(a, vol, role)
         return a
     if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
         raise InputError(
             f"{role} {vol.meta.get('source', '')} is not a label mask: it holds non-integer voxel values "
             f"(dtype {a.dtype}); pass a mask with integer labels (0 = background)"
         )
+    _refuse_negative(a, vol, role)
     return a.astype(np.int64)
+
+
+def _refuse_negative(a: np.ndarray, vol: Volume, role: str) -> None:
+    """InputError if a signed mask holds negative values: no label is negative, so they are a writer's
+    error (a signed 8-bit type wrapping label 200 to -56, a -1 "ignore" value); scoring them as a label
+    of their own would put a made-up row in the report."""
+    if a.dtype.kind in "ub" or not a.size or a.min() >= 0:
+        return
+    n = int(np.count_nonzero(a < 0))
+    raise InputError(
+        f"{role} {vol.meta.get('source', '')} is not a valid label mask: {n} voxels hold negative values "
+        f"(lowest {a.min()}, dtype {a.dtype}); labels are 0 (background) and positive whole numbers: "
+        "fix the file that wrote it (a signed type too small for the labels wraps them negative)"
+    )
 
 
 def labels_present(arrays: Iterable[np.ndarray]) -> list[int]:
