@@ -10,7 +10,10 @@ Three modes, chosen from ``.streamlit/secrets.toml`` (never from the repository)
    The typed password is hashed the same way and compared with :func:`hmac.compare_digest`. Failed
    logins are rate limited per user name and per client address (:class:`LoginThrottle`).
 3. Neither: no login. The server binds to 127.0.0.1 by default, so only this machine can reach it;
-   ``resunet app`` refuses any other address without a login unless ``--allow-anonymous`` is given.
+   ``resunet app`` refuses any other address without a login unless ``--allow-anonymous`` is given,
+   and the page itself refuses too (:func:`anonymous_exposure`) when it was started some other way
+   (``streamlit run app/streamlit_app.py --server.address 0.0.0.0``, or outside the repository, where
+   Streamlit's default is every interface).
 """
 
 from __future__ import annotations
@@ -206,6 +209,30 @@ def _client_address() -> str:
         return "unknown"
 
 
+#: Set by ``resunet app --allow-anonymous``: serving the page without a login off loopback is deliberate.
+ENV_ALLOW_ANONYMOUS = "RESUNET_APP_ALLOW_ANONYMOUS"
+
+
+def anonymous_exposure() -> str | None:
+    """Why the page must not be shown without a login, or None: the server listens beyond this machine
+    (``server.address`` not a loopback address; unset means every interface) and nobody said
+    ``--allow-anonymous``. The same rule as ``resunet app``, for a page started with ``streamlit run``."""
+    import os
+
+    import streamlit as st
+
+    from resunet.netaddr import is_loopback_address
+
+    address = st.get_option("server.address") or ""
+    if is_loopback_address(address) or os.environ.get(ENV_ALLOW_ANONYMOUS) == "1":
+        return None
+    where = f"address {address}" if address else "every network interface (no server.address set)"
+    return (f"This server listens on {where} but no login is configured, so anyone who can reach it could upload "
+            "scans. Start it with `resunet app` (this machine only by default), add a user with "
+            "`resunet app --add-user NAME`, or start `resunet app --address ... --allow-anonymous` if anyone who "
+            "can reach the port may use it.")
+
+
 def require_login() -> bool:
     """Show the login UI if one is configured; True when the page may be shown."""
     import streamlit as st
@@ -213,7 +240,12 @@ def require_login() -> bool:
     s = _secrets_dict()
     mode = login_mode(s)
     if mode == "none":
-        return True
+        refusal = anonymous_exposure()
+        if refusal:
+            st.title("resunet")
+            st.error(refusal, icon="🔒")
+            log.error("page refused: %s", refusal)
+        return refusal is None
     if mode == "oidc":
         # getattr: st.user has no is_logged_in outside a configured server (e.g. in AppTest)
         if bool(getattr(st.user, "is_logged_in", False)):

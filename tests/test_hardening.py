@@ -380,3 +380,30 @@ def test_named_user_signs_in_and_is_recorded_in_the_audit_log(tmp_path, monkeypa
     (run,) = read_runs(tmp_path / "audit.sqlite")
     assert run["user"] == "alice" and json.loads(run["provenance_json"])["web_user"] == "alice"
     THROTTLE._state.clear()
+
+
+def test_page_started_with_streamlit_run_on_a_network_address_refuses_without_a_login(monkeypatch):
+    """`streamlit run app/streamlit_app.py --server.address 0.0.0.0` skips `resunet app`'s check: the
+    page refuses by itself (the real page, its real config option), and opens with --allow-anonymous."""
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+
+    from app.auth import ENV_ALLOW_ANONYMOUS
+    from test_app_support import APP_SCRIPT
+
+    monkeypatch.delenv(ENV_ALLOW_ANONYMOUS, raising=False)
+    old = config.get_option("server.address")
+    try:
+        for address in ("0.0.0.0", ""):
+            config.set_option("server.address", address)
+            at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120).run()
+            assert not at.exception
+            assert len(at.error) == 1 and "no login is configured" in at.error[0].value, address
+            assert ("every network interface" in at.error[0].value) == (address == ""), at.error[0].value
+            assert not at.file_uploader and not at.button  # nothing of the page behind it
+        monkeypatch.setenv(ENV_ALLOW_ANONYMOUS, "1")  # what `resunet app --allow-anonymous` sets
+        at = AppTest.from_file(str(APP_SCRIPT), default_timeout=120).run()
+        assert not at.exception and not any("no login is configured" in e.value for e in at.error)
+        assert at.file_uploader or at.button
+    finally:
+        config.set_option("server.address", old)

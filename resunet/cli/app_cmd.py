@@ -80,6 +80,8 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
     for name, value in mapping.items():
         if value is not None:
             env[f"RESUNET_APP_{name.upper()}"] = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
+    if getattr(args, "allow_anonymous", False):
+        env["RESUNET_APP_ALLOW_ANONYMOUS"] = "1"  # the page's own check (app.auth.anonymous_exposure) agrees
     if getattr(args, "max_memory_gb", None) is not None:
         env[ENV_MAX_MEMORY_GB] = repr(limits_from_args(args).max_memory_gb)
     if args.config is not None:
