@@ -105,3 +105,34 @@ def test_seg_refusals(tmp_path, example_dir):
     out = write_dicom_seg(src2.with_array(np.ones((8, 8, 3), np.uint8)), src2, tmp_path / "t.dcm", {1: "a"})
     with pytest.raises(InputError, match="does not fit the given source series"):
         read_dicom_seg(out, src)
+
+
+def test_seeded_uids_repeat_for_the_same_result_and_differ_otherwise(tmp_path):
+    """A service job redone after a kill writes the same SEG/RTSTRUCT instance (UIDs from the job's
+    seed and the content); another seed or mask gives new UIDs, no seed gives random ones."""
+    import pydicom
+
+    from resunet.io.rtstruct import write_rtstruct
+
+    vol = make_volume(shape=(12, 10, 6), affine=oblique_affine())
+    write_dicom_series(vol, tmp_path / "s")
+    src = load_study(tmp_path / "s")
+    mask = _labels_for(src)
+    other = mask.with_array(np.where(mask.array == 2, 0, mask.array).astype(np.uint8), is_label=True)
+    labels = {1: "brain", 2: "liver"}
+
+    def uids(writer, m, name, seed):
+        ds = pydicom.dcmread(writer(m, src, tmp_path / name, labels, uid_seed=seed), stop_before_pixels=True)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        return ds.SeriesInstanceUID, ds.SOPInstanceUID
+
+    for writer in (write_dicom_seg, write_rtstruct):
+        first = uids(writer, mask, "a.dcm", "job 1")
+        assert uids(writer, mask, "b.dcm", "job 1") == first  # the redo
+        for changed in (uids(writer, mask, "c.dcm", "job 2"), uids(writer, other, "d.dcm", "job 1"),
+                        uids(writer, mask, "e.dcm", None)):
+            assert changed[0] != first[0] and changed[1] != first[1]
+        assert uids(writer, mask, "f.dcm", None) != uids(writer, mask, "g.dcm", None)
+        assert all(len(u) <= 64 and pydicom.uid.UID(u).is_valid for u in first)
+    seg_uids = uids(write_dicom_seg, mask, "h.dcm", "job 1")
+    assert seg_uids != uids(write_rtstruct, mask, "i.dcm", "job 1")  # SEG and RTSTRUCT never collide

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -291,3 +290,23 @@ def test_resunet_serve_pacs_pull_job_and_dicom_node(orthanc, study_uid, local_ma
     for uid in new:
         seg_file = client.retrieve(study_uid, tmp_path / uid, [uid])[0]
         assert np.array_equal(np.asarray(read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM)).array), local_mask)
+
+
+def test_a_redone_job_stores_the_same_seg_which_the_archive_keeps_once(orthanc, study_uid, local_mask, tmp_path):
+    """A serve/PACS job killed between its STOW and its "done" is redone: its SEG (UIDs from the job's
+    seed and the result) is the same instance, so Orthanc holds one SEG, not two."""
+    from resunet.io import write_dicom_seg
+    from resunet.pacs import PacsClient, PacsConfig
+
+    source = load_study(EXAMPLE_DICOM)
+    mask = source.with_array(local_mask.astype(np.uint8), is_label=True)
+    client, before = _series_by_modality(orthanc, study_uid)
+    files = [write_dicom_seg(mask, source, tmp_path / f"try{i}.seg.dcm", {1: "brain"}, uid_seed="resunet serve job redo",
+                             series_description="redone job") for i in (1, 2)]
+    for f in files:  # the first attempt, then the redo
+        assert client.store([f]) == 1
+    _, after = _series_by_modality(orthanc, study_uid)
+    new = sorted(set(after["SEG"]) - set(before.get("SEG", [])))
+    assert len(new) == 1
+    (series,) = [s for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.series_uid == new[0]]
+    assert series.n_instances == 1 and series.description == "redone job"

@@ -85,6 +85,9 @@ class BatchOptions:
             disagreement ``<case>.uncertainty-models.nii.gz``.
         limits: per-case limits checked from the headers before reading (default from the environment).
         refused: ``{case_id: reason}`` of cases refused by a header check (recorded as failed, not read).
+        uid_seed: SEG/RTSTRUCT UIDs follow from this seed, the case and the result (a service job's id:
+            a job redone after a kill writes the same instances, so the archive stores it once);
+            None: new random UIDs per object.
     """
 
     out_dir: Path
@@ -100,6 +103,7 @@ class BatchOptions:
     save_disagreement: bool = False
     limits: Any = None
     refused: dict[str, str] = field(default_factory=dict)
+    uid_seed: str | None = None
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -270,6 +274,11 @@ class _Loaded:
     skip_record: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
+
+
+def _uid_seed(opts: BatchOptions, case: Case) -> str | None:
+    """The seed of a case's SEG/RTSTRUCT UIDs (the batch's seed and the case id), or None for random UIDs."""
+    return None if opts.uid_seed is None else f"{opts.uid_seed} case {case.case_id}"
 
 
 def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) -> dict[str, Path]:
@@ -509,13 +518,13 @@ def _write_outputs(
 
             labels = {int(v): n for v, n in pred.mask.meta.get("labels", {}).items() if int(v) != 0}
             write_dicom_seg(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64],
-                            model_sha256=pred.model_sha256)
+                            model_sha256=pred.model_sha256, uid_seed=_uid_seed(opts, case))
         elif key == "rtstruct":
             from resunet.io.rtstruct import write_rtstruct
 
             labels = {int(v): n for v, n in pred.mask.meta.get("labels", {}).items() if int(v) != 0}
             write_rtstruct(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64],
-                           model_sha256=pred.model_sha256)
+                           model_sha256=pred.model_sha256, uid_seed=_uid_seed(opts, case))
         elif key.startswith("probabilities"):
             assert pred.probabilities is not None
             name = key.split(":", 1)[1] if ":" in key else fg_labels[0]

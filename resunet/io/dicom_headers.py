@@ -6,11 +6,14 @@
 - :func:`with_type2_defaults` returns a copy of a header with the Type 2 patient/study attributes
   that anonymisers remove outright given empty values, for writing DICOM SEG / RTSTRUCT objects
   (highdicom copies them from the source and fails when they are absent).
+- :func:`derived_uids` gives a derived object (SEG, RTSTRUCT) series and instance UIDs that follow
+  from a seed (a service job's id) and what it is made of, so a redone job writes the same object.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import struct
 from pathlib import Path
@@ -243,3 +246,23 @@ def with_type2_defaults(ds: Dataset) -> Dataset:
         setattr(out, keyword, "")
     log.debug("filled Type 2 attributes with empty values on a copy of the header: %s", ", ".join(todo))
     return out
+
+
+def derived_uids(kind: str, seed: str, sources: list[Dataset], content: Any, *parts: Any) -> tuple[str, str]:
+    """``(SeriesInstanceUID, SOPInstanceUID)`` of a derived object, from ``seed`` and what it is made of.
+
+    Made from the object ``kind`` ("SEG", "RTSTRUCT"), ``seed`` (e.g. a service job's id), the source
+    images' SOP Instance UIDs, a hash of ``content`` (the label array) and ``parts`` (labels, model
+    SHA-256, version, description) with pydicom's :func:`~pydicom.uid.generate_uid` entropy sources.
+    A serve or PACS job redone after a kill between its STOW and its "done" then stores the same
+    instance again, which the archive keeps once, instead of a second copy under new UIDs; another
+    job (seed), model, mask, label or source gives other UIDs.
+    """
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    arr = np.ascontiguousarray(content)
+    digest = hashlib.sha256(arr.tobytes()).hexdigest()
+    base = ["resunet", kind, seed, str(arr.shape), str(arr.dtype), digest, *map(str, parts),
+            *(str(ds.get("SOPInstanceUID", "")) for ds in sources)]
+    return generate_uid(entropy_srcs=[*base, "series"]), generate_uid(entropy_srcs=[*base, "instance"])

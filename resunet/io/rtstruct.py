@@ -40,6 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
+from resunet.io.dicom_headers import derived_uids
 from resunet.io.seg import _check_source_uids, _source_datasets, check_mask_on_source, contributing_equipment
 from resunet.io.volume import Volume
 
@@ -112,6 +113,7 @@ def write_rtstruct(
     model_sha256: str | None = None,
     series_description: str = "resunet contours",
     series_number: int = 901,
+    uid_seed: str | None = None,
 ) -> Path:
     """Write ``mask`` as an RTSTRUCT referencing ``source``'s series: one ROI per label.
 
@@ -139,7 +141,9 @@ def write_rtstruct(
 
     now = _dt.datetime.now()
     ds = Dataset()
-    sop_uid = generate_uid()
+    series_uid_new, sop_uid = (generate_uid(), generate_uid()) if uid_seed is None else derived_uids(
+        "RTSTRUCT", uid_seed, datasets, arr, sorted((int(k), str(v)) for k, v in labels.items()), model_sha256,
+        algorithm_name, algorithm_version, series_description)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
@@ -157,7 +161,7 @@ def write_rtstruct(
     series_uid = str(source.meta.get("series_uid") or ref.get("SeriesInstanceUID", ""))
     ds.StudyInstanceUID = study_uid
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid_new
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description
     ds.InstanceNumber = 1

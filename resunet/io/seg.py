@@ -28,7 +28,7 @@ from pydicom.sr.codedict import codes
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
-from resunet.io.dicom_headers import read_header, with_type2_defaults
+from resunet.io.dicom_headers import derived_uids, read_header, with_type2_defaults
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def write_dicom_seg(
     algorithm_name: str = "resunet",
     algorithm_version: str = __version__,
     model_sha256: str | None = None,
+    uid_seed: str | None = None,
 ) -> Path:
     """Write ``mask`` as a DICOM SEG (BINARY, one segment per label) referencing ``source``'s series.
 
@@ -153,6 +154,9 @@ def write_dicom_seg(
         algorithm_name, algorithm_version: AlgorithmIdentificationSequence (family: AI), with
             ``model_sha256`` in its AlgorithmParameters; every segment is AUTOMATIC, and the
             dataset gets a ContributingEquipmentSequence (IHE AI Results: who made the SEG).
+        uid_seed: the new series and instance UIDs follow from this seed and the content
+            (:func:`resunet.io.dicom_headers.derived_uids`; a service job's id, so a redone job
+            writes the same SEG); None: new random UIDs.
 
     Raises:
         GeometryError: the mask is not on the source grid.
@@ -202,14 +206,17 @@ def write_dicom_seg(
         )
         for num in segment_numbers
     ]
+    series_uid, sop_uid = (hd.UID(), hd.UID()) if uid_seed is None else derived_uids(
+        "SEG", uid_seed, datasets, arr, sorted((int(k), str(v)) for k, v in labels.items()), model_sha256,
+        algorithm_name, algorithm_version, series_description)
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer="resunet",
         manufacturer_model_name=algorithm_name,

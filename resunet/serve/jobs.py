@@ -118,6 +118,7 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
         save_uncertainty=opts["uncertainty"], series_uid=opts["series_uid"], progress=False,
         audit_db=False,  # the service records the job itself (who = token name), see service.record_audit
         resume=False,
+        uid_seed=f"resunet serve job {job.id}",  # redone after a kill: the same SEG/RTSTRUCT, stored once
     )
     cases = discover_cases([input_path])
     res = run_batch(cases, predictor, batch, command=["resunet", "serve", "job", job.id])

@@ -12,8 +12,9 @@ uploads:
   (``--dicom-port``); the series folder moves into the job's ``input/``; after segmentation the SEG
   (and RTSTRUCT) go with C-STORE to ``--store-to HOST:PORT:AET``.
 
-A job killed mid-run is redone from the start (new SEG UIDs): at worst the archive receives a second
-copy of a result; no accepted study is lost.
+A job killed mid-run is redone from the start; its SEG/RTSTRUCT UIDs follow from the job id and the
+result (``BatchOptions.uid_seed``), so a redo after the STOW stores the same instances again (the
+archive keeps them once) instead of a second copy; no accepted study is lost.
 """
 
 from __future__ import annotations
