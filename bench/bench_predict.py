@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys

@@ -21,7 +21,6 @@ Prints Markdown tables (used for bench/results/serve.md) and the machine load (`
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
