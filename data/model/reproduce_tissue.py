@@ -176,20 +176,27 @@ def _num(x: float | None, digits: int) -> str:
 def evaluate_colin27_extent(model: Path) -> dict:
     """Another head, extent only: the union of the predicted tissue labels against Colin27's brain mask.
 
-    Colin27 has no tissue maps, so only where the model puts brain tissue at all can be scored; the
-    example still has its skull (the training template had none)."""
+    Colin27 has no tissue maps, so only where the model puts brain tissue at all can be scored: on
+    the example as shipped (with its skull; the training template had none) and skull-stripped with
+    that mask (the intended input; the mask then bounds the prediction, so that figure mostly shows
+    how much of the brain the model leaves unlabelled)."""
     from resunet.evaluation import evaluate_case
     from resunet.inference import Predictor
 
     image = read_nifti(REPO / "data/example/colin27_t1.nii.gz")
     ref = read_nifti(REPO / "data/example/colin27_brainmask.nii.gz")
-    pred = Predictor(model, device="cpu", tta=False, overlap=0.25, sw_batch=2).predict(image).mask
-    union = Volume((np.asarray(pred.array) > 0).astype(np.uint8), pred.affine, {"is_label": True})
-    m = evaluate_case(union, Volume((np.asarray(ref.array) > 0).astype(np.uint8), ref.affine, {}), labels=[1])[0]
-    counts = {LABELS[k]: round(float(np.count_nonzero(np.asarray(pred.array) == k)) * image.voxel_volume_ml, 1)
-              for k in (1, 2, 3)}
-    return {"case": "colin27_example", "brain_extent_dice": m["dice"], "brain_extent_hd95_mm": m["hd95"],
-            "predicted_ml": counts}
+    brain = np.asarray(ref.array) > 0
+    predictor = Predictor(model, device="cpu", tta=False, overlap=0.25, sw_batch=2)
+    out = {"case": "colin27_example"}
+    for key, vol in (("", image), ("stripped_", image.with_array(np.where(brain, np.asarray(image.array), 0)))):
+        pred = predictor.predict(vol).mask
+        union = Volume((np.asarray(pred.array) > 0).astype(np.uint8), pred.affine, {"is_label": True})
+        m = evaluate_case(union, Volume(brain.astype(np.uint8), ref.affine, {}), labels=[1])[0]
+        out[f"{key}brain_extent_dice"] = m["dice"]
+        out[f"{key}brain_extent_hd95_mm"] = m["hd95"]
+        out[f"{key}predicted_ml"] = {LABELS[k]: round(float(np.count_nonzero(np.asarray(pred.array) == k)) * image.voxel_volume_ml, 1)
+                                     for k in (1, 2, 3)}
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -212,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = evaluate(model, make_test_data(work))
     print("Colin27 example (another head; brain extent only, it has no tissue maps):", flush=True)
     colin = evaluate_colin27_extent(model)
-    print(f"  brain extent dice {_num(colin['brain_extent_dice'], 4)}, predicted {colin['predicted_ml']}", flush=True)
+    for key, what in (("", "as shipped (skull)"), ("stripped_", "skull-stripped")):
+        print(f"  {what}: brain extent dice {_num(colin[key + 'brain_extent_dice'], 4)}, predicted {colin[key + 'predicted_ml']}",
+              flush=True)
     held_out = [r for r in rows if not r["acquisition"].get("original")]  # the 2 mm original is a training case
     metrics = {"held_out_mni152": {"summary": summarise(held_out), "cases": rows}, "colin27_extent": colin}
     ship(model, work, metrics, config)
@@ -236,7 +245,8 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
                           "source": "nilearn MNI152 2009 template (2 mm) with labels from its GM/WM maps and brain mask, "
                                     f"and {N_TRAIN_VARIANTS} simulated acquisitions of it"},
         "training": {"command": "python data/model/reproduce_tissue.py", "config": config.name, "seconds": seconds,
-                     "best_epoch": (ck.model_card.get("metrics") or {}).get("epoch"), "hardware": "2 shared CPU cores"},
+                     "best_epoch": (ck.model_card.get("metrics") or {}).get("epoch"),
+                     "hardware": "2 CPU cores, no GPU (a shared machine, mostly idle during the run)"},
         "metrics": {"validation": ck.model_card.get("metrics"), "held_out_mni152": s,
                     "colin27_extent": metrics["colin27_extent"]},
         "limitations": "one head (the MNI152 average template, skull-stripped) for training AND testing: held-out means "
@@ -272,7 +282,8 @@ def write_card(card: dict, metrics: dict) -> None:
     summary = "\n".join(
         f"| {n} | {s[n]['dice_mean']:.4f} | {s[n]['dice_min']:.4f} ({s[n]['dice_min_case']}) | {_num(s[n]['hd95_mm_mean'], 2)} | "
         f"{_num(s[n]['hd95_mm_max'], 2)} |" for n in names)
-    val_text = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float)) or "n/a"
+    val_names = {f"dice_{k}": v for k, v in LABELS.items()} | {"dice_mean": "mean"}
+    val_text = ", ".join(f"{val_names.get(k, k)} {v:.4f}" for k, v in val.items() if isinstance(v, float)) or "n/a"
     text = f"""# Model card: brain_tissue (bundled resunet model)
 
 **Not for clinical use.** A demonstration model of resunet's multi-label paths, trained and tested on
@@ -285,7 +296,7 @@ one head (an average template).
 | input | one T1 volume (NIfTI or DICOM), any orientation and voxel size; resampled to 2 mm RAS internally |
 | network | ResUNet `small` preset with halved widths (8..128 channels, {_nparams()} parameters), 3D, deep supervision; same architecture as `brain_extraction` |
 | post-processing | none (tissue classes are not single connected blobs) |
-| training time | {card['training']['seconds']} s on 2 shared CPU cores (load average 5-6 from other jobs), best epoch {card['training']['best_epoch']} |
+| training time | {card['training']['seconds']} s on {card['training']['hardware']}; best epoch {card['training']['best_epoch']} of the run ({_schedule()}) |
 
 ## Intended use
 Research, teaching and demos: a real model with several labels for DICOM SEG with several segments,
@@ -309,7 +320,7 @@ device and must not be used for diagnosis or treatment.
 - Validation during training: {N_VAL_VARIANTS} further simulated acquisitions; Dice at the best epoch: {val_text}.
 
 ## Held-out evaluation (acquisitions never used in training)
-{len(rows)} acquisitions of the **1 mm** template from a different random stream (seed {TEST_SEED}) and a
+{s['n']} acquisitions of the **1 mm** template from a different random stream (seed {TEST_SEED}) and a
 fixed list of grids, plus the original 2 mm template (also the first training case: listed for
 reference, it is not held out and not in the summary). Labels of each acquisition are the 1 mm labels resampled to its
 grid. Prediction with `resunet.inference.Predictor` (no TTA, overlap 0.25), metrics on the
@@ -328,10 +339,12 @@ head**; it is not a measure on unseen anatomy. The reference is the template's o
 working at 2 mm caps the agreement with a 1 mm reference (re-sampling the 1 mm labels to 2 mm and
 back gives Dice 0.955 GM, 0.956 WM, 0.68 CSF: thin sulcal CSF does not survive 2 mm voxels).
 
-Another head, extent only: on the Colin27 example (with skull; no tissue maps exist for it) the
-union of the three predicted labels against Colin27's brain mask has Dice
-{_num(colin['brain_extent_dice'], 4)} (HD95 {_num(colin['brain_extent_hd95_mm'], 2)} mm); predicted volumes
-{", ".join(f"{k} {v} mL" for k, v in colin['predicted_ml'].items())}.
+Another head, extent only (no tissue maps exist for Colin27, the example study): the union of the
+three predicted labels against Colin27's brain mask. Skull-stripped with that mask (the intended
+input): Dice {_num(colin.get('stripped_brain_extent_dice'), 4)}, predicted volumes
+{", ".join(f"{k} {v} mL" for k, v in (colin.get('stripped_predicted_ml') or {}).items())}. As shipped, with its skull:
+Dice {_num(colin['brain_extent_dice'], 4)} (HD95 {_num(colin['brain_extent_hd95_mm'], 2)} mm), predicted volumes
+{", ".join(f"{k} {v} mL" for k, v in colin['predicted_ml'].items())}: scalp and skull are labelled as tissue (strip the skull first).
 
 ## Limitations
 - **One head** for training and testing (an average template: smoother, more symmetric and with
@@ -353,6 +366,14 @@ evaluates as above and writes this card, `metrics_tissue.json`, `plan_tissue.jso
 across machines.
 """
     (HERE / "MODEL_CARD_tissue.md").write_text(text)
+
+
+def _schedule() -> str:
+    """``"E epochs of S steps, batch B"`` from the training config shipped beside the model."""
+    import yaml
+
+    cfg = yaml.safe_load((HERE / "train_config_tissue.yaml").read_text())
+    return f"{cfg['epochs']} epochs of {cfg['iterations_per_epoch']} steps, batch {cfg['plan']['batch_size']}"
 
 
 def _nparams() -> str:
