@@ -188,5 +188,8 @@ def test_labels_found_in_either_mask_with_any_dtype():
     rows = evaluate_case(_vol(a), _vol(b))
     assert [(r["label"], r["situation"]) for r in rows] == [(1, "pred_empty"), (3, "ref_empty")]
     neg = np.zeros((5, 5, 5), np.int16)
-    neg[2, 2, 2] = -1  # negative labels are labels too
-    assert [r["label"] for r in evaluate_case(_vol(neg), _vol(b))] == [-1, 1]
+    neg[2, 2, 2] = -1  # no label is negative (nnU-Net's rule too): refused, not a made-up row "-1"
+    with pytest.raises(InputError, match="1 voxels hold negative values"):
+        evaluate_case(_vol(neg), _vol(b))
+    with pytest.raises(InputError, match="1 voxels hold negative values"):
+        evaluate_case(_vol(b), _vol(neg.astype(np.float32)))
