@@ -94,11 +94,23 @@ class LoadedModel:
         return any(float(getattr(m, "p", 0.0) or 0.0) > 0 and "Dropout" in type(m).__name__ for m in self.module.modules())
 
     # -- running ----------------------------------------------------------------------------------
+    @property
+    def channels_last(self) -> bool:
+        """True when windows run in ``torch.channels_last_3d``: a 3D checkpoint on the CPU, where oneDNN's
+        channels-last convolutions made the bundled model's forward 1.2-1.5x faster at 2-16 windows per
+        call, the same masks to a voxel (bench/bench_memory_format.py, bench/results/predict.md section 6;
+        training uses the same rule,
+        ``resunet.training.loop._channels_last``). Not on CUDA (not measured there) nor 2D."""
+        return self.kind == "torch" and self.module is not None and self.spatial_dims == 3 and self._device.type == "cpu"
+
     def to(self, device: torch.device) -> "LoadedModel":
         """Move the network to ``device`` (torch kinds) or pick onnxruntime's provider."""
-        self._device = device
+        self._device = torch.device(device)
         if self.module is not None:
             self.module.to(device)
+            if self.kind == "torch":
+                fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+                self.module.to(memory_format=fmt)
         if self.session is not None and device.type == "cuda":
             import onnxruntime as ort
 
@@ -147,9 +159,10 @@ class LoadedModel:
             return run_onnx
         assert self.module is not None
         module = self.module
+        channels_last = self.channels_last
 
         def run_torch(x: torch.Tensor) -> torch.Tensor:
-            out = module(x)
+            out = module(x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x)
             if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
                 out = out[0]
             return out
