@@ -132,15 +132,22 @@ def main() -> int:
                       f"{got.size} voxels.", ""]
     lines += [f"Load average at end: {loadavg()}", END, ""]
     text = "\n".join(lines)
-    out = Path(args.out)
-    old = out.read_text(encoding="utf-8") if out.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1 :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    out.write_text(new, encoding="utf-8")
+    write_section(Path(args.out), text, BEGIN, END)
     print(text)
     return 0
+
+
+def write_section(out: Path, text: str, begin: str, end: str) -> None:
+    """Put ``text`` (which starts with ``begin`` and ends with ``end``) in place of the section
+    between those markers in ``out``, or append it; written to a temp file, then renamed."""
+    old = out.read_text(encoding="utf-8") if out.exists() else ""
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end) + 1 :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

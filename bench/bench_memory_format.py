@@ -26,6 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from bench_ensemble import write_section  # noqa: E402  (the results-section writer both benches share)
 BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
 EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
 BEGIN, END = "<!-- memory-format -->", "<!-- /memory-format -->"
@@ -111,15 +113,7 @@ def main() -> int:
     lines += ["", f"Load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", END, ""]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    old = out.read_text(encoding="utf-8") if out.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    tmp = out.with_suffix(".md.part")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(out)
+    write_section(Path(args.out), text, BEGIN, END)
     return 0
 
 
