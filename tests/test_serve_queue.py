@@ -89,3 +89,43 @@ def test_tokens_file_add_check_remove(tmp_path):
     (tmp_path / "tokens.json").write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable tokens file"):
         store.check(t1)
+
+
+def test_a_redone_segment_job_writes_the_same_seg_instance_and_another_job_a_new_one(tmp_path):
+    """run_segmentation twice for one job (the redo after a kill) gives the same SEG/RTSTRUCT UIDs,
+    so an archive that already got the first STOW keeps one copy; another job gets new UIDs."""
+    import time
+
+    import pydicom
+
+    from resunet.inference import Predictor
+    from resunet.serve.jobs import run_segmentation
+    from resunet.serve.queue import Job
+    from test_app_support import BUNDLED_MODEL, EXAMPLE_DICOM
+
+    predictor = Predictor(BUNDLED_MODEL, device="cpu", tta=False)
+
+    class Env:
+        def job_dir(self, job_id: str):
+            return tmp_path / "jobs" / job_id
+
+        def predictor(self, uncertainty: bool = False):
+            return predictor
+
+        def default_formats(self):
+            return ("seg", "rtstruct")
+
+    def uids(job_id: str) -> list[tuple[str, str]]:
+        job = Job(id=job_id, kind="segment", state="running", submitted_by="test", input_name="study",
+                  input_path=str(EXAMPLE_DICOM), input_sha256=None, options={}, created_at=time.time())
+        outcome = run_segmentation(job, Env(), EXAMPLE_DICOM)
+        out = []
+        for key in ("seg", "rtstruct"):
+            ds = pydicom.dcmread(tmp_path / "jobs" / job_id / outcome.outputs[key]["path"], stop_before_pixels=True)
+            out.append((str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))
+        return out
+
+    first = uids("a" * 32)
+    assert uids("a" * 32) == first  # redone: out/ is rebuilt, the objects are the same instances
+    other = uids("b" * 32)
+    assert all(o[0] != f[0] and o[1] != f[1] for o, f in zip(other, first))
