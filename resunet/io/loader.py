@@ -67,18 +67,22 @@ def _nothing_found(path: Path, report: ScanReport, contents: Path | None = None)
     return f"{path}: no DICOM images found ({report.summary()}); expected DICOM image files, a .zip, or NIfTI"
 
 
+def _choose(series: list[SeriesInfo], path: Path, series_uid: str | None) -> SeriesInfo:
+    """The series to read: ``series_uid`` (a :class:`SeriesInfo` ``uid`` or a SeriesInstanceUID), else
+    the first (the one with the most slices); InputError listing what exists if it is not there.
+    Also the header check's choice (:func:`resunet.io.precheck.check_study`)."""
+    if not series_uid:
+        return series[0]
+    exact = [s for s in series if s.uid == series_uid] or [s for s in series if s.series_instance_uid == series_uid]
+    if not exact:
+        found = "; ".join(s.describe() for s in series[:8]) + (f"; and {len(series) - 8} more" if len(series) > 8 else "")
+        raise InputError(f"{path}: no image series {series_uid}; found: {found}")
+    return exact[0]
+
+
 def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
     series = report.series
-    if series_uid:
-        exact = [s for s in series if s.uid == series_uid]
-        if not exact:
-            exact = [s for s in series if s.series_instance_uid == series_uid]
-        if not exact:
-            found = "; ".join(s.describe() for s in series[:8]) + (f"; and {len(series) - 8} more" if len(series) > 8 else "")
-            raise InputError(f"{path}: no image series {series_uid}; found: {found}")
-        chosen = exact[0]
-    else:
-        chosen = series[0]
+    chosen = _choose(series, path, series_uid)
     others = [s for s in series if s is not chosen]
     how = "as asked" if series_uid else "the one with the most slices"
     log.info("%s: %s", path, report.left_aside(chosen, how))

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from resunet.errors import InputError
 from resunet.io.archive import check_zip
-from resunet.io.dicom import scan_dicom_files
 from resunet.io.limits import Limits, series_shape
 from resunet.io.nifti import check_nifti, is_nifti_path
 
@@ -36,7 +35,7 @@ def check_study(path: str | os.PathLike[str], series_uid: str | None = None, lim
         series_uid: the DICOM series that will be read (default: the one with the most slices).
         limits: per-case limits (default :meth:`Limits.from_env`).
     """
-    from resunet.io.loader import _looks_like_zip, _nothing_found
+    from resunet.io.loader import _choose, _looks_like_zip, _scan
 
     p = Path(path)
     limits = limits if limits is not None else Limits.from_env()
@@ -53,19 +52,6 @@ def check_study(path: str | os.PathLike[str], series_uid: str | None = None, lim
         return
     if p.is_file() and p.name.upper() == "DICOMDIR":
         p = p.parent
-    report = scan_dicom_files(p)
-    if not report.series:
-        raise InputError(_nothing_found(p, report))
-    series = report.series
-    if series_uid:
-        chosen = [s for s in series if s.uid == series_uid] or [
-            s for s in series if s.series_instance_uid == series_uid
-        ]
-        if not chosen:
-            found = "; ".join(s.describe() for s in series[:8]) + (f"; and {len(series) - 8} more" if len(series) > 8 else "")
-            raise InputError(f"{p}: no image series {series_uid}; found: {found}")
-        info = chosen[0]
-    else:
-        info = series[0]
+    info = _choose(_scan(p).series, p, series_uid)
     limits.check_series(p, info)
     limits.check_min_size(p, series_shape(info), what=f"series {info.uid}")
