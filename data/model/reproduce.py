@@ -48,16 +48,51 @@ TRAIN_SEED = 20261127
 TEST_SEED = 4242  # a different stream: no test acquisition equals a training one
 
 
+def held_out_grids() -> list[tuple[str, Acquisition | None]]:
+    """The fixed held-out acquisitions (fresh objects each call) both bundled models are tested on,
+    before the random ones each script draws from its TEST_SEED; ``None`` = the 2 mm template as is."""
+    return [
+        ("mni_original_2mm", None),
+        ("mni_1x1x3_RAS", Acquisition(spacing=(1.0, 1.0, 3.0), orientation="RAS")),
+        ("mni_2x2x3_LPS", Acquisition(spacing=(2.0, 2.0, 3.0), orientation="LPS")),
+        ("mni_1mm_LSA", Acquisition(spacing=(1.0, 1.0, 1.0), orientation="LSA")),
+        ("mni_1.5mm_PIR", Acquisition(spacing=(1.5, 1.5, 1.5), orientation="PIR")),
+        ("mni_3x1x1_PIR_sagittal", Acquisition(spacing=(3.0, 1.0, 1.0), orientation="PIR")),
+        ("mni_remap_int16", Acquisition(spacing=(1.2, 1.2, 1.2), gamma=1.5, scale=3000.0, offset=0.02, dtype="int16")),
+        ("mni_noise_bias", Acquisition(spacing=(1.0, 1.0, 1.0), orientation="LPS", bias=0.45, noise=0.05)),
+        ("mni_oblique_2x2x3", Acquisition(spacing=(2.0, 2.0, 3.0), orientation="LSA", rotation_deg=(10.0, -8.0, 5.0),
+                                          bias=0.3, noise=0.03, gamma=0.8, scale=800.0)),
+    ]
+
+
+def write_training_set(root: Path, cases: list[tuple[str, Volume, Volume, dict]], info: dict[str, Any]) -> Path:
+    """Write ``cases`` (name, image, labels, acquisition) as an MSD-layout dataset at ``root``:
+    built in ``root.partial`` and renamed when complete; ``info`` gives name, description, labels."""
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "imagesTr").mkdir(parents=True)
+    (tmp / "labelsTr").mkdir()
+    training, acquisitions = [], {}
+    for name, v, m, acq_d in cases:
+        write_nifti(v, tmp / "imagesTr" / f"{name}.nii.gz")
+        write_nifti(m, tmp / "labelsTr" / f"{name}.nii.gz")
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        acquisitions[name] = acq_d
+        print(f"  {name}: {v.describe_grid()}", flush=True)
+    (tmp / "dataset.json").write_text(json.dumps({
+        "name": info["name"], "description": info["description"], "modality": {"0": "T1"},
+        "labels": info["labels"], "training": training, "acquisitions": acquisitions,
+    }, indent=1))
+    tmp.rename(root)
+    return root
+
+
 def make_training_data(work: Path) -> Path:
     """Write the MSD-layout training set under ``work/train_data``; returns the folder."""
     root = work / "train_data"
     if (root / "dataset.json").exists():
         print(f"training data exists: {root}")
         return root
-    tmp = work / "train_data.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "imagesTr").mkdir(parents=True)
-    (tmp / "labelsTr").mkdir()
     image = read_nifti(REPO / "data/example/colin27_t1.nii.gz")
     mask = read_nifti(REPO / "data/example/colin27_brainmask.nii.gz")
     rng = np.random.default_rng(TRAIN_SEED)
@@ -70,23 +105,11 @@ def make_training_data(work: Path) -> Path:
         acq = random_acquisition(rng, thick=bool(i % 2 == 0))
         v, m = simulate(image, mask, acq, rng)
         cases.append((f"colin_val{i:02d}", v, m, acq.to_dict()))
-    training, acquisitions = [], {}
-    for name, v, m, acq_d in cases:
-        write_nifti(v, tmp / "imagesTr" / f"{name}.nii.gz")
-        write_nifti(m, tmp / "labelsTr" / f"{name}.nii.gz")
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-        acquisitions[name] = acq_d
-        print(f"  {name}: {v.describe_grid()}")
-    (tmp / "dataset.json").write_text(json.dumps({
+    return write_training_set(root, cases, {
         "name": "colin27_brain_extraction_simulated",
         "description": "Colin27 T1 (mricron-data, BSD-3) and simulated acquisitions of it; label 1 = brain",
-        "modality": {"0": "T1"},
         "labels": {"0": "background", "1": "brain"},
-        "training": training,
-        "acquisitions": acquisitions,
-    }, indent=1))
-    tmp.rename(root)
-    return root
+    })
 
 
 def make_test_data(work: Path) -> list[tuple[str, Path, Path, dict]]:
@@ -103,18 +126,7 @@ def make_test_data(work: Path) -> list[tuple[str, Path, Path, dict]]:
 
     t2, m2 = to_volume(datasets.load_mni152_template(resolution=2), False), to_volume(datasets.load_mni152_brain_mask(resolution=2), True)
     t1, m1 = to_volume(datasets.load_mni152_template(resolution=1), False), to_volume(datasets.load_mni152_brain_mask(resolution=1), True)
-    named = [
-        ("mni_original_2mm", None),
-        ("mni_1x1x3_RAS", Acquisition(spacing=(1.0, 1.0, 3.0), orientation="RAS")),
-        ("mni_2x2x3_LPS", Acquisition(spacing=(2.0, 2.0, 3.0), orientation="LPS")),
-        ("mni_1mm_LSA", Acquisition(spacing=(1.0, 1.0, 1.0), orientation="LSA")),
-        ("mni_1.5mm_PIR", Acquisition(spacing=(1.5, 1.5, 1.5), orientation="PIR")),
-        ("mni_3x1x1_PIR_sagittal", Acquisition(spacing=(3.0, 1.0, 1.0), orientation="PIR")),
-        ("mni_remap_int16", Acquisition(spacing=(1.2, 1.2, 1.2), gamma=1.5, scale=3000.0, offset=0.02, dtype="int16")),
-        ("mni_noise_bias", Acquisition(spacing=(1.0, 1.0, 1.0), orientation="LPS", bias=0.45, noise=0.05)),
-        ("mni_oblique_2x2x3", Acquisition(spacing=(2.0, 2.0, 3.0), orientation="LSA", rotation_deg=(10.0, -8.0, 5.0),
-                                          bias=0.3, noise=0.03, gamma=0.8, scale=800.0)),
-    ]
+    named = held_out_grids()
     rng = np.random.default_rng(TEST_SEED)
     named += [(f"mni_random{i:02d}", random_acquisition(rng)) for i in range(6)]
     for name, acq in named:

@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from reproduce import data_and_training, save_with_card  # noqa: E402  (command line, training call, shipping: shared with the brain model)
+from reproduce import (  # noqa: E402  (command line, data writing, test grids, training call, shipping: shared with the brain model)
+    data_and_training, held_out_grids, save_with_card, write_training_set)
 from simulate import Acquisition, random_acquisition, simulate  # noqa: E402
 
 from resunet.io import Volume, read_nifti, write_nifti  # noqa: E402
@@ -76,10 +77,6 @@ def make_training_data(work: Path) -> Path:
     if (root / "dataset.json").exists():
         print(f"training data exists: {root}")
         return root
-    tmp = work / "train_data.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "imagesTr").mkdir(parents=True)
-    (tmp / "labelsTr").mkdir()
     image, lab = tissue_labels(2)
     rng = np.random.default_rng(TRAIN_SEED)
     cases: list[tuple[str, Volume, Volume, dict]] = [("mni_orig", image, lab, {"original": True})]
@@ -88,42 +85,19 @@ def make_training_data(work: Path) -> Path:
     for name, acq in specs:
         v, m = simulate(image, lab, acq, rng)
         cases.append((name, v, m, acq.to_dict()))
-    training, acquisitions = [], {}
-    for name, v, m, acq_d in cases:
-        write_nifti(v, tmp / "imagesTr" / f"{name}.nii.gz")
-        write_nifti(m, tmp / "labelsTr" / f"{name}.nii.gz")
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-        acquisitions[name] = acq_d
-        print(f"  {name}: {v.describe_grid()}", flush=True)
-    (tmp / "dataset.json").write_text(json.dumps({
+    return write_training_set(root, cases, {
         "name": "mni152_brain_tissue_simulated",
         "description": "nilearn MNI152 2009 template (2 mm) and simulated acquisitions of it; labels from its "
                        "GM/WM probability maps inside its brain mask",
-        "modality": {"0": "T1"},
         "labels": {str(k): v for k, v in LABELS.items()},
-        "training": training,
-        "acquisitions": acquisitions,
-    }, indent=1))
-    tmp.rename(root)
-    return root
+    })
 
 
 def make_test_data(work: Path) -> list[tuple[str, Path, Path, dict]]:
     """Held-out acquisitions of the 1 mm template; returns ``[(name, image, labels, acquisition)]``."""
     root = work / "test_data"
     root.mkdir(parents=True, exist_ok=True)
-    named: list[tuple[str, Acquisition | None]] = [
-        ("mni_original_2mm", None),
-        ("mni_1x1x3_RAS", Acquisition(spacing=(1.0, 1.0, 3.0), orientation="RAS")),
-        ("mni_2x2x3_LPS", Acquisition(spacing=(2.0, 2.0, 3.0), orientation="LPS")),
-        ("mni_1mm_LSA", Acquisition(spacing=(1.0, 1.0, 1.0), orientation="LSA")),
-        ("mni_1.5mm_PIR", Acquisition(spacing=(1.5, 1.5, 1.5), orientation="PIR")),
-        ("mni_3x1x1_PIR_sagittal", Acquisition(spacing=(3.0, 1.0, 1.0), orientation="PIR")),
-        ("mni_remap_int16", Acquisition(spacing=(1.2, 1.2, 1.2), gamma=1.5, scale=3000.0, offset=0.02, dtype="int16")),
-        ("mni_noise_bias", Acquisition(spacing=(1.0, 1.0, 1.0), orientation="LPS", bias=0.45, noise=0.05)),
-        ("mni_oblique_2x2x3", Acquisition(spacing=(2.0, 2.0, 3.0), orientation="LSA", rotation_deg=(10.0, -8.0, 5.0),
-                                          bias=0.3, noise=0.03, gamma=0.8, scale=800.0)),
-    ]
+    named = held_out_grids()
     rng = np.random.default_rng(TEST_SEED)
     # every grid is drawn before any simulation; noise and bias fields follow in case order (so a
     # case is regenerated identically only when the whole test_data folder is regenerated)
