@@ -68,6 +68,16 @@ def local_mask(tmp_path_factory) -> np.ndarray:
     return np.asarray(read_nifti(out / f"{EXAMPLE_DICOM.name}.nii.gz").array)
 
 
+def send_to_modality(orthanc, study_uid: str) -> None:
+    """Orthanc's "send to modality" (its REST API) of the study to the modality named ``resunet``."""
+    lookup = urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
+    with urllib.request.urlopen(lookup, timeout=30) as r:
+        orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
+    req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+
+
 def _series_by_modality(orthanc, study_uid):
     from resunet.pacs import PacsClient, PacsConfig
 
@@ -137,13 +147,7 @@ def test_dicom_node_segments_a_study_sent_by_c_store_and_sends_the_seg_back(
                             settle_seconds=1.0, allowed_calling_aets=(ORTHANC_AET,))
     destination = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
     with DicomNode(config, predictor, tmp_path / "out", destination=destination, audit_db=False) as node:
-        # Orthanc's "send to modality" (its REST API), i.e. a real C-STORE SCU, to our listener
-        lookup = urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
-        with urllib.request.urlopen(lookup, timeout=30) as r:
-            orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
-        req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=120) as r:
-            assert r.status == 200
+        send_to_modality(orthanc, study_uid)  # a real C-STORE SCU to our listener
         results = node.wait_for(1, timeout=120)
         assert len(results) == 1 and results[0].error is None, results
         # a sender whose AE title is not allowed is refused at association
@@ -269,12 +273,7 @@ def test_resunet_serve_pacs_pull_job_and_dicom_node(orthanc, study_uid, local_ma
         assert failed["state"] == "failed" and "has no study 1.2.3.999" in failed["error"]
 
         # Orthanc "send to modality" to the service's DICOM node: the series becomes a dicom-series job
-        lookup = urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
-        with urllib.request.urlopen(lookup, timeout=30) as resp:
-            orthanc_id = next(x["ID"] for x in json.loads(resp.read()) if x["Type"] == "Study")
-        req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            assert resp.status == 200
+        send_to_modality(orthanc, study_uid)
         deadline = time.monotonic() + 180
         node_jobs: list = []
         while time.monotonic() < deadline and not node_jobs:
