@@ -220,7 +220,8 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
                                     f"and {N_TRAIN_VARIANTS} simulated acquisitions of it"},
         "training": {"command": "python data/model/reproduce_tissue.py", "config": config.name, "seconds": seconds,
                      "best_epoch": (ck.model_card.get("metrics") or {}).get("epoch"),
-                     "hardware": "2 CPU cores, no GPU (a shared machine, mostly idle during the run)"},
+                     "hardware": "2 CPU cores, no GPU (a shared machine, mostly idle during the run)",
+                     "schedule": _schedule(model.parent / "config.yaml" if (model.parent / "config.yaml").exists() else config)},
         "metrics": {"validation": ck.model_card.get("metrics"), "held_out_mni152": s,
                     "colin27_extent": metrics["colin27_extent"]},
         "limitations": "one head (the MNI152 average template, skull-stripped) for training AND testing: held-out means "
@@ -270,7 +271,7 @@ one head (an average template).
 | input | one T1 volume (NIfTI or DICOM), any orientation and voxel size; resampled to 2 mm RAS internally |
 | network | ResUNet `small` preset with halved widths (8..128 channels, {_nparams()} parameters), 3D, deep supervision; same architecture as `brain_extraction` |
 | post-processing | none (tissue classes are not single connected blobs) |
-| training time | {card['training']['seconds']} s on {card['training']['hardware']}; best epoch {card['training']['best_epoch']} of the run ({_schedule()}) |
+| training time | {card['training']['seconds']} s on {card['training']['hardware']}; best epoch {card['training']['best_epoch']} of the run ({card['training']['schedule']}) |
 
 ## Intended use
 Research, teaching and demos: a real model with several labels for DICOM SEG with several segments,
@@ -342,11 +343,12 @@ across machines.
     (HERE / "MODEL_CARD_tissue.md").write_text(text)
 
 
-def _schedule() -> str:
-    """``"E epochs of S steps, batch B"`` from the training config shipped beside the model."""
+def _schedule(config: Path) -> str:
+    """``"E epochs of S steps, batch B"`` from a training config: the run's own resolved
+    ``config.yaml`` (``--set`` overrides included) when it is there, else the one given."""
     import yaml
 
-    cfg = yaml.safe_load((HERE / "train_config_tissue.yaml").read_text())
+    cfg = yaml.safe_load(config.read_text())
     return f"{cfg['epochs']} epochs of {cfg['iterations_per_epoch']} steps, batch {cfg['plan']['batch_size']}"
 
 
