@@ -140,7 +140,7 @@ def _warm_up(predictor: Any) -> None:
     patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
     blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
     with RUN_LOCK:
-        predictor.predict(blank)
+        predictor.predict(blank, check_content=False)  # zeros on purpose
 
 
 PREDICTORS = PredictorCache()
@@ -230,6 +230,7 @@ def record_prediction(
         "settings": dict(pred.settings),
         "device": pred.device,
         "seconds": round(result.seconds, 3),
+        "warnings": list(pred.warnings),
     }
     return record_run("predict", prov, outputs)
 

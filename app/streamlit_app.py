@@ -440,6 +440,8 @@ def _viewer(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult
 
 def _results_section(result: RunResult, volume: Any) -> None:
     st.subheader("3. Results")
+    for w in result.prediction.warnings:  # e.g. NaN voxels set to 0: the reader must see it beside the numbers
+        st.warning(w, icon="⚠️")
     table = [
         {"Label": r["label"], "Name": r["name"], "Volume (mL)": round(r["volume_ml"], 2), "Voxels": r["voxels"]}
         for r in result.rows

@@ -202,6 +202,39 @@ def test_failing_jobs_are_marked_failed_and_the_worker_goes_on(served, tmp_path)
     assert failures and failures[0] >= 2
 
 
+def test_blank_input_refused_and_nan_warning_in_the_job(served):
+    """Issue 22 point 2: an all-NaN scan is not a 'done' job with litres of brain; a partly-NaN one
+    carries its warning in the job JSON."""
+    img = nib.load(str(EXAMPLE_T1))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    blank = nib.Nifti1Image(np.full(data.shape, np.nan, np.float32), img.affine).to_bytes()
+    part = data.copy()
+    part[:, :, :5] = np.nan
+    partly = nib.Nifti1Image(part, img.affine).to_bytes()
+    url = served["url"]
+    jobs = []
+    for name, raw in (("blank.nii", blank), ("partly.nii", partly)):
+        r = submit(url, [(name + ".gz", _gz(raw))])
+        jobs.append(r)
+    rb, rp = jobs
+    if rb.status_code == 202:  # refused by the worker (the submit check may refuse it earlier: 422)
+        b = wait_job(url, rb.json()["id"])
+        assert b["state"] == "failed" and "every voxel is NaN or infinite" in b["error"], b
+    else:
+        assert rb.status_code == 422 and "every voxel is NaN or infinite" in rb.json()["detail"], rb.text
+    assert rp.status_code == 202, rp.text
+    p = wait_job(url, rp.json()["id"])
+    assert p["state"] == "done", p
+    n_bad = int(np.isnan(part).sum())
+    assert any(f"{n_bad} of {part.size} voxels" in w for w in p["result"]["warnings"]), p["result"]
+
+
+def _gz(raw: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(raw, 6)
+
+
 def test_health_ready_docs_and_metrics(served):
     url = served["url"]
     assert fetch(url, "/healthz").json()["status"] == "ok"

@@ -140,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
         prov["model"] = {k: model.get(k) for k in ("name", "path", "sha256", "size_bytes") if k in model}
     if pred_prov.get("run_id"):
         prov["prediction_run_id"] = pred_prov["run_id"]
+    evaluated = {c for c, _, _ in ev.match.pairs}
+    input_warnings = {rec["case"]: list(rec["warnings"]) for rec in pred_doc.get("cases") or []
+                      if isinstance(rec, dict) and rec.get("warnings") and rec.get("case") in evaluated}
+    if input_warnings:  # e.g. NaN voxels set to 0 before segmenting: the report must say so beside the numbers
+        prov["input_warnings"] = input_warnings
 
     written = write_evaluation_outputs(ev, prov, args.out, formats, args.images, args.worst_cases)
     record_run("evaluate", prov, list(written.values()), db_path=audit_db)

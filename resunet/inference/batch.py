@@ -195,7 +195,7 @@ def _csv_text(records: Sequence[dict[str, Any]]) -> str:
             if name not in labels:
                 labels.append(name)
     cols = ["case", "status", "reason", "input_path", "input_sha256", "mask", "seg", "seconds", "device",
-            "model_name", "model_sha256"] + [f"volume_ml:{n}" for n in labels]
+            "model_name", "model_sha256", "warnings"] + [f"volume_ml:{n}" for n in labels]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -204,7 +204,8 @@ def _csv_text(records: Sequence[dict[str, Any]]) -> str:
         row = [r.get("case"), r.get("status"), r.get("reason") or "", (r.get("input") or {}).get("path"),
                (r.get("input") or {}).get("sha256"), (outs.get("mask") or {}).get("path", ""),
                (outs.get("seg") or {}).get("path", ""), r.get("seconds"), r.get("device"),
-               (r.get("model") or {}).get("name"), (r.get("model") or {}).get("sha256")]
+               (r.get("model") or {}).get("name"), (r.get("model") or {}).get("sha256"),
+               " | ".join(r.get("warnings") or [])]
         row += [(r.get("volumes_ml") or {}).get(n, "") for n in labels]
         w.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
@@ -451,7 +452,10 @@ def run_batch(
                         timings=pred.timings,
                         grid=item.volume.describe_grid(),
                         series_uid=item.volume.meta.get("series_uid"),
+                        warnings=list(pred.warnings),
                     )
+                    for w in pred.warnings:
+                        bar.warn(f"case {case.case_id}: {w}")
                 except ResunetError as err:
                     rec["reason"] = str(err)
                 except MemoryError:
@@ -604,6 +608,12 @@ class _Bar:
             self._progress.console.print(text)
         else:
             log.info("%s", text)
+
+    def warn(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(f"[yellow]WARNING {text}[/yellow]")
+        else:
+            print(f"resunet predict: WARNING {text}", file=sys.stderr)
 
     def error(self, text: str) -> None:
         if self._progress is not None:

@@ -74,6 +74,9 @@ class Prediction:
         uncertainty: float32 Volume of the normalised predictive entropy (0..1) on the input grid, or None.
         disagreement: ensembles with uncertainty on: float32 Volume of the members' normalised mutual
             information (0..1, see the module docstring); else None.
+        warnings: what the reader of this result must know about its input (today: NaN/inf voxels that
+            were set to 0 before segmenting; see :func:`screen_input`); they travel with the result into
+            ``predictions.json``, the service's job JSON, the web page and the audit record.
         models: ``[{"name", "sha256", "path", "kind"}]`` of every model that made it (one, or an
             ensemble's members).
         volumes_ml: label name -> volume in mL (voxel count x voxel volume), foreground labels.
@@ -99,10 +102,12 @@ class Prediction:
     settings: dict[str, Any] = field(default_factory=dict)
     disagreement: Volume | None = None
     models: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (no arrays)."""
         return {
+            "warnings": list(self.warnings),
             "volumes_ml": self.volumes_ml,
             "voxel_counts": self.voxel_counts,
             "timings": self.timings,
@@ -114,6 +119,53 @@ class Prediction:
             "settings": self.settings,
             "models": self.models,
         }
+
+
+def screen_input(volumes: Sequence[Volume]) -> tuple[list[Volume], list[str]]:
+    """Refuse input with nothing to segment; return the volumes to segment and the warnings they carry.
+
+    A scan whose voxels are all NaN/inf (the NIfTI reader sets them to 0 and counts them in
+    ``meta["nonfinite_voxels"]``) or all one value has no image in it: the network would still
+    paint a normal-looking mask on it (an all-NaN head came out as 4.5 L of "brain"), so it is refused
+    with the reason. NaN/inf voxels in part of a scan (outside a field of view) are set to 0 and the
+    scan is segmented, with a warning that says how many, because the mask there means nothing.
+    NaN/inf still in an array (a Volume built in memory) are set to 0 here in the same way (in a new
+    Volume: the caller's is left as it is).
+    """
+    warnings: list[str] = []
+    out: list[Volume] = []
+    for c, v in enumerate(volumes):
+        what = v.meta.get("source") or "the input"
+        if len(volumes) > 1:
+            what = f"{what} (channel {c})"
+        arr = v.array
+        n = int(arr.size)
+        bad = int(v.meta.get("nonfinite_voxels") or 0)
+        if np.issubdtype(arr.dtype, np.floating):
+            in_array = ~np.isfinite(arr)
+            extra = int(np.count_nonzero(in_array))
+            if extra:
+                bad += extra
+                arr = np.where(in_array, 0, arr).astype(arr.dtype)
+                v = v.with_array(arr, nonfinite_voxels=bad)
+        if n and bad >= n:
+            raise InputError(
+                f"{what}: every voxel is NaN or infinite ({n} voxels), so there is no image to segment;"
+                " check the file (a failed reconstruction or resampling writes such files) and export it again"
+            )
+        if n and arr.min() == arr.max():
+            value = arr.flat[0]
+            raise InputError(
+                f"{what}: every voxel has the same value ({value:g}{', apart from NaN/inf' if bad else ''}), "
+                "so there is no image to segment; check that the right series or file was chosen"
+            )
+        if bad:
+            warnings.append(
+                f"{what}: {bad} of {n} voxels ({100.0 * bad / n:.2g}%) were NaN or infinite and were set to 0"
+                " before segmenting; the mask there carries no information"
+            )
+        out.append(v)
+    return out, warnings
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -262,6 +314,7 @@ class Predictor:
         *,
         probabilities: bool = False,
         progress: ProgressFn | None = None,
+        check_content: bool = True,
     ) -> Prediction:
         """Segment one case.
 
@@ -270,6 +323,11 @@ class Predictor:
             probabilities: also return per-label probability Volumes on the input grid (float32;
                 costs one input-sized float array per foreground label).
             progress: called as ``progress(stage, done, total)``.
+            check_content: refuse blank input and warn about NaN/inf (:func:`screen_input`); only the
+                warm-up, which runs the network on zeros on purpose, turns it off.
+
+        Raises:
+            InputError: an all-NaN/inf or constant scan (nothing to segment), or wrong channel count.
 
         Returns:
             A :class:`Prediction` whose mask has exactly the input's shape and affine.
@@ -285,6 +343,9 @@ class Predictor:
         t_start = time.perf_counter()
 
         self._check_grid(vols[0])
+        warnings: list[str] = []
+        if check_content:
+            vols, warnings = screen_input(vols)
         report("prepare", 0, 1)
         t = time.perf_counter()
         case = prepare(vols, self.plan)
@@ -357,6 +418,7 @@ class Predictor:
             settings=self.settings(),
             disagreement=dis_vol,
             models=self.model_records(),
+            warnings=warnings,
         )
 
     def model_records(self) -> list[dict[str, Any]]:

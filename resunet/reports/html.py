@@ -151,6 +151,12 @@ def build_html(
         s.append("</ul></div>")
     else:
         s.append('<div class="ok" id="unmatched">Every prediction had a reference and every reference a prediction.</div>')
+    if provenance.get("input_warnings"):
+        s.append('<div class="warn" id="input-warnings"><b>Cases whose input had problems when segmented</b> '
+                 "(from predictions.json):<ul>")
+        for case, msgs in sorted(provenance["input_warnings"].items()):
+            s.append("".join(f"<li>{esc(case)}: {esc(m)}</li>" for m in msgs))
+        s.append("</ul></div>")
     if ev.resampled:
         s.append(f'<div class="warn">Predictions resampled onto the reference grid (nearest neighbour): '
                  f"{esc(', '.join(ev.resampled))}</div>")  # fmt: skip

@@ -165,6 +165,9 @@ def _write_pdf(path: Path, ev: Evaluation, prov: Mapping[str, Any], label_plots,
         head += wrap(f"NOT EVALUATED, reference without prediction: {', '.join(ev.match.gt_only)}")
     if ev.match.pred_only:
         head += wrap(f"NOT EVALUATED, prediction without reference: {', '.join(ev.match.pred_only)}")
+    for case, msgs in sorted((prov.get("input_warnings") or {}).items()):
+        for m in msgs:
+            head += wrap(f"INPUT WARNING, case {case}: {m}")
     head.append("")
     f = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     for lab in ev.labels:

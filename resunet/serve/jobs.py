@@ -140,6 +140,7 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
         "seconds": rec.get("seconds"),
         "series_uid": rec.get("series_uid"),
         "grid": rec.get("grid"),
+        "warnings": list(rec.get("warnings") or []),
     }
     return JobOutcome(outputs=outputs, result=result)
 
