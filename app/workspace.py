@@ -45,8 +45,13 @@ class SessionWorkspace:
     """
 
     def __init__(self, root: str | os.PathLike[str], ttl_s: float) -> None:
+        from resunet.io.atomic import use_private_files
+
+        use_private_files()  # uploads, masks, reports of this page: 0600/0700 whatever the umask
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(PermissionError):  # the app's own parent folder (default /tmp/resunet-app)
+            os.chmod(root, 0o700)
         self.path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=root))  # mode 0700
         self.ttl_s = float(ttl_s)
         self.last_active = time.time()

@@ -19,6 +19,43 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def use_private_files() -> None:
+    """From now on this process creates files 0600 and folders 0700, whatever umask it was started with.
+
+    For the processes that hold patient data in folders of their own (``resunet serve`` and its
+    workers, the DICOM node, the web UI): a umask of 022 would otherwise leave inputs, outputs, the
+    job database and received DICOM readable by every user of the machine. Every file the process
+    creates afterwards (SQLite's journals, temp files, atomic_path's outputs) follows. The CLI's
+    batch outputs keep the caller's umask: they go to a folder the user chose.
+    """
+    global _UMASK
+    _UMASK = _UMASK | 0o077
+    os.umask(_UMASK)
+
+
+def make_private(root: str | os.PathLike[str]) -> Path:
+    """Create ``root`` (0700) if missing and tighten what is already in it: folders 0700, files 0600.
+
+    Run once at start-up on a state folder, so that files written by an older version (or under a
+    looser umask) are no longer readable by others either. Entries the process does not own are left
+    as they are (chmod would fail on them).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(PermissionError):
+        os.chmod(root, 0o700)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(dirpath, name), 0o700, follow_symlinks=False)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o600)
+    return root
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds.

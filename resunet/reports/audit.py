@@ -18,6 +18,7 @@ Verify
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,7 +72,13 @@ def audit_db_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 def _connect(db: Path) -> sqlite3.Connection:
     try:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # ~/.resunet: the user's own
+        # The log names input files and hashes of patient data: owner only, whatever the umask.
+        # SQLite gives its journal/WAL files the database file's permissions.
+        os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
+        with contextlib.suppress(PermissionError):  # a shared log owned by someone else stays as it is
+            if db.stat().st_mode & 0o077:
+                os.chmod(db, 0o600)
         conn = sqlite3.connect(str(db), timeout=30.0)
         conn.executescript(_SCHEMA)
     except (OSError, sqlite3.Error) as err:

@@ -80,8 +80,11 @@ class Service:
         """Lock the state folder, open the queue, re-queue jobs left running; raises ConfigError."""
         import fcntl
 
+        from resunet.io.atomic import make_private, use_private_files
+
+        use_private_files()  # inputs, outputs, jobs.sqlite, received DICOM: 0600/0700 whatever the umask
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            make_private(self.state_dir)
             (self.state_dir / "jobs").mkdir(exist_ok=True)
             (self.state_dir / "uploads").mkdir(exist_ok=True)
             self._lock_fh = open(self.state_dir / "service.lock", "a+")
