@@ -33,3 +33,8 @@ class DatasetError(ResunetError):
 
 class PacsError(ResunetError):
     """A PACS (DICOMweb server or DICOM node) cannot be reached, refuses a request, or lacks a study."""
+
+
+class ServerError(ResunetError):
+    """A fault of the server, not of the request (a state file unreadable, the disk full, the database
+    down): the service answers 5xx with a message for the operator, and logs the details."""

@@ -313,6 +313,17 @@ def test_tokens_auth_off_loopback_and_retention(tmp_path):
         gone = httpx.get(f"{url}/v1/jobs/{job['id']}/outputs/mask", headers=headers, timeout=120)
         assert gone.status_code == 410 and "retention" in gone.json()["detail"]
         assert httpx.get(f"{url}/v1/jobs/{job['id']}", headers=headers, timeout=120).json()["files_deleted_utc"]
+        # a token in the query string is not accepted and not written to the access log (issue 22.10)
+        leaked = httpx.get(f"{url}/v1/jobs?access_token={token}", timeout=120)
+        assert leaked.status_code == 401
+        log_text = svc.log()
+        assert "GET /v1/jobs?[query redacted]" in log_text and token not in log_text
+        # an unreadable tokens file is the server's fault: 503 without the server's path, the path in the log
+        (state / "tokens.json").write_text("{not json")
+        broken = httpx.get(f"{url}/v1/jobs", headers=headers, timeout=120)
+        assert broken.status_code == 503 and broken.headers.get("retry-after"), broken.text
+        assert str(state) not in broken.text and "tokens" not in broken.text
+        assert f"{state / 'tokens.json'}: unreadable tokens file" in svc.log()
 
 
 def test_sigkill_mid_queue_then_restart_finishes_every_job_once(tmp_path):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from resunet.errors import ConfigError
+from resunet.errors import ConfigError, ServerError
 from resunet.serve.queue import JobQueue
 from resunet.serve.tokens import TokenStore
 
@@ -87,7 +87,7 @@ def test_tokens_file_add_check_remove(tmp_path):
     store.remove("ris")
     assert store.check(t2) is None and store.names() == ["pacs-gateway"]
     (tmp_path / "tokens.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="unreadable tokens file"):
+    with pytest.raises(ServerError, match="unreadable tokens file"):
         store.check(t1)
 
 

@@ -29,13 +29,32 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from resunet import __version__
-from resunet.errors import ResunetError
+from resunet.errors import ResunetError, ServerError
 from resunet.serve.queue import Job
 from resunet.serve.service import Service, UploadTooLarge, _iso
 
 log = logging.getLogger("resunet.serve")
 
 _bearer = HTTPBearer(auto_error=False, description="a token made by `resunet serve --add-token NAME`")
+
+
+class _RedactQuery(logging.Filter):
+    """Drop the query string from uvicorn's access-log lines: a client that puts a token (or a patient
+    id) in the URL must not leave it in the log. uvicorn's access record carries
+    ``(client, method, path_with_query, http_version, status)`` as its args."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (args[0], args[1], args[2].split("?", 1)[0] + "?[query redacted]", *args[3:])
+        return True
+
+
+def install_access_log_redaction() -> None:
+    """Add :class:`_RedactQuery` to ``uvicorn.access`` once (idempotent)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _RedactQuery) for f in access.filters):
+        access.addFilter(_RedactQuery())
 
 
 def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
@@ -47,6 +66,7 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_access_log_redaction()  # after uvicorn configured its loggers
         if manage_lifecycle:
             service.start()
         yield
@@ -98,6 +118,14 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
             parts.append(f"{where}: {e.get('msg', 'invalid')}")
         hint = " (send the study as multipart form field 'files'; see /docs)" if request.url.path.endswith("/jobs") else ""
         return JSONResponse({"detail": "; ".join(parts) + hint}, status_code=422)
+
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, err: ServerError) -> JSONResponse:
+        # The operator's message (with paths) goes to the log; the client learns it is not its fault.
+        log.error("server fault on %s %s: %s", request.method, request.url.path, err)
+        return JSONResponse({"detail": "the service cannot answer because of a fault on the server (the operator "
+                             "finds the reason in the service log); try again later"}, status_code=503,
+                            headers={"Retry-After": "60"})
 
     @app.exception_handler(ResunetError)
     async def resunet_error(request: Request, err: ResunetError) -> JSONResponse:

@@ -17,7 +17,7 @@ import re
 import secrets
 from pathlib import Path
 
-from resunet.errors import ConfigError
+from resunet.errors import ConfigError, ServerError
 from resunet.io.atomic import atomic_path
 from resunet.reports.provenance import utc_now
 
@@ -49,7 +49,7 @@ class TokenStore:
                 raise TypeError("tokens is not an object")
             return {str(k): dict(v) for k, v in tokens.items()}
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{self.path}: unreadable tokens file ({err}); fix or remove it and add tokens again") from None
+            raise ServerError(f"{self.path}: unreadable tokens file ({err}); fix or remove it and add tokens again") from None
 
     def names(self) -> list[str]:
         """Names of the stored tokens, sorted."""
