@@ -37,4 +37,12 @@ class PacsError(ResunetError):
 
 class ServerError(ResunetError):
     """A fault of the server, not of the request (a state file unreadable, the disk full, the database
-    down): the service answers 5xx with a message for the operator, and logs the details."""
+    down): the service answers ``http_status`` (5xx) with a message for the operator, and logs the details."""
+
+    http_status = 503
+
+
+class DiskFullError(ServerError):
+    """No space left on a disk the server writes to (507 Insufficient Storage)."""
+
+    http_status = 507

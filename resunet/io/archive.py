@@ -5,22 +5,24 @@ it does not cap sizes, and a zip bomb or a huge upload would fill the disk. Refu
 is written: entries with absolute paths, drive letters or ``..`` components (zip-slip), symlink
 entries, more than ``max_entries`` entries, a declared total above ``max_total_bytes``, and entries
 whose compression ratio exceeds ``max_ratio``. While extracting, the bytes actually written are
-counted too (declared sizes can lie). The temporary folder is created with ``tempfile.mkdtemp``
-(mode 0700) and removed when the context manager exits, also on error.
+counted too (declared sizes can lie). The temporary folder is created by
+:func:`resunet.io.scratch.private_temp_dir` (mode 0700) and removed when the context manager exits,
+also on error; one that a killed process left is removed by the next resunet process.
+A full disk while extracting is the server's fault (:class:`~resunet.errors.ServerError`), not a damaged zip.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
 import stat
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from resunet.errors import InputError
+from resunet.errors import DiskFullError, InputError
+from resunet.io.scratch import private_temp_dir
 
 #: Defaults: a large CT study is ~1-2 GB uncompressed; DICOM compresses at most ~10-20x in a zip.
 MAX_TOTAL_BYTES = 4 * 1024**3
@@ -68,16 +70,18 @@ def extract_zip(
         zf = zipfile.ZipFile(p)
     except (zipfile.BadZipFile, OSError) as err:
         raise InputError(f"{p}: not a readable .zip file ({err})") from None
-    tmp = Path(tempfile.mkdtemp(prefix="resunet-zip-"))
-    try:
+    with private_temp_dir("zip") as tmp:
         try:
             with zf:
                 _extract_all(p, zf, tmp, max_total_bytes, max_entries, max_ratio)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, OSError) as err:
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left on the disk of {tmp.parent} while extracting a zip upload ({err});"
+                                  " free space there (or point TMPDIR elsewhere) and retry") from None
+            raise InputError(f"{p}: the zip is damaged or uses an unsupported feature ({err})") from None
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as err:
             raise InputError(f"{p}: the zip is damaged or uses an unsupported feature ({err})") from None
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_zip(

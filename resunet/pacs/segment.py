@@ -9,7 +9,6 @@ predictions record keeps their SHA-256.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from resunet.errors import PacsError
 from resunet.inference.batch import BatchOptions, BatchResult, run_batch
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Predictor
+from resunet.io.scratch import private_temp_dir
 from resunet.pacs.dicomweb import PacsClient
 
 #: outputs of a case that go back to the PACS (the NIfTI mask stays local)
@@ -74,8 +74,8 @@ def segment_from_pacs(
     if series_uid:
         options.series_uid = series_uid
     run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
-    with tempfile.TemporaryDirectory(prefix="resunet-pacs-") as tmp:
-        folder = Path(tmp) / _case_id(study_uid)
+    with private_temp_dir("pacs") as tmp:  # removed after; a killed process's by the next one
+        folder = tmp / _case_id(study_uid)
         t0 = time.perf_counter()
         client.retrieve(study_uid, folder, [series_uid] if series_uid else None)
         run.timings["pull"] = time.perf_counter() - t0

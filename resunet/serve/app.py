@@ -124,7 +124,7 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         # The operator's message (with paths) goes to the log; the client learns it is not its fault.
         log.error("server fault on %s %s: %s", request.method, request.url.path, err)
         return JSONResponse({"detail": "the service cannot answer because of a fault on the server (the operator "
-                             "finds the reason in the service log); try again later"}, status_code=503,
+                             "finds the reason in the service log); try again later"}, status_code=err.http_status,
                             headers={"Retry-After": "60"})
 
     @app.exception_handler(ResunetError)

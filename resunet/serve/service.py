@@ -20,6 +20,7 @@ Layout of the state folder::
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
-from resunet.errors import ConfigError, InputError, ResunetError
+from resunet.errors import ConfigError, DiskFullError, InputError, ResunetError
 from resunet.serve.config import ServeConfig
 from resunet.serve.jobs import KINDS, JobOutcome, client_message, segment_options
 from resunet.serve.metrics import Metrics
@@ -81,10 +82,14 @@ class Service:
         import fcntl
 
         from resunet.io.atomic import make_private, use_private_files
+        from resunet.io.scratch import use_temp_root
 
         use_private_files()  # inputs, outputs, jobs.sqlite, received DICOM: 0600/0700 whatever the umask
         try:
             make_private(self.state_dir)
+            # zip extractions and PACS pulls (full copies of a series) stay inside the private state folder,
+            # and what a killed service left there is removed now (resunet.io.scratch)
+            use_temp_root(self.state_dir / "tmp")
             (self.state_dir / "jobs").mkdir(exist_ok=True)
             (self.state_dir / "uploads").mkdir(exist_ok=True)
             self._lock_fh = open(self.state_dir / "service.lock", "a+")
@@ -234,18 +239,24 @@ class Service:
     def _copy(self, src: BinaryIO, dst: Path, total: int) -> int:
         """Copy an upload to ``dst``; returns the running byte total; UploadTooLarge past the limit."""
         limit = self.config.max_upload_bytes
-        with open(dst, "wb") as out:
-            while True:
-                chunk = src.read(1 << 20)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise UploadTooLarge(
-                        f"upload larger than the limit of {self.config.max_upload_mb:g} MB; ask the operator to raise "
-                        "--max-upload-mb or send a smaller study"
-                    )
-                out.write(chunk)
+        try:
+            with open(dst, "wb") as out:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    if total > limit:
+                        raise UploadTooLarge(
+                            f"upload larger than the limit of {self.config.max_upload_mb:g} MB; ask the operator to raise "
+                            "--max-upload-mb or send a smaller study"
+                        )
+                    out.write(chunk)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):  # the server's disk, not the client's upload
+                raise DiskFullError(f"no space left in the state folder {self.state_dir} while storing an upload ({err});"
+                                    " free space there") from None
+            raise
         return total
 
     @staticmethod
