@@ -50,6 +50,58 @@ class _RedactQuery(logging.Filter):
         return True
 
 
+class BodyLimit:
+    """Stop reading a request body at the upload limit, chunked bodies included (pure ASGI middleware).
+
+    The ``Content-Length`` check in :func:`create_app` refuses a declared size before the body is read,
+    but a chunked upload declares none, and Starlette spools every multipart file part to disk before
+    the handler can count it: a 200 MB chunked body was written in full under a 1 MB limit. Here the
+    bytes are counted as they arrive; past the limit the app is told the client went away (it reads no
+    more) and whatever it answers is replaced by the 413. Written by hand because Starlette and FastAPI
+    have no request-size limit of their own.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, detail: str) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.body = JSONResponse({"detail": detail}, status_code=413)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        total = 0
+        over = False
+        started = False
+
+        async def counted() -> Any:
+            nonlocal total, over
+            if over:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.request":
+                total += len(msg.get("body", b""))
+                if total > self.max_bytes:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded(msg: Any) -> None:
+            nonlocal started
+            if over:
+                return  # the app's answer to the cut body is dropped; ours is sent below
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await self.body(scope, receive, send)
+
+
 def install_access_log_redaction() -> None:
     """Add :class:`_RedactQuery` to ``uvicorn.access`` once (idempotent)."""
     access = logging.getLogger("uvicorn.access")
@@ -260,4 +312,8 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
 
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    app.add_middleware(  # outermost: counts the bytes before any parser or spool sees them
+        BodyLimit, max_bytes=max_bytes + 1_000_000,  # + room for multipart framing, as the Content-Length check
+        detail=f"upload larger than the limit of {service.config.max_upload_mb:g} MB; ask the operator to raise "
+        "--max-upload-mb or send a smaller study")
     return app
