@@ -196,6 +196,44 @@ def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
     assert np.array_equal(np.asarray(vol.array), np.asarray(load_study(EXAMPLE_DICOM).array))
 
 
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+def test_idle_connection_flood_does_not_block_the_node(tmp_path):
+    """Issue 22 point 5: 40 TCP connections from another host (127.0.0.2) that never send an association
+    request; a real sender (dcmtk's storescu from 127.0.0.1) still stores the series, and the idle
+    connections are dropped after the association timeout. pynetdicom's defaults (10 associations,
+    30 s ARTIM) gave every sender 'Local Limit Exceeded' with 10 such sockets."""
+    import socket
+
+    from resunet.pacs import ListenerConfig, StoreListener
+
+    got: list = []
+    port = free_port()
+    config = ListenerConfig(ae_title="RESUNET", port=port, incoming_dir=tmp_path / "in", settle_seconds=0.5,
+                            association_timeout=2.0)
+    with StoreListener(config, got.append):
+        idle = []
+        for _ in range(40):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        t0 = time.monotonic()
+        subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "RESUNET", "-to", "20", "-ta", "20", "+sd",
+                        "127.0.0.1", str(port), str(EXAMPLE_DICOM)], check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(got) == 1 and got[0].n_instances == 91
+        # every idle socket is closed by the node: refused at once, or dropped after the 2 s timeout
+        for s in idle:
+            s.settimeout(max(1.0, 10 - (time.monotonic() - t0)))
+            try:
+                assert s.recv(1) == b""
+            except (ConnectionResetError, TimeoutError, OSError) as err:
+                assert not isinstance(err, TimeoutError), "an idle connection was still open after the timeout"
+            s.close()
+
+
 def _page(tmp_path, monkeypatch, pacs_url: str):
     from streamlit.testing.v1 import AppTest
     from test_app_support import APP_SCRIPT, make_tiny_model

@@ -77,6 +77,12 @@ class ListenerConfig:
         incoming_dir: where received instances are written (per study/series folders).
         settle_seconds: a series is complete after this long without a new instance.
         allowed_calling_aets: AE titles allowed to send; empty = any.
+        association_timeout: seconds a new connection may take to send its association request (and
+            the ACSE replies), after which it is dropped (pynetdicom's ARTIM timer; its default is 30 s).
+        network_timeout: seconds an association may stay silent before it is closed.
+        max_associations: associations (and connections not yet associated) at once, over all peers.
+        max_per_peer: connections at once from one IP address: a host that opens idle sockets takes
+            its own slots, not those of the PACS.
     """
 
     ae_title: str = "RESUNET"
@@ -85,6 +91,10 @@ class ListenerConfig:
     incoming_dir: Path = field(default_factory=lambda: Path("incoming"))
     settle_seconds: float = 5.0
     allowed_calling_aets: tuple[str, ...] = ()
+    association_timeout: float = 5.0
+    network_timeout: float = 60.0
+    max_associations: int = 32
+    max_per_peer: int = 8
 
     def __post_init__(self) -> None:
         self.ae_title = _aet(self.ae_title, "AE title")
@@ -93,6 +103,11 @@ class ListenerConfig:
             raise ConfigError(f"DICOM port must be 1..65535, got {self.port}")
         if self.settle_seconds <= 0:
             raise ConfigError(f"settle time must be > 0 s, got {self.settle_seconds}")
+        if not (self.association_timeout > 0 and self.network_timeout > 0):
+            raise ConfigError("DICOM association and network timeouts must be > 0 s")
+        if not 1 <= self.max_per_peer <= self.max_associations:
+            raise ConfigError(f"DICOM connection limits: need 1 <= per peer ({self.max_per_peer}) <= "
+                              f"in all ({self.max_associations})")
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,8 @@ class StoreListener:
         self.on_series = on_series
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}  # (study, series) -> last, count, aet
+        self._conns: list[tuple[Any, str]] = []  # (socket, peer IP) of the open connections
+        self._refused: dict[str, int] = {}  # peer IP -> connections refused by the per-peer limit
         self._server: Any = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -187,18 +204,44 @@ class StoreListener:
         if self.config.allowed_calling_aets:
             ae.require_calling_aet = list(self.config.allowed_calling_aets)
         ae.maximum_pdu_size = 0  # no limit on what senders may send per PDU
+        # A connection that never sends an A-ASSOCIATE-RQ held a slot for pynetdicom's 30 s ARTIM
+        # default, and 10 of them ("Local Limit Exceeded" for everyone) blocked the node.
+        ae.acse_timeout = self.config.association_timeout
+        ae.network_timeout = self.config.network_timeout
+        ae.maximum_associations = self.config.max_associations
         try:
             self._server = ae.start_server((self.config.host, int(self.config.port)), block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         except OSError as err:
             raise PacsError(f"cannot listen for DICOM on {self.config.host}:{self.config.port} ({err.strerror or err});"
                             " choose another port or stop what uses it") from None
+        # socketserver's own admission hook, called for each accepted socket before a thread is started
+        self._server.verify_request = self._admit  # type: ignore[method-assign]
         self._recover()
         self._stop.clear()
         self._watcher = threading.Thread(target=self._watch, name="resunet-dicom-series", daemon=True)
         self._watcher.start()
         log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
         return self
+
+    def _admit(self, request: Any, client_address: Any) -> bool:
+        """Refuse a connection from a peer that already holds ``max_per_peer`` open connections.
+
+        Connections are tracked by their socket (closed ones, ``fileno() == -1``, are dropped), because
+        pynetdicom's associations do not expose their peer before the association request arrives.
+        """
+        peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        with self._lock:
+            self._conns = [(sock, ip) for sock, ip in self._conns if sock.fileno() != -1]
+            if sum(1 for _, ip in self._conns if ip == peer) >= self.config.max_per_peer:
+                refused = self._refused.get(peer, 0)
+                self._refused[peer] = refused + 1
+                if refused == 0:  # once per peer: a flood must not flood the log too
+                    log.warning("DICOM node: refusing connections from a peer holding %d open connections "
+                                "(max_per_peer)", self.config.max_per_peer)
+                return False
+            self._conns.append((request, peer))
+        return True
 
     def _recover(self) -> None:
         """Series folders left by a stopped listener are handed over after the settle time, not lost."""
