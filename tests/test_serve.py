@@ -256,6 +256,45 @@ def test_chunked_upload_is_cut_at_the_limit(served):
     assert httpx.get(served["url"] + "/healthz", timeout=30).status_code == 200
 
 
+def _zip_series(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _split_series() -> dict[str, bytes]:
+    """The example's 91 instances (one Series Instance UID), every second one cut down to 64x64 pixels."""
+    import pydicom
+
+    out = {}
+    for i, f in enumerate(sorted(EXAMPLE_DICOM.glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        if i % 2:
+            small = np.ascontiguousarray(ds.pixel_array[:64, :64])
+            ds.Rows, ds.Columns = small.shape
+            ds.PixelData = small.tobytes()
+        b = io.BytesIO()
+        ds.save_as(b, enforce_file_format=True)
+        out[f.name] = b.getvalue()
+    return out
+
+
+def test_part_of_a_series_and_localisers_are_refused(served):
+    """Issue 22 point 7: a series whose instances disagree in size is not segmented from half of them,
+    and a 2-slice series is not a volume (service default --min-slices 3)."""
+    url = served["url"]
+    r = submit(url, [("split.zip", _zip_series(_split_series()))])
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "its 91 images disagree in size or orientation (46 of 91x109, 45 of 64x64)" in detail, detail
+    assert "--allow-split-series" in detail
+    two = {f.name: f.read_bytes() for f in sorted(EXAMPLE_DICOM.glob("*.dcm"))[40:42]}
+    r = submit(url, [("two.zip", _zip_series(two))])
+    assert r.status_code == 422 and "2 slices, fewer than the 3" in r.json()["detail"], r.text
+
+
 def _gz(raw: bytes) -> bytes:
     import gzip
 

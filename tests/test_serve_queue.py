@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 
+import numpy as np
 import pytest
 
 from resunet.errors import ConfigError, ServerError
@@ -115,6 +116,9 @@ def test_a_redone_segment_job_writes_the_same_seg_instance_and_another_job_a_new
         def default_formats(self):
             return ("seg", "rtstruct")
 
+        def input_rules(self):
+            return {"min_slices": 3, "allow_split_series": False}
+
     def uids(job_id: str) -> list[tuple[str, str]]:
         job = Job(id=job_id, kind="segment", state="running", submitted_by="test", input_name="study",
                   input_path=str(EXAMPLE_DICOM), input_sha256=None, options={}, created_at=time.time())
@@ -129,3 +133,56 @@ def test_a_redone_segment_job_writes_the_same_seg_instance_and_another_job_a_new
     assert uids("a" * 32) == first  # redone: out/ is rebuilt, the objects are the same instances
     other = uids("b" * 32)
     assert all(o[0] != f[0] and o[1] != f[1] for o, f in zip(other, first))
+
+
+def test_node_and_service_jobs_refuse_part_of_a_series_the_cli_reads_the_largest_stack(tmp_path):
+    """Issue 22 point 7 on the job path the DICOM node uses (run_segmentation with the service's input
+    rules): a series whose images disagree fails with the counts; `resunet predict` keeps reading the
+    largest stack (documented CLI behaviour), and --allow-split-series gives the service that too."""
+    import time
+
+    import pydicom
+
+    from resunet.errors import InputError
+    from resunet.inference import Predictor
+    from resunet.io import load_study
+    from resunet.serve.jobs import run_segmentation
+    from resunet.serve.queue import Job
+    from test_app_support import EXAMPLE_DICOM, make_tiny_model
+
+    series = tmp_path / "split"
+    series.mkdir()
+    for i, f in enumerate(sorted(EXAMPLE_DICOM.glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        if i % 2:
+            small = np.ascontiguousarray(ds.pixel_array[:64, :64])
+            ds.Rows, ds.Columns = small.shape
+            ds.PixelData = small.tobytes()
+        ds.save_as(series / f.name, enforce_file_format=True)
+    predictor = Predictor(make_tiny_model(tmp_path / "tiny.pt"), device="cpu", tta=False)
+
+    class Env:
+        def __init__(self, allow: bool) -> None:
+            self.allow = allow
+
+        def job_dir(self, job_id: str):
+            return tmp_path / "jobs" / job_id
+
+        def predictor(self, uncertainty: bool = False):
+            return predictor
+
+        def default_formats(self):
+            return ("nifti",)
+
+        def input_rules(self):
+            return {"min_slices": 3, "allow_split_series": self.allow}
+
+    def job(job_id: str) -> Job:
+        return Job(id=job_id, kind="dicom-series", state="running", submitted_by="node", input_name="series",
+                   input_path=str(series), input_sha256=None, options={}, created_at=time.time())
+
+    with pytest.raises(InputError, match=r"its 91 images disagree .*\(46 of 91x109, 45 of 64x64\)"):
+        run_segmentation(job("c" * 32), Env(False), series)
+    outcome = run_segmentation(job("d" * 32), Env(True), series)
+    assert outcome.result["grid"].startswith("shape (91, 109, 46)"), outcome.result["grid"]
+    assert load_study(series).shape == (91, 109, 46)  # the CLI's reader: the largest stack, as before

@@ -88,6 +88,9 @@ class BatchOptions:
         uid_seed: SEG/RTSTRUCT UIDs follow from this seed, the case and the result (a service job's id:
             a job redone after a kill writes the same instances, so the archive stores it once);
             None: new random UIDs per object.
+        min_slices: DICOM series with fewer slices are refused (:func:`resunet.io.loader.check_series_complete`).
+        allow_split_series: False: a DICOM series whose images disagree (only one stack of it could be
+            read) is refused instead of segmented in part (the service and the DICOM node).
     """
 
     out_dir: Path
@@ -104,6 +107,8 @@ class BatchOptions:
     limits: Any = None
     refused: dict[str, str] = field(default_factory=dict)
     uid_seed: str | None = None
+    min_slices: int = 1
+    allow_split_series: bool = True
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -335,7 +340,7 @@ def run_batch(
     Failures of single cases (unreadable input, geometry refused, ...) are recorded with their reason
     and the run goes on. Returns a :class:`BatchResult`; its ``exit_code`` is what the CLI returns.
     """
-    from resunet.io.loader import load_study
+    from resunet.io.loader import check_series_complete, load_study
     from resunet.reports.provenance import collect_provenance, utc_now
 
     opts = options
@@ -441,6 +446,8 @@ def run_batch(
                 rec["reason"] = item.error
             else:
                 try:
+                    check_series_complete(item.volume, min_slices=opts.min_slices,
+                                          allow_split=opts.allow_split_series)
                     pred = predictor.predict(
                         item.volume, probabilities=opts.save_probabilities, progress=bar.windows
                     )

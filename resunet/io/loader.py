@@ -161,6 +161,7 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
             limits.check_series(p, chosen)
             vol = read_series(chosen, source=str(p))
             limits.check_spacing(p, vol.spacing)
+            _note_split(vol, report, chosen)
             # the files are gone once the temp folder is removed: keep their headers (for DICOM SEG)
             # and their names inside the zip
             vol.meta["dicom_datasets"] = _headers(vol.meta["dicom_files"])
@@ -175,7 +176,57 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
     limits.check_series(p, chosen)
     vol = read_series(chosen, source=str(p))
     limits.check_spacing(p, vol.spacing)
+    _note_split(vol, report, chosen)
     return vol
+
+
+def _note_split(vol: Volume, report: ScanReport, chosen: SeriesInfo) -> None:
+    """Keep in ``meta["series_split"]`` the stacks of the chosen SeriesInstanceUID that were not read.
+
+    One Series Instance UID whose instances disagree (image size, orientation, echo, ...) is split
+    into stacks and the largest is read; what was left out is recorded so that a caller that must
+    not segment part of a series (the service, the DICOM node) can refuse it with the counts
+    (:func:`check_series_complete`).
+    """
+    uid = chosen.series_instance_uid
+    siblings = [s for s in report.series if s is not chosen and uid and s.series_instance_uid == uid]
+    if siblings:
+        vol.meta["series_split"] = [
+            {"key": s.uid, "n_slices": s.n_slices, "rows": s.rows, "cols": s.cols} for s in [chosen, *siblings]
+        ]
+
+
+def check_series_complete(vol: Volume, *, min_slices: int = 1, allow_split: bool = True) -> None:
+    """Refuse a DICOM volume that is only part of its series, or that has too few slices.
+
+    Args:
+        vol: from :func:`load_study`.
+        min_slices: fewest slices a DICOM series may have (a 1- or 2-slice series is a localiser or
+            a stray instance, not a volume to segment).
+        allow_split: False: refuse when the series' instances disagreed and only one stack of them
+            was read (``meta["series_split"]``).
+
+    Raises:
+        InputError: naming the series, what was found and what to do.
+    """
+    if vol.meta.get("format") != "dicom":
+        return
+    uid = vol.meta.get("series_uid") or "?"
+    split = vol.meta.get("series_split")
+    if split and not allow_split:
+        total = sum(int(g["n_slices"]) for g in split)
+        parts = ", ".join(f"{g['n_slices']} of {g['cols']}x{g['rows']}" for g in split)
+        raise InputError(
+            f"series {uid}: its {total} images disagree in size or orientation ({parts}); only "
+            f"{split[0]['n_slices']} would be segmented. Send the series again from the scanner or PACS, "
+            "or ask the operator to allow split series (--allow-split-series)"
+        )
+    n = int(vol.shape[2])
+    if n < min_slices:
+        raise InputError(
+            f"series {uid}: {n} slice{'s' if n != 1 else ''}, fewer than the {min_slices} this service segments "
+            "(a localiser or a stray instance?); send the whole series, or ask the operator to lower --min-slices"
+        )
 
 
 def _headers(files: list[str]) -> list[Dataset]:

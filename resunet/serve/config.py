@@ -40,6 +40,9 @@ class ServeConfig:
         store_to: ``HOST:PORT:AET`` the node sends SEG/RTSTRUCT to with C-STORE; empty = keep them here.
         settle_seconds: a received series is complete after this long without a new instance.
         allowed_aets: AE titles that may send to the node; empty = any.
+        min_slices: DICOM series with fewer slices are refused (localisers, stray instances).
+        allow_split_series: segment the largest stack of a series whose images disagree (size,
+            orientation) instead of refusing it with the counts.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -67,6 +70,8 @@ class ServeConfig:
     store_to: str = ""
     settle_seconds: float = 5.0
     allowed_aets: tuple[str, ...] = ()
+    min_slices: int = 3
+    allow_split_series: bool = False
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -76,6 +81,8 @@ class ServeConfig:
             raise ConfigError(f"--retention-hours must be > 0, got {self.retention_hours}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.min_slices < 1:
+            raise ConfigError(f"--min-slices must be 1 or more, got {self.min_slices}")
 
     @property
     def loopback(self) -> bool:

@@ -49,6 +49,9 @@ class JobEnv(Protocol):
     def default_formats(self) -> tuple[str, ...]:
         """Output formats used when a job names none."""
 
+    def input_rules(self) -> dict[str, Any]:
+        """``min_slices`` and ``allow_split_series`` for :class:`resunet.inference.batch.BatchOptions`."""
+
 
 @dataclass
 class JobOutcome:
@@ -119,6 +122,7 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
         audit_db=False,  # the service records the job itself (who = token name), see service.record_audit
         resume=False,
         uid_seed=f"resunet serve job {job.id}",  # redone after a kill: the same SEG/RTSTRUCT, stored once
+        **env.input_rules(),  # part of a series, or a 2-slice localiser: refused with the counts
     )
     cases = discover_cases([input_path])
     res = run_batch(cases, predictor, batch, command=["resunet", "serve", "job", job.id])

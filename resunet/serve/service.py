@@ -173,6 +173,9 @@ class Service:
     def default_formats(self) -> tuple[str, ...]:
         return tuple(self.config.formats)
 
+    def input_rules(self) -> dict[str, Any]:
+        return {"min_slices": self.config.min_slices, "allow_split_series": self.config.allow_split_series}
+
     # -- submitting -------------------------------------------------------------------------------
     def submit(self, files: Sequence[tuple[str | None, BinaryIO]], options: dict[str, Any], who: str) -> Job:
         """Store an upload, check it reads as a study (the CLI's message if not), queue a ``segment`` job.
@@ -221,7 +224,7 @@ class Service:
                         name = f"{i:05d}_{name}"
                     seen.add(name)
                     total = self._copy(fh, target / name, total)
-            self._check_study(target, opts["series_uid"], staging, display)
+            self._check_study(target, opts["series_uid"], staging, display, self.input_rules())
             from resunet.io.hashing import sha256_path
 
             sha = sha256_path(target)
@@ -260,12 +263,14 @@ class Service:
         return total
 
     @staticmethod
-    def _check_study(target: Path, series_uid: str | None, staging: Path, display: str) -> None:
-        """Read the study as the CLI would (load_study): its InputError, with client names, if it cannot be read."""
-        from resunet.io.loader import load_study
+    def _check_study(target: Path, series_uid: str | None, staging: Path, display: str, rules: dict[str, Any]) -> None:
+        """Read the study as the CLI would (load_study): its InputError, with client names, if it cannot be
+        read or is only part of a series / too few slices (``rules``, :meth:`input_rules`)."""
+        from resunet.io.loader import check_series_complete, load_study
 
         try:
-            load_study(target, series_uid=series_uid)
+            vol = load_study(target, series_uid=series_uid)
+            check_series_complete(vol, min_slices=rules["min_slices"], allow_split=rules["allow_split_series"])
         except ResunetError as err:
             raise type(err)(_rename(str(err), staging, display)) from None
         except Exception as err:  # a reader bug must still be a clear 4xx about this input
