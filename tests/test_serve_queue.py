@@ -186,3 +186,40 @@ def test_node_and_service_jobs_refuse_part_of_a_series_the_cli_reads_the_largest
     outcome = run_segmentation(job("d" * 32), Env(True), series)
     assert outcome.result["grid"].startswith("shape (91, 109, 46)"), outcome.result["grid"]
     assert load_study(series).shape == (91, 109, 46)  # the CLI's reader: the largest stack, as before
+
+
+def test_upload_check_decodes_no_volume(tmp_path):
+    """Issue 22 point 1: the service checks an upload from its headers (a .nii.gz decompressed as a
+    stream), so a 600^3 volume (216 MB of voxels, 210 KB gzipped) costs the request no volume's memory;
+    reading it, as the check did before, raised the process's peak RSS by more than its size. Peak RSS
+    is measured by the kernel (ru_maxrss) in a fresh process."""
+    import gzip
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    raw = nib.Nifti1Image(np.zeros((600, 600, 600), np.uint8), np.eye(4)).to_bytes()
+    path = tmp_path / "big.nii.gz"
+    path.write_bytes(gzip.compress(raw, 9))
+    code = f"""
+import resource, sys
+from pathlib import Path
+from resunet.io.limits import Limits
+from resunet.serve.service import Service
+import resunet.io.loader, resunet.io.precheck, nibabel  # imports out of the measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rules = {{"limits": Limits(max_memory_gb=64), "min_slices": 3, "allow_split_series": False}}
+if sys.argv[1] == "check":
+    Service._check_study(Path({str(path)!r}), None, Path({str(tmp_path)!r}), "big.nii.gz", rules)
+else:
+    resunet.io.loader.load_study(Path({str(path)!r}), limits=rules["limits"])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    grew = {}
+    for how in ("check", "read"):
+        res = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        grew[how] = float(res.stdout.split()[-1])
+    assert grew["read"] > 150, grew  # the measurement sees the decoded volume (206 MiB)
+    assert grew["check"] < 50, grew  # the upload check decodes none

@@ -180,53 +180,63 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
     return vol
 
 
-def _note_split(vol: Volume, report: ScanReport, chosen: SeriesInfo) -> None:
-    """Keep in ``meta["series_split"]`` the stacks of the chosen SeriesInstanceUID that were not read.
+def split_groups(report: ScanReport, chosen: SeriesInfo) -> list[dict] | None:
+    """The stacks of the chosen Series Instance UID (chosen first) when its images disagree, else None.
 
     One Series Instance UID whose instances disagree (image size, orientation, echo, ...) is split
-    into stacks and the largest is read; what was left out is recorded so that a caller that must
-    not segment part of a series (the service, the DICOM node) can refuse it with the counts
-    (:func:`check_series_complete`).
+    into stacks and the largest is read; the others are what a caller that must not segment part of a
+    series (the service, the DICOM node) refuses with the counts (:func:`series_rule_error`).
     """
     uid = chosen.series_instance_uid
     siblings = [s for s in report.series if s is not chosen and uid and s.series_instance_uid == uid]
-    if siblings:
-        vol.meta["series_split"] = [
-            {"key": s.uid, "n_slices": s.n_slices, "rows": s.rows, "cols": s.cols} for s in [chosen, *siblings]
-        ]
+    if not siblings:
+        return None
+    return [{"key": s.uid, "n_slices": s.n_slices, "rows": s.rows, "cols": s.cols} for s in [chosen, *siblings]]
+
+
+def _note_split(vol: Volume, report: ScanReport, chosen: SeriesInfo) -> None:
+    """Keep :func:`split_groups` in ``meta["series_split"]`` (for :func:`check_series_complete`)."""
+    groups = split_groups(report, chosen)
+    if groups:
+        vol.meta["series_split"] = groups
+
+
+def series_rule_error(uid: str, groups: list[dict] | None, n_slices: int, *, min_slices: int = 1,
+                      allow_split: bool = True) -> str | None:
+    """Why a DICOM series must not be segmented (part of a split series, too few slices), or None.
+
+    The one rule behind the header check (:func:`resunet.io.precheck.check_study`) and the check of
+    a read volume (:func:`check_series_complete`).
+    """
+    if groups and not allow_split:
+        total = sum(int(g["n_slices"]) for g in groups)
+        parts = ", ".join(f"{g['n_slices']} of {g['cols']}x{g['rows']}" for g in groups)
+        return (
+            f"series {uid}: its {total} images disagree in size or orientation ({parts}); only "
+            f"{groups[0]['n_slices']} would be segmented. Send the series again from the scanner or PACS, "
+            "or ask the operator to allow split series (--allow-split-series)"
+        )
+    if n_slices < min_slices:
+        return (
+            f"series {uid}: {n_slices} slice{'s' if n_slices != 1 else ''}, fewer than the {min_slices} this service "
+            "segments (a localiser or a stray instance?); send the whole series, or ask the operator to lower --min-slices"
+        )
+    return None
 
 
 def check_series_complete(vol: Volume, *, min_slices: int = 1, allow_split: bool = True) -> None:
-    """Refuse a DICOM volume that is only part of its series, or that has too few slices.
-
-    Args:
-        vol: from :func:`load_study`.
-        min_slices: fewest slices a DICOM series may have (a 1- or 2-slice series is a localiser or
-            a stray instance, not a volume to segment).
-        allow_split: False: refuse when the series' instances disagreed and only one stack of them
-            was read (``meta["series_split"]``).
+    """Refuse a DICOM volume that is only part of its series, or that has too few slices
+    (:func:`series_rule_error`; NIfTI volumes pass).
 
     Raises:
         InputError: naming the series, what was found and what to do.
     """
     if vol.meta.get("format") != "dicom":
         return
-    uid = vol.meta.get("series_uid") or "?"
-    split = vol.meta.get("series_split")
-    if split and not allow_split:
-        total = sum(int(g["n_slices"]) for g in split)
-        parts = ", ".join(f"{g['n_slices']} of {g['cols']}x{g['rows']}" for g in split)
-        raise InputError(
-            f"series {uid}: its {total} images disagree in size or orientation ({parts}); only "
-            f"{split[0]['n_slices']} would be segmented. Send the series again from the scanner or PACS, "
-            "or ask the operator to allow split series (--allow-split-series)"
-        )
-    n = int(vol.shape[2])
-    if n < min_slices:
-        raise InputError(
-            f"series {uid}: {n} slice{'s' if n != 1 else ''}, fewer than the {min_slices} this service segments "
-            "(a localiser or a stray instance?); send the whole series, or ask the operator to lower --min-slices"
-        )
+    why = series_rule_error(vol.meta.get("series_uid") or "?", vol.meta.get("series_split"), int(vol.shape[2]),
+                            min_slices=min_slices, allow_split=allow_split)
+    if why:
+        raise InputError(why)
 
 
 def _headers(files: list[str]) -> list[Dataset]:

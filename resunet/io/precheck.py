@@ -22,20 +22,34 @@ import os
 from pathlib import Path
 
 from resunet.errors import InputError
-from resunet.io.archive import check_zip
+from resunet.io.archive import check_zip, extract_zip
+from resunet.io.dicom import scan_dicom_files
 from resunet.io.limits import Limits, series_shape
-from resunet.io.nifti import check_nifti, is_nifti_path
+from resunet.io.nifti import check_nifti, check_nifti_stream, is_nifti_path
 
 
-def check_study(path: str | os.PathLike[str], series_uid: str | None = None, limits: Limits | None = None) -> None:
+def check_study(
+    path: str | os.PathLike[str],
+    series_uid: str | None = None,
+    limits: Limits | None = None,
+    *,
+    deep: bool = False,
+    min_slices: int = 1,
+    allow_split: bool = True,
+) -> None:
     """Raise :class:`InputError` if the headers of the study at ``path`` already show it cannot be read.
 
     Args:
         path: as :func:`resunet.io.load_study` takes it.
         series_uid: the DICOM series that will be read (default: the one with the most slices).
         limits: per-case limits (default :meth:`Limits.from_env`).
+        deep: also what costs disk and time but no memory: a ``.zip`` is extracted and its headers
+            checked like a folder's (or its one NIfTI like a NIfTI's), and a ``.nii.gz`` is decompressed
+            as a stream to find truncation. What ``resunet serve`` checks on upload: the client gets
+            its 4xx at once, and no volume is decoded in the request.
+        min_slices, allow_split: the service's series rules (:func:`resunet.io.loader.series_rule_error`).
     """
-    from resunet.io.loader import _choose, _looks_like_zip, _scan
+    from resunet.io.loader import _choose, _looks_like_zip, _nothing_found, _scan
 
     p = Path(path)
     limits = limits if limits is not None else Limits.from_env()
@@ -44,14 +58,36 @@ def check_study(path: str | os.PathLike[str], series_uid: str | None = None, lim
     if p.is_file() and is_nifti_path(p):
         if series_uid:
             raise InputError(f"{p}: --series applies to DICOM input, not to a NIfTI file")
-        img = check_nifti(p, limits)
+        img = (check_nifti_stream if deep else check_nifti)(p, limits)
         limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
         return
     if p.is_file() and (p.name.lower().endswith(".zip") or _looks_like_zip(p)):
         check_zip(p)
+        if not deep:
+            return
+        with extract_zip(p) as folder:
+            report = scan_dicom_files(folder)
+            if not report.series:
+                niftis = sorted(f for f in folder.rglob("*") if f.is_file() and is_nifti_path(f))
+                if len(niftis) == 1 and not series_uid:  # a zipped NIfTI, as load_study reads it
+                    img = check_nifti_stream(niftis[0], limits)
+                    limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
+                    return
+                raise InputError(_nothing_found(p, report, folder))
+            _check_series(p, report, _choose(report.series, p, series_uid), limits, min_slices, allow_split)
         return
     if p.is_file() and p.name.upper() == "DICOMDIR":
         p = p.parent
-    info = _choose(_scan(p).series, p, series_uid)
+    report = _scan(p)
+    _check_series(p, report, _choose(report.series, p, series_uid), limits, min_slices, allow_split)
+
+
+def _check_series(p: Path, report, info, limits: Limits, min_slices: int, allow_split: bool) -> None:
+    from resunet.io.loader import series_rule_error, split_groups
+
     limits.check_series(p, info)
     limits.check_min_size(p, series_shape(info), what=f"series {info.uid}")
+    why = series_rule_error(info.series_instance_uid or info.uid, split_groups(report, info), info.n_slices,
+                            min_slices=min_slices, allow_split=allow_split)
+    if why:
+        raise InputError(why)

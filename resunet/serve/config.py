@@ -43,6 +43,10 @@ class ServeConfig:
         min_slices: DICOM series with fewer slices are refused (localisers, stray instances).
         allow_split_series: segment the largest stack of a series whose images disagree (size,
             orientation) instead of refusing it with the counts.
+        max_memory_gb: the service's memory budget for segmenting (GB); a study whose estimate is above
+            it is refused on upload from its headers (422). None: ``$RESUNET_MAX_MEMORY_GB`` or the default
+            of :mod:`resunet.io.limits`. Uploads are checked from headers only, and one job runs at a time,
+            so this bounds the service's segmentation memory as a whole.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -72,6 +76,7 @@ class ServeConfig:
     allowed_aets: tuple[str, ...] = ()
     min_slices: int = 3
     allow_split_series: bool = False
+    max_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
