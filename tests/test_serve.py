@@ -295,6 +295,35 @@ def test_part_of_a_series_and_localisers_are_refused(served):
     assert r.status_code == 422 and "2 slices, fewer than the 3" in r.json()["detail"], r.text
 
 
+def test_upload_names_and_uids_stay_out_of_logs_and_databases(served):
+    """Issue 22 point 9: a PHI-laden upload name is in no log line, database, job listing or output name;
+    DICOM UIDs in the log are hashed."""
+    import pydicom
+
+    url = served["url"]
+    phi = "Doe_John_MRN0012345_DOB19600101"
+    r = submit(url, [(f"{phi}.nii.gz", EXAMPLE_T1.read_bytes())])
+    assert r.status_code == 202, r.text
+    job = wait_job(url, r.json()["id"])
+    assert job["state"] == "done" and job["input"] == "upload.nii.gz", job
+    z = wait_job(url, submit(url, [(f"{phi}.zip", dicom_zip())]).json()["id"])
+    assert z["state"] == "done", z
+    listing = httpx.get(url + "/v1/jobs", timeout=60).text
+    assert phi not in listing and "MRN0012345" not in listing
+    assert all(phi not in o["file"] for o in job["outputs"].values()), job["outputs"]
+    assert job["outputs"]["mask"]["file"] == f"{job['id']}.nii.gz"
+    state = served["svc"].state_dir
+    for db in [state / "jobs.sqlite", served["audit"]]:
+        for f in db.parent.glob(db.name + "*"):  # the database and its WAL/journal
+            assert b"MRN0012345" not in f.read_bytes(), f
+    assert not [p for p in state.rglob("*") if "MRN" in p.name]
+    log_text = served["svc"].log()
+    ds = pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True)
+    assert "MRN0012345" not in log_text
+    assert str(ds.StudyInstanceUID) not in log_text and str(ds.SeriesInstanceUID) not in log_text
+    assert f"job {job['id']} queued (input sha256 {job['input_sha256'][:12]})" in log_text
+
+
 def _gz(raw: bytes) -> bytes:
     import gzip
 

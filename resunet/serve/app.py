@@ -17,8 +17,10 @@ upload over the limit. Never a traceback: anything unexpected is logged and answ
 
 # no "from __future__ import annotations": FastAPI reads these annotations at run time, closures included
 
+import hashlib
 import inspect
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator
@@ -102,11 +104,40 @@ class BodyLimit:
             await self.body(scope, receive, send)
 
 
+_UID = re.compile(r"(?<![\d.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\d.])")
+
+
+def redact_uids(text: str) -> str:
+    """DICOM UIDs (5+ numeric components; IP addresses and versions have fewer) -> ``uid:<sha256[:12]>``.
+
+    Study/series/instance UIDs identify a patient's examination; the hash still lets an operator
+    who has a UID find its lines (``python -c "import hashlib; print(hashlib.sha256(b'UID').hexdigest()[:12])"``).
+    """
+    return _UID.sub(lambda m: "uid:" + hashlib.sha256(m.group(0).encode()).hexdigest()[:12], text)
+
+
+class _RedactUids(logging.Filter):
+    """:func:`redact_uids` on every record a handler writes (resunet's, pynetdicom's, uvicorn's errors)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        red = redact_uids(text)
+        if red != text:
+            record.msg, record.args = red, None
+        return True
+
+
 def install_access_log_redaction() -> None:
-    """Add :class:`_RedactQuery` to ``uvicorn.access`` once (idempotent)."""
+    """Add :class:`_RedactQuery` to ``uvicorn.access`` and :class:`_RedactUids` to the handlers of the root
+    and ``uvicorn.error`` loggers, once (idempotent). Called when the server starts, after uvicorn has
+    configured its loggers."""
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, _RedactQuery) for f in access.filters):
         access.addFilter(_RedactQuery())
+    for name in ("", "uvicorn", "uvicorn.error"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _RedactUids) for f in handler.filters):
+                handler.addFilter(_RedactUids())
 
 
 def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
@@ -237,7 +268,7 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         # a plain def: FastAPI runs it in its thread pool, so copying and checking the upload does not block
         options = {"formats": formats, "uncertainty": uncertainty, "probabilities": probabilities, "series_uid": series_uid}
         job = service.submit([(f.filename, f.file) for f in files], options, user)
-        log.info("job %s queued: %s from %s", job.id, job.input_name, user)
+        log.info("job %s queued (input sha256 %s) from %s", job.id, (job.input_sha256 or "")[:12], user)
         body = describe(job, request)
         return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
 

@@ -47,6 +47,9 @@ class ServeConfig:
             it is refused on upload from its headers (422). None: ``$RESUNET_MAX_MEMORY_GB`` or the default
             of :mod:`resunet.io.limits`. Uploads are checked from headers only, and one job runs at a time,
             so this bounds the service's segmentation memory as a whole.
+        keep_upload_names: keep the client's file names (in the job database, the job's ``input`` and
+            the output names). Off by default: upload names often carry the patient's name, MRN and
+            birth date; the job id names the files instead.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -77,6 +80,7 @@ class ServeConfig:
     min_slices: int = 3
     allow_split_series: bool = False
     max_memory_gb: float | None = None
+    keep_upload_names: bool = False
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()

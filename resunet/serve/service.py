@@ -52,6 +52,15 @@ def safe_upload_name(name: str | None, fallback: str) -> str:
     return base or fallback
 
 
+def _upload_suffix(name: str) -> str:
+    """The part of an upload's name that says its type (``.nii.gz``, ``.nii``, ``.zip``, ``.dcm``, or none)."""
+    low = name.lower()
+    for suffix in (".nii.gz", ".nii", ".zip", ".dcm"):
+        if low.endswith(suffix):
+            return suffix
+    return ""
+
+
 class UploadTooLarge(InputError):
     """The upload is larger than ``--max-upload-mb``."""
 
@@ -212,22 +221,29 @@ class Service:
         staging = self.state_dir / "uploads" / job_id
         staging.mkdir(parents=True)
         try:
+            keep = self.config.keep_upload_names
             if n_nifti or n_zip or len(names) == 1:  # one file: read as the CLI reads that file
-                target = staging / names[0]
-                display = names[0]
+                # Upload names carry PHI (Doe_John_MRN..._DOB....nii.gz): unless the operator keeps them,
+                # the stored file, the job's input name and so every output name come from the job id.
+                stored = names[0] if keep else job_id + _upload_suffix(names[0])
+                target = staging / stored
+                display = names[0] if keep else f"upload{_upload_suffix(names[0])}"
+                client = names[0]  # what the client sent: named in an answer to this request only
                 self._copy(files[0][1], target, 0)
             else:
                 target = staging / "study"
                 target.mkdir()
-                display = f"{len(names)} DICOM files"
+                display = client = f"{len(names)} DICOM files"
                 total = 0
                 seen: set[str] = set()
                 for i, ((_, fh), name) in enumerate(zip(files, names)):
-                    if name in seen:
+                    if not keep:
+                        name = f"{i:05d}.dcm"
+                    elif name in seen:
                         name = f"{i:05d}_{name}"
                     seen.add(name)
                     total = self._copy(fh, target / name, total)
-            self._check_study(target, opts["series_uid"], staging, display, self.input_rules())
+            self._check_study(target, opts["series_uid"], staging, client, self.input_rules())
             from resunet.io.hashing import sha256_path
 
             sha = sha256_path(target)
@@ -277,7 +293,10 @@ class Service:
             check_study(target, series_uid=series_uid, limits=rules["limits"], deep=True,
                         min_slices=rules["min_slices"], allow_split=rules["allow_split_series"])
         except ResunetError as err:
-            raise type(err)(_rename(str(err), staging, display)) from None
+            text = _rename(str(err), staging, display)
+            if target.is_file() and target.name != display:  # the stored name (job id) -> the client's own
+                text = text.replace(target.name, display)
+            raise type(err)(text) from None
         except Exception as err:  # a reader bug must still be a clear 4xx about this input
             log.debug("reading upload %s failed:\n%s", display, traceback.format_exc())
             raise InputError(f"{display}: cannot be read as a scan ({type(err).__name__}: {err})") from None
@@ -320,7 +339,7 @@ class Service:
         else:
             ok = self.queue.fail(job, error or "unknown error")
             outcome_name = "failed"
-            log.warning("job %s (%s) failed: %s", job.id, job.input_name, error)
+            log.warning("job %s (input sha256 %s) failed: %s", job.id, (job.input_sha256 or "")[:12], error)
         if ok:
             self.metrics.jobs_finished.labels(outcome_name).inc()
             if outcome_name == "failed":
