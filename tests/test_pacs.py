@@ -197,6 +197,29 @@ def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+def test_a_series_received_before_a_restart_keeps_its_sender(tmp_path):
+    """Issue 22 point 10: the node stopped before the series settled; after the restart the series is
+    handed over with the AE title that sent it (was '(before a restart)')."""
+    from resunet.pacs import ListenerConfig, StoreListener
+
+    port = free_port()
+    first = ListenerConfig(ae_title="RESUNET", port=port, incoming_dir=tmp_path / "in", settle_seconds=600)
+    got: list = []
+    with StoreListener(first, got.append):
+        subprocess.run(["storescu", "-aet", "CT_SCANNER7", "-aec", "RESUNET", "+sd", "127.0.0.1", str(port),
+                        str(EXAMPLE_DICOM)], check=True, capture_output=True, timeout=120)
+    assert got == []  # stopped before the settle time
+    again = ListenerConfig(ae_title="RESUNET", port=free_port(), incoming_dir=tmp_path / "in", settle_seconds=0.3)
+    with StoreListener(again, got.append):
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(got) == 1 and got[0].n_instances == 91 and got[0].calling_aet == "CT_SCANNER7"
+    files = list(got[0].folder.iterdir())
+    assert len(files) == 91 and {f.suffix for f in files} == {".dcm"}  # the series folder holds the instances only
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
 def test_idle_connection_flood_does_not_block_the_node(tmp_path):
     """Issue 22 point 5: 40 TCP connections from another host (127.0.0.2) that never send an association
     request; a real sender (dcmtk's storescu from 127.0.0.1) still stores the series, and the idle

@@ -121,6 +121,10 @@ class ReceivedSeries:
     calling_aet: str
 
 
+#: folder under incoming_dir holding, per received series, the calling AE title of its sender
+_SENDERS = ".senders"
+
+
 def _safe(uid: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in uid) or "unknown"
 
@@ -157,9 +161,13 @@ class StoreListener:
         if not study or not series:
             return 0xC211  # cannot place it in a series
         path = self.config.incoming_dir / _safe(study) / _safe(series) / f"{_safe(sop)}.dcm"
+        aet = str(event.assoc.requestor.ae_title).strip()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, event.encoded_dataset())
+            sender = self._sender_file(path.parent)
+            if not sender.exists():  # who sent it survives a restart of the node (the job records it)
+                atomic_write_bytes(sender, aet.encode())
         except OSError as err:
             log.error("C-STORE: cannot write %s (%s)", path, err)
             return 0xA700  # out of resources
@@ -167,7 +175,7 @@ class StoreListener:
             entry = self._pending.setdefault((study, series), {"count": 0})
             entry["last"] = time.monotonic()
             entry["count"] += 1
-            entry["aet"] = str(event.assoc.requestor.ae_title).strip()
+            entry["aet"] = aet
             self.received += 1
         return 0x0000
 
@@ -186,6 +194,7 @@ class StoreListener:
                 log.info("series %s of study %s complete (%d instances from %s)", series, study, v["count"], v["aet"])
                 try:
                     self.on_series(item)
+                    self._sender_file(folder).unlink(missing_ok=True)
                 except Exception:  # a failing callback must not stop the listener
                     log.exception("handling series %s failed", series)
 
@@ -224,6 +233,11 @@ class StoreListener:
         log.info("DICOM node %s listening on %s:%d", self.config.ae_title, self.config.host, self.config.port)
         return self
 
+    def _sender_file(self, series_folder: Path) -> Path:
+        """Where the sender's AE title of a series folder is kept (beside the series, not in it: the
+        series folder becomes the job's input as it is)."""
+        return self.config.incoming_dir / _SENDERS / f"{series_folder.parent.name}__{series_folder.name}"
+
     def _admit(self, request: Any, client_address: Any) -> bool:
         """Refuse a connection from a peer that already holds ``max_per_peer`` open connections.
 
@@ -252,7 +266,11 @@ class StoreListener:
             n = sum(1 for f in folder.iterdir() if f.suffix == ".dcm") if folder.is_dir() else 0
             if n:
                 with self._lock:
-                    self._pending[(folder.parent.name, folder.name)] = {"last": now, "count": n, "aet": "(before a restart)"}
+                    try:
+                        aet = self._sender_file(folder).read_text(encoding="ascii").strip() or "?"
+                    except (OSError, UnicodeDecodeError):
+                        aet = "? (received before a restart, sender not recorded)"
+                    self._pending[(folder.parent.name, folder.name)] = {"last": now, "count": n, "aet": aet}
 
     @property
     def port(self) -> int:
