@@ -455,3 +455,49 @@ def test_sigkill_mid_queue_then_restart_finishes_every_job_once(tmp_path):
     assert verify_log(audit) == []
     assert not list((state / "uploads").iterdir())
     assert json.loads((state / "jobs" / ids[-1] / "out" / "predictions.json").read_text())["counts"]["ok"] == 1
+
+
+def test_token_scopes_groups_and_delete(tmp_path):
+    """Issue 22 point 10: a submit token sees its own and its group's jobs only, an admin token every
+    job; DELETE erases a job's files at once while its row and audit record (hashes) stay."""
+    state = tmp_path / "state"
+    tokens = {}
+    for name, scope, group in (("alice", "submit", "radiology"), ("bob", "submit", "radiology"),
+                               ("carol", "submit", "oncology"), ("ops", "admin", "")):
+        cmd = [sys.executable, "-m", "resunet", "serve", "--state-dir", str(state), "--add-token", name,
+               "--scope", scope] + (["--group", group] if group else [])
+        made = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        tokens[name] = made.stdout.strip()
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    audit = tmp_path / "audit.sqlite"
+    with ServiceProcess(state, model, "--no-tta", "--require-token", audit_db=audit) as svc:
+        url = svc.url
+
+        def get(path: str, who: str) -> httpx.Response:
+            return httpx.get(url + path, headers={"Authorization": f"Bearer {tokens[who]}"}, timeout=60)
+
+        body = [("t1.nii.gz", EXAMPLE_T1.read_bytes())]
+        a = wait_job(url, submit(url, body, token=tokens["alice"]).json()["id"], token=tokens["alice"])
+        c = wait_job(url, submit(url, body, token=tokens["carol"]).json()["id"], token=tokens["carol"])
+        assert a["state"] == c["state"] == "done"
+        ids = lambda who: {j["id"] for j in get("/v1/jobs", who).json()["jobs"]}  # noqa: E731
+        assert ids("alice") == ids("bob") == {a["id"]} and ids("carol") == {c["id"]}
+        assert ids("ops") == {a["id"], c["id"]}
+        assert get(f"/v1/jobs/{a['id']}", "carol").status_code == 404  # another group's job: not there
+        assert get(f"/v1/jobs/{a['id']}/outputs/mask", "carol").status_code == 404
+        assert get(f"/v1/jobs/{a['id']}", "bob").status_code == 200
+        assert httpx.delete(f"{url}/v1/jobs/{a['id']}", headers={"Authorization": f"Bearer {tokens['carol']}"},
+                            timeout=60).status_code == 404
+        gone = httpx.delete(f"{url}/v1/jobs/{a['id']}", headers={"Authorization": f"Bearer {tokens['alice']}"},
+                            timeout=60)
+        assert gone.status_code == 200 and gone.json()["files_deleted_utc"], gone.text
+        assert not (state / "jobs" / a["id"]).exists()
+        mask = get(f"/v1/jobs/{a['id']}/outputs/mask", "alice")
+        assert mask.status_code == 410 and "DELETE" in mask.json()["detail"]
+        from resunet.reports.audit import read_runs, verify_log
+
+        run = [r for r in read_runs(audit) if r["run_id"] == f"serve-{a['id']}"]
+        assert len(run) == 1 and run[0]["user"] == "alice"
+        assert {o["key"]: o["sha256"] for o in run[0]["outputs"]} == {k: o["sha256"] for k, o in a["outputs"].items()}
+        assert verify_log(audit) == []

@@ -223,3 +223,19 @@ print(tracemalloc.get_traced_memory()[1] / 2**20)
         grew[how] = float(res.stdout.split()[-1])
     assert grew["read"] > 150, grew  # the measurement sees the decoded volume (206 MiB)
     assert grew["check"] < 20, grew  # the upload check decodes none (1 MiB gzip reads)
+
+
+def test_erase_fails_a_queued_job_and_leaves_a_running_one(tmp_path):
+    from resunet.serve.queue import JobQueue
+
+    q = JobQueue(tmp_path / "jobs.sqlite")
+    first = q.enqueue("segment", input_name="a", submitted_by="alice")
+    second = q.enqueue("segment", input_name="b", submitted_by="alice")
+    running = q.claim()
+    assert running is not None and running.id == first.id
+    assert q.erase(first.id, "alice") is False and q.get(first.id).state == "running"
+    assert q.erase(second.id, "alice") is True
+    job = q.get(second.id)
+    assert job.state == "failed" and job.error == "deleted by alice before it ran" and job.purged_at is not None
+    assert q.claim() is None  # no worker takes an erased job
+    assert [e["event"] for e in q.events(second.id)][-1] == "erased"

@@ -85,6 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pacs.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                       help="AE title allowed to send to the node (repeat; default: any)")
     p.add_argument("--add-token", metavar="NAME", help="make a token for NAME, print it once, store its hash, and exit")
+    p.add_argument("--scope", choices=("submit", "admin"), default="submit",
+                   help="with --add-token: submit (sees its own and its group's jobs; default) or admin (every job)")
+    p.add_argument("--group", default="", metavar="GROUP",
+                   help="with --add-token: department or group whose submit tokens see each other's jobs")
     p.add_argument("--remove-token", metavar="NAME", help="delete the token NAME and exit")
     p.add_argument("--list-tokens", action="store_true", help="print the names of the stored tokens and exit")
     p.set_defaults(func=run)
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     tokens = TokenStore(config.state_dir / TOKENS_FILE)
     if args.add_token:
-        token = tokens.add(args.add_token)
+        token = tokens.add(args.add_token, scope=args.scope, group=args.group or "")
         print(f"token for {args.add_token} (shown once; only its SHA-256 is stored in {tokens.path}):", file=sys.stderr)
         print(token)
         return 0

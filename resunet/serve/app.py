@@ -34,6 +34,7 @@ from resunet import __version__
 from resunet.errors import ResunetError, ServerError
 from resunet.serve.queue import Job
 from resunet.serve.service import Service, UploadTooLarge, _iso
+from resunet.serve.tokens import Caller
 
 log = logging.getLogger("resunet.serve")
 
@@ -215,11 +216,11 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         status = 413 if isinstance(err, UploadTooLarge) else 422
         return JSONResponse({"detail": str(err)}, status_code=status)
 
-    def who(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
-        """The token's name; 401 when a token is needed and missing or unknown."""
-        name = service.tokens.check(creds.credentials) if creds is not None else None
-        if name is not None:
-            return name
+    def caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+        """The token's :class:`Caller`; 401 when a token is needed and missing or unknown."""
+        found = service.tokens.lookup(creds.credentials) if creds is not None else None
+        if found is not None:
+            return found
         if service.config.auth_required:
             raise HTTPException(
                 status_code=401,
@@ -227,11 +228,18 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
                 "(resunet serve --add-token NAME)" if creds is None else "unknown or revoked token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return "anonymous"
+        return Caller("anonymous")  # loopback without a token: this machine itself, every job
 
-    def job_or_404(job_id: str) -> Job:
+    def who(c: Annotated[Caller, Depends(caller)]) -> str:
+        """The caller's name (what jobs record as their submitter)."""
+        return c.name
+
+    def visible(job: Job, c: Caller) -> bool:
+        return c.sees(job.submitted_by, service.tokens.group_of(job.submitted_by) if c.scope != "admin" else "")
+
+    def job_or_404(job_id: str, c: Caller) -> Job:
         job = queue.get(job_id)
-        if job is None:
+        if job is None or not visible(job, c):  # another group's job: as if it did not exist
             raise HTTPException(status_code=404, detail=f"no job {job_id!r} on this service")
         return job
 
@@ -288,15 +296,33 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         body = describe(job, request)
         return JSONResponse(body, status_code=202, headers={"Location": body["url"]})
 
-    @app.get("/v1/jobs", summary="Recent jobs, newest first")
-    def list_jobs(request: Request, user: Annotated[str, Depends(who)], state: str | None = None,
+    @app.get("/v1/jobs", summary="Recent jobs the caller may see (a submit token: its own and its group's), newest first")
+    def list_jobs(request: Request, c: Annotated[Caller, Depends(caller)], state: str | None = None,
                   limit: int = 100) -> dict[str, Any]:
-        return {"jobs": [describe(j, request) for j in queue.jobs(state, max(1, min(limit, 1000)))],
-                "counts": queue.counts()}
+        limit = max(1, min(limit, 1000))
+        if c.scope == "admin":
+            return {"jobs": [describe(j, request) for j in queue.jobs(state, limit)], "counts": queue.counts()}
+        mine = [j for j in queue.jobs(state, 100_000) if visible(j, c)]
+        counts = {k: 0 for k in queue.counts()}
+        for j in mine:
+            counts[j.state] = counts.get(j.state, 0) + 1
+        return {"jobs": [describe(j, request) for j in mine[:limit]], "counts": counts}
 
     @app.get("/v1/jobs/{job_id}", summary="State of a job, its results and output links")
-    def get_job(job_id: str, request: Request, user: Annotated[str, Depends(who)]) -> dict[str, Any]:
-        return describe(job_or_404(job_id), request)
+    def get_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
+        return describe(job_or_404(job_id, c), request)
+
+    @app.delete("/v1/jobs/{job_id}", summary="Erase a job's inputs and outputs now (its audit record stays)")
+    def delete_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
+        job = job_or_404(job_id, c)
+        if job.state == "running":
+            raise HTTPException(status_code=409, detail=f"job {job.id} is running; delete it once it is done or failed")
+        try:
+            service.erase(job, c.name)
+        except ResunetError as err:  # claimed by a worker between the check above and now
+            raise HTTPException(status_code=409, detail=str(err)) from None
+        log.info("job %s erased by %s", job.id, c.name)
+        return describe(queue.get(job.id) or job, request)
 
     def output_file(job: Job, key: str) -> FileResponse:
         if job.state in ("queued", "running"):
@@ -304,7 +330,8 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         if job.state == "failed":
             raise HTTPException(status_code=409, detail=f"job {job.id} failed: {job.error}")
         if job.purged_at is not None:
-            raise HTTPException(status_code=410, detail=f"the files of job {job.id} were deleted after the retention time")
+            raise HTTPException(status_code=410, detail=f"the files of job {job.id} were deleted (retention time, or "
+                                "DELETE /v1/jobs/{id}); the job record and its hashes remain")
         rec = job.outputs.get(key)
         if rec is None:
             raise HTTPException(status_code=404, detail=f"job {job.id} has no output {key!r}; it has: {', '.join(sorted(job.outputs))}")
@@ -316,12 +343,12 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         return FileResponse(path, media_type=media, filename=path.name, headers={"X-Content-SHA256": rec["sha256"]})
 
     @app.get("/v1/jobs/{job_id}/outputs/{key}", summary="Download one result file of a done job")
-    def get_output(job_id: str, key: str, user: Annotated[str, Depends(who)]) -> FileResponse:
-        return output_file(job_or_404(job_id), key)
+    def get_output(job_id: str, key: str, c: Annotated[Caller, Depends(caller)]) -> FileResponse:
+        return output_file(job_or_404(job_id, c), key)
 
     @app.get("/v1/jobs/{job_id}/predictions", summary="The predictions JSON (volumes per label, hashes, model)")
-    def get_predictions(job_id: str, user: Annotated[str, Depends(who)]) -> FileResponse:
-        return output_file(job_or_404(job_id), "predictions")
+    def get_predictions(job_id: str, c: Annotated[Caller, Depends(caller)]) -> FileResponse:
+        return output_file(job_or_404(job_id, c), "predictions")
 
     @app.get("/healthz", summary="The process is alive")
     def healthz() -> dict[str, Any]:

@@ -297,6 +297,24 @@ class JobQueue:
             conn.execute("UPDATE jobs SET purged_at = ? WHERE id = ?", (time.time(), job_id))
             self._event(conn, job_id, "purged")
 
+    def erase(self, job_id: str, by: str) -> bool:
+        """Mark a job's files deleted on request (``DELETE /v1/jobs/{id}``): a queued job fails with
+        "deleted by ..." so that no worker takes it; False (nothing changed) when it is running."""
+        now = time.time()
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET purged_at = ?,"
+                " error = CASE WHEN state = 'queued' THEN ? ELSE error END,"
+                " finished_at = CASE WHEN state = 'queued' THEN ? ELSE finished_at END,"
+                " state = CASE WHEN state = 'queued' THEN 'failed' ELSE state END"
+                " WHERE id = ? AND state != 'running'",
+                (now, f"deleted by {by} before it ran", now, job_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._event(conn, job_id, "erased", by)
+        return True
+
     def unaudited(self) -> list[Job]:
         """Finished jobs not yet recorded in the audit log (the recorder was killed in between)."""
         rows = self._conn().execute(

@@ -392,6 +392,14 @@ class Service:
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next interval
                 log.error("retention sweep failed:\n%s", traceback.format_exc())
 
+    def erase(self, job: Any, by: str) -> None:
+        """Delete a job's inputs and outputs now, on its submitter's (or an admin's) request; the job row
+        and its audit record (with the hashes) stay. Raises InputError when it is running (claimed)."""
+        assert self.queue is not None
+        if not self.queue.erase(job.id, by):
+            raise InputError(f"job {job.id} is running; delete it once it is done or failed")
+        shutil.rmtree(self.job_dir(job.id), ignore_errors=True)
+
     def sweep(self, now: float | None = None) -> int:
         """Delete the files of jobs finished more than ``retention_hours`` ago; returns how many jobs."""
         assert self.queue is not None

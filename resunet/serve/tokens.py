@@ -5,6 +5,11 @@ is printed once and never stored. A token is 32 random bytes (``secrets.token_ur
 SHA-256 is enough (no password stretching needed: nothing to guess). Checking compares every stored
 hash with :func:`hmac.compare_digest`. The file is rewritten atomically (temp + rename) and made
 readable by its owner only.
+
+Each token has a scope: ``submit`` (the default) submits jobs and sees its own jobs and those of
+tokens of its group (``--group``, e.g. a department), ``admin`` sees every job. Tokens made before
+scopes existed count as ``submit``. On loopback without tokens the caller is the machine itself and
+sees everything, as before.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from resunet.errors import ConfigError, ServerError
@@ -26,6 +32,22 @@ SCHEMA = "resunet-serve-tokens/1"
 #: Token names: recorded in the audit log as "who", so keep them plain.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 PREFIX = "rsu_"
+SCOPES = ("submit", "admin")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls the API: a token's name, scope and group (``anonymous`` on loopback: every job)."""
+
+    name: str
+    scope: str = "admin"
+    group: str = ""
+
+    def sees(self, submitted_by: str | None, group_of_submitter: str) -> bool:
+        """May this caller see (and delete) a job submitted by ``submitted_by`` of that group?"""
+        if self.scope == "admin":
+            return True
+        return submitted_by == self.name or bool(self.group and group_of_submitter == self.group)
 
 
 def token_sha256(token: str) -> str:
@@ -58,19 +80,27 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self._read())
 
-    def add(self, name: str) -> str:
+    def add(self, name: str, scope: str = "submit", group: str = "") -> str:
         """Make a token for ``name``, store its hash and return the token (shown to the operator once).
 
+        Args:
+            scope: ``submit`` (own and group's jobs) or ``admin`` (every job).
+            group: department or group whose ``submit`` tokens see each other's jobs ('' = none).
+
         Raises:
-            ConfigError: bad name, or a token of that name exists (remove it first).
+            ConfigError: bad name, scope or group, or a token of that name exists (remove it first).
         """
         if not NAME_RE.match(name or ""):
             raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+        if scope not in SCOPES:
+            raise ConfigError(f"token scope {scope!r}: use one of {', '.join(SCOPES)}")
+        if group and not NAME_RE.match(group):
+            raise ConfigError(f"token group {group!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
         tokens = self._read()
         if name in tokens:
             raise ConfigError(f"a token named {name!r} exists in {self.path}; remove it with --remove-token {name} first")
         token = PREFIX + secrets.token_urlsafe(32)
-        tokens[name] = {"sha256": token_sha256(token), "created_utc": utc_now()}
+        tokens[name] = {"sha256": token_sha256(token), "created_utc": utc_now(), "scope": scope, "group": group}
         self._write(tokens)
         return token
 
@@ -84,14 +114,24 @@ class TokenStore:
 
     def check(self, token: str) -> str | None:
         """The name of ``token``, or None when it matches no stored hash."""
+        caller = self.lookup(token)
+        return caller.name if caller is not None else None
+
+    def lookup(self, token: str) -> Caller | None:
+        """The :class:`Caller` of ``token`` (name, scope, group), or None when it matches no stored hash."""
         if not token:
             return None
         digest = token_sha256(token)
         found = None
-        for name, rec in self._read().items():
+        for name, rec in self._read().items():  # every hash compared: no early exit to time
             if hmac.compare_digest(digest, str(rec.get("sha256", ""))):
-                found = name
+                found = Caller(name, str(rec.get("scope") or "submit"), str(rec.get("group") or ""))
         return found
+
+    def group_of(self, name: str | None) -> str:
+        """The group of the token ``name`` ('' when none, or when the token is gone)."""
+        rec = self._read().get(name or "")
+        return str(rec.get("group") or "") if rec else ""
 
     def _write(self, tokens: dict[str, dict[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
