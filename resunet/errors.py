@@ -40,9 +40,12 @@ class ServerError(ResunetError):
     down): the service answers ``http_status`` (5xx) with a message for the operator, and logs the details."""
 
     http_status = 503
+    #: what a client is told (no paths: those are for the operator's log)
+    client_text = "a fault on the server"
 
 
 class DiskFullError(ServerError):
     """No space left on a disk the server writes to (507 Insufficient Storage)."""
 
     http_status = 507
+    client_text = "no space left on the service's disk"

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-memory-gb", type=float, default=None, metavar="GB",
                    help="memory budget for segmenting: studies whose estimate is above it are refused on upload "
                    "from their headers (default $RESUNET_MAX_MEMORY_GB or the library default)")
+    p.add_argument("--min-free-gb", type=float, default=d["min_free_gb"].default, metavar="GB",
+                   help="free space the state folder's disk must keep: below it uploads get 507 and jobs wait; jobs "
+                   "failed for a full disk are retried once it is back (default 1; 0 = no floor)")
     p.add_argument("--keep-upload-names", action="store_true",
                    help="keep the client's upload file names in the job database, the job JSON and the output names "
                    "(default: the job id names them; upload names often carry the patient's name and MRN)")
@@ -107,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         pacs_url=getattr(args, "pacs_url", ""), dicom_port=getattr(args, "dicom_port", 0),
         dicom_host=getattr(args, "dicom_host", "127.0.0.1"), ae_title=getattr(args, "ae_title", "RESUNET"),
         min_slices=args.min_slices, allow_split_series=args.allow_split_series, max_memory_gb=args.max_memory_gb,
-        keep_upload_names=args.keep_upload_names,
+        keep_upload_names=args.keep_upload_names, min_free_gb=args.min_free_gb,
         store_to=getattr(args, "store_to", ""), settle_seconds=getattr(args, "settle_seconds", 5.0),
         allowed_aets=tuple(getattr(args, "allow_aet", []) or ()),
         audit_db=False if args.no_audit else (Path(args.audit_db) if args.audit_db else None),

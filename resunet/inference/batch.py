@@ -34,6 +34,7 @@ Records and summaries:
 from __future__ import annotations
 
 import contextlib
+import errno
 import csv
 import io
 import json
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from resunet.errors import ConfigError, ResunetError
+from resunet.errors import ConfigError, DiskFullError, ResunetError, ServerError
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Prediction, Predictor
 from resunet.io.atomic import atomic_write_text
@@ -463,11 +464,21 @@ def run_batch(
                     )
                     for w in pred.warnings:
                         bar.warn(f"case {case.case_id}: {w}")
+                except ServerError as err:  # not the input's fault: a caller (the service) may retry it
+                    rec["reason"] = str(err)
+                    rec["server_fault"] = "disk_full" if isinstance(err, DiskFullError) else "server"
                 except ResunetError as err:
                     rec["reason"] = str(err)
                 except MemoryError:
                     rec["reason"] = (f"{case.path}: ran out of memory while segmenting it ({item.volume.describe_grid()});"
                                      " use a machine with more memory or lower --max-memory-gb to refuse such cases early")
+                except OSError as err:
+                    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+                        rec["reason"] = f"internal error ({type(err).__name__}: {err})"
+                    else:  # the disk of the outputs is full: the server's fault, retried once there is space
+                        rec["reason"] = f"no space left on the disk of {opts.out_dir} while writing the outputs ({err.strerror})"
+                        rec["server_fault"] = "disk_full"
                 except Exception as err:  # isolate the case; the traceback goes to the debug log
                     log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
                     rec["reason"] = f"internal error ({type(err).__name__}: {err})"

@@ -312,6 +312,17 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
     def get_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
         return describe(job_or_404(job_id, c), request)
 
+    @app.post("/v1/jobs/{job_id}/retry", summary="Run a failed job again (e.g. after a server fault was fixed)")
+    def retry_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
+        job = job_or_404(job_id, c)
+        if not queue.retry(job.id, c.name):
+            raise HTTPException(status_code=409, detail=f"job {job.id} is {job.state}"
+                                + (" and its files were deleted" if job.purged_at is not None else "")
+                                + "; only a failed job whose files remain can be retried")
+        service.wake()
+        log.info("job %s re-queued by %s", job.id, c.name)
+        return describe(queue.get(job.id) or job, request)
+
     @app.delete("/v1/jobs/{job_id}", summary="Erase a job's inputs and outputs now (its audit record stays)")
     def delete_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
         job = job_or_404(job_id, c)

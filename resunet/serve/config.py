@@ -50,6 +50,9 @@ class ServeConfig:
         keep_upload_names: keep the client's file names (in the job database, the job's ``input`` and
             the output names). Off by default: upload names often carry the patient's name, MRN and
             birth date; the job id names the files instead.
+        min_free_gb: free space (GB) the state folder's disk must keep: below it uploads get 507 and
+            queued jobs wait; jobs failed for a full disk are re-queued by the sweep once it is back
+            above (0 = no floor).
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -81,6 +84,7 @@ class ServeConfig:
     allow_split_series: bool = False
     max_memory_gb: float | None = None
     keep_upload_names: bool = False
+    min_free_gb: float = 1.0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -90,6 +94,8 @@ class ServeConfig:
             raise ConfigError(f"--retention-hours must be > 0, got {self.retention_hours}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if not self.min_free_gb >= 0:
+            raise ConfigError(f"--min-free-gb must be 0 or more, got {self.min_free_gb}")
         if self.min_slices < 1:
             raise ConfigError(f"--min-slices must be 1 or more, got {self.min_slices}")
 

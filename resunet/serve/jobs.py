@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from resunet.errors import ConfigError, InputError
+from resunet.errors import ConfigError, DiskFullError, InputError, ServerError
 from resunet.serve.queue import Job
 
 #: File name of the predictions JSON inside a job's ``out/`` folder (written by run_batch).
@@ -128,6 +128,10 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
     res = run_batch(cases, predictor, batch, command=["resunet", "serve", "job", job.id])
     if res.failed or not res.records:
         reason = res.failures[0][1] if res.failures else "no case was segmented"
+        faults = {r.get("server_fault") for r in res.records} - {None}
+        if faults:  # a full disk, not the study: a server fault, retried once there is space
+            cls = DiskFullError if "disk_full" in faults else ServerError
+            raise cls(client_message(reason, job_dir, job.input_name, input_path))
         raise InputError(client_message(reason, job_dir, job.input_name, input_path))
     rec = res.records[0]
     outputs = {k: {**v, "path": f"out/{v['path']}"} for k, v in (rec.get("outputs") or {}).items()}

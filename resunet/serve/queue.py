@@ -297,6 +297,24 @@ class JobQueue:
             conn.execute("UPDATE jobs SET purged_at = ? WHERE id = ?", (time.time(), job_id))
             self._event(conn, job_id, "purged")
 
+    def retry(self, job_id: str, by: str) -> bool:
+        """Put a failed job whose files are still there back in the queue; False if it is not such a job."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'queued', error = NULL, finished_at = NULL, claim = NULL"
+                " WHERE id = ? AND state = 'failed' AND purged_at IS NULL", (job_id,))
+            if cur.rowcount != 1:
+                return False
+            self._event(conn, job_id, "retried", by)
+        return True
+
+    def failed_with(self, prefix: str, max_attempts: int) -> list[Job]:
+        """Failed jobs (files kept) whose error starts with ``prefix`` and that ran fewer than ``max_attempts`` times."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE state = 'failed' AND purged_at IS NULL AND substr(error, 1, ?) = ?"
+            " AND attempts < ? ORDER BY seq", (len(prefix), prefix, max_attempts))
+        return [Job.from_row(r) for r in rows]
+
     def erase(self, job_id: str, by: str) -> bool:
         """Mark a job's files deleted on request (``DELETE /v1/jobs/{id}``): a queued job fails with
         "deleted by ..." so that no worker takes it; False (nothing changed) when it is running."""

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
-from resunet.errors import ConfigError, DiskFullError, InputError, ResunetError
+from resunet.errors import ConfigError, DiskFullError, InputError, ResunetError, ServerError
 from resunet.serve.config import ServeConfig
 from resunet.serve.jobs import KINDS, JobOutcome, client_message, segment_options
 from resunet.serve.metrics import Metrics
@@ -50,6 +50,12 @@ def safe_upload_name(name: str | None, fallback: str) -> str:
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(ch if ch in _NAME_CHARS else "_" for ch in base).lstrip(".")[:128]
     return base or fallback
+
+
+#: prefix of the error of a job failed for a server fault (retried by the sweep once there is space)
+SERVER_FAULT = "server fault:"
+#: a job failed for server faults this many times is no longer retried automatically
+MAX_ATTEMPTS = 5
 
 
 def _upload_suffix(name: str) -> str:
@@ -203,6 +209,7 @@ class Service:
         """
         assert self.queue is not None
         opts = segment_options(options, self.default_formats())
+        self.check_space()
         if not files:
             raise InputError("no file uploaded; send one .nii/.nii.gz file, one .zip of a DICOM series, or DICOM files")
         if len(files) > self.config.max_files:
@@ -317,6 +324,8 @@ class Service:
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
         assert self.queue is not None and self.metrics is not None
+        if self.low_on_space():  # jobs wait in the queue until the operator frees space
+            return False
         job = self.queue.claim()
         if job is None:
             return False
@@ -328,6 +337,10 @@ class Service:
             if handler is None:
                 raise ConfigError(f"job {job.id} has kind {job.kind!r}, which this service does not run")
             outcome = handler(job, self)
+        except ServerError as err:  # the server's fault (a full disk): the operator's message goes to the log
+            log.error("job %s failed for a server fault (retried when space is back): %s", job.id, err)
+            error = (f"{SERVER_FAULT} {err.client_text};"
+                     f" the job is retried automatically once the operator has fixed it (or POST /v1/jobs/{job.id}/retry)")
         except ResunetError as err:
             error = client_message(str(err), self.job_dir(job.id), job.input_name, job.input_path)
         except Exception as err:  # noqa: BLE001 - one bad job must not stop the worker
@@ -389,8 +402,35 @@ class Service:
         while not self._stop.wait(self.config.sweep_interval_s):
             try:
                 self.sweep()
+                self.retry_server_faults()
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next interval
                 log.error("retention sweep failed:\n%s", traceback.format_exc())
+
+    def free_gb(self) -> float:
+        """Free space on the state folder's disk, GB."""
+        return shutil.disk_usage(self.state_dir).free / 1e9
+
+    def low_on_space(self) -> bool:
+        """True when the state folder's disk has less free space than ``--min-free-gb``."""
+        return self.config.min_free_gb > 0 and self.free_gb() < self.config.min_free_gb
+
+    def check_space(self) -> None:
+        """DiskFullError (507) when the state folder's disk is below its free-space floor: an upload is
+        refused before it can fill the disk (the operator's message names the folder)."""
+        if self.low_on_space():
+            raise DiskFullError(f"the state folder {self.state_dir} has {self.free_gb():.2f} GB free, below the floor of "
+                                f"{self.config.min_free_gb:g} GB (--min-free-gb); free space there")
+
+    def retry_server_faults(self) -> list[str]:
+        """Re-queue jobs failed for a server fault (a full disk) once the disk is above its floor again."""
+        assert self.queue is not None
+        if self.low_on_space():
+            return []
+        again = [j.id for j in self.queue.failed_with(SERVER_FAULT, MAX_ATTEMPTS) if self.queue.retry(j.id, "service")]
+        if again:
+            log.warning("re-queued %d job(s) that failed for a server fault: %s", len(again), ", ".join(again))
+            self._wake.set()
+        return again
 
     def erase(self, job: Any, by: str) -> None:
         """Delete a job's inputs and outputs now, on its submitter's (or an admin's) request; the job row
