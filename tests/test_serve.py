@@ -227,6 +227,7 @@ def test_blank_input_refused_and_nan_warning_in_the_job(served):
     assert p["state"] == "done", p
     n_bad = int(np.isnan(part).sum())
     assert any(f"{n_bad} of {part.size} voxels" in w for w in p["result"]["warnings"]), p["result"]
+    assert all(str(served["root"]) not in w for w in p["result"]["warnings"])  # the client's name, not the server's path
 
 
 def test_chunked_upload_is_cut_at_the_limit(served):

@@ -148,7 +148,7 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
         "seconds": rec.get("seconds"),
         "series_uid": rec.get("series_uid"),
         "grid": rec.get("grid"),
-        "warnings": list(rec.get("warnings") or []),
+        "warnings": [client_message(w, job_dir, job.input_name, input_path) for w in rec.get("warnings") or []],
     }
     return JobOutcome(outputs=outputs, result=result)
 
