@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "that are not models (no .pt/.onnx/.ts suffix, bundled name or run folder) count as INPUTs")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
                    help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
-                   "Set contours for DICOM inputs); default nifti,seg")
+                   "Set contours for DICOM inputs), sr (DICOM SR TID 1500 measurement report of the SEG: volume per "
+                   "label; needs seg); default nifti,seg")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--tta", dest="tta", action=argparse.BooleanOptionalAction, default=True,
                    help="mirror test-time augmentation (all flips; default on)")

@@ -57,7 +57,7 @@ from resunet.io.hashing import sha256_file, sha256_path
 log = logging.getLogger(__name__)
 
 SCHEMA = "resunet-predictions/1"
-FORMATS = ("nifti", "seg", "rtstruct")
+FORMATS = ("nifti", "seg", "rtstruct", "sr")
 SUMMARY = "predictions.json"
 SUMMARY_CSV = "predictions.csv"
 JOURNAL = "predictions.jsonl"
@@ -116,6 +116,9 @@ class BatchOptions:
         bad = [f for f in self.formats if f not in FORMATS]
         if bad or not self.formats:
             raise ConfigError(f"--format takes a comma-separated list of {', '.join(FORMATS)}; got {','.join(self.formats)}")
+        if "sr" in self.formats and "seg" not in self.formats:
+            raise ConfigError("--format sr needs seg too (the structured report references the SEG's segments): "
+                              f"use --format {','.join(self.formats)},seg")
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
             raise ConfigError(f"shard index must be in 0..{n - 1} for {n} shards, got {i}")
@@ -297,6 +300,8 @@ def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) ->
         paths["seg"] = out / f"{case.case_id}.seg.dcm"
     if "rtstruct" in opts.formats and case.is_dicom:
         paths["rtstruct"] = out / f"{case.case_id}.rtstruct.dcm"
+    if "sr" in opts.formats and case.is_dicom:  # after "seg": the report references the SEG just written
+        paths["sr"] = out / f"{case.case_id}.sr.dcm"
     if opts.save_probabilities:
         if len(prob_labels) == 1:
             paths["probabilities"] = out / f"{case.case_id}.prob.nii.gz"
@@ -546,6 +551,11 @@ def _write_outputs(
 
             labels = {int(v): n for v, n in pred.mask.meta.get("labels", {}).items() if int(v) != 0}
             write_rtstruct(pred.mask, volume, path, labels, algorithm_name=f"resunet {pred.model_name}"[:64],
+                           model_sha256=pred.model_sha256, uid_seed=_uid_seed(opts, case))
+        elif key == "sr":
+            from resunet.io.sr import write_dicom_sr
+
+            write_dicom_sr(paths["seg"], volume, path, pred.volumes_ml, algorithm_name=f"resunet {pred.model_name}"[:64],
                            model_sha256=pred.model_sha256, uid_seed=_uid_seed(opts, case))
         elif key.startswith("probabilities"):
             assert pred.probabilities is not None

@@ -22,7 +22,7 @@ from resunet.io.scratch import private_temp_dir
 from resunet.pacs.dicomweb import PacsClient
 
 #: outputs of a case that go back to the PACS (the NIfTI mask stays local)
-DICOM_OUTPUTS = ("seg", "rtstruct")
+DICOM_OUTPUTS = ("seg", "rtstruct", "sr")
 
 
 @dataclass

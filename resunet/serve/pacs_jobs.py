@@ -33,7 +33,7 @@ from resunet.serve.queue import Job
 log = logging.getLogger(__name__)
 
 #: outputs that go back to the archive
-DICOM_OUTPUTS = ("seg", "rtstruct")
+DICOM_OUTPUTS = ("seg", "rtstruct", "sr")
 #: where the node writes instances while a series is arriving (under the state folder)
 INCOMING = "dicom-incoming"
 
