@@ -10,13 +10,32 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+_HELD = {signal.SIGTERM, signal.SIGINT}
+
+
+def _hold_signals() -> set | None:
+    """Block SIGTERM/SIGINT in this thread (the main thread: where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def _release_signals(previous: set | None) -> None:
+    """Restore the mask (None: nothing held); a signal that came meanwhile is handled now. Returns None."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return None
 
 
 def use_private_files() -> None:
@@ -67,18 +86,27 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".part" + suffix, dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates 0600; give the output the permissions a plain open() would (0666 minus umask)
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    # SIGTERM/SIGINT are held until the temp file's name is kept: a signal that arrived between its
+    # creation and ``try`` left the temp file behind. Released inside ``try``, so the handler's
+    # exception (raised at once if a signal came meanwhile) finds ``tmp`` set and removes it.
+    held = _hold_signals()
+    tmp: Path | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".part" + suffix, dir=final.parent)
+        tmp = Path(tmp_name)
+        os.close(fd)
+        held = _release_signals(held)
+        # mkstemp creates 0600; give the output the permissions a plain open() would (0666 minus umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         yield tmp
         os.replace(tmp, final)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
+    finally:
+        _release_signals(held)
 
 
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
