@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from resunet.errors import ConfigError, InputError
+from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
 
 #: the bundled brain-extraction model (data/model/), used when --model is not given
@@ -57,13 +57,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="audit log (default $RESUNET_AUDIT_DB or ~/.resunet/audit.sqlite)")
     p.add_argument("--no-audit", action="store_true", help="do not append the run to the audit log")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pacs = p.add_argument_group("PACS (DICOMweb), see docs/pacs.md")
+    pacs = p.add_argument_group("PACS (DICOMweb or DIMSE), see docs/pacs.md")
     pacs.add_argument("--pacs", default=None, metavar="URL",
-                      help="DICOMweb root of a PACS (e.g. http://pacs:8042/dicom-web): pull --study from it, "
-                      "segment it and store the SEG (and RTSTRUCT with --format) back into the study")
+                      help="the archive: a DICOMweb root (http://pacs:8042/dicom-web) or a DIMSE node "
+                      "(dimse://AET@HOST:PORT, dimses:// for TLS); the study is pulled, segmented, and its SEG "
+                      "(RTSTRUCT, SR with --format) stored back into it")
     pacs.add_argument("--study", default=None, metavar="UID", help="Study Instance UID to pull (with --pacs)")
+    pacs.add_argument("--accession", default=None, metavar="N", help="DIMSE: find the study by accession number")
+    pacs.add_argument("--patient-id", default=None, metavar="ID", help="DIMSE: find the study by patient ID "
+                      "(with --date-range when the patient has several)")
+    pacs.add_argument("--date-range", default=None, metavar="YYYYMMDD-YYYYMMDD", help="DIMSE: study date range")
+    pacs.add_argument("--retrieve", choices=("get", "move"), default="get",
+                      help="DIMSE: fetch with C-GET (default) or C-MOVE to our AE on --move-port")
+    pacs.add_argument("--move-port", type=int, default=0, metavar="PORT",
+                      help="DIMSE C-MOVE: the port our node listens on during the retrieve, as the archive knows it")
+    pacs.add_argument("--calling-aet", default="RESUNET", metavar="AET",
+                      help="DIMSE: our AE title (the archive must know it; the C-MOVE destination; default RESUNET)")
+    pacs.add_argument("--tls-ca", default=None, metavar="FILE", help="dimses://: CA file that signed the archive's certificate")
+    pacs.add_argument("--tls-cert", default=None, metavar="FILE", help="dimses://: our certificate (if the archive asks)")
+    pacs.add_argument("--tls-key", default=None, metavar="FILE", help="dimses://: our private key")
     pacs.add_argument("--pacs-user", default=None, metavar="USER",
-                      help="HTTP basic user (password from $RESUNET_PACS_PASSWORD); a bearer token comes from "
+                      help="DICOMweb: HTTP basic user (password from $RESUNET_PACS_PASSWORD); a bearer token comes from "
                       "$RESUNET_PACS_TOKEN")
     pacs.add_argument("--no-store", action="store_true", help="with --pacs: keep the results local, store nothing")
     add_limit_argument(p)
@@ -118,11 +132,33 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         save_disagreement=len(models) > 1,
     )
-    if args.pacs or args.study:
-        if not (args.pacs and args.study) or args.inputs:
-            raise ConfigError("--pacs URL and --study UID go together, without INPUT paths")
+    dimse = bool(args.pacs) and str(args.pacs).startswith(("dimse://", "dimses://"))
+    finders = args.study or args.accession or args.patient_id
+    if args.pacs or finders:
+        if not args.pacs or args.inputs:
+            raise ConfigError("--pacs URL goes with --study UID (DIMSE also --accession or --patient-id), "
+                              "without INPUT paths")
+        if not (args.study if not dimse else finders):
+            raise ConfigError("--pacs needs --study UID" + (" (or --accession N, or --patient-id ID)" if dimse else ""))
+        if not dimse and (args.accession or args.patient_id):
+            raise ConfigError("--accession and --patient-id work with a DIMSE archive (--pacs dimse://AET@HOST:PORT)")
     elif not args.inputs:
         raise ConfigError("give INPUT paths to segment, or --pacs URL --study UID")
+    qr = None
+    if dimse:  # the query runs before the model loads: a study that is not there costs nothing
+        from resunet.pacs.dimse_qr import DimseSource, QueryConfig, find_studies
+
+        source = DimseSource.parse(args.pacs)
+        qr = QueryConfig(calling_aet=args.calling_aet, method=args.retrieve, move_port=args.move_port,
+                         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        if not args.study:
+            found = find_studies(source, qr, accession=args.accession, patient_id=args.patient_id,
+                                 date_range=args.date_range)
+            if len(found) != 1:
+                listed = "; ".join(f"{m.study_uid} ({m.study_date} {m.description})".strip() for m in found[:10])
+                raise PacsError(f"{source}: {len(found)} studies match" + (f": {listed}; pick one with --study UID"
+                                if found else "; check the accession number / patient ID"))
+            args.study = found[0].study_uid
     cases = discover_cases(args.inputs) if args.inputs else []
     # every input's headers are checked before the model loads; all refusals are reported at once
     from resunet.inference.batch import select_shard
@@ -156,11 +192,15 @@ def run(args: argparse.Namespace) -> int:
         limits=limits,
     )
     if args.pacs:
-        from resunet.pacs import PacsClient, PacsConfig, segment_from_pacs
+        from resunet.pacs import PacsClient, PacsConfig, segment_from_dimse, segment_from_pacs
 
-        client = PacsClient(PacsConfig.from_env(args.pacs, args.pacs_user))
-        run = segment_from_pacs(client, args.study, predictor, options, series_uid=args.series,
-                                store=not args.no_store, command=command)
+        if qr is not None:
+            run = segment_from_dimse(source, qr, args.study, predictor, options, series_uid=args.series,
+                                     store=not args.no_store, command=command)
+        else:
+            client = PacsClient(PacsConfig.from_env(args.pacs, args.pacs_user))
+            run = segment_from_pacs(client, args.study, predictor, options, series_uid=args.series,
+                                    store=not args.no_store, command=command)
         stored = f"; stored {', '.join(p.name for p in run.stored)} in study {args.study}" if run.stored else ""
         print(f"resunet predict: study {args.study} from {args.pacs} segmented in {run.timings['segment']:.1f} s "
               f"(pull {run.timings['pull']:.1f} s{', store %.1f s' % run.timings['store'] if 'store' in run.timings else ''})"

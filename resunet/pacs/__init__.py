@@ -1,7 +1,9 @@
 """Talking to archives: DICOMweb (QIDO/WADO/STOW with dicomweb-client) and DIMSE (pynetdicom).
 
 - :mod:`resunet.pacs.dicomweb`: :class:`PacsConfig`, :class:`PacsClient` (search, retrieve, store);
-- :mod:`resunet.pacs.segment`: :func:`segment_from_pacs` (pull, segment with the batch runner, STOW back);
+- :mod:`resunet.pacs.segment`: :func:`segment_and_send` (pull, segment with the batch runner, send back),
+  with the transports of :func:`segment_from_pacs` (DICOMweb) and :func:`segment_from_dimse` (DIMSE);
+- :mod:`resunet.pacs.dimse_qr`: C-FIND / C-GET / C-MOVE query/retrieve (:class:`DimseSource`, :class:`QueryConfig`);
 - :mod:`resunet.pacs.dimse`: :class:`StoreListener` (C-STORE SCP), :class:`DicomNode` (listener that
   segments complete series and sends the results on), :func:`send_files` (C-STORE SCU).
 
@@ -17,6 +19,8 @@ _WHERE = {
     "PacsClient": "dicomweb", "PacsConfig": "dicomweb", "SeriesSummary": "dicomweb", "StudySummary": "dicomweb",
     "Destination": "dimse", "DicomNode": "dimse", "ListenerConfig": "dimse", "ReceivedSeries": "dimse",
     "StoreListener": "dimse", "send_files": "dimse", "PacsRun": "segment", "segment_from_pacs": "segment",
+    "segment_and_send": "segment", "segment_from_dimse": "segment", "DimseSource": "dimse_qr",
+    "QueryConfig": "dimse_qr", "find_studies": "dimse_qr", "find_series": "dimse_qr", "retrieve_study": "dimse_qr",
 }
 __all__ = sorted(_WHERE)
 

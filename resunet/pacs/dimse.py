@@ -294,7 +294,7 @@ class StoreListener:
 
 
 def send_files(files: Sequence[str | Path], destination: Destination, calling_aet: str = "RESUNET",
-               timeout: float = 60.0) -> int:
+               timeout: float = 60.0, ssl_context: Any = None) -> int:
     """Send DICOM files with C-STORE to ``destination``; returns how many were stored.
 
     Raises:
@@ -314,7 +314,11 @@ def send_files(files: Sequence[str | Path], destination: Destination, calling_ae
         wanted.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
     for sop_class, syntaxes in wanted.items():
         ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    kwargs = {"tls_args": (ssl_context, None)} if ssl_context is not None else {}
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, **kwargs)
+    except OSError as err:  # TLS handshake failures are OSErrors (ssl.SSLError)
+        raise PacsError(f"DICOM node {destination} is unreachable ({err})") from None
     if not assoc.is_established:
         why = "rejected the association (check our AE title is known there)" if assoc.is_rejected else \
             "is unreachable or aborted the association (check host, port and that it runs)"

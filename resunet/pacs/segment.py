@@ -1,16 +1,18 @@
-"""Pull a study from a DICOMweb PACS, segment it with the batch runner, store the results back.
+"""Pull a study from an archive, segment it with the batch runner, send the results back: one step.
 
-The study is retrieved (WADO-RS) into a private temp folder, segmented by
+:func:`segment_and_send` is the step; :func:`segment_from_pacs` (DICOMweb: WADO-RS in, STOW-RS out)
+and :func:`segment_from_dimse` (DIMSE: C-GET/C-MOVE in, C-STORE out) give it their transports.
+The study is retrieved into a private temp folder, segmented by
 :func:`resunet.inference.batch.run_batch` exactly as ``resunet predict FOLDER`` would (same
-Predictor, writers, ``predictions.json`` and audit record), and the DICOM outputs (SEG, RTSTRUCT)
-are stored into the same study with STOW-RS. The pulled images are deleted afterwards; the
+Predictor, writers, ``predictions.json`` and audit record), and the DICOM outputs (SEG, RTSTRUCT, SR)
+are stored into the same study. The pulled images are deleted afterwards; the
 predictions record keeps their SHA-256.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from resunet.inference.cases import Case
 from resunet.inference.predictor import Predictor
 from resunet.io.scratch import private_temp_dir
 from resunet.pacs.dicomweb import PacsClient
+from resunet.pacs.dimse_qr import DimseSource, QueryConfig
 
 #: outputs of a case that go back to the PACS (the NIfTI mask stays local)
 DICOM_OUTPUTS = ("seg", "rtstruct", "sr")
@@ -46,6 +49,53 @@ def _case_id(study_uid: str) -> str:
     return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in study_uid) or "study"
 
 
+def segment_and_send(
+    study_uid: str,
+    fetch: Callable[[Path], None],
+    send: Callable[[list[Path]], None] | None,
+    predictor: Predictor,
+    options: BatchOptions,
+    *,
+    source: str,
+    command: Sequence[str] | None = None,
+) -> PacsRun:
+    """The one "segment a study from an archive and send the results back" step; transports are arguments.
+
+    Args:
+        study_uid: the study (its UID names the case and the outputs).
+        fetch: writes the study's instances into the folder it is given (WADO-RS, C-GET, C-MOVE);
+            raises PacsError when the archive fails or delivers less than it listed.
+        send: stores the DICOM outputs back (STOW-RS, C-STORE); None keeps them local.
+        source: the archive, for messages.
+
+    The study is fetched into a private temp folder (removed afterwards; a killed process's by the
+    next one), segmented by :func:`resunet.inference.batch.run_batch` as ``resunet predict FOLDER``
+    would, and only a case that succeeded is sent: nothing partial goes back.
+    """
+    run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
+    with private_temp_dir("pacs") as tmp:  # removed after; a killed process's by the next one
+        folder = tmp / _case_id(study_uid)
+        t0 = time.perf_counter()
+        fetch(folder)
+        run.timings["pull"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run.batch = run_batch([Case(case_id=_case_id(study_uid), path=folder, kind="dicom")], predictor, options,
+                              command=command)
+        run.timings["segment"] = time.perf_counter() - t0
+    failed = [r for r in run.batch.records if r.get("status") != "ok"]
+    if failed:
+        raise PacsError(f"study {study_uid} from {source} could not be segmented: {failed[0].get('reason')}")
+    if send is not None:
+        files = [options.out_dir / o["path"] for r in run.batch.records
+                 for key, o in (r.get("outputs") or {}).items() if key in DICOM_OUTPUTS]
+        t0 = time.perf_counter()
+        if files:
+            send(files)
+        run.timings["store"] = time.perf_counter() - t0
+        run.stored = files
+    return run
+
+
 def segment_from_pacs(
     client: PacsClient,
     study_uid: str,
@@ -56,14 +106,9 @@ def segment_from_pacs(
     store: bool = True,
     command: Sequence[str] | None = None,
 ) -> PacsRun:
-    """Retrieve ``study_uid``, segment it into ``options.out_dir``, STOW its SEG/RTSTRUCT back.
+    """DICOMweb: retrieve ``study_uid`` (WADO-RS), segment it into ``options.out_dir``, STOW its DICOM outputs back.
 
     Args:
-        client: the PACS.
-        study_uid: Study Instance UID.
-        predictor: the loaded model.
-        options: as for ``resunet predict`` (formats, out_dir, audit...); ``series_uid`` overrides
-            ``options.series_uid``. Outputs are named after the study UID.
         series_uid: retrieve and segment only this series (default: every image series is
             retrieved and the largest is segmented, as ``resunet predict`` does for a folder).
         store: STOW the DICOM outputs back into the study.
@@ -73,25 +118,43 @@ def segment_from_pacs(
     """
     if series_uid:
         options.series_uid = series_uid
-    run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
-    with private_temp_dir("pacs") as tmp:  # removed after; a killed process's by the next one
-        folder = tmp / _case_id(study_uid)
-        t0 = time.perf_counter()
-        client.retrieve(study_uid, folder, [series_uid] if series_uid else None)
-        run.timings["pull"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        run.batch = run_batch([Case(case_id=_case_id(study_uid), path=folder, kind="dicom")], predictor, options,
-                              command=command)
-        run.timings["segment"] = time.perf_counter() - t0
-    failed = [r for r in run.batch.records if r.get("status") != "ok"]
-    if failed:
-        raise PacsError(f"study {study_uid} from {client.config.url} could not be segmented: {failed[0].get('reason')}")
-    if store:
-        files = [options.out_dir / o["path"] for r in run.batch.records
-                 for key, o in (r.get("outputs") or {}).items() if key in DICOM_OUTPUTS]
-        t0 = time.perf_counter()
-        if files:
-            client.store(files, study_uid)
-        run.timings["store"] = time.perf_counter() - t0
-        run.stored = files
-    return run
+    return segment_and_send(
+        study_uid, lambda folder: client.retrieve(study_uid, folder, [series_uid] if series_uid else None),
+        (lambda files: client.store(files, study_uid)) if store else None,
+        predictor, options, source=client.config.url, command=command)
+
+
+def segment_from_dimse(
+    source: DimseSource,
+    cfg: QueryConfig,
+    study_uid: str,
+    predictor: Predictor,
+    options: BatchOptions,
+    *,
+    series_uid: str | None = None,
+    store: bool = True,
+    command: Sequence[str] | None = None,
+) -> PacsRun:
+    """DIMSE: C-FIND the study's series, C-GET/C-MOVE them (complete or PacsError), segment, C-STORE back.
+
+    Args:
+        source, cfg: the archive and how to talk to it (:mod:`resunet.pacs.dimse_qr`).
+        series_uid: retrieve only this series (default: every series; the largest image series is segmented).
+    """
+    from resunet.pacs.dimse import Destination, send_files
+    from resunet.pacs.dimse_qr import find_series, retrieve_study
+
+    series = find_series(source, cfg, study_uid)
+    if series_uid:
+        series = [s for s in series if s.series_uid == series_uid]
+        if not series:
+            raise PacsError(f"DICOM archive {source} has no series {series_uid} in study {study_uid}")
+        options.series_uid = series_uid
+    if not series:
+        raise PacsError(f"DICOM archive {source} has no study {study_uid} (or it lists no series)")
+    dest = Destination(source.host, source.port, source.ae_title)
+    return segment_and_send(
+        study_uid, lambda folder: retrieve_study(source, cfg, study_uid, folder, series),
+        (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
+                                  ssl_context=cfg.ssl_context(source))) if store else None,
+        predictor, options, source=str(source), command=command)

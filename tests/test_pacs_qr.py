@@ -1,0 +1,104 @@
+"""Query/retrieve over DIMSE against a real Orthanc (issue 24 points 1 and 4): C-FIND by accession
+number, C-GET and C-MOVE of the study (the voxels that arrive are the study's), `resunet predict --pacs
+dimse://...` storing the SEG back with C-STORE, and a retrieve that delivers less than C-FIND counted
+failing with both counts and storing nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+
+import numpy as np
+import pydicom
+import pytest
+
+from orthanc_support import ORTHANC_AET, dicomweb_plugin, orthanc_binary, start_orthanc
+from test_app_support import EXAMPLE_DICOM, free_port, make_tiny_model
+
+from resunet.cli import main
+from resunet.errors import PacsError
+from resunet.io import load_study
+from resunet.pacs.dimse_qr import DimseSource, QueryConfig, find_series, find_studies, retrieve_study
+
+pytestmark = pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
+                                reason="Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh)")
+ACCESSION = "ACC20261206"
+
+
+@pytest.fixture(scope="module")
+def move_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, move_port):
+    """Orthanc holding the example study with an accession number; it knows us as RESUNET on move_port."""
+    folder = tmp_path_factory.mktemp("qr")
+    files = []
+    for f in sorted(EXAMPLE_DICOM.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.AccessionNumber = ACCESSION
+        out = folder / "src" / f.name
+        out.parent.mkdir(exist_ok=True)
+        ds.save_as(out, enforce_file_format=True)
+        files.append(out)
+    server = start_orthanc(folder / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", move_port)})
+    try:
+        server.upload(files)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def source(archive) -> DimseSource:
+    return DimseSource.parse(f"dimse://{ORTHANC_AET}@127.0.0.1:{archive.port}")
+
+
+def test_url_parsing():
+    assert DimseSource.parse("dimses://PACS@10.0.0.5:2762") == DimseSource("PACS", "10.0.0.5", 2762, True)
+    with pytest.raises(Exception, match="dimse://AET@HOST:PORT"):
+        DimseSource.parse("dimse://10.0.0.5:104")
+
+
+def test_find_then_get_and_move_bring_the_study(source, move_port, tmp_path):
+    studies = find_studies(source, QueryConfig(), accession=ACCESSION)
+    assert len(studies) == 1 and studies[0].n_instances == 91 and studies[0].accession == ACCESSION
+    series = find_series(source, QueryConfig(), studies[0].study_uid)
+    assert [s.n_instances for s in series] == [91] and series[0].modality == "MR"
+    reference = np.asarray(load_study(EXAMPLE_DICOM).array)
+    for method in ("get", "move"):
+        cfg = QueryConfig(method=method, move_port=move_port)
+        got = retrieve_study(source, cfg, studies[0].study_uid, tmp_path / method)
+        assert got.received == {series[0].series_uid: 91}, method
+        assert np.array_equal(np.asarray(load_study(tmp_path / method).array), reference), method
+    assert find_studies(source, QueryConfig(), accession="NO-SUCH") == []
+
+
+def test_predict_from_a_dimse_archive_stores_the_seg_back(archive, source, tmp_path, capsys):
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    before = archive.get("/series")
+    code = main(["predict", "--pacs", str(source), "--accession", ACCESSION, "--out", str(tmp_path / "out"),
+                 "--model", str(model), "--no-tta", "--no-audit", "--no-progress", "--format", "nifti,seg,sr"])
+    assert code == 0, capsys.readouterr().err
+    new = [archive.get(f"/series/{s}") for s in archive.get("/series") if s not in before]
+    assert sorted(s["MainDicomTags"]["Modality"] for s in new) == ["SEG", "SR"]
+    case = json.loads((tmp_path / "out" / "predictions.json").read_text())["cases"][0]
+    assert case["status"] == "ok" and set(case["outputs"]) == {"mask", "seg", "sr"}
+    # several matches, or none: a clear line, no model loaded, nothing stored
+    code = main(["predict", "--pacs", str(source), "--accession", "NO-SUCH", "--out", str(tmp_path / "o2"),
+                 "--model", str(model), "--no-audit"])
+    assert code != 0 and "0 studies match" in capsys.readouterr().err
+
+
+def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive, source, tmp_path):
+    study = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    series = find_series(source, QueryConfig(), study)  # 91 counted...
+    # ...then the archive loses three of them before the retrieve (a real DELETE on Orthanc)
+    mr = [s for s in archive.get("/series") if archive.get(f"/series/{s}")["MainDicomTags"]["Modality"] == "MR"][0]
+    for inst in archive.get(f"/series/{mr}")["Instances"][:3]:
+        urllib.request.urlopen(urllib.request.Request(f"{archive.url}/instances/{inst}", method="DELETE"), timeout=30)
+    with pytest.raises(PacsError, match=r"delivered fewer instances than its C-FIND counted \(series .*: 88 of 91\)"):
+        retrieve_study(source, QueryConfig(), study, tmp_path / "short", series)
+    shutil.rmtree(tmp_path / "short", ignore_errors=True)
