@@ -64,12 +64,14 @@ class Orthanc:
         stop(self.proc)
 
 
-def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]] | None = None) -> Orthanc:
+def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]] | None = None,
+                  extra: dict | None = None) -> Orthanc:
     """Start Orthanc with its storage and config in ``folder``; waits until its REST API answers.
 
     Args:
         folder: empty temp folder (config, database and log go there).
         modalities: DICOM nodes Orthanc may send to, ``{name: (AE title, host, port)}``.
+        extra: more configuration keys (e.g. DICOM TLS).
     """
     binary, plugin = orthanc_binary(), dicomweb_plugin()
     if binary is None or plugin is None:
@@ -93,6 +95,7 @@ def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]] | No
         "DicomAlwaysAllowStore": True,
         "StableAge": 2,
         "ConcurrentJobs": 2,
+        **(extra or {}),
     }
     cfg = folder / "orthanc.json"
     cfg.write_text(json.dumps(config, indent=1))

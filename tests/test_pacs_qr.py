@@ -102,3 +102,49 @@ def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive
     with pytest.raises(PacsError, match=r"delivered fewer instances than its C-FIND counted \(series .*: 88 of 91\)"):
         retrieve_study(source, QueryConfig(), study, tmp_path / "short", series)
     shutil.rmtree(tmp_path / "short", ignore_errors=True)
+
+
+def _ca_and_certs(folder):
+    """A test CA and a server and client certificate signed by it (openssl), for DICOM TLS on loopback."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=resunet test CA")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN=127.0.0.1 {name}")
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def test_query_retrieve_over_tls(tmp_path):
+    """A second Orthanc that speaks DICOM over TLS only, with a CA the test made: find and C-GET the
+    study with our client certificate; without the CA file the handshake fails with one clear line."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed to make the test CA (Debian openssl)")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    c = _ca_and_certs(pki)
+    server = start_orthanc(tmp_path / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", free_port())}, extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(c["server.crt"]), "DicomTlsPrivateKey": str(c["server.key"]),
+        "DicomTlsTrustedCertificates": str(c["ca.crt"]), "DicomTlsRemoteCertificateRequired": True,
+    })
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        src = DimseSource.parse(f"dimses://{ORTHANC_AET}@127.0.0.1:{server.port}")
+        cfg = QueryConfig(tls_ca=str(c["ca.crt"]), tls_cert=str(c["client.crt"]), tls_key=str(c["client.key"]))
+        study = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+        assert [s.study_uid for s in find_studies(source=src, cfg=cfg, study_uid=study)] == [study]
+        got = retrieve_study(src, cfg, study, tmp_path / "got")
+        assert sum(got.received.values()) == 91
+        assert np.array_equal(np.asarray(load_study(tmp_path / "got").array), np.asarray(load_study(EXAMPLE_DICOM).array))
+        with pytest.raises(PacsError, match="unreachable|aborted"):
+            find_studies(src, QueryConfig(tls_cert=str(c["client.crt"]), tls_key=str(c["client.key"]), timeout=10),
+                         study_uid=study)  # the system CAs do not know the test CA
+    finally:
+        server.stop()

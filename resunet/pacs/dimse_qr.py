@@ -199,8 +199,10 @@ def _find(source: DimseSource, cfg: QueryConfig, query: Any) -> list[Any]:
             elif code == 0x0000:
                 break
             else:
-                raise PacsError(f"DICOM archive {source} answered the C-FIND with status "
-                                + (f"0x{code & 0xFFFF:04X}" if code >= 0 else "none (timeout or abort)"))
+                raise PacsError(f"DICOM archive {source} " + (
+                    f"answered the C-FIND with status 0x{code & 0xFFFF:04X}" if code >= 0 else
+                    f"aborted the C-FIND or did not answer within {cfg.timeout:g} s (check that it lets our AE title "
+                    f"{cfg.calling_aet!r} query: e.g. Orthanc's DicomModalities)"))
     finally:
         if assoc.is_established:
             assoc.release()
