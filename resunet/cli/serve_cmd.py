@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="send each SEG/RTSTRUCT of a received series there with C-STORE")
     pacs.add_argument("--settle-seconds", type=float, default=d["settle_seconds"].default, metavar="S",
                       help="a received series is complete after S seconds without a new instance (default 5)")
+    pacs.add_argument("--routes", type=Path, default=None, metavar="FILE",
+                      help="routing rules (YAML, docs/pacs.md): the DICOM node segments each received series with "
+                      "the model of the first rule it matches; series no rule matches are left alone")
     pacs.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                       help="AE title allowed to send to the node (repeat; default: any)")
     p.add_argument("--add-token", metavar="NAME", help="make a token for NAME, print it once, store its hash, and exit")
@@ -111,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         dicom_host=getattr(args, "dicom_host", "127.0.0.1"), ae_title=getattr(args, "ae_title", "RESUNET"),
         min_slices=args.min_slices, allow_split_series=args.allow_split_series, max_memory_gb=args.max_memory_gb,
         keep_upload_names=args.keep_upload_names, min_free_gb=args.min_free_gb,
+        routes=getattr(args, "routes", None),
         store_to=getattr(args, "store_to", ""), settle_seconds=getattr(args, "settle_seconds", 5.0),
         allowed_aets=tuple(getattr(args, "allow_aet", []) or ()),
         audit_db=False if args.no_audit else (Path(args.audit_db) if args.audit_db else None),

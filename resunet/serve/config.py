@@ -53,6 +53,8 @@ class ServeConfig:
         min_free_gb: free space (GB) the state folder's disk must keep: below it uploads get 507 and
             queued jobs wait; jobs failed for a full disk are re-queued by the sweep once it is back
             above (0 = no floor).
+        routes: routing rules file (:mod:`resunet.pacs.routing`): the DICOM node segments a received
+            series with the model of the first rule it matches, and leaves unmatched series alone.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -85,6 +87,7 @@ class ServeConfig:
     max_memory_gb: float | None = None
     keep_upload_names: bool = False
     min_free_gb: float = 1.0
+    routes: Path | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()

@@ -115,7 +115,8 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
     if out.exists():  # a half-done earlier attempt (service killed): redo from scratch
         shutil.rmtree(out)
     opts = segment_options(job.options, env.default_formats())
-    predictor = env.predictor(uncertainty=opts["uncertainty"])
+    routed = job.options.get("model")  # picked by a routing rule (resunet.pacs.routing)
+    predictor = env.predictor(uncertainty=opts["uncertainty"], **({"model": routed} if routed else {}))
     batch = BatchOptions(
         out_dir=out, formats=tuple(opts["formats"]), save_probabilities=opts["probabilities"],
         save_uncertainty=opts["uncertainty"], series_uid=opts["series_uid"], progress=False,
@@ -149,6 +150,7 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
         "series_uid": rec.get("series_uid"),
         "grid": rec.get("grid"),
         "warnings": [client_message(w, job_dir, job.input_name, input_path) for w in rec.get("warnings") or []],
+        **({"route": job.options["route"]} if job.options.get("route") else {}),
     }
     return JobOutcome(outputs=outputs, result=result)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from resunet.errors import ConfigError, InputError
+from resunet.inference.bundled import resolve_model
 from resunet.serve.jobs import JobEnv, JobOutcome, register_kind, run_segmentation, segment_options
 from resunet.serve.queue import Job
 
@@ -108,6 +109,14 @@ class NodeFeeder:
         self.formats = formats
 
     def __call__(self, series: Any) -> None:
+        extra: dict[str, Any] = {}
+        routes = getattr(self.service, "routes", None)
+        if routes is not None:  # the operator's rules pick the model, or leave the series alone
+            rule = _route(routes, series)
+            if rule is None:
+                shutil.rmtree(series.folder, ignore_errors=True)
+                return
+            extra = {"model": str(resolve_model(rule.model)), "route": rule.name}
         job_id = uuid.uuid4().hex
         final = self.service.job_dir(job_id) / "input"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -116,13 +125,30 @@ class NodeFeeder:
         if study_dir.is_dir() and not any(study_dir.iterdir()):
             study_dir.rmdir()
         opts = {"formats": list(self.formats), "series_uid": series.series_uid, "uncertainty": False,
-                "probabilities": False, "destination": self.destination, "ae_title": self.ae_title}
+                "probabilities": False, "destination": self.destination, "ae_title": self.ae_title, **extra}
         self.service.queue.enqueue("dicom-series", input_path=final, input_sha256=None, options=opts,
                                    input_name=f"{series.n_instances} instances from {series.calling_aet}",
                                    submitted_by=f"DICOM {series.calling_aet}", job_id=job_id)
         self.service.wake()
         log.info("series %s (%d instances from %s) queued as job %s", series.series_uid, series.n_instances,
                  series.calling_aet, job_id)
+
+
+def _route(routes: Any, series: Any) -> Any:
+    """The rule for a received series (facts from its first instance's header), or None (logged once)."""
+    import pydicom
+
+    from resunet.pacs.routing import SeriesFacts
+
+    first = next(iter(sorted(series.folder.glob("*.dcm"))), None)
+    ds = pydicom.dcmread(first, stop_before_pixels=True) if first is not None else pydicom.Dataset()
+    facts = SeriesFacts.from_dataset(ds, series.n_instances)
+    rule = routes.route(facts)
+    if rule is None:
+        routes.log_unrouted(log, series.series_uid, facts)
+    else:
+        log.info("routing: series %s -> rule '%s' (model %s)", series.series_uid, rule.name, rule.model)
+    return rule
 
 
 def start_node(service: Any) -> Any:

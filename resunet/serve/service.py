@@ -90,6 +90,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._lock_fh: Any = None
         self.model_path: Path | None = None
+        self.routes: Any = None  # resunet.pacs.routing.Routes when --routes is given
 
     # -- start-up ------------------------------------------------------------------------------------
     def open(self) -> "Service":
@@ -116,6 +117,15 @@ class Service:
             raise ConfigError(
                 f"another resunet serve is running with the state folder {self.state_dir}; stop it or pass another --state-dir"
             ) from None
+        if self.config.routes is not None:  # a bad rules file or a rule's missing model stops the start
+            from resunet.inference.bundled import resolve_model
+            from resunet.pacs.routing import load_routes
+
+            self.routes = load_routes(self.config.routes)
+            for rule in self.routes.rules:
+                if rule.model is not None and not resolve_model(rule.model).is_file():
+                    raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {rule.model!r}, "
+                                      "which is neither a bundled model nor a file")
         self.queue = JobQueue(self.state_dir / "jobs.sqlite")
         self.metrics = Metrics(self.queue.counts)
         again = self.queue.requeue_running()
@@ -171,15 +181,17 @@ class Service:
                  seconds, pred.device)
         self._ready.set()
 
-    def predictor(self, uncertainty: bool = False) -> Any:
-        """The Predictor for this model and the service's settings (built once per uncertainty mode)."""
-        from resunet.inference import Predictor
+    def predictor(self, uncertainty: bool = False, model: str | None = None) -> Any:
+        """The Predictor for this model (or ``model``, a routed job's checkpoint path) and the service's
+        settings, built once per (model, uncertainty mode) and kept warm."""
+        from resunet.inference import Predictor, load_model
 
-        key = bool(uncertainty)
+        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model))
         if key not in self._predictors:
             c = self.config
-            self._predictors[key] = Predictor(self.model, device=c.device, tta=c.tta, overlap=c.overlap,
-                                              sw_batch=c.sw_batch, uncertainty="tta" if key else None)
+            loaded = self.model if model is None else load_model(model)
+            self._predictors[key] = Predictor(loaded, device=c.device, tta=c.tta, overlap=c.overlap,
+                                              sw_batch=c.sw_batch, uncertainty="tta" if uncertainty else None)
         return self._predictors[key]
 
     def job_dir(self, job_id: str) -> Path:
@@ -387,7 +399,9 @@ class Service:
         model = job.result.get("model") if job.result else None
         if not model and self.model is not None:
             model = {"name": self.model.name, "sha256": self.model.sha256}
-        prov["model"] = {**(model or {}), "path": str(self.model_path)}
+        prov["model"] = {**(model or {}), "path": str((job.options or {}).get("model") or self.model_path)}
+        if (job.options or {}).get("route"):
+            prov["route"] = job.options["route"]  # the routing rule that picked the model
         prov["files"] = {"input": [{"path": job.input_name, "sha256": job.input_sha256}]}
         prov["job"] = {"id": job.id, "kind": job.kind, "state": job.state, "error": job.error,
                        "options": job.options, "attempts": job.attempts, "finished_utc": _iso(job.finished_at)}

@@ -1,0 +1,166 @@
+"""Routing rules: which model segments which series (DICOM node, PACS jobs, ``resunet predict --routes``).
+
+A YAML file of rules, tried in order; the first whose every condition holds picks the model::
+
+    rules:
+      - name: head MR T1
+        match:
+          modality: MR                       # exact, case-insensitive (a list: any of them)
+          body_part: "HEAD|BRAIN"            # regex on BodyPartExamined (search, case-insensitive)
+          series_description: "t1|mprage"    # regex on SeriesDescription
+          image_type: ORIGINAL               # every value listed must be in ImageType
+          min_slices: 20                     # size: slices (instances) of the series
+          max_slices: 1000
+        model: brain_extraction              # a bundled model name or a checkpoint path
+      - name: anything else
+        match: {}
+        skip: true                           # left alone (logged once per series)
+
+A series no rule matches, or whose rule says ``skip``, is left alone and logged once. The rule that
+matched is recorded with the job and in the audit log (``route`` in the case record). A bad file is
+refused at start with the rule's position and the reason (:class:`~resunet.errors.ConfigError`).
+Hand-written: a dozen lines of matching over header values; no rules library fits DICOM headers.
+Chaining models (one model on the output of another, e.g. tissue classes on the extracted brain)
+is not part of a rule yet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resunet.errors import ConfigError
+
+_KEYS = {"modality", "body_part", "series_description", "image_type", "min_slices", "max_slices"}
+
+
+@dataclass(frozen=True)
+class SeriesFacts:
+    """What a rule looks at, from the series' headers."""
+
+    modality: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    image_type: tuple[str, ...] = ()
+    n_slices: int = 0
+
+    @classmethod
+    def from_dataset(cls, ds: Any, n_slices: int) -> "SeriesFacts":
+        it = ds.get("ImageType", ())
+        values = (it,) if isinstance(it, str) else tuple(str(v) for v in it)
+        return cls(str(ds.get("Modality", "") or ""), str(ds.get("BodyPartExamined", "") or ""),
+                   str(ds.get("SeriesDescription", "") or ""), tuple(v.upper() for v in values), int(n_slices))
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    model: str | None
+    skip: bool = False
+    modality: tuple[str, ...] = ()
+    body_part: re.Pattern | None = None
+    series_description: re.Pattern | None = None
+    image_type: tuple[str, ...] = ()
+    min_slices: int = 0
+    max_slices: int | None = None
+
+    def matches(self, s: SeriesFacts) -> bool:
+        if self.modality and s.modality.upper() not in self.modality:
+            return False
+        if self.body_part is not None and not self.body_part.search(s.body_part):
+            return False
+        if self.series_description is not None and not self.series_description.search(s.series_description):
+            return False
+        if any(v not in s.image_type for v in self.image_type):
+            return False
+        return s.n_slices >= self.min_slices and (self.max_slices is None or s.n_slices <= self.max_slices)
+
+
+@dataclass
+class Routes:
+    """The rules of one file, in order."""
+
+    rules: list[Rule]
+    source: str = ""
+    _logged: set[str] = field(default_factory=set, repr=False)
+
+    def route(self, s: SeriesFacts) -> Rule | None:
+        """The first rule that matches ``s``; None when none does or the match says ``skip``."""
+        for rule in self.rules:
+            if rule.matches(s):
+                return None if rule.skip else rule
+        return None
+
+    def log_unrouted(self, log: Any, key: str, s: SeriesFacts) -> None:
+        """Log once per series key that no rule took it."""
+        if key not in self._logged:
+            self._logged.add(key)
+            log.info("routing (%s): no rule segments series %s (%s %s '%s', %d slices); left alone",
+                     self.source, key, s.modality or "?", s.body_part or "?", s.series_description, s.n_slices)
+
+
+def load_routes(path: str | Path) -> Routes:
+    """Read and check a rules file; ConfigError naming the rule and the reason."""
+    import yaml
+
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"--routes {p}: cannot read it ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--routes {p}: not valid YAML{where} ({getattr(err, 'problem', err)})") from None
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("rules"), list) or not doc["rules"]:
+        raise ConfigError(f"--routes {p}: expected a mapping with a non-empty list 'rules:'")
+    rules = []
+    for i, raw in enumerate(doc["rules"], start=1):
+        where = f"--routes {p}: rule {i}"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with name, match and model (or skip: true)")
+        name = str(raw.get("name") or f"rule {i}")
+        where += f" ({name})"
+        unknown = set(raw) - {"name", "match", "model", "skip"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; use name, match, model, skip")
+        match = raw.get("match") or {}
+        if not isinstance(match, Mapping):
+            raise ConfigError(f"{where}: 'match' must be a mapping of conditions")
+        bad = set(match) - _KEYS
+        if bad:
+            raise ConfigError(f"{where}: unknown condition(s) {', '.join(sorted(bad))}; use {', '.join(sorted(_KEYS))}")
+        skip = bool(raw.get("skip", False))
+        model = raw.get("model")
+        if skip == (model is not None):
+            raise ConfigError(f"{where}: give either 'model: NAME' or 'skip: true'")
+
+        def regex(key: str) -> re.Pattern | None:
+            if key not in match:
+                return None
+            try:
+                return re.compile(str(match[key]), re.IGNORECASE)
+            except re.error as err:
+                raise ConfigError(f"{where}: {key} {match[key]!r} is not a valid regular expression ({err})") from None
+
+        def ints(key: str) -> int | None:
+            if key not in match:
+                return None
+            v = match[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{where}: {key} must be a whole number >= 0, got {v!r}")
+            return v
+
+        mods = match.get("modality", ())
+        mods = (mods,) if isinstance(mods, str) else tuple(mods)
+        types = match.get("image_type", ())
+        types = (types,) if isinstance(types, str) else tuple(types)
+        rules.append(Rule(name=name, model=None if skip else str(model), skip=skip,
+                          modality=tuple(str(m).upper() for m in mods), body_part=regex("body_part"),
+                          series_description=regex("series_description"),
+                          image_type=tuple(str(t).upper() for t in types),
+                          min_slices=ints("min_slices") or 0, max_slices=ints("max_slices")))
+    return Routes(rules=rules, source=str(p))

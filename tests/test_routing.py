@@ -1,0 +1,111 @@
+"""Routing rules (issue 24 point 2): the rules file is checked at start with the rule and the reason;
+the DICOM node of a real `resunet serve` segments a received series with the model of the first rule
+it matches (recorded in the job and the audit log) and leaves unmatched series alone, logged once."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from serve_support import ServiceProcess
+from test_app_support import EXAMPLE_DICOM, REPO, free_port, make_tiny_model
+
+from resunet.errors import ConfigError
+from resunet.pacs.routing import SeriesFacts, load_routes
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "routes.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, message", [
+    ("rules: [", "not valid YAML at line 1"),
+    ("rules:\n  - name: a\n    match: {modality: MR, colour: red}\n    model: x\n", "rule 1 (a): unknown condition(s) colour"),
+    ("rules:\n  - match: {series_description: '(t1'}\n    model: x\n", "rule 1 (rule 1): series_description '(t1' is not a valid regular expression"),
+    ("rules:\n  - {match: {}, model: x}\n  - {match: {min_slices: -3}, model: y}\n", "rule 2 (rule 2): min_slices must be a whole number"),
+    ("rules:\n  - name: both\n    match: {}\n", "rule 1 (both): give either 'model: NAME' or 'skip: true'"),
+    ("other: 1\n", "expected a mapping with a non-empty list 'rules:'"),
+])
+def test_bad_rules_files_are_refused_with_the_rule_and_the_reason(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_routes(_write(tmp_path, text))
+
+
+def test_first_matching_rule_wins(tmp_path):
+    routes = load_routes(_write(tmp_path, """
+rules:
+  - name: head T1
+    match: {modality: [MR, PT], body_part: "head|brain", series_description: "t1", image_type: ORIGINAL, min_slices: 20}
+    model: brain_extraction
+  - name: small
+    match: {max_slices: 5}
+    skip: true
+  - name: any MR
+    match: {modality: mr}
+    model: other.pt
+"""))
+    t1 = SeriesFacts("MR", "BRAIN", "sag T1 mprage", ("ORIGINAL", "PRIMARY"), 176)
+    assert routes.route(t1).name == "head T1"
+    assert routes.route(SeriesFacts("MR", "BRAIN", "sag T1", ("DERIVED",), 176)).name == "any MR"
+    assert routes.route(SeriesFacts("MR", "", "loc", (), 3)) is None  # skip rule
+    assert routes.route(SeriesFacts("CT", "CHEST", "", (), 300)) is None  # no rule
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh)")
+def test_the_dicom_node_routes_series_to_models(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    routes = _write(tmp_path, f"""
+rules:
+  - name: MR volumes
+    match: {{modality: MR, min_slices: 50}}
+    model: {model}
+  - name: the rest
+    match: {{}}
+    skip: true
+""")
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = subprocess.run([sys.executable, "-m", "resunet", "serve", "--state-dir", str(tmp_path / "s0"),
+                          "--routes", str(_write(bad_dir, "rules:\n  - {match: {}, model: nosuch}\n"))],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "names model 'nosuch', which is neither a bundled model nor a file" in bad.stderr
+    short = tmp_path / "short"  # 40 slices of the example as another series: no rule segments it
+    short.mkdir()
+    uid = generate_uid()
+    for f in sorted(EXAMPLE_DICOM.glob("*.dcm"))[:40]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.save_as(short / f.name, enforce_file_format=True)
+    port = free_port()
+    svc = ServiceProcess(tmp_path / "state", None, "--no-tta", "--format", "nifti,seg", "--dicom-port", str(port),
+                         "--settle-seconds", "1", "--routes", str(routes), audit_db=tmp_path / "audit.sqlite")
+    with svc:
+        for folder in (EXAMPLE_DICOM, short):
+            subprocess.run(["storescu", "-aet", "SCANNER", "-aec", "RESUNET", "+sd", "127.0.0.1", str(port), str(folder)],
+                           check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 180
+        jobs: list = []
+        while time.monotonic() < deadline and not (jobs and jobs[0]["state"] in ("done", "failed")):
+            jobs = httpx.get(f"{svc.url}/v1/jobs", timeout=30).json()["jobs"]
+            time.sleep(0.3)
+        time.sleep(2)  # the short series settles too
+        jobs = httpx.get(f"{svc.url}/v1/jobs", timeout=30).json()["jobs"]
+        assert len(jobs) == 1, jobs  # the 40-slice series made no job
+        job = jobs[0]
+        assert job["state"] == "done" and job["result"]["route"] == "MR volumes", job
+        assert job["result"]["model"]["name"] == "tiny-untrained"  # the rule's model, not the bundled default
+        assert svc.log().count("no rule segments series") == 1
+        assert not list((tmp_path / "state" / "dicom-incoming").glob("*/*/*.dcm"))  # left alone = not kept
+    from resunet.reports.audit import read_runs
+
+    run = [r for r in read_runs(tmp_path / "audit.sqlite") if r["run_id"] == f"serve-{job['id']}"][0]
+    assert run["provenance"]["route"] == "MR volumes" and run["provenance"]["model"]["path"] == str(model)
