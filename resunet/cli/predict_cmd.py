@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(or a run folder of `resunet train --fold all`) "
                    "predict as one ensemble: softmax probabilities averaged window by window. Values after the first "
                    "that are not models (no .pt/.onnx/.ts suffix, bundled name or run folder) count as INPUTs")
+    p.add_argument("--then", default=[], action="append", metavar="MODEL",
+                   help="a model chain: after --model, segment again with MODEL, only inside the previous "
+                   "model's foreground (the scan is set to 0 outside it), and keep MODEL's labels there; e.g. "
+                   "--model brain_extraction --then brain_tissue (tissue classes of the extracted brain). Repeatable")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
                    help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
                    "Set contours for DICOM inputs), sr (DICOM SR TID 1500 measurement report of the SEG: volume per "
@@ -181,17 +185,14 @@ def run(args: argparse.Namespace) -> int:
     if options.refused:
         print(f"resunet predict: {len(options.refused)} of {len(mine)} input(s) refused; segmenting the other "
               f"{len(mine) - len(options.refused)}", file=sys.stderr)
-    predictor = Predictor(
-        model,
-        device=device,
-        tta=args.tta,
-        overlap=args.overlap,
-        sw_batch=args.sw_batch,
-        amp=args.amp,
-        postprocess=False if args.no_postprocess else None,
-        uncertainty=args.uncertainty,
-        limits=limits,
-    )
+    settings = dict(device=device, tta=args.tta, overlap=args.overlap, sw_batch=args.sw_batch, amp=args.amp,
+                    postprocess=False if args.no_postprocess else None, uncertainty=args.uncertainty, limits=limits)
+    predictor = Predictor(model, **settings)
+    if args.then:  # a chain: each later model segments inside the previous foreground
+        from resunet.inference.bundled import resolve_model
+        from resunet.inference.chain import ChainPredictor
+
+        predictor = ChainPredictor([predictor, *(Predictor(resolve_model(m), **settings) for m in args.then)])
     if args.pacs:
         from resunet.pacs import PacsClient, PacsConfig, segment_from_dimse, segment_from_pacs
 

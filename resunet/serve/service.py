@@ -126,9 +126,10 @@ class Service:
 
             self.routes = load_routes(self.config.routes)
             for rule in self.routes.rules:
-                if rule.model is not None and not resolve_model(rule.model).is_file():
-                    raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {rule.model!r}, "
-                                      "which is neither a bundled model nor a file")
+                for name in rule.models:
+                    if not resolve_model(name).is_file():
+                        raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {name!r}, "
+                                          "which is neither a bundled model nor a file")
         self.queue = JobQueue(self.state_dir / "jobs.sqlite")
         self.metrics = Metrics(self.queue.counts)
         again = self.queue.requeue_running()
@@ -184,17 +185,24 @@ class Service:
                  seconds, pred.device)
         self._ready.set()
 
-    def predictor(self, uncertainty: bool = False, model: str | None = None) -> Any:
-        """The Predictor for this model (or ``model``, a routed job's checkpoint path) and the service's
-        settings, built once per (model, uncertainty mode) and kept warm."""
+    def predictor(self, uncertainty: bool = False, model: str | None = None, then: Sequence[str] = ()) -> Any:
+        """The Predictor for this model (or ``model``, a routed job's checkpoint path; with ``then``, a
+        chain of models, :mod:`resunet.inference.chain`) and the service's settings, built once per
+        (models, uncertainty mode) and kept warm."""
         from resunet.inference import Predictor, load_model
 
-        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model))
+        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model), *map(str, then))
         if key not in self._predictors:
             c = self.config
+            settings = dict(device=c.device, tta=c.tta, overlap=c.overlap, sw_batch=c.sw_batch,
+                            uncertainty="tta" if uncertainty else None)
             loaded = self.model if model is None else load_model(model)
-            self._predictors[key] = Predictor(loaded, device=c.device, tta=c.tta, overlap=c.overlap,
-                                              sw_batch=c.sw_batch, uncertainty="tta" if uncertainty else None)
+            built: Any = Predictor(loaded, **settings)
+            if then:
+                from resunet.inference.chain import ChainPredictor
+
+                built = ChainPredictor([built, *(Predictor(load_model(m), **settings) for m in then)])
+            self._predictors[key] = built
         return self._predictors[key]
 
     def job_dir(self, job_id: str) -> Path:
