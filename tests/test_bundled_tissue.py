@@ -1,4 +1,4 @@
-"""The bundled multi-label model ``brain_tissue`` (data/model/brain_tissue.pt) picked by name, on the
+"""The bundled multi-label model ``brain_tissue`` (resunet/data/model/brain_tissue.pt) picked by name, on the
 example study: three labels through the NIfTI mask, a DICOM SEG with three segments, per-label rows
 of ``resunet evaluate``, ``resunet info`` and the web UI's picker and legend.
 

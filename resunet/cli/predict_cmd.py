@@ -9,9 +9,10 @@ from pathlib import Path
 
 from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
+from resunet.package_data import MODEL_DIR
 
-#: the bundled brain-extraction model (data/model/), used when --model is not given
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "data" / "model" / "brain_extraction.pt"
+#: the bundled brain-extraction model (package data resunet/data/model/), used when --model is not given
+BUNDLED_MODEL = MODEL_DIR / "brain_extraction.pt"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -56,6 +56,8 @@ def safe_upload_name(name: str | None, fallback: str) -> str:
 SERVER_FAULT = "server fault:"
 #: a job failed for server faults this many times is no longer retried automatically
 MAX_ATTEMPTS = 5
+# 'space is back' after a full disk: this much more free than when the job failed (see space_is_back)
+SPACE_BACK_BYTES = 8 * 1024 * 1024
 
 
 def _upload_suffix(name: str) -> str:
@@ -87,6 +89,7 @@ class Service:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._free_at_fault: int | None = None  # bytes free on the state disk when a job last failed for it
         self._threads: list[threading.Thread] = []
         self._lock_fh: Any = None
         self.model_path: Path | None = None
@@ -351,6 +354,8 @@ class Service:
             outcome = handler(job, self)
         except ServerError as err:  # the server's fault (a full disk): the operator's message goes to the log
             log.error("job %s failed for a server fault (retried when space is back): %s", job.id, err)
+            with contextlib.suppress(OSError):
+                self._free_at_fault = shutil.disk_usage(self.state_dir).free
             error = (f"{SERVER_FAULT} {err.client_text};"
                      f" the job is retried automatically once the operator has fixed it (or POST /v1/jobs/{job.id}/retry)")
         except ResunetError as err:
@@ -435,13 +440,27 @@ class Service:
             raise DiskFullError(f"the state folder {self.state_dir} has {self.free_gb():.2f} GB free, below the floor of "
                                 f"{self.config.min_free_gb:g} GB (--min-free-gb); free space there")
 
-    def retry_server_faults(self) -> list[str]:
-        """Re-queue jobs failed for a server fault (a full disk) once the disk is above its floor again."""
-        assert self.queue is not None
+    def space_is_back(self) -> bool:
+        """True when the state disk is above its floor and has at least SPACE_BACK_BYTES more free than
+        when a job last failed for a full disk: with a floor of 0 (or a disk that filled above it), being
+        above the floor alone says nothing, and re-queueing at once would only fail the job again."""
         if self.low_on_space():
+            return False
+        if self._free_at_fault is None:
+            return True
+        try:
+            return shutil.disk_usage(self.state_dir).free >= self._free_at_fault + SPACE_BACK_BYTES
+        except OSError:
+            return False
+
+    def retry_server_faults(self) -> list[str]:
+        """Re-queue jobs failed for a server fault (a full disk) once space is back (space_is_back)."""
+        assert self.queue is not None
+        if not self.space_is_back():
             return []
         again = [j.id for j in self.queue.failed_with(SERVER_FAULT, MAX_ATTEMPTS) if self.queue.retry(j.id, "service")]
         if again:
+            self._free_at_fault = None
             log.warning("re-queued %d job(s) that failed for a server fault: %s", len(again), ", ".join(again))
             self._wake.set()
         return again
