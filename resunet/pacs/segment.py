@@ -159,12 +159,15 @@ def segment_from_dimse(
     series_uid: str | None = None,
     store: bool = True,
     command: Sequence[str] | None = None,
+    folder: Path | None = None,
+    failure: Callable[[BatchResult], Exception] | None = None,
 ) -> PacsRun:
     """DIMSE: C-FIND the study's series, C-GET/C-MOVE them (complete or PacsError), segment, C-STORE back.
 
     Args:
         source, cfg: the archive and how to talk to it (:mod:`resunet.pacs.dimse_qr`).
         series_uid: retrieve only this series (default: every series; the largest image series is segmented).
+        folder, failure: as for :func:`segment_and_send` (the service's job folder and failure message).
     """
     from resunet.pacs.dimse import Destination, send_files
     from resunet.pacs.dimse_qr import find_series, retrieve_study
@@ -182,4 +185,4 @@ def segment_from_dimse(
         study_uid, lambda folder: retrieve_study(source, cfg, study_uid, folder, series),
         (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
                                   ssl_context=cfg.ssl_context(source))) if store else None,
-        predictor, options, source=str(source), command=command)
+        predictor, options, source=str(source), command=command, folder=folder, failure=failure)
