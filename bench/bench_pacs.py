@@ -10,9 +10,13 @@ the example DICOM study (91 slices, 91x109 pixels), loads the model once, and al
   i.e. what ``resunet predict FOLDER --format seg`` does after start-up;
 - **PACS round trip**: ``segment_from_pacs`` = WADO-RS pull of the study + the same ``run_batch`` +
   STOW-RS of the SEG into the study (what ``resunet predict --pacs URL --study UID`` does after start-up);
-- **DIMSE node**: Orthanc sends the study with C-STORE to a resunet ``DicomNode`` ("send to
-  modality"), which segments the complete series and C-STOREs the SEG back; timed from the send
-  request to the SEG's arrival, minus the node's settle time (the wait that declares a series complete).
+- **DIMSE C-GET** and **DIMSE C-MOVE**: ``segment_from_dimse`` = C-FIND (study, series) + C-GET (or
+  C-MOVE to our own Storage SCP) + the same ``run_batch`` + C-STORE of the SEG back (what
+  ``resunet predict --pacs dimse://AET@HOST:PORT --study UID --retrieve get|move`` does after start-up);
+- **DIMSE node**: Orthanc sends the study with C-STORE to a resunet ``StoreListener`` ("send to
+  modality"), whose callback runs ``segment_and_send`` on the complete series and C-STOREs the SEG
+  back (what the service's dicom-series jobs do); timed from the send request to the SEG's arrival,
+  minus the node's settle time (the wait that declares a series complete).
 
 with mirror TTA on (the CLI default) and off. Overhead = (round trip - segment alone) / segment
 alone, medians over the repeats. Goal: <= 25%. The machine is shared: the load average is printed.
@@ -41,7 +45,10 @@ from test_app_support import free_port  # noqa: E402
 from resunet.inference.batch import BatchOptions, run_batch  # noqa: E402
 from resunet.inference.cases import Case  # noqa: E402
 from resunet.inference.predictor import Predictor  # noqa: E402
-from resunet.pacs import Destination, DicomNode, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
+from resunet.pacs import Destination, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
+from resunet.pacs.dimse import StoreListener, send_files  # noqa: E402
+from resunet.pacs.dimse_qr import DimseSource, QueryConfig  # noqa: E402
+from resunet.pacs.segment import segment_and_send, segment_from_dimse  # noqa: E402
 
 EXAMPLE_DICOM = REPO / "resunet" / "data" / "example" / "colin27_t1_dicom"
 BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
@@ -71,8 +78,9 @@ def main() -> int:
     study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
     work = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     load_start = loadavg()
-    node_port = free_port()
-    orthanc = start_orthanc(work / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", node_port)})
+    node_port, move_port = free_port(), free_port()
+    orthanc = start_orthanc(work / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", node_port),
+                                               "resunetqr": ("RESUNETQR", "127.0.0.1", move_port)})
     rows = []
     try:
         orthanc.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
@@ -80,16 +88,32 @@ def main() -> int:
                                                            method="POST"), timeout=30) as r:
             orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
         client = PacsClient(PacsConfig(orthanc.dicomweb))
+        source = DimseSource(ORTHANC_AET, "127.0.0.1", orthanc.port)
+        qr = {"get": QueryConfig(calling_aet="RESUNETQR", method="get"),
+              "move": QueryConfig(calling_aet="RESUNETQR", method="move", move_port=move_port)}
         local = work / "local" / EXAMPLE_DICOM.name
         shutil.copytree(EXAMPLE_DICOM, local)
         for tta in (True, False):
             predictor = Predictor(args.model, tta=tta)
             alone, trip, node_s = [], [], []
+            dimse_s: dict[str, list[float]] = {"get": [], "move": []}
             parts: dict[str, list[float]] = {"pull": [], "segment": [], "store": []}
             dest = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
             config = ListenerConfig(ae_title="RESUNET", port=node_port, incoming_dir=work / "incoming",
                                     settle_seconds=SETTLE_S)
-            with DicomNode(config, predictor, work / f"node-{tta}", destination=dest, audit_db=False) as node:
+            node_runs: list = []
+
+            def on_series(series, predictor=predictor, tta=tta, node_runs=node_runs):
+                out = work / f"node-{tta}-{len(node_runs)}"
+                node_runs.append(segment_and_send(
+                    series.study_uid, None, lambda files: send_files(files, dest, calling_aet="RESUNET"), predictor,
+                    BatchOptions(out_dir=out, formats=("seg",), progress=False, audit_db=False, resume=False,
+                                 series_uid=series.series_uid),
+                    source=f"C-STORE from {series.calling_aet}", folder=series.folder))
+
+            listener = StoreListener(config, on_series)
+            listener.start()
+            try:
                 for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
                     opts = dict(formats=("seg",), progress=False, audit_db=False, resume=False)
                     t0 = time.perf_counter()
@@ -98,28 +122,41 @@ def main() -> int:
                     t0 = time.perf_counter()
                     run = segment_from_pacs(client, study_uid, predictor, BatchOptions(out_dir=work / f"p{tta}{rep}", **opts))
                     t_trip = time.perf_counter() - t0
+                    t_dimse = {}
+                    for method, cfg in qr.items():
+                        t0 = time.perf_counter()
+                        segment_from_dimse(source, cfg, study_uid, predictor,
+                                           BatchOptions(out_dir=work / f"d{method}{tta}{rep}", **opts))
+                        t_dimse[method] = time.perf_counter() - t0
                     n_before = seg_count(orthanc, study_uid)
                     t0 = time.perf_counter()
                     req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(),
                                                  method="POST")
                     urllib.request.urlopen(req, timeout=300).read()
-                    node.wait_for(rep + 1, timeout=300)
-                    while seg_count(orthanc, study_uid) <= n_before and time.perf_counter() - t0 < 300:
+                    while (len(node_runs) < rep + 1 or seg_count(orthanc, study_uid) <= n_before) \
+                            and time.perf_counter() - t0 < 300:
                         time.sleep(0.05)
                     t_node = time.perf_counter() - t0 - SETTLE_S
-                    assert node.results[-1].error is None, node.results[-1].error
+                    if len(node_runs) < rep + 1:
+                        raise RuntimeError("the DICOM node did not segment the series sent to it within 300 s")
                     if rep == 0:
                         continue
                     alone.append(t_alone)
                     trip.append(t_trip)
                     node_s.append(t_node)
+                    for method in dimse_s:
+                        dimse_s[method].append(t_dimse[method])
                     for k in parts:
                         parts[k].append(run.timings.get(k, 0.0))
+            finally:
+                listener.stop()
             med = statistics.median
             rows.append({
                 "tta": "on (8 flips)" if tta else "off", "alone": med(alone), "trip": med(trip),
                 "pull": med(parts["pull"]), "segment": med(parts["segment"]), "store": med(parts["store"]),
+                "get": med(dimse_s["get"]), "move": med(dimse_s["move"]),
                 "node": med(node_s), "runs_alone": alone, "runs_trip": trip, "runs_node": node_s,
+                "runs_get": dimse_s["get"], "runs_move": dimse_s["move"],
             })
     finally:
         orthanc.stop()
@@ -131,26 +168,35 @@ def main() -> int:
         f"Command: `.venv/bin/python bench/bench_pacs.py --repeats {args.repeats}" + (f" --out {args.out}`" if args.out else "`"),
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads, CPU; model {Path(args.model).name}; Orthanc 1.10 + DICOMweb plugin 1.7 on loopback; example "
-        f"study (91 MR slices of 91x109). Load average at start {load_start} (the machine is shared; 6 agents).",
+        f"study (91 MR slices of 91x109). Load average at start {load_start} (the machine is shared).",
         "",
         f"Medians of {args.repeats} repetitions after one warm-up, model loaded once (start-up excluded on both sides).",
         "",
-        "| TTA | segment alone s (read + predict + write SEG) | PACS round trip s (pull + segment + STOW) | pull s | segment s | STOW s | overhead | DIMSE node s (C-STORE in, segment, C-STORE SEG out; settle excluded) | overhead |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| TTA | segment alone s (read + predict + write SEG) | DICOMweb round trip s (pull + segment + STOW) | pull s | segment s | STOW s | overhead | DIMSE C-FIND + C-GET + segment + C-STORE s | overhead | DIMSE C-FIND + C-MOVE + segment + C-STORE s | overhead | DIMSE node s (C-STORE in, segment, C-STORE SEG out; settle excluded) | overhead |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def over(x: float, r: dict) -> str:
+        return f"{100 * (x - r['alone']) / r['alone']:+.0f}%"
+
     for r in rows:
         lines.append(
             f"| {r['tta']} | {r['alone']:.2f} | {r['trip']:.2f} | {r['pull']:.2f} | {r['segment']:.2f} | {r['store']:.2f} "
-            f"| {100 * (r['trip'] - r['alone']) / r['alone']:+.0f}% | {r['node']:.2f} | {100 * (r['node'] - r['alone']) / r['alone']:+.0f}% |")
+            f"| {over(r['trip'], r)} | {r['get']:.2f} | {over(r['get'], r)} | {r['move']:.2f} | {over(r['move'], r)} "
+            f"| {r['node']:.2f} | {over(r['node'], r)} |")
     lines += ["", "All runs (s):", ""]
     for r in rows:
-        lines.append(f"- TTA {r['tta']}: alone {', '.join(f'{x:.2f}' for x in r['runs_alone'])}; round trip "
-                     f"{', '.join(f'{x:.2f}' for x in r['runs_trip'])}; DIMSE node {', '.join(f'{x:.2f}' for x in r['runs_node'])}")
+        lines.append(f"- TTA {r['tta']}: alone {', '.join(f'{x:.2f}' for x in r['runs_alone'])}; DICOMweb round trip "
+                     f"{', '.join(f'{x:.2f}' for x in r['runs_trip'])}; C-GET {', '.join(f'{x:.2f}' for x in r['runs_get'])}; "
+                     f"C-MOVE {', '.join(f'{x:.2f}' for x in r['runs_move'])}; "
+                     f"DIMSE node {', '.join(f'{x:.2f}' for x in r['runs_node'])}")
     lines += ["", f"Load average at end: {loadavg()}", ""]
     text = "\n".join(lines)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.out), text)
     return 0
 
 
