@@ -279,3 +279,15 @@ def test_resunet_app_hash_password_prints_a_secrets_line(monkeypatch, capsys):
     assert out[0] == "[resunet]"
     key, _, value = out[1].partition(" = ")
     assert key == "password_hash" and verify_password("pa55 word", value.strip('"'))
+
+
+def test_top_level_launcher_runs_the_packaged_page(tmp_path, monkeypatch):
+    # app/webui.py (the design card's top-level app/) is a few lines that run resunet.webui's page
+    from test_app_support import REPO
+
+    launcher = REPO / "app" / "webui.py"
+    assert len(launcher.read_text().splitlines()) < 15
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(launcher), default_timeout=120).run()
+    assert not at.exception
+    assert at.file_uploader(key="upload") is not None and at.button(key="example") is not None
