@@ -106,9 +106,11 @@ def test_wheel_carries_the_web_ui_the_models_and_the_example(installed):
 def test_info_list_names_the_bundled_models(installed):
     res = _run(installed, installed["resunet"], "info", "--list")
     assert res.returncode == 0, res.stdout + res.stderr
+    venv = installed["venv"].resolve()
     for name in ("brain_extraction", "brain_tissue"):
-        assert name in res.stdout
-    assert str(installed["venv"]) in res.stdout or "resunet/data/model" in res.stdout
+        (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith(name)]
+        file = Path(line.rsplit("(", 1)[1].rstrip(")"))  # "name  labels ...  (/path/name.pt)"
+        assert file.is_file() and file.resolve().is_relative_to(venv), line
 
 
 def test_predict_on_the_bundled_model_and_example_study(installed):
