@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import zipfile
