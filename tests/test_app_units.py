@@ -234,6 +234,12 @@ def test_resunet_app_binds_to_localhost_by_default():
     assert env["RESUNET_APP_MAX_UPLOAD_MB"] == "50"
     assert os.path.isabs(env["RESUNET_APP_MODEL_DIR"])
     assert app_script().is_file()
+    # the page's shipped Streamlit settings ride on the command line (any working directory), once each
+    flags = [c for c in cmd[5:] if c.startswith("--")]
+    assert len(flags) == len(set(flags)) and len(cmd[5:]) == 2 * len(flags)
+    for flag, value in [("--server.showEmailPrompt", "false"), ("--server.disconnectedSessionTTL", "120"),
+                        ("--client.showErrorDetails", "none"), ("--runner.magicEnabled", "false")]:
+        assert cmd[cmd.index(flag) + 1] == value
 
 
 def test_resunet_app_serves_on_a_fresh_machine_without_asking_anything(tmp_path):
