@@ -234,6 +234,12 @@ def test_resunet_app_binds_to_localhost_by_default():
     assert env["RESUNET_APP_MAX_UPLOAD_MB"] == "50"
     assert os.path.isabs(env["RESUNET_APP_MODEL_DIR"])
     assert app_script().is_file()
+    # the page's shipped Streamlit settings ride on the command line (any working directory), once each
+    flags = [c for c in cmd[5:] if c.startswith("--")]
+    assert len(flags) == len(set(flags)) and len(cmd[5:]) == 2 * len(flags)
+    for flag, value in [("--server.showEmailPrompt", "false"), ("--server.disconnectedSessionTTL", "120"),
+                        ("--client.showErrorDetails", "none"), ("--runner.magicEnabled", "false")]:
+        assert cmd[cmd.index(flag) + 1] == value
 
 
 def test_resunet_app_serves_on_a_fresh_machine_without_asking_anything(tmp_path):
@@ -279,3 +285,15 @@ def test_resunet_app_hash_password_prints_a_secrets_line(monkeypatch, capsys):
     assert out[0] == "[resunet]"
     key, _, value = out[1].partition(" = ")
     assert key == "password_hash" and verify_password("pa55 word", value.strip('"'))
+
+
+def test_top_level_launcher_runs_the_packaged_page(tmp_path, monkeypatch):
+    # app/webui.py (the design card's top-level app/) is a few lines that run resunet.webui's page
+    from test_app_support import REPO
+
+    launcher = REPO / "app" / "webui.py"
+    assert len(launcher.read_text().splitlines()) < 15
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(launcher), default_timeout=120).run()
+    assert not at.exception
+    assert at.file_uploader(key="upload") is not None and at.button(key="example") is not None

@@ -1,6 +1,6 @@
 """End-to-end: the real page in a real headless Chromium, driven through the DevTools protocol.
 
-Starts ``streamlit run app/streamlit_app.py`` on a free localhost port, opens it in Debian's
+Starts ``streamlit run resunet/webui/streamlit_app.py`` on a free localhost port, opens it in Debian's
 ``/usr/bin/chromium`` (no browser download), clicks "Example study", waits until three views and the
 volume table are on the page and Streamlit has stopped running, then checks a screenshot: the viewer
 area shows the mask colour and the page shows no error. It also moves the axial slider with the

@@ -702,16 +702,16 @@ def _iso(t: float | None) -> str | None:
 
 
 def _bundled_model() -> Path:
-    from resunet.cli.predict_cmd import BUNDLED_MODEL
+    from resunet.inference.bundled import DEFAULT_MODEL, bundled_path  # not the CLI: serve stands below it
 
-    return BUNDLED_MODEL
+    return bundled_path(DEFAULT_MODEL)
 
 
 def _warm_up(predictor: Any) -> None:
     """One prediction on a blank volume of one window at the model's spacing.
 
     PyTorch's first convolutions on CPU cost seconds of one-off setup; paying them at start-up keeps
-    them off the first job. (The web UI does the same in app/runner.py, which the library cannot import.)
+    them off the first job. (The web UI does the same in resunet/webui/runner.py, which stands beside serve, not below it.)
     """
     import numpy as np
 
