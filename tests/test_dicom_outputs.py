@@ -99,7 +99,7 @@ def test_seg_and_rtstruct_are_clean_for_dciodvfy(tissue_objects):
 
 
 def test_viewer_uses_the_dicom_colours():
-    from app import viewer
+    from resunet.webui import viewer
 
     assert viewer.LABEL_COLOURS == LABEL_COLOURS
     assert [viewer.label_colour(v) for v in range(1, 10)] == [label_colour(v) for v in range(1, 10)]
