@@ -101,3 +101,18 @@ def private_tmpdir(tmp_path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres_support.py); fails under CI when missing.
+
+    Tests take a fresh database each with ``postgres.create_database()``.
+    """
+    from postgres_support import require_postgres, start_postgres
+
+    server = start_postgres(require_postgres())
+    try:
+        yield server
+    finally:
+        server.close()
