@@ -111,6 +111,9 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         "--server.address", args.address,
         "--server.maxUploadSize", str(int(max_mb or 1024)),
         "--browser.gatherUsageStats", "false",
+        # Streamlit 1.67's "install agent skills" toast (shown to loopback browsers, its button acts on the
+        # server) and console advert: this is the only option that removes both (streamlit/web/skills.py)
+        "--logger.hideWelcomeMessage", "true",
         "--server.headless", "true" if args.headless else "false",
     ]
     return cmd, _settings(args)
