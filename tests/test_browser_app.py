@@ -298,7 +298,7 @@ def test_example_study_click_to_mask_in_a_real_browser(served_app, chromium, tmp
     page.call("Page.enable")
     page.call("Page.navigate", url=url)
     page.wait_for("Array.from(document.querySelectorAll('button')).some(b => b.innerText.includes('Example study'))"
-                  f" && {IDLE}", 60, "the Example study button")
+                  f" && {IDLE}", 300, "the Example study button")
     assert page.js(ERRORS) == 0
     # the page loads the model in the background; a user reads the page meanwhile
     model_ready = page.wait_for("document.body.innerText.includes('Model loaded and ready')", 400, "the model")
