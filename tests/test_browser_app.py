@@ -7,7 +7,7 @@ area shows the mask colour and the page shows no error. It also moves the axial 
 keyboard and waits for the redraw. Measured times are printed (``pytest -s``) and written next to
 the screenshot (``RESUNET_BROWSER_ARTIFACTS=DIR`` keeps both).
 
-Model: the bundled ``data/model/brain_extraction.pt`` when present (the real demo), otherwise a tiny
+Model: the bundled ``resunet/data/model/brain_extraction.pt`` when present (the real demo), otherwise a tiny
 checkpoint whose every voxel is "brain" (a known mask).
 """
 
@@ -28,6 +28,8 @@ import pytest
 from PIL import Image
 
 from test_app_support import APP_SCRIPT, BUNDLED_MODEL, REPO, free_port, make_tiny_model, stop, wait_http
+
+from resunet.io.dicom_codes import LABEL_COLOURS
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -178,7 +180,7 @@ def chromium(tmp_path):
 
 
 #: The page's colour for label 1, drawn at full strength only on outlines (the fill is blended with the scan).
-LABEL1 = np.array([255, 40, 40])
+LABEL1 = np.array(LABEL_COLOURS[0])
 #: Radiological convention (docs/webui.md), written out here rather than imported from app code: for each
 #: view, the patient direction at the screen's (left, right, top, bottom) edge.
 EXPECTED_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"), "sagittal": ("A", "P", "S", "I")}

@@ -202,7 +202,7 @@ def test_a_scan_given_as_the_reference_is_refused(tmp_path, capsys):
 
 
 def test_readme_evaluate_example_runs(tmp_path, monkeypatch, capsys):
-    """The README's worked evaluate example, line by line, in an empty folder beside the repository's data."""
+    """The README's worked evaluate example, line by line, in an empty folder that sees the checkout's resunet/."""
     import re
     import shlex
     import subprocess
@@ -212,7 +212,7 @@ def test_readme_evaluate_example_runs(tmp_path, monkeypatch, capsys):
     text = (REPO / "README.md").read_text(encoding="utf-8")
     block = re.search(r"<!-- evaluate-example -->\s*```bash\n(.*?)```", text, re.S)
     assert block, "README.md has no evaluate-example block"
-    (tmp_path / "data").symlink_to(REPO / "data")
+    (tmp_path / "resunet").symlink_to(REPO / "resunet")  # the README runs from a checkout
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
     for line in block.group(1).strip().splitlines():
