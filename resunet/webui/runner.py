@@ -30,6 +30,8 @@ class RunResult:
         uncertainty: per-voxel uncertainty on the input grid, or None.
         rows: per foreground label ``{"label", "name", "voxels", "volume_ml"}``.
         seconds: wall time of the model run, s.
+        wait_s: the whole wait the user saw for it (from the study's arrival on the server to the drawn
+            views: reading, model loading, the run, drawing), s; None when not measured (e.g. a model change).
         model_name, model_sha256, input_sha256: what was run on what.
         downloads: file name -> bytes, filled lazily by the page.
     """
@@ -45,6 +47,7 @@ class RunResult:
     downloads: dict[str, bytes] = field(default_factory=dict)
     started_utc: str = ""
     audit_run_id: str | None = None
+    wait_s: float | None = None
 
 
 def make_predictor(model_path: Path, device: str = "auto", tta: bool = False, uncertainty: bool = False) -> Any:
