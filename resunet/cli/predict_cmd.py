@@ -173,8 +173,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"resunet predict: case {case.case_id} refused: {options.refused[case.case_id]}", file=sys.stderr)
     command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
     if mine and len(options.refused) == len(mine):
-        summary = write_refused_summary(mine, options.refused, options.out_dir, models[0], options.summary_name,
-                                        options.journal_name, command, keep_previous=not options.sharded)
+        summary = write_refused_summary(mine, options.refused, options.out_dir, models[0], options.shard, command)
         raise InputError(f"none of the {len(mine)} input(s) can be read (reasons above, and in {summary});"
                          " the model was not loaded")
     if options.refused:
