@@ -1,4 +1,4 @@
-"""The predictions record store (resunet.inference.records)."""
+"""The predictions record store (resunet.inference.records) and the one file-name sanitiser (resunet.io.names)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from resunet.inference.cases import Case
 from resunet.inference.records import (JOURNAL, SCHEMA, SUMMARY, RecordStore, case_record, journal_name,
                                        merge_summaries, read_records, summary_name)
 from resunet.inference.validate import write_refused_summary
+from resunet.io.names import safe_name
 
 HEADER = {"model": {"name": "m", "sha256": "ab" * 32}, "settings": {}, "provenance": {"run_id": "run-1"}}
 
@@ -74,3 +75,15 @@ def test_refused_cases_go_through_the_store(tmp_path):
     sharded = write_refused_summary(cases, {"y": "y: no images"}, out, tmp_path / "missing.pt", shard=(1, 2))
     assert sharded.name == "predictions.shard-1-of-2.json"
     assert [r["case"] for r in json.loads(sharded.read_text())["cases"]] == ["y"]
+
+
+def test_one_sanitiser_for_uids_case_ids_and_label_names(tmp_path):
+    assert safe_name("1.2.840.10008.5.1") == "1.2.840.10008.5.1"
+    assert safe_name("../../etc/passwd") == ".._.._etc_passwd"
+    assert safe_name("..") == "__" and safe_name(".") == "_"  # never a name that climbs out of its folder
+    assert safe_name("") == "unknown" and safe_name("", "study") == "study"
+    assert safe_name("grey matter.v2", dots=False) == "grey_matter_v2"
+    for hostile in ("..", "a/b", "x\\y", "$(rm)", "\x00", "é.1"):
+        name = safe_name(hostile)
+        target = (tmp_path / name).resolve()
+        assert target.parent == tmp_path.resolve() and "/" not in name

@@ -10,9 +10,6 @@ from pathlib import Path
 from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
 
-#: the bundled brain-extraction model (data/model/), used when --model is not given
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "data" / "model" / "brain_extraction.pt"
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -107,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model:
         args.model, args.inputs = split_model_args(args.model, args.inputs)
-    models = expand_model_args(args.model) if args.model else [BUNDLED_MODEL]
-    if args.model is None and not BUNDLED_MODEL.exists():
-        raise ConfigError(f"the bundled model {BUNDLED_MODEL} is missing; pass --model with a checkpoint")
+    from resunet.inference.bundled import default_model_path
+
+    models = expand_model_args(args.model) if args.model else [default_model_path()]
+    if args.model is None and not models[0].exists():
+        raise ConfigError(f"the bundled model {models[0]} is missing; pass --model with a checkpoint")
     model = models[0] if len(models) == 1 else models
     formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
     shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))

@@ -50,6 +50,7 @@ from resunet.inference import records
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Prediction, Predictor
 from resunet.io.hashing import sha256_file, sha256_path
+from resunet.io.names import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +196,12 @@ def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) ->
             paths["probabilities"] = out / f"{case.case_id}.prob.nii.gz"
         else:
             for name in prob_labels:
-                paths[f"probabilities:{name}"] = out / f"{case.case_id}.prob-{_safe(name)}.nii.gz"
+                paths[f"probabilities:{name}"] = out / f"{case.case_id}.prob-{safe_name(name, '', dots=False)}.nii.gz"
     if opts.save_uncertainty:
         paths["uncertainty"] = out / f"{case.case_id}.uncertainty.nii.gz"
     if opts.save_uncertainty and opts.save_disagreement:
         paths["disagreement"] = out / f"{case.case_id}.uncertainty-models.nii.gz"
     return paths
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def _resumable(prev: dict[str, Any] | None, input_sha: str, model_sha: str, wanted: dict[str, Path], out_dir: Path) -> bool:

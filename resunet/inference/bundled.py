@@ -13,7 +13,7 @@ from pathlib import Path
 
 #: the folder of the bundled checkpoints (the repository's or installed tree's data/model)
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data" / "model"
-#: the model used when none is given (``resunet predict`` without --model, the web UI at start)
+#: the model used when none is given (``resunet predict`` without --model, ``resunet serve``, the web UI at start)
 DEFAULT_MODEL = "brain_extraction"
 #: bundled model name -> one line on what it segments (labels come from the checkpoint)
 BUNDLED_MODELS: dict[str, str] = {
@@ -25,6 +25,11 @@ BUNDLED_MODELS: dict[str, str] = {
 def bundled_path(name: str) -> Path:
     """The checkpoint file of bundled model ``name`` (it may be missing from a trimmed install)."""
     return BUNDLED_DIR / f"{name}.pt"
+
+
+def default_model_path() -> Path:
+    """The checkpoint used when no model is given (:data:`DEFAULT_MODEL`): ``resunet predict``, ``resunet serve``."""
+    return bundled_path(DEFAULT_MODEL)
 
 
 def bundled_models() -> dict[str, Path]:
