@@ -31,10 +31,10 @@ from resunet.io import load_study, read_dicom_seg, read_nifti, read_rtstruct
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
-                       reason="Debian orthanc + orthanc-dicomweb not installed (.ci/run installs them)"),
+                       reason="Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"),
 ]
-pytest.importorskip("dicomweb_client")  # runtime dependencies (pyproject); an older venv may lack them
-pytest.importorskip("pynetdicom")
+import dicomweb_client  # noqa: E402,F401 - runtime dependencies: a broken install fails here, never skips
+import pynetdicom  # noqa: E402,F401
 LISTENER_AET = "RESUNET"
 PREDICT = ["--model", str(BUNDLED_MODEL), "--no-tta", "--no-audit", "--no-progress"]
 
@@ -129,7 +129,7 @@ def test_pacs_errors_are_one_clear_line(orthanc, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and f"PACS {dead} is unreachable" in err
     rc = main(["predict", str(EXAMPLE_DICOM), "--pacs", orthanc.dicomweb, "--out", str(tmp_path), *PREDICT])
-    assert rc == 2 and "--pacs URL and --study UID go together" in capsys.readouterr().err
+    assert rc == 2 and "--pacs URL goes with --study UID" in capsys.readouterr().err
     from resunet.pacs import PacsConfig
 
     with pytest.raises(ConfigError, match="http"):
@@ -195,7 +195,7 @@ def test_listener_port_in_use_and_bad_destination(tmp_path, orthanc):
         send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", free_port(), "NOBODY"), timeout=5)
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
 def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
     from resunet.pacs import ListenerConfig, StoreListener
 
@@ -213,7 +213,7 @@ def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
     assert np.array_equal(np.asarray(vol.array), np.asarray(load_study(EXAMPLE_DICOM).array))
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
 def test_a_series_received_before_a_restart_keeps_its_sender(tmp_path):
     """Issue 22 point 10: the node stopped before the series settled; after the restart the series is
     handed over with the AE title that sent it (was '(before a restart)')."""
@@ -236,7 +236,7 @@ def test_a_series_received_before_a_restart_keeps_its_sender(tmp_path):
     assert len(files) == 91 and {f.suffix for f in files} == {".dcm"}  # the series folder holds the instances only
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
 def test_idle_connection_flood_does_not_block_the_node(tmp_path):
     """Issue 22 point 5: 40 TCP connections from another host (127.0.0.2) that never send an association
     request; a real sender (dcmtk's storescu from 127.0.0.1) still stores the series, and the idle

@@ -133,7 +133,8 @@ def job_batch(job: Job, env: JobEnv) -> tuple[Any, Any]:
         shutil.rmtree(out)
     opts = segment_options(job.options, env.default_formats())
     routed = job.options.get("model")  # picked by a routing rule (resunet.pacs.routing)
-    predictor = env.predictor(uncertainty=opts["uncertainty"], **({"model": routed} if routed else {}))
+    predictor = env.predictor(uncertainty=opts["uncertainty"],
+                              **({"model": routed, "then": job.options.get("then") or ()} if routed else {}))
     batch = BatchOptions(
         out_dir=out, formats=tuple(opts["formats"]), save_probabilities=opts["probabilities"],
         save_uncertainty=opts["uncertainty"], series_uid=opts["series_uid"], progress=False,

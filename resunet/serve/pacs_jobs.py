@@ -120,7 +120,8 @@ class NodeFeeder:
             if rule is None:
                 shutil.rmtree(series.folder, ignore_errors=True)
                 return
-            extra = {"model": str(resolve_model(rule.model)), "route": rule.name}
+            extra = {"model": str(resolve_model(rule.model)), "route": rule.name,
+                     **({"then": [str(resolve_model(m)) for m in rule.then]} if rule.then else {})}
         job_id = uuid.uuid4().hex
         final = self.service.job_dir(job_id) / "input"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def _route(routes: Any, series: Any) -> Any:
     if rule is None:
         routes.log_unrouted(log, series.series_uid, facts)
     else:
-        log.info("routing: series %s -> rule '%s' (model %s)", series.series_uid, rule.name, rule.model)
+        log.info("routing: series %s -> rule '%s' (model %s)", series.series_uid, rule.name, " -> ".join(rule.models))
     return rule
 
 
