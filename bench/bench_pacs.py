@@ -10,8 +10,9 @@ the example DICOM study (91 slices, 91x109 pixels), loads the model once, and al
   i.e. what ``resunet predict FOLDER --format seg`` does after start-up;
 - **PACS round trip**: ``segment_from_pacs`` = WADO-RS pull of the study + the same ``run_batch`` +
   STOW-RS of the SEG into the study (what ``resunet predict --pacs URL --study UID`` does after start-up);
-- **DIMSE node**: Orthanc sends the study with C-STORE to a resunet ``DicomNode`` ("send to
-  modality"), which segments the complete series and C-STOREs the SEG back; timed from the send
+- **DIMSE node**: Orthanc sends the study with C-STORE to a resunet ``StoreListener`` ("send to
+  modality") whose callback runs ``segment_and_send`` on the complete series with C-STORE as its
+  transport (what ``resunet serve --dicom-port`` jobs do), so the SEG goes back; timed from the send
   request to the SEG's arrival, minus the node's settle time (the wait that declares a series complete).
 
 with mirror TTA on (the CLI default) and off. Overhead = (round trip - segment alone) / segment
@@ -21,13 +22,16 @@ alone, medians over the repeats. Goal: <= 25%. The machine is shared: the load a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import queue
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -41,7 +45,8 @@ from test_app_support import free_port  # noqa: E402
 from resunet.inference.batch import BatchOptions, run_batch  # noqa: E402
 from resunet.inference.cases import Case  # noqa: E402
 from resunet.inference.predictor import Predictor  # noqa: E402
-from resunet.pacs import Destination, DicomNode, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
+from resunet.pacs import (Destination, ListenerConfig, PacsClient, PacsConfig, StoreListener,  # noqa: E402
+                          segment_and_send, segment_from_pacs, send_files)
 
 EXAMPLE_DICOM = REPO / "resunet" / "data" / "example" / "colin27_t1_dicom"
 BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
@@ -89,7 +94,33 @@ def main() -> int:
             dest = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
             config = ListenerConfig(ae_title="RESUNET", port=node_port, incoming_dir=work / "incoming",
                                     settle_seconds=SETTLE_S)
-            with DicomNode(config, predictor, work / f"node-{tta}", destination=dest, audit_db=False) as node:
+            node_runs: list = []  # (error or None) per series segmented and sent back
+            node_done = threading.Condition()
+            received: queue.Queue = queue.Queue()  # the listener hands series over; one worker segments them
+
+            def node_worker(tta=tta, predictor=predictor, dest=dest, received=received, node_runs=node_runs,
+                            node_done=node_done) -> None:  # noqa: ANN001
+                while (series := received.get()) is not None:
+                    error = None
+                    try:
+                        segment_and_send(series.study_uid, None, lambda files: send_files(files, dest, "RESUNET"),
+                                         predictor, BatchOptions(out_dir=work / f"node-{tta}", formats=("seg",),
+                                                                 progress=False, audit_db=False, resume=False,
+                                                                 series_uid=series.series_uid),
+                                         source=f"C-STORE from {series.calling_aet}", folder=series.folder)
+                    except Exception as err:  # noqa: BLE001 - reported by the assert below
+                        error = f"{series.n_instances} instances: {err}"
+                    shutil.rmtree(series.folder, ignore_errors=True)
+                    with node_done:
+                        node_runs.append(error)
+                        node_done.notify_all()
+
+            worker = threading.Thread(target=node_worker, daemon=True)
+            worker.start()
+            on_series = received.put
+            with contextlib.ExitStack() as stack:
+                stack.callback(received.put, None)  # the worker ends with the listener
+                stack.enter_context(StoreListener(config, on_series))
                 for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
                     opts = dict(formats=("seg",), progress=False, audit_db=False, resume=False)
                     t0 = time.perf_counter()
@@ -103,11 +134,12 @@ def main() -> int:
                     req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(),
                                                  method="POST")
                     urllib.request.urlopen(req, timeout=300).read()
-                    node.wait_for(rep + 1, timeout=300)
+                    with node_done:
+                        node_done.wait_for(lambda: len(node_runs) >= rep + 1, timeout=300)
                     while seg_count(orthanc, study_uid) <= n_before and time.perf_counter() - t0 < 300:
                         time.sleep(0.05)
                     t_node = time.perf_counter() - t0 - SETTLE_S
-                    assert node.results[-1].error is None, node.results[-1].error
+                    assert node_runs and node_runs[-1] is None, node_runs
                     if rep == 0:
                         continue
                     alone.append(t_alone)
