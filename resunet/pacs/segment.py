@@ -24,6 +24,7 @@ from resunet.errors import PacsError
 from resunet.inference.batch import BatchOptions, BatchResult, run_batch
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Predictor
+from resunet.io.names import safe_name
 from resunet.io.scratch import private_temp_dir
 from resunet.pacs.dicomweb import PacsClient
 from resunet.pacs.dimse_qr import DimseSource, QueryConfig
@@ -47,10 +48,6 @@ class PacsRun:
     batch: BatchResult
     stored: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _case_id(study_uid: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in study_uid) or "study"
 
 
 def segment_and_send(
@@ -89,7 +86,7 @@ def segment_and_send(
     run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
     with contextlib.ExitStack() as stack:
         if folder is None:  # removed after; a killed process's by the next one
-            folder = stack.enter_context(private_temp_dir("pacs")) / _case_id(study_uid)
+            folder = stack.enter_context(private_temp_dir("pacs")) / safe_name(study_uid, "study")
         t0 = time.perf_counter()
         if fetch is not None:
             shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt

@@ -136,14 +136,9 @@ class PredictorCache:
 
 
 def _warm_up(predictor: Any) -> None:
-    """One prediction on a blank volume of one window at the model's spacing (one-off CPU setup costs)."""
-    import numpy as np
-
-    spacing = [s or 1.0 for s in (predictor.plan.spacing or (1.0, 1.0, 1.0))]
-    patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
-    blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
+    """:meth:`Predictor.warm_up` under the run lock (one network run at a time in the web UI)."""
     with RUN_LOCK:
-        predictor.predict(blank, check_content=False)  # zeros on purpose
+        predictor.warm_up()
 
 
 PREDICTORS = PredictorCache()
