@@ -281,8 +281,10 @@ class PgJobQueue:
         return self._requeue("TRUE", (), "requeued")
 
     def requeue_node(self, node: str | None = None) -> list[str]:
-        """Jobs this node (or ``node``) was running before it restarted, back to queued."""
-        return self._requeue("node = %s", (node or self.node,), "requeued")
+        """Jobs this node (or ``node``) or its worker processes (``NODE/wK``) were running, back to queued
+        (the node restarted, or its service restarts a worker that died)."""
+        node = node or self.node
+        return self._requeue("(node = %s OR left(node, %s) = %s)", (node, len(node) + 2, node + "/w"), "requeued")
 
     def requeue_expired(self) -> list[str]:
         """Running jobs whose lease has expired (their node died) back to queued; returns their ids."""
