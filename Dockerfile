@@ -41,7 +41,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
 WORKDIR /opt/resunet
 COPY pyproject.toml constraints.txt README.md ./
 COPY resunet ./resunet
-RUN pip install --no-cache-dir -c constraints.txt -e . \
+RUN pip install --no-cache-dir -c constraints.txt -e ".[postgres]" \
     && python -c "import torch, resunet; print('torch', torch.__version__, 'resunet', resunet.__version__)"
 
 # -- runtime: the environment, the code, the web UI, the bundled model and example --------------------
