@@ -19,18 +19,32 @@ from serve_support import ServiceProcess, submit, wait_job
 from test_app_support import EXAMPLE_T1, make_tiny_model
 
 
-def _running(db) -> list[tuple[str, str]]:
+def _query(db, sql: str, *params):
+    """Rows of ``sql`` on the service's queue: the SQLite file, or the PostgreSQL URL (tables resunet_*)."""
+    if isinstance(db, str):
+        import psycopg
+
+        sql = sql.replace("FROM jobs", "FROM resunet_jobs").replace("FROM events", "FROM resunet_events").replace("?", "%s")
+        with psycopg.connect(db, autocommit=True) as conn:
+            return [tuple(r) for r in conn.execute(sql, params).fetchall()]
     with sqlite3.connect(db, timeout=30) as conn:
-        return conn.execute("SELECT id, node FROM jobs WHERE state = 'running'").fetchall()
+        return conn.execute(sql, params).fetchall()
 
 
 @pytest.mark.slow
-def test_two_worker_processes_and_a_killed_worker(tmp_path):
+@pytest.mark.parametrize("queue", ["sqlite", "postgresql"])
+def test_two_worker_processes_and_a_killed_worker(tmp_path, request, queue):
     model = make_tiny_model(tmp_path / "tiny.pt")
     state = tmp_path / "state"
-    audit = tmp_path / "audit.sqlite"
+    if queue == "sqlite":
+        db = state / "jobs.sqlite"
+        audit = tmp_path / "audit.sqlite"
+        extra: tuple[str, ...] = ()
+    else:
+        db = audit = request.getfixturevalue("postgres").create_database()
+        extra = ("--queue", db, "--lease", "30")  # the worker's job is re-queued at once, not after the lease
     svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti", "--workers", "2", "--worker-threads", "1",
-                         "--node-name", "n1", audit_db=audit)
+                         "--node-name", "n1", *extra, audit_db=audit)
     with svc:
         m = httpx.get(svc.url + "/metrics", timeout=60).text
         assert "resunet_workers_alive 2.0" in m
@@ -47,11 +61,10 @@ def test_two_worker_processes_and_a_killed_worker(tmp_path):
             r = submit(svc.url, [("t1.nii.gz", data)])
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
-        db = state / "jobs.sqlite"
         deadline = time.monotonic() + 300
         victim = None
         while time.monotonic() < deadline and victim is None:
-            rows = [r for r in _running(db) if r[1] and r[1].startswith("n1/w")]
+            rows = [r for r in _query(db, "SELECT id, node FROM jobs WHERE state = 'running'") if r[1] and r[1].startswith("n1/w")]
             if rows:
                 victim = rows[0]
             else:
@@ -63,10 +76,9 @@ def test_two_worker_processes_and_a_killed_worker(tmp_path):
         assert httpx.get(svc.url + "/healthz", timeout=60).status_code == 200  # the HTTP side does not wait on workers
         jobs = [wait_job(svc.url, i, timeout=600) for i in ids]
         assert [j["state"] for j in jobs] == ["done"] * 8, [j["error"] for j in jobs]
-        with sqlite3.connect(db) as conn:
-            done = conn.execute("SELECT job_id, COUNT(*) FROM events WHERE event = 'done' GROUP BY job_id").fetchall()
-            events = [e for (e,) in conn.execute("SELECT event FROM events WHERE job_id = ? ORDER BY seq", (job_id,))]
-            nodes = {n for (n,) in conn.execute("SELECT DISTINCT node FROM jobs")}
+        done = _query(db, "SELECT job_id, COUNT(*) FROM events WHERE event = 'done' GROUP BY job_id")
+        events = [e for (e,) in _query(db, "SELECT event FROM events WHERE job_id = ? ORDER BY seq", job_id)]
+        nodes = {n for (n,) in _query(db, "SELECT DISTINCT node FROM jobs")}
         assert sorted(done) == sorted((i, 1) for i in ids)  # every job done once
         assert events[:3] == ["queued", "claimed", "requeued"] and events[-1] == "done", events
         assert nodes <= {"n1/w0", "n1/w1"} and len(nodes) == 2  # both workers took jobs

@@ -212,7 +212,7 @@ class PgJobQueue:
                     "UPDATE resunet_jobs SET state = 'running', claim = %s, started_at = %s, attempts = attempts + 1,"
                     f" node = %s, lease_until = {_NOW} + %s"
                     " WHERE id = (SELECT id FROM resunet_jobs WHERE state = 'queued' ORDER BY seq LIMIT 1"
-                    " FOR UPDATE SKIP LOCKED) RETURNING *",
+                    " FOR UPDATE SKIP LOCKED) AND state = 'queued' RETURNING *",
                     (token, time.time(), self.node, self.lease_s)).fetchone()
                 if row is not None:
                     self._event(conn, row["id"], "claimed", f"{token} {self.node}")
