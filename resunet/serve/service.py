@@ -62,6 +62,8 @@ def safe_upload_name(name: str | None, fallback: str) -> str:
 SERVER_FAULT = "server fault:"
 #: a job failed for server faults this many times is no longer retried automatically
 MAX_ATTEMPTS = 5
+# 'space is back' after a full disk: this much more free than when the job failed (see space_is_back)
+SPACE_BACK_BYTES = 8 * 1024 * 1024
 
 
 def _upload_suffix(name: str) -> str:
@@ -93,6 +95,7 @@ class Service:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._free_at_fault: int | None = None  # bytes free on the state disk when a job last failed for it
         self._threads: list[threading.Thread] = []
         self._lock_fh: Any = None
         self.model_path: Path | None = None
@@ -142,9 +145,10 @@ class Service:
 
             self.routes = load_routes(self.config.routes)
             for rule in self.routes.rules:
-                if rule.model is not None and not resolve_model(rule.model).is_file():
-                    raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {rule.model!r}, "
-                                      "which is neither a bundled model nor a file")
+                for name in rule.models:
+                    if not resolve_model(name).is_file():
+                        raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {name!r}, "
+                                          "which is neither a bundled model nor a file")
         if self.config.shared:
             self._open_shared_queue()
         else:  # (re-queueing every running job includes those of this node's workers: NODE/wK)
@@ -324,17 +328,24 @@ class Service:
                  seconds, pred.device)
         self._ready.set()
 
-    def predictor(self, uncertainty: bool = False, model: str | None = None) -> Any:
-        """The Predictor for this model (or ``model``, a routed job's checkpoint path) and the service's
-        settings, built once per (model, uncertainty mode) and kept warm."""
+    def predictor(self, uncertainty: bool = False, model: str | None = None, then: Sequence[str] = ()) -> Any:
+        """The Predictor for this model (or ``model``, a routed job's checkpoint path; with ``then``, a
+        chain of models, :mod:`resunet.inference.chain`) and the service's settings, built once per
+        (models, uncertainty mode) and kept warm."""
         from resunet.inference import Predictor, load_model
 
-        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model))
+        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model), *map(str, then))
         if key not in self._predictors:
             c = self.config
+            settings = dict(device=c.device, tta=c.tta, overlap=c.overlap, sw_batch=c.sw_batch,
+                            uncertainty="tta" if uncertainty else None)
             loaded = self.model if model is None else load_model(model)
-            self._predictors[key] = Predictor(loaded, device=c.device, tta=c.tta, overlap=c.overlap,
-                                              sw_batch=c.sw_batch, uncertainty="tta" if uncertainty else None)
+            built: Any = Predictor(loaded, **settings)
+            if then:
+                from resunet.inference.chain import ChainPredictor
+
+                built = ChainPredictor([built, *(Predictor(load_model(m), **settings) for m in then)])
+            self._predictors[key] = built
         return self._predictors[key]
 
     def job_dir(self, job_id: str) -> Path:
@@ -522,6 +533,8 @@ class Service:
             outcome = handler(job, self)
         except ServerError as err:  # the server's fault (a full disk): the operator's message goes to the log
             log.error("job %s failed for a server fault (retried when space is back): %s", job.id, err)
+            with contextlib.suppress(OSError):
+                self._free_at_fault = shutil.disk_usage(self.state_dir).free
             error = (f"{SERVER_FAULT} {err.client_text};"
                      f" the job is retried automatically once the operator has fixed it (or POST /v1/jobs/{job.id}/retry)")
         except ResunetError as err:
@@ -670,13 +683,27 @@ class Service:
             raise DiskFullError(f"the state folder {self.state_dir} has {self.free_gb():.2f} GB free, below the floor of "
                                 f"{self.config.min_free_gb:g} GB (--min-free-gb); free space there")
 
-    def retry_server_faults(self) -> list[str]:
-        """Re-queue jobs failed for a server fault (a full disk) once the disk is above its floor again."""
-        assert self.queue is not None
+    def space_is_back(self) -> bool:
+        """True when the state disk is above its floor and has at least SPACE_BACK_BYTES more free than
+        when a job last failed for a full disk: with a floor of 0 (or a disk that filled above it), being
+        above the floor alone says nothing, and re-queueing at once would only fail the job again."""
         if self.low_on_space():
+            return False
+        if self._free_at_fault is None:
+            return True
+        try:
+            return shutil.disk_usage(self.state_dir).free >= self._free_at_fault + SPACE_BACK_BYTES
+        except OSError:
+            return False
+
+    def retry_server_faults(self) -> list[str]:
+        """Re-queue jobs failed for a server fault (a full disk) once space is back (space_is_back)."""
+        assert self.queue is not None
+        if not self.space_is_back():
             return []
         again = [j.id for j in self.queue.failed_with(SERVER_FAULT, MAX_ATTEMPTS) if self.queue.retry(j.id, "service")]
         if again:
+            self._free_at_fault = None
             log.warning("re-queued %d job(s) that failed for a server fault: %s", len(again), ", ".join(again))
             self._wake.set()
         return again
