@@ -1,6 +1,6 @@
 """`resunet serve` past one process: workers and nodes on one queue, and node fail-over (run by hand).
 
-    .venv/bin/python bench/serve_scale.py [--requests 56] [--clients 8] [--cli-runs 3] [--lease 10] [--kills 3]
+    .venv/bin/python bench/serve_scale.py [--requests 56] [--clients 8] [--cli-runs 3] [--lease 10] [--kills 3] [--out FILE]
 
 Needs PostgreSQL (Debian `postgresql`, started here in a temp folder by tests/postgres_support.py) and
 psycopg (`pip install -e '.[test]'`). Run it on an idle machine: the numbers are throughputs.
@@ -174,7 +174,8 @@ def failover(pg, root: Path, args: argparse.Namespace, body: bytes) -> dict:
                 break
             nodes[name].kill()
             killed = time.time()
-            while True:  # every job it was running claimed by the other node
+            give_up = time.monotonic() + 600
+            while time.monotonic() < give_up:  # every job it was running claimed by the other node
                 rows = conn.execute(
                     "SELECT job_id, MAX(at) FROM resunet_events WHERE event = 'claimed' AND job_id = ANY(%s) AND at > %s"
                     " GROUP BY job_id", (running, killed)).fetchall()
@@ -182,6 +183,8 @@ def failover(pg, root: Path, args: argparse.Namespace, body: bytes) -> dict:
                     kills.append({"node": name, "jobs": len(running), "seconds": max(r[1] for r in rows) - killed})
                     break
                 time.sleep(0.1)
+            else:
+                kills.append({"node": name, "jobs": len(running), "seconds": float("nan")})  # not taken over in 600 s
             nodes[name] = node(name)  # back, under the same name
         for t in threads:
             t.join()
@@ -207,6 +210,7 @@ def main() -> int:
     ap.add_argument("--cli-runs", type=int, default=3)
     ap.add_argument("--lease", type=float, default=10.0)
     ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(REPO)})")
     args = ap.parse_args()
     body = EXAMPLE.read_bytes()
     before = uptime()
@@ -260,8 +264,8 @@ def main() -> int:
     for i, k in enumerate(fo["kills"], 1):
         lines.append(f"| {i} | {k['node']} | {k['jobs']} | {k['seconds']:.1f} |")
     lines += ["", f"Jobs accepted {fo['accepted']}, done {fo['done']}, lost {fo['lost']}, done twice {fo['twice']}.", ""]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 
