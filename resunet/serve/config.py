@@ -68,6 +68,11 @@ class ServeConfig:
             every ``min(5, lease/4)`` s, and a job whose node died is taken by another node once it expired.
         node_name: this node's name in the queue (jobs it runs, its lock file); default ``HOST-PORT``.
             Unique per node: a node that starts re-queues the running jobs of its own name.
+        workers: worker processes, each with its own warm model (:mod:`resunet.serve.workers`); 1 = the
+            job runs in a thread of the service process, as before.
+        devices: devices of the workers, worker K on ``devices[K % len]`` (e.g. ``("cuda:0", "cuda:1")``);
+            empty = every worker on ``device``. Given without ``workers``, one worker per device.
+        worker_threads: torch/OpenMP threads per worker process (0 = torch's default: every core).
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -105,6 +110,9 @@ class ServeConfig:
     queue_password_file: Path | None = None
     lease_s: float = 60.0
     node_name: str = ""
+    workers: int = 1
+    devices: tuple[str, ...] = ()
+    worker_threads: int = 0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -118,6 +126,13 @@ class ServeConfig:
             raise ConfigError(f"--min-free-gb must be 0 or more, got {self.min_free_gb}")
         if self.min_slices < 1:
             raise ConfigError(f"--min-slices must be 1 or more, got {self.min_slices}")
+        self.devices = tuple(d for d in self.devices if d)
+        if self.devices and self.workers == 1:
+            self.workers = len(self.devices)
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be 1 or more, got {self.workers}")
+        if self.worker_threads < 0:
+            raise ConfigError(f"--worker-threads must be 0 (torch's default) or more, got {self.worker_threads}")
         if not self.lease_s > 0:
             raise ConfigError(f"--lease must be > 0 s, got {self.lease_s}")
         if self.pacs_url.startswith(("dimse://", "dimses://")):
