@@ -167,6 +167,17 @@ def test_ray_missing_says_how_to_install_it(cases, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
+def test_an_address_where_no_cluster_listens_is_refused_at_once(cases, tmp_path, capsys):
+    ray_bin()
+    from ray_support import free_port
+
+    port = free_port()  # nothing listens on it
+    code = main(["predict", str(cases["inputs"]), "--out", str(tmp_path / "out"), "--model", str(cases["ckpt"]),
+                 "--ray", f"127.0.0.1:{port}", "--no-progress", "--no-audit"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--ray 127.0.0.1:{port}: nothing answers there" in err and "ray start --head" in err
+
+
 def test_ray_refuses_shards(cases, tmp_path, capsys):
     code = main(["predict", str(cases["inputs"]), "--out", str(tmp_path / "out"), "--model", str(cases["ckpt"]),
                  "--ray", "--shard", "0/2", "--no-progress", "--no-audit"])
