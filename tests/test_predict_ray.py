@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -134,10 +135,12 @@ def test_two_node_cluster_survives_a_killed_node_with_every_case_done_once_and_l
 
         # retries are bounded: with --ray-retries 0 a case whose worker is killed is recorded failed with
         # the reason, nothing of it is left, and the other cases go on
+        # (--out and --model relative to the driver's folder: the workers have another one)
         out0 = tmp_path / "ray0"
-        cmd0 = [*cmd[: cmd.index("--out")], "--out", str(out0), "--ray", cluster.address, "--ray-actors", "1",
-                "--ray-retries", "0"]
-        proc = subprocess.Popen(cmd0, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        shutil.copy(cases["ckpt"], tmp_path / "model.pt")
+        cmd0 = [sys.executable, "-m", "resunet", "predict", str(cases["inputs"]), "--model", "model.pt", "--no-progress",
+                "--out", "ray0", "--ray", cluster.address, "--ray-actors", "1", "--ray-retries", "0"]
+        proc = subprocess.Popen(cmd0, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         victim = None
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None and victim is None:

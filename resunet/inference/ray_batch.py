@@ -309,6 +309,7 @@ class RayEngine:
         o = self.options
         remote_opts = dataclasses.replace(
             opts, refused={}, progress=False, audit_db=False,
+            out_dir=opts.out_dir.resolve(),  # the workers' working folder is not the driver's
             # a retried case writes the same SEG/RTSTRUCT/SR instances as the attempt that died
             uid_seed=opts.uid_seed if opts.uid_seed is not None else f"ray run {ctx.run_id}",
         )
