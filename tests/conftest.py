@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -10,14 +11,48 @@ import numpy as np
 import pytest
 
 from resunet.io.volume import Volume
+from resunet.package_data import EXAMPLE_DIR as PACKAGE_EXAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_DIR = REPO / "data" / "example"
+EXAMPLE_DIR = PACKAGE_EXAMPLE_DIR
+
+
+def in_ci() -> bool:
+    """True under CI (``CI`` set to anything but empty/0/false), where nothing a test needs may be missing."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+_CI_SKIP = ("skipped under CI: a test that needs a system part or a dependency must run in CI "
+            "(scripts/setup-system.sh installs the system parts, the README's test command the Python ones)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI a skip is a failure (issue 27 point 2): a missing chromium, Orthanc, dcmtk, dciodvfy or
+    Python dependency would otherwise turn its tests into silent skips. A test that may rightly skip in
+    CI (it needs a GPU, say) carries ``@pytest.mark.ci_may_skip("why")``."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and not hasattr(rep, "wasxfail") and in_ci() and item.get_closest_marker("ci_may_skip") is None:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"{_CI_SKIP}; the skip said: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at collection is a failure under CI too (see pytest_runtest_makereport)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and in_ci():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{_CI_SKIP}; the skip said: {reason}"
 
 
 @pytest.fixture
 def example_dir() -> Path:
-    """data/example: the bundled Colin27 study (NIfTI T1, brain mask, DICOM series)."""
+    """resunet/data/example: the bundled Colin27 study (NIfTI T1, brain mask, DICOM series)."""
     return EXAMPLE_DIR
 
 
@@ -66,3 +101,18 @@ def private_tmpdir(tmp_path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres_support.py); fails under CI when missing.
+
+    Tests take a fresh database each with ``postgres.create_database()``.
+    """
+    from postgres_support import require_postgres, start_postgres
+
+    server = start_postgres(require_postgres())
+    try:
+        yield server
+    finally:
+        server.close()

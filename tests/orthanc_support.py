@@ -1,6 +1,6 @@
 """A real Orthanc PACS on loopback for the PACS tests and ``bench/bench_pacs.py`` (no tests here).
 
-Debian's ``orthanc`` (1.10) with the ``orthanc-dicomweb`` plugin (``.ci/run`` installs both) is
+Debian's ``orthanc`` (1.10) with the ``orthanc-dicomweb`` plugin (``scripts/setup-system.sh`` installs both) is
 started on free loopback ports with a config written into a temp folder (storage there too), and
 stopped afterwards. Nothing is mocked: QIDO/WADO/STOW and C-STORE go to the real server.
 """

@@ -31,7 +31,6 @@ def _mask(shape, shift):
 
 
 def test_seg_predictions_matched_by_name_and_by_series(tmp_path, capsys):
-    pytest.importorskip("highdicom")
     images, pred, gt = tmp_path / "images", tmp_path / "pred", tmp_path / "gt"
     for d in (pred, gt):
         d.mkdir()

@@ -31,10 +31,10 @@ from resunet.io import load_study, read_dicom_seg, read_nifti, read_rtstruct
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
-                       reason="Debian orthanc + orthanc-dicomweb not installed (.ci/run installs them)"),
+                       reason="Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"),
 ]
-pytest.importorskip("dicomweb_client")  # runtime dependencies (pyproject); an older venv may lack them
-pytest.importorskip("pynetdicom")
+import dicomweb_client  # noqa: E402,F401 - runtime dependencies: a broken install fails here, never skips
+import pynetdicom  # noqa: E402,F401
 LISTENER_AET = "RESUNET"
 PREDICT = ["--model", str(BUNDLED_MODEL), "--no-tta", "--no-audit", "--no-progress"]
 
@@ -129,35 +129,52 @@ def test_pacs_errors_are_one_clear_line(orthanc, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and f"PACS {dead} is unreachable" in err
     rc = main(["predict", str(EXAMPLE_DICOM), "--pacs", orthanc.dicomweb, "--out", str(tmp_path), *PREDICT])
-    assert rc == 2 and "--pacs URL and --study UID go together" in capsys.readouterr().err
+    assert rc == 2 and "--pacs URL goes with --study UID" in capsys.readouterr().err
     from resunet.pacs import PacsConfig
 
     with pytest.raises(ConfigError, match="http"):
         PacsConfig("pacs.local/dicom-web")
 
 
-def test_dicom_node_segments_a_study_sent_by_c_store_and_sends_the_seg_back(
+def test_a_series_received_by_c_store_goes_through_the_one_segment_and_send_step(
         orthanc, study_uid, local_mask, listener_port, tmp_path):
+    """The listener (transport) hands a complete series to segment_and_send with C-STORE as its
+    ``send``: what the service's dicom-series jobs do (issue 18 point 2; was DicomNode's own worker)."""
+    import threading
+
+    from resunet.inference.batch import BatchOptions
     from resunet.inference.predictor import Predictor
-    from resunet.pacs import Destination, DicomNode, ListenerConfig, send_files
+    from resunet.pacs import Destination, ListenerConfig, StoreListener, segment_and_send, send_files
 
     _, before = _series_by_modality(orthanc, study_uid)
     predictor = Predictor(BUNDLED_MODEL, tta=False)
     config = ListenerConfig(ae_title=LISTENER_AET, port=listener_port, incoming_dir=tmp_path / "incoming",
                             settle_seconds=1.0, allowed_calling_aets=(ORTHANC_AET,))
     destination = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
-    with DicomNode(config, predictor, tmp_path / "out", destination=destination, audit_db=False) as node:
+    results: list = []
+    done = threading.Event()
+
+    def on_series(series):
+        options = BatchOptions(out_dir=tmp_path / "out", formats=("seg",), series_uid=series.series_uid,
+                               progress=False, audit_db=False, resume=False)
+        run = segment_and_send(series.study_uid, None, lambda files: send_files(files, destination, LISTENER_AET),
+                               predictor, options, source=f"C-STORE from {series.calling_aet}",
+                               folder=series.folder)
+        results.append((series, run))
+        done.set()
+
+    with StoreListener(config, on_series):
         send_to_modality(orthanc, study_uid)  # a real C-STORE SCU to our listener
-        results = node.wait_for(1, timeout=120)
-        assert len(results) == 1 and results[0].error is None, results
+        assert done.wait(timeout=180), "no series was segmented"
         # a sender whose AE title is not allowed is refused at association
         with pytest.raises(PacsError, match="rejected the association"):
             send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", listener_port, LISTENER_AET),
                        calling_aet="STRANGER")
-    res = results[0]
-    assert res.series.n_instances == 91 and res.series.calling_aet == ORTHANC_AET
-    assert [p.name for p in res.sent] == [f"{res.series.series_uid}.seg.dcm"]
-    assert not res.series.folder.exists()  # received images are not kept
+    assert len(results) == 1
+    series, run = results[0]
+    assert series.n_instances == 91 and series.calling_aet == ORTHANC_AET
+    assert [p.name for p in run.stored] == [f"{series.series_uid}.seg.dcm"]
+    assert run.batch.records[0]["status"] == "ok"
 
     client, after = _series_by_modality(orthanc, study_uid)
     new = sorted(set(after["SEG"]) - set(before.get("SEG", [])))
@@ -178,7 +195,7 @@ def test_listener_port_in_use_and_bad_destination(tmp_path, orthanc):
         send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", free_port(), "NOBODY"), timeout=5)
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
 def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
     from resunet.pacs import ListenerConfig, StoreListener
 
@@ -196,7 +213,7 @@ def test_listener_takes_a_series_from_dcmtk_storescu(tmp_path):
     assert np.array_equal(np.asarray(vol.array), np.asarray(load_study(EXAMPLE_DICOM).array))
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
 def test_a_series_received_before_a_restart_keeps_its_sender(tmp_path):
     """Issue 22 point 10: the node stopped before the series settled; after the restart the series is
     handed over with the AE title that sent it (was '(before a restart)')."""
@@ -219,7 +236,7 @@ def test_a_series_received_before_a_restart_keeps_its_sender(tmp_path):
     assert len(files) == 91 and {f.suffix for f in files} == {".dcm"}  # the series folder holds the instances only
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
 def test_idle_connection_flood_does_not_block_the_node(tmp_path):
     """Issue 22 point 5: 40 TCP connections from another host (127.0.0.2) that never send an association
     request; a real sender (dcmtk's storescu from 127.0.0.1) still stores the series, and the idle

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
+from resunet.package_data import MODEL_DIR
 
-#: the bundled brain-extraction model (data/model/), used when --model is not given
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "data" / "model" / "brain_extraction.pt"
+#: the bundled brain-extraction model (package data resunet/data/model/), used when --model is not given
+BUNDLED_MODEL = MODEL_DIR / "brain_extraction.pt"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(or a run folder of `resunet train --fold all`) "
                    "predict as one ensemble: softmax probabilities averaged window by window. Values after the first "
                    "that are not models (no .pt/.onnx/.ts suffix, bundled name or run folder) count as INPUTs")
+    p.add_argument("--then", default=[], action="append", metavar="MODEL",
+                   help="a model chain: after --model, segment again with MODEL, only inside the previous "
+                   "model's foreground (the scan is set to 0 outside it), and keep MODEL's labels there; e.g. "
+                   "--model brain_extraction --then brain_tissue (tissue classes of the extracted brain). Repeatable")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
                    help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
                    "Set contours for DICOM inputs), sr (DICOM SR TID 1500 measurement report of the SEG: volume per "
@@ -221,6 +226,14 @@ def run(args: argparse.Namespace) -> int:
     )
     # with --ray the model loads here on the CPU only for the summary's header; the workers predict
     predictor = Predictor(model, device="cpu" if ray_opts else device, **predictor_kwargs)
+    if args.then:  # a chain: each later model segments inside the previous foreground
+        from resunet.inference.bundled import resolve_model
+        from resunet.inference.chain import ChainPredictor
+
+        if ray_opts is not None:
+            raise ConfigError("--then (a model chain) does not run on --ray yet; run the chain without --ray")
+        predictor = ChainPredictor([predictor, *(Predictor(resolve_model(m), device=device, **predictor_kwargs)
+                                                 for m in args.then)])
     if args.pacs:
         from resunet.pacs import PacsClient, PacsConfig, segment_from_dimse, segment_from_pacs
 
