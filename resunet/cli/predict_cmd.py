@@ -251,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
         from resunet.inference.ray_batch import PredictorSpec, RayEngine
 
         worker_device = device if ray_opts.gpus_per_actor or device != "auto" else "cpu"
-        spec = PredictorSpec(model=[str(m) for m in models] if len(models) > 1 else str(models[0]),
+        # absolute paths: the workers' working folder is not this one
+        paths = [str(Path(m).resolve()) if Path(m).exists() else str(m) for m in models]
+        spec = PredictorSpec(model=paths if len(paths) > 1 else paths[0],
                              kwargs=dict(predictor_kwargs, device=worker_device),
                              threads=max(1, int(ray_opts.cpus_per_actor)), umask=_current_umask())
         with RayEngine(spec, ray_opts) as engine:
