@@ -32,7 +32,7 @@ def bench_module(name: str):
     return mod
 
 
-@pytest.mark.parametrize("script, stem", [("bench_nets", "nets"), ("io_read_speed", "io"), ("bench_metrics", "metrics")])
+@pytest.mark.parametrize("script, stem", [("bench_nets", "nets"), ("io_read_speed", "io"), ("bench_metrics", "metrics"), ("bench_pacs", "pacs")])
 def test_results_file_is_the_scripts_rendering_of_its_json(script, stem):
     mod = bench_module(script)
     doc = json.loads((RESULTS / f"{stem}.json").read_text())
