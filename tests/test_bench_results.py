@@ -137,3 +137,14 @@ def test_readme_and_docs_say_faster_than_simpleitk_only_where_io_md_does():
         text = " ".join(doc.read_text().split())
         claims = re.findall(r"uncompressed[^.]{0,60}faster than SimpleITK", text)
         assert supported or not claims, (doc, claims)
+
+
+def test_bench_predict_keeps_the_other_scripts_sections_and_predict_md_is_that_shape():
+    """predict.md = bench_predict.py's own part + the marked sections of bench_ensemble.py and
+    bench_memory_format.py, nothing hand-written between them; a rerun of bench_predict keeps them."""
+    mod = bench_module("bench_predict")
+    text = (RESULTS / "predict.md").read_text()
+    kept = mod.marked_sections(text)
+    assert [k.splitlines()[0] for k in kept] == ["<!-- ensemble -->", "<!-- memory-format -->"]
+    own = text[: text.index("<!-- ensemble -->")].removesuffix("\n")
+    assert own + "".join("\n" + k + "\n" for k in kept) == text
