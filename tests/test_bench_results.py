@@ -25,6 +25,8 @@ def bench_module(name: str):
     """Import ``bench/<name>.py`` (not a package) under its own name."""
     if name in sys.modules:
         return sys.modules[name]
+    if str(REPO / "bench") not in sys.path:  # bench scripts import each other (serve_faults -> bench_serve)
+        sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -32,7 +34,9 @@ def bench_module(name: str):
     return mod
 
 
-@pytest.mark.parametrize("script, stem", [("bench_nets", "nets"), ("io_read_speed", "io"), ("bench_metrics", "metrics"), ("bench_pacs", "pacs")])
+@pytest.mark.parametrize("script, stem", [("bench_nets", "nets"), ("io_read_speed", "io"), ("bench_metrics", "metrics"),
+                                          ("bench_pacs", "pacs"), ("bench_serve", "serve"), ("serve_faults", "serve_faults"),
+                                          ("bench_memory", "memory")])
 def test_results_file_is_the_scripts_rendering_of_its_json(script, stem):
     mod = bench_module(script)
     doc = json.loads((RESULTS / f"{stem}.json").read_text())
