@@ -35,9 +35,7 @@ def _imports(name: str | None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# `evaluate` (and so the full parser of `resunet --help`) still imports numpy: its --tolerance-mm default
-# lives in resunet.evaluation.metrics, whose package imports numpy and scipy at import (left for now).
-@pytest.mark.parametrize("name", ["convert", "train", "predict", "export", "info", "audit", "app", "serve"])
+@pytest.mark.parametrize("name", [None, "convert", "train", "predict", "export", "info", "evaluate", "audit", "app", "serve"])
 def test_building_the_parser_imports_no_heavy_library(name):
     got = _imports(name)
     assert got["heavy"] == [], got
