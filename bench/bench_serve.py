@@ -244,7 +244,7 @@ def render(run: dict) -> str:
         "# `resunet serve`: warm-service latency vs the CLI (bench/bench_serve.py)", "",
         "Written whole by `bench/bench_serve.py --out bench/results/serve.md`, figures in `bench/results/serve.json`",
         "(`--render bench/results/serve.json --out bench/results/serve.md` rewrites this file from it). SIGKILL",
-        "faults: [serve_faults.md](serve_faults.md); hostile clients: [serve_hostile.md](serve_hostile.md).", "",
+        "faults: [serve_faults.md](serve_faults.md); hostile clients: `bench/serve_hostile.py` (writes serve_hostile.md).", "",
         "CLI = wall time of the whole `resunet predict data/example/colin27_t1.nii.gz ... --no-audit --no-progress`",
         "command (fresh process: imports, model load, read, predict, write). Service = one `resunet serve`",
         "started once and warmed; C client threads on loopback each loop submit (multipart upload) -> poll",
