@@ -58,7 +58,7 @@ METRICS: tuple[str, ...] = (
 #: The four empty-mask situations a (case, label) pair can be in.
 SITUATIONS: tuple[str, ...] = ("both_present", "both_empty", "ref_empty", "pred_empty")
 
-DEFAULT_TOLERANCE_MM = 2.0
+from resunet.evaluation.tolerance import DEFAULT_TOLERANCE_MM  # noqa: E402 - one place for the default
 
 
 @dataclass
