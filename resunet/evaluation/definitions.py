@@ -130,7 +130,9 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
              "these conventions, the provenance, and the SHA-256 of every other output file."),
             ("report.html / report.pdf", "Tables, per-label plots, the worst cases with a slice image, these "
              "definitions and the provenance; the HTML file is self-contained (inline CSS and images, no "
-             "external links)."),
+             "external links). A worst-case slice shows the case's scan (from `--images`, else the input "
+             "that predictions.json names) in the web page's convention: on the patient axes, the patient's "
+             "right on the left, R/L, A/P, S/I letters at the edges."),
         ],
     ),
     (
