@@ -223,7 +223,7 @@ def main() -> int:
             root = Path(tmp)
             one = {"OMP_NUM_THREADS": "1"}
             setups = [
-                ("1 node x 1 worker (SQLite)", [(root / "s1", (), one)]),
+                ("1 node x 1 worker (SQLite)", [(root / "s1", ("--worker-threads", "1"), one)]),
                 ("1 node x 2 workers (SQLite)", [(root / "s2", ("--workers", "2", "--worker-threads", "1"), {})]),
             ]
             url = pg.create_database("scale")

@@ -100,7 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="devices of the workers, e.g. cuda:0,cuda:1 (worker K on device K modulo the list; without "
                        "--workers one worker per device)")
     scale.add_argument("--worker-threads", type=int, default=d["worker_threads"].default, metavar="T",
-                       help="torch/OpenMP threads per worker process (default 0: torch's default, every core)")
+                       help="torch threads of each worker (processes, or the one in-process worker of --workers 1; default 0: "
+                       "torch's default, every core)")
     scale.add_argument("--queue", dest="queue_url", default="", metavar="URL",
                        help="postgresql://USER@HOST[:PORT]/DB: keep jobs, tokens and the audit log in PostgreSQL, shared "
                        "by every node on the same shared --state-dir (default: STATE/jobs.sqlite, one node). No password "

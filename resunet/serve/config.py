@@ -72,7 +72,8 @@ class ServeConfig:
             job runs in a thread of the service process, as before.
         devices: devices of the workers, worker K on ``devices[K % len]`` (e.g. ``("cuda:0", "cuda:1")``);
             empty = every worker on ``device``. Given without ``workers``, one worker per device.
-        worker_threads: torch/OpenMP threads per worker process (0 = torch's default: every core).
+        worker_threads: torch threads of each worker process, or of the in-process worker with ``workers``
+            1 (0 = torch's default: every core).
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())

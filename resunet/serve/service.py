@@ -482,6 +482,10 @@ class Service:
 
     # -- the worker --------------------------------------------------------------------------------
     def _load_then_work(self) -> None:
+        if self.config.worker_threads and self.worker_name is None:  # the in-process worker (--workers 1)
+            import torch
+
+            torch.set_num_threads(self.config.worker_threads)
         try:
             self._load_model()
         except Exception as err:  # noqa: BLE001 - the service stays up and says why on /readyz
