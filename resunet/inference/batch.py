@@ -599,7 +599,11 @@ def run_batch(
             for r in records.values() for o in (r.get("outputs") or {}).values()
         ]
         outputs.append({"path": str(result.summary_path.resolve()), "sha256": sha256_file(result.summary_path)})
-        record_run("predict", provenance, outputs, db_path=opts.audit_db or None)
+        audited = provenance
+        if engine is not None:  # a cluster run: every case of this run with its status and node, failed ones too
+            audited = {**provenance, "cases": [{"case": r["case"], "status": r.get("status"), "node": r.get("node"),
+                                                "attempt": r.get("attempt")} for r in records.values()]}
+        record_run("predict", audited, outputs, db_path=opts.audit_db or None)
     return result
 
 
