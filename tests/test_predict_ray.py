@@ -158,6 +158,11 @@ def test_two_node_cluster_survives_a_killed_node_with_every_case_done_once_and_l
         assert len(lost) == 1 and "lost 1 time(s)" in lost[0]["reason"] and "--ray-retries" in lost[0]["reason"]
         assert lost[0]["case"] in err and "Traceback" not in err
         assert not list(out0.glob(f"{lost[0]['case']}.*")) and not list(out0.glob(".*.part*"))
+        with sqlite3.connect(audit) as db:  # the audit record lists every case, the lost one too
+            (prov,) = db.execute("SELECT provenance_json FROM runs ORDER BY seq DESC LIMIT 1").fetchone()
+        audited = {c["case"]: c for c in json.loads(prov)["cases"]}
+        assert set(audited) == set(cases["names"]) and audited[lost[0]["case"]]["status"] == "failed"
+        assert all(c["node"] for k, c in audited.items() if k != lost[0]["case"])
     assert not cluster.root.exists()
 
 

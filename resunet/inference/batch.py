@@ -436,7 +436,11 @@ def run_batch(
     all_mine = store.mine()
     result.records = [all_mine[c.case_id] for c in mine if c.case_id in all_mine]
     if opts.audit_db is not False:
-        _record_audit(header["provenance"], store.records, result.summary_path, opts)
+        provenance = header["provenance"]
+        if engine is not None:  # a cluster run: every case of this run with its status and node, failed ones too
+            provenance = {**provenance, "cases": [{"case": r["case"], "status": r.get("status"), "node": r.get("node"),
+                                                   "attempt": r.get("attempt")} for r in store.records.values()]}
+        _record_audit(provenance, store.records, result.summary_path, opts)
     return result
 
 
