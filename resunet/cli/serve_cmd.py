@@ -75,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-audit", action="store_true", help="do not record jobs in the audit log")
     pacs = p.add_argument_group("PACS (docs/pacs.md)")
     pacs.add_argument("--pacs", dest="pacs_url", default="", metavar="URL",
-                      help="DICOMweb root of a PACS for POST /v1/pacs/jobs (credentials from $RESUNET_PACS_USER/"
-                      "$RESUNET_PACS_PASSWORD or $RESUNET_PACS_TOKEN)")
+                      help="the PACS of POST /v1/pacs/jobs: a DICOMweb root (credentials from $RESUNET_PACS_USER/"
+                      "$RESUNET_PACS_PASSWORD or $RESUNET_PACS_TOKEN), or dimse://AET@HOST:PORT (C-FIND + C-GET "
+                      "as --ae-title, results stored back with C-STORE)")
     pacs.add_argument("--dicom-port", type=int, default=0, metavar="PORT",
                       help="also listen as a DICOM node (C-STORE SCP) on this port; complete series become jobs")
     pacs.add_argument("--dicom-host", default=d["dicom_host"].default, metavar="HOST",

@@ -36,7 +36,9 @@ class ServeConfig:
         audit_db: audit log path; None = the default (``$RESUNET_AUDIT_DB`` or ~/.resunet/audit.sqlite);
             False = no audit records.
         max_files: most files in one multipart upload (DICOM slices); send a .zip for more.
-        pacs_url: DICOMweb root for ``pacs-pull`` jobs (``POST /v1/pacs/jobs``); empty = none (docs/pacs.md).
+        pacs_url: the archive of ``pacs-pull`` jobs (``POST /v1/pacs/jobs``): a DICOMweb root, or
+            ``dimse://AET@HOST:PORT`` (C-FIND + C-GET as ``ae_title``, results back with C-STORE);
+            empty = none (docs/pacs.md).
         dicom_port: listen as a DICOM node (C-STORE SCP) on this port; 0 = no node.
         dicom_host, ae_title: the node's address and AE title.
         store_to: ``HOST:PORT:AET`` the node sends SEG/RTSTRUCT to with C-STORE; empty = keep them here.
@@ -134,6 +136,13 @@ class ServeConfig:
             raise ConfigError(f"--worker-threads must be 0 (torch's default) or more, got {self.worker_threads}")
         if not self.lease_s > 0:
             raise ConfigError(f"--lease must be > 0 s, got {self.lease_s}")
+        if self.pacs_url.startswith(("dimse://", "dimses://")):
+            from resunet.pacs.dimse_qr import DimseSource
+
+            if self.pacs_url.startswith("dimses://"):
+                raise ConfigError("--pacs dimses:// (DIMSE over TLS) is not supported by the service yet; use "
+                                  "dimse:// on a trusted network, a DICOMweb root over https, or resunet predict --pacs dimses://")
+            DimseSource.parse(self.pacs_url)
         if self.queue_url:
             from resunet.pgdb import check_url
 

@@ -160,7 +160,9 @@ class Service:
         for p in self.uploads_dir.iterdir():  # uploads cut short by a kill never became jobs (this node's only)
             shutil.rmtree(p, ignore_errors=True)
         self.record_audits()
-        self.model_path = Path(self.config.model) if self.config.model else _bundled_model()
+        from resunet.inference.bundled import default_model_path
+
+        self.model_path = Path(self.config.model) if self.config.model else default_model_path()
         if not self.model_path.exists():
             raise ConfigError(f"model {self.model_path} does not exist; pass --model with a checkpoint or export")
         if self.config.workers > 1:
@@ -319,7 +321,7 @@ class Service:
         t0 = time.perf_counter()
         self.model = load_model(self.model_path)
         pred = self.predictor(uncertainty=False)
-        _warm_up(pred)
+        pred.warm_up()  # first convolutions' one-off setup, off the first job
         seconds = time.perf_counter() - t0
         assert self.metrics is not None
         self.metrics.model_load.set(seconds)
@@ -773,25 +775,3 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _bundled_model() -> Path:
-    from resunet.cli.predict_cmd import BUNDLED_MODEL
-
-    return BUNDLED_MODEL
-
-
-def _warm_up(predictor: Any) -> None:
-    """One prediction on a blank volume of one window at the model's spacing.
-
-    PyTorch's first convolutions on CPU cost seconds of one-off setup; paying them at start-up keeps
-    them off the first job. (The web UI does the same in app/runner.py, which the library cannot import.)
-    """
-    import numpy as np
-
-    from resunet.io.volume import Volume
-
-    spacing = [s or 1.0 for s in (predictor.plan.spacing or (1.0, 1.0, 1.0))]
-    patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
-    blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
-    predictor.predict(blank, check_content=False)  # zeros on purpose
