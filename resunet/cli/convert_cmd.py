@@ -9,8 +9,6 @@ from pathlib import Path
 from resunet.errors import InputError
 from resunet.io.atomic import remove_stale_temps
 from resunet.io.limits import add_limit_argument, limits_from_args
-from resunet.io.loader import list_series, load_study
-from resunet.io.nifti import is_nifti_path, write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resunet.io.loader import list_series, load_study  # here: `resunet convert --help` stays light
+    from resunet.io.nifti import is_nifti_path, write_nifti
+
     if args.list:
         found = list_series(args.input)
         if not found:

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from resunet.errors import ConfigError, InputError
-from resunet.evaluation import DEFAULT_TOLERANCE_MM, evaluate_folders
+from resunet.evaluation import DEFAULT_TOLERANCE_MM
 from resunet.io.limits import add_limit_argument, export_limit
 from resunet.reports.audit import ENV_VAR, audit_db_path, record_run
 from resunet.reports.provenance import collect_provenance, utc_now
-from resunet.reports.report import find_image, parse_formats, write_evaluation_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,6 +103,10 @@ def _label_names(doc: dict[str, Any]) -> dict[int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: `resunet evaluate --help` must not import scipy and matplotlib
+    from resunet.evaluation import evaluate_folders
+    from resunet.reports.report import find_image, parse_formats, write_evaluation_outputs
+
     started = utc_now()
     export_limit(args)  # the worker processes read the masks with this limit
     labels = parse_labels(args.labels)

@@ -10,38 +10,26 @@ Every definition is stated in :mod:`resunet.evaluation.definitions` (printed in 
 ``docs/metrics.md``).
 """
 
-from resunet.evaluation.cases import CaseMatch, match_cases, read_mask
-from resunet.evaluation.metrics import (
-    DEFAULT_TOLERANCE_MM,
-    METRICS,
-    SITUATIONS,
-    LabelMetrics,
-    binary_metrics,
-    check_same_grid,
-    evaluate_case,
-    evaluate_case_metrics,
-    resample_nearest,
-)
-from resunet.evaluation.runner import ROW_COLUMNS, Evaluation, evaluate_folders
-from resunet.evaluation.summary import SUMMARY_COLUMNS, bootstrap_ci_mean, summarize
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_TOLERANCE_MM",
-    "METRICS",
-    "ROW_COLUMNS",
-    "SITUATIONS",
-    "SUMMARY_COLUMNS",
-    "CaseMatch",
-    "Evaluation",
-    "LabelMetrics",
-    "binary_metrics",
-    "bootstrap_ci_mean",
-    "check_same_grid",
-    "evaluate_case",
-    "evaluate_case_metrics",
-    "evaluate_folders",
-    "match_cases",
-    "read_mask",
-    "resample_nearest",
-    "summarize",
-]
+#: the NSD tolerance, mm (``resunet evaluate --tolerance-mm``); here so that the CLI's parser reads it
+#: without importing scipy
+DEFAULT_TOLERANCE_MM = 2.0
+
+#: public name -> submodule, imported on first use (scipy, nibabel)
+_WHERE = {
+    "CaseMatch": "cases", "match_cases": "cases", "read_mask": "cases", "METRICS": "metrics",
+    "SITUATIONS": "metrics", "LabelMetrics": "metrics", "binary_metrics": "metrics",
+    "check_same_grid": "metrics", "evaluate_case": "metrics", "evaluate_case_metrics": "metrics",
+    "resample_nearest": "metrics", "ROW_COLUMNS": "runner", "Evaluation": "runner",
+    "evaluate_folders": "runner", "SUMMARY_COLUMNS": "summary", "bootstrap_ci_mean": "summary",
+    "summarize": "summary",
+}
+__all__ = sorted([*_WHERE, "DEFAULT_TOLERANCE_MM"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'resunet.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"resunet.evaluation.{_WHERE[name]}"), name)

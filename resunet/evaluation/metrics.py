@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from resunet.errors import GeometryError, InputError
+from resunet.evaluation import DEFAULT_TOLERANCE_MM
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ METRICS: tuple[str, ...] = (
 
 #: The four empty-mask situations a (case, label) pair can be in.
 SITUATIONS: tuple[str, ...] = ("both_present", "both_empty", "ref_empty", "pred_empty")
-
-DEFAULT_TOLERANCE_MM = 2.0
 
 
 @dataclass

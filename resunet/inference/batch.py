@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from resunet.errors import ConfigError, DiskFullError, ResunetError, ServerError
+from resunet.inference import OUTPUT_FORMATS
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Prediction, Predictor
 from resunet.io.atomic import atomic_write_text
@@ -57,7 +58,7 @@ from resunet.io.hashing import sha256_file, sha256_path
 log = logging.getLogger(__name__)
 
 SCHEMA = "resunet-predictions/1"
-FORMATS = ("nifti", "seg", "rtstruct", "sr")
+FORMATS = OUTPUT_FORMATS
 SUMMARY = "predictions.json"
 SUMMARY_CSV = "predictions.csv"
 JOURNAL = "predictions.jsonl"

@@ -6,32 +6,22 @@ Entry points: :func:`load_study` (NIfTI file, DICOM folder, .zip, single DICOM f
 :func:`write_rtstruct` (reader :func:`read_rtstruct`).
 """
 
-from resunet.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from resunet.io.dicom import SeriesInfo
-from resunet.io.dicom_writer import write_dicom_series
-from resunet.io.hashing import sha256_file, sha256_path
-from resunet.io.loader import list_series, load_study
-from resunet.io.nifti import read_nifti, write_mask_nifti, write_nifti
-from resunet.io.seg import read_dicom_seg, write_dicom_seg
-from resunet.io.rtstruct import read_rtstruct, write_rtstruct
-from resunet.io.volume import Volume
+import importlib
+from typing import Any
 
-__all__ = [
-    "SeriesInfo",
-    "Volume",
-    "atomic_path",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "list_series",
-    "load_study",
-    "read_dicom_seg",
-    "read_nifti",
-    "read_rtstruct",
-    "sha256_file",
-    "sha256_path",
-    "write_dicom_seg",
-    "write_dicom_series",
-    "write_mask_nifti",
-    "write_nifti",
-    "write_rtstruct",
-]
+#: public name -> submodule, imported on first use: ``from resunet.io.atomic import ...`` (the service,
+#: the CLI's argument parsers) must not pay for pydicom, nibabel and highdicom (seconds at start-up)
+_WHERE = {
+    "atomic_path": "atomic", "atomic_write_bytes": "atomic", "atomic_write_text": "atomic",
+    "SeriesInfo": "dicom", "write_dicom_series": "dicom_writer", "sha256_file": "hashing", "sha256_path": "hashing",
+    "list_series": "loader", "load_study": "loader", "read_nifti": "nifti", "write_mask_nifti": "nifti",
+    "write_nifti": "nifti", "read_dicom_seg": "seg", "write_dicom_seg": "seg", "read_rtstruct": "rtstruct",
+    "write_rtstruct": "rtstruct", "Volume": "volume",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'resunet.io' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"resunet.io.{_WHERE[name]}"), name)
