@@ -36,15 +36,15 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
         echo "VARIANT must be cpu or cuda, got '$VARIANT'" >&2; exit 2; \
     fi
 
-# the project, installed in development mode from /opt/resunet so that app/ and data/ sit next to
-# the package at the same path in the final stage (resunet app finds app/ next to resunet/)
-WORKDIR /opt/resunet
+# the project, installed as a regular (non-editable) package: the web UI, the bundled models and the
+# example study are package data inside it (resunet/webui, resunet/data), so the venv is the product
+WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY resunet ./resunet
-RUN pip install --no-cache-dir -c constraints.txt -e . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && python -c "import torch, resunet; print('torch', torch.__version__, 'resunet', resunet.__version__)"
 
-# -- runtime: the environment, the code, the web UI, the bundled model and example --------------------
+# -- runtime: the environment (code, web UI, bundled models and example study inside the package) ---
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="resunet" \
@@ -55,12 +55,9 @@ RUN groupadd --gid 10001 resunet \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin resunet
 
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/resunet /opt/resunet
+# the working directory: `resunet app` runs Streamlit here, so a login goes in
+# /opt/resunet/.streamlit/secrets.toml (mounted at run time, docs/webui.md)
 WORKDIR /opt/resunet
-COPY app ./app
-COPY .streamlit/config.toml ./.streamlit/config.toml
-COPY data/example ./data/example
-COPY data/model ./data/model
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+EXAMPLE = REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 BEGIN, END = "<!-- ensemble -->", "<!-- /ensemble -->"
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from bench_ensemble import write_section  # noqa: E402  (the results-section writer both benches share)
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
+EXAMPLE = REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz"
 BEGIN, END = "<!-- memory-format -->", "<!-- /memory-format -->"
 
 

@@ -1,6 +1,6 @@
 """Benchmark the PACS round trip (run by hand; both sides measured in the same run).
 
-    .venv/bin/python bench/bench_pacs.py [--repeats 5] [--model data/model/brain_extraction.pt]
+    .venv/bin/python bench/bench_pacs.py [--repeats 5] [--model resunet/data/model/brain_extraction.pt]
         [--out bench/results/pacs.md]
 
 Starts a real Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``, as the tests do) on loopback with
@@ -43,8 +43,8 @@ from resunet.inference.cases import Case  # noqa: E402
 from resunet.inference.predictor import Predictor  # noqa: E402
 from resunet.pacs import Destination, DicomNode, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
 
-EXAMPLE_DICOM = REPO / "data" / "example" / "colin27_t1_dicom"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+EXAMPLE_DICOM = REPO / "resunet" / "data" / "example" / "colin27_t1_dicom"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 SETTLE_S = 1.0
 
 

@@ -1,6 +1,6 @@
 """Benchmark ``resunet predict`` (run by hand; every comparison is measured in the same run).
 
-    .venv/bin/python bench/bench_predict.py [--model data/model/brain_extraction.pt] [--repeats 2]
+    .venv/bin/python bench/bench_predict.py [--model resunet/data/model/brain_extraction.pt] [--repeats 2]
         [--skip-memory] [--out bench/results/predict.md]
 
 Sections (all on the CPU unless CUDA is available):
@@ -16,7 +16,7 @@ Sections (all on the CPU unless CUDA is available):
    for MONAI blending logits instead (softmax after stitching) is given too. Inputs: the example
    study (2 mm RAS), the same voxels flipped to LPS (orientation only), and Colin27 at 1 mm in LPS
    (resampled: there the two grids differ by convention, see the table's note).
-3. The bundled model with its defaults (mirror TTA on) on data/example/colin27_t1.nii.gz through
+3. The bundled model with its defaults (mirror TTA on) on resunet/data/example/colin27_t1.nii.gz through
    ``resunet predict`` in a fresh process (target < 20 s on 2 cores).
 4. Peak RSS of ``resunet predict`` on a synthetic 512x512x600 int16 CT (0.7 x 0.7 x 0.8 mm).
 
@@ -48,8 +48,8 @@ from resunet.io.hashing import sha256_file  # noqa: E402
 from resunet.io.loader import load_study  # noqa: E402
 from resunet.io.nifti import write_mask_nifti  # noqa: E402
 
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+EXAMPLE = REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 
 
 def loadavg() -> str:

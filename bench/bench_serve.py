@@ -4,7 +4,7 @@
 
 What is measured, in one run on this machine:
 
-- CLI: the whole `resunet predict data/example/colin27_t1.nii.gz --out TMP --model M [--no-tta]
+- CLI: the whole `resunet predict resunet/data/example/colin27_t1.nii.gz --out TMP --model M [--no-tta]
   --no-audit --no-progress` command (a fresh process: imports, model load, read, predict, write),
   wall time per run;
 - service: one `resunet serve` process (same model, same TTA/overlap/sw-batch settings, audit off
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from serve_support import ServiceProcess  # noqa: E402
 
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+EXAMPLE = REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 
 
 def uptime() -> str:

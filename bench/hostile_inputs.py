@@ -32,9 +32,9 @@ import nibabel as nib
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-EXAMPLE_DICOM = REPO / "data" / "example" / "colin27_t1_dicom"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
+EXAMPLE = REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz"
+EXAMPLE_DICOM = REPO / "resunet" / "data" / "example" / "colin27_t1_dicom"
 
 
 # -- the corpus ---------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def main() -> None:
         write_dicom_series(make_volume(shape=(24, 20, 12), affine=aff, seed=3), lps, modality="CT")
         dicomdir = Path(get_testdata_file("DICOMDIR")).parent
         cases = {
-            "bundled Colin27 series (91 slices)": REPO / "data" / "example" / "colin27_t1_dicom",
+            "bundled Colin27 series (91 slices)": REPO / "resunet" / "data" / "example" / "colin27_t1_dicom",
             "own oblique MR series": oblique,
             "own LPS CT series": lps,
             "dicomdirtests CT5N (5 slices)": dicomdir / "98892001" / "CT5N",

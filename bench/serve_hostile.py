@@ -45,7 +45,7 @@ from bench_serve import BUNDLED, EXAMPLE, REPO, ServiceProcess, uptime
 
 from resunet.io.atomic import atomic_write_text
 
-EXAMPLE_DICOM = REPO / "data" / "example" / "colin27_t1_dicom"
+EXAMPLE_DICOM = REPO / "resunet" / "data" / "example" / "colin27_t1_dicom"
 RESULTS = REPO / "bench" / "results" / "serve_hostile.md"
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from resunet.io.volume import Volume
+from resunet.package_data import EXAMPLE_DIR as PACKAGE_EXAMPLE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_DIR = REPO / "data" / "example"
+EXAMPLE_DIR = PACKAGE_EXAMPLE_DIR
 
 
 def in_ci() -> bool:
@@ -51,7 +52,7 @@ def pytest_make_collect_report(collector):
 
 @pytest.fixture
 def example_dir() -> Path:
-    """data/example: the bundled Colin27 study (NIfTI T1, brain mask, DICOM series)."""
+    """resunet/data/example: the bundled Colin27 study (NIfTI T1, brain mask, DICOM series)."""
     return EXAMPLE_DIR
 
 
@@ -100,3 +101,18 @@ def private_tmpdir(tmp_path, monkeypatch) -> Path:
     d.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(d))
     return d
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres_support.py); fails under CI when missing.
+
+    Tests take a fresh database each with ``postgres.create_database()``.
+    """
+    from postgres_support import require_postgres, start_postgres
+
+    server = start_postgres(require_postgres())
+    try:
+        yield server
+    finally:
+        server.close()

@@ -19,15 +19,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # app/ is not an installed package; the page imports it from the repo root
-    sys.path.insert(0, str(REPO))
+from resunet.cli.app_cmd import app_script
+from resunet.package_data import EXAMPLE_BRAINMASK, EXAMPLE_DICOM, EXAMPLE_T1, MODEL_DIR
 
-APP_SCRIPT = REPO / "app" / "streamlit_app.py"
-EXAMPLE_T1 = REPO / "data" / "example" / "colin27_t1.nii.gz"
-EXAMPLE_MASK = REPO / "data" / "example" / "colin27_brainmask.nii.gz"
-EXAMPLE_DICOM = REPO / "data" / "example" / "colin27_t1_dicom"
-BUNDLED_MODEL = REPO / "data" / "model" / "brain_extraction.pt"
+REPO = Path(__file__).resolve().parents[1]
+#: the page inside the package (resunet/webui/streamlit_app.py)
+APP_SCRIPT = app_script()
+EXAMPLE_MASK = EXAMPLE_BRAINMASK
+BUNDLED_MODEL = MODEL_DIR / "brain_extraction.pt"
+__all__ = ["APP_SCRIPT", "EXAMPLE_T1", "EXAMPLE_MASK", "EXAMPLE_DICOM", "BUNDLED_MODEL", "REPO"]
 #: Identifiers written into the second series of :func:`two_series_zip` (must never reach a log).
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-7731-XQ"

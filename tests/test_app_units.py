@@ -11,12 +11,12 @@ import pytest
 from nibabel import orientations as nio
 from streamlit.testing.v1 import AppTest
 
-from test_app_support import APP_SCRIPT  # also puts the repo root on sys.path (app/ is not installed)
+from test_app_support import APP_SCRIPT
 
-from app import viewer
-from app.auth import hash_password, login_mode, verify_password
-from app.config import AppConfig
-from app.workspace import SessionWorkspace, sweep_expired
+from resunet.webui import viewer
+from resunet.webui.auth import hash_password, login_mode, verify_password
+from resunet.webui.config import AppConfig
+from resunet.webui.workspace import SessionWorkspace, sweep_expired
 from resunet.cli import main as cli_main
 from resunet.errors import ConfigError
 from resunet.io.volume import Volume

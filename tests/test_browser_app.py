@@ -7,7 +7,7 @@ area shows the mask colour and the page shows no error. It also moves the axial 
 keyboard and waits for the redraw. Measured times are printed (``pytest -s``) and written next to
 the screenshot (``RESUNET_BROWSER_ARTIFACTS=DIR`` keeps both).
 
-Model: the bundled ``data/model/brain_extraction.pt`` when present (the real demo), otherwise a tiny
+Model: the bundled ``resunet/data/model/brain_extraction.pt`` when present (the real demo), otherwise a tiny
 checkpoint whose every voxel is "brain" (a known mask).
 """
 

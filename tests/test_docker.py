@@ -90,11 +90,14 @@ def test_every_copied_path_exists_and_is_in_the_build_context():
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
         assert not _ignored(src, patterns), f"Dockerfile copies {src}, but .dockerignore excludes it"
     # what the image needs at run time is really there
-    assert (REPO / "app" / "streamlit_app.py").is_file()
-    assert (REPO / "data" / "example" / "colin27_t1.nii.gz").is_file()
-    assert (REPO / "data" / "model" / "brain_extraction.pt").is_file(), "the bundled model is missing"
+    # (the web UI and the bundled data are package data: `COPY resunet` carries them into the install)
+    assert "resunet" in sources
+    assert (REPO / "resunet" / "webui" / "streamlit_app.py").is_file()
+    assert (REPO / "resunet" / "webui" / "streamlit_config.toml").is_file()
+    assert (REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz").is_file()
+    assert (REPO / "resunet" / "data" / "model" / "brain_extraction.pt").is_file(), "the bundled model is missing"
     # and what must stay out is out
-    for path in [".venv", ".git", "tests", ".streamlit/secrets.toml", "resunet/__pycache__", "app/__pycache__/x.pyc"]:
+    for path in [".venv", ".git", "tests", ".streamlit/secrets.toml", "resunet/__pycache__", "resunet/webui/__pycache__/x.pyc"]:
         assert _ignored(path, patterns), f"{path} would be sent to the Docker build context"
 
 

@@ -311,7 +311,7 @@ def test_allow_anonymous_and_named_users_lift_the_refusal(tmp_path, monkeypatch)
 def test_add_user_keeps_the_rest_of_the_secrets_file(tmp_path):
     import tomllib
 
-    from app.auth import add_user, password_users, verify_password
+    from resunet.webui.auth import add_user, password_users, verify_password
 
     secrets = tmp_path / "secrets.toml"
     secrets.write_text('# site secrets\n[auth]\nclient_id = "x"  # keep me\n\n[resunet]\npassword_hash = "old"\n')
@@ -329,7 +329,7 @@ def test_add_user_keeps_the_rest_of_the_secrets_file(tmp_path):
 
 
 def test_failed_logins_are_rate_limited_per_user_and_per_client():
-    from app.auth import LoginThrottle, check_login, hash_password
+    from resunet.webui.auth import LoginThrottle, check_login, hash_password
 
     now = [1000.0]
     throttle = LoginThrottle(free_failures=3, base_delay_s=10, max_delay_s=60, clock=lambda: now[0])
@@ -353,7 +353,7 @@ def test_failed_logins_are_rate_limited_per_user_and_per_client():
 def test_named_user_signs_in_and_is_recorded_in_the_audit_log(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from app.auth import THROTTLE, hash_password
+    from resunet.webui.auth import THROTTLE, hash_password
     from resunet.reports.audit import read_runs
     from test_app_support import APP_SCRIPT, make_tiny_model
 
@@ -388,7 +388,7 @@ def test_page_started_with_streamlit_run_on_a_network_address_refuses_without_a_
     from streamlit import config
     from streamlit.testing.v1 import AppTest
 
-    from app.auth import ENV_ALLOW_ANONYMOUS
+    from resunet.webui.auth import ENV_ALLOW_ANONYMOUS
     from test_app_support import APP_SCRIPT
 
     monkeypatch.delenv(ENV_ALLOW_ANONYMOUS, raising=False)

@@ -602,9 +602,9 @@ def _zip_bytes(folder: Path) -> bytes:
 
 
 def test_web_upload_path_same_outcome(corpus, predicted, tiny_model, tmp_path):
-    from app.downloads import mask_files
-    from app.inputs import friendly_path_message, stage_uploads
-    from app.runner import make_predictor, run_prediction
+    from resunet.webui.downloads import mask_files
+    from resunet.webui.inputs import friendly_path_message, stage_uploads
+    from resunet.webui.runner import make_predictor, run_prediction
 
     _, cases = corpus
     _, out, records = predicted

@@ -136,28 +136,45 @@ def test_pacs_errors_are_one_clear_line(orthanc, tmp_path, capsys):
         PacsConfig("pacs.local/dicom-web")
 
 
-def test_dicom_node_segments_a_study_sent_by_c_store_and_sends_the_seg_back(
+def test_a_series_received_by_c_store_goes_through_the_one_segment_and_send_step(
         orthanc, study_uid, local_mask, listener_port, tmp_path):
+    """The listener (transport) hands a complete series to segment_and_send with C-STORE as its
+    ``send``: what the service's dicom-series jobs do (issue 18 point 2; was DicomNode's own worker)."""
+    import threading
+
+    from resunet.inference.batch import BatchOptions
     from resunet.inference.predictor import Predictor
-    from resunet.pacs import Destination, DicomNode, ListenerConfig, send_files
+    from resunet.pacs import Destination, ListenerConfig, StoreListener, segment_and_send, send_files
 
     _, before = _series_by_modality(orthanc, study_uid)
     predictor = Predictor(BUNDLED_MODEL, tta=False)
     config = ListenerConfig(ae_title=LISTENER_AET, port=listener_port, incoming_dir=tmp_path / "incoming",
                             settle_seconds=1.0, allowed_calling_aets=(ORTHANC_AET,))
     destination = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
-    with DicomNode(config, predictor, tmp_path / "out", destination=destination, audit_db=False) as node:
+    results: list = []
+    done = threading.Event()
+
+    def on_series(series):
+        options = BatchOptions(out_dir=tmp_path / "out", formats=("seg",), series_uid=series.series_uid,
+                               progress=False, audit_db=False, resume=False)
+        run = segment_and_send(series.study_uid, None, lambda files: send_files(files, destination, LISTENER_AET),
+                               predictor, options, source=f"C-STORE from {series.calling_aet}",
+                               folder=series.folder)
+        results.append((series, run))
+        done.set()
+
+    with StoreListener(config, on_series):
         send_to_modality(orthanc, study_uid)  # a real C-STORE SCU to our listener
-        results = node.wait_for(1, timeout=120)
-        assert len(results) == 1 and results[0].error is None, results
+        assert done.wait(timeout=180), "no series was segmented"
         # a sender whose AE title is not allowed is refused at association
         with pytest.raises(PacsError, match="rejected the association"):
             send_files([next(EXAMPLE_DICOM.glob("*.dcm"))], Destination("127.0.0.1", listener_port, LISTENER_AET),
                        calling_aet="STRANGER")
-    res = results[0]
-    assert res.series.n_instances == 91 and res.series.calling_aet == ORTHANC_AET
-    assert [p.name for p in res.sent] == [f"{res.series.series_uid}.seg.dcm"]
-    assert not res.series.folder.exists()  # received images are not kept
+    assert len(results) == 1
+    series, run = results[0]
+    assert series.n_instances == 91 and series.calling_aet == ORTHANC_AET
+    assert [p.name for p in run.stored] == [f"{series.series_uid}.seg.dcm"]
+    assert run.batch.records[0]["status"] == "ok"
 
     client, after = _series_by_modality(orthanc, study_uid)
     new = sorted(set(after["SEG"]) - set(before.get("SEG", [])))

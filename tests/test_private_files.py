@@ -103,8 +103,7 @@ def test_web_ui_workspace_is_owner_only(tmp_path, umask_022):
     # In a child process: use_private_files changes the process umask for good (the app's own process).
     code = f"""
 import os, stat, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from app.workspace import SessionWorkspace
+from resunet.webui.workspace import SessionWorkspace
 ws = SessionWorkspace({str(tmp_path / 'app')!r}, 60)
 d = ws.subdir("upload")
 (d / "scan.nii.gz").write_bytes(b"x")

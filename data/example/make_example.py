@@ -4,7 +4,7 @@ Inputs (``apt-get install mricron-data``; BSD-3-clause, Chris Rorden, see LICENS
   /usr/share/mricron/templates/ch2.nii.gz     Colin27 T1, 181x217x181 at 1 mm, RAS, uint8
   /usr/share/mricron/templates/ch2bet.nii.gz  the same image brain-extracted (BET): 0 outside brain
 
-Outputs (next to this script), all on one 2 mm isotropic RAS grid of 91x109x91 voxels (the MNI
+Outputs (in resunet/data/example/, shipped inside the package), all on one 2 mm isotropic RAS grid of 91x109x91 voxels (the MNI
 2 mm grid: origin (-90, -126, -72) mm):
   colin27_t1.nii.gz          T1, int16 (cubic resampling of the uint8 intensities, clipped to 0..255)
   colin27_brainmask.nii.gz   brain mask, uint8 0/1, label map
@@ -29,8 +29,10 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))
+REPO = Path(__file__).resolve().parents[2]
+#: the outputs are package data (this script stays in the repository's data/example, not shipped)
+HERE = REPO / "resunet" / "data" / "example"
+sys.path.insert(0, str(REPO))
 
 from resunet.io.dicom_writer import write_dicom_series  # noqa: E402
 from resunet.io.nifti import write_mask_nifti, write_nifti  # noqa: E402

@@ -6,7 +6,7 @@
 Steps (each can be skipped when its output exists, see --help):
 
 1. **Training data** (``WORK/train_data``, MSD layout): the example study
-   ``data/example/colin27_t1.nii.gz`` + ``colin27_brainmask.nii.gz`` (Colin27, one head, 2 mm)
+   ``resunet/data/example/colin27_t1.nii.gz`` + ``colin27_brainmask.nii.gz`` (Colin27, one head, 2 mm)
    as it is, plus simulated acquisitions of it (``simulate.py``: 1-3.5 mm voxels incl. thick
    slices, any axis order, oblique head position, cropped field of view, intensity remapping,
    bias field, Rician noise, some skull-stripped). Two more variants are the validation cases.
@@ -17,8 +17,8 @@ Steps (each can be skipped when its output exists, see --help):
    2 mm form and in simulated acquisitions (1x1x3 and 2x2x3 mm, LPS/LSA/PIR, intensity remap,
    noise, bias field), each predicted with :class:`resunet.inference.Predictor` and scored with
    :func:`resunet.evaluation.evaluate_case` (Dice, HD95 in mm, volume error in mL and %).
-4. **Ship**: ``data/model/brain_extraction.pt`` (best.pt with the metrics in its model card),
-   ``data/model/metrics.json`` and ``data/model/MODEL_CARD.md``.
+4. **Ship**: ``resunet/data/model/brain_extraction.pt`` (best.pt with the metrics in its model card),
+   ``resunet/data/model/metrics.json`` and ``resunet/data/model/MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+#: where the shipped files go: the checkpoint, its metrics and model card are package data
+SHIP = REPO / "resunet" / "data" / "model"
 sys.path.insert(0, str(HERE))
 
 from simulate import Acquisition, random_acquisition, simulate  # noqa: E402
@@ -93,8 +95,8 @@ def make_training_data(work: Path) -> Path:
     if (root / "dataset.json").exists():
         print(f"training data exists: {root}")
         return root
-    image = read_nifti(REPO / "data/example/colin27_t1.nii.gz")
-    mask = read_nifti(REPO / "data/example/colin27_brainmask.nii.gz")
+    image = read_nifti(REPO / "resunet/data/example/colin27_t1.nii.gz")
+    mask = read_nifti(REPO / "resunet/data/example/colin27_brainmask.nii.gz")
     rng = np.random.default_rng(TRAIN_SEED)
     cases: list[tuple[str, Volume, Volume, dict]] = [("colin_orig", image, mask, {"original": True})]
     for i in range(N_TRAIN_VARIANTS):
@@ -225,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print("held-out evaluation (MNI152, never seen in training):", flush=True)
     test_rows = evaluate(model, make_test_data(work))
     print("seen head (Colin27 example as shipped; not a generalisation measure):", flush=True)
-    seen_rows = evaluate(model, [("colin27_example", REPO / "data/example/colin27_t1.nii.gz",
-                                  REPO / "data/example/colin27_brainmask.nii.gz", {"original": True})])
+    seen_rows = evaluate(model, [("colin27_example", REPO / "resunet/data/example/colin27_t1.nii.gz",
+                                  REPO / "resunet/data/example/colin27_brainmask.nii.gz", {"original": True})])
     for r in test_rows + seen_rows:
         r["abs_volume_error_pct"] = abs(r["volume_error_pct"])
     metrics = {"held_out_mni152": {"summary": _summary(test_rows), "cases": test_rows},
@@ -261,9 +263,9 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
                        "skull-stripped); adult T1 only; no pathology, no children, no other contrasts.",
         "licence": "model weights: Apache-2.0 (resunet); training data Colin27: BSD-3-clause (mricron-data)",
     })
-    dest = HERE / "brain_extraction.pt"
+    dest = SHIP / "brain_extraction.pt"
     save_with_card(ck, card, dest)
-    (HERE / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (SHIP / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     write_card(card, metrics, config)
     print(f"shipped {dest} ({dest.stat().st_size / 1e6:.1f} MB); held-out Dice mean {s['dice']['mean']:.4f}")
 
@@ -282,7 +284,7 @@ def write_card(card: dict, metrics: dict, config: Path) -> None:
 
 | | |
 |---|---|
-| file | `data/model/brain_extraction.pt` (resunet-checkpoint/1, loads with `torch.load(weights_only=True)`) |
+| file | `resunet/data/model/brain_extraction.pt` (resunet-checkpoint/1, loads with `torch.load(weights_only=True)`) |
 | task | brain extraction of T1-weighted head MRI: label 0 = background, 1 = brain |
 | input | one T1 volume (NIfTI or DICOM), any orientation and voxel size; resampled to 2 mm RAS internally |
 | network | ResUNet `small` preset with halved widths (8..128 channels, {_nparams(card)} parameters), 3D, deep supervision |
@@ -297,7 +299,7 @@ has not been validated on patients, and must not be used for diagnosis or treatm
 ## Training data and licence
 - **Colin27** T1 (27 averaged scans of one adult male, Holmes et al. 1998) and its brain mask, as
   shipped in `data/example/` (2 mm; from Debian `mricron-data`, MRIcron by Chris Rorden,
-  **BSD-3-clause**, see `data/example/LICENSE-mricron.txt`).
+  **BSD-3-clause**, see `resunet/data/example/LICENSE-mricron.txt`).
 - {N_TRAIN_VARIANTS} simulated acquisitions of that head (`data/model/simulate.py`): voxel sizes 0.9-4 mm
   including thick slices along any axis, orientations RAS/LPS/LSA/PIR/LAS/RPI/ASL/IPL/SAR, oblique
   head positions (+-12 degrees), cropped fields of view, monotone intensity remapping (gamma
@@ -349,13 +351,13 @@ which runs `python -m resunet train --data WORK/train_data --out WORK/run --conf
 evaluates as above and writes this card, `metrics.json` and `brain_extraction.pt`. Training is
 seeded but not bit-for-bit deterministic across machines (thread scheduling, `deterministic: false`).
 """
-    (HERE / "MODEL_CARD.md").write_text(text)
+    (SHIP / "MODEL_CARD.md").write_text(text)
 
 
 def _nparams(card: dict) -> str:
     import torch
 
-    ck = torch.load(HERE / "brain_extraction.pt", weights_only=True)
+    ck = torch.load(SHIP / "brain_extraction.pt", weights_only=True)
     n = sum(v.numel() for k, v in ck["state_dict"].items() if v.is_floating_point())
     return f"{n / 1e6:.2f} M"
 

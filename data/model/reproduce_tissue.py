@@ -19,7 +19,7 @@ acquisitions, ``simulate.py``), on another head and task:
 4. **Held-out evaluation**: other acquisitions of the 1 mm template, drawn from another random
    stream (``TEST_SEED``) and a fixed list of grids never used in training, scored per label with
    :func:`resunet.evaluation.evaluate_case` on the acquisition's own grid (Dice, HD95 in mm).
-5. **Ship**: ``data/model/brain_tissue.pt``, ``metrics_tissue.json``, ``MODEL_CARD_tissue.md``.
+5. **Ship**: ``resunet/data/model/brain_tissue.pt``, ``metrics_tissue.json``, ``MODEL_CARD_tissue.md``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+#: where the shipped files go: the checkpoint, its metrics and model card are package data
+SHIP = REPO / "resunet" / "data" / "model"
 sys.path.insert(0, str(HERE))
 
 from reproduce import (  # noqa: E402  (command line, data writing, test grids, training call, shipping: shared with the brain model)
@@ -157,8 +159,8 @@ def evaluate_colin27_extent(model: Path) -> dict:
     from resunet.evaluation import evaluate_case
     from resunet.inference import Predictor
 
-    image = read_nifti(REPO / "data/example/colin27_t1.nii.gz")
-    ref = read_nifti(REPO / "data/example/colin27_brainmask.nii.gz")
+    image = read_nifti(REPO / "resunet/data/example/colin27_t1.nii.gz")
+    ref = read_nifti(REPO / "resunet/data/example/colin27_brainmask.nii.gz")
     brain = np.asarray(ref.array) > 0
     predictor = Predictor(model, device="cpu", tta=False, overlap=0.25, sw_batch=2)
     out = {"case": "colin27_example"}
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
-    """Copy the checkpoint to data/model/brain_tissue.pt with the metrics in its card; write the card."""
+    """Copy the checkpoint to resunet/data/model/brain_tissue.pt with the metrics in its card; write the card."""
     from resunet.training.checkpoint import load_checkpoint
 
     ck = load_checkpoint(model)
@@ -229,9 +231,9 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
                        "probabilities, not a manual segmentation; adult T1 only; trained at 2 mm.",
         "licence": "model weights: Apache-2.0 (resunet); MNI152 template: ICBM licence (free use with attribution)",
     })
-    dest = HERE / "brain_tissue.pt"
+    dest = SHIP / "brain_tissue.pt"
     save_with_card(ck, card, dest)
-    (HERE / "metrics_tissue.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (SHIP / "metrics_tissue.json").write_text(json.dumps(metrics, indent=1) + "\n")
     for name, shipped in (("plan.json", "plan_tissue.json"), ("log.csv", "train_log_tissue.csv")):  # the run's own
         if (model.parent / name).exists():
             shutil.copy(model.parent / name, HERE / shipped)
@@ -241,7 +243,7 @@ def ship(model: Path, work: Path, metrics: dict, config: Path) -> None:
 
 
 def write_card(card: dict, metrics: dict) -> None:
-    """data/model/MODEL_CARD_tissue.md from the shipped card and the held-out metrics."""
+    """resunet/data/model/MODEL_CARD_tissue.md from the shipped card and the held-out metrics."""
     rows = metrics["held_out_mni152"]["cases"]
     s = metrics["held_out_mni152"]["summary"]
     colin = metrics["colin27_extent"]
@@ -266,7 +268,7 @@ one head (an average template).
 
 | | |
 |---|---|
-| file | `data/model/brain_tissue.pt` (resunet-checkpoint/1, loads with `torch.load(weights_only=True)`); pick it by name: `resunet predict --model brain_tissue`, `resunet info brain_tissue`, the web UI's model picker |
+| file | `resunet/data/model/brain_tissue.pt` (resunet-checkpoint/1, loads with `torch.load(weights_only=True)`); pick it by name: `resunet predict --model brain_tissue`, `resunet info brain_tissue`, the web UI's model picker |
 | task | brain tissue of skull-stripped T1-weighted MRI: 0 = background, 1 = CSF, 2 = grey matter, 3 = white matter |
 | input | one T1 volume (NIfTI or DICOM), any orientation and voxel size; resampled to 2 mm RAS internally |
 | network | ResUNet `small` preset with halved widths (8..128 channels, {_nparams()} parameters), 3D, deep supervision; same architecture as `brain_extraction` |
@@ -340,7 +342,7 @@ evaluates as above and writes this card, `metrics_tissue.json`, `plan_tissue.jso
 `train_log_tissue.csv` and `brain_tissue.pt`. Training is seeded but not bit-for-bit deterministic
 across machines.
 """
-    (HERE / "MODEL_CARD_tissue.md").write_text(text)
+    (SHIP / "MODEL_CARD_tissue.md").write_text(text)
 
 
 def _schedule(config: Path) -> str:
@@ -355,7 +357,7 @@ def _schedule(config: Path) -> str:
 def _nparams() -> str:
     import torch
 
-    ck = torch.load(HERE / "brain_tissue.pt", weights_only=True)
+    ck = torch.load(SHIP / "brain_tissue.pt", weights_only=True)
     n = sum(v.numel() for v in ck["state_dict"].values() if v.is_floating_point())
     return f"{n / 1e6:.2f} M"
 

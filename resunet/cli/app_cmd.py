@@ -4,8 +4,10 @@ Binds to 127.0.0.1 by default, so only this machine can open the page; pass ``--
 to serve a network, and then configure a login (see ``docs/webui.md``): without one, a non-loopback
 address is refused unless ``--allow-anonymous`` says it is deliberate (then a warning is printed and
 logged at every start). ``--add-user NAME`` adds a named user to the secrets file. Settings reach the page as
-``RESUNET_APP_*`` environment variables (``app/config.py``) because Streamlit runs the page in its
-own process.
+``RESUNET_APP_*`` environment variables (``resunet/webui/config.py``) because Streamlit runs the page in
+its own process. The page and its Streamlit settings (``resunet/webui/streamlit_config.toml``, passed on
+Streamlit's command line) ship inside the package; Streamlit runs in the current working directory, so
+its ``.streamlit/secrets.toml`` there (and ``~/.streamlit/secrets.toml``) hold the logins.
 """
 
 from __future__ import annotations
@@ -15,17 +17,28 @@ import getpass
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
-import resunet
 from resunet.errors import ConfigError
 from resunet.io.limits import ENV_MAX_MEMORY_GB, add_limit_argument, limits_from_args
 from resunet.netaddr import is_loopback_address
 
 
 def app_script() -> Path:
-    """The page's entry point, ``app/streamlit_app.py`` next to the ``resunet`` package."""
-    return Path(resunet.__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+    """The page's entry point, ``resunet/webui/streamlit_app.py`` inside the installed package."""
+    import resunet.webui  # light: the package's __init__ imports nothing
+
+    return Path(resunet.webui.__file__).resolve().parent / "streamlit_app.py"
+
+
+def streamlit_options() -> dict[str, str]:
+    """The page's Streamlit settings (``resunet/webui/streamlit_config.toml``) as ``{"section.key": value}``,
+    passed as ``--section.key value`` to ``streamlit run`` so that they apply wherever ``resunet app`` is
+    started (Streamlit reads a config file only from the working directory and ``~/.streamlit``)."""
+    text = (app_script().parent / "streamlit_config.toml").read_text(encoding="utf-8")
+    return {f"{section}.{key}": str(value).lower() if isinstance(value, bool) else str(value)
+            for section, values in tomllib.loads(text).items() for key, value in values.items()}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8501, help="TCP port (default 8501)")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves the network)")
-    p.add_argument("--model-dir", type=Path, help="folder of *.pt checkpoints for the model picker (default data/model)")
+    p.add_argument("--model-dir", type=Path, help="folder of *.pt checkpoints for the model picker (default: the bundled models)")
     p.add_argument("--default-model", help="file name in --model-dir selected at start (default brain_extraction.pt)")
     p.add_argument("--max-upload-mb", type=int, help="largest accepted upload in MB (default 1024)")
     p.add_argument("--session-ttl-min", type=float,
@@ -57,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="add (or change the password of) user NAME in the secrets file and exit; the password is"
                    " asked twice on a terminal, else read from the first line of stdin")
     p.add_argument("--secrets", type=Path, default=None, metavar="FILE",
-                   help="secrets file --add-user writes (default .streamlit/secrets.toml in the installation)")
+                   help="secrets file --add-user writes (default .streamlit/secrets.toml in the current folder)")
     p.add_argument("--allow-anonymous", action="store_true",
                    help="serve a non-loopback --address without any login configured (anyone who reaches the"
                    " port can upload scans and run models); refused otherwise")
@@ -81,7 +94,7 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
         if value is not None:
             env[f"RESUNET_APP_{name.upper()}"] = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
     if getattr(args, "allow_anonymous", False):
-        env["RESUNET_APP_ALLOW_ANONYMOUS"] = "1"  # the page's own check (app.auth.anonymous_exposure) agrees
+        env["RESUNET_APP_ALLOW_ANONYMOUS"] = "1"  # the page's own check (webui.auth.anonymous_exposure) agrees
     if getattr(args, "max_memory_gb", None) is not None:
         env[ENV_MAX_MEMORY_GB] = repr(limits_from_args(args).max_memory_gb)
     if args.config is not None:
@@ -105,41 +118,37 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         import yaml
 
         max_mb = (yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}).get("max_upload_mb")
-    cmd = [
-        sys.executable, "-m", "streamlit", "run", str(script),
-        "--server.port", str(args.port),
-        "--server.address", args.address,
-        "--server.maxUploadSize", str(int(max_mb or 1024)),
-        "--browser.gatherUsageStats", "false",
-        "--server.headless", "true" if args.headless else "false",
-    ]
+    options = {
+        **streamlit_options(),
+        "server.port": str(args.port),
+        "server.address": args.address,
+        "server.maxUploadSize": str(int(max_mb or 1024)),
+        "browser.gatherUsageStats": "false",
+        "server.headless": "true" if args.headless else "false",
+    }
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script)]
+    for key, value in options.items():
+        cmd += [f"--{key}", value]
     return cmd, _settings(args)
-
-
-def _import_app() -> None:
-    root = str(app_script().parent.parent)
-    if root not in sys.path:  # app/ sits next to the package, not inside it
-        sys.path.insert(0, root)
 
 
 def secrets_files() -> list[Path]:
     """The secrets files Streamlit reads for the page, lowest priority first (its ``secrets.files`` default:
-    the user's ``~/.streamlit/secrets.toml``, then the working directory's, which ``resunet app`` sets to
-    the installation root)."""
-    return [Path.home() / ".streamlit" / "secrets.toml", app_script().parent.parent / ".streamlit" / "secrets.toml"]
+    the user's ``~/.streamlit/secrets.toml``, then the working directory's: ``resunet app`` runs Streamlit
+    where it was started)."""
+    return [Path.home() / ".streamlit" / "secrets.toml", Path.cwd() / ".streamlit" / "secrets.toml"]
 
 
 def configured_login() -> str:
     """``"oidc"``, ``"password"`` or ``"none"``: the login the page will ask for, from the secrets files."""
-    _import_app()
-    from app.auth import _toml_loads, login_mode
+    from resunet.webui.auth import login_mode
 
     merged: dict = {}
     for f in secrets_files():
         if f.is_file():
             try:
-                merged.update(_toml_loads(f.read_text(encoding="utf-8")))
-            except Exception as err:  # tomllib/toml decode errors
+                merged.update(tomllib.loads(f.read_text(encoding="utf-8")))
+            except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"{f}: not valid TOML ({err}); Streamlit could not read it either") from None
     return login_mode(merged)
 
@@ -174,16 +183,14 @@ def _read_new_password(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.add_user:
-        _import_app()
-        from app.auth import add_user
+        from resunet.webui.auth import add_user
 
         target = args.secrets or secrets_files()[-1]
         path = add_user(target, args.add_user, _read_new_password(args.add_user))
         print(f"resunet app: user {args.add_user} saved in {path} (restart the app to use it)", file=sys.stderr)
         return 0
     if args.hash_password:
-        _import_app()
-        from app.auth import hash_password
+        from resunet.webui.auth import hash_password
 
         pw = getpass.getpass("Password: ")
         if pw != getpass.getpass("Again: "):
@@ -202,16 +209,12 @@ def run(args: argparse.Namespace) -> int:
     # unless headless, and waits at that prompt: switch it off (an environment variable, so Streamlit
     # versions without the option ignore it instead of refusing a command-line flag).
     env = {**os.environ, "STREAMLIT_SERVER_SHOW_EMAIL_PROMPT": "false", **extra}
-    # app/ imports itself as a package from the repository root
-    root = str(app_script().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     print(f"resunet app: serving on http://{args.address}:{args.port} (Ctrl+C to stop)", file=sys.stderr)
     sys.stderr.flush()
     if os.name == "posix":
         # replace this process, so signals (Ctrl+C, docker stop) reach Streamlit directly
-        os.chdir(root)  # .streamlit/config.toml is read from the working directory
         os.execve(cmd[0], cmd, env)
     try:
-        return subprocess.call(cmd, env=env, cwd=root)
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 130

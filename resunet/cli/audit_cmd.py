@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from resunet.reports.audit import ENV_VAR, audit_db_path, read_runs, verify, verify_log
+from resunet.reports.audit import ENV_VAR, describe_db, read_runs, verify, verify_log
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--audit-db", metavar="PATH", help=f"audit log (default ${ENV_VAR} or ~/.resunet/audit.sqlite)")
     v.set_defaults(func=run_verify)
     lg = sub.add_parser("log", help="list the runs in the audit log and check its hash chain")
-    lg.add_argument("--audit-db", metavar="PATH", help=f"audit log (default ${ENV_VAR} or ~/.resunet/audit.sqlite)")
+    lg.add_argument("--audit-db", metavar="PATH", help=f"audit log: a SQLite file or postgresql://USER@HOST/DB (password from $PGPASSWORD/$PGPASSFILE); "
+                    f"default ${ENV_VAR} or ~/.resunet/audit.sqlite")
     lg.add_argument("--last", type=int, default=20, metavar="N", help="show the last N runs (default 20)")
     lg.set_defaults(func=run_log)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -49,12 +50,12 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_log(args: argparse.Namespace) -> int:
-    db = audit_db_path(args.audit_db)
+    db = args.audit_db  # a SQLite file or postgresql://USER@HOST/DB (the log of a shared service queue)
     runs = read_runs(db)
     for r in runs[-max(args.last, 0):] if args.last else []:
         print(f"{r['seq']:>5} {r['recorded_utc']} {r['kind']:<9} {r['run_id']} {r['user']}@{r['host']}: {r['command']}")
     problems = verify_log(db)
     for p in problems:
         print(f"ALTERED  {p}")
-    print(f"{len(runs)} runs in {db}; hash chain {'broken' if problems else 'intact'}")
+    print(f"{len(runs)} runs in {describe_db(db)}; hash chain {'broken' if problems else 'intact'}")
     return 1 if problems else 0

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
+from resunet.package_data import MODEL_DIR
 
-#: the bundled brain-extraction model (data/model/), used when --model is not given
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "data" / "model" / "brain_extraction.pt"
+#: the bundled brain-extraction model (package data resunet/data/model/), used when --model is not given
+BUNDLED_MODEL = MODEL_DIR / "brain_extraction.pt"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(or a run folder of `resunet train --fold all`) "
                    "predict as one ensemble: softmax probabilities averaged window by window. Values after the first "
                    "that are not models (no .pt/.onnx/.ts suffix, bundled name or run folder) count as INPUTs")
+    p.add_argument("--then", default=[], action="append", metavar="MODEL",
+                   help="a model chain: after --model, segment again with MODEL, only inside the previous "
+                   "model's foreground (the scan is set to 0 outside it), and keep MODEL's labels there; e.g. "
+                   "--model brain_extraction --then brain_tissue (tissue classes of the extracted brain). Repeatable")
     p.add_argument("--format", default="nifti,seg", metavar="LIST",
                    help="outputs: nifti (mask .nii.gz), seg (DICOM SEG for DICOM inputs), rtstruct (RT Structure "
                    "Set contours for DICOM inputs), sr (DICOM SR TID 1500 measurement report of the SEG: volume per "
@@ -57,6 +62,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="audit log (default $RESUNET_AUDIT_DB or ~/.resunet/audit.sqlite)")
     p.add_argument("--no-audit", action="store_true", help="do not append the run to the audit log")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cluster = p.add_argument_group("cluster (Ray), see docs/inference.md 'Running on a cluster'")
+    cluster.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                         help="run the cases as Ray tasks on a cluster: auto ($RAY_ADDRESS or the cluster this machine "
+                         "joined with `ray start`; the default of a bare --ray), HEAD:6379, ray://HEAD:10001, or local "
+                         "(a private instance on this machine); inputs, model and --out on a filesystem every node "
+                         "mounts. Needs pip install 'resunet[ray]'")
+    cluster.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                         help="cases in flight = warm model copies (default: as many as the cluster's CPUs/GPUs hold)")
+    cluster.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
+                         help="CPUs per worker, also its torch threads (default 1)")
+    cluster.add_argument("--ray-gpus-per-actor", type=float, default=0.0, metavar="G",
+                         help="GPUs per worker (default 0: CPU inference; 0.5: two workers share a GPU)")
+    cluster.add_argument("--ray-retries", type=int, default=3, metavar="N",
+                         help="times a case whose worker or node died is run again elsewhere before it is recorded "
+                         "failed (default 3)")
     pacs = p.add_argument_group("PACS (DICOMweb or DIMSE), see docs/pacs.md")
     pacs.add_argument("--pacs", default=None, metavar="URL",
                       help="the archive: a DICOMweb root (http://pacs:8042/dicom-web) or a DIMSE node "
@@ -93,6 +113,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"--shard {text}: need 0 <= I < N")
     return i, n
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +170,15 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--accession and --patient-id work with a DIMSE archive (--pacs dimse://AET@HOST:PORT)")
     elif not args.inputs:
         raise ConfigError("give INPUT paths to segment, or --pacs URL --study UID")
+    ray_opts = None
+    if args.ray is not None:
+        from resunet.inference.ray_batch import RayOptions, import_ray
+
+        if args.pacs or shard[1] > 1:
+            raise ConfigError("--ray runs a whole batch on the cluster: leave out --shard/torchrun and --pacs")
+        ray_opts = RayOptions(address=args.ray, actors=args.ray_actors, cpus_per_actor=args.ray_cpus_per_actor,
+                              gpus_per_actor=args.ray_gpus_per_actor, max_retries=args.ray_retries)
+        import_ray()  # before the model loads: a missing Ray is reported at once
     qr = None
     if dimse:  # the query runs before the model loads: a study that is not there costs nothing
         from resunet.pacs.dimse_qr import DimseSource, QueryConfig, find_studies
@@ -180,9 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if options.refused:
         print(f"resunet predict: {len(options.refused)} of {len(mine)} input(s) refused; segmenting the other "
               f"{len(mine) - len(options.refused)}", file=sys.stderr)
-    predictor = Predictor(
-        model,
-        device=device,
+    predictor_kwargs = dict(
         tta=args.tta,
         overlap=args.overlap,
         sw_batch=args.sw_batch,
@@ -191,6 +224,16 @@ def run(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
         limits=limits,
     )
+    # with --ray the model loads here on the CPU only for the summary's header; the workers predict
+    predictor = Predictor(model, device="cpu" if ray_opts else device, **predictor_kwargs)
+    if args.then:  # a chain: each later model segments inside the previous foreground
+        from resunet.inference.bundled import resolve_model
+        from resunet.inference.chain import ChainPredictor
+
+        if ray_opts is not None:
+            raise ConfigError("--then (a model chain) does not run on --ray yet; run the chain without --ray")
+        predictor = ChainPredictor([predictor, *(Predictor(resolve_model(m), device=device, **predictor_kwargs)
+                                                 for m in args.then)])
     if args.pacs:
         from resunet.pacs import PacsClient, PacsConfig, segment_from_dimse, segment_from_pacs
 
@@ -206,10 +249,23 @@ def run(args: argparse.Namespace) -> int:
               f"(pull {run.timings['pull']:.1f} s{', store %.1f s' % run.timings['store'] if 'store' in run.timings else ''})"
               f"{stored}; summary {run.batch.summary_path}", file=sys.stderr)
         return run.batch.exit_code
-    result = run_batch(cases, predictor, options, command=command)
+    retried = ""
+    if ray_opts is not None:
+        from resunet.inference.ray_batch import PredictorSpec, RayEngine
+
+        worker_device = device if ray_opts.gpus_per_actor or device != "auto" else "cpu"
+        spec = PredictorSpec(model=[str(m) for m in models] if len(models) > 1 else str(models[0]),
+                             kwargs=dict(predictor_kwargs, device=worker_device),
+                             threads=max(1, int(ray_opts.cpus_per_actor)), umask=_current_umask())
+        with RayEngine(spec, ray_opts) as engine:
+            engine.check(cases, options.out_dir)
+            result = run_batch(cases, predictor, options, command=command, engine=engine)
+        retried = f", {engine.retried} retried after a lost worker or node"
+    else:
+        result = run_batch(cases, predictor, options, command=command)
     print(
-        f"resunet predict: {result.ok} ok ({result.skipped} skipped as already done), {result.failed} failed; "
-        f"summary {result.summary_path}",
+        f"resunet predict: {result.ok} ok ({result.skipped} skipped as already done), {result.failed} failed"
+        f"{retried}; summary {result.summary_path}",
         file=sys.stderr,
     )
     return result.exit_code

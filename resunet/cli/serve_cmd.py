@@ -90,6 +90,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "the model of the first rule it matches; series no rule matches are left alone")
     pacs.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                       help="AE title allowed to send to the node (repeat; default: any)")
+    scale = p.add_argument_group("several workers and nodes (docs/deploy.md)")
+    scale.add_argument("--queue", dest="queue_url", default="", metavar="URL",
+                       help="postgresql://USER@HOST[:PORT]/DB: keep jobs, tokens and the audit log in PostgreSQL, shared "
+                       "by every node on the same shared --state-dir (default: STATE/jobs.sqlite, one node). No password "
+                       "in the URL: $PGPASSWORD, $PGPASSFILE or --queue-password-file")
+    scale.add_argument("--queue-password-file", type=Path, default=None, metavar="FILE",
+                       help="file holding only the database password (e.g. a mounted secret)")
+    scale.add_argument("--lease", dest="lease_s", type=float, default=d["lease_s"].default, metavar="S",
+                       help="PostgreSQL queue: a running job whose node stops renewing its lease for S seconds is taken "
+                       "over by another node (default 60)")
+    scale.add_argument("--node-name", default="", metavar="NAME",
+                       help="this node's name in a shared queue (default HOST-PORT); unique per node")
     p.add_argument("--add-token", metavar="NAME", help="make a token for NAME, print it once, store its hash, and exit")
     p.add_argument("--scope", choices=("submit", "admin"), default="submit",
                    help="with --add-token: submit (sees its own and its group's jobs; default) or admin (every job)")
@@ -117,19 +129,42 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         routes=getattr(args, "routes", None),
         store_to=getattr(args, "store_to", ""), settle_seconds=getattr(args, "settle_seconds", 5.0),
         allowed_aets=tuple(getattr(args, "allow_aet", []) or ()),
-        audit_db=False if args.no_audit else (Path(args.audit_db) if args.audit_db else None),
+        audit_db=False if args.no_audit else (_audit_target(args.audit_db) if args.audit_db else None),
+        queue_url=getattr(args, "queue_url", "") or "", queue_password_file=getattr(args, "queue_password_file", None),
+        lease_s=getattr(args, "lease_s", 60.0), node_name=getattr(args, "node_name", "") or "",
     )
     if args.state_dir is not None:
         kwargs["state_dir"] = args.state_dir
     return ServeConfig(**kwargs)
 
 
+def _audit_target(value: str) -> "Path | str":
+    from resunet.pgdb import is_pg_url
+
+    return value if is_pg_url(value) else Path(value)
+
+
+def token_store(config: "ServeConfig") -> "TokenStore":  # noqa: F821
+    """The tokens of this service: STATE/tokens.json, or the PostgreSQL queue's table (every node's)."""
+    from resunet.serve.tokens import TOKENS_FILE, PgTokenStore, TokenStore
+
+    if config.queue_url:
+        import os
+
+        from resunet.pgdb import PASSWORD_FILE_ENV
+        from resunet.serve.queue_pg import PgJobQueue
+
+        if config.queue_password_file:
+            os.environ[PASSWORD_FILE_ENV] = str(config.queue_password_file)
+        return PgTokenStore(PgJobQueue(config.queue_url, node=config.node_name, lease_s=config.lease_s))
+    return TokenStore(config.state_dir / TOKENS_FILE)
+
+
 def run(args: argparse.Namespace) -> int:
     from resunet.serve.jobs import segment_options
-    from resunet.serve.tokens import TOKENS_FILE, TokenStore
 
     config = config_from_args(args)
-    tokens = TokenStore(config.state_dir / TOKENS_FILE)
+    tokens = token_store(config)
     if args.add_token:
         token = tokens.add(args.add_token, scope=args.scope, group=args.group or "")
         print(f"token for {args.add_token} (shown once; only its SHA-256 is stored in {tokens.path}):", file=sys.stderr)

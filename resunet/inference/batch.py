@@ -65,6 +65,7 @@ JOURNAL = "predictions.jsonl"
 LOCK = ".predictions.lock"
 REWRITE_EVERY_CASE_UP_TO = 2000
 REWRITE_INTERVAL_S = 30.0
+STATUS_LOG_INTERVAL_S = 30.0
 
 
 @dataclass
@@ -336,18 +337,170 @@ def _resumable(prev: dict[str, Any] | None, input_sha: str, model_sha: str, want
     return True
 
 
+@dataclass
+class CaseContext:
+    """What every case of one run shares with the per-case step (picklable: Ray workers get it too).
+
+    Args:
+        model_name: the model's name (records' ``model.name``).
+        model_sha256: the model's (or ensemble's) hash; a case is resumed only with the same hash.
+        members: ensemble member hashes (empty for one model).
+        run_id: the run's provenance id (records' ``run_id``).
+        fg_labels: foreground label names (names the probability outputs).
+    """
+
+    model_name: str
+    model_sha256: str
+    members: list[str]
+    run_id: str
+    fg_labels: list[str]
+
+
+def node_name() -> str:
+    """The machine's name as records and the audit log show it (the host name)."""
+    import socket
+
+    return socket.gethostname()
+
+
+def load_case(case: Case, opts: BatchOptions, prev: dict[str, Any] | None, ctx: CaseContext) -> _Loaded:
+    """Hash ``case``'s input and, unless its previous record ``prev`` lets it be skipped or a header
+    check refused it, read it. Never raises for a bad case: the reason goes to ``error``."""
+    from resunet.io.loader import load_study
+
+    t0 = time.perf_counter()
+    item = _Loaded(case=case)
+    try:
+        item.input_record = {"path": str(case.path), "sha256": sha256_path(case.path), "kind": case.kind}
+        wanted = _output_paths(case, opts, ctx.fg_labels)
+        if opts.resume and _resumable(prev, item.input_record["sha256"], ctx.model_sha256, wanted, opts.out_dir):
+            item.skip_record = prev
+        elif case.case_id in opts.refused:
+            item.error = opts.refused[case.case_id]
+        else:
+            item.volume = load_study(case.path, series_uid=opts.series_uid if case.is_dicom else None,
+                                     limits=opts.limits)
+    except ResunetError as err:
+        item.error = str(err)
+    except MemoryError:
+        item.error = f"{case.path}: ran out of memory while reading it; lower --workers or --max-memory-gb"
+    except Exception as err:  # an unexpected failure of one case must not stop the batch
+        log.debug("loading %s failed:\n%s", case.path, traceback.format_exc())
+        item.error = f"internal error while reading the input ({type(err).__name__}: {err})"
+    item.seconds = time.perf_counter() - t0
+    return item
+
+
+def segment_case(item: _Loaded, predictor: Predictor, opts: BatchOptions, ctx: CaseContext,
+                 progress: Any = None) -> dict[str, Any]:
+    """The per-case step of every batch (local, sharded and Ray): predict a loaded case, write its
+    outputs atomically and return its record. A failure is recorded with its reason (outputs of a
+    failed case are removed); it never raises for a bad case."""
+    from resunet.io.loader import check_series_complete
+    from resunet.reports.provenance import utc_now
+
+    case = item.case
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {
+        "case": case.case_id, "input": item.input_record or {"path": str(case.path), "kind": case.kind},
+        "status": "failed", "reason": None, "outputs": {}, "seconds": None, "device": str(predictor.device),
+        "model": {"name": ctx.model_name, "sha256": ctx.model_sha256}, "run_id": ctx.run_id,
+    }
+    if ctx.members:
+        rec["model"]["members"] = list(ctx.members)
+    written: list[Path] = []
+    if item.error is not None:
+        rec["reason"] = item.error
+    else:
+        try:
+            check_series_complete(item.volume, min_slices=opts.min_slices, allow_split=opts.allow_split_series)
+            pred = predictor.predict(item.volume, probabilities=opts.save_probabilities, progress=progress)
+            rec["outputs"] = _write_outputs(case, item.volume, pred, opts, ctx.fg_labels, written)
+            rec.update(
+                status="ok",
+                volumes_ml=pred.volumes_ml,
+                voxel_counts=pred.voxel_counts,
+                timings=pred.timings,
+                grid=item.volume.describe_grid(),
+                series_uid=item.volume.meta.get("series_uid"),
+                warnings=list(pred.warnings),
+            )
+        except ServerError as err:  # not the input's fault: a caller (the service) may retry it
+            rec["reason"] = str(err)
+            rec["server_fault"] = "disk_full" if isinstance(err, DiskFullError) else "server"
+        except ResunetError as err:
+            rec["reason"] = str(err)
+        except MemoryError:
+            rec["reason"] = (f"{case.path}: ran out of memory while segmenting it ({item.volume.describe_grid()});"
+                             " use a machine with more memory or lower --max-memory-gb to refuse such cases early")
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+                rec["reason"] = f"internal error ({type(err).__name__}: {err})"
+            else:  # the disk of the outputs is full: the server's fault, retried once there is space
+                rec["reason"] = f"no space left on the disk of {opts.out_dir} while writing the outputs ({err.strerror})"
+                rec["server_fault"] = "disk_full"
+        except Exception as err:  # isolate the case; the traceback goes to the debug log
+            log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
+            rec["reason"] = f"internal error ({type(err).__name__}: {err})"
+        if rec["status"] != "ok":
+            for p in written:  # no outputs of a failed case are left behind
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            rec["outputs"] = {}
+    item.volume = None
+    rec["seconds"] = round(time.perf_counter() - t0 + item.seconds, 3)
+    rec["finished_utc"] = utc_now()
+    rec["node"] = node_name()
+    if opts.sharded:
+        rec["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
+    return rec
+
+
+#: one finished case from an engine: (case, "skip" with its kept record | "done" with its new record,
+#: the inference settings of the predictor that ran it or None)
+Outcome = tuple[Case, str, dict[str, Any], "dict[str, Any] | None"]
+
+
+def _local_outcomes(mine: Sequence[Case], predictor: Predictor, opts: BatchOptions,
+                    previous: dict[str, dict[str, Any]], ctx: CaseContext, bar: "_Bar") -> Iterator[Outcome]:
+    """The local engine: ``opts.workers`` threads read ahead while this process predicts case by case."""
+    with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="resunet-load") as pool:
+        pending: list[Future[_Loaded]] = []
+        queue = list(mine)
+
+        def submit() -> None:
+            case = queue.pop(0)
+            pending.append(pool.submit(load_case, case, opts, previous.get(case.case_id), ctx))
+
+        while queue and len(pending) < opts.workers:
+            submit()
+        while pending:
+            item = pending.pop(0).result()
+            if queue:
+                submit()
+            bar.start_case(item.case.case_id)
+            if item.skip_record is not None:
+                yield item.case, "skip", item.skip_record, None
+                continue
+            yield item.case, "done", segment_case(item, predictor, opts, ctx, progress=bar.windows), None
+
+
 def run_batch(
     cases: Sequence[Case],
     predictor: Predictor,
     options: BatchOptions,
     command: Sequence[str] | None = None,
+    engine: Any = None,
 ) -> BatchResult:
     """Segment ``cases`` (this shard's share) into ``options.out_dir``; see the module docstring.
 
     Failures of single cases (unreadable input, geometry refused, ...) are recorded with their reason
-    and the run goes on. Returns a :class:`BatchResult`; its ``exit_code`` is what the CLI returns.
+    and the run goes on. ``engine``: None runs the cases in this process; an engine such as
+    :class:`resunet.inference.ray_batch.RayEngine` runs the same per-case step (:func:`load_case` +
+    :func:`segment_case`) elsewhere, and this process keeps the journal, summaries and audit record.
+    Returns a :class:`BatchResult`; its ``exit_code`` is what the CLI returns.
     """
-    from resunet.io.loader import check_series_complete, load_study
     from resunet.reports.provenance import collect_provenance, utc_now
 
     opts = options
@@ -374,37 +527,15 @@ def run_batch(
     header = {"model": model_rec, "settings": predictor.settings(), "provenance": provenance}
     mine = select_shard(cases, opts.shard)
     previous = read_records(opts.out_dir) if opts.resume else {}
-    fg_labels = [n for v, n in model.labels.items() if v != 0]
+    ctx = CaseContext(model_name=model.name, model_sha256=model.sha256,
+                      members=[m["sha256"] for m in members] if len(members) > 1 else [], run_id=run_id,
+                      fg_labels=[n for v, n in model.labels.items() if v != 0])
 
     records: dict[str, dict[str, Any]] = {}  # this run's records (this shard)
     kept_records = {c.case_id: previous[c.case_id] for c in mine if c.case_id in previous}
     result = BatchResult(records=[])
     journal_path = opts.out_dir / opts.journal_name
     last_write = [0.0]
-
-    def load(case: Case) -> _Loaded:
-        t0 = time.perf_counter()
-        item = _Loaded(case=case)
-        try:
-            item.input_record = {"path": str(case.path), "sha256": sha256_path(case.path), "kind": case.kind}
-            wanted = _output_paths(case, opts, fg_labels)
-            prev = previous.get(case.case_id)
-            if opts.resume and _resumable(prev, item.input_record["sha256"], model.sha256, wanted, opts.out_dir):
-                item.skip_record = prev
-            elif case.case_id in opts.refused:
-                item.error = opts.refused[case.case_id]
-            else:
-                item.volume = load_study(case.path, series_uid=opts.series_uid if case.is_dicom else None,
-                                         limits=opts.limits)
-        except ResunetError as err:
-            item.error = str(err)
-        except MemoryError:
-            item.error = f"{case.path}: ran out of memory while reading it; lower --workers or --max-memory-gb"
-        except Exception as err:  # an unexpected failure of one case must not stop the batch
-            log.debug("loading %s failed:\n%s", case.path, traceback.format_exc())
-            item.error = f"internal error while reading the input ({type(err).__name__}: {err})"
-        item.seconds = time.perf_counter() - t0
-        return item
 
     def save_summary(force: bool) -> None:
         n = len(kept_records) + len(records)
@@ -421,96 +552,39 @@ def run_batch(
 
     _end_journal_line(journal_path)
     bar = _Bar(enabled=opts.progress, total=len(mine))
-    with bar, ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="resunet-load") as pool, \
-            open(journal_path, "a", encoding="utf-8") as journal:
-        pending: list[Future[_Loaded]] = []
-        queue = list(mine)
-        while queue and len(pending) < opts.workers:
-            pending.append(pool.submit(load, queue.pop(0)))
-        while pending:
-            item = pending.pop(0).result()
-            if queue:
-                pending.append(pool.submit(load, queue.pop(0)))
-            case = item.case
-            bar.start_case(case.case_id)
-            if item.skip_record is not None:
+    settings_seen = False
+    with bar, open(journal_path, "a", encoding="utf-8") as journal:
+        if engine is None:
+            outcomes = _local_outcomes(mine, predictor, opts, previous, ctx, bar)
+        else:
+            outcomes = engine.outcomes(mine, opts, previous, ctx, bar)
+        for case, kind, rec, settings in outcomes:
+            if settings is not None and not settings_seen:  # the settings the cases ran with (a remote device)
+                header["settings"] = settings
+                settings_seen = True
+            if kind == "skip":
                 result.skipped += 1
                 result.ok += 1
-                kept_records[case.case_id] = item.skip_record
+                kept_records[case.case_id] = rec
                 bar.message(f"{case.case_id}: skipped (already done with this input and model)")
-                bar.advance()
+                bar.advance(ok=True)
                 continue
-            t0 = time.perf_counter()
-            rec: dict[str, Any] = {
-                "case": case.case_id, "input": item.input_record or {"path": str(case.path), "kind": case.kind},
-                "status": "failed", "reason": None, "outputs": {}, "seconds": None, "device": str(predictor.device),
-                "model": {"name": model.name, "sha256": model.sha256}, "run_id": run_id,
-            }
-            if len(members) > 1:
-                rec["model"]["members"] = [m["sha256"] for m in members]
-            written: list[Path] = []
-            if item.error is not None:
-                rec["reason"] = item.error
-            else:
-                try:
-                    check_series_complete(item.volume, min_slices=opts.min_slices,
-                                          allow_split=opts.allow_split_series)
-                    pred = predictor.predict(
-                        item.volume, probabilities=opts.save_probabilities, progress=bar.windows
-                    )
-                    rec["outputs"] = _write_outputs(case, item.volume, pred, opts, fg_labels, written)
-                    rec.update(
-                        status="ok",
-                        volumes_ml=pred.volumes_ml,
-                        voxel_counts=pred.voxel_counts,
-                        timings=pred.timings,
-                        grid=item.volume.describe_grid(),
-                        series_uid=item.volume.meta.get("series_uid"),
-                        warnings=list(pred.warnings),
-                    )
-                    for w in pred.warnings:
-                        bar.warn(f"case {case.case_id}: {w}")
-                except ServerError as err:  # not the input's fault: a caller (the service) may retry it
-                    rec["reason"] = str(err)
-                    rec["server_fault"] = "disk_full" if isinstance(err, DiskFullError) else "server"
-                except ResunetError as err:
-                    rec["reason"] = str(err)
-                except MemoryError:
-                    rec["reason"] = (f"{case.path}: ran out of memory while segmenting it ({item.volume.describe_grid()});"
-                                     " use a machine with more memory or lower --max-memory-gb to refuse such cases early")
-                except OSError as err:
-                    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
-                        rec["reason"] = f"internal error ({type(err).__name__}: {err})"
-                    else:  # the disk of the outputs is full: the server's fault, retried once there is space
-                        rec["reason"] = f"no space left on the disk of {opts.out_dir} while writing the outputs ({err.strerror})"
-                        rec["server_fault"] = "disk_full"
-                except Exception as err:  # isolate the case; the traceback goes to the debug log
-                    log.debug("case %s failed:\n%s", case.case_id, traceback.format_exc())
-                    rec["reason"] = f"internal error ({type(err).__name__}: {err})"
-                if rec["status"] != "ok":
-                    for p in written:  # no outputs of a failed case are left behind
-                        with contextlib.suppress(FileNotFoundError):
-                            p.unlink()
-                    rec["outputs"] = {}
-            item.volume = None
-            rec["seconds"] = round(time.perf_counter() - t0 + item.seconds, 3)
-            rec["finished_utc"] = utc_now()
-            if opts.sharded:
-                rec["shard"] = f"{opts.shard[0]}/{opts.shard[1]}"
+            for w in rec.get("warnings") or []:
+                bar.warn(f"case {case.case_id}: {w}")
             journal.write(json.dumps(rec, default=str) + "\n")
             journal.flush()
             os.fsync(journal.fileno())
             records[case.case_id] = rec
+            where = f" on {rec['node']}" if engine is not None and rec.get("node") else ""
             if rec["status"] == "ok":
                 result.ok += 1
-                bar.message(f"{case.case_id}: ok in {rec['seconds']:.1f} s")
+                bar.message(f"{case.case_id}: ok in {rec['seconds']:.1f} s{where}")
             else:
                 result.failed += 1
                 result.failures.append((case.case_id, rec["reason"]))
-                bar.error(f"case {case.case_id} ({case.path}) failed: {rec['reason']}")
+                bar.error(f"case {case.case_id} ({case.path}) failed{where}: {rec['reason']}")
             save_summary(force=False)
-            bar.advance()
+            bar.advance(ok=rec["status"] == "ok")
     save_summary(force=True)
     result.summary_path = opts.out_dir / opts.summary_name
     if opts.sharded:
@@ -521,8 +595,8 @@ def run_batch(
     if opts.audit_db is not False:
         from resunet.reports.audit import record_run
 
-        outputs = [
-            {**o, "path": str((opts.out_dir / o["path"]).resolve())}
+        outputs = [  # each output names its case and the node that wrote it
+            {**o, "path": str((opts.out_dir / o["path"]).resolve()), "case": r["case"], "node": r.get("node")}
             for r in records.values() for o in (r.get("outputs") or {}).values()
         ]
         outputs.append({"path": str(result.summary_path.resolve()), "sha256": sha256_file(result.summary_path)})
@@ -601,6 +675,7 @@ class _Bar:
         self._progress: Any = None
         self._cases: Any = None
         self._windows: Any = None
+        self._last_status = 0.0
 
     def __enter__(self) -> "_Bar":
         if self.enabled:
@@ -609,11 +684,11 @@ class _Bar:
 
             self._progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True), transient=False,
             )
             self._progress.__enter__()
-            self._cases = self._progress.add_task("cases", total=self.total)
-            self._windows = self._progress.add_task("windows", total=1, visible=False)
+            self._cases = self._progress.add_task("cases", total=self.total, info="")
+            self._windows = self._progress.add_task("windows", total=1, visible=False, info="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -628,9 +703,18 @@ class _Bar:
         if self._progress is not None and stage == "windows":
             self._progress.update(self._windows, completed=done, total=max(total, 1), visible=total > 1)
 
-    def advance(self) -> None:
+    def advance(self, ok: bool = True) -> None:
         if self._progress is not None:
             self._progress.advance(self._cases)
+
+    def status(self, text: str) -> None:
+        """Run-wide figures beside the bar (a cluster run: done / failed / running, rate, nodes alive);
+        without a terminal, logged at most every :data:`STATUS_LOG_INTERVAL_S` seconds."""
+        if self._progress is not None:
+            self._progress.update(self._cases, info=text)
+        elif time.monotonic() - self._last_status >= STATUS_LOG_INTERVAL_S:
+            self._last_status = time.monotonic()
+            log.info("%s", text)
 
     def message(self, text: str) -> None:
         if self._progress is not None:

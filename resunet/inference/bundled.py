@@ -1,6 +1,6 @@
-"""The models shipped in ``data/model/``, picked by name (``resunet predict --model brain_tissue``).
+"""The models shipped in ``resunet/data/model/`` (package data), picked by name (``resunet predict --model brain_tissue``).
 
-A bundled model is a resunet checkpoint ``data/model/<name>.pt`` with its model card
+A bundled model is a resunet checkpoint ``resunet/data/model/<name>.pt`` with its model card
 (``MODEL_CARD*.md`` beside it). :func:`resolve_model` turns a bare name into that file; anything that
 looks like a path (an existing file, a suffix, a folder separator) is left as it is, so a local file
 called ``brain_tissue`` still wins over the bundled model of that name.
@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: the folder of the bundled checkpoints (the repository's or installed tree's data/model)
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "data" / "model"
+from resunet.package_data import MODEL_DIR
+
+#: the folder of the bundled checkpoints (package data: resunet/data/model)
+BUNDLED_DIR = MODEL_DIR
 #: the model used when none is given (``resunet predict`` without --model, the web UI at start)
 DEFAULT_MODEL = "brain_extraction"
 #: bundled model name -> one line on what it segments (labels come from the checkpoint)

@@ -181,7 +181,7 @@ def load_model(model: Any) -> LoadedModel:
         return _from_checkpoint(model)
     from resunet.inference.bundled import BUNDLED_MODELS, resolve_model
 
-    path = resolve_model(model)  # a bundled model's name ("brain_tissue") -> data/model/brain_tissue.pt
+    path = resolve_model(model)  # a bundled model's name ("brain_tissue") -> resunet/data/model/brain_tissue.pt
     if not path.exists():
         raise ModelError(f"{path}: no such model file; pass --model with a resunet checkpoint (.pt), an export "
                          f"(.onnx) or a bundled model name ({', '.join(BUNDLED_MODELS)})")

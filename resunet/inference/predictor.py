@@ -392,7 +392,11 @@ class Predictor:
 
         ref = vols[0]
         names = {v: n for v, n in self.labels.items()}
-        mask_vol = ref.with_array(mask, is_label=True, labels={str(v): n for v, n in names.items()})
+        extra = {}
+        card_codes = (self.model.meta.get("model_card") or {}).get("label_codes")
+        if card_codes:  # the model card's DICOM codes per label, for the SEG/SR writers
+            extra["label_codes"] = card_codes
+        mask_vol = ref.with_array(mask, is_label=True, labels={str(v): n for v, n in names.items()}, **extra)
         vox_ml = ref.voxel_volume_ml
         voxel_counts = {names[v]: int(np.count_nonzero(mask == v)) for v in label_values if v != 0}
         volumes_ml = {n: round(c * vox_ml, 6) for n, c in voxel_counts.items()}

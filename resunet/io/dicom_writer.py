@@ -87,6 +87,7 @@ def write_dicom_series(
     file_names: Sequence[str] | None = None,
     sop_instance_uid_root: str | None = None,
     date_time: _dt.datetime | None = None,
+    patient_position: str = "HFS",
 ) -> list[Path]:
     """Write ``volume`` as one DICOM file per slice ``k`` into ``folder``.
 
@@ -102,6 +103,9 @@ def write_dicom_series(
         sop_instance_uid_root: if given, slice ``k`` gets SOPInstanceUID ``f"{root}.{k + 1}"``
             (reproducible files); otherwise new random UIDs.
         date_time: study/series/content date and time (default: now).
+        patient_position: PatientPosition (``"HFS"`` head first supine, the usual position for head
+            and body scans; ``""`` when unknown). It does not change the geometry: positions and
+            orientations are in patient coordinates whatever the position on the table.
 
     Returns:
         The written paths in slice order ``k``.
@@ -152,7 +156,9 @@ def write_dicom_series(
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid
-        ds.ImageType = ["DERIVED", "SECONDARY"]
+        # value 3 is required for MR (PS3.3 C.8.3.1.1.1); "OTHER" is its defined term for an image of
+        # no named kind; CT's value 3 "AXIAL" (C.8.2.1.1.1) says it is a cross-section
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER" if modality == "MR" else "AXIAL"]
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
         ds.AccessionNumber = ""
@@ -170,6 +176,8 @@ def write_dicom_series(
         ds.SeriesInstanceUID = series_uid
         ds.StudyID = "1"
         ds.SeriesNumber = series_number
+        ds.Laterality = ""  # Type 2C (General Series): not a paired body part, so empty
+        ds.PatientPosition = patient_position  # Type 2C for CT and MR images (General Series)
         ds.InstanceNumber = k + 1
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
@@ -188,9 +196,16 @@ def write_dicom_series(
         ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = pixel_rep
-        ds.RescaleIntercept = _ds(inter)
-        ds.RescaleSlope = _ds(slope)
-        ds.RescaleType = "HU" if modality == "CT" else "US"
+        if modality == "CT":
+            ds.RescaleIntercept = _ds(inter)
+            ds.RescaleSlope = _ds(slope)
+            ds.RescaleType = "HU"
+        elif (slope, inter) != (1.0, 0.0):
+            # the MR Image IOD has no Rescale attributes (dciodvfy warns "not present in standard DICOM
+            # IOD"), but float data cannot be stored without them; integers are stored as they are
+            ds.RescaleIntercept = _ds(inter)
+            ds.RescaleSlope = _ds(slope)
+            ds.RescaleType = "US"
         if modality == "CT":
             ds.KVP = ""
             ds.AcquisitionNumber = 1

@@ -2,11 +2,12 @@
 
 Radiotherapy planning systems take contours, not label maps. A mask on a DICOM series' grid is
 written as one RTSTRUCT with one ROI per label: on every slice ``k`` where the label is present,
-each connected outline (outer boundaries and hole boundaries) becomes one CLOSED_PLANAR contour in
-patient LPS mm, referencing that slice's image (SOP Instance UID, and frame number for multi-frame
-sources). Reading back rasterises the contours onto the source grid with the even-odd rule (a hole
-contour inside an outer contour cuts the hole out), which is how most planning systems read
-nested contours.
+each connected region becomes one CLOSED_PLANAR contour in patient LPS mm, referencing that slice's
+image (SOP Instance UID, and frame number for multi-frame sources). A region's holes are joined to
+its outer boundary by zero-width keyhole cuts (:mod:`resunet.io.contours`), so readers that OR the
+contours of a structure (plastimatch's default, many planning systems) and readers that XOR them
+(the even-odd rule) fill the same voxels. Reading back rasterises the contours onto the source
+grid with the even-odd rule, so files from other writers with separate hole contours read right too.
 
 Written here rather than with ``rt-utils`` (looked at, version 1.2.7): it re-reads the source series
 from a folder of files with pixel data (our zip inputs keep headers only, enhanced multi-frame
@@ -15,8 +16,7 @@ geometry, reads Type 2 patient/study attributes that anonymised sources lack (At
 pulls OpenCV plus a ``dataclasses`` back-port. highdicom and pydicom have no RTSTRUCT builder.
 Contours come from scikit-image (``measure.find_contours``: marching squares at level 0.5, so each
 outline runs between inside and outside pixel centres) and are rasterised back with
-``draw.polygon`` (pixel centres inside), which gives the mask back except where marching squares
-cuts a pixel-wide diagonal bridge.
+``draw.polygon`` (pixel centres inside), which gives the mask back voxel for voxel.
 
 Patient/study attributes are copied from the source where present and written empty where missing
 (Type 2); the source files are never modified.
@@ -40,6 +40,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
+from resunet.io.contours import keyhole_contours
+from resunet.io.dicom_codes import label_colour
 from resunet.io.dicom_headers import derived_uids
 from resunet.io.seg import _check_source_uids, _source_datasets, check_mask_on_source, contributing_equipment
 from resunet.io.volume import Volume
@@ -47,8 +49,6 @@ from resunet.io.volume import Volume
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
-#: ROI display colours (RGB) cycled over the labels
-COLOURS = ((255, 64, 64), (64, 200, 64), (64, 128, 255), (255, 200, 0), (200, 64, 255), (0, 200, 200))
 #: patient and study attributes copied from the source (empty when the source lacks them)
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
            "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription")
@@ -67,24 +67,6 @@ def _contour_data(points: np.ndarray) -> RawDataElement:
     if len(raw) % 2:
         raw += b" "  # DICOM values have even length; DS pads with a space
     return RawDataElement(CONTOUR_DATA, "DS", len(raw), raw, 0, False, True)
-
-
-def _slice_contours(plane: np.ndarray) -> list[np.ndarray]:
-    """Closed outlines of a 2D boolean ``plane`` indexed ``[i, j]``: list of ``(n, 2)`` (i, j) arrays."""
-    from skimage.measure import find_contours
-
-    padded = np.pad(plane.astype(np.float32), 1)  # so outlines touching the border still close
-    out = []
-    for c in find_contours(padded, 0.5):
-        c = c - 1.0
-        if len(c) > 1 and np.allclose(c[0], c[-1]):
-            c = c[:-1]  # DICOM closed contours do not repeat the first point
-        # drop points on a straight run (lossless; skimage's approximate_polygon imports scipy.signal, ~3 s)
-        before, after = c - np.roll(c, 1, axis=0), np.roll(c, -1, axis=0) - c
-        c = c[np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9]
-        if len(c) >= 3:
-            out.append(c)
-    return out
 
 
 def _source_slices(source: Volume) -> tuple[list[Dataset], list[Dataset], list[int | None]]:
@@ -160,6 +142,10 @@ def write_rtstruct(
     for_uid = str(ref.get("FrameOfReferenceUID", "") or source.meta.get("frame_of_reference_uid") or generate_uid())
     series_uid = str(source.meta.get("series_uid") or ref.get("SeriesInstanceUID", ""))
     ds.StudyInstanceUID = study_uid
+    # Frame of Reference module (PS3.3 C.7.4.1, in the RT Structure Set IOD): the source's frame,
+    # so the contours' patient coordinates are those of the images
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ref.get("PositionReferenceIndicator", "") or ""
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = series_uid_new
     ds.SeriesNumber = series_number
@@ -196,7 +182,7 @@ def write_rtstruct(
 
     lps = LPS_FROM_RAS @ np.asarray(source.affine, dtype=float)[:3, :]  # voxel (i, j, k, 1) -> LPS mm
     roi_seq, contour_seq, obs_seq = Sequence(), Sequence(), Sequence()
-    for n, value in enumerate(sorted(int(k) for k in labels if int(k) > 0)):
+    for value in sorted(int(k) for k in labels if int(k) > 0):
         name = str(labels[value])[:64]
         roi = Dataset()
         roi.ROINumber = value
@@ -207,11 +193,11 @@ def write_rtstruct(
         roi_seq.append(roi)
         rc = Dataset()
         rc.ReferencedROINumber = value
-        rc.ROIDisplayColor = list(COLOURS[n % len(COLOURS)])
+        rc.ROIDisplayColor = list(label_colour(value))  # the SEG's and the viewer's colour of this label
         contours = Sequence()
         planes = arr == value
         for k in np.flatnonzero(planes.any(axis=(0, 1))):
-            for c in _slice_contours(planes[:, :, k]):
+            for c in keyhole_contours(planes[:, :, k]):
                 vox = np.c_[c, np.full(len(c), float(k)), np.ones(len(c))]
                 pts = vox @ lps.T  # (n, 3) LPS mm
                 item = Dataset()

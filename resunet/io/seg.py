@@ -6,9 +6,11 @@ when the study came from a .zip whose temp folder is gone). Frames are matched t
 SOP Instance UID (and frame number for multi-frame sources), so the mask lands on the right slices
 whatever order the files were in. Reading back gives a label map on the source grid.
 
-Segment coding: category "Anatomical Structure" (SCT 91723000); the property type is the SNOMED CT
-concept whose name matches the label ("brain" -> SCT 12738006 Brain) when pydicom's code
-dictionary has one, else "Tissue" (SCT 85756007), with the label text as SegmentLabel.
+Segment coding: each label's specific SNOMED CT category and type (:mod:`resunet.io.dicom_codes`:
+"CSF" -> Body Substance / Cerebrospinal Fluid, "grey matter" -> Anatomical Structure / Gray Matter,
+...; a model card's ``label_codes`` first), the label text as SegmentLabel, and a
+RecommendedDisplayCIELabValue per segment: the label's colour, the same as the RTSTRUCT's
+ROIDisplayColor and the web viewer's overlay.
 """
 
 from __future__ import annotations
@@ -28,18 +30,11 @@ from pydicom.sr.codedict import codes
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
 from resunet.io.atomic import atomic_path
+from resunet.io.dicom_codes import SegmentCoding, codes_from_model_card, label_colour, segment_coding
 from resunet.io.dicom_headers import derived_uids, read_header, with_type2_defaults
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-def _property_type(label: str) -> pydicom.sr.coding.Code:
-    key = "".join(part.capitalize() for part in label.replace("-", " ").replace("_", " ").split())
-    try:
-        return getattr(codes.SCT, key)
-    except AttributeError:
-        return codes.SCT.Tissue
 
 
 def contributing_equipment(name: str, version: str, model_sha256: str | None = None) -> Sequence:
@@ -139,6 +134,7 @@ def write_dicom_seg(
     algorithm_version: str = __version__,
     model_sha256: str | None = None,
     uid_seed: str | None = None,
+    segment_codes: Mapping[str, SegmentCoding] | None = None,
 ) -> Path:
     """Write ``mask`` as a DICOM SEG (BINARY, one segment per label) referencing ``source``'s series.
 
@@ -157,6 +153,9 @@ def write_dicom_seg(
         uid_seed: the new series and instance UIDs follow from this seed and the content
             (:func:`resunet.io.dicom_headers.derived_uids`; a service job's id, so a redone job
             writes the same SEG); None: new random UIDs.
+        segment_codes: label name -> category/type, winning over :mod:`resunet.io.dicom_codes`'s
+            table; None: the model card's ``label_codes`` that the Predictor puts in
+            ``mask.meta["label_codes"]`` (:func:`resunet.io.dicom_codes.codes_from_model_card`).
 
     Raises:
         GeometryError: the mask is not on the source grid.
@@ -195,17 +194,20 @@ def write_dicom_seg(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=str(algorithm_version),
         parameters={"model_sha256": model_sha256} if model_sha256 else None,
     )
-    descriptions = [
-        hd.seg.SegmentDescription(
+    if segment_codes is None:  # the model card's codes, carried by the Predictor's mask
+        segment_codes = codes_from_model_card({"label_codes": mask.meta.get("label_codes")})
+    descriptions = []
+    for num in segment_numbers:
+        coding = segment_coding(str(labels[num]), segment_codes)
+        descriptions.append(hd.seg.SegmentDescription(
             segment_number=relabel[num],
             segment_label=str(labels[num])[:64],
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=_property_type(str(labels[num])),
+            segmented_property_category=coding.category,
+            segmented_property_type=coding.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-        )
-        for num in segment_numbers
-    ]
+            display_color=hd.color.CIELabColor.from_rgb(*label_colour(num)),  # colour of the label value
+        ))
     series_uid, sop_uid = (hd.UID(), hd.UID()) if uid_seed is None else derived_uids(
         "SEG", uid_seed, datasets, arr, sorted((int(k), str(v)) for k, v in labels.items()), model_sha256,
         algorithm_name, algorithm_version, series_description)
@@ -223,6 +225,8 @@ def write_dicom_seg(
         software_versions=str(algorithm_version),
         device_serial_number="0",
         series_description=series_description,
+        # Type 2 (Content Identification macro); an algorithm made it, so no person is named
+        content_creator_name="",
         omit_empty_frames=bool(arr.any()),  # all background: keep the frames (omitting every one would leave none)
     )
     seg.ContributingEquipmentSequence = contributing_equipment(algorithm_name, str(algorithm_version), model_sha256)

@@ -28,7 +28,7 @@ CPU presets (full-resolution residual stem, basic blocks):
   convolutions with 16-32 channels at 48^3 dominating ``small``'s training step; the 8-channel level
   cuts that work by ~3x. Divisor 32; 5.7 M parameters, 8.1 GFLOP per 96^3 patch (MONAI
   ``UNet(16..256, num_res_units=2)``: 4.8 M, 10.2 GFLOP); training step (2 x 1 x 96^3, 2 threads)
-  ~1.6x faster than that UNet here (bench/results/nets.md).
+  1.20x faster than that UNet, both in the contiguous layout (bench/results/nets.md).
 - ``gpu``: a 3D preset sized for GPU tensor cores, meant for channels-last with bf16 autocast (the
   training defaults on CUDA: ``channels_last: true``, ``amp: auto``). ``base``'s layout with twice its
   widths: 3x3/2 stem with 64 channels at 1/2 resolution, stages 128/256/512/512 with 2/3/4/2 basic

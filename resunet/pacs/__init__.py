@@ -4,8 +4,8 @@
 - :mod:`resunet.pacs.segment`: :func:`segment_and_send` (pull, segment with the batch runner, send back),
   with the transports of :func:`segment_from_pacs` (DICOMweb) and :func:`segment_from_dimse` (DIMSE);
 - :mod:`resunet.pacs.dimse_qr`: C-FIND / C-GET / C-MOVE query/retrieve (:class:`DimseSource`, :class:`QueryConfig`);
-- :mod:`resunet.pacs.dimse`: :class:`StoreListener` (C-STORE SCP), :class:`DicomNode` (listener that
-  segments complete series and sends the results on), :func:`send_files` (C-STORE SCU).
+- :mod:`resunet.pacs.dimse`: :class:`StoreListener` (C-STORE SCP handing over complete series),
+  :func:`send_files` (C-STORE SCU): the transport only (``resunet serve --dicom-port`` segments what arrives).
 
 Segmentation always goes through :func:`resunet.inference.batch.run_batch` and the ``resunet.io``
 writers, so a SEG from the PACS path is the same file ``resunet predict`` writes. Details: docs/pacs.md.
@@ -17,7 +17,7 @@ from typing import Any
 #: public name -> submodule; imported on first use (segment pulls in torch, seconds at start-up)
 _WHERE = {
     "PacsClient": "dicomweb", "PacsConfig": "dicomweb", "SeriesSummary": "dicomweb", "StudySummary": "dicomweb",
-    "Destination": "dimse", "DicomNode": "dimse", "ListenerConfig": "dimse", "ReceivedSeries": "dimse",
+    "Destination": "dimse", "ListenerConfig": "dimse", "ReceivedSeries": "dimse",
     "StoreListener": "dimse", "send_files": "dimse", "PacsRun": "segment", "segment_from_pacs": "segment",
     "segment_and_send": "segment", "segment_from_dimse": "segment", "DimseSource": "dimse_qr",
     "QueryConfig": "dimse_qr", "find_studies": "dimse_qr", "find_series": "dimse_qr", "retrieve_study": "dimse_qr",

@@ -1,15 +1,15 @@
-"""DICOM networking (DIMSE) with pynetdicom: a C-STORE listener that segments what it receives, and a sender.
+"""DICOM networking (DIMSE) with pynetdicom: the transport only, a C-STORE listener and a C-STORE sender.
 
 - :class:`StoreListener` is a C-STORE SCP (AE title, host and port set by the operator). Each
   received instance is written atomically to ``incoming/<study>/<series>/<SOP>.dcm``. A series is
   *complete* when no new instance of it arrived for ``settle_seconds`` (DICOM has no "end of
   series" message; PACS gateways such as MONAI Deploy's Informatics Gateway and Orthanc's
   ``StableAge`` use the same timeout rule). The folder of a complete series is handed to a callback.
-- :class:`DicomNode` is the listener plus segmentation: complete series go, one at a time, through
-  :func:`resunet.inference.batch.run_batch` (the same path as ``resunet predict``), and the SEG (and
-  RTSTRUCT when asked) are sent with C-STORE to a destination node; ``resunet serve`` can pass its
-  own callback instead, to queue the series as a job.
-- :func:`send_files` is the C-STORE SCU used for that (and for tests that send a study).
+- :func:`send_files` is the C-STORE SCU (results back to a node, tests that send a study).
+
+Segmenting what arrives is not done here: ``resunet serve --dicom-port`` queues each complete series
+as a ``dicom-series`` job (:mod:`resunet.serve.pacs_jobs`), which runs the one segment-and-send step,
+:func:`resunet.pacs.segment.segment_and_send`, with :func:`send_files` as its transport.
 
 DIMSE has no authentication; restrict who may send with ``allowed_calling_aets`` and the network.
 Non-image objects that arrive (SEG, RTSTRUCT, SR, ...) are accepted and dropped: only image series
@@ -19,8 +19,6 @@ are segmented.
 from __future__ import annotations
 
 import logging
-import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resunet.errors import ConfigError, PacsError, ResunetError
+from resunet.errors import ConfigError, PacsError
 from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES
 
 log = logging.getLogger(__name__)
@@ -336,107 +334,3 @@ def send_files(files: Sequence[str | Path], destination: Destination, calling_ae
         if assoc.is_established:
             assoc.release()
     return sent
-
-
-@dataclass
-class NodeResult:
-    """One series segmented by :class:`DicomNode`: the batch records, files sent, error if any."""
-
-    series: ReceivedSeries
-    records: list[dict[str, Any]]
-    sent: list[Path]
-    error: str | None = None
-    seconds: float = 0.0
-
-
-class DicomNode:
-    """A C-STORE listener that segments each complete series and sends the SEG/RTSTRUCT to ``destination``.
-
-    Series are segmented one at a time in a worker thread (the model is loaded once, in
-    ``predictor``); outputs go to ``out_dir`` exactly as ``resunet predict`` writes them (case id =
-    series UID). The received images are deleted after segmentation unless ``keep_incoming``.
-    ``results`` collects one :class:`NodeResult` per series.
-    """
-
-    def __init__(self, config: ListenerConfig, predictor: Any, out_dir: str | Path, *,
-                 destination: Destination | None = None, formats: tuple[str, ...] = ("seg",),
-                 keep_incoming: bool = False, audit_db: Any = None) -> None:
-        self.predictor = predictor
-        self.out_dir = Path(out_dir)
-        self.destination = destination
-        self.formats = formats
-        self.keep_incoming = keep_incoming
-        self.audit_db = audit_db
-        self.listener = StoreListener(config, self._enqueue)
-        self.results: list[NodeResult] = []
-        self._queue: queue.Queue[ReceivedSeries | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self.done = threading.Condition()
-
-    def _enqueue(self, series: ReceivedSeries) -> None:
-        self._queue.put(series)
-
-    def process(self, series: ReceivedSeries) -> NodeResult:
-        """Segment one received series and send its DICOM outputs (the worker calls this)."""
-        from resunet.inference.batch import BatchOptions, run_batch
-        from resunet.inference.cases import Case
-        from resunet.pacs.segment import DICOM_OUTPUTS
-
-        t0 = time.perf_counter()
-        result = NodeResult(series=series, records=[], sent=[])
-        try:
-            options = BatchOptions(out_dir=self.out_dir, formats=self.formats, series_uid=series.series_uid,
-                                   progress=False, audit_db=self.audit_db, resume=False)
-            batch = run_batch([Case(case_id=_safe(series.series_uid), path=series.folder, kind="dicom")],
-                              self.predictor, options, command=["resunet", "dicom-node", str(self.listener.config.ae_title)])
-            result.records = batch.records
-            bad = [r for r in batch.records if r.get("status") != "ok"]
-            if bad:
-                raise PacsError(f"series {series.series_uid}: {bad[0].get('reason')}")
-            files = [self.out_dir / o["path"] for r in batch.records
-                     for key, o in (r.get("outputs") or {}).items() if key in DICOM_OUTPUTS]
-            if self.destination is not None and files:
-                send_files(files, self.destination, calling_aet=self.listener.config.ae_title)
-                result.sent = files
-        except Exception as err:  # noqa: BLE001 - one bad series must not stop the node
-            result.error = str(err) if isinstance(err, ResunetError) else f"internal error ({type(err).__name__}: {err})"
-            log.error("DICOM node: %s", result.error)
-        finally:
-            if not self.keep_incoming:
-                shutil.rmtree(series.folder, ignore_errors=True)
-        result.seconds = time.perf_counter() - t0
-        return result
-
-    def _work(self) -> None:
-        while True:
-            series = self._queue.get()
-            if series is None:
-                return
-            result = self.process(series)
-            with self.done:
-                self.results.append(result)
-                self.done.notify_all()
-
-    def wait_for(self, n: int, timeout: float) -> list[NodeResult]:
-        """Block until ``n`` series were processed (or ``timeout`` s); returns the results so far."""
-        with self.done:
-            self.done.wait_for(lambda: len(self.results) >= n, timeout=timeout)
-            return list(self.results)
-
-    def start(self) -> "DicomNode":
-        self._worker = threading.Thread(target=self._work, name="resunet-dicom-worker", daemon=True)
-        self._worker.start()
-        self.listener.start()
-        return self
-
-    def stop(self) -> None:
-        self.listener.stop()
-        self._queue.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout=60)
-
-    def __enter__(self) -> "DicomNode":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()

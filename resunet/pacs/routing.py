@@ -12,6 +12,9 @@ A YAML file of rules, tried in order; the first whose every condition holds pick
           min_slices: 20                     # size: slices (instances) of the series
           max_slices: 1000
         model: brain_extraction              # a bundled model name or a checkpoint path
+      - name: tissue of head MR T1 (a chain)
+        match: {modality: MR, series_description: "t1"}
+        model: [brain_extraction, brain_tissue]  # each later model inside the previous foreground
       - name: anything else
         match: {}
         skip: true                           # left alone (logged once per series)
@@ -20,8 +23,8 @@ A series no rule matches, or whose rule says ``skip``, is left alone and logged 
 matched is recorded with the job and in the audit log (``route`` in the case record). A bad file is
 refused at start with the rule's position and the reason (:class:`~resunet.errors.ConfigError`).
 Hand-written: a dozen lines of matching over header values; no rules library fits DICOM headers.
-Chaining models (one model on the output of another, e.g. tissue classes on the extracted brain)
-is not part of a rule yet.
+A list of models is a chain (:mod:`resunet.inference.chain`): the first segments the series, each
+later one only inside the previous foreground (tissue classes of the extracted brain).
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ class Rule:
     image_type: tuple[str, ...] = ()
     min_slices: int = 0
     max_slices: int | None = None
+    then: tuple[str, ...] = ()  # a chain: models run after ``model``, each inside the previous foreground
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model of the rule, in order (empty for ``skip``)."""
+        return () if self.model is None else (self.model, *self.then)
 
     def matches(self, s: SeriesFacts) -> bool:
         if self.modality and s.modality.upper() not in self.modality:
@@ -136,7 +145,14 @@ def load_routes(path: str | Path) -> Routes:
         skip = bool(raw.get("skip", False))
         model = raw.get("model")
         if skip == (model is not None):
-            raise ConfigError(f"{where}: give either 'model: NAME' or 'skip: true'")
+            raise ConfigError(f"{where}: give either 'model: NAME' (or a chain, 'model: [NAME, NAME]') or 'skip: true'")
+        chain: list[str] = []
+        if isinstance(model, list):
+            if not model or not all(isinstance(m, str) and m for m in model):
+                raise ConfigError(f"{where}: 'model' as a list (a chain) needs one or more model names, got {model!r}")
+            model, chain = model[0], model[1:]
+        elif model is not None and not isinstance(model, str):
+            raise ConfigError(f"{where}: 'model' must be a model name or a list of them (a chain), got {model!r}")
 
         def regex(key: str) -> re.Pattern | None:
             if key not in match:
@@ -162,5 +178,5 @@ def load_routes(path: str | Path) -> Routes:
                           modality=tuple(str(m).upper() for m in mods), body_part=regex("body_part"),
                           series_description=regex("series_description"),
                           image_type=tuple(str(t).upper() for t in types),
-                          min_slices=ints("min_slices") or 0, max_slices=ints("max_slices")))
+                          min_slices=ints("min_slices") or 0, max_slices=ints("max_slices"), then=tuple(chain)))
     return Routes(rules=rules, source=str(p))

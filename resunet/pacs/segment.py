@@ -1,7 +1,8 @@
 """Pull a study from an archive, segment it with the batch runner, send the results back: one step.
 
 :func:`segment_and_send` is the step; :func:`segment_from_pacs` (DICOMweb: WADO-RS in, STOW-RS out)
-and :func:`segment_from_dimse` (DIMSE: C-GET/C-MOVE in, C-STORE out) give it their transports.
+and :func:`segment_from_dimse` (DIMSE: C-GET/C-MOVE in, C-STORE out) give it their transports, and
+the service's ``pacs-pull`` and ``dicom-series`` jobs (:mod:`resunet.serve.pacs_jobs`) theirs.
 The study is retrieved into a private temp folder, segmented by
 :func:`resunet.inference.batch.run_batch` exactly as ``resunet predict FOLDER`` would (same
 Predictor, writers, ``predictions.json`` and audit record), and the DICOM outputs (SEG, RTSTRUCT, SR)
@@ -11,10 +12,13 @@ predictions record keeps their SHA-256.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from resunet.errors import PacsError
 from resunet.inference.batch import BatchOptions, BatchResult, run_batch
@@ -51,49 +55,70 @@ def _case_id(study_uid: str) -> str:
 
 def segment_and_send(
     study_uid: str,
-    fetch: Callable[[Path], None],
-    send: Callable[[list[Path]], None] | None,
+    fetch: Callable[[Path], None] | None,
+    send: Callable[[list[Path]], Any] | None,
     predictor: Predictor,
     options: BatchOptions,
     *,
     source: str,
     command: Sequence[str] | None = None,
+    folder: Path | None = None,
+    failure: Callable[[BatchResult], Exception] | None = None,
 ) -> PacsRun:
     """The one "segment a study from an archive and send the results back" step; transports are arguments.
 
-    Args:
-        study_uid: the study (its UID names the case and the outputs).
-        fetch: writes the study's instances into the folder it is given (WADO-RS, C-GET, C-MOVE);
-            raises PacsError when the archive fails or delivers less than it listed.
-        send: stores the DICOM outputs back (STOW-RS, C-STORE); None keeps them local.
-        source: the archive, for messages.
+    ``resunet predict --pacs`` (DICOMweb and DIMSE) and the service's ``pacs-pull`` and
+    ``dicom-series`` jobs all run this step; only ``fetch`` and ``send`` differ.
 
-    The study is fetched into a private temp folder (removed afterwards; a killed process's by the
-    next one), segmented by :func:`resunet.inference.batch.run_batch` as ``resunet predict FOLDER``
+    Args:
+        study_uid: the study (its UID names the case and the outputs when ``folder`` is not given).
+        fetch: writes the study's instances into the folder it is given (WADO-RS, C-GET, C-MOVE);
+            raises PacsError when the archive fails or delivers less than it listed. None: the
+            instances are in ``folder`` already (received with C-STORE).
+        send: stores the DICOM outputs (:data:`DICOM_OUTPUTS`) back (STOW-RS, C-STORE); None keeps them local.
+        source: the archive, for messages.
+        folder: where the study is (or is fetched to; emptied first); its name is the case id. It is
+            kept afterwards. Default: a private temp folder named after the study, removed afterwards
+            (a killed process's by the next one).
+        failure: builds the error raised when the case was not segmented (default: a PacsError
+            naming the study, the archive and the reason).
+
+    The study is segmented by :func:`resunet.inference.batch.run_batch` as ``resunet predict FOLDER``
     would, and only a case that succeeded is sent: nothing partial goes back.
     """
     run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
-    with private_temp_dir("pacs") as tmp:  # removed after; a killed process's by the next one
-        folder = tmp / _case_id(study_uid)
+    with contextlib.ExitStack() as stack:
+        if folder is None:  # removed after; a killed process's by the next one
+            folder = stack.enter_context(private_temp_dir("pacs")) / _case_id(study_uid)
         t0 = time.perf_counter()
-        fetch(folder)
+        if fetch is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt
+            fetch(folder)
         run.timings["pull"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run.batch = run_batch([Case(case_id=_case_id(study_uid), path=folder, kind="dicom")], predictor, options,
+        run.batch = run_batch([Case(case_id=folder.name, path=folder, kind="dicom")], predictor, options,
                               command=command)
         run.timings["segment"] = time.perf_counter() - t0
     failed = [r for r in run.batch.records if r.get("status") != "ok"]
-    if failed:
-        raise PacsError(f"study {study_uid} from {source} could not be segmented: {failed[0].get('reason')}")
+    if failed or not run.batch.records:
+        if failure is not None:
+            raise failure(run.batch)
+        reason = failed[0].get("reason") if failed else "no case was segmented"
+        raise PacsError(f"study {study_uid} from {source} could not be segmented: {reason}")
     if send is not None:
-        files = [options.out_dir / o["path"] for r in run.batch.records
-                 for key, o in (r.get("outputs") or {}).items() if key in DICOM_OUTPUTS]
+        files = dicom_outputs(run.batch, options.out_dir)
         t0 = time.perf_counter()
         if files:
             send(files)
         run.timings["store"] = time.perf_counter() - t0
         run.stored = files
     return run
+
+
+def dicom_outputs(batch: BatchResult, out_dir: Path) -> list[Path]:
+    """The DICOM output files (:data:`DICOM_OUTPUTS`) of a batch's records, as paths under ``out_dir``."""
+    return [Path(out_dir) / o["path"] for r in batch.records
+            for key, o in (r.get("outputs") or {}).items() if key in DICOM_OUTPUTS]
 
 
 def segment_from_pacs(

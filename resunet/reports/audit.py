@@ -70,6 +70,25 @@ def audit_db_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return DEFAULT_DB.expanduser()
 
 
+def pg_target(explicit: str | os.PathLike[str] | None = None) -> str | None:
+    """The PostgreSQL URL when the audit log is in PostgreSQL (``explicit`` or ``$RESUNET_AUDIT_DB`` is a
+    ``postgresql://`` URL; :mod:`resunet.reports.audit_pg`), else None."""
+    from resunet.pgdb import is_pg_url
+
+    value = str(explicit) if explicit else os.environ.get(ENV_VAR)
+    return value if is_pg_url(value) else None
+
+
+def describe_db(explicit: str | os.PathLike[str] | None = None) -> str:
+    """What messages call the audit log: its file, or its database URL without a password."""
+    url = pg_target(explicit)
+    if url:
+        from resunet.pgdb import redact
+
+        return redact(url)
+    return str(audit_db_path(explicit))
+
+
 def _connect(db: Path) -> sqlite3.Connection:
     try:
         db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # ~/.resunet: the user's own
@@ -138,6 +157,12 @@ def record_run(
     }
     if not fields["run_id"]:
         raise InputError("cannot record a run without a run_id in its provenance (use collect_provenance)")
+    url = pg_target(db_path)
+    if url:  # the shared log of a PostgreSQL queue
+        from resunet.reports import audit_pg
+
+        audit_pg.append(url, fields, _record_hash)
+        return fields["run_id"]
     with closing(_connect(db)) as conn:
         try:
             with conn:  # one transaction: read the chain head and append
@@ -159,12 +184,18 @@ def record_run(
 
 def read_runs(db_path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
     """All audit records, oldest first, as dicts (``provenance`` and ``outputs`` decoded)."""
-    db = audit_db_path(db_path)
-    if not db.exists():
-        return []
-    with closing(_connect(db)) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY seq")]
+    url = pg_target(db_path)
+    if url:
+        from resunet.reports import audit_pg
+
+        rows = audit_pg.read_runs(url)
+    else:
+        db = audit_db_path(db_path)
+        if not db.exists():
+            return []
+        with closing(_connect(db)) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY seq")]
     for r in rows:
         r["provenance"] = json.loads(r["provenance_json"])
         r["outputs"] = json.loads(r["outputs_json"])
@@ -173,6 +204,11 @@ def read_runs(db_path: str | os.PathLike[str] | None = None) -> list[dict[str, A
 
 def run_recorded(run_id: str, db_path: str | os.PathLike[str] | None = None) -> bool:
     """True when the audit log holds a run with this ``run_id`` (lets a recorder killed midway retry once)."""
+    url = pg_target(db_path)
+    if url:
+        from resunet.reports import audit_pg
+
+        return audit_pg.run_recorded(url, run_id)
     db = audit_db_path(db_path)
     if not db.exists():
         return False
@@ -263,7 +299,7 @@ def verify(folder: str | os.PathLike[str], db_path: str | os.PathLike[str] | Non
     if not jsons:
         raise InputError(f"{folder} holds neither {' nor '.join(REPORT_JSON_NAMES)}; point audit verify at a report folder")
     result = VerifyResult(folder=str(p))
-    runs = {r["run_id"]: r for r in read_runs(db_path)} if audit_db_path(db_path).exists() else {}
+    runs = {r["run_id"]: r for r in read_runs(db_path)} if pg_target(db_path) or audit_db_path(db_path).exists() else {}
     seen: set[tuple[str, str]] = set()
     for jf in jsons:
         try:

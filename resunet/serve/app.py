@@ -365,15 +365,20 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - service.started_at, 3)}
 
-    @app.get("/readyz", summary="The model is loaded and warm (503 until then)")
+    @app.get("/readyz", summary="The model is loaded and warm and the queue's database answers (503 until then)")
     def readyz() -> JSONResponse:
         model = service.model
-        body: dict[str, Any] = {"ready": service.ready}
+        db_error = service.check_database()  # a PostgreSQL queue that went away: not ready, jobs wait in it
+        ready = service.ready and db_error is None
+        body: dict[str, Any] = {"ready": ready, "node": service.node}
         if model is not None:
             body["model"] = {"name": model.name, "sha256": model.sha256, "kind": model.kind}
         if service.model_error:
             body["error"] = service.model_error
-        return JSONResponse(body, status_code=200 if service.ready else 503)
+        elif db_error:
+            log.error("readyz: %s", db_error)
+            body["error"] = "the job database does not answer (the service log names it); jobs wait until it is back"
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     def get_metrics(user: Annotated[str, Depends(who)]) -> Response:

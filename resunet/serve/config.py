@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from resunet.netaddr import is_loopback_address
 #: Default state folder (job database, tokens, uploads, results); ``$RESUNET_SERVE_STATE`` overrides it.
 DEFAULT_STATE_DIR = Path("~/.resunet/serve")
 STATE_ENV = "RESUNET_SERVE_STATE"
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass
@@ -55,6 +57,15 @@ class ServeConfig:
             above (0 = no floor).
         routes: routing rules file (:mod:`resunet.pacs.routing`): the DICOM node segments a received
             series with the model of the first rule it matches, and leaves unmatched series alone.
+        queue_url: ``postgresql://USER@HOST[:PORT]/DB``: jobs, tokens and the audit log in PostgreSQL,
+            shared by every node whose state folder is the same shared folder (docs/deploy.md); empty =
+            ``STATE/jobs.sqlite`` (one node). No password in it (:mod:`resunet.pgdb`).
+        queue_password_file: file holding only the database password (else libpq's ``$PGPASSWORD`` /
+            ``$PGPASSFILE``).
+        lease_s: a PostgreSQL claim lasts this long without a renewal, s; a node renews its jobs' leases
+            every ``min(5, lease/4)`` s, and a job whose node died is taken by another node once it expired.
+        node_name: this node's name in the queue (jobs it runs, its lock file); default ``HOST-PORT``.
+            Unique per node: a node that starts re-queues the running jobs of its own name.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -88,6 +99,10 @@ class ServeConfig:
     keep_upload_names: bool = False
     min_free_gb: float = 1.0
     routes: Path | None = None
+    queue_url: str = ""
+    queue_password_file: Path | None = None
+    lease_s: float = 60.0
+    node_name: str = ""
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -101,6 +116,23 @@ class ServeConfig:
             raise ConfigError(f"--min-free-gb must be 0 or more, got {self.min_free_gb}")
         if self.min_slices < 1:
             raise ConfigError(f"--min-slices must be 1 or more, got {self.min_slices}")
+        if not self.lease_s > 0:
+            raise ConfigError(f"--lease must be > 0 s, got {self.lease_s}")
+        if self.queue_url:
+            from resunet.pgdb import check_url
+
+            check_url(self.queue_url)
+        if not self.node_name:
+            import socket
+
+            self.node_name = f"{socket.gethostname()}-{self.port}"
+        if not NODE_RE.match(self.node_name):
+            raise ConfigError(f"--node-name {self.node_name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+
+    @property
+    def shared(self) -> bool:
+        """True when the queue is a PostgreSQL database that several nodes may share."""
+        return bool(self.queue_url)
 
     @property
     def loopback(self) -> bool:

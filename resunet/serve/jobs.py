@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from resunet.errors import ConfigError, DiskFullError, InputError, ServerError
+from resunet.errors import ConfigError, DiskFullError, InputError, ResunetError, ServerError
 from resunet.serve.queue import Job
 
 #: File name of the predictions JSON inside a job's ``out/`` folder (written by run_batch).
@@ -103,20 +103,40 @@ def segment_options(raw: dict[str, Any], default_formats: tuple[str, ...]) -> di
 def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcome:
     """Segment the study at ``input_path`` into ``<job>/out`` with the batch runner of ``resunet predict``.
 
+    The three parts (:func:`job_batch`, :func:`job_failure`, :func:`job_outcome`) are also what the
+    PACS job kinds give :func:`resunet.pacs.segment.segment_and_send`.
+
     Raises:
         InputError (or another ResunetError): the study could not be segmented; the message names the
         input as the client called it, not the server's path.
     """
-    from resunet.inference.batch import BatchOptions, run_batch
+    from resunet.inference.batch import run_batch
     from resunet.inference.cases import discover_cases
 
-    job_dir = env.job_dir(job.id)
-    out = job_dir / "out"
+    predictor, batch = job_batch(job, env)
+    res = run_batch(discover_cases([input_path]), predictor, batch, command=job_command(job))
+    if res.failed or not res.records:
+        raise job_failure(job, env, input_path)(res)
+    return job_outcome(job, env, res, predictor, input_path)
+
+
+def job_command(job: Job) -> list[str]:
+    """The command recorded in a job's ``predictions.json`` provenance."""
+    return ["resunet", "serve", "job", job.id]
+
+
+def job_batch(job: Job, env: JobEnv) -> tuple[Any, Any]:
+    """The warm predictor and :class:`~resunet.inference.batch.BatchOptions` of a job (``out_dir`` =
+    ``<job>/out``, emptied: a half-done earlier attempt is redone from scratch)."""
+    from resunet.inference.batch import BatchOptions
+
+    out = env.job_dir(job.id) / "out"
     if out.exists():  # a half-done earlier attempt (service killed): redo from scratch
         shutil.rmtree(out)
     opts = segment_options(job.options, env.default_formats())
     routed = job.options.get("model")  # picked by a routing rule (resunet.pacs.routing)
-    predictor = env.predictor(uncertainty=opts["uncertainty"], **({"model": routed} if routed else {}))
+    predictor = env.predictor(uncertainty=opts["uncertainty"],
+                              **({"model": routed, "then": job.options.get("then") or ()} if routed else {}))
     batch = BatchOptions(
         out_dir=out, formats=tuple(opts["formats"]), save_probabilities=opts["probabilities"],
         save_uncertainty=opts["uncertainty"], series_uid=opts["series_uid"], progress=False,
@@ -125,20 +145,34 @@ def run_segmentation(job: Job, env: JobEnv, input_path: str | Path) -> JobOutcom
         uid_seed=f"resunet serve job {job.id}",  # redone after a kill: the same SEG/RTSTRUCT, stored once
         **env.input_rules(),  # part of a series, or a 2-slice localiser: refused with the counts
     )
-    cases = discover_cases([input_path])
-    res = run_batch(cases, predictor, batch, command=["resunet", "serve", "job", job.id])
-    if res.failed or not res.records:
+    return predictor, batch
+
+
+def job_failure(job: Job, env: JobEnv, input_path: str | Path) -> Callable[[Any], ResunetError]:
+    """What a job whose case failed raises: the reason in the client's words; a full disk (or another
+    server fault, not the study's) is a server fault, retried once there is space."""
+    job_dir = env.job_dir(job.id)
+
+    def error(res: Any) -> ResunetError:
         reason = res.failures[0][1] if res.failures else "no case was segmented"
         faults = {r.get("server_fault") for r in res.records} - {None}
-        if faults:  # a full disk, not the study: a server fault, retried once there is space
+        if faults:
             cls = DiskFullError if "disk_full" in faults else ServerError
-            raise cls(client_message(reason, job_dir, job.input_name, input_path))
-        raise InputError(client_message(reason, job_dir, job.input_name, input_path))
-    rec = res.records[0]
-    outputs = {k: {**v, "path": f"out/{v['path']}"} for k, v in (rec.get("outputs") or {}).items()}
+            return cls(client_message(reason, job_dir, job.input_name, input_path))
+        return InputError(client_message(reason, job_dir, job.input_name, input_path))
+
+    return error
+
+
+def job_outcome(job: Job, env: JobEnv, res: Any, predictor: Any, input_path: str | Path) -> JobOutcome:
+    """The :class:`JobOutcome` of a segmented job: its outputs (paths relative to the job folder, plus
+    ``predictions``) and the result clients see."""
     from resunet.io.hashing import sha256_file
 
-    pj = out / PREDICTIONS
+    job_dir = env.job_dir(job.id)
+    rec = res.records[0]
+    outputs = {k: {**v, "path": f"out/{v['path']}"} for k, v in (rec.get("outputs") or {}).items()}
+    pj = job_dir / "out" / PREDICTIONS
     outputs["predictions"] = {"path": f"out/{PREDICTIONS}", "sha256": sha256_file(pj), "size_bytes": pj.stat().st_size}
     model = rec.get("model") or {}
     result = {

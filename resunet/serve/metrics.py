@@ -5,11 +5,15 @@ Names (all prefixed ``resunet_``):
 - ``resunet_http_requests_total{method,route,status}``: requests answered;
 - ``resunet_http_request_duration_seconds{method,route}``: latency histogram, s;
 - ``resunet_queue_depth{state}``: jobs per state (queued, running, done, failed), read from the queue
-  database at scrape time;
+  database at scrape time; ``resunet_queue_up``: 0 when that database did not answer the scrape;
 - ``resunet_jobs_finished_total{outcome}`` (done/failed) and ``resunet_job_failures_total``;
 - ``resunet_job_duration_seconds``: claim-to-finish time of a job, s;
 - ``resunet_model_load_seconds``: time to load and warm up the model at start-up, s;
 - ``resunet_model_ready``: 1 once the model is loaded;
+- ``resunet_lease_expiries_total``: jobs this node re-queued because their node stopped renewing its lease
+  (taken over from a dead node; PostgreSQL queue only);
+- ``resunet_node_info{node}``: 1, naming the node (``--node-name``) whose metrics these are; with
+  several nodes on one queue, ``resunet_queue_depth`` is the shared queue's and the counters are this node's;
 - the standard ``process_*`` metrics (resident memory, CPU seconds, open files).
 
 Each service has its own registry, so tests can run several in one process.
@@ -33,8 +37,17 @@ class _QueueCollector(Collector):
         self._counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from resunet.errors import ResunetError
+
+        try:
+            counts = self._counts()
+        except ResunetError:  # the queue's database is away (PostgreSQL restarting): no depth this scrape
+            counts = {}
+        up = GaugeMetricFamily("resunet_queue_up", "1 when the queue database answered this scrape")
+        up.add_metric([], 1 if counts else 0)
+        yield up
         g = GaugeMetricFamily("resunet_queue_depth", "Jobs in the queue database per state", labels=["state"])
-        for state, n in self._counts().items():
+        for state, n in counts.items():
             g.add_metric([state], n)
         yield g
 
@@ -42,7 +55,7 @@ class _QueueCollector(Collector):
 class Metrics:
     """The service's metrics; ``counts`` returns jobs per state (JobQueue.counts)."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, counts: Callable[[], dict[str, int]], node: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("resunet_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=r)
@@ -54,6 +67,9 @@ class Metrics:
                                       buckets=BUCKETS, registry=r)
         self.model_load = Gauge("resunet_model_load_seconds", "Time to load and warm up the model, s", registry=r)
         self.model_ready = Gauge("resunet_model_ready", "1 once the model is loaded and warm", registry=r)
+        self.lease_expiries = Counter("resunet_lease_expiries", "Jobs re-queued after their node's lease expired",
+                                      registry=r)
+        Gauge("resunet_node_info", "This node's name", ["node"], registry=r).labels(node or "").set(1)
         r.register(_QueueCollector(counts))
         ProcessCollector(registry=r)
 

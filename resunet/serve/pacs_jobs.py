@@ -1,7 +1,8 @@
 """PACS job kinds of ``resunet serve`` and its DICOM node (C-STORE listener feeding the job queue).
 
-Two job kinds, both through :func:`resunet.serve.jobs.run_segmentation` (the batch runner of
-``resunet predict``), so they persist in the SQLite queue, survive a restart and are audited like
+Two job kinds, both through :func:`resunet.pacs.segment.segment_and_send` (the one "segment a study
+and send the results back" step of ``resunet predict --pacs``, with the job's batch options from
+:func:`resunet.serve.jobs.job_batch`), so they persist in the SQLite queue, survive a restart and are audited like
 uploads:
 
 - ``pacs-pull`` (``POST /v1/pacs/jobs``): options ``study_uid``, ``series_uid``, ``formats``,
@@ -28,23 +29,19 @@ from typing import Any
 
 from resunet.errors import ConfigError, InputError
 from resunet.inference.bundled import resolve_model
-from resunet.serve.jobs import JobEnv, JobOutcome, register_kind, run_segmentation, segment_options
+from resunet.serve.jobs import (JobEnv, JobOutcome, job_batch, job_command, job_failure, job_outcome, register_kind,
+                                segment_options)
 from resunet.serve.queue import Job
 
 log = logging.getLogger(__name__)
 
-#: outputs that go back to the archive
-DICOM_OUTPUTS = ("seg", "rtstruct", "sr")
 #: where the node writes instances while a series is arriving (under the state folder)
 INCOMING = "dicom-incoming"
 
 
-def _dicom_files(job_dir: Path, outcome: JobOutcome) -> list[Path]:
-    return [job_dir / o["path"] for key, o in outcome.outputs.items() if key in DICOM_OUTPUTS]
-
-
 def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
     from resunet.pacs import PacsClient, PacsConfig
+    from resunet.pacs.segment import segment_and_send
 
     opts = job.options
     study_uid = str(opts.get("study_uid") or "")
@@ -52,31 +49,38 @@ def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
         raise ConfigError(f"job {job.id}: a pacs-pull job needs study_uid and the service's --pacs URL")
     client = PacsClient(PacsConfig.from_env(str(opts["pacs_url"])))
     folder = env.job_dir(job.id) / "input" / "study"
-    shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt
     series = [str(opts["series_uid"])] if opts.get("series_uid") else None
-    client.retrieve(study_uid, folder, series)
-    outcome = run_segmentation(job, env, folder)
-    if opts.get("store", True):
-        files = _dicom_files(env.job_dir(job.id), outcome)
-        if files:
-            client.store(files, study_uid)
+    store = bool(opts.get("store", True))
+    predictor, batch = job_batch(job, env)
+    run = segment_and_send(study_uid, lambda into: client.retrieve(study_uid, into, series),
+                           (lambda files: client.store(files, study_uid)) if store else None,
+                           predictor, batch, source=str(opts["pacs_url"]), command=job_command(job),
+                           folder=folder, failure=job_failure(job, env, folder))
+    outcome = job_outcome(job, env, run.batch, predictor, folder)
+    if store:
         outcome.result["stored_to_pacs"] = {"url": opts["pacs_url"], "study_uid": study_uid,
-                                            "files": [p.name for p in files]}
+                                            "files": [p.name for p in run.stored]}
     return outcome
 
 
 def _dicom_series(job: Job, env: JobEnv) -> JobOutcome:
     from resunet.pacs.dimse import Destination, send_files
+    from resunet.pacs.segment import segment_and_send
 
     if not job.input_path:
         raise InputError(f"job {job.id} has no received series")
-    outcome = run_segmentation(job, env, job.input_path)
+    folder = Path(job.input_path)
     dest = job.options.get("destination")
+    aet = str(job.options.get("ae_title") or "RESUNET")
+    predictor, batch = job_batch(job, env)
+    run = segment_and_send(str(job.options.get("study_uid") or job.input_name or job.id), None,
+                           (lambda files: send_files(files, Destination.parse(str(dest)), calling_aet=aet))
+                           if dest else None,
+                           predictor, batch, source=f"DICOM node {aet}", command=job_command(job),
+                           folder=folder, failure=job_failure(job, env, folder))
+    outcome = job_outcome(job, env, run.batch, predictor, folder)
     if dest:
-        files = _dicom_files(env.job_dir(job.id), outcome)
-        if files:
-            send_files(files, Destination.parse(str(dest)), calling_aet=str(job.options.get("ae_title") or "RESUNET"))
-        outcome.result["sent_to"] = {"destination": dest, "files": [p.name for p in files]}
+        outcome.result["sent_to"] = {"destination": dest, "files": [p.name for p in run.stored]}
     return outcome
 
 
@@ -116,7 +120,8 @@ class NodeFeeder:
             if rule is None:
                 shutil.rmtree(series.folder, ignore_errors=True)
                 return
-            extra = {"model": str(resolve_model(rule.model)), "route": rule.name}
+            extra = {"model": str(resolve_model(rule.model)), "route": rule.name,
+                     **({"then": [str(resolve_model(m)) for m in rule.then]} if rule.then else {})}
         job_id = uuid.uuid4().hex
         final = self.service.job_dir(job_id) / "input"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +152,7 @@ def _route(routes: Any, series: Any) -> Any:
     if rule is None:
         routes.log_unrouted(log, series.series_uid, facts)
     else:
-        log.info("routing: series %s -> rule '%s' (model %s)", series.series_uid, rule.name, rule.model)
+        log.info("routing: series %s -> rule '%s' (model %s)", series.series_uid, rule.name, " -> ".join(rule.models))
     return rule
 
 

@@ -268,6 +268,20 @@ class JobQueue:
                 self._event(conn, i, "requeued")
         return ids
 
+    # -- what the PostgreSQL queue needs for several nodes; one SQLite file has one node ------------------
+    def renew(self, job: Job) -> bool:
+        """True while ``job`` still holds its claim (SQLite has no leases: its one service re-queues at start)."""
+        row = self._conn().execute("SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND claim = ?",
+                                   (job.id, job.claim)).fetchone()
+        return row is not None
+
+    def requeue_expired(self) -> list[str]:
+        """No leases in SQLite: nothing expires (see :class:`resunet.serve.queue_pg.PgJobQueue`)."""
+        return []
+
+    def ping(self) -> None:
+        """Nothing to reach: the database is a file in the state folder."""
+
     # -- listings -------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Number of jobs per state (every state present, 0 when none)."""

@@ -15,12 +15,18 @@ Layout of the state folder::
     uploads/             uploads being received and checked (moved into jobs/<id>/input when accepted)
     jobs/<id>/input/     the accepted study
     jobs/<id>/out/       results (written by the batch runner of ``resunet predict``)
+
+With ``--queue postgresql://...`` (several nodes, one shared state folder) the queue, the tokens and the
+audit log are in the database instead; each node then holds ``nodes/<node>.lock`` and receives uploads
+in ``uploads/<node>/``, and ``cluster.json`` ties the folder to its database (:meth:`Service._check_cluster`).
+A lease thread renews the leases of the node's running jobs and re-queues the jobs of nodes that died.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -79,8 +85,8 @@ class Service:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.state_dir = config.state_dir
-        self.tokens = TokenStore(self.state_dir / TOKENS_FILE)
-        self.queue: JobQueue | None = None
+        self.tokens: TokenStore = TokenStore(self.state_dir / TOKENS_FILE)
+        self.queue: Any = None  # JobQueue (SQLite) or resunet.serve.queue_pg.PgJobQueue
         self.metrics: Metrics | None = None
         self.started_at = time.time()
         self.model: Any = None
@@ -94,6 +100,10 @@ class Service:
         self._lock_fh: Any = None
         self.model_path: Path | None = None
         self.routes: Any = None  # resunet.pacs.routing.Routes when --routes is given
+        self.node = config.node_name
+        self.uploads_dir = self.state_dir / "uploads" / (self.node if config.shared else "")
+        self._running: dict[str, Job] = {}  # jobs this process runs now (their leases are renewed)
+        self.db_error: str | None = None  # the last database fault, shown on /readyz
 
     # -- start-up ------------------------------------------------------------------------------------
     def open(self) -> "Service":
@@ -110,13 +120,20 @@ class Service:
             # and what a killed service left there is removed now (resunet.io.scratch)
             use_temp_root(self.state_dir / "tmp")
             (self.state_dir / "jobs").mkdir(exist_ok=True)
-            (self.state_dir / "uploads").mkdir(exist_ok=True)
-            self._lock_fh = open(self.state_dir / "service.lock", "a+")
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            if self.config.shared:  # one shared folder, a lock per node: it guards "re-queue my running jobs"
+                (self.state_dir / "nodes").mkdir(exist_ok=True)
+                self._lock_fh = open(self.state_dir / "nodes" / f"{self.node}.lock", "a+")
+            else:
+                self._lock_fh = open(self.state_dir / "service.lock", "a+")
         except OSError as err:
             raise ConfigError(f"cannot use the state folder {self.state_dir}: {err}; pass --state-dir with a writable folder") from None
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            if self.config.shared:
+                raise ConfigError(f"another resunet serve node named {self.node} is running on the state folder "
+                                  f"{self.state_dir}; give each node its own --node-name") from None
             raise ConfigError(
                 f"another resunet serve is running with the state folder {self.state_dir}; stop it or pass another --state-dir"
             ) from None
@@ -126,15 +143,19 @@ class Service:
 
             self.routes = load_routes(self.config.routes)
             for rule in self.routes.rules:
-                if rule.model is not None and not resolve_model(rule.model).is_file():
-                    raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {rule.model!r}, "
-                                      "which is neither a bundled model nor a file")
-        self.queue = JobQueue(self.state_dir / "jobs.sqlite")
-        self.metrics = Metrics(self.queue.counts)
-        again = self.queue.requeue_running()
-        if again:
-            log.warning("re-queued %d job(s) left running by a stopped service: %s", len(again), ", ".join(again))
-        for p in (self.state_dir / "uploads").iterdir():  # uploads cut short by a kill never became jobs
+                for name in rule.models:
+                    if not resolve_model(name).is_file():
+                        raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {name!r}, "
+                                          "which is neither a bundled model nor a file")
+        if self.config.shared:
+            self._open_shared_queue()
+        else:
+            self.queue = JobQueue(self.state_dir / "jobs.sqlite")
+            self.metrics = Metrics(self.queue.counts, node=self.node)
+            again = self.queue.requeue_running()
+            if again:
+                log.warning("re-queued %d job(s) left running by a stopped service: %s", len(again), ", ".join(again))
+        for p in self.uploads_dir.iterdir():  # uploads cut short by a kill never became jobs (this node's only)
             shutil.rmtree(p, ignore_errors=True)
         self.record_audits()
         self.model_path = Path(self.config.model) if self.config.model else _bundled_model()
@@ -142,12 +163,75 @@ class Service:
             raise ConfigError(f"model {self.model_path} does not exist; pass --model with a checkpoint or export")
         return self
 
+    def _open_shared_queue(self) -> None:
+        """The PostgreSQL queue: its tokens, the cluster check, this node's and dead nodes' jobs re-queued."""
+        from resunet.pgdb import PASSWORD_FILE_ENV
+        from resunet.serve.queue_pg import PgJobQueue
+        from resunet.serve.tokens import PgTokenStore
+
+        if self.config.queue_password_file:  # libpq-style env var: worker processes inherit it
+            os.environ[PASSWORD_FILE_ENV] = str(self.config.queue_password_file)
+        self.queue = PgJobQueue(self.config.queue_url, node=self.node, lease_s=self.config.lease_s)
+        self.tokens = PgTokenStore(self.queue)
+        self.metrics = Metrics(self.queue.counts, node=self.node)
+        self._check_cluster()
+        again = self.queue.requeue_node()
+        if again:
+            log.warning("re-queued %d job(s) this node (%s) was running when it stopped: %s", len(again), self.node,
+                        ", ".join(again))
+        self._requeue_expired()
+
+    def _check_cluster(self) -> None:
+        """Refuse a node whose state folder is not the shared folder its database belongs to.
+
+        Job rows hold absolute paths into the state folder, so every node must see the same folder at the
+        same path. The first node writes ``cluster.json`` (a random id) into the folder and the same id and
+        the folder's path into the database; every later node must find both equal. A node that mounts no
+        shared folder (its own empty local folder) is refused here instead of failing every job it takes.
+        """
+        marker = self.state_dir / "cluster.json"
+        url = self.queue.path
+        db_id = self.queue.meta("cluster_id")
+        for _ in range(30):  # a node starting at the same moment may be between writing the file and the row
+            if db_id is not None or not marker.exists():
+                break
+            time.sleep(0.1)
+            db_id = self.queue.meta("cluster_id")
+        if db_id is None:
+            if marker.exists():
+                raise ConfigError(f"the state folder {self.state_dir} belongs to another job database ({_marker_db(marker)}), "
+                                  f"not to {url}; use another --state-dir, or remove {marker} if that database is gone")
+            _write_marker_once(marker, {"schema": "resunet-serve-cluster/1", "cluster_id": uuid.uuid4().hex,
+                                        "database": url, "state_dir": str(self.state_dir)})
+            mine = json.loads(marker.read_text(encoding="utf-8"))["cluster_id"]
+            db_id = self.queue.set_meta_once("cluster_id", mine)
+            self.queue.set_meta_once("state_dir", str(self.state_dir))
+        recorded_dir = self.queue.meta("state_dir") or str(self.state_dir)
+        if recorded_dir != str(self.state_dir):
+            raise ConfigError(f"the job database {url} names the state folder {recorded_dir}, not {self.state_dir}: mount the "
+                              f"shared state folder at {recorded_dir} on this node (job records hold its paths) and pass "
+                              f"--state-dir {recorded_dir}")
+        try:
+            file_id = json.loads(marker.read_text(encoding="utf-8"))["cluster_id"]
+        except FileNotFoundError:
+            file_id = None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{marker} is unreadable ({err}); it ties the state folder to {url}") from None
+        if file_id != db_id:
+            why = ("has no cluster.json: it is not the shared folder the other nodes use (mount the shared "
+                   "filesystem there)") if file_id is None else "belongs to another job database"
+            raise ConfigError(f"the state folder {self.state_dir} {why}; the job database {url} was set up with the "
+                              f"state folder {recorded_dir} of cluster {db_id[:12]}")
+
     def start(self) -> None:
-        """Load the model (background), then run the worker; run the retention sweep."""
+        """Load the model (background), then run the worker; run the retention sweep (and the leases)."""
         self._threads = [
             threading.Thread(target=self._load_then_work, name="resunet-serve-worker", daemon=True),
             threading.Thread(target=self._sweep_loop, name="resunet-serve-retention", daemon=True),
         ]
+        if self.config.shared:
+            self._threads += [threading.Thread(target=self._lease_loop, name="resunet-serve-leases", daemon=True),
+                              threading.Thread(target=self._listen_loop, name="resunet-serve-listen", daemon=True)]
         for t in self._threads:
             t.start()
 
@@ -184,17 +268,24 @@ class Service:
                  seconds, pred.device)
         self._ready.set()
 
-    def predictor(self, uncertainty: bool = False, model: str | None = None) -> Any:
-        """The Predictor for this model (or ``model``, a routed job's checkpoint path) and the service's
-        settings, built once per (model, uncertainty mode) and kept warm."""
+    def predictor(self, uncertainty: bool = False, model: str | None = None, then: Sequence[str] = ()) -> Any:
+        """The Predictor for this model (or ``model``, a routed job's checkpoint path; with ``then``, a
+        chain of models, :mod:`resunet.inference.chain`) and the service's settings, built once per
+        (models, uncertainty mode) and kept warm."""
         from resunet.inference import Predictor, load_model
 
-        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model))
+        key: Any = bool(uncertainty) if model is None else (bool(uncertainty), str(model), *map(str, then))
         if key not in self._predictors:
             c = self.config
+            settings = dict(device=c.device, tta=c.tta, overlap=c.overlap, sw_batch=c.sw_batch,
+                            uncertainty="tta" if uncertainty else None)
             loaded = self.model if model is None else load_model(model)
-            self._predictors[key] = Predictor(loaded, device=c.device, tta=c.tta, overlap=c.overlap,
-                                              sw_batch=c.sw_batch, uncertainty="tta" if uncertainty else None)
+            built: Any = Predictor(loaded, **settings)
+            if then:
+                from resunet.inference.chain import ChainPredictor
+
+                built = ChainPredictor([built, *(Predictor(load_model(m), **settings) for m in then)])
+            self._predictors[key] = built
         return self._predictors[key]
 
     def job_dir(self, job_id: str) -> Path:
@@ -240,7 +331,7 @@ class Service:
                 "one .zip, or only DICOM files, not a mix"
             )
         job_id = uuid.uuid4().hex
-        staging = self.state_dir / "uploads" / job_id
+        staging = self.uploads_dir / job_id
         staging.mkdir(parents=True)
         try:
             keep = self.config.keep_upload_names
@@ -275,8 +366,12 @@ class Service:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        job = self.queue.enqueue("segment", input_path=final_dir / target.name, input_name=display,
-                                 input_sha256=sha, options=opts, submitted_by=who, job_id=job_id)
+        try:
+            job = self.queue.enqueue("segment", input_path=final_dir / target.name, input_name=display,
+                                     input_sha256=sha, options=opts, submitted_by=who, job_id=job_id)
+        except ServerError:  # the database is away: not accepted (503), so the stored upload goes
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
         self._wake.set()
         return job
 
@@ -332,7 +427,16 @@ class Service:
             log.error("cannot load the model %s: %s", self.model_path, self.model_error)
             return
         while not self._stop.is_set():
-            if not self.run_one():
+            try:
+                busy = self.run_one()
+                self.db_error = None
+            except ServerError as err:  # the database went away: jobs wait in it; try again shortly
+                if self.db_error != str(err):
+                    log.error("worker waits for the job database: %s", err)
+                self.db_error = str(err)
+                busy = False
+                self._stop.wait(2.0)
+            if not busy:
                 self._wake.wait(1.0)
                 self._wake.clear()
 
@@ -344,6 +448,13 @@ class Service:
         job = self.queue.claim()
         if job is None:
             return False
+        self._running[job.id] = job
+        try:
+            return self._run_claimed(job)
+        finally:
+            self._running.pop(job.id, None)
+
+    def _run_claimed(self, job: Job) -> bool:
         t0 = time.perf_counter()
         handler = KINDS.get(job.kind)
         outcome: JobOutcome | None = None
@@ -364,12 +475,14 @@ class Service:
             log.error("job %s failed with an internal error:\n%s", job.id, traceback.format_exc())
             error = f"internal error ({type(err).__name__}: {client_message(str(err), self.job_dir(job.id), job.input_name, job.input_path)})"
         if outcome is not None:
-            ok = self.queue.finish(job, outcome.outputs, outcome.result)
+            ok = self._settle(lambda: self.queue.finish(job, outcome.outputs, outcome.result))
             outcome_name = "done"
         else:
-            ok = self.queue.fail(job, error or "unknown error")
+            ok = self._settle(lambda: self.queue.fail(job, error or "unknown error"))
             outcome_name = "failed"
             log.warning("job %s (input sha256 %s) failed: %s", job.id, (job.input_sha256 or "")[:12], error)
+        if not ok:
+            log.warning("job %s was taken over by another node (its lease expired); this node's result is dropped", job.id)
         if ok:
             self.metrics.jobs_finished.labels(outcome_name).inc()
             if outcome_name == "failed":
@@ -378,18 +491,78 @@ class Service:
         self.record_audits()
         return True
 
+    def _settle(self, commit: Any) -> bool:
+        """Run ``commit`` (finish/fail); while the database is away, retry for up to the lease time (the job
+        keeps its claim that long; after it another node redoes it). False: the claim is stale."""
+        deadline = time.monotonic() + self.config.lease_s
+        while True:
+            try:
+                return bool(commit())
+            except ServerError as err:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    log.error("cannot record a finished job (it will be redone once its lease expires): %s", err)
+                    return False
+                self.db_error = str(err)
+                time.sleep(2.0)
+
+    # -- several nodes: leases ---------------------------------------------------------------------
+    def _lease_loop(self) -> None:
+        """Renew the leases of this node's running jobs; re-queue the jobs of nodes whose leases expired."""
+        interval = min(5.0, self.config.lease_s / 4)
+        while not self._stop.wait(interval):
+            try:
+                for job in list(self._running.values()):
+                    if not self.queue.renew(job):
+                        log.warning("job %s: its claim was taken over (lease expired); its result will be dropped", job.id)
+                self._requeue_expired()
+            except ResunetError as err:
+                log.error("lease renewal: %s", err)
+
+    def _requeue_expired(self) -> list[str]:
+        ids = self.queue.requeue_expired()
+        if ids:
+            assert self.metrics is not None
+            self.metrics.lease_expiries.inc(len(ids))
+            log.warning("re-queued %d job(s) whose node stopped renewing its lease: %s", len(ids), ", ".join(ids))
+            self._wake.set()
+        return ids
+
+    def _listen_loop(self) -> None:
+        """Wake the worker when any node queues a job (PostgreSQL NOTIFY); the worker polls each second too."""
+        while not self._stop.is_set():
+            if self.queue.wait_notify(1.0):
+                self._wake.set()
+
+    def check_database(self) -> str | None:
+        """None when the queue's database answers, else the reason (for /readyz)."""
+        try:
+            self.queue.ping()
+        except ResunetError as err:
+            return str(err)
+        return None
+
+    def audit_target(self) -> Any:
+        """Where jobs are recorded: None (the default log), a file, or the PostgreSQL queue's database."""
+        if self.config.audit_db in (None, True):
+            return self.config.queue_url or None
+        return self.config.audit_db
+
     def record_audits(self) -> None:
         """Append every finished, not yet recorded job to the audit log (once: run id ``serve-<job id>``)."""
         if self.config.audit_db is False or self.queue is None:
             return
         from resunet.reports.audit import record_run, run_recorded
 
-        db = None if self.config.audit_db in (None, True) else self.config.audit_db
+        db = self.audit_target()
         for job in self.queue.unaudited():
             run_id = f"serve-{job.id}"
             try:
                 if not run_recorded(run_id, db):
-                    record_run("serve", self._provenance(job, run_id), self._output_records(job), db_path=db)
+                    try:
+                        record_run("serve", self._provenance(job, run_id), self._output_records(job), db_path=db)
+                    except ResunetError:
+                        if not run_recorded(run_id, db):  # another node recorded it in between: fine
+                            raise
                 self.queue.mark_audited(job.id, run_id)
             except ResunetError as err:
                 log.error("cannot record job %s in the audit log: %s", job.id, err)
@@ -492,6 +665,26 @@ class Service:
         if n:
             log.info("retention: deleted the files of %d job(s) finished more than %g h ago", n, self.config.retention_hours)
         return n
+
+
+def _write_marker_once(marker: Path, doc: dict[str, Any]) -> None:
+    """Create ``marker`` with ``doc`` unless it exists (atomic: a hard link of a finished temp file; a node
+    racing this one keeps the first)."""
+    tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        os.link(tmp, marker)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def _marker_db(marker: Path) -> str:
+    try:
+        return str(json.loads(marker.read_text(encoding="utf-8")).get("database") or "unnamed")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable cluster.json"
 
 
 def _rename(message: str, staging: Path, display: str) -> str:

@@ -22,6 +22,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from resunet.errors import ConfigError, ServerError
 from resunet.io.atomic import atomic_path
@@ -90,12 +91,7 @@ class TokenStore:
         Raises:
             ConfigError: bad name, scope or group, or a token of that name exists (remove it first).
         """
-        if not NAME_RE.match(name or ""):
-            raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
-        if scope not in SCOPES:
-            raise ConfigError(f"token scope {scope!r}: use one of {', '.join(SCOPES)}")
-        if group and not NAME_RE.match(group):
-            raise ConfigError(f"token group {group!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
+        self._check_new(name, scope, group)
         tokens = self._read()
         if name in tokens:
             raise ConfigError(f"a token named {name!r} exists in {self.path}; remove it with --remove-token {name} first")
@@ -103,6 +99,15 @@ class TokenStore:
         tokens[name] = {"sha256": token_sha256(token), "created_utc": utc_now(), "scope": scope, "group": group}
         self._write(tokens)
         return token
+
+    @staticmethod
+    def _check_new(name: str, scope: str, group: str) -> None:
+        if not NAME_RE.match(name or ""):
+            raise ConfigError(f"token name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+        if scope not in SCOPES:
+            raise ConfigError(f"token scope {scope!r}: use one of {', '.join(SCOPES)}")
+        if group and not NAME_RE.match(group):
+            raise ConfigError(f"token group {group!r}: use 1-64 letters, digits, '.', '_', '@' or '-'")
 
     def remove(self, name: str) -> None:
         """Delete the token ``name`` (ConfigError if there is none)."""
@@ -139,3 +144,42 @@ class TokenStore:
         with atomic_path(self.path) as tmp:
             tmp.write_text(text, encoding="utf-8")
             os.chmod(tmp, 0o600)  # owner only, before the rename makes it visible
+
+
+class PgTokenStore(TokenStore):
+    """The tokens of a PostgreSQL queue (table ``resunet_tokens``): shared by every node at once.
+
+    The same API and rules as the tokens file; a token added or removed on one node holds on every node
+    from its next request, since each lookup reads the table (a primary-key read, well under a millisecond).
+    ``path`` is what messages call the store (the database URL without a password).
+    """
+
+    def __init__(self, queue: Any) -> None:  # a resunet.serve.queue_pg.PgJobQueue (tables made there)
+        self.queue = queue
+        self.path = f"the tokens table of {queue.path}"  # type: ignore[assignment]
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        rows = self.queue._run(lambda c: c.execute("SELECT name, sha256, created_utc, scope, grp FROM resunet_tokens").fetchall())
+        return {r["name"]: {"sha256": r["sha256"], "created_utc": r["created_utc"], "scope": r["scope"], "group": r["grp"]}
+                for r in rows}
+
+    def _write(self, tokens: dict[str, dict[str, str]]) -> None:
+        raise AssertionError("PgTokenStore writes rows, not a file")
+
+    def add(self, name: str, scope: str = "submit", group: str = "") -> str:
+        import psycopg
+
+        TokenStore._check_new(name, scope, group)
+        token = PREFIX + secrets.token_urlsafe(32)
+        try:
+            self.queue._run(lambda c: c.execute(
+                "INSERT INTO resunet_tokens (name, sha256, created_utc, scope, grp) VALUES (%s, %s, %s, %s, %s)",
+                (name, token_sha256(token), utc_now(), scope, group)))
+        except psycopg.errors.UniqueViolation:
+            raise ConfigError(f"a token named {name!r} exists in {self.path}; remove it with --remove-token {name} first") from None
+        return token
+
+    def remove(self, name: str) -> None:
+        cur = self.queue._run(lambda c: c.execute("DELETE FROM resunet_tokens WHERE name = %s", (name,)))
+        if cur.rowcount != 1:
+            raise ConfigError(f"no token named {name!r} in {self.path}; known: {', '.join(self.names()) or 'none'}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.inputs import StagedStudy
+from resunet.webui.inputs import StagedStudy
 from resunet.io.hashing import sha256_path
 
 

@@ -26,6 +26,8 @@ from nibabel import orientations as nio
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
+from resunet.io.dicom_codes import LABEL_COLOURS as _DICOM_LABEL_COLOURS
+from resunet.io.dicom_codes import label_colour as _dicom_label_colour
 from resunet.io.volume import Volume
 from resunet.preprocess import reorientation
 
@@ -52,23 +54,15 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 #: Name of the data-driven preset (0.5th to 99.5th percentile of non-zero voxels).
 AUTO_PRESET = "Auto (percentiles)"
 
-#: Label colours (RGB), label 1 first; repeats after the last. Chosen to stand out on grey.
-LABEL_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (255, 40, 40),    # red
-    (40, 200, 255),   # cyan
-    (255, 200, 0),    # amber
-    (80, 230, 60),    # green
-    (230, 80, 255),   # violet
-    (255, 130, 0),    # orange
-    (0, 120, 255),    # blue
-    (255, 100, 170),  # pink
-)
+#: Label colours (RGB), label 1 first; repeats after the last: the DICOM outputs' colours (RTSTRUCT
+#: ROIDisplayColor, SEG RecommendedDisplayCIELabValue), so a structure looks the same in every viewer
+LABEL_COLOURS: tuple[tuple[int, int, int], ...] = _DICOM_LABEL_COLOURS
 UNCERTAINTY_COLOUR = (255, 255, 0)
 
 
 def label_colour(label: int) -> tuple[int, int, int]:
-    """RGB colour of a label value (``label >= 1``)."""
-    return LABEL_COLOURS[(int(label) - 1) % len(LABEL_COLOURS)]
+    """RGB colour of a label value (``label >= 1``): :func:`resunet.io.dicom_codes.label_colour`."""
+    return _dicom_label_colour(label)
 
 
 @dataclass

@@ -12,7 +12,7 @@ Three modes, chosen from ``.streamlit/secrets.toml`` (never from the repository)
 3. Neither: no login. The server binds to 127.0.0.1 by default, so only this machine can reach it;
    ``resunet app`` refuses any other address without a login unless ``--allow-anonymous`` is given,
    and the page itself refuses too (:func:`anonymous_exposure`) when it was started some other way
-   (``streamlit run app/streamlit_app.py --server.address 0.0.0.0``, or outside the repository, where
+   (``streamlit run resunet/webui/streamlit_app.py --server.address 0.0.0.0``, where
    Streamlit's default is every interface).
 """
 

@@ -15,14 +15,13 @@ from typing import Any, Mapping
 import yaml
 
 from resunet.errors import ConfigError
+from resunet.package_data import EXAMPLE_BRAINMASK, EXAMPLE_T1, MODEL_DIR
 
-#: The repository (or installed tree) root: app/ sits next to data/.
-ROOT = Path(__file__).resolve().parent.parent
-
-DEFAULT_MODEL_DIR = ROOT / "data" / "model"
+#: the bundled models and example study, shipped inside the package (resunet/data/)
+DEFAULT_MODEL_DIR = MODEL_DIR
 DEFAULT_MODEL_NAME = "brain_extraction.pt"
-EXAMPLE_STUDY = ROOT / "data" / "example" / "colin27_t1.nii.gz"
-EXAMPLE_REFERENCE = ROOT / "data" / "example" / "colin27_brainmask.nii.gz"
+EXAMPLE_STUDY = EXAMPLE_T1
+EXAMPLE_REFERENCE = EXAMPLE_BRAINMASK
 
 
 @dataclass

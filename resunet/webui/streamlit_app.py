@@ -1,35 +1,30 @@
 """resunet web UI: drop in a study, see the mask over the scan in three planes, read and download results.
 
-Start with ``resunet app`` (binds to 127.0.0.1) or ``streamlit run app/streamlit_app.py``.
+Start with ``resunet app`` (binds to 127.0.0.1) or ``streamlit run resunet/webui/streamlit_app.py``.
 The page has no segmentation logic of its own: it calls ``resunet.io`` to read, the
 ``resunet.inference.Predictor`` to segment, ``resunet.evaluation`` to compare with a reference and
-the library writers for downloads. Display rendering lives in :mod:`app.viewer`.
+the library writers for downloads. Display rendering lives in :mod:`resunet.webui.viewer`.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # `streamlit run` puts app/ on sys.path, not its parent
-    sys.path.insert(0, str(_ROOT))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from app import viewer  # noqa: E402
-from app.auth import require_login  # noqa: E402
-from app.config import AppConfig  # noqa: E402
-from app.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads  # noqa: E402
-from app.models import ModelInfo, card_markdown, describe_model, list_checkpoints, option_label  # noqa: E402
-from app.runner import PREDICTORS, RunResult, run_prediction  # noqa: E402
-from app.workspace import SessionWorkspace, start_janitor, sweep_expired  # noqa: E402
-from resunet import __version__  # noqa: E402
-from resunet.errors import ResunetError  # noqa: E402
+from resunet.webui import viewer
+from resunet.webui.auth import require_login
+from resunet.webui.config import AppConfig
+from resunet.webui.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads
+from resunet.webui.models import ModelInfo, card_markdown, describe_model, list_checkpoints, option_label
+from resunet.webui.runner import PREDICTORS, RunResult, run_prediction
+from resunet.webui.workspace import SessionWorkspace, start_janitor, sweep_expired
+from resunet import __version__
+from resunet.errors import ResunetError
 
 log = logging.getLogger("resunet.app")
 
@@ -84,7 +79,7 @@ def _heartbeat(cfg: AppConfig, ws: SessionWorkspace) -> None:
 
 
 def _web_user() -> str | None:
-    from app.auth import web_user
+    from resunet.webui.auth import web_user
 
     return web_user()
 
@@ -145,7 +140,7 @@ def _input_section(cfg: AppConfig, ws: SessionWorkspace) -> None:
 
 def _pacs_browser(cfg: AppConfig, ws: SessionWorkspace, files: Any) -> None:
     """Browse PACS: studies listed over QIDO-RS; the chosen one is pulled (WADO-RS) as the session's study."""
-    from app.pacs import client_for, stage_from_pacs, study_label
+    from resunet.webui.pacs import client_for, stage_from_pacs, study_label
 
     with st.expander(f"Browse PACS ({cfg.pacs_url})", expanded=False):
         try:
@@ -182,7 +177,7 @@ def _pacs_send(cfg: AppConfig, staged: StagedStudy, result: RunResult) -> None:
     study_uid = _store("pacs_origin").get(staged.sha256)
     if not cfg.pacs_url or study_uid is None:
         return
-    from app.pacs import client_for
+    from resunet.webui.pacs import client_for
 
     sent = _store("pacs_sent")
     what = st.multiselect("Send to the PACS", ["mask.seg.dcm", "mask.rtstruct.dcm"], default=["mask.seg.dcm"],
@@ -484,7 +479,7 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, volume: Any, result:
         return
     resample = st.checkbox("If the grids differ, resample the prediction onto the reference (nearest neighbour)",
                            key="resample_pred")
-    from app.downloads import evaluation_outputs
+    from resunet.webui.downloads import evaluation_outputs
     from resunet.io.hashing import sha256_file
 
     ev_key = (id(result), sha256_file(ref_path), resample)
@@ -542,7 +537,7 @@ def _definitions_markdown() -> str:
 
 
 def _downloads_section(staged: StagedStudy, volume: Any, result: RunResult, ws: SessionWorkspace) -> None:
-    from app.downloads import mask_files
+    from resunet.webui.downloads import mask_files
 
     st.subheader("5. Download")
     try:
@@ -560,8 +555,8 @@ def _downloads_section(staged: StagedStudy, volume: Any, result: RunResult, ws: 
 
 def _audit(staged: StagedStudy, result: RunResult, ws: SessionWorkspace) -> None:
     """Record the prediction in the audit log once (after its mask files exist, so their hashes are kept)."""
-    from app.auth import web_user
-    from app.runner import record_prediction
+    from resunet.webui.auth import web_user
+    from resunet.webui.runner import record_prediction
 
     if result.audit_run_id is None:
         model = st.session_state.get("model")
