@@ -2,8 +2,10 @@
 
 Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1, RescaleIntercept
 -1024), shuffled file names, 300 and 1000 slices, uncompressed (explicit VR little endian) and
-compressed losslessly with pydicom's encoders (JPEG 2000 via pylibjpeg-openjpeg, JPEG-LS via
-pyjpegls, RLE). They are written once under ``/tmp/resunet-read-speed`` (several GB; reused by later
+compressed with pydicom's encoders (JPEG 2000 lossless and 10:1 via pylibjpeg-openjpeg, JPEG-LS
+lossless and near-lossless via pyjpegls, RLE, deflate) or GDCM (python-gdcm: JPEG lossless SV1 and
+process 14, JPEG baseline on an 8-bit version). The table names the decoder resunet uses per
+syntax (resunet.dicom_decode.PREFERRED_PLUGIN). They are written once under ``/tmp/resunet-read-speed`` (several GB; reused by later
 runs; delete by hand). Every timing is a fresh read of a warm page cache, in this process:
 
 - ``resunet``: ``load_study(folder)`` (discovery + headers + pixels + geometry checks);
@@ -17,7 +19,7 @@ runs; delete by hand). Every timing is a fresh read of a warm page cache, in thi
 
 The voxels and geometry of resunet and SimpleITK are compared on every series (equal values,
 corners within 1e-3 mm). Run by hand (minutes; nothing else heavy should run):
-``nice -n 5 .venv/bin/python bench/io_read_speed.py [--sizes 300 1000] [--syntaxes raw j2k jls rle] [--repeat 3]``.
+``nice -n 5 .venv/bin/python bench/io_read_speed.py [--sizes 300 1000] [--syntaxes raw j2k jls ...] [--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEG2000,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     generate_uid,
 )
@@ -51,11 +59,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from io_helpers import compare_with_sitk  # noqa: E402
 
+from resunet.dicom_decode import decoder_plugin  # noqa: E402
 from resunet.io import load_study  # noqa: E402
 
 ROOT = Path("/tmp/resunet-read-speed")
-SYNTAXES = {"raw": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless, "jls": JPEGLSLossless, "rle": RLELossless}
-NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "jls": "JPEG-LS lossless", "rle": "RLE lossless"}
+SYNTAXES = {"raw": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless, "j2k-lossy": JPEG2000, "jls": JPEGLSLossless,
+            "jls-near": JPEGLSNearLossless, "jpeg-sv1": JPEGLosslessSV1, "jpeg-14": JPEGLossless,
+            "jpeg-baseline": JPEGBaseline8Bit, "rle": RLELossless, "deflate": DeflatedExplicitVRLittleEndian}
+NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "j2k-lossy": "JPEG 2000 (lossy, 10:1)",
+         "jls": "JPEG-LS lossless", "jls-near": "JPEG-LS near-lossless (3)", "jpeg-sv1": "JPEG lossless SV1",
+         "jpeg-14": "JPEG lossless (process 14)", "jpeg-baseline": "JPEG baseline (8-bit)", "rle": "RLE lossless",
+         "deflate": "deflated explicit VR LE"}
+#: syntaxes pydicom cannot encode: written uncompressed, then re-encoded by GDCM (python-gdcm)
+GDCM_ENCODED = {"jpeg-sv1": "JPEGLosslessProcess14_1", "jpeg-14": "JPEGLosslessProcess14",
+                "jpeg-baseline": "JPEGBaselineProcess1"}
+
+
+def gdcm_transcode(path: Path, syntax: str) -> None:
+    """Re-encode ``path`` in place with GDCM in the transfer syntax ``GDCM_ENCODED[syntax]``."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        raise RuntimeError(f"GDCM cannot read {path}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, GDCM_ENCODED[syntax])))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise RuntimeError(f"GDCM cannot encode {path} as {syntax}")
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(path))
+    if not writer.Write():
+        raise RuntimeError(f"GDCM cannot write {path}")
 
 
 def phantom_slice(k: int, n: int, size: int = 512, seed: int = 0) -> np.ndarray:
@@ -113,10 +151,19 @@ def write_series(folder: Path, n: int, syntax: str) -> None:
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
         ds.WindowCenter, ds.WindowWidth = "40", "400"
         arr = phantom_slice(k, n)
+        if syntax == "jpeg-baseline":  # 8-bit only: stored = (HU + 1024) / 8
+            arr = np.clip(arr // 8, 0, 255).astype(np.uint8)
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.RescaleIntercept, ds.RescaleSlope = "-1024", "8"
         ds.PixelData = arr.tobytes()
-        if syntax != "raw":
-            ds.compress(SYNTAXES[syntax], arr)
+        if syntax == "deflate":
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        elif syntax not in ("raw", *GDCM_ENCODED):
+            opts = {"j2k-lossy": {"j2k_cr": [10]}, "jls-near": {"jls_error": 3}}.get(syntax, {})
+            ds.compress(SYNTAXES[syntax], arr, **opts)
         ds.save_as(tmp / names[k], enforce_file_format=True)
+        if syntax in GDCM_ENCODED:
+            gdcm_transcode(tmp / names[k], syntax)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -198,7 +245,8 @@ def main() -> None:
             same, dist, _ = compare_with_sitk(vol, img)
             t_d2n = dcm2niix_read(folder)
             del img, vol
-            rows.append((NAMES[syntax], n, size_mb, t_ours, t_sitk, t_exec, t_d2n, same, dist))
+            plugin = decoder_plugin(SYNTAXES[syntax]) or ("in place" if syntax == "raw" else "pydicom")
+            rows.append((NAMES[syntax], n, size_mb, t_ours, t_sitk, t_exec, t_d2n, same, dist, plugin))
             print(
                 f"{NAMES[syntax]:>20} {n:5d} slices {size_mb:7.0f} MB: resunet {t_ours:.3f} s"
                 f" ({' '.join(f'{t:.2f}' for t in our_times)}), SimpleITK {t_sitk:.3f} s"
@@ -209,14 +257,14 @@ def main() -> None:
                 flush=True,
             )
     print()
-    print("| series | slices | MB | resunet s | SimpleITK s (folder) | ratio | SimpleITK s (Execute, list given) | ratio |"
-          " dcm2niix s | voxels, corners |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, mb, t_o, t_s, t_e, t_d, same, dist in rows:
-        d2n = t_d
+    print("| series | slices | MB | resunet decoder | resunet s | SimpleITK s (folder) | ratio |"
+          " SimpleITK s (Execute, list given) | ratio | dcm2niix s | voxels, corners |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, mb, t_o, t_s, t_e, t_d, same, dist, plugin in rows:
         exe = f"{t_e:.2f} | {t_o / t_e:.2f}" if t_e else "- | -"
-        print(f"| {name} | {n} | {mb:.0f} | {t_o:.2f} | {t_s:.2f} | {t_o / t_s:.2f} | {exe} |"
-              f" {d2n} | {'equal' if same else 'DIFFER'}, {dist:.1e} mm |")
+        print(f"| {name} | {n} | {mb:.0f} | {plugin} | {t_o:.2f} | {t_s:.2f} | {t_o / t_s:.2f} | {exe} |"
+              f" {t_d} | {'equal' if same else 'DIFFER'}, {dist:.1e} mm |")
+    print(f"\nload after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 
 if __name__ == "__main__":
