@@ -28,9 +28,9 @@ def read_full(path: str | Path) -> Dataset:
         return ds
 
 
-#: the pydicom decoder plugin tried first per transfer syntax (pydicom's own order, gdcm first when
-#: python-gdcm is installed, is used when it is missing or fails). Chosen by the fastest equal-to-
-#: SimpleITK decode of a 512x512 int16 CT frame here (best of 7, ms; bench/results/io.md):
+#: the pydicom decoder plugin tried first per transfer syntax (then the other installed ones, in
+#: pydicom's order). Chosen by the fastest equal-to-SimpleITK decode of a 512x512 int16 CT frame here
+#: (best of 7, ms; bench/results/io.md):
 #:   JPEG 2000 lossless / lossy   gdcm 28 / 7.7   pylibjpeg-openjpeg 61 / 18.5   pillow 79 / 19
 #:   JPEG lossless SV1 / proc. 14 gdcm 3.2 / 11.8 pylibjpeg-libjpeg 40 / 17.7
 #:   JPEG-LS lossless / near      pyjpegls 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg-libjpeg 30 / 34
@@ -46,44 +46,69 @@ PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
+#: plugins that can end the whole process on damaged data: GDCM throws a C++ exception nobody
+#: catches on a broken JPEG 2000 codestream (``terminate called after throwing ...``, abort). They
+#: run only in decode worker processes (:func:`enter_worker`), where a crash costs that worker and
+#: the calling process decodes the file again with the others; never in the CLI, app or service.
+PROCESS_KILLING_PLUGINS = frozenset({"gdcm"})
+#: the first plugin outside worker processes where PREFERRED_PLUGIN's may crash it (next fastest above)
+IN_PROCESS_PLUGIN = {ts: "pylibjpeg" for ts, plugin in PREFERRED_PLUGIN.items() if plugin in PROCESS_KILLING_PLUGINS}
+
+_in_worker = False
 
 
-def decoder_plugin(ts: str) -> str:
-    """The plugin :func:`decode_stored` tries first for transfer syntax ``ts`` ('' = pydicom's order)."""
-    plugin = PREFERRED_PLUGIN.get(ts, "")
-    if not plugin:
-        return ""
+def enter_worker() -> None:
+    """Mark this process as a decode worker (the pool's initializer): crash-prone fast plugins allowed."""
+    global _in_worker
+    _in_worker = True
+
+
+def plugin_order(ts: str) -> list[str]:
+    """The pydicom plugins to try for transfer syntax ``ts``, in order ([] = pydicom's native decoder)."""
     from pydicom.pixels import get_decoder
 
     try:
-        return plugin if plugin in get_decoder(ts).available_plugins else ""
+        available = list(get_decoder(ts).available_plugins)
     except (NotImplementedError, ValueError):
-        return ""
+        return []
+    first = PREFERRED_PLUGIN.get(ts) if _in_worker else IN_PROCESS_PLUGIN.get(ts, PREFERRED_PLUGIN.get(ts))
+    order = ([first] if first in available else []) + [p for p in available if p != first]
+    if not _in_worker:
+        order = [p for p in order if p not in PROCESS_KILLING_PLUGINS]
+    return order
+
+
+def decoder_plugin(ts: str) -> str:
+    """The plugin tried first for ``ts`` in this process ('' = pydicom's native decoder)."""
+    order = plugin_order(ts)
+    return order[0] if order else ""
 
 
 def _pixel_array(ds: Dataset, frames: range | None = None) -> np.ndarray:
-    """``ds``'s stored values (all frames, or ``frames``) with the preferred plugin, else pydicom's order."""
+    """``ds``'s stored values (all frames, or ``frames``), each plugin of :func:`plugin_order` in turn."""
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-    plugin = decoder_plugin(ts)
-    if frames is None:
-        if plugin:
-            try:
-                ds.pixel_array_options(decoding_plugin=plugin)
-                return ds.pixel_array
-            except Exception:  # noqa: BLE001 - let pydicom's own order try the other decoders
-                ds.pixel_array_options(decoding_plugin="")
-        return ds.pixel_array
+    order = plugin_order(ts) if ts else []
+    if not order:  # uncompressed, deflated, big endian: pydicom's own decoder
+        if frames is None:
+            return ds.pixel_array
+        order = [""]
     from pydicom.pixels import get_decoder
 
-    decoder = get_decoder(ts)
-    for attempt in ([plugin, ""] if plugin else [""]):
+    error: BaseException | None = None
+    for plugin in order:
         try:
-            return np.stack([arr for arr, _ in decoder.iter_array(ds, indices=frames, decoding_plugin=attempt)])
-        except Exception:  # noqa: BLE001 - the next attempt (pydicom's order) raises the real error
-            if attempt == "":
-                raise
-    raise AssertionError("unreachable")
+            if frames is None:
+                ds.pixel_array_options(decoding_plugin=plugin)
+                return ds.pixel_array
+            decoder = get_decoder(ts)
+            return np.stack([arr for arr, _ in decoder.iter_array(ds, indices=frames, decoding_plugin=plugin)])
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as err:  # noqa: BLE001 - the next plugin; the last error is reported
+            error = err
+    assert error is not None
+    raise error
 
 
 def decode_stored(ds: Dataset, source: str, frames: range | None = None) -> np.ndarray:

@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 
 from resunet.dicom_decode import PREFERRED_PLUGIN, decoder_plugin
+from resunet.errors import InputError
 from resunet.io import load_study
 from resunet.io.dicom_pixels import MIN_FILES_FOR_PROCESSES, PixelSource, _decode_jobs
 
@@ -206,12 +207,87 @@ def test_series_are_decoded_in_processes_and_a_multiframe_file_in_frame_ranges(m
     assert jobs == [(f"{k}.dcm", "x.dcm") for k in range(N)]  # one job per file, whole
 
 
+def _worker_order(ts: str) -> list[str]:
+    from resunet.dicom_decode import plugin_order
+
+    return plugin_order(ts)
+
+
 def test_fastest_kept_decoder_is_chosen_per_syntax():
-    # python-gdcm is a dependency: JPEG 2000 and JPEG lossless go to it, JPEG-LS to CharLS (pyjpegls)
-    assert decoder_plugin(JPEG2000Lossless) == decoder_plugin(JPEG2000) == "gdcm"
-    assert decoder_plugin(JPEGLosslessSV1) == decoder_plugin(JPEGLossless) == "gdcm"
-    assert decoder_plugin(JPEGLSLossless) == "pyjpegls"
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from resunet.dicom_decode import enter_worker, plugin_order
+
+    # in decode workers: python-gdcm (a dependency) for JPEG 2000 and JPEG lossless
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=enter_worker) as pool:
+        assert pool.submit(_worker_order, JPEG2000Lossless).result()[0] == "gdcm"
+        assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "gdcm"
+    # in this process never GDCM: it aborts the process on a damaged JPEG 2000 stream
+    assert "gdcm" not in plugin_order(JPEG2000Lossless) + plugin_order(JPEGLossless) + plugin_order(JPEGBaseline8Bit)
+    assert decoder_plugin(JPEG2000Lossless) == decoder_plugin(JPEG2000) == "pylibjpeg"
+    assert decoder_plugin(JPEGLSLossless) == decoder_plugin(JPEGLSNearLossless) == "pyjpegls"
     assert decoder_plugin(JPEGBaseline8Bit) == "pillow"
     assert decoder_plugin(RLELossless) == "pylibjpeg"
     assert decoder_plugin(ExplicitVRLittleEndian) == ""
     assert set(PREFERRED_PLUGIN.values()) <= {"gdcm", "pyjpegls", "pillow", "pylibjpeg"}
+
+
+def test_damaged_file_decoded_by_a_worker_is_a_one_line_error(tmp_path, monkeypatch):
+    """A broken JPEG 2000 stream: GDCM aborts the worker that gets it (the workers take files from the
+    back of the slice order); this process decodes it again without GDCM and names the file."""
+    write_series(tmp_path / "s", "j2k-lossless")
+    monkeypatch.setenv("RESUNET_DICOM_WORKERS", "2")
+    last = max(tmp_path.joinpath("s").iterdir(),
+               key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    ds = pydicom.dcmread(last)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])  # not a codestream
+    ds.save_as(last, enforce_file_format=True)
+    with pytest.raises(InputError) as info:
+        load_study(tmp_path / "s")
+    assert f"{last.name}: the pixel data cannot be decoded (transfer syntax JPEG 2000" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def _read_in_daemon(folder: str, queue) -> None:  # a daemon process may not start decode workers
+    import os
+
+    os.environ["RESUNET_DICOM_WORKERS"] = "2"
+    try:
+        queue.put(np.asarray(load_study(folder).array))
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        queue.put(repr(err))
+
+
+def test_where_no_worker_process_can_start_this_process_decodes_everything(tmp_path):
+    import multiprocessing
+
+    values = write_series(tmp_path / "s", "jls-lossless")
+    ctx = multiprocessing.get_context("forkserver")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_daemon, args=(str(tmp_path / "s"), queue), daemon=True)
+    proc.start()
+    got = queue.get(timeout=300)
+    proc.join(60)
+    assert not isinstance(got, str), got
+    assert np.array_equal(got.transpose(2, 1, 0), values)
+
+
+def test_gdcm_stays_in_worker_processes_where_a_broken_stream_kills_only_the_worker(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from resunet.dicom_decode import decode_job, enter_worker
+
+    write_series(tmp_path / "s", "j2k-lossless")
+    bad = tmp_path / "s" / "im000"
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
+    ds.save_as(bad, enforce_file_format=True)
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=enter_worker) as pool:
+        with pytest.raises(BrokenProcessPool):  # GDCM: 'terminate called after throwing ...', abort
+            pool.submit(decode_job, (str(bad), bad.name)).result(timeout=300)
+    with pytest.raises(InputError, match="im000: the pixel data cannot be decoded"):
+        decode_job((str(bad), bad.name))  # here: no GDCM, a one-line error

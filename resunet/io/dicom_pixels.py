@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resunet.dicom_decode import decode_file, decode_job
+from resunet.dicom_decode import decode_file, decode_job, enter_worker
 from resunet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _decode_in_processes(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[
         try:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["resunet.dicom_decode"])
-            pool = ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx)
+            pool = ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx, initializer=enter_worker)
             slots = threading.Semaphore(2 * n_proc)
             while not stop.is_set():
                 if not slots.acquire(timeout=0.05):
