@@ -145,3 +145,39 @@ def test_serve_on_a_taken_port_is_a_one_line_error_before_any_import(tmp_path):
     found = {ln.split("|")[-1].strip().split(".")[0] for ln in res.stderr.splitlines() if ln.startswith("import time:")}
     assert not found & {"torch", "monai", "fastapi", "uvicorn", "pydicom"}, sorted(found & set(HEAVY))
     assert not Path(tmp_path / "state" / "service.lock").exists()  # refused before the state folder was taken
+
+
+# ``resunet predict`` with the first read recorded: which libraries were imported when the batch
+# runner's reader started on the case (the wrapper is the test's, around the real command).
+FIRST_READ = """
+import json, sys
+from pathlib import Path
+import resunet.io.loader as loader
+
+seen = Path(sys.argv[1])
+load = loader.load_study
+
+def first_read(*args, **kwargs):
+    if not seen.exists():
+        seen.write_text(json.dumps(sorted({m.split('.')[0] for m in list(sys.modules)})))
+    return load(*args, **kwargs)
+
+loader.load_study = first_read  # run_batch imports it from there when it starts
+from resunet.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_predict_reads_its_first_case_before_importing_monai(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    script = tmp_path / "first_read.py"
+    script.write_text(FIRST_READ)
+    seen = tmp_path / "seen.json"
+    res = subprocess.run([sys.executable, str(script), str(seen), "predict", str(EXAMPLE_T1), "--out",
+                          str(tmp_path / "out"), "--model", str(model), "--no-tta", "--no-audit", "--no-progress"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    early = set(json.loads(seen.read_text()))
+    assert "torch" in early  # the model is loaded before the read
+    assert not early & {"monai", "highdicom", "matplotlib", "streamlit", "fastapi", "pynetdicom"}, sorted(early)
+    assert (tmp_path / "out" / "predictions.json").exists()
