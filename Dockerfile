@@ -41,7 +41,7 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY resunet ./resunet
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt ".[postgres]" \
     && python -c "import torch, resunet; print('torch', torch.__version__, 'resunet', resunet.__version__)"
 
 # -- runtime: the environment (code, web UI, bundled models and example study inside the package) ---

@@ -18,11 +18,15 @@ Timed, each on the same data in the same process:
 Usage::
 
     .venv/bin/python bench/bench_metrics.py --cases 20 --size 256 --out bench/results/metrics.md
+    .venv/bin/python bench/bench_metrics.py --render bench/results/metrics.json --out bench/results/metrics.md
+
+``--out`` writes the whole results file and its figures as JSON beside it (both atomically).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -70,14 +74,22 @@ def make_case(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return pred, ref
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--tolerance-mm", type=float, default=2.0)
     ap.add_argument("--skip-medpy", action="store_true")
-    ap.add_argument("--out", type=Path, help="write the Markdown result here too")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="write the whole results file here (Markdown) and its figures to the same name .json")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON of an earlier run")
+    args = ap.parse_args(argv)
+    if args.render:
+        if not args.out:
+            ap.error("--render needs --out")
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, render(json.loads(args.render.read_text())))
+        return 0
 
     import torch
     from monai.metrics import (
@@ -141,50 +153,74 @@ def main() -> int:
     t_folder = time.perf_counter() - t
     assert len(ev.rows) == args.cases
 
-    n = args.cases
-    rows = [
-        ("resunet `binary_metrics` (1 process, arrays in memory)", "dice, iou, precision, recall, hd95, assd, nsd, volumes", times["resunet"]),
-        ("resunet `evaluate_folders` (2 processes, reads the NIfTI files)", "the same + reading 2 files per case", t_folder),
-        ("MONAI 1.x metric functions (arrays in memory)", "hd95, assd, nsd, dice", times["monai"]),
-    ]
-    if medpy is not None:
-        rows.append(("medpy `hd95` + `assd` + `dc` (arrays in memory)", "hd95 (pooled), assd, dice", times["medpy"]))
-    base = times["monai"]
-    lines = [
-        f"# Metrics benchmark: {n} cases of {args.size}^3 masks, spacing {' x '.join(map(str, SPACING))} mm",
-        "",
-        f"Command: `.venv/bin/python bench/bench_metrics.py --cases {n} --size {args.size}"
-        + (" --skip-medpy" if medpy is None else "") + (f" --out {args.out}" if args.out else "") + "`",
-        f"Date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}; host CPUs: {os.cpu_count()}; "
-        f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} (machine shared with other work)",
-        f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"monai {__import__('monai').__version__}, numpy {np.__version__}, scipy {__import__('scipy').__version__}"
-        + (f", medpy {__import__('importlib.metadata').metadata.version('medpy')}" if medpy is not None else ""),
-        f"Reference mask sizes: {min(voxels)} to {max(voxels)} voxels. NSD tolerance {args.tolerance_mm:g} mm.",
-        "",
-        "| method | computes | total s | s per case | vs MONAI |",
-        "| --- | --- | ---: | ---: | ---: |",
-    ]
-    for name, what, t in rows:
-        rel = "baseline" if t == base else (f"{base / t:.1f}x faster" if t < base else f"{t / base:.1f}x slower")
-        lines.append(f"| {name} | {what} | {t:.2f} | {t / n:.3f} | {rel} |")
-    lines += ["", "Agreement with resunet (largest relative difference over the cases):", ""]
-    for k, v in diffs.items():
-        if v:
-            lines.append(f"- {k.replace('_', ' ')}: {max(v):.2e}")
-    if medpy is not None:
-        lines.append("  (medpy's hd95 pools both directions before taking the 95th percentile, so it differs by "
-                     "definition; its assd matches.)")  # fmt: skip
-    lines.append("")
-    text = "\n".join(lines)
+    result = {
+        "cases": args.cases, "size": args.size, "tolerance_mm": args.tolerance_mm, "medpy": medpy is not None,
+        "out": str(args.out) if args.out else None,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cpus": os.cpu_count(),
+        "load_end": list(os.getloadavg()),
+        "versions": f"Python {platform.python_version()}, torch {torch.__version__}, "
+                    f"monai {__import__('monai').__version__}, numpy {np.__version__}, scipy {__import__('scipy').__version__}"
+                    + (f", medpy {__import__('importlib.metadata').metadata.version('medpy')}" if medpy is not None else ""),
+        "ref_voxels": [min(voxels), max(voxels)],
+        "total_s": {"resunet": times["resunet"], "folders": t_folder, "monai": times["monai"],
+                    **({"medpy": times["medpy"]} if medpy is not None else {})},
+        "max_rel_diff": {k: max(v) for k, v in diffs.items() if v},
+    }
+    text = render(result)
     print(text)
     if args.out:
+        from resunet.io.atomic import atomic_write_text
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.out, text)
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def render(r: dict) -> str:
+    """The whole results file for one run's ``r`` (what ``main`` stores in the ``.json``)."""
+    n = r["cases"]
+    t = r["total_s"]
+    rows = [
+        ("resunet `binary_metrics` (1 process, arrays in memory)", "dice, iou, precision, recall, hd95, assd, nsd, volumes", t["resunet"]),
+        ("resunet `evaluate_folders` (2 processes, reads the NIfTI files)", "the same + reading 2 files per case", t["folders"]),
+        ("MONAI 1.x metric functions (arrays in memory)", "hd95, assd, nsd, dice", t["monai"]),
+    ]
+    if r["medpy"]:
+        rows.append(("medpy `hd95` + `assd` + `dc` (arrays in memory)", "hd95 (pooled), assd, dice", t["medpy"]))
+    base = t["monai"]
+    lines = [
+        f"# Metrics benchmark: {n} cases of {r['size']}^3 masks, spacing {' x '.join(map(str, SPACING))} mm",
+        "",
+        "Written whole by `bench/bench_metrics.py --out`, its figures as data in the `.json` of the same name "
+        "(`--render JSON --out MD` rewrites this file from it).",
+        "",
+        f"Command: `.venv/bin/python bench/bench_metrics.py --cases {n} --size {r['size']}"
+        + ("" if r["medpy"] else " --skip-medpy") + (f" --out {r['out']}" if r["out"] else "") + "`",
+        f"Date (UTC): {r['date_utc']}; host CPUs: {r['cpus']}; "
+        f"load average at the end: {', '.join(f'{x:.1f}' for x in r['load_end'])} (machine shared with other work)",
+        r["versions"],
+        f"Reference mask sizes: {r['ref_voxels'][0]} to {r['ref_voxels'][1]} voxels. NSD tolerance {r['tolerance_mm']:g} mm.",
+        "",
+        "| method | computes | total s | s per case | vs MONAI |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, what, secs in rows:
+        rel = "baseline" if secs == base else (f"{base / secs:.1f}x faster" if secs < base else f"{secs / base:.1f}x slower")
+        lines.append(f"| {name} | {what} | {secs:.2f} | {secs / n:.3f} | {rel} |")
+    lines += ["", "Agreement with resunet (largest relative difference over the cases):", ""]
+    for k, v in r["max_rel_diff"].items():
+        lines.append(f"- {k.replace('_', ' ')}: {v:.2e}")
+    if r["medpy"]:
+        lines.append("  (medpy's hd95 pools both directions before taking the 95th percentile, so it differs by "
+                     "definition; its assd matches.)")  # fmt: skip
+    lines += ["", "Notes: all rows ran in the same process on the same masks, one after the other per case. The "
+              f"`evaluate_folders` row includes decompressing and reading the {2 * n} `.nii.gz` files and starting 2 worker "
+              "processes; the other rows start from arrays in memory.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

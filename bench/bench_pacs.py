@@ -1,7 +1,11 @@
 """Benchmark the PACS round trip (run by hand; both sides measured in the same run).
 
     .venv/bin/python bench/bench_pacs.py [--repeats 5] [--model resunet/data/model/brain_extraction.pt]
-        [--out bench/results/pacs.md]
+        [--out bench/results/pacs.md [--append]]
+    .venv/bin/python bench/bench_pacs.py --render bench/results/pacs.json --out bench/results/pacs.md
+
+``--out FILE.md`` writes the whole results file (every run in ``FILE.json``, this one replacing them
+unless ``--append``) and the JSON, both atomically; ``--render`` rewrites the Markdown from the JSON.
 
 Starts a real Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``, as the tests do) on loopback with
 the example DICOM study (91 slices, 91x109 pixels), loads the model once, and alternates:
@@ -10,9 +14,13 @@ the example DICOM study (91 slices, 91x109 pixels), loads the model once, and al
   i.e. what ``resunet predict FOLDER --format seg`` does after start-up;
 - **PACS round trip**: ``segment_from_pacs`` = WADO-RS pull of the study + the same ``run_batch`` +
   STOW-RS of the SEG into the study (what ``resunet predict --pacs URL --study UID`` does after start-up);
-- **DIMSE node**: Orthanc sends the study with C-STORE to a resunet ``DicomNode`` ("send to
-  modality"), which segments the complete series and C-STOREs the SEG back; timed from the send
-  request to the SEG's arrival, minus the node's settle time (the wait that declares a series complete).
+- **DIMSE C-GET** and **DIMSE C-MOVE**: ``segment_from_dimse`` = C-FIND (study, series) + C-GET (or
+  C-MOVE to our own Storage SCP) + the same ``run_batch`` + C-STORE of the SEG back (what
+  ``resunet predict --pacs dimse://AET@HOST:PORT --study UID --retrieve get|move`` does after start-up);
+- **DIMSE node**: Orthanc sends the study with C-STORE to a resunet ``StoreListener`` ("send to
+  modality"), whose callback runs ``segment_and_send`` on the complete series and C-STOREs the SEG
+  back (what the service's dicom-series jobs do); timed from the send request to the SEG's arrival,
+  minus the node's settle time (the wait that declares a series complete).
 
 with mirror TTA on (the CLI default) and off. Overhead = (round trip - segment alone) / segment
 alone, medians over the repeats. Goal: <= 25%. The machine is shared: the load average is printed.
@@ -41,7 +49,10 @@ from test_app_support import free_port  # noqa: E402
 from resunet.inference.batch import BatchOptions, run_batch  # noqa: E402
 from resunet.inference.cases import Case  # noqa: E402
 from resunet.inference.predictor import Predictor  # noqa: E402
-from resunet.pacs import Destination, DicomNode, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
+from resunet.pacs import Destination, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
+from resunet.pacs.dimse import StoreListener, send_files  # noqa: E402
+from resunet.pacs.dimse_qr import DimseSource, QueryConfig  # noqa: E402
+from resunet.pacs.segment import segment_and_send, segment_from_dimse  # noqa: E402
 
 EXAMPLE_DICOM = REPO / "resunet" / "data" / "example" / "colin27_t1_dicom"
 BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
@@ -62,8 +73,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--model", default=str(BUNDLED))
-    ap.add_argument("--out", default=None, help="write the Markdown table here too")
+    ap.add_argument("--out", type=Path, default=None, help="write the whole results file here (and its figures to the same name .json)")
+    ap.add_argument("--append", action="store_true", help="keep the earlier runs of the .json (default: this run replaces them)")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
     args = ap.parse_args()
+    if args.render:
+        if not args.out:
+            ap.error("--render needs --out")
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, render(json.loads(args.render.read_text())))
+        return 0
 
     import pydicom
     import torch
@@ -71,8 +91,10 @@ def main() -> int:
     study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
     work = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     load_start = loadavg()
-    node_port = free_port()
-    orthanc = start_orthanc(work / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", node_port)})
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    node_port, move_port = free_port(), free_port()
+    orthanc = start_orthanc(work / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", node_port),
+                                               "resunetqr": ("RESUNETQR", "127.0.0.1", move_port)})
     rows = []
     try:
         orthanc.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
@@ -80,16 +102,32 @@ def main() -> int:
                                                            method="POST"), timeout=30) as r:
             orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
         client = PacsClient(PacsConfig(orthanc.dicomweb))
+        source = DimseSource(ORTHANC_AET, "127.0.0.1", orthanc.port)
+        qr = {"get": QueryConfig(calling_aet="RESUNETQR", method="get"),
+              "move": QueryConfig(calling_aet="RESUNETQR", method="move", move_port=move_port)}
         local = work / "local" / EXAMPLE_DICOM.name
         shutil.copytree(EXAMPLE_DICOM, local)
         for tta in (True, False):
             predictor = Predictor(args.model, tta=tta)
             alone, trip, node_s = [], [], []
+            dimse_s: dict[str, list[float]] = {"get": [], "move": []}
             parts: dict[str, list[float]] = {"pull": [], "segment": [], "store": []}
             dest = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
             config = ListenerConfig(ae_title="RESUNET", port=node_port, incoming_dir=work / "incoming",
                                     settle_seconds=SETTLE_S)
-            with DicomNode(config, predictor, work / f"node-{tta}", destination=dest, audit_db=False) as node:
+            node_runs: list = []
+
+            def on_series(series, predictor=predictor, tta=tta, node_runs=node_runs):
+                out = work / f"node-{tta}-{len(node_runs)}"
+                node_runs.append(segment_and_send(
+                    series.study_uid, None, lambda files: send_files(files, dest, calling_aet="RESUNET"), predictor,
+                    BatchOptions(out_dir=out, formats=("seg",), progress=False, audit_db=False, resume=False,
+                                 series_uid=series.series_uid),
+                    source=f"C-STORE from {series.calling_aet}", folder=series.folder))
+
+            listener = StoreListener(config, on_series)
+            listener.start()
+            try:
                 for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
                     opts = dict(formats=("seg",), progress=False, audit_db=False, resume=False)
                     t0 = time.perf_counter()
@@ -98,60 +136,135 @@ def main() -> int:
                     t0 = time.perf_counter()
                     run = segment_from_pacs(client, study_uid, predictor, BatchOptions(out_dir=work / f"p{tta}{rep}", **opts))
                     t_trip = time.perf_counter() - t0
+                    t_dimse = {}
+                    for method, cfg in qr.items():
+                        t0 = time.perf_counter()
+                        segment_from_dimse(source, cfg, study_uid, predictor,
+                                           BatchOptions(out_dir=work / f"d{method}{tta}{rep}", **opts))
+                        t_dimse[method] = time.perf_counter() - t0
                     n_before = seg_count(orthanc, study_uid)
                     t0 = time.perf_counter()
                     req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(),
                                                  method="POST")
                     urllib.request.urlopen(req, timeout=300).read()
-                    node.wait_for(rep + 1, timeout=300)
-                    while seg_count(orthanc, study_uid) <= n_before and time.perf_counter() - t0 < 300:
+                    while (len(node_runs) < rep + 1 or seg_count(orthanc, study_uid) <= n_before) \
+                            and time.perf_counter() - t0 < 300:
                         time.sleep(0.05)
                     t_node = time.perf_counter() - t0 - SETTLE_S
-                    assert node.results[-1].error is None, node.results[-1].error
+                    if len(node_runs) < rep + 1:
+                        raise RuntimeError("the DICOM node did not segment the series sent to it within 300 s")
                     if rep == 0:
                         continue
                     alone.append(t_alone)
                     trip.append(t_trip)
                     node_s.append(t_node)
+                    for method in dimse_s:
+                        dimse_s[method].append(t_dimse[method])
                     for k in parts:
                         parts[k].append(run.timings.get(k, 0.0))
+            finally:
+                listener.stop()
             med = statistics.median
             rows.append({
                 "tta": "on (8 flips)" if tta else "off", "alone": med(alone), "trip": med(trip),
                 "pull": med(parts["pull"]), "segment": med(parts["segment"]), "store": med(parts["store"]),
+                "get": med(dimse_s["get"]), "move": med(dimse_s["move"]),
                 "node": med(node_s), "runs_alone": alone, "runs_trip": trip, "runs_node": node_s,
+                "runs_get": dimse_s["get"], "runs_move": dimse_s["move"],
             })
     finally:
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = [
-        "# PACS round trip (bench/bench_pacs.py)",
-        "",
-        f"Command: `.venv/bin/python bench/bench_pacs.py --repeats {args.repeats}" + (f" --out {args.out}`" if args.out else "`"),
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads, CPU; model {Path(args.model).name}; Orthanc 1.10 + DICOMweb plugin 1.7 on loopback; example "
-        f"study (91 MR slices of 91x109). Load average at start {load_start} (the machine is shared; 6 agents).",
-        "",
-        f"Medians of {args.repeats} repetitions after one warm-up, model loaded once (start-up excluded on both sides).",
-        "",
-        "| TTA | segment alone s (read + predict + write SEG) | PACS round trip s (pull + segment + STOW) | pull s | segment s | STOW s | overhead | DIMSE node s (C-STORE in, segment, C-STORE SEG out; settle excluded) | overhead |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
     for r in rows:
-        lines.append(
-            f"| {r['tta']} | {r['alone']:.2f} | {r['trip']:.2f} | {r['pull']:.2f} | {r['segment']:.2f} | {r['store']:.2f} "
-            f"| {100 * (r['trip'] - r['alone']) / r['alone']:+.0f}% | {r['node']:.2f} | {100 * (r['node'] - r['alone']) / r['alone']:+.0f}% |")
-    lines += ["", "All runs (s):", ""]
-    for r in rows:
-        lines.append(f"- TTA {r['tta']}: alone {', '.join(f'{x:.2f}' for x in r['runs_alone'])}; round trip "
-                     f"{', '.join(f'{x:.2f}' for x in r['runs_trip'])}; DIMSE node {', '.join(f'{x:.2f}' for x in r['runs_node'])}")
-    lines += ["", f"Load average at end: {loadavg()}", ""]
-    text = "\n".join(lines)
+        for k in ("trip", "node", "get", "move"):
+            r[f"overhead_{k}_pct"] = 100 * (r[k] - r["alone"]) / r["alone"]
+    run = {
+        "command": f".venv/bin/python bench/bench_pacs.py --repeats {args.repeats}"
+                   + (f" --out {args.out}" if args.out else "") + (" --append" if args.append else ""),
+        "started_utc": started, "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "model": Path(args.model).name, "load_start": load_start,
+        "load_end": loadavg(), "repeats": args.repeats, "rows": rows,
+    }
+    doc = {"runs": [run]}
+    if args.out and args.append and args.out.with_suffix(".json").exists():
+        doc = {"runs": json.loads(args.out.with_suffix(".json").read_text())["runs"] + [run]}
+    text = render(doc)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(doc, indent=1) + "\n")
+        atomic_write_text(args.out, text)
     return 0
+
+
+HEADER = """# PACS round trip (bench/bench_pacs.py)
+
+Written whole by `bench/bench_pacs.py --out bench/results/pacs.md`, every run's figures in
+`bench/results/pacs.json` (`--render bench/results/pacs.json --out bench/results/pacs.md` rewrites this
+file from it). Orthanc 1.10 + DICOMweb plugin 1.7 on loopback; the example study (91 MR slices of
+91x109); the model loaded once, start-up excluded on both sides; medians of the repetitions after one
+warm-up. Overhead = (round trip - segment alone) / segment alone, from the medians; the goal is at
+most +25%. The DIMSE node's time runs from Orthanc's send request to the SEG's arrival (Orthanc's own
+C-STORE job, the node writing each instance, the C-STORE of the SEG back), less the node's settle time.
+The C-GET and C-MOVE columns are `resunet predict --pacs dimse://...`'s step after start-up: C-FIND
+(study, series), the retrieve (C-MOVE to our own Storage SCP), the same segmentation, C-STORE of the SEG.
+"""
+
+
+def _overhead(r: dict, key: str) -> float:
+    """The overhead in %, as stored by the run (from unrounded medians), else from the rounded ones."""
+    stored = r.get(f"overhead_{key}_pct")
+    return stored if stored is not None else 100 * (r[key] - r["alone"]) / r["alone"]
+
+
+def render(doc: dict) -> str:
+    """The whole results file for ``doc`` (``{"runs": [run, ...]}``)."""
+    lines = [HEADER]
+    for k, run in enumerate(doc["runs"]):
+        when = f", {run['started_utc']} UTC" if run.get("started_utc") else ""
+        lines += [
+            f"## Run {k + 1}{when}", "",
+            f"Command: `{run['command']}`", "",
+            f"{run['machine']}, {run['cpus']} CPUs, torch {run['torch']} with {run['threads']} threads, CPU; model "
+            f"{run['model']}; {run['repeats']} repetitions. Load average at start {run['load_start']}, at end "
+            f"{run['load_end']}." + (f" {run['note']}" if run.get("note") else ""), "",
+            "| TTA | segment alone s (read + predict + write SEG) | DICOMweb round trip s (pull + segment + STOW) | pull s | segment s | STOW s | overhead | DIMSE C-FIND + C-GET + segment + C-STORE s | overhead | DIMSE C-FIND + C-MOVE + segment + C-STORE s | overhead | DIMSE node s (C-STORE in, segment, C-STORE SEG out; settle excluded) | overhead |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+
+        def dimse(r: dict, key: str) -> str:  # runs recorded before the C-GET/C-MOVE rows have none
+            return f"{r[key]:.2f} | {_overhead(r, key):+.0f}%" if key in r else "not measured | -"
+
+        for r in run["rows"]:
+            lines.append(
+                f"| {r['tta']} | {r['alone']:.2f} | {r['trip']:.2f} | {r['pull']:.2f} | {r['segment']:.2f} | {r['store']:.2f} "
+                f"| {_overhead(r, 'trip'):+.0f}% | {dimse(r, 'get')} | {dimse(r, 'move')} | {r['node']:.2f} | {_overhead(r, 'node'):+.0f}% |")
+        lines += ["", "All runs (s):", ""]
+        for r in run["rows"]:
+            extra = "".join(f"; {name} {', '.join(f'{x:.2f}' for x in r[key])}" for name, key in
+                            (("C-GET", "runs_get"), ("C-MOVE", "runs_move")) if key in r)
+            lines.append(f"- TTA {r['tta']}: alone {', '.join(f'{x:.2f}' for x in r['runs_alone'])}; DICOMweb round trip "
+                         f"{', '.join(f'{x:.2f}' for x in r['runs_trip'])}{extra}; DIMSE node "
+                         f"{', '.join(f'{x:.2f}' for x in r['runs_node'])}")
+        lines.append("")
+    lines += ["## Against the goal (from the tables above)", ""]
+    for tta in dict.fromkeys(r["tta"] for run in doc["runs"] for r in run["rows"]):
+        got = [(k + 1, r) for k, run in enumerate(doc["runs"]) for r in run["rows"] if r["tta"] == tta]
+        over = ", ".join(f"{_overhead(r, 'trip'):+.0f}% (run {k})" for k, r in got)
+        verdict = ("inside the +25% goal in every run" if all(_overhead(r, "trip") <= 25 for _, r in got)
+                   else "over the +25% goal in every run" if all(_overhead(r, "trip") > 25 for _, r in got)
+                   else "on both sides of the +25% goal")
+        pulls = [r["pull"] for _, r in got]
+        stows = [r["store"] for _, r in got]
+        qr = "".join(f"; DIMSE {name} " + ", ".join(f"{_overhead(r, key):+.0f}% (run {k})" for k, r in got if key in r)
+                     for name, key in (("C-GET", "get"), ("C-MOVE", "move")) if any(key in r for _, r in got))
+        lines.append(f"- TTA {tta}: DICOMweb round trip overhead {over}: {verdict}; pull {min(pulls):.2f}-{max(pulls):.2f} s, "
+                     f"STOW {min(stows):.2f}-{max(stows):.2f} s{qr}; DIMSE node "
+                     + ", ".join(f"{_overhead(r, 'node'):+.0f}% (run {k})" for k, r in got) + ".")
+    lines += ["", "Absolute times depend on the load in each run's header; compare columns within one run.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

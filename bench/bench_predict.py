@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -318,10 +319,20 @@ def main() -> int:
             lines += ["## 4. Memory on a big CT", ""]
             lines += section_memory(model, tmp) + [""]
     lines += [f"Load average at end: {loadavg()}", ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from resunet.io.atomic import atomic_write_text
+
+    # the sections other scripts write between <!-- name --> markers (bench_ensemble, bench_memory_format) stay
+    kept = marked_sections(out.read_text(encoding="utf-8")) if out.exists() else []
+    atomic_write_text(out, "\n".join(lines) + "".join("\n" + k + "\n" for k in kept))
     print("\n".join(lines))
     return 0
+
+
+def marked_sections(text: str) -> list[str]:
+    """The ``<!-- name -->`` ... ``<!-- /name -->`` blocks of ``text``, markers included, in order."""
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+) -->\n.*?<!-- /\1 -->", text, flags=re.S)]
 
 
 if __name__ == "__main__":

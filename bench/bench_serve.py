@@ -1,6 +1,8 @@
 """Warm `resunet serve` vs the `resunet predict` command on the example study (run by hand).
 
     .venv/bin/python bench/bench_serve.py [--requests 50] [--concurrency 1,4,8] [--tta] [--cli-runs 3]
+        [--out bench/results/serve.md]
+    .venv/bin/python bench/bench_serve.py --render bench/results/serve.json --out bench/results/serve.md
 
 What is measured, in one run on this machine:
 
@@ -15,12 +17,15 @@ What is measured, in one run on this machine:
   memory (VmRSS of the service process) every 0.25 s;
 - failed requests: any non-2xx answer or a job that did not end `done`.
 
-Prints Markdown tables (used for bench/results/serve.md) and the machine load (`uptime`).
+Prints the results (Markdown) and the machine load (`uptime`); ``--out FILE.md`` writes them as the
+whole results file and the figures to ``FILE.json``, atomically; ``--render`` rewrites the Markdown
+from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -58,7 +63,9 @@ def cli_runs(n: int, model: Path, tta: bool) -> list[float]:
     times = []
     for i in range(n):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [str(REPO / ".venv" / "bin" / "resunet") if (REPO / ".venv" / "bin" / "resunet").exists() else "resunet",
+            # the venv's `resunet` entry point beside this interpreter (a worktree may have no .venv of its own)
+            exe = Path(sys.executable).parent / "resunet"
+            cmd = [*([str(exe)] if exe.exists() else [sys.executable, "-m", "resunet"]),
                    "predict", str(EXAMPLE), "--out", out, "--model", str(model), "--tta" if tta else "--no-tta",
                    "--no-audit", "--no-progress"]
             t0 = time.perf_counter()
@@ -145,7 +152,18 @@ def main() -> int:
     ap.add_argument("--cli-runs", type=int, default=3, help="whole-command CLI runs (default 3)")
     ap.add_argument("--model", type=Path, default=BUNDLED)
     ap.add_argument("--state-dir", type=Path, default=None, help="service state folder (default a temp folder)")
+    ap.add_argument("--out", type=Path, help="write the whole results file here (and its figures to the same name .json)")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
     args = ap.parse_args()
+    if args.render:
+        if not args.out:
+            ap.error("--render needs --out")
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, render(json.loads(args.render.read_text())))
+        return 0
+    argv_text = " ".join(sys.argv[1:])
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     levels = [int(x) for x in args.concurrency.split(",")]
     body = EXAMPLE.read_bytes()
     tta_flag = "--tta" if args.tta else "--no-tta"
@@ -199,21 +217,59 @@ def main() -> int:
         svc.stop()
         tmp.cleanup()
 
-    cli_med = statistics.median(cli)
-    print()
-    print(f"CLI `resunet predict` whole command ({len(cli)} runs): median {cli_med:.2f} s "
-          f"(min {min(cli):.2f}, max {max(cli):.2f}); load after CLI runs: {load_cli}")
-    print()
-    print("| clients | requests ok | failed | p50 s | p95 s | mean s | CLI median / p50 | jobs/min | queue depth max (mean) | service RSS MB min-max |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['c']} | {r['n']} | {r['fails']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['mean']:.2f} | "
-              f"{cli_med / r['p50']:.1f}x | {r['thr']:.1f} | {r['depth_max']} ({r['depth_mean']:.1f}) | "
-              f"{r['rss_min']:.0f}-{r['rss_max']:.0f} |")
-    print()
-    for r in rows:
-        print(f"load after c={r['c']}: {r['load']}")
+    run = {
+        "command": f".venv/bin/python bench/bench_serve.py {argv_text}".strip(), "started_utc": started,
+        "finished_utc": time.strftime("%H:%M", time.gmtime()), "model": args.model.name, "tta": args.tta,
+        "cli_s": cli, "load_cli": load_cli, "ready_s": ready_s, "model_load_s": model_load,
+        "rows": [{**r, "ratio": statistics.median(cli) / r["p50"]} for r in rows],
+    }
+    text = render(run)
+    print(text)
+    if args.out:
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(run, indent=1) + "\n")
+        atomic_write_text(args.out, text)
     return 0
+
+
+GOAL = 5.0  # warm p50 at least this many times faster than a CLI call
+
+
+def render(run: dict) -> str:
+    """The whole results file for one run (what ``main`` stores in the ``.json``)."""
+    cli = run["cli_s"]
+    med = statistics.median(cli)
+    lines = [
+        "# `resunet serve`: warm-service latency vs the CLI (bench/bench_serve.py)", "",
+        "Written whole by `bench/bench_serve.py --out bench/results/serve.md`, figures in `bench/results/serve.json`",
+        "(`--render bench/results/serve.json --out bench/results/serve.md` rewrites this file from it). SIGKILL",
+        "faults: [serve_faults.md](serve_faults.md); hostile clients: `bench/serve_hostile.py` (writes serve_hostile.md).", "",
+        "CLI = wall time of the whole `resunet predict data/example/colin27_t1.nii.gz ... --no-audit --no-progress`",
+        "command (fresh process: imports, model load, read, predict, write). Service = one `resunet serve`",
+        "started once and warmed; C client threads on loopback each loop submit (multipart upload) -> poll",
+        "every 50 ms -> mask downloaded; latency per request. Queue depth (queued + running, from /metrics)",
+        "and the service's resident memory sampled every 0.25 s. Same settings in both: overlap 0.5,",
+        "sw-batch 2, CPU, torch's default threads, audit log off.", "",
+        f"## Run {run['started_utc']}-{run['finished_utc']} UTC", "",
+        f"Command: `{run['command']}`", "",
+        f"Model {run['model']}, TTA {'on' if run['tta'] else 'off'}. CLI whole command: "
+        f"{' / '.join(f'{x:.2f}' for x in cli)} s (median {med:.2f} s; load after the CLI runs {run['load_cli']}); "
+        f"service ready {run['ready_s']:.1f} s after start (model load + warm-up {run['model_load_s']:.1f} s)."
+        + (f" {run['note']}" if run.get("note") else ""), "",
+        "| clients | requests ok | failed | p50 s | p95 s | mean s | CLI median / p50 | jobs/min | queue depth max (mean) | service RSS MB min-max | load after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in run["rows"]:
+        lines.append(f"| {r['c']} | {r['n']} | {r['fails']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['mean']:.2f} | "
+                     f"{r['ratio']:.1f}x | {r['thr']:.1f} | {r['depth_max']} ({r['depth_mean']:.1f}) | "
+                     f"{r['rss_min']:.0f}-{r['rss_max']:.0f} | {r.get('load') or '-'} |")
+    met = [r["c"] for r in run["rows"] if r["ratio"] >= GOAL]
+    lines += ["", f"Goal (warm p50 at least {GOAL:g}x faster than a CLI call): "
+              + (f"met with {', '.join(map(str, met))} client(s)" if met else "not met") + "; "
+              + ", ".join(f"{r['ratio']:.1f}x with {r['c']}" for r in run["rows"])
+              + ". The service runs one job at a time, so with more clients the latency includes the queue wait.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,10 @@ def say(*lines: str) -> None:
     for ln in lines:
         print(ln, flush=True)
         OUT_LINES.append(ln)
-    if OUT_FILE:  # rewritten as it goes, so a run stopped at its time limit still leaves its results
-        OUT_FILE[0].write_text("\n".join(OUT_LINES) + "\n")
+    if OUT_FILE:  # rewritten (atomically) as it goes, so a run stopped at its time limit still leaves its results
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(OUT_FILE[0], "\n".join(OUT_LINES) + "\n")
 
 
 def section(title: str, fn: Callable[[], None]) -> None:

@@ -345,7 +345,9 @@ def main() -> int:
         lines.append(f"| {r['case']} | {r['status']} | {(r.get('reason') or '').replace(str(work), '…')[:200].replace('|', '/')} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    from resunet.io.atomic import atomic_write_text
+
+    atomic_write_text(args.out, text)
     return 0
 
 

@@ -2,10 +2,8 @@
 
 Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1, RescaleIntercept
 -1024), shuffled file names, 300 and 1000 slices, uncompressed (explicit VR little endian) and
-compressed with pydicom's encoders (JPEG 2000 lossless and 10:1 via pylibjpeg-openjpeg, JPEG-LS
-lossless and near-lossless via pyjpegls, RLE, deflate) or GDCM (python-gdcm: JPEG lossless SV1 and
-process 14, JPEG baseline on an 8-bit version). The table names the decoder resunet uses per
-syntax (resunet.dicom_decode.PREFERRED_PLUGIN). They are written once under ``/tmp/resunet-read-speed`` (several GB; reused by later
+compressed losslessly with pydicom's encoders (JPEG 2000 via pylibjpeg-openjpeg, JPEG-LS via
+pyjpegls, RLE). They are written once under ``/tmp/resunet-read-speed`` (several GB; reused by later
 runs; delete by hand). Every timing is a fresh read of a warm page cache, in this process:
 
 - ``resunet``: ``load_study(folder)`` (discovery + headers + pixels + geometry checks);
@@ -18,14 +16,26 @@ runs; delete by hand). Every timing is a fresh read of a warm page cache, in thi
   Debian build has no JPEG-LS decoder).
 
 The voxels and geometry of resunet and SimpleITK are compared on every series (equal values,
-corners within 1e-3 mm). Run by hand (minutes; nothing else heavy should run):
-``nice -n 5 .venv/bin/python bench/io_read_speed.py [--sizes 300 1000] [--syntaxes raw j2k jls ...] [--repeat 3]``.
+corners within 1e-3 mm). Run by hand (minutes; nothing else heavy should run)::
+
+    nice -n 5 .venv/bin/python bench/io_read_speed.py --sizes 300 1000 --syntaxes raw --repeat 7 --out bench/results/io.md
+    nice -n 5 .venv/bin/python bench/io_read_speed.py --sizes 300 1000 --syntaxes jls j2k rle --repeat 3 --out bench/results/io.md
+    .venv/bin/python bench/io_read_speed.py --render bench/results/io.json --out bench/results/io.md
+
+Every repetition's time is kept; the results file gives each reader's median (min-max) and the
+resunet / SimpleITK ratio of each repetition (median, min-max: the readers alternate, so both see the
+same load), and says "faster" only where every repetition agrees. ``--out FILE.md`` merges this run's
+rows into ``FILE.json`` (a row per series and size, each with its command, time and load) and writes
+the whole Markdown file from it, both atomically; ``--render`` rewrites the Markdown from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
 import logging
+import statistics
 import os
 import random
 import shutil
@@ -59,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from io_helpers import compare_with_sitk  # noqa: E402
 
-from resunet.dicom_decode import decoder_plugin  # noqa: E402
+from resunet.dicom_decode import PREFERRED_PLUGIN  # noqa: E402
 from resunet.io import load_study  # noqa: E402
 
 ROOT = Path("/tmp/resunet-read-speed")
@@ -73,6 +83,13 @@ NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "j2k-lossy": "JPEG 
 #: syntaxes pydicom cannot encode: written uncompressed, then re-encoded by GDCM (python-gdcm)
 GDCM_ENCODED = {"jpeg-sv1": "JPEGLosslessProcess14_1", "jpeg-14": "JPEGLosslessProcess14",
                 "jpeg-baseline": "JPEGBaselineProcess1"}
+
+
+def decoder_name(syntax: str) -> str:
+    """The decoder resunet uses for ``syntax`` in its decode worker processes (resunet.dicom_decode)."""
+    if syntax == "raw":
+        return "read in place"
+    return PREFERRED_PLUGIN.get(str(SYNTAXES[syntax]), "pydicom")
 
 
 def gdcm_transcode(path: Path, syntax: str) -> None:
@@ -208,16 +225,28 @@ def best_of(fn, repeat: int) -> tuple[float, list[float], object]:
     return min(times), times, result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[300, 1000])
     parser.add_argument("--syntaxes", nargs="+", default=list(SYNTAXES), choices=list(SYNTAXES))
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--repeat", type=int, default=7, help="repetitions per reader (alternating); all are kept")
+    parser.add_argument("--out", type=Path, help="merge the rows into the .json of this name and write this results file whole")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        if not args.out:
+            parser.error("--render needs --out")
+        write_results(json.loads(args.render.read_text()), args.out, json_too=False)
+        return
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
+    versions = f"SimpleITK {sitk.Version.VersionString()}, pydicom {pydicom.__version__}"
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min), "
-          f"{os.cpu_count()} CPUs; SimpleITK {sitk.Version.VersionString()}, pydicom {pydicom.__version__}")
+          f"{os.cpu_count()} CPUs; {versions}")
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    run = {"command": f".venv/bin/python bench/io_read_speed.py {argv_text}".strip(),
+           "started_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+           "load_start": os.getloadavg()[0], "cpus": os.cpu_count(), "versions": versions}
     rows = []
     for syntax in args.syntaxes:
         for n in args.sizes:
@@ -240,31 +269,129 @@ def main() -> None:
                 if syntax == "raw":  # compressed: decoding dominates, the file listing is negligible
                     t, _, _ = best_of(lambda: sitk_execute(files), 1)
                     exec_times.append(t)
-            t_sitk, t_ours = min(sitk_times), min(our_times)
-            t_exec = min(exec_times) if exec_times else None
             same, dist, _ = compare_with_sitk(vol, img)
             t_d2n = dcm2niix_read(folder)
             del img, vol
-            plugin = decoder_plugin(SYNTAXES[syntax]) or ("in place" if syntax == "raw" else "pydicom")
-            rows.append((NAMES[syntax], n, size_mb, t_ours, t_sitk, t_exec, t_d2n, same, dist, plugin))
-            print(
-                f"{NAMES[syntax]:>20} {n:5d} slices {size_mb:7.0f} MB: resunet {t_ours:.3f} s"
-                f" ({' '.join(f'{t:.2f}' for t in our_times)}), SimpleITK {t_sitk:.3f} s"
-                f" ({' '.join(f'{t:.2f}' for t in sitk_times)}), ratio {t_ours / t_sitk:.2f},"
-                + (f" SimpleITK Execute only {t_exec:.3f} s (ratio {t_ours / t_exec:.2f})," if t_exec else "") +
-                f" dcm2niix {t_d2n}; voxels {'equal' if same else 'DIFFER'},"
-                f" corners {dist:.1e} mm; load {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
-    print()
-    print("| series | slices | MB | resunet decoder | resunet s | SimpleITK s (folder) | ratio |"
-          " SimpleITK s (Execute, list given) | ratio | dcm2niix s | voxels, corners |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, n, mb, t_o, t_s, t_e, t_d, same, dist, plugin in rows:
-        exe = f"{t_e:.2f} | {t_o / t_e:.2f}" if t_e else "- | -"
-        print(f"| {name} | {n} | {mb:.0f} | {plugin} | {t_o:.2f} | {t_s:.2f} | {t_o / t_s:.2f} | {exe} |"
-              f" {t_d} | {'equal' if same else 'DIFFER'}, {dist:.1e} mm |")
-    print(f"\nload after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+            row = {"series": NAMES[syntax], "decoder": decoder_name(syntax), "slices": n, "mb": size_mb, "resunet_s": our_times,
+                   "sitk_folder_s": sitk_times, "sitk_execute_s": exec_times or None, "dcm2niix": t_d2n,
+                   "voxels_equal": bool(same), "corners_mm": float(dist), "load": os.getloadavg()[0]}
+            rows.append(row)
+            print(_row(row, "-"), flush=True)
+    run["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M")
+    run["load_end"] = os.getloadavg()[0]
+    if args.out:
+        doc = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").exists() else {"runs": [], "rows": []}
+        doc = merge(doc, run, rows)
+        write_results(doc, args.out)
+        print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    else:
+        print(render(merge({"runs": [], "rows": []}, run, rows)))
+
+
+def merge(doc: dict, run: dict, rows: list[dict]) -> dict:
+    """``doc`` with ``rows`` (of ``run``) replacing the rows of the same series and size; runs no row
+    refers to any more are dropped."""
+    runs = list(doc["runs"]) + [run]
+    rid = len(runs) - 1
+    keep = [r for r in doc["rows"] if (r["series"], r["slices"]) not in {(x["series"], x["slices"]) for x in rows}]
+    new = keep + [{**r, "run": rid} for r in rows]
+    used = sorted({r["run"] for r in new})
+    renum = {old: k for k, old in enumerate(used)}
+    order = {name: k for k, name in enumerate(NAMES.values())}
+    new = sorted(({**r, "run": renum[r["run"]]} for r in new), key=lambda r: (order.get(r["series"], 99), r["slices"]))
+    return {"runs": [runs[i] for i in used], "rows": new}
+
+
+def write_results(doc: dict, out: Path, json_too: bool = True) -> None:
+    from resunet.io.atomic import atomic_write_text
+
+    if json_too:
+        atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(out, render(doc))
+
+
+HEADER = """# DICOM series reading speed: resunet vs SimpleITK (and dcm2niix)
+
+Written whole by `bench/io_read_speed.py --out bench/results/io.md` (its figures as data in
+`bench/results/io.json`, one row per series and size, each from the run named in its last column;
+`.venv/bin/python bench/io_read_speed.py --render bench/results/io.json --out bench/results/io.md`
+rewrites this file from the JSON).
+
+Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1, RescaleIntercept
+-1024), shuffled file names, in `/tmp/resunet-read-speed`; compressed with pydicom's encoders
+(JPEG 2000 lossless and 10:1, JPEG-LS lossless and near-lossless, RLE, deflate) or GDCM (JPEG
+lossless SV1 and process 14, JPEG baseline on an 8-bit copy). "resunet decoder": the plugin resunet's
+decode worker processes use for the syntax (resunet.dicom_decode.PREFERRED_PLUGIN; the calling
+process, which decodes too, uses pylibjpeg where that is GDCM: bench/results/io_decoders.md). Each
+reader reads the whole folder from a warm page cache, in the same process, the readers alternating
+in each repetition.
+
+- **resunet**: `load_study(folder)`: discovery, header scan, slice sorting and geometry checks, pixels.
+- **SimpleITK (folder)**: `ImageSeriesReader.GetGDCMSeriesFileNames(folder)` (reads and sorts the
+  headers) + `ImageSeriesReader.Execute()`. **SimpleITK (Execute)**: `Execute()` alone on the
+  already sorted file list (uncompressed rows; stricter: resunet's time includes finding and sorting
+  the files).
+- **dcm2niix** (if installed): `dcm2niix -z n` writing an uncompressed NIfTI (another process, and
+  it writes a file: listed for scale only, one run).
+
+Times: median (min-max) over the repetitions, seconds. Ratio: resunet / SimpleITK of each
+repetition, median (min-max); below 1 resunet is faster. "Verdict" says faster only where every
+repetition agrees; one repetition is not enough to say either. "voxels, corners": resunet's volume
+against SimpleITK's (values equal; the largest distance of the eight outer voxel corners).
+"""
+
+
+def _spread(ts: list[float] | None) -> str:
+    if not ts:
+        return "-"
+    if len(ts) == 1:
+        return f"{ts[0]:.2f}"
+    return f"{statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f})"
+
+
+def _ratio(ours: list[float] | None, theirs: list[float] | None) -> tuple[str, str]:
+    if not ours or not theirs:
+        return "-", "-"
+    rs = [a / b for a, b in zip(ours, theirs)]
+    text = f"{rs[0]:.2f}" if len(rs) == 1 else f"{statistics.median(rs):.2f} ({min(rs):.2f}-{max(rs):.2f})"
+    if len(rs) < 3:
+        verdict = f"{len(rs)} repetition{'s' if len(rs) > 1 else ''}: not enough"
+    elif max(rs) < 1:
+        verdict = f"resunet faster in all {len(rs)}"
+    elif min(rs) > 1:
+        verdict = f"SimpleITK faster in all {len(rs)}"
+    else:
+        verdict = f"within the spread ({len(rs)} repetitions)"
+    return text, verdict
+
+
+def _row(r: dict, run: str) -> str:
+    if r.get("pending"):
+        return f"| {r['series']} | {r['slices']} | pending: {r['pending']} |||||||||| {run} |"
+    ratio, verdict = _ratio(r["resunet_s"], r["sitk_folder_s"])
+    eratio, _ = _ratio(r["resunet_s"], r["sitk_execute_s"])
+    check = f"{'equal' if r['voxels_equal'] else 'DIFFER'}, {r['corners_mm']:.1e} mm"
+    return (f"| {r['series']} | {r['slices']} | {r['mb']:.0f} | {r.get('decoder', '-')} | {_spread(r['resunet_s'])} "
+            f"| {_spread(r['sitk_folder_s'])} "
+            f"| {ratio} | {verdict} | {_spread(r['sitk_execute_s'])} | {eratio} | {r['dcm2niix']} | {check} | {run} |")
+
+
+def render(doc: dict) -> str:
+    """The whole results file for ``doc`` (``{"runs": [...], "rows": [...]}``)."""
+    lines = [HEADER, "| series | slices | MB | resunet decoder | resunet s | SimpleITK s (folder) | resunet / SimpleITK | verdict "
+             "| SimpleITK s (Execute, list given) | resunet / SimpleITK Execute | dcm2niix s | voxels, corners | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [_row(r, f"run {r['run'] + 1}" if r.get("run") is not None else "-") for r in doc["rows"]]
+    lines += ["", "## Runs", ""]
+    for k, run in enumerate(doc["runs"]):
+        load = f"load average {run['load_start']:.1f} at the start, {run['load_end']:.1f} at the end" \
+            if run.get("load_start") is not None else f"load average {run['load']}"
+        lines.append(f"{k + 1}. `{run['command']}`: {run['started_utc']}-{run['finished_utc']} UTC, {run['cpus']} CPUs, "
+                     f"{load}; {run['versions']}." + (f" {run['note']}" if run.get("note") else ""))
+    pending = [r for r in doc["rows"] if r.get("pending")]
+    if pending:
+        lines += ["", "Pending rows: run their command on an idle machine (`--out bench/results/io.md` merges the rows in)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

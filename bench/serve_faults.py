@@ -1,6 +1,8 @@
 """Fault run of `resunet serve`: N jobs while the service is SIGKILLed K times and restarted (run by hand).
 
     .venv/bin/python bench/serve_faults.py [--jobs 50] [--kills 3] [--tta] [--tiny | --model M]
+        [--out bench/results/serve_faults.md]
+    .venv/bin/python bench/serve_faults.py --render bench/results/serve_faults.json --out bench/results/serve_faults.md
 
 - one service (bundled model unless --model; audit log on, in a temp file) on loopback;
 - a submitter thread sends the example NIfTI `--jobs` times, one after another; a submit that gets
@@ -13,14 +15,18 @@
   done at the end (or missing), done twice = more than one `done` event for a job, audit rows per
   job, jobs the database holds that no client got a 202 for (the kill fell between commit and answer).
 
-Prints a Markdown table (used for bench/results/serve.md) and the machine load (`uptime`).
+Prints the results (Markdown) and the machine load (`uptime`); ``--out FILE.md`` writes them as the
+whole results file and the figures to ``FILE.json``, atomically; ``--render`` rewrites the Markdown
+from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sqlite3
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +46,18 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=BUNDLED)
     ap.add_argument("--tiny", action="store_true",
                     help="use the tests' tiny untrained checkpoint (jobs of ~1 s: the run measures the queue, not the model)")
+    ap.add_argument("--out", type=Path, help="write the whole results file here (and its figures to the same name .json)")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
     args = ap.parse_args()
+    if args.render:
+        if not args.out:
+            ap.error("--render needs --out")
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, render(json.loads(args.render.read_text())))
+        return 0
+    argv_text = " ".join(sys.argv[1:])
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     print(f"load before: {uptime()}", flush=True)
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
@@ -153,21 +170,51 @@ def main() -> int:
     audit_twice = sum(n > 1 for n in audit_rows.values())
     up = probes["up"] / max(1, probes["up"] + probes["down"])
     chain = verify_log(audit)
-    print()
-    print(f"{args.jobs} jobs, {args.kills} SIGKILLs, TTA {'on' if args.tta else 'off'}, model {args.model.name}; "
-          f"wall {wall:.0f} s; load after: {uptime()}")
-    print()
-    print("| accepted (202) | finished done | failed | lost | done twice | redone after a kill | in DB without a 202 "
-          "| audit rows exactly once | audit rows twice | audit chain | /healthz uptime | submit retries |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {len(acc)} | {finished} | {failed} | {lost} | {twice} | {redone} | {unknown} | {audit_once}/{len(acc)} | "
-          f"{audit_twice} | {'intact' if not chain else chain[0]} | {100 * up:.1f}% ({probes['up']}/{probes['up'] + probes['down']} probes) "
-          f"| {submit_retries[0]} |")
-    print()
-    for i, k in enumerate(kills_done, 1):
-        print(f"kill {i}: at {k['at_s']:.0f} s, queue {k['queue']}, restart to ready {k['restart_s']:.1f} s")
+    run = {
+        "command": f".venv/bin/python bench/serve_faults.py {argv_text}".strip(), "started_utc": started,
+        "finished_utc": time.strftime("%H:%M", time.gmtime()), "jobs": args.jobs, "kills": args.kills, "tta": args.tta,
+        "model": "the tests' tiny checkpoint" if args.tiny else args.model.name, "wall_s": wall, "load_after": uptime(),
+        "accepted": len(acc), "done": finished, "failed": failed, "lost": lost, "twice": twice, "redone": redone,
+        "unknown": unknown, "audit_once": audit_once, "audit_twice": audit_twice,
+        "chain": "intact" if not chain else str(chain[0]), "probes_up": probes["up"],
+        "probes_all": probes["up"] + probes["down"], "submit_retries": submit_retries[0], "kill_log": kills_done,
+    }
+    text = render(run)
+    print(text)
+    if args.out:
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(run, indent=1) + "\n")
+        atomic_write_text(args.out, text)
     tmp.cleanup()
     return 0 if lost == 0 and twice == 0 else 1
+
+
+def render(run: dict) -> str:
+    """The whole results file for one run (what ``main`` stores in the ``.json``)."""
+    up = 100 * run["probes_up"] / max(1, run["probes_all"])
+    lines = [
+        "# `resunet serve` under SIGKILL: jobs accepted, finished, lost (bench/serve_faults.py)", "",
+        "Written whole by `bench/serve_faults.py --out bench/results/serve_faults.md`, figures in",
+        "`bench/results/serve_faults.json` (`--render` rewrites this file from it). A submitter sends the example",
+        "NIfTI N times (a submit without a 202 is retried); the service is SIGKILLed while a job is being",
+        "segmented (claimed at least 0.5 s before) and restarted at once on the same state folder; /healthz is",
+        "probed every 0.2 s. Lost = accepted but not done at the end; done twice = more than one `done` event.", "",
+        f"## Run {run['started_utc']}-{run['finished_utc']} UTC" if run.get("finished_utc") else f"## Run {run['started_utc']} UTC", "",
+        f"Command: `{run['command']}`", "",
+        f"{run['jobs']} jobs, {run['kills']} SIGKILLs, TTA {'on' if run['tta'] else 'off'}, model {run['model']}, audit log on; "
+        f"wall {run['wall_s']:.0f} s; load after: {run['load_after']}." + (f" {run['note']}" if run.get("note") else ""), "",
+        "| accepted (202) | finished done | failed | lost | done twice | redone after a kill | in DB without a 202 "
+        "| audit rows exactly once | audit rows twice | audit chain | /healthz uptime | submit retries |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| {run['accepted']} | {run['done']} | {run['failed']} | {run['lost']} | {run['twice']} | {run['redone']} | "
+        f"{run['unknown']} | {run['audit_once']}/{run['accepted']} | {run['audit_twice']} | {run['chain']} | "
+        f"{up:.1f}% ({run['probes_up']}/{run['probes_all']} probes) | {run['submit_retries']} |", "",
+    ]
+    for i, k in enumerate(run["kill_log"], 1):
+        lines.append(f"kill {i}: at {k['at_s']:.0f} s, queue {k['queue']}, restart to ready {k['restart_s']:.1f} s")
+    lines += ["", "/healthz uptime counts the restart gaps (the service is down from each kill until it is ready again).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

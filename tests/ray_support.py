@@ -139,6 +139,10 @@ class RayCluster:
         assert len(pids) == 1, f"raylet of {node}: {pids}"
         return pids[0]
 
+    def busy_workers(self, node: str, task_name: str) -> list[int]:
+        """Pids of the node's worker processes running a task named ``task_name`` now (Ray's process title)."""
+        return [p for p in _marked_pids(f"{self.id}:{node}") if _cmdline(p).startswith(f"ray::{task_name}")]
+
     def kill_node(self, node: str) -> None:
         """SIGKILL the node's raylet (its workers then exit on their own)."""
         os.kill(self.raylet_pid(node), signal.SIGKILL)

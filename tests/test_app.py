@@ -37,6 +37,19 @@ from resunet.io import load_study
 from resunet.reports.audit import read_runs
 
 
+@pytest.fixture(autouse=True)
+def _loopback_address():
+    """The page bound to 127.0.0.1, as `resunet app` starts it: AppTest reads no settings file (the page's
+    settings moved into the package), and an unset server.address means every interface, which the page
+    refuses without a login."""
+    from streamlit import config
+
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", old)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("models")
@@ -98,6 +111,11 @@ def test_example_study_shows_three_views_volumes_and_downloads(app, tmp_path):
     caption = " ".join(c.value for c in at.caption)
     assert result.model_sha256[:12] in caption and result.input_sha256[:12] in caption
     assert result.prediction.passes == 1 and "test-time augmentation off" in caption
+    # issue 25 point 4: the modality from the model when the NIfTI file does not say; which time is which
+    assert "modality unknown" not in caption and "T1 MRI (the file does not say" in caption, caption
+    assert f"model run {result.seconds:.1f} s" in caption
+    assert result.wait_s is not None and result.wait_s >= result.seconds
+    assert f"({result.wait_s:.1f} s in all from the study's arrival to these views)" in caption
     # the mask download is a NIfTI label map on exactly the input's grid
     assert [b.label for b in at.get("download_button")] == ["Download mask.nii.gz"]
     data, _mime = result.downloads["mask"]["mask.nii.gz"]
@@ -312,3 +330,18 @@ def test_missing_model_folder_is_explained(tmp_path, monkeypatch):
     at.button(key="example").click().run()
     assert not at.exception
     assert len(at.get("image")) == 3
+
+
+def test_metric_abbreviations_are_explained_beside_the_table(app):
+    """Issue 25 point 4: HD95, ASSD and NSD@2mm have their one-line meaning under the metrics table (not only
+    in the collapsed definitions) and as the columns' help."""
+    at = app
+    at.button(key="example").click().run()
+    at.checkbox(key="use_example_ref").check().run()
+    assert not at.exception, at.exception
+    assert _errors(at) == []
+    _table(at, "HD95 (mm)")
+    shown = "\n".join(m.value for m in at.markdown)
+    assert "**HD95**: 95th-percentile distance between the two outlines, mm" in shown, shown
+    assert "**ASSD**: average distance between the two outlines, mm" in shown
+    assert "**NSD@2mm**: share of both outlines lying within 2 mm of the other" in shown

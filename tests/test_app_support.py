@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import zipfile
@@ -28,6 +27,25 @@ APP_SCRIPT = app_script()
 EXAMPLE_MASK = EXAMPLE_BRAINMASK
 BUNDLED_MODEL = MODEL_DIR / "brain_extraction.pt"
 __all__ = ["APP_SCRIPT", "EXAMPLE_T1", "EXAMPLE_MASK", "EXAMPLE_DICOM", "BUNDLED_MODEL", "REPO"]
+
+
+def apply_page_settings() -> None:
+    """Set the page's shipped Streamlit settings (``resunet/webui/streamlit_config.toml``) in this process.
+
+    ``resunet app`` passes them on Streamlit's command line; ``AppTest`` runs the page in-process, where
+    only ``streamlit.config`` counts (server.address 127.0.0.1 among them: without it the page refuses
+    to open on every interface with no login)."""
+    import tomllib
+
+    from streamlit import config
+
+    text = (APP_SCRIPT.parent / "streamlit_config.toml").read_text(encoding="utf-8")
+    for section, values in tomllib.loads(text).items():
+        for key, value in values.items():
+            config.set_option(f"{section}.{key}", value)
+
+
+apply_page_settings()
 #: Identifiers written into the second series of :func:`two_series_zip` (must never reach a log).
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-7731-XQ"

@@ -234,6 +234,15 @@ def test_resunet_app_binds_to_localhost_by_default():
     assert env["RESUNET_APP_MAX_UPLOAD_MB"] == "50"
     assert os.path.isabs(env["RESUNET_APP_MODEL_DIR"])
     assert app_script().is_file()
+    # the page's shipped Streamlit settings ride on the command line (any working directory), once each
+    flags = [c for c in cmd[5:] if c.startswith("--")]
+    assert len(flags) == len(set(flags)) and len(cmd[5:]) == 2 * len(flags)
+    for flag, value in [("--server.showEmailPrompt", "false"), ("--server.disconnectedSessionTTL", "120"),
+                        ("--client.showErrorDetails", "none"), ("--runner.magicEnabled", "false")]:
+        assert cmd[cmd.index(flag) + 1] == value
+    # Streamlit's "install agent skills" toast and console advert stay off (issue 25 point 2; the browser
+    # test checks the page itself)
+    assert cmd[cmd.index("--logger.hideWelcomeMessage") + 1] == "true"
 
 
 def test_resunet_app_serves_on_a_fresh_machine_without_asking_anything(tmp_path):
@@ -279,3 +288,30 @@ def test_resunet_app_hash_password_prints_a_secrets_line(monkeypatch, capsys):
     assert out[0] == "[resunet]"
     key, _, value = out[1].partition(" = ")
     assert key == "password_hash" and verify_password("pa55 word", value.strip('"'))
+
+
+def test_top_level_launcher_runs_the_packaged_page(tmp_path, monkeypatch):
+    # app/webui.py (the design card's top-level app/) is a few lines that run resunet.webui's page
+    from test_app_support import REPO
+
+    launcher = REPO / "app" / "webui.py"
+    assert len(launcher.read_text().splitlines()) < 15
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    at = AppTest.from_file(str(launcher), default_timeout=120).run()
+    assert not at.exception
+    assert at.file_uploader(key="upload") is not None and at.button(key="example") is not None
+
+
+def test_newest_upload_wins():
+    """Issue 25 point 3: the uploader keeps every file dropped on it; the page takes the files that are new
+    since its last run (one NIfTI, one zip or one drop of DICOM files), or what is left after a removal."""
+    from types import SimpleNamespace as F
+
+    from resunet.webui.inputs import newest_upload
+
+    first, second = F(file_id="a", name="colin27_t1.nii.gz"), F(file_id="b", name="second.nii.gz")
+    assert newest_upload([first], set()) == [first]
+    assert newest_upload([first, second], {"a"}) == [second]
+    dicoms = [F(file_id=f"d{i}", name=f"IM{i}.dcm") for i in range(3)]
+    assert newest_upload([first, *dicoms], {"a"}) == dicoms  # one drop of several DICOM files
+    assert newest_upload([first], {"a", "b"}) == [first]  # the newest was removed with its x: the rest

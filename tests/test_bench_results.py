@@ -25,6 +25,8 @@ def bench_module(name: str):
     """Import ``bench/<name>.py`` (not a package) under its own name."""
     if name in sys.modules:
         return sys.modules[name]
+    if str(REPO / "bench") not in sys.path:  # bench scripts import each other (serve_faults -> bench_serve)
+        sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -32,7 +34,9 @@ def bench_module(name: str):
     return mod
 
 
-@pytest.mark.parametrize("script, stem", [("bench_nets", "nets")])
+@pytest.mark.parametrize("script, stem", [("bench_nets", "nets"), ("io_read_speed", "io"), ("bench_metrics", "metrics"),
+                                          ("bench_pacs", "pacs"), ("bench_serve", "serve"), ("serve_faults", "serve_faults"),
+                                          ("bench_memory", "memory")])
 def test_results_file_is_the_scripts_rendering_of_its_json(script, stem):
     mod = bench_module(script)
     doc = json.loads((RESULTS / f"{stem}.json").read_text())
@@ -96,3 +100,55 @@ def test_readme_headline_is_the_like_for_like_figure_of_nets_md():
     assert got, "README's cpu-preset headline changed: keep it the like-for-like figure of bench/results/nets.md"
     pairs = _pair_lines((RESULTS / "nets.md").read_text().split("## Earlier run")[0])
     assert pairs[("cpu", "monai_unet")][5] == f"{got.group(1)}x"
+
+
+def _io_row(series: str, n: int, ours: list[float], theirs: list[float]) -> dict:
+    return {"series": series, "slices": n, "mb": 1.0, "resunet_s": ours, "sitk_folder_s": theirs,
+            "sitk_execute_s": None, "dcm2niix": "-", "voxels_equal": True, "corners_mm": 0.0, "load": 0.1}
+
+
+def _io_run(cmd: str) -> dict:
+    return {"command": cmd, "started_utc": "2026-01-01 00:00", "finished_utc": "00:10", "cpus": 2,
+            "load_start": 0.1, "load_end": 0.2, "versions": "v"}
+
+
+def test_io_reports_median_and_spread_and_says_faster_only_when_every_repetition_agrees():
+    mod = bench_module("io_read_speed")
+    empty = {"runs": [], "rows": []}
+    # resunet faster in the median but not in every repetition: "within the spread", never "faster"
+    doc = mod.merge(empty, _io_run("a"), [_io_row("uncompressed", 300, [0.8, 0.9, 1.3], [1.0, 1.0, 1.0])])
+    text = mod.render(doc)
+    assert "| uncompressed | 300 | 1 | 0.90 (0.80-1.30) | 1.00 (1.00-1.00) | 0.90 (0.80-1.30) | within the spread (3 repetitions) |" in text
+    doc = mod.merge(doc, _io_run("b"), [_io_row("uncompressed", 1000, [0.5, 0.6, 0.7], [1.0, 1.0, 1.0])])
+    assert "| 0.60 (0.50-0.70) | resunet faster in all 3 |" in mod.render(doc)
+    doc = mod.merge(doc, _io_run("c"), [_io_row("RLE lossless", 300, [2.0], [1.0])])
+    assert "| 2.00 | 1 repetition: not enough |" in mod.render(doc)
+    # a rerun of a row replaces it, and a run no row refers to any more is dropped
+    doc = mod.merge(doc, _io_run("d"), [_io_row("uncompressed", 300, [1.5, 1.6, 1.7], [1.0, 1.0, 1.0])])
+    assert [r["command"] for r in doc["runs"]] == ["b", "c", "d"]
+    assert [(r["series"], r["slices"], r["run"]) for r in doc["rows"]] == [
+        ("uncompressed", 300, 2), ("uncompressed", 1000, 0), ("RLE lossless", 300, 1)]
+    assert "| SimpleITK faster in all 3 | - | - | - | equal, 0.0e+00 mm | run 3 |" in mod.render(doc)
+
+
+def test_readme_and_docs_say_faster_than_simpleitk_only_where_io_md_does():
+    """No "uncompressed ... faster than SimpleITK" while io.md's uncompressed rows do not say so."""
+    io_md = (RESULTS / "io.md").read_text()
+    uncompressed = [line for line in io_md.splitlines() if line.startswith("| uncompressed |")]
+    assert len(uncompressed) == 2
+    supported = all("resunet faster in all" in line for line in uncompressed)
+    for doc in (REPO / "README.md", REPO / "docs" / "io.md"):
+        text = " ".join(doc.read_text().split())
+        claims = re.findall(r"uncompressed[^.]{0,60}faster than SimpleITK", text)
+        assert supported or not claims, (doc, claims)
+
+
+def test_bench_predict_keeps_the_other_scripts_sections_and_predict_md_is_that_shape():
+    """predict.md = bench_predict.py's own part + the marked sections of bench_ensemble.py and
+    bench_memory_format.py, nothing hand-written between them; a rerun of bench_predict keeps them."""
+    mod = bench_module("bench_predict")
+    text = (RESULTS / "predict.md").read_text()
+    kept = mod.marked_sections(text)
+    assert [k.splitlines()[0] for k in kept] == ["<!-- ensemble -->", "<!-- memory-format -->"]
+    own = text[: text.index("<!-- ensemble -->")].removesuffix("\n")
+    assert own + "".join("\n" + k + "\n" for k in kept) == text

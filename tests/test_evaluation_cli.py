@@ -166,3 +166,62 @@ def test_bad_case_in_process_pool_is_one_line(folders, capsys):
             "--audit-db", str(folders / "db"), "--workers", "2"]  # fmt: skip
     assert main(args) == 2
     assert "b.nii.gz" in _err_line(capsys)
+
+
+def test_a_scan_given_as_the_reference_is_refused(tmp_path, capsys):
+    """Issue 25 point 7: `--gt data/example` holds the T1 scan under the prediction's case name: refused at
+    once with a line naming it (it was scored as 244 labels with Dice 0, exit 0, after minutes), no report,
+    no audit entry; --labels says the many values are meant."""
+    from test_app_support import EXAMPLE_MASK, EXAMPLE_T1
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    mask = nib.load(str(EXAMPLE_MASK))
+    nib.save(mask, str(pred / "colin27_t1.nii.gz"))  # a real label map (label intent) under the case's name
+    db = tmp_path / "db"
+    args = ["evaluate", "--pred", str(pred), "--gt", str(EXAMPLE_T1.parent), "--out", str(tmp_path / "o"),
+            "--audit-db", str(db), "--workers", "1"]  # fmt: skip
+    assert main(args) == 2
+    line = _err_line(capsys)
+    assert "colin27_t1.nii.gz looks like an image, not a label mask" in line, line
+    assert "244 distinct non-zero values" in line or "distinct non-zero values" in line
+    assert not (tmp_path / "o" / "metrics.json").exists()
+    assert not db.exists() or read_runs(db) == []
+    # the prediction side is checked too, and a NIfTI label intent or --labels lets a label map through
+    nib.save(nib.load(str(EXAMPLE_T1)), str(pred / "colin27_t1.nii.gz"))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    nib.save(mask, str(gt / "colin27_t1.nii.gz"))
+    assert main(args[:4] + [str(gt)] + args[5:]) == 2
+    assert "prediction" in (line := _err_line(capsys)) and "looks like an image" in line
+    many = nib.Nifti1Image(np.asarray(nib.load(str(EXAMPLE_T1)).dataobj), mask.affine)
+    many.header.set_intent("label")
+    nib.save(many, str(gt / "colin27_t1.nii.gz"))
+    nib.save(many, str(pred / "colin27_t1.nii.gz"))
+    assert main(args[:4] + [str(gt)] + args[5:] + ["--labels", "1,2", "--worst-cases", "0"]) == 0
+
+
+def test_readme_evaluate_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's worked evaluate example, line by line, in an empty folder that sees the checkout's resunet/."""
+    import re
+    import shlex
+    import subprocess
+
+    from test_app_support import REPO
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- evaluate-example -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no evaluate-example block"
+    (tmp_path / "resunet").symlink_to(REPO / "resunet")  # the README runs from a checkout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    for line in block.group(1).strip().splitlines():
+        command = line.split("  #")[0].strip()
+        if command.startswith("resunet "):
+            assert main(shlex.split(command)[1:]) == 0, command
+        else:
+            subprocess.run(["bash", "-c", command], check=True, cwd=tmp_path, timeout=60)
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = [r for r in doc["rows"] if r["case"] == "colin27_t1"]
+    assert [r["label"] for r in rows] == [1] and rows[0]["dice"] > 0.9, rows
+    assert (tmp_path / "eval" / "report.html").is_file()

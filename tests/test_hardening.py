@@ -383,7 +383,7 @@ def test_named_user_signs_in_and_is_recorded_in_the_audit_log(tmp_path, monkeypa
 
 
 def test_page_started_with_streamlit_run_on_a_network_address_refuses_without_a_login(monkeypatch):
-    """`streamlit run app/streamlit_app.py --server.address 0.0.0.0` skips `resunet app`'s check: the
+    """`streamlit run resunet/webui/streamlit_app.py --server.address 0.0.0.0` skips `resunet app`'s check: the
     page refuses by itself (the real page, its real config option), and opens with --allow-anonymous."""
     from streamlit import config
     from streamlit.testing.v1 import AppTest

@@ -9,6 +9,7 @@ import json
 import shutil
 import urllib.request
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -90,6 +91,38 @@ def test_predict_from_a_dimse_archive_stores_the_seg_back(archive, source, tmp_p
     code = main(["predict", "--pacs", str(source), "--accession", "NO-SUCH", "--out", str(tmp_path / "o2"),
                  "--model", str(model), "--no-audit"])
     assert code != 0 and "0 studies match" in capsys.readouterr().err
+
+
+def test_resunet_serve_pulls_a_study_from_a_dimse_archive(archive, source, tmp_path):
+    """POST /v1/pacs/jobs on a service started with --pacs dimse://: C-FIND + C-GET as the node's AE
+    title, the mask equals a local resunet predict of the same study, the SEG goes back with C-STORE."""
+    import httpx
+    from serve_support import ServiceProcess, wait_job
+
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    study = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    assert main(["predict", str(EXAMPLE_DICOM), "--out", str(tmp_path / "local"), "--model", str(model), "--no-tta",
+                 "--no-audit", "--no-progress", "--format", "nifti"]) == 0
+    local = np.asarray(nib.load(next((tmp_path / "local").glob("*.nii.gz"))).dataobj)
+    before = archive.get("/series")
+    bad = ServiceProcess(tmp_path / "s0", model, "--pacs", "dimse://127.0.0.1:104")
+    with pytest.raises(RuntimeError):
+        bad.start(timeout=120)
+    assert "dimse://AET@HOST:PORT" in bad.log()
+    with ServiceProcess(tmp_path / "state", model, "--no-tta", "--format", "nifti,seg", "--pacs", str(source),
+                        "--ae-title", "RESUNET") as svc:
+        r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study}, timeout=60)
+        assert r.status_code == 202, r.text
+        job = wait_job(svc.url, r.json()["id"], timeout=240)
+        assert job["state"] == "done", job
+        assert [f.endswith(".seg.dcm") for f in job["result"]["stored_to_pacs"]["files"]] == [True]
+        (tmp_path / "mask.nii.gz").write_bytes(httpx.get(f"{svc.url}/v1/jobs/{job['id']}/outputs/mask", timeout=60).content)
+        assert np.array_equal(np.asarray(nib.load(tmp_path / "mask.nii.gz").dataobj), local)
+        missing = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": "1.2.3.999"}, timeout=60)
+        failed = wait_job(svc.url, missing.json()["id"], timeout=120)
+        assert failed["state"] == "failed" and "has no study 1.2.3.999" in failed["error"], failed
+    new = [archive.get(f"/series/{s}") for s in archive.get("/series") if s not in before]
+    assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"]
 
 
 def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive, source, tmp_path):

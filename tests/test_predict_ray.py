@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -131,6 +132,37 @@ def test_two_node_cluster_survives_a_killed_node_with_every_case_done_once_and_l
         assert res.returncode == 0, res.stderr[-3000:]
         assert f"{len(cases['names'])} ok ({len(cases['names'])} skipped" in res.stderr
         assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+
+        # retries are bounded: with --ray-retries 0 a case whose worker is killed is recorded failed with
+        # the reason, nothing of it is left, and the other cases go on
+        # (--out and --model relative to the driver's folder: the workers have another one)
+        out0 = tmp_path / "ray0"
+        shutil.copy(cases["ckpt"], tmp_path / "model.pt")
+        cmd0 = [sys.executable, "-m", "resunet", "predict", str(cases["inputs"]), "--model", "model.pt", "--no-progress",
+                "--out", "ray0", "--ray", cluster.address, "--ray-actors", "1", "--ray-retries", "0"]
+        proc = subprocess.Popen(cmd0, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        victim = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None and victim is None:
+            busy = cluster.busy_workers("head", "resunet-case") if _lines(out0 / "predictions.jsonl") else []
+            if busy:
+                os.kill(busy[0], 9)
+                victim = busy[0]
+            time.sleep(0.05)
+        assert victim is not None, f"no worker could be killed: {proc.communicate()[1][-3000:]}"
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 1, err[-3000:]
+        recs = _lines(out0 / "predictions.jsonl")
+        assert sorted(r["case"] for r in recs) == sorted(cases["names"])
+        lost = [r for r in recs if r["status"] == "failed"]
+        assert len(lost) == 1 and "lost 1 time(s)" in lost[0]["reason"] and "--ray-retries" in lost[0]["reason"]
+        assert lost[0]["case"] in err and "Traceback" not in err
+        assert not list(out0.glob(f"{lost[0]['case']}.*")) and not list(out0.glob(".*.part*"))
+        with sqlite3.connect(audit) as db:  # the audit record lists every case, the lost one too
+            (prov,) = db.execute("SELECT provenance_json FROM runs ORDER BY seq DESC LIMIT 1").fetchone()
+        audited = {c["case"]: c for c in json.loads(prov)["cases"]}
+        assert set(audited) == set(cases["names"]) and audited[lost[0]["case"]]["status"] == "failed"
+        assert all(c["node"] for k, c in audited.items() if k != lost[0]["case"])
     assert not cluster.root.exists()
 
 
@@ -141,6 +173,17 @@ def test_ray_missing_says_how_to_install_it(cases, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert code == 2 and "pip install 'resunet[ray]'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_an_address_where_no_cluster_listens_is_refused_at_once(cases, tmp_path, capsys):
+    ray_bin()
+    from ray_support import free_port
+
+    port = free_port()  # nothing listens on it
+    code = main(["predict", str(cases["inputs"]), "--out", str(tmp_path / "out"), "--model", str(cases["ckpt"]),
+                 "--ray", f"127.0.0.1:{port}", "--no-progress", "--no-audit"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--ray 127.0.0.1:{port}: nothing answers there" in err and "ray start --head" in err
 
 
 def test_ray_refuses_shards(cases, tmp_path, capsys):

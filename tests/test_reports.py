@@ -202,4 +202,73 @@ def test_slice_figure_picks_the_plane_of_2d_images_and_the_worst_slice_of_3d():
     pred[2:8, 2:8, 5] = 0  # disagreement only on slice k = 5 (k has the largest spacing)
     aff = np.diag([1.0, 1.0, 3.0, 1.0])
     fig = case_slice_figure("three_d", 1, Volume(pred, aff), Volume(ref, aff))
-    assert "slice k = 5" in fig._suptitle.get_text()
+    assert "axial slice 6 of 8 (voxel k = 5)" in fig._suptitle.get_text()
+
+
+def _screen_of(fig, panel: int = 1) -> np.ndarray:
+    """The mask overlay drawn in one panel of a case figure (the RGBA image above the grey one), as booleans."""
+    return np.asarray(fig.axes[panel].images[1].get_array())[..., 3] > 0
+
+
+def test_slice_figure_uses_patient_letters_and_the_pages_convention():
+    """Issue 25 point 8: the worst-case slice is drawn like the web page (radiological: the patient's right
+    on the left, anterior at the top) with R/L/A/P letters, whatever the voxel order of the file."""
+    from resunet.io import Volume
+    from resunet.reports.figures import case_slice_figure
+
+    ras = np.zeros((20, 24, 10), np.uint8)
+    ras[14:19, 16:22, 3:7] = 1  # the patient's right (high x) and anterior (high y) corner
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    # the same patient stored L->R flipped and P->A flipped (LPS voxel order): the picture must not change
+    lps = ras[::-1, ::-1, :].copy()
+    aff_lps = np.diag([-1.0, -1.0, 2.0, 1.0])
+    aff_lps[:3, 3] = [19.0, 23.0, 0.0]
+    for arr, affine in ((ras, aff), (lps, aff_lps)):
+        ref = Volume(arr, affine)
+        pred = ref.with_array(np.roll(arr, 1, axis=2))
+        fig = case_slice_figure("c", 1, pred, ref)
+        title = fig._suptitle.get_text()
+        assert "axial slice" in title, title
+        for ax in fig.axes:
+            assert [t.get_text() for t in ax.texts] == ["R", "L", "A", "P"]
+            assert ax.get_xlabel() == "" and ax.get_ylabel() == ""
+        shown = _screen_of(fig)  # the reference panel: rows = y from A (top), columns = x from R (left)
+        rows, cols = np.nonzero(shown)
+        assert shown.shape == (24, 20)
+        assert rows.max() < 12 and cols.max() < 10, (rows.min(), rows.max(), cols.min(), cols.max())
+        assert (rows.min(), cols.min()) == (24 - 22, 20 - 19)
+
+
+def test_worst_cases_drawn_on_the_input_scan_named_in_predictions_json(tmp_path, capsys):
+    """Issue 25 point 8: without --images, the report's worst-case slices show the input scan that
+    predictions.json names (it said 'no image given (--images)'), and one case reads '1 case evaluated'."""
+    import json
+
+    from test_app_support import EXAMPLE_MASK, EXAMPLE_T1, make_tiny_model
+
+    from resunet.cli import main
+    from resunet.evaluation import evaluate_folders
+    from resunet.reports.report import _case_volumes
+
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    pred = tmp_path / "pred"
+    assert main(["predict", str(EXAMPLE_T1), "--out", str(pred), "--model", str(model), "--no-tta", "--no-audit",
+                 "--no-progress"]) == 0
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "colin27_t1.nii.gz").write_bytes(EXAMPLE_MASK.read_bytes())
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(ref), "--out", str(out), "--audit-db",
+                 str(tmp_path / "db"), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("1 case, NSD tolerance"), printed
+    html = (out / "report.html").read_text()
+    assert "1 case evaluated" in html and "1 cases" not in html and "(of 1 case)" in html
+    doc = json.loads((out / "metrics.json").read_text())
+    images = [f["path"] for f in doc["provenance"]["files"]["image"]]
+    assert images == [str(EXAMPLE_T1)], images
+    # the figure's image is the scan itself, on the reference grid
+    ev = evaluate_folders(pred, ref, workers=1)
+    _p, r, image, note = _case_volumes(ev, "colin27_t1", None, {"colin27_t1": EXAMPLE_T1})
+    assert image is not None and note == "" and image.same_grid(r)
+    assert np.array_equal(np.asarray(image.array), np.asarray(nib.load(str(EXAMPLE_T1)).dataobj))

@@ -80,6 +80,24 @@ def test_keyhole_contours_fill_the_plane_by_or_and_by_xor():
         assert np.array_equal(by_xor, plane), trial
 
 
+def test_thousands_of_holes_make_one_contour():
+    """2 401 one-voxel holes in rows and columns (every ray meets another hole first: long chains of
+    joined holes) and a column of holes one voxel apart: one contour each, exact by OR and XOR."""
+    from skimage.draw import polygon
+
+    grid = np.ones((100, 100), bool)
+    grid[1:99:2, 1:99:2] = False
+    column = np.zeros((60, 20), bool)
+    column[2:58, 2:18] = True
+    column[4:56:2, 10] = False
+    for plane in (grid, column):
+        contours = keyhole_contours(plane)
+        assert len(contours) == 1
+        fill = np.zeros_like(plane)
+        fill[polygon(contours[0][:, 0], contours[0][:, 1], shape=plane.shape)] = True
+        assert np.array_equal(fill, plane)
+
+
 def test_oblique_sagittal_series_rasterises_exactly_in_independent_readers(oblique):
     folder, src, labels, rs = oblique
     files = src.meta["dicom_files"]

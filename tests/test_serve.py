@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import json
 import sqlite3
 import subprocess
@@ -544,3 +545,75 @@ def test_token_scopes_groups_and_delete(tmp_path):
         assert len(run) == 1 and run[0]["user"] == "alice"
         assert {o["key"]: o["sha256"] for o in run[0]["outputs"]} == {k: o["sha256"] for k, o in a["outputs"].items()}
         assert verify_log(audit) == []
+
+
+def _docs_curl_lines() -> list[str]:
+    """The curl lines of docs/serve.md's job example (submit, poll, the two -OJ downloads)."""
+    text = (REPO / "docs" / "serve.md").read_text(encoding="utf-8")
+    lines = [ln.split("  #")[0].strip() for ln in text.splitlines() if ln.startswith('curl -s -H "Authorization: Bearer $TOKEN"')]
+    assert len(lines) == 4 and "-OJ" in lines[2] and lines[3].endswith("/outputs/mask"), lines
+    return lines
+
+
+def test_docs_curl_example_downloads_names_that_are_not_the_scans(tmp_path):
+    """Issue 25 point 6: docs/serve.md's curl lines, run as written against a real service (a token, names
+    kept): every -OJ download succeeds next to the input, and the mask of colin27_t1.nii.gz is saved as
+    colin27_t1_mask.nii.gz (it was served as colin27_t1.nii.gz, and curl refused to overwrite: exit 23)."""
+    import json
+    import shutil
+
+    state = tmp_path / "state"
+    made = subprocess.run([sys.executable, "-m", "resunet", "serve", "--state-dir", str(state), "--add-token", "doc"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "study.zip").write_bytes(dicom_zip())
+    shutil.copy(EXAMPLE_T1, work / "colin27_t1.nii.gz")
+    submit_line, poll_line, seg_line, mask_line = _docs_curl_lines()
+    with ServiceProcess(state, model, "--no-tta", "--keep-upload-names") as svc:
+        def sh(line: str, job_id: str = "") -> subprocess.CompletedProcess:
+            line = line.replace("http://127.0.0.1:8000", svc.url)
+            return subprocess.run(["bash", "-c", line], cwd=work, capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "TOKEN": token, "ID": job_id})
+
+        def run_job(line: str) -> str:
+            done = sh(line)
+            assert done.returncode == 0, (line, done.stderr)
+            job_id = json.loads(done.stdout)["id"]
+            wait_job(svc.url, job_id, token=token)
+            polled = sh(poll_line, job_id)
+            assert polled.returncode == 0 and json.loads(polled.stdout)["state"] == "done", polled.stdout
+            return job_id
+
+        zip_job = run_job(submit_line)
+        for line in (seg_line, mask_line):
+            got = sh(line, zip_job)
+            assert got.returncode == 0, (line, got.returncode, got.stderr)
+        assert (work / "study_seg.dcm").is_file() and (work / "study_mask.nii.gz").is_file()
+        # the NIfTI case: the mask's download next to the scan it was made from
+        nifti_job = run_job(submit_line.replace("files=@study.zip", "files=@colin27_t1.nii.gz")
+                            .replace("formats=nifti,seg", "formats=nifti"))
+        got = sh(mask_line, nifti_job)
+        assert got.returncode == 0, (got.returncode, got.stderr)
+    assert (work / "colin27_t1.nii.gz").read_bytes() == EXAMPLE_T1.read_bytes()
+    saved = nib.load(work / "colin27_t1_mask.nii.gz")
+    assert saved.shape == nib.load(EXAMPLE_T1).shape and np.asarray(saved.dataobj).dtype == np.uint8
+    assert sorted(p.name for p in work.iterdir()) == ["colin27_t1.nii.gz", "colin27_t1_mask.nii.gz", "study.zip",
+                                                      "study_mask.nii.gz", "study_seg.dcm"]
+
+
+def test_download_names():
+    from resunet.inference.output_names import download_name
+
+    assert download_name("mask", "colin27_t1.nii.gz") == "colin27_t1_mask.nii.gz"
+    assert download_name("seg", "1.2.840.5.seg.dcm") == "1.2.840.5_seg.dcm"
+    assert download_name("rtstruct", "a.rtstruct.dcm") == "a_rtstruct.dcm"
+    assert download_name("sr", "a.sr.dcm") == "a_sr.dcm"
+    assert download_name("uncertainty", "a.uncertainty.nii.gz") == "a_uncertainty.nii.gz"
+    assert download_name("disagreement", "a.uncertainty-models.nii.gz") == "a_uncertainty-models.nii.gz"
+    assert download_name("probabilities", "a.prob.nii.gz") == "a_prob.nii.gz"
+    assert download_name("probabilities:grey matter", "a.prob-grey_matter.nii.gz") == "a_prob-grey_matter.nii.gz"
+    assert download_name("predictions", "predictions.json") == "predictions.json"

@@ -124,6 +124,10 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         "server.address": args.address,
         "server.maxUploadSize": str(int(max_mb or 1024)),
         "browser.gatherUsageStats": "false",
+        # Streamlit 1.67's "install agent skills" toast (shown to loopback browsers, its button acts on the
+        # server) and console advert: the one option that removes both (streamlit/web/skills.py); also in
+        # streamlit_config.toml, kept here so that no edit of that file brings the advert back
+        "logger.hideWelcomeMessage": "true",
         "server.headless": "true" if args.headless else "false",
     }
     cmd = [sys.executable, "-m", "streamlit", "run", str(script)]

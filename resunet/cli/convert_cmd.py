@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resunet.io.loader import list_series, load_study  # here: `resunet convert --help` stays light
+    from resunet.io.loader import list_series, load_study  # here, not at import: `--help` stays light
     from resunet.io.nifti import is_nifti_path, write_nifti
 
     if args.list:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from resunet.errors import ConfigError, InputError
-from resunet.evaluation import DEFAULT_TOLERANCE_MM
+from resunet.evaluation.tolerance import DEFAULT_TOLERANCE_MM
 from resunet.io.limits import add_limit_argument, export_limit
 from resunet.reports.audit import ENV_VAR, audit_db_path, record_run
 from resunet.reports.provenance import collect_provenance, utc_now
@@ -38,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="resample predictions on another grid onto the reference grid (nearest neighbour) "
                    "instead of stopping")  # fmt: skip
     p.add_argument("--images", metavar="DIR",
-                   help="folder of images <case>.nii.gz or <case>_0000.nii.gz shown under the worst cases; "
-                   "for DICOM SEG masks, the folder of the DICOM studies they refer to")  # fmt: skip
+                   help="folder of images <case>.nii.gz or <case>_0000.nii.gz shown under the worst cases "
+                   "(default: the input scans that predictions.json names); for DICOM SEG masks, the folder of "
+                   "the DICOM studies they refer to")  # fmt: skip
     p.add_argument("--audit-db", metavar="PATH",
                    help=f"audit log SQLite file (default ${ENV_VAR} or ~/.resunet/audit.sqlite)")  # fmt: skip
     p.add_argument("--worst-cases", type=int, default=3, metavar="N",
@@ -102,8 +103,28 @@ def _label_names(doc: dict[str, Any]) -> dict[int, str]:
     return out
 
 
+def _input_scans(pred_doc: dict[str, Any], cases: set[str]) -> dict[str, Path]:
+    """``{case: input scan}`` from predictions.json for ``cases`` whose scan still exists (a relative path is
+    taken from the predictions.json folder first, then the working folder); the report draws the worst
+    cases on them when --images does not hold them."""
+    base = Path(pred_doc["_path"]).parent if pred_doc.get("_path") else None
+    out: dict[str, Path] = {}
+    for rec in pred_doc.get("cases") or []:
+        if not isinstance(rec, dict) or rec.get("case") not in cases or rec.get("status") not in (None, "ok"):
+            continue
+        raw = (rec.get("input") or {}).get("path")
+        if not raw:
+            continue
+        p = Path(raw)
+        for cand in ([p] if p.is_absolute() else [base / p, p] if base else [p]):
+            if cand.exists():
+                out[str(rec["case"])] = cand
+                break
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    # here, not at the top: `resunet evaluate --help` must not import scipy and matplotlib
+    # here, not at import: the parser (`resunet --help`) stays free of numpy, scipy and matplotlib
     from resunet.evaluation import evaluate_folders
     from resunet.reports.report import find_image, parse_formats, write_evaluation_outputs
 
@@ -130,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         "prediction": [p for _, p, _ in ev.match.pairs],
         "reference": [g for _, _, g in ev.match.pairs],
     }
+    case_images = _input_scans(pred_doc, {c for c, _, _ in ev.match.pairs if find_image(args.images, c) is None})
     images = [i for c, _, _ in ev.match.pairs if (i := find_image(args.images, c)) is not None]
+    images += sorted(case_images.values())  # the input scans predictions.json names (shown under the worst cases)
     images += sorted({src for src, _ in ev.match.sources.values()})  # DICOM studies behind SEG masks
     if images:
         files["image"] = images
@@ -149,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     if input_warnings:  # e.g. NaN voxels set to 0 before segmenting: the report must say so beside the numbers
         prov["input_warnings"] = input_warnings
 
-    written = write_evaluation_outputs(ev, prov, args.out, formats, args.images, args.worst_cases)
+    written = write_evaluation_outputs(ev, prov, args.out, formats, args.images, args.worst_cases,
+                                       case_images=case_images)
     record_run("evaluate", prov, list(written.values()), db_path=audit_db)
 
     _print_summary(ev)
@@ -163,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(ev) -> None:
-    print(f"{len(ev.match.pairs)} cases, NSD tolerance {ev.tolerance_mm:g} mm (mean [95% CI]; undefined not averaged)")
+    n = len(ev.match.pairs)
+    print(f"{n} {'case' if n == 1 else 'cases'}, NSD tolerance {ev.tolerance_mm:g} mm (mean [95% CI]; undefined not averaged)")
     show = ("dice", "hd95", "assd", "nsd")
     for lab in ev.labels:
         rows = {r["metric"]: r for r in ev.summary if r["label"] == lab}

@@ -9,10 +9,6 @@ from pathlib import Path
 
 from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
-from resunet.package_data import MODEL_DIR
-
-#: the bundled brain-extraction model (package data resunet/data/model/), used when --model is not given
-BUNDLED_MODEL = MODEL_DIR / "brain_extraction.pt"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -133,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model:
         args.model, args.inputs = split_model_args(args.model, args.inputs)
-    models = expand_model_args(args.model) if args.model else [BUNDLED_MODEL]
-    if args.model is None and not BUNDLED_MODEL.exists():
-        raise ConfigError(f"the bundled model {BUNDLED_MODEL} is missing; pass --model with a checkpoint")
+    from resunet.inference.bundled import default_model_path
+
+    models = expand_model_args(args.model) if args.model else [default_model_path()]
+    if args.model is None and not models[0].exists():
+        raise ConfigError(f"the bundled model {models[0]} is missing; pass --model with a checkpoint")
     model = models[0] if len(models) == 1 else models
     formats = tuple(f.strip().lower() for f in args.format.split(",") if f.strip())
     shard = parse_shard(args.shard) if args.shard else (shard_from_env() or (0, 1))
@@ -208,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"resunet predict: case {case.case_id} refused: {options.refused[case.case_id]}", file=sys.stderr)
     command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
     if mine and len(options.refused) == len(mine):
-        summary = write_refused_summary(mine, options.refused, options.out_dir, models[0], options.summary_name,
-                                        options.journal_name, command, keep_previous=not options.sharded)
+        summary = write_refused_summary(mine, options.refused, options.out_dir, models[0], options.shard, command)
         raise InputError(f"none of the {len(mine)} input(s) can be read (reasons above, and in {summary});"
                          " the model was not loaded")
     if options.refused:
@@ -254,7 +251,9 @@ def run(args: argparse.Namespace) -> int:
         from resunet.inference.ray_batch import PredictorSpec, RayEngine
 
         worker_device = device if ray_opts.gpus_per_actor or device != "auto" else "cpu"
-        spec = PredictorSpec(model=[str(m) for m in models] if len(models) > 1 else str(models[0]),
+        # absolute paths: the workers' working folder is not this one
+        paths = [str(Path(m).resolve()) if Path(m).exists() else str(m) for m in models]
+        spec = PredictorSpec(model=paths if len(paths) > 1 else paths[0],
                              kwargs=dict(predictor_kwargs, device=worker_device),
                              threads=max(1, int(ray_opts.cpus_per_actor)), umask=_current_umask())
         with RayEngine(spec, ray_opts) as engine:

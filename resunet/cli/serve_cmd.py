@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="run the REST inference service (submit studies over HTTP, poll, fetch masks)",
         description="Start the HTTP inference service with the model loaded once. Jobs persist in "
-        "STATE/jobs.sqlite and survive a restart. Token commands (--add-token, --remove-token, --list-tokens) "
+        "STATE/jobs.sqlite (or, with --queue, in PostgreSQL shared by several nodes) and survive a restart; "
+        "--workers N runs N worker processes. Token commands (--add-token, --remove-token, --list-tokens) "
         "change STATE/tokens.json and exit. API and reverse-proxy set-up: docs/serve.md.",
     )
     p.add_argument("--host", default=d["host"].default,
@@ -74,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-audit", action="store_true", help="do not record jobs in the audit log")
     pacs = p.add_argument_group("PACS (docs/pacs.md)")
     pacs.add_argument("--pacs", dest="pacs_url", default="", metavar="URL",
-                      help="DICOMweb root of a PACS for POST /v1/pacs/jobs (credentials from $RESUNET_PACS_USER/"
-                      "$RESUNET_PACS_PASSWORD or $RESUNET_PACS_TOKEN)")
+                      help="the PACS of POST /v1/pacs/jobs: a DICOMweb root (credentials from $RESUNET_PACS_USER/"
+                      "$RESUNET_PACS_PASSWORD or $RESUNET_PACS_TOKEN), or dimse://AET@HOST:PORT (C-FIND + C-GET "
+                      "as --ae-title, results stored back with C-STORE)")
     pacs.add_argument("--dicom-port", type=int, default=0, metavar="PORT",
                       help="also listen as a DICOM node (C-STORE SCP) on this port; complete series become jobs")
     pacs.add_argument("--dicom-host", default=d["dicom_host"].default, metavar="HOST",
@@ -91,6 +93,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pacs.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                       help="AE title allowed to send to the node (repeat; default: any)")
     scale = p.add_argument_group("several workers and nodes (docs/deploy.md)")
+    scale.add_argument("--workers", type=int, default=d["workers"].default, metavar="N",
+                       help="worker processes, each with its own warm model, taking jobs from the queue; a worker that "
+                       "dies is restarted and its job re-queued (default 1: jobs run in a thread of the service)")
+    scale.add_argument("--devices", default="", metavar="LIST",
+                       help="devices of the workers, e.g. cuda:0,cuda:1 (worker K on device K modulo the list; without "
+                       "--workers one worker per device)")
+    scale.add_argument("--worker-threads", type=int, default=d["worker_threads"].default, metavar="T",
+                       help="torch threads of each worker (processes, or the one in-process worker of --workers 1; default 0: "
+                       "torch's default, every core)")
     scale.add_argument("--queue", dest="queue_url", default="", metavar="URL",
                        help="postgresql://USER@HOST[:PORT]/DB: keep jobs, tokens and the audit log in PostgreSQL, shared "
                        "by every node on the same shared --state-dir (default: STATE/jobs.sqlite, one node). No password "
@@ -132,6 +143,9 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         audit_db=False if args.no_audit else (_audit_target(args.audit_db) if args.audit_db else None),
         queue_url=getattr(args, "queue_url", "") or "", queue_password_file=getattr(args, "queue_password_file", None),
         lease_s=getattr(args, "lease_s", 60.0), node_name=getattr(args, "node_name", "") or "",
+        workers=getattr(args, "workers", 1),
+        devices=tuple(x.strip() for x in (getattr(args, "devices", "") or "").split(",") if x.strip()),
+        worker_threads=getattr(args, "worker_threads", 0),
     )
     if args.state_dir is not None:
         kwargs["state_dir"] = args.state_dir
@@ -210,6 +224,12 @@ def run(args: argparse.Namespace) -> int:
              config.host, config.port, config.root_path, config.state_dir,
              "bearer token" if config.auth_required else "none (loopback)" if config.loopback else "NONE (anonymous)",
              config.retention_hours, config.max_upload_mb)
+    from resunet.pgdb import redact
+
+    log.info("node %s, queue %s, %d worker%s%s", config.node_name,
+             redact(config.queue_url) if config.queue_url else f"{config.state_dir}/jobs.sqlite",
+             config.workers, "" if config.workers == 1 else " processes",
+             f" on {','.join(config.devices)}" if config.devices else "")
     from resunet.serve.pacs_jobs import start_node
 
     node = start_node(service)  # before uvicorn: a taken DICOM port is a start-up error

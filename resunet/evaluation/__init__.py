@@ -8,28 +8,65 @@ Public entry points:
 
 Every definition is stated in :mod:`resunet.evaluation.definitions` (printed in reports and
 ``docs/metrics.md``).
+
+The names are imported on first use (PEP 562 ``__getattr__``), so ``resunet.evaluation.tolerance``
+(the ``resunet evaluate`` parser's default) costs no numpy or scipy import.
 """
 
+from __future__ import annotations
+
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-#: the NSD tolerance, mm (``resunet evaluate --tolerance-mm``); here so that the CLI's parser reads it
-#: without importing scipy
-DEFAULT_TOLERANCE_MM = 2.0
-
-#: public name -> submodule, imported on first use (scipy, nibabel)
-_WHERE = {
-    "CaseMatch": "cases", "match_cases": "cases", "read_mask": "cases", "METRICS": "metrics",
-    "SITUATIONS": "metrics", "LabelMetrics": "metrics", "binary_metrics": "metrics",
-    "check_same_grid": "metrics", "evaluate_case": "metrics", "evaluate_case_metrics": "metrics",
-    "resample_nearest": "metrics", "ROW_COLUMNS": "runner", "Evaluation": "runner",
-    "evaluate_folders": "runner", "SUMMARY_COLUMNS": "summary", "bootstrap_ci_mean": "summary",
-    "summarize": "summary",
+#: exported name -> the module that defines it
+_EXPORTS = {
+    "CaseMatch": "resunet.evaluation.cases",
+    "match_cases": "resunet.evaluation.cases",
+    "read_mask": "resunet.evaluation.cases",
+    "DEFAULT_TOLERANCE_MM": "resunet.evaluation.tolerance",
+    "METRICS": "resunet.evaluation.metrics",
+    "SITUATIONS": "resunet.evaluation.metrics",
+    "LabelMetrics": "resunet.evaluation.metrics",
+    "binary_metrics": "resunet.evaluation.metrics",
+    "check_same_grid": "resunet.evaluation.metrics",
+    "evaluate_case": "resunet.evaluation.metrics",
+    "evaluate_case_metrics": "resunet.evaluation.metrics",
+    "resample_nearest": "resunet.evaluation.metrics",
+    "ROW_COLUMNS": "resunet.evaluation.runner",
+    "Evaluation": "resunet.evaluation.runner",
+    "evaluate_folders": "resunet.evaluation.runner",
+    "SUMMARY_COLUMNS": "resunet.evaluation.summary",
+    "bootstrap_ci_mean": "resunet.evaluation.summary",
+    "summarize": "resunet.evaluation.summary",
 }
-__all__ = sorted([*_WHERE, "DEFAULT_TOLERANCE_MM"])
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what static tools and IDEs see
+    from resunet.evaluation.cases import CaseMatch, match_cases, read_mask
+    from resunet.evaluation.metrics import (
+        METRICS,
+        SITUATIONS,
+        LabelMetrics,
+        binary_metrics,
+        check_same_grid,
+        evaluate_case,
+        evaluate_case_metrics,
+        resample_nearest,
+    )
+    from resunet.evaluation.runner import ROW_COLUMNS, Evaluation, evaluate_folders
+    from resunet.evaluation.summary import SUMMARY_COLUMNS, bootstrap_ci_mean, summarize
+    from resunet.evaluation.tolerance import DEFAULT_TOLERANCE_MM
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
+    module = _EXPORTS.get(name)
+    if module is None:
         raise AttributeError(f"module 'resunet.evaluation' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"resunet.evaluation.{_WHERE[name]}"), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,6 +15,18 @@ from resunet.evaluation.summary import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, SUMM
 
 TITLE = "Metric definitions and conventions"
 
+#: Each metric's meaning in one line, for a reader beside the numbers (the web page's metrics table);
+#: the exact definitions are DEFINITIONS below. ``{t}`` is the NSD tolerance in mm.
+IN_ONE_LINE: dict[str, str] = {
+    "dice": "overlap of the two masks, 0 to 1 (1 = identical)",
+    "iou": "intersection over union, 0 to 1 (1 = identical)",
+    "precision": "share of the predicted voxels that are in the reference",
+    "recall": "share of the reference voxels that were predicted (sensitivity)",
+    "hd95": "95th-percentile distance between the two outlines, mm: how far the worst parts stray (lower is better)",
+    "assd": "average distance between the two outlines, mm (lower is better)",
+    "nsd": "share of both outlines lying within {t} mm of the other, 0 to 1 (1 = everywhere within {t} mm)",
+}
+
 #: (section title, [(term, definition), ...]); plain text with `code` in backticks.
 DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
     (
@@ -25,7 +37,9 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
              "grid (same shape and voxel-to-world affine within 1e-4 mm); otherwise the evaluation stops with an "
              "error naming both geometries, unless `--resample-pred` is given, which resamples the prediction onto "
              "the reference grid with nearest-neighbour interpolation (and warns). A mask must hold whole numbers: "
-             "non-integer values, negative values and NaN/infinite voxels are refused with the file and the count named."),
+             "non-integer values, negative values and NaN/infinite voxels are refused with the file and the count named. "
+             "A NIfTI file without the label intent that holds more than 100 distinct values looks like a scan, not "
+             "a label map, and is refused unless `--labels` names the labels to score."),
             ("Labels evaluated", "The labels given with `--labels`; by default every non-zero value found in any "
              "prediction or reference. A label absent from both masks of a case counts as both empty for that case."),
             ("Case matching", "A case is a file `<case>.nii.gz` (or `.nii`) present in both the prediction and the "
@@ -116,7 +130,9 @@ DEFINITIONS: list[tuple[str, list[tuple[str, str]]]] = [
              "these conventions, the provenance, and the SHA-256 of every other output file."),
             ("report.html / report.pdf", "Tables, per-label plots, the worst cases with a slice image, these "
              "definitions and the provenance; the HTML file is self-contained (inline CSS and images, no "
-             "external links)."),
+             "external links). A worst-case slice shows the case's scan (from `--images`, else the input "
+             "that predictions.json names) in the web page's convention: on the patient axes, the patient's "
+             "right on the left, R/L, A/P, S/I letters at the edges."),
         ],
     ),
     (

@@ -37,7 +37,6 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from resunet.errors import GeometryError, InputError
-from resunet.evaluation import DEFAULT_TOLERANCE_MM
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,8 @@ METRICS: tuple[str, ...] = (
 
 #: The four empty-mask situations a (case, label) pair can be in.
 SITUATIONS: tuple[str, ...] = ("both_present", "both_empty", "ref_empty", "pred_empty")
+
+from resunet.evaluation.tolerance import DEFAULT_TOLERANCE_MM  # noqa: E402 - one place for the default
 
 
 @dataclass
@@ -180,6 +181,31 @@ def _as_labels(vol: Volume, role: str) -> np.ndarray:
         )
     _refuse_negative(a, vol, role)
     return a.astype(np.int64)
+
+
+#: More distinct values than this in a mask without the NIfTI label intent: it is taken for an image.
+MAX_UNMARKED_LABELS = 100
+
+
+def refuse_images(vol: Volume, a: np.ndarray, role: str) -> None:
+    """InputError if ``vol`` looks like an image, not a label map: no NIfTI label intent and more than
+    :data:`MAX_UNMARKED_LABELS` distinct values (the example T1 holds 244). Scored as a mask, every grey
+    value would become a "label" with Dice 0, after minutes of work, with exit code 0.
+
+    Called only when the labels to score were not named (``--labels`` says the many labels are meant).
+    """
+    if vol.meta.get("is_label") or vol.meta.get("format") != "nifti" or not a.size:
+        return
+    values = np.unique(a[a != 0]) if a.dtype.kind != "b" else np.array([1])
+    if values.size <= MAX_UNMARKED_LABELS:
+        return
+    header = vol.meta.get("nifti_header")
+    dtype = header.get_data_dtype() if header is not None else a.dtype
+    raise InputError(
+        f"{role} {vol.meta.get('source', '')} looks like an image, not a label mask: {values.size} distinct non-zero"
+        f" values (up to {values.max():g}, stored as {dtype}) and no NIfTI label intent; pass the label mask, not"
+        " the scan (for a label map with that many labels, name the labels to score with --labels)"
+    )
 
 
 def _refuse_negative(a: np.ndarray, vol: Volume, role: str) -> None:
@@ -392,6 +418,8 @@ def evaluate_case_metrics(
     p = _as_labels(pred, "prediction")
     r = _as_labels(ref, "reference")
     if labels is None:
+        refuse_images(ref, r, "reference")
+        refuse_images(pred, p, "prediction")
         labels = labels_present([p, r])
     out = []
     for lab in labels:

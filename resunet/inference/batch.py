@@ -15,12 +15,11 @@ and then records the case. Output files per case, in ``OUT``:
 - ``<case>.uncertainty-models.nii.gz``: an ensemble's disagreement (normalised mutual information,
   0..1), with ``save_uncertainty`` and several models.
 
-Records and summaries:
+Records and summaries (:mod:`resunet.inference.records`, the record store):
 
 - every finished case appends one JSON line to the journal ``predictions.jsonl`` (flushed and
-  fsynced), then ``predictions.json`` and ``predictions.csv`` are rewritten atomically (after every
-  case up to :data:`REWRITE_EVERY_CASE_UP_TO` records, then at most every
-  :data:`REWRITE_INTERVAL_S` seconds and at the end). A SIGKILL therefore loses at most the case in
+  fsynced), then ``predictions.json`` and ``predictions.csv`` are rewritten atomically (see
+  :mod:`~resunet.inference.records` for when). A SIGKILL therefore loses at most the case in
   flight; its outputs are either complete files or absent.
 - re-running the same command skips a case whose record says ``ok`` with the same input SHA-256 and
   model SHA-256 and whose outputs are all present with their recorded SHA-256.
@@ -28,16 +27,14 @@ Records and summaries:
   ``i, i+n, i+2n, ...`` of the sorted case list, writes its own journal and summary
   ``predictions.shard-<i>-of-<n>.jsonl/.json``, and when it finishes merges every journal and summary
   in ``OUT`` into ``predictions.json``/``.csv`` under a file lock; the last shard to finish leaves
-  the complete summary (latest record per case wins). :func:`merge_summaries` does the same by hand.
+  the complete summary (latest record per case wins). :func:`resunet.inference.records.merge_summaries`
+  does the same by hand.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import csv
-import io
-import json
 import logging
 import os
 import sys
@@ -49,22 +46,15 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from resunet.errors import ConfigError, DiskFullError, ResunetError, ServerError
-from resunet.inference import OUTPUT_FORMATS
+from resunet.inference import OUTPUT_FORMATS, records
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Prediction, Predictor
-from resunet.io.atomic import atomic_write_text
 from resunet.io.hashing import sha256_file, sha256_path
+from resunet.io.names import safe_name
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "resunet-predictions/1"
 FORMATS = OUTPUT_FORMATS
-SUMMARY = "predictions.json"
-SUMMARY_CSV = "predictions.csv"
-JOURNAL = "predictions.jsonl"
-LOCK = ".predictions.lock"
-REWRITE_EVERY_CASE_UP_TO = 2000
-REWRITE_INTERVAL_S = 30.0
 STATUS_LOG_INTERVAL_S = 30.0
 
 
@@ -133,11 +123,11 @@ class BatchOptions:
 
     @property
     def journal_name(self) -> str:
-        return f"predictions.shard-{self.shard[0]}-of-{self.shard[1]}.jsonl" if self.sharded else JOURNAL
+        return records.journal_name(self.shard)
 
     @property
     def summary_name(self) -> str:
-        return f"predictions.shard-{self.shard[0]}-of-{self.shard[1]}.json" if self.sharded else SUMMARY
+        return records.summary_name(self.shard)
 
 
 @dataclass
@@ -175,108 +165,6 @@ def select_shard(cases: Sequence[Case], shard: tuple[int, int]) -> list[Case]:
     return ordered[shard[0] :: shard[1]]
 
 
-# -- records and summaries ---------------------------------------------------------------------------
-def read_records(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Latest record per case id from ``predictions.json``, shard summaries and every journal in ``out_dir``."""
-    records: dict[str, dict[str, Any]] = {}
-
-    def take(rec: Any) -> None:
-        if not isinstance(rec, dict) or "case" not in rec:
-            return
-        old = records.get(rec["case"])
-        if old is None or str(rec.get("finished_utc", "")) >= str(old.get("finished_utc", "")):
-            records[rec["case"]] = rec
-
-    for p in sorted(out_dir.glob("predictions*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            for rec in json.loads(p.read_text(encoding="utf-8")).get("cases", []):
-                take(rec)
-    for p in sorted(out_dir.glob("predictions*.jsonl")):
-        with contextlib.suppress(OSError):
-            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-                with contextlib.suppress(ValueError):  # a line cut by a kill is skipped
-                    take(json.loads(line))
-    return records
-
-
-def _csv_text(records: Sequence[dict[str, Any]]) -> str:
-    labels: list[str] = []
-    for r in records:
-        for name in r.get("volumes_ml") or {}:
-            if name not in labels:
-                labels.append(name)
-    cols = ["case", "status", "reason", "input_path", "input_sha256", "mask", "seg", "seconds", "device",
-            "model_name", "model_sha256", "warnings"] + [f"volume_ml:{n}" for n in labels]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in records:
-        outs = r.get("outputs") or {}
-        row = [r.get("case"), r.get("status"), r.get("reason") or "", (r.get("input") or {}).get("path"),
-               (r.get("input") or {}).get("sha256"), (outs.get("mask") or {}).get("path", ""),
-               (outs.get("seg") or {}).get("path", ""), r.get("seconds"), r.get("device"),
-               (r.get("model") or {}).get("name"), (r.get("model") or {}).get("sha256"),
-               " | ".join(r.get("warnings") or [])]
-        row += [(r.get("volumes_ml") or {}).get(n, "") for n in labels]
-        w.writerow(["" if v is None else v for v in row])
-    return buf.getvalue()
-
-
-def write_summary(out_dir: Path, name: str, records: Sequence[dict[str, Any]], header: dict[str, Any]) -> Path:
-    """Write ``name`` (JSON) and its CSV twin atomically; records sorted by case id."""
-    recs = sorted(records, key=lambda r: r["case"])
-    doc = {
-        "schema": SCHEMA,
-        **header,
-        "counts": {
-            "cases": len(recs),
-            "ok": sum(r.get("status") == "ok" for r in recs),
-            "failed": sum(r.get("status") == "failed" for r in recs),
-        },
-        "cases": recs,
-    }
-    path = out_dir / name
-    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
-    atomic_write_text(path.with_suffix(".csv"), _csv_text(recs))
-    return path
-
-
-@contextlib.contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(out_dir / LOCK, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def merge_summaries(out_dir: str | os.PathLike[str], header: dict[str, Any] | None = None) -> Path:
-    """Merge every shard journal/summary in ``out_dir`` into ``predictions.json`` and ``predictions.csv``.
-
-    Safe to run while shards are still running (a file lock serialises merges); the latest record
-    per case wins. Returns the summary path.
-    """
-    out = Path(out_dir)
-    with _locked(out):
-        records = read_records(out)
-        head = dict(header or {})
-        runs: dict[str, Any] = {}
-        for p in sorted(out.glob("predictions*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                doc = json.loads(p.read_text(encoding="utf-8"))
-                runs.update(doc.get("runs") or {})
-                prov = doc.get("provenance")
-                if isinstance(prov, dict) and prov.get("run_id"):
-                    runs[prov["run_id"]] = prov
-                for key in ("model", "settings"):
-                    head.setdefault(key, doc.get(key))
-        head["runs"] = runs
-        return write_summary(out, SUMMARY, list(records.values()), head)
-
-
 # -- the runner ---------------------------------------------------------------------------------------
 @dataclass
 class _Loaded:
@@ -309,16 +197,12 @@ def _output_paths(case: Case, opts: BatchOptions, prob_labels: Sequence[str]) ->
             paths["probabilities"] = out / f"{case.case_id}.prob.nii.gz"
         else:
             for name in prob_labels:
-                paths[f"probabilities:{name}"] = out / f"{case.case_id}.prob-{_safe(name)}.nii.gz"
+                paths[f"probabilities:{name}"] = out / f"{case.case_id}.prob-{safe_name(name, '', dots=False)}.nii.gz"
     if opts.save_uncertainty:
         paths["uncertainty"] = out / f"{case.case_id}.uncertainty.nii.gz"
     if opts.save_uncertainty and opts.save_disagreement:
         paths["disagreement"] = out / f"{case.case_id}.uncertainty-models.nii.gz"
     return paths
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def _resumable(prev: dict[str, Any] | None, input_sha: str, model_sha: str, wanted: dict[str, Path], out_dir: Path) -> bool:
@@ -401,11 +285,9 @@ def segment_case(item: _Loaded, predictor: Predictor, opts: BatchOptions, ctx: C
 
     case = item.case
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {
-        "case": case.case_id, "input": item.input_record or {"path": str(case.path), "kind": case.kind},
-        "status": "failed", "reason": None, "outputs": {}, "seconds": None, "device": str(predictor.device),
-        "model": {"name": ctx.model_name, "sha256": ctx.model_sha256}, "run_id": ctx.run_id,
-    }
+    rec = records.case_record(case.case_id, item.input_record or {"path": str(case.path), "kind": case.kind},
+                              device=str(predictor.device), model={"name": ctx.model_name, "sha256": ctx.model_sha256},
+                              run_id=ctx.run_id)
     if ctx.members:
         rec["model"]["members"] = list(ctx.members)
     written: list[Path] = []
@@ -501,59 +383,27 @@ def run_batch(
     :func:`segment_case`) elsewhere, and this process keeps the journal, summaries and audit record.
     Returns a :class:`BatchResult`; its ``exit_code`` is what the CLI returns.
     """
-    from resunet.reports.provenance import collect_provenance, utc_now
-
     opts = options
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    mine = select_shard(cases, opts.shard)
     if not opts.sharded:
         _remove_stale_temps(opts.out_dir)
     else:  # other shards may be writing: only temps of this shard's cases (names no other case shares)
-        others = {c.case_id.split(".")[0] for c in cases} - {c.case_id.split(".")[0] for c in select_shard(cases, opts.shard)}
-        _remove_stale_temps(opts.out_dir, sorted({c.case_id.split(".")[0] for c in select_shard(cases, opts.shard)}
-                                                 - others - {"predictions"}))
-    started = utc_now()
+        others = {c.case_id.split(".")[0] for c in cases} - {c.case_id.split(".")[0] for c in mine}
+        _remove_stale_temps(opts.out_dir, sorted({c.case_id.split(".")[0] for c in mine} - others - {"predictions"}))
     model = predictor.model
-    provenance = collect_provenance(
-        command=command, model_path=model.path, model_name=model.name, started_utc=started
-    ) if model.path is not None else collect_provenance(command=command, model_name=model.name, started_utc=started)
-    run_id = provenance["run_id"]
-    model_rec = {"name": model.name, "sha256": model.sha256, "path": str(model.path) if model.path else None,
-                 "kind": model.kind, "labels": {str(k): v for k, v in model.labels.items()}}
-    members = predictor.model_records()
-    if len(members) > 1:  # an ensemble: its hash names the set; every member's hash is recorded too
-        model_rec["members"] = members
-        provenance["model"] = {"name": model.name, "path": None, "sha256": model.sha256, "size_bytes": None,
-                               "members": members}
-    header = {"model": model_rec, "settings": predictor.settings(), "provenance": provenance}
-    mine = select_shard(cases, opts.shard)
-    previous = read_records(opts.out_dir) if opts.resume else {}
+    header = _run_header(predictor, command)
+    members = header["model"].get("members") or []
+    previous = records.read_records(opts.out_dir) if opts.resume else {}
     ctx = CaseContext(model_name=model.name, model_sha256=model.sha256,
-                      members=[m["sha256"] for m in members] if len(members) > 1 else [], run_id=run_id,
-                      fg_labels=[n for v, n in model.labels.items() if v != 0])
-
-    records: dict[str, dict[str, Any]] = {}  # this run's records (this shard)
-    kept_records = {c.case_id: previous[c.case_id] for c in mine if c.case_id in previous}
+                      members=[m["sha256"] for m in members] if len(members) > 1 else [],
+                      run_id=header["provenance"]["run_id"], fg_labels=[n for v, n in model.labels.items() if v != 0])
+    store = records.RecordStore(opts.out_dir, header, shard=opts.shard, previous=previous)
+    store.kept = {c.case_id: previous[c.case_id] for c in mine if c.case_id in previous}
     result = BatchResult(records=[])
-    journal_path = opts.out_dir / opts.journal_name
-    last_write = [0.0]
-
-    def save_summary(force: bool) -> None:
-        n = len(kept_records) + len(records)
-        if not force and n > REWRITE_EVERY_CASE_UP_TO and time.monotonic() - last_write[0] < REWRITE_INTERVAL_S:
-            return
-        allrec = dict(kept_records)
-        allrec.update(records)
-        if not opts.sharded:  # keep records of cases not in this run (earlier runs into the same folder)
-            merged = {k: v for k, v in previous.items()}
-            merged.update(allrec)
-            allrec = merged
-        write_summary(opts.out_dir, opts.summary_name, list(allrec.values()), header)
-        last_write[0] = time.monotonic()
-
-    _end_journal_line(journal_path)
     bar = _Bar(enabled=opts.progress, total=len(mine))
     settings_seen = False
-    with bar, open(journal_path, "a", encoding="utf-8") as journal:
+    with bar, store:
         if engine is None:
             outcomes = _local_outcomes(mine, predictor, opts, previous, ctx, bar)
         else:
@@ -565,16 +415,13 @@ def run_batch(
             if kind == "skip":
                 result.skipped += 1
                 result.ok += 1
-                kept_records[case.case_id] = rec
+                store.keep(rec)
                 bar.message(f"{case.case_id}: skipped (already done with this input and model)")
                 bar.advance(ok=True)
                 continue
             for w in rec.get("warnings") or []:
                 bar.warn(f"case {case.case_id}: {w}")
-            journal.write(json.dumps(rec, default=str) + "\n")
-            journal.flush()
-            os.fsync(journal.fileno())
-            records[case.case_id] = rec
+            store.add(rec, save=False)
             where = f" on {rec['node']}" if engine is not None and rec.get("node") else ""
             if rec["status"] == "ok":
                 result.ok += 1
@@ -583,25 +430,50 @@ def run_batch(
                 result.failed += 1
                 result.failures.append((case.case_id, rec["reason"]))
                 bar.error(f"case {case.case_id} ({case.path}) failed{where}: {rec['reason']}")
-            save_summary(force=False)
+            store.save(force=False)
             bar.advance(ok=rec["status"] == "ok")
-    save_summary(force=True)
-    result.summary_path = opts.out_dir / opts.summary_name
-    if opts.sharded:
-        result.summary_path = merge_summaries(opts.out_dir, header)
-    all_mine = dict(kept_records)
-    all_mine.update(records)
+    result.summary_path = store.finish()
+    all_mine = store.mine()
     result.records = [all_mine[c.case_id] for c in mine if c.case_id in all_mine]
     if opts.audit_db is not False:
-        from resunet.reports.audit import record_run
-
-        outputs = [  # each output names its case and the node that wrote it
-            {**o, "path": str((opts.out_dir / o["path"]).resolve()), "case": r["case"], "node": r.get("node")}
-            for r in records.values() for o in (r.get("outputs") or {}).values()
-        ]
-        outputs.append({"path": str(result.summary_path.resolve()), "sha256": sha256_file(result.summary_path)})
-        record_run("predict", provenance, outputs, db_path=opts.audit_db or None)
+        provenance = header["provenance"]
+        if engine is not None:  # a cluster run: every case of this run with its status and node, failed ones too
+            provenance = {**provenance, "cases": [{"case": r["case"], "status": r.get("status"), "node": r.get("node"),
+                                                   "attempt": r.get("attempt")} for r in store.records.values()]}
+        _record_audit(provenance, store.records, result.summary_path, opts)
     return result
+
+
+def _run_header(predictor: Predictor, command: Sequence[str] | None) -> dict[str, Any]:
+    """The summary's ``model``, ``settings`` and ``provenance`` for a run of ``predictor``."""
+    from resunet.reports.provenance import collect_provenance, utc_now
+
+    started = utc_now()
+    model = predictor.model
+    provenance = collect_provenance(
+        command=command, model_path=model.path, model_name=model.name, started_utc=started
+    ) if model.path is not None else collect_provenance(command=command, model_name=model.name, started_utc=started)
+    model_rec = {"name": model.name, "sha256": model.sha256, "path": str(model.path) if model.path else None,
+                 "kind": model.kind, "labels": {str(k): v for k, v in model.labels.items()}}
+    members = predictor.model_records()
+    if len(members) > 1:  # an ensemble: its hash names the set; every member's hash is recorded too
+        model_rec["members"] = members
+        provenance["model"] = {"name": model.name, "path": None, "sha256": model.sha256, "size_bytes": None,
+                               "members": members}
+    return {"model": model_rec, "settings": predictor.settings(), "provenance": provenance}
+
+
+def _record_audit(provenance: dict[str, Any], run_records: dict[str, dict[str, Any]], summary: Path,
+                  opts: BatchOptions) -> None:
+    """Append the run (its outputs, each naming its case and the node that wrote it, and the summary) to the audit log."""
+    from resunet.reports.audit import record_run
+
+    outputs = [
+        {**o, "path": str((opts.out_dir / o["path"]).resolve()), "case": r["case"], "node": r.get("node")}
+        for r in run_records.values() for o in (r.get("outputs") or {}).values()
+    ]
+    outputs.append({"path": str(summary.resolve()), "sha256": sha256_file(summary)})
+    record_run("predict", provenance, outputs, db_path=opts.audit_db or None)
 
 
 def _write_outputs(
@@ -647,15 +519,6 @@ def _write_outputs(
         written.append(path)
         outputs[key] = {"path": path.name, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
     return outputs
-
-
-def _end_journal_line(path: Path) -> None:
-    """Terminate a journal line cut by a kill, so the next record starts on its own line."""
-    if path.exists() and path.stat().st_size:
-        with open(path, "rb+") as fh:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
 
 
 def _remove_stale_temps(out_dir: Path, stems: Sequence[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from resunet.package_data import MODEL_DIR
 
 #: the folder of the bundled checkpoints (package data: resunet/data/model)
 BUNDLED_DIR = MODEL_DIR
-#: the model used when none is given (``resunet predict`` without --model, the web UI at start)
+#: the model used when none is given (``resunet predict`` without --model, ``resunet serve``, the web UI at start)
 DEFAULT_MODEL = "brain_extraction"
 #: bundled model name -> one line on what it segments (labels come from the checkpoint)
 BUNDLED_MODELS: dict[str, str] = {
@@ -27,6 +27,11 @@ BUNDLED_MODELS: dict[str, str] = {
 def bundled_path(name: str) -> Path:
     """The checkpoint file of bundled model ``name`` (it may be missing from a trimmed install)."""
     return BUNDLED_DIR / f"{name}.pt"
+
+
+def default_model_path() -> Path:
+    """The checkpoint used when no model is given (:data:`DEFAULT_MODEL`): ``resunet predict``, ``resunet serve``."""
+    return bundled_path(DEFAULT_MODEL)
 
 
 def bundled_models() -> dict[str, Path]:

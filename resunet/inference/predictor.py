@@ -321,8 +321,8 @@ class Predictor:
             probabilities: also return per-label probability Volumes on the input grid (float32;
                 costs one input-sized float array per foreground label).
             progress: called as ``progress(stage, done, total)``.
-            check_content: refuse blank input and warn about NaN/inf (:func:`screen_input`); only the
-                warm-up, which runs the network on zeros on purpose, turns it off.
+            check_content: refuse blank input and warn about NaN/inf (:func:`screen_input`); only
+                :meth:`warm_up`, which runs the network on zeros on purpose, turns it off.
 
         Raises:
             InputError: an all-NaN/inf or constant scan (nothing to segment), or wrong channel count.
@@ -427,6 +427,18 @@ class Predictor:
         """``[{"name", "sha256", "path", "kind"}]`` per model (one, or each ensemble member)."""
         return [{"name": m.name, "sha256": m.sha256, "path": str(m.path) if m.path is not None else None,
                  "kind": m.kind} for m in self.members]
+
+    def warm_up(self) -> None:
+        """One prediction on a blank volume of one window at the model's spacing.
+
+        PyTorch's first convolutions on CPU cost seconds of one-off setup; ``resunet serve`` and the
+        web UI pay them when the model loads, not on the first case. The zeros are on purpose (the
+        blank-input check is off for this call).
+        """
+        spacing = [s or 1.0 for s in (self.plan.spacing or (1.0, 1.0, 1.0))]
+        patch = list(self.patch) + [1] * (3 - len(self.patch))
+        blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
+        self.predict([blank] * len(self.model.channels), check_content=False)
 
     # -- internals --------------------------------------------------------------------------------
     def _check_grid(self, volume: Volume) -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from resunet.errors import ConfigError
+from resunet.errors import ConfigError, ResunetError
 from resunet.inference.batch import BatchOptions, CaseContext, Outcome, _output_paths, load_case, node_name, segment_case
 from resunet.inference.cases import Case
 
@@ -110,6 +110,10 @@ class PredictorSpec:
         return json.dumps([self.model, self.kwargs, self.threads], sort_keys=True, default=repr)
 
 
+class CaseError(Exception):
+    """A case that could not run on its worker for a reason the driver records as is (not retried)."""
+
+
 # -- what runs on the workers --------------------------------------------------------------------------
 _WARM: dict[str, Any] = {}  # per worker process: the predictor of the current spec
 
@@ -155,7 +159,10 @@ def run_case(spec: PredictorSpec, opts: BatchOptions, ctx: CaseContext, case: Ca
     item = load_case(case, opts, prev, ctx)
     if item.skip_record is not None:
         return {"kind": "skip", "record": item.skip_record, "settings": None}
-    predictor = _warm_predictor(spec)
+    try:
+        predictor = _warm_predictor(spec)
+    except ResunetError as err:  # e.g. the model file differs or is unreadable on this node
+        raise CaseError(f"node {_ray_node()} could not load the model: {err}") from None
     if predictor.model.sha256 != ctx.model_sha256 and item.error is None:
         item.error = (f"the model this node loaded ({spec.model}) has SHA-256 {predictor.model.sha256[:12]}..., not the "
                       f"driver's {ctx.model_sha256[:12]}...: every node must see the same model file")
@@ -213,6 +220,7 @@ class RayEngine:
         o = self.options
         kw: dict[str, Any] = dict(namespace="resunet", log_to_driver=False, logging_level=logging.WARNING,
                                   include_dashboard=False)
+        _check_reachable(o.address)
         try:
             if o.address == "local":
                 n = o.actors or max(1, os.cpu_count() or 1)
@@ -301,6 +309,7 @@ class RayEngine:
         o = self.options
         remote_opts = dataclasses.replace(
             opts, refused={}, progress=False, audit_db=False,
+            out_dir=opts.out_dir.resolve(),  # the workers' working folder is not the driver's
             # a retried case writes the same SEG/RTSTRUCT/SR instances as the attempt that died
             uid_seed=opts.uid_seed if opts.uid_seed is not None else f"ray run {ctx.run_id}",
         )
@@ -346,8 +355,11 @@ class RayEngine:
         ray = self.ray
         try:
             return ray.get(ref)
-        except ray.exceptions.RayTaskError as err:  # the step catches a case's errors; this is a bug
-            reason = f"internal error on the Ray worker ({type(err.cause).__name__}: {err.cause})"
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, CaseError):
+                reason = str(err.cause)
+            else:  # the step catches a case's errors: this is a bug
+                reason = f"internal error on the Ray worker ({type(err.cause).__name__}: {err.cause})"
         except ray.exceptions.RayError as err:  # the worker or its node died on every attempt
             reason = (f"the Ray worker running it was lost {self.options.max_retries + 1} time(s) "
                       f"({type(err).__name__}: a node died, or the process was killed, e.g. out of memory); "
@@ -372,6 +384,26 @@ class RayEngine:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         remove_stale_temps(opts.out_dir, [case.case_id])
+
+
+def _check_reachable(address: str) -> None:
+    """For ``HOST:PORT`` (and ``ray://HOST:PORT``): refuse at once when nothing listens there (Ray's own
+    client would retry for minutes, printing a warning every few seconds)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    if address in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ConfigError(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT") from None
+    try:
+        socket.create_connection((host.strip("[]"), port_n), timeout=10).close()
+    except OSError as err:
+        raise ConfigError(f"--ray {address}: nothing answers there ({err.strerror or err}); start the head with "
+                          f"`ray start --head --port {port_n}` or check the address") from None
 
 
 def _model_list(model: Any) -> list[str]:

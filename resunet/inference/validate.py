@@ -56,35 +56,31 @@ def validate_cases(
 
 def write_refused_summary(
     cases: Sequence[Case], refused: dict[str, str], out_dir: str | os.PathLike[str], model_path: str | os.PathLike[str],
-    summary_name: str, journal_name: str, command: Sequence[str] | None = None, keep_previous: bool = True,
+    shard: tuple[int, int] = (0, 1), command: Sequence[str] | None = None,
 ) -> Path:
-    """Record the refused cases (all of them: no model was loaded) in the journal and summary of ``out_dir``.
+    """Record the refused cases (all of them: no model was loaded) in the journal and summary of ``out_dir``
+    (shard ``(i, n)``'s own when sharded), through :class:`resunet.inference.records.RecordStore`.
 
-    Returns the summary path. Earlier records of other cases in the folder are kept (as a normal run does).
+    Returns the summary path. Unsharded, earlier records of other cases in the folder are kept (as a
+    normal run does).
     """
-    import json
-
-    from resunet.inference.batch import read_records, write_summary
+    from resunet.inference.records import RecordStore, case_record, read_records
     from resunet.io.hashing import sha256_file
     from resunet.reports.provenance import collect_provenance, utc_now
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = Path(model_path)
     sha = sha256_file(model) if model.is_file() else None
     provenance = collect_provenance(command=command, started_utc=utc_now())
     header: dict[str, Any] = {"model": {"name": None, "sha256": sha, "path": str(model), "loaded": False},
                               "settings": {}, "provenance": provenance}
-    records = read_records(out) if keep_previous else {}
-    with open(out / journal_name, "a", encoding="utf-8") as journal:
+    previous = read_records(out) if shard[1] == 1 else {}
+    with RecordStore(out, header, shard=shard, previous=previous) as store:
         for case in cases:
-            if case.case_id not in refused:
-                continue
-            rec = {"case": case.case_id, "input": {"path": str(case.path), "kind": case.kind}, "status": "failed",
-                   "reason": refused[case.case_id], "outputs": {}, "seconds": 0.0, "device": None,
-                   "model": {"name": None, "sha256": sha}, "run_id": provenance["run_id"], "finished_utc": utc_now()}
-            journal.write(json.dumps(rec, default=str) + "\n")
-            records[case.case_id] = rec
-        journal.flush()
-        os.fsync(journal.fileno())
-    return write_summary(out, summary_name, list(records.values()), header)
+            if case.case_id in refused:
+                rec = case_record(case.case_id, {"path": str(case.path), "kind": case.kind}, device=None,
+                                  model={"name": None, "sha256": sha}, run_id=provenance["run_id"],
+                                  reason=refused[case.case_id], seconds=0.0)
+                rec["finished_utc"] = utc_now()
+                store.add(rec, save=False)
+        return store.save(force=True)

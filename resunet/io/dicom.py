@@ -15,7 +15,8 @@ SeriesInstanceUID, with ``#1``, ``#2``... appended when one series splits into s
 (most slices first, then by echo, echo time and acquisition number). The headers read are kept on
 the :class:`SeriesInfo`, so reading a series parses no header twice.
 
-Reading (:func:`read_series`):
+Reading (:func:`read_series`; the stack geometry, slices to affine with its checks, is
+:mod:`resunet.io.dicom_geometry`, this docstring its specification):
 
 - Slices are ordered by the projection of ImagePositionPatient on the slice normal
   ``n = row_direction x column_direction`` (never by file name or InstanceNumber), ascending.
@@ -50,26 +51,25 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from resunet.errors import GeometryError, InputError
+from resunet.errors import InputError
+from resunet.io.dicom_geometry import (RAS_FROM_LPS, SPACING_ATOL_MM, Slice, enhanced_iop, float_or, floats, slices_of,
+                                      stack_geometry)
 from resunet.io.dicom_headers import HeaderView, UnsupportedEncoding, read_header
 from resunet.io.dicom_pixels import READ_THREADS, NeedsWiderType, PixelSource, read_pixels
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
-RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 #: SOP classes that are never image volumes even if they carry pixel data or Rows/Columns.
 NON_IMAGE_SOP_CLASSES = {
@@ -90,12 +90,6 @@ _NON_IMAGE_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.11.": "Presentation State",
 }
 
-#: Tolerances for geometry checks. Positions in DICOM are decimal strings with a few decimals;
-#: 1e-2 mm absolute / 1 % relative accepts scanner rounding but no missing slice or real tilt.
-SPACING_RTOL = 0.01
-SPACING_ATOL_MM = 0.01
-TILT_TOL_MM = 0.01
-ORIENTATION_TOL = 1e-4
 
 
 @dataclass
@@ -275,15 +269,6 @@ class _Header:
     acquisition: str
 
 
-def _floats(value: Any) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _header_of(path: str | Path) -> _Header | None:
     """Read one file's header; None for non-image objects (callers classify them with the dataset).
 
@@ -297,12 +282,12 @@ def _header_of(path: str | Path) -> _Header | None:
 def _make_header(path: str, ds: Dataset, offset: int | None) -> _Header:
     hv = HeaderView(ds)
     n_frames = int(hv.get("NumberOfFrames", 1) or 1)
-    iop = _floats(hv.get("ImageOrientationPatient"))
+    iop = floats(hv.get("ImageOrientationPatient"))
     if iop is None and "SharedFunctionalGroupsSequence" in ds:
-        iop = _enhanced_iop(ds, 0)
-    pos = _floats(hv.get("ImagePositionPatient"))
+        iop = enhanced_iop(ds, 0)
+    pos = floats(hv.get("ImagePositionPatient"))
     series_number = hv.get("SeriesNumber")
-    echo_time = _float_or(hv.get("EchoTime"), None)
+    echo_time = float_or(hv.get("EchoTime"), None)
     has_pixels = None
     if offset is not None:
         has_pixels = offset < os.stat(path).st_size
@@ -483,156 +468,6 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
 # ------------------------------------------------------------------------------------------------
 
 
-def _first(seq_owner: Dataset | None, seq: str, attr: str) -> Any:
-    if seq_owner is None or seq not in seq_owner or len(seq_owner[seq].value) == 0:
-        return None
-    return seq_owner[seq].value[0].get(attr)
-
-
-def _frame_group(ds: Dataset, frame: int, seq: str, attr: str) -> Any:
-    """An attribute from the per-frame functional group ``seq`` of ``frame``, else the shared one."""
-    per = ds.get("PerFrameFunctionalGroupsSequence")
-    if per is not None and frame < len(per):
-        value = _first(per[frame], seq, attr)
-        if value is not None:
-            return value
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared is not None and len(shared):
-        return _first(shared[0], seq, attr)
-    return None
-
-
-def _enhanced_iop(ds: Dataset, frame: int) -> tuple[float, ...] | None:
-    return _floats(_frame_group(ds, frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
-
-
-@dataclass
-class _Slice:
-    """One 2D image (a file or a frame) with its geometry and value transform."""
-
-    source: str
-    path: str
-    ds: Dataset
-    frame: int | None
-    position: np.ndarray | None  # LPS mm
-    iop: np.ndarray | None  # 6 floats
-    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) mm
-    thickness: float | None
-    spacing_between: float | None
-    slope: float
-    intercept: float
-    header: _Header | None = None
-    philips: tuple[float, float] | None = None  # Philips private (scale slope, scale intercept)
-
-
-def _float_or(value: Any, default: float | None) -> float | None:
-    if value is None or value == "":
-        return default
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _philips_scale(ds: Dataset | HeaderView) -> tuple[float, float] | None:
-    """Philips' private floating-point scale slope/intercept (2005,xx0E)/(2005,xx0D), if present."""
-    full = ds.ds if isinstance(ds, HeaderView) else ds
-    if not any((0x2005 << 16 | e) in full for e in range(0x10, 0x20)):
-        return None
-    try:
-        block = full.private_block(0x2005, "Philips MR Imaging DD 001")
-        values = []
-        for offset in (0x0E, 0x0D):
-            v = block[offset].value if offset in block else None
-            if isinstance(v, (bytes, bytearray)):
-                v = struct.unpack("<f", bytes(v[:4]))[0] if len(v) >= 4 else None
-            values.append(float(v) if v not in (None, "") else None)
-    except (KeyError, ValueError, TypeError, struct.error):
-        return None
-    ss, si = values
-    if ss is None or not np.isfinite(ss) or ss == 0:
-        return None
-    return ss, (si if si is not None and np.isfinite(si) else 0.0)
-
-
-def _slices_of(path: str, ds: Dataset | HeaderView, header: _Header | None = None) -> list[_Slice]:
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    slope = _float_or(ds.get("RescaleSlope"), 1.0) or 1.0
-    inter = _float_or(ds.get("RescaleIntercept"), 0.0) or 0.0
-    if str(ds.get("Modality", "")) == "RTDOSE" and ds.get("DoseGridScaling") not in (None, ""):
-        slope = _float_or(ds.get("DoseGridScaling"), 1.0) or 1.0  # dose in Gy (or the DoseUnits)
-    ps = _floats(ds.get("PixelSpacing")) or _floats(ds.get("ImagerPixelSpacing"))
-    if ps is not None and (len(ps) != 2 or min(ps) <= 0):
-        ps = None  # "0\\0" in some radiographs: treated as absent
-    thickness = _float_or(ds.get("SliceThickness"), None)
-    between = _float_or(ds.get("SpacingBetweenSlices"), None)
-    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        out = []
-        for f in range(n_frames):
-            pos = _floats(_frame_group(ds, f, "PlanePositionSequence", "ImagePositionPatient"))
-            iop = _enhanced_iop(ds, f)
-            fps = _floats(_frame_group(ds, f, "PixelMeasuresSequence", "PixelSpacing")) or ps
-            fth = _float_or(_frame_group(ds, f, "PixelMeasuresSequence", "SliceThickness"), thickness)
-            fsb = _float_or(_frame_group(ds, f, "PixelMeasuresSequence", "SpacingBetweenSlices"), between)
-            fsl = _float_or(_frame_group(ds, f, "PixelValueTransformationSequence", "RescaleSlope"), slope)
-            fin = _float_or(_frame_group(ds, f, "PixelValueTransformationSequence", "RescaleIntercept"), inter)
-            out.append(
-                _Slice(
-                    source=f"{path} frame {f + 1}",
-                    path=path,
-                    ds=ds,
-                    header=header,
-                    frame=f,
-                    position=np.array(pos) if pos and len(pos) == 3 else None,
-                    iop=np.array(iop) if iop and len(iop) == 6 else None,
-                    pixel_spacing=(fps[0], fps[1]) if fps and len(fps) == 2 else None,
-                    thickness=fth,
-                    spacing_between=fsb,
-                    slope=fsl if fsl else 1.0,
-                    intercept=fin or 0.0,
-                )
-            )
-        return out
-    pos = _floats(ds.get("ImagePositionPatient"))
-    iop = _floats(ds.get("ImageOrientationPatient"))
-    base = dict(
-        path=path,
-        ds=ds,
-        header=header,
-        philips=_philips_scale(ds),
-        iop=np.array(iop) if iop and len(iop) == 6 else None,
-        pixel_spacing=(ps[0], ps[1]) if ps and len(ps) == 2 else None,
-        thickness=thickness,
-        spacing_between=between,
-        slope=slope,
-        intercept=inter,
-    )
-    if n_frames == 1:
-        return [_Slice(source=path, frame=None, position=np.array(pos) if pos and len(pos) == 3 else None, **base)]
-    # classic multi-frame: frames stacked along the normal
-    offsets = _floats(ds.get("GridFrameOffsetVector"))
-    if offsets and pos and len(pos) == 3 and offsets[0] != 0 and abs(offsets[0] - pos[2]) < 1e-3:
-        # the older absolute form (offsets are z coordinates, first = IPP z): make them relative
-        offsets = tuple(o - offsets[0] for o in offsets)
-    step = between or thickness
-    out = []
-    normal = None
-    if base["iop"] is not None:
-        normal = np.cross(base["iop"][:3], base["iop"][3:])
-    for f in range(n_frames):
-        p = None
-        if pos and len(pos) == 3 and normal is not None:
-            if offsets and len(offsets) == n_frames:
-                p = np.array(pos) + offsets[f] * normal
-            elif step:
-                p = np.array(pos) + f * step * normal
-        out.append(_Slice(source=f"{path} frame {f + 1}", frame=f, position=p, **base))
-    if out[0].position is None and n_frames > 1:
-        for s in out:
-            s.position = None
-    return out
-
-
 def _check_pixels(ds: Dataset, source: str) -> None:
     colour = colour_of(ds)
     if colour is not None:
@@ -648,111 +483,7 @@ def _output_dtype(values_min: float, values_max: float, exact_int: bool) -> np.d
     return np.dtype(np.float32)
 
 
-def _orientation_of(slices: Sequence[_Slice], label: str) -> np.ndarray | None:
-    iops = [s.iop for s in slices]
-    if any(i is None for i in iops):
-        if all(i is None for i in iops):
-            return None
-        raise GeometryError(f"{label}: some images have ImageOrientationPatient and some do not")
-    iop0 = iops[0]
-    for s in slices[1:]:
-        if np.max(np.abs(s.iop - iop0)) > ORIENTATION_TOL * 10:
-            raise GeometryError(
-                f"{label}: images with different orientations ({s.source}); the series is not one stack,"
-                " pick another series or split it"
-            )
-    row, col = iop0[:3], iop0[3:]
-    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(np.dot(row, col)) > 1e-3:
-        raise GeometryError(f"{label}: ImageOrientationPatient {list(iop0)} is not two orthogonal unit vectors")
-    row = row / np.linalg.norm(row)
-    col = col - np.dot(col, row) * row
-    col = col / np.linalg.norm(col)
-    return np.concatenate([row, col])
-
-
-def _stack_geometry(slices: list[_Slice], label: str) -> tuple[list[_Slice], np.ndarray, bool]:
-    """Sort slices along the normal, check spacing and tilt; return (sorted, affine_lps, known)."""
-    iop = _orientation_of(slices, label)
-    ps = slices[0].pixel_spacing
-    if ps is not None and (ps[0] <= 0 or ps[1] <= 0):
-        raise GeometryError(f"{label}: PixelSpacing {ps} is not positive")
-    for s in slices[1:]:
-        if (s.pixel_spacing is None) != (ps is None) or (
-            ps is not None and np.max(np.abs(np.subtract(s.pixel_spacing, ps))) > 1e-4
-        ):
-            raise GeometryError(f"{label}: images with different PixelSpacing ({s.source})")
-    row_sp, col_sp = ps if ps is not None else (1.0, 1.0)
-    positions = [s.position for s in slices]
-    if ps is None and iop is not None and all(p is not None for p in positions):
-        raise GeometryError(f"{label}: the images have positions but no valid PixelSpacing; cannot size the voxels")
-    if iop is None or any(p is None for p in positions):
-        if len(slices) > 1 and iop is not None:
-            raise GeometryError(
-                f"{label}: some images or frames have no position (ImagePositionPatient, or for multi-frame"
-                " files GridFrameOffsetVector/SpacingBetweenSlices); cannot place the slices"
-            )
-        if len(slices) > 1 and len({s.path for s in slices}) > 1:
-            raise GeometryError(
-                f"{label}: {len(slices)} images without ImagePositionPatient/ImageOrientationPatient;"
-                " their order and spacing in the body are unknown"
-            )
-        # no patient geometry: identity grid (like SimpleITK), flagged in meta
-        thick = slices[0].spacing_between or slices[0].thickness or 1.0
-        aff = np.diag([col_sp, row_sp, thick if thick > 0 else 1.0, 1.0])
-        return slices, aff, False
-    row, col = iop[:3], iop[3:]
-    normal = np.cross(row, col)
-    proj = np.array([float(np.dot(p, normal)) for p in positions])
-    order = np.argsort(proj, kind="stable")
-    slices = [slices[i] for i in order]
-    proj = proj[order]
-    pos = np.array([positions[i] for i in order])
-    if len(slices) == 1:
-        dz = slices[0].spacing_between or slices[0].thickness or 1.0
-        dz = abs(dz) if dz else 1.0
-    else:
-        gaps = np.diff(proj)
-        if np.min(gaps) < SPACING_ATOL_MM:
-            i = int(np.argmin(gaps))
-            advice = (
-                "this multi-frame file holds several stacks (echoes, time points or b-values); resunet reads"
-                " one stack per file: split it first (e.g. dcm2niix writes one NIfTI per stack)"
-                if len({s.path for s in slices}) == 1
-                else "the series holds several stacks (echoes, time points or repeats) that resunet cannot"
-                " tell apart: export one stack as its own series, or convert with dcm2niix"
-            )
-            raise GeometryError(
-                f"{label}: two images at the same position ({slices[i].source} and {slices[i + 1].source}); {advice}"
-            )
-        dz = float(np.median(gaps))
-        bad = np.abs(gaps - dz) > max(SPACING_ATOL_MM, SPACING_RTOL * dz)
-        if np.any(bad):
-            i = int(np.argmax(np.abs(gaps - dz)))
-            raise GeometryError(
-                f"{label}: uneven slice spacing: gap of {gaps[i]:.4g} mm between {Path(slices[i].source).name} and"
-                f" {Path(slices[i + 1].source).name} where the others are {dz:.4g} mm; slices are missing or"
-                " the series mixes stacks; export the complete series"
-            )
-        # tilt: every position must lie on the line origin + t * normal
-        rel = pos - pos[0]
-        off = rel - np.outer(rel @ normal, normal)
-        worst = float(np.max(np.linalg.norm(off, axis=1)))
-        if worst > TILT_TOL_MM:
-            angle = float(np.degrees(np.arctan2(np.linalg.norm(off[-1]), rel[-1] @ normal)))
-            raise GeometryError(
-                f"{label}: the slices are not stacked along the slice normal (gantry tilt or sheared stack,"
-                f" about {angle:.2f} deg, {worst:.3g} mm off axis); resunet does not resample tilted series:"
-                " correct the tilt first (e.g. `dcm2niix` writes a tilt-corrected NIfTI)"
-            )
-    aff = np.eye(4)
-    aff[:3, 0] = row * col_sp
-    aff[:3, 1] = col * row_sp
-    aff[:3, 2] = normal * dz
-    aff[:3, 3] = pos[0]
-    return slices, aff, True
-
-
-def read_slices(slices: list[_Slice], label: str) -> tuple[np.ndarray, np.ndarray, list[_Slice], bool]:
+def read_slices(slices: list[Slice], label: str) -> tuple[np.ndarray, np.ndarray, list[Slice], bool]:
     """Read and stack slices; returns (array (I,J,K), affine RAS, sorted slices, geometry_known).
 
     Geometry is checked first (no pixel is read for a refused series); then every file's pixel
@@ -763,7 +494,7 @@ def read_slices(slices: list[_Slice], label: str) -> tuple[np.ndarray, np.ndarra
         raise InputError(f"{label}: no images to read")
     for s in slices:
         _check_pixels(s.ds, s.source)
-    slices, aff_lps, known = _stack_geometry(slices, label)
+    slices, aff_lps, known = stack_geometry(slices, label)
     rows, cols = int(slices[0].ds.Rows), int(slices[0].ds.Columns)
     # one pixel source per distinct file; plane_of[n][f] = slice k of frame f of file n
     index: dict[str, int] = {}
@@ -806,7 +537,7 @@ def read_slices(slices: list[_Slice], label: str) -> tuple[np.ndarray, np.ndarra
     return array, RAS_FROM_LPS @ aff_lps, slices, known
 
 
-def _pixel_source(s: _Slice) -> PixelSource:
+def _pixel_source(s: Slice) -> PixelSource:
     h, ds = s.header, s.ds
     implicit, little = ds.ds.original_encoding if isinstance(ds, HeaderView) else ds.original_encoding
     meta = getattr(ds, "file_meta", None)
@@ -918,12 +649,12 @@ def read_series(info: SeriesInfo, source: str | None = None) -> Volume:
                 raise InputError(f"{f}: not a DICOM file") from None
             except Exception as err:
                 raise InputError(f"{f}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
-    slices: list[_Slice] = []
+    slices: list[Slice] = []
     for h in headers:
         if h.has_pixels is False:
             raise InputError(f"{h.path}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
         try:
-            slices.extend(_slices_of(h.path, HeaderView(h.ds), h))
+            slices.extend(slices_of(h.path, HeaderView(h.ds), h))
         except Exception as err:  # noqa: BLE001 - pydicom parses values lazily; any of them can be corrupt
             raise InputError(f"{h.path}: malformed DICOM attributes ({type(err).__name__}: {err})") from None
     try:

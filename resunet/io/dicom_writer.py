@@ -23,6 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import format_number_as_ds  # a DS (max 16 characters) as exact as fits
 
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
@@ -31,15 +32,6 @@ from resunet.io.volume import Volume
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _SOP_CLASS = {"CT": CTImageStorage, "MR": MRImageStorage}
-
-
-def _ds(value: float) -> str:
-    """A DICOM decimal string (max 16 characters) holding ``value`` as exactly as fits."""
-    for digits in range(16, 0, -1):
-        text = f"{value:.{digits}g}"
-        if len(text) <= 16:
-            return text
-    return "0"
 
 
 def _pixel_encoding(array: np.ndarray) -> tuple[np.ndarray, int, float, float]:
@@ -63,10 +55,10 @@ def _pixel_encoding(array: np.ndarray) -> tuple[np.ndarray, int, float, float]:
     if hi == lo:
         slope = 1.0
     else:
-        slope = float(_ds((hi - lo) / 65534.0))
+        slope = float(format_number_as_ds((hi - lo) / 65534.0))
         if slope == 0.0:
             slope = (hi - lo) / 65534.0
-    inter = float(_ds(lo + 32767.0 * slope))
+    inter = float(format_number_as_ds(lo + 32767.0 * slope))
     stored = np.clip(np.round((data - inter) / slope), -32768, 32767).astype(np.int16)
     return stored, 1, slope, inter
 
@@ -142,7 +134,7 @@ def write_dicom_series(
         raise InputError(f"sop_instance_uid_root {sop_instance_uid_root!r} is too long for a 64-character UID")
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sop_class = _SOP_CLASS[modality]
-    iop = [_ds(float(v)) for v in (*dirs[:, 0], *dirs[:, 1])]
+    iop = [format_number_as_ds(float(v)) for v in (*dirs[:, 0], *dirs[:, 1])]
 
     paths: list[Path] = []
     for k in range(n_k):
@@ -182,12 +174,12 @@ def write_dicom_series(
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
         pos = lps[:3, :3] @ np.array([0.0, 0.0, float(k)]) + lps[:3, 3]
-        ds.ImagePositionPatient = [_ds(float(v)) for v in pos]
+        ds.ImagePositionPatient = [format_number_as_ds(float(v)) for v in pos]
         ds.ImageOrientationPatient = iop
-        ds.PixelSpacing = [_ds(float(spacing[1])), _ds(float(spacing[0]))]
-        ds.SliceThickness = _ds(float(spacing[2]))
-        ds.SpacingBetweenSlices = _ds(float(spacing[2]))
-        ds.SliceLocation = _ds(float(np.dot(normal, pos)))
+        ds.PixelSpacing = [format_number_as_ds(float(spacing[1])), format_number_as_ds(float(spacing[0]))]
+        ds.SliceThickness = format_number_as_ds(float(spacing[2]))
+        ds.SpacingBetweenSlices = format_number_as_ds(float(spacing[2]))
+        ds.SliceLocation = format_number_as_ds(float(np.dot(normal, pos)))
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows = n_j
@@ -197,14 +189,14 @@ def write_dicom_series(
         ds.HighBit = 15
         ds.PixelRepresentation = pixel_rep
         if modality == "CT":
-            ds.RescaleIntercept = _ds(inter)
-            ds.RescaleSlope = _ds(slope)
+            ds.RescaleIntercept = format_number_as_ds(inter)
+            ds.RescaleSlope = format_number_as_ds(slope)
             ds.RescaleType = "HU"
         elif (slope, inter) != (1.0, 0.0):
             # the MR Image IOD has no Rescale attributes (dciodvfy warns "not present in standard DICOM
             # IOD"), but float data cannot be stored without them; integers are stored as they are
-            ds.RescaleIntercept = _ds(inter)
-            ds.RescaleSlope = _ds(slope)
+            ds.RescaleIntercept = format_number_as_ds(inter)
+            ds.RescaleSlope = format_number_as_ds(slope)
             ds.RescaleType = "US"
         if modality == "CT":
             ds.KVP = ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -32,11 +33,53 @@ from resunet.io.volume import Volume
 log = logging.getLogger(__name__)
 
 
-def _scan(path: Path) -> ScanReport:
+@dataclass(frozen=True)
+class StudyRoute:
+    """How a study path is read (:func:`route_study`): ``kind`` ``nifti`` | ``zip`` | ``dicom``, and the
+    ``path`` to read (a DICOMDIR's folder for ``dicomdir``)."""
+
+    kind: str
+    path: Path
+    dicomdir: bool = False
+
+
+def route_study(path: str | os.PathLike[str], series_uid: str | None = None) -> StudyRoute:
+    """What ``path`` is, as :func:`load_study` reads it and :func:`resunet.io.precheck.check_study`
+    checks it (the module docstring's rules); InputError when it does not exist, or when a series is
+    asked of a NIfTI file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_file() and is_nifti_path(p):
+        if series_uid:
+            raise InputError(f"{p}: --series applies to DICOM input, not to a NIfTI file")
+        return StudyRoute("nifti", p)
+    if p.is_file() and (p.name.lower().endswith(".zip") or looks_like_zip(p)):
+        return StudyRoute("zip", p)
+    if p.is_file() and p.name.upper() == "DICOMDIR":  # CDs and exports: the images are beside the index
+        return StudyRoute("dicom", p.parent, dicomdir=True)
+    return StudyRoute("dicom", p)
+
+
+def find_series(path: Path) -> ScanReport:
+    """The DICOM headers under ``path`` (:func:`resunet.io.dicom.scan_dicom_files`); InputError saying
+    why when there is no image series."""
     report = scan_dicom_files(path)
     if not report.series:
         raise InputError(_nothing_found(path, report))
     return report
+
+
+def zip_contents(folder: Path, zip_path: Path, series_uid: str | None) -> tuple[ScanReport, Path | None]:
+    """An extracted zip's DICOM headers, and its one NIfTI file when it holds no image series (and no
+    series is asked for: a zipped NIfTI, common for web uploads); InputError when it holds neither."""
+    report = scan_dicom_files(folder)
+    if not report.series:
+        niftis = sorted(f for f in folder.rglob("*") if f.is_file() and is_nifti_path(f))
+        if len(niftis) == 1 and not series_uid:
+            return report, niftis[0]
+        raise InputError(_nothing_found(zip_path, report, folder))
+    return report, None
 
 
 def _nothing_found(path: Path, report: ScanReport, contents: Path | None = None) -> str:
@@ -67,7 +110,7 @@ def _nothing_found(path: Path, report: ScanReport, contents: Path | None = None)
     return f"{path}: no DICOM images found ({report.summary()}); expected DICOM image files, a .zip, or NIfTI"
 
 
-def _choose(series: list[SeriesInfo], path: Path, series_uid: str | None) -> SeriesInfo:
+def choose_series(series: list[SeriesInfo], path: Path, series_uid: str | None) -> SeriesInfo:
     """The series to read: ``series_uid`` (a :class:`SeriesInfo` ``uid`` or a SeriesInstanceUID), else
     the first (the one with the most slices); InputError listing what exists if it is not there.
     Also the header check's choice (:func:`resunet.io.precheck.check_study`)."""
@@ -82,7 +125,7 @@ def _choose(series: list[SeriesInfo], path: Path, series_uid: str | None) -> Ser
 
 def _pick(report: ScanReport, path: Path, series_uid: str | None) -> SeriesInfo:
     series = report.series
-    chosen = _choose(series, path, series_uid)
+    chosen = choose_series(series, path, series_uid)
     others = [s for s in series if s is not chosen]
     how = "as asked" if series_uid else "the one with the most slices"
     log.info("%s: %s", path, report.left_aside(chosen, how))
@@ -109,18 +152,14 @@ def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
     Raises:
         InputError: the path does not exist or holds no image series.
     """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
-    if p.is_file() and is_nifti_path(p):
+    route = route_study(path)
+    if route.kind == "nifti":
         return []
-    if p.is_file() and p.name.lower().endswith(".zip"):
-        with extract_zip(p) as folder:
-            series = list(_scan(folder).series)
+    if route.kind == "zip":
+        with extract_zip(route.path) as folder:
+            series = list(find_series(folder).series)
     else:
-        if p.is_file() and p.name.upper() == "DICOMDIR":
-            p = p.parent
-        series = list(_scan(p).series)
+        series = list(find_series(route.path).series)
     for s in series:  # listing only: do not hold every header in memory
         s.headers = []
     return series
@@ -139,24 +178,18 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
         InputError: unreadable or unsupported input (one line naming the file and what to do).
         GeometryError: the series' geometry cannot be represented (missing slices, tilt, ...).
     """
-    p = Path(path)
+    route = route_study(path, series_uid)
+    p = route.path
     limits = limits if limits is not None else Limits.from_env()
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
-    if p.is_file() and is_nifti_path(p):
-        if series_uid:
-            raise InputError(f"{p}: --series applies to DICOM input, not to a NIfTI file")
+    if route.kind == "nifti":
         return read_nifti(p, limits)
-    if p.is_file() and (p.name.lower().endswith(".zip") or _looks_like_zip(p)):
+    if route.kind == "zip":
         with extract_zip(p) as folder:
-            report = scan_dicom_files(folder)
-            if not report.series:
-                niftis = sorted(f for f in folder.rglob("*") if f.is_file() and is_nifti_path(f))
-                if len(niftis) == 1 and not series_uid:  # a zipped NIfTI (common for web uploads)
-                    vol = read_nifti(niftis[0], limits)
-                    vol.meta["source"] = f"{p}:{niftis[0].relative_to(folder)}"
-                    return vol
-                raise InputError(_nothing_found(p, report, folder))
+            report, nifti = zip_contents(folder, p, series_uid)
+            if nifti is not None:
+                vol = read_nifti(nifti, limits)
+                vol.meta["source"] = f"{p}:{nifti.relative_to(folder)}"
+                return vol
             chosen = _pick(report, p, series_uid)
             limits.check_series(p, chosen)
             vol = read_series(chosen, source=str(p))
@@ -168,10 +201,9 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
             vol.meta["dicom_files"] = [str(Path(f).relative_to(folder)) for f in vol.meta["dicom_files"]]
             vol.meta["dicom_files_in_zip"] = True
             return vol
-    if p.is_file() and p.name.upper() == "DICOMDIR":
-        log.info("%s: a DICOMDIR index; reading the folder it sits in", p)
-        p = p.parent  # CDs and exports: the images are in the folder tree beside the index
-    report = _scan(p)
+    if route.dicomdir:
+        log.info("%s: a DICOMDIR index; reading the folder it sits in", path)
+    report = find_series(p)
     chosen = _pick(report, p, series_uid)
     limits.check_series(p, chosen)
     vol = read_series(chosen, source=str(p))
@@ -244,7 +276,7 @@ def _headers(files: list[str]) -> list[Dataset]:
     return [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in dict.fromkeys(files)]
 
 
-def _looks_like_zip(p: Path) -> bool:
+def looks_like_zip(p: Path) -> bool:
     """True if the file starts with a zip local-file or empty-archive signature."""
     try:
         with open(p, "rb") as fh:

@@ -23,9 +23,8 @@ from pathlib import Path
 
 from resunet.errors import InputError
 from resunet.io.archive import check_zip, extract_zip
-from resunet.io.dicom import scan_dicom_files
 from resunet.io.limits import Limits, series_shape
-from resunet.io.nifti import check_nifti, check_nifti_stream, is_nifti_path
+from resunet.io.nifti import check_nifti, check_nifti_stream
 
 
 def check_study(
@@ -49,37 +48,29 @@ def check_study(
             its 4xx at once, and no volume is decoded in the request.
         min_slices, allow_split: the service's series rules (:func:`resunet.io.loader.series_rule_error`).
     """
-    from resunet.io.loader import _choose, _looks_like_zip, _nothing_found, _scan
+    from resunet.io.loader import choose_series, find_series, route_study, zip_contents
 
-    p = Path(path)
+    route = route_study(path, series_uid)  # load_study's routing: the same input, the same reading
+    p = route.path
     limits = limits if limits is not None else Limits.from_env()
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
-    if p.is_file() and is_nifti_path(p):
-        if series_uid:
-            raise InputError(f"{p}: --series applies to DICOM input, not to a NIfTI file")
+    if route.kind == "nifti":
         img = (check_nifti_stream if deep else check_nifti)(p, limits)
         limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
         return
-    if p.is_file() and (p.name.lower().endswith(".zip") or _looks_like_zip(p)):
+    if route.kind == "zip":
         check_zip(p)
         if not deep:
             return
         with extract_zip(p) as folder:
-            report = scan_dicom_files(folder)
-            if not report.series:
-                niftis = sorted(f for f in folder.rglob("*") if f.is_file() and is_nifti_path(f))
-                if len(niftis) == 1 and not series_uid:  # a zipped NIfTI, as load_study reads it
-                    img = check_nifti_stream(niftis[0], limits)
-                    limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
-                    return
-                raise InputError(_nothing_found(p, report, folder))
-            _check_series(p, report, _choose(report.series, p, series_uid), limits, min_slices, allow_split)
+            report, nifti = zip_contents(folder, p, series_uid)
+            if nifti is not None:  # a zipped NIfTI, as load_study reads it
+                img = check_nifti_stream(nifti, limits)
+                limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
+                return
+            _check_series(p, report, choose_series(report.series, p, series_uid), limits, min_slices, allow_split)
         return
-    if p.is_file() and p.name.upper() == "DICOMDIR":
-        p = p.parent
-    report = _scan(p)
-    _check_series(p, report, _choose(report.series, p, series_uid), limits, min_slices, allow_split)
+    report = find_series(p)
+    _check_series(p, report, choose_series(report.series, p, series_uid), limits, min_slices, allow_split)
 
 
 def _check_series(p: Path, report, info, limits: Limits, min_slices: int, allow_split: bool) -> None:

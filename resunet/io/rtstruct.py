@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from resunet import __version__
 from resunet.errors import GeometryError, InputError
@@ -54,16 +55,11 @@ _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyD
            "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription")
 
 
-def _ds(value: float) -> str:
-    """A decimal string of at most 16 characters (DICOM DS)."""
-    text = f"{value:.4f}".rstrip("0").rstrip(".")
-    return text if len(text) <= 16 else f"{value:.6g}"
-
-
 def _contour_data(points: np.ndarray) -> RawDataElement:
     """ContourData (3006,0050) as an encoded DS element: pydicom validates each DS value it is given
     (~50 us each, ~2 s for a brain's 35 000 coordinates), so the text is built once here."""
-    raw = "\\".join(_ds(float(v)) for v in points.ravel()).encode("ascii")
+    # 0.1 um (4 decimals in mm) is far below any voxel and keeps the element half as long
+    raw = "\\".join(format_number_as_ds(float(v)) for v in np.round(points.ravel(), 4)).encode("ascii")
     if len(raw) % 2:
         raw += b" "  # DICOM values have even length; DS pads with a space
     return RawDataElement(CONTOUR_DATA, "DS", len(raw), raw, 0, False, True)

@@ -103,7 +103,7 @@ class ResUNetConfig:
         widths: Sequence[int],
         blocks: int | Sequence[int],
         block: str = "basic",
-        strides: Any = 2,
+        strides: Any = None,
         kernel_sizes: Any = 3,
         width_factor: float = 1.0,
         norm: str = "instance",
@@ -118,7 +118,13 @@ class ResUNetConfig:
         stem: StemConfig | Mapping[str, Any] | None = None,
         decoder: DecoderConfig | Mapping[str, Any] | None = None,
     ) -> ResUNetConfig:
-        """Validate and expand user arguments (scalars or per-stage lists) into a config."""
+        """Validate and expand user arguments (scalars or per-stage lists) into a config.
+
+        This is the one signature of the network's settings: ``ResUNet(...)`` takes exactly these
+        arguments (its docstring says what each means) and their defaults are stated only here.
+        ``strides=None``: 1 for the first stage (after the stem's pool, as torchvision's ``layer1``), 2
+        for every other stage.
+        """
         if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
             raise NetConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         d = int(spatial_dims)
@@ -131,6 +137,8 @@ class ResUNetConfig:
         blocks_l = [_positive_int(b, f"blocks[{i}]") for i, b in enumerate(_per_stage(blocks, n, "blocks"))]
         if block not in BLOCK_TYPES:
             raise NetConfigError(f"block must be one of {', '.join(BLOCK_TYPES)}, got {block!r}")
+        if strides is None:
+            strides = [1] + [2] * (n - 1)
         strides_l = [_per_axis(s, d, f"strides[{i}]") for i, s in enumerate(_per_stage(strides, n, "strides", axes=d))]
         kernels_l = [
             _per_axis(k, d, f"kernel_sizes[{i}]", odd=True)

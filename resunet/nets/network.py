@@ -12,7 +12,7 @@ from torch import nn
 
 from resunet.nets import layers
 from resunet.nets.blocks import BasicBlock, Bottleneck, make_stage
-from resunet.nets.config import DecoderConfig, ResUNetConfig, StemConfig
+from resunet.nets.config import ResUNetConfig
 from resunet.nets.errors import NetConfigError
 
 
@@ -107,7 +107,8 @@ class ResUNet(nn.Module):
         blocks: residual blocks per stage (scalar or per stage; resnet50: ``(3, 4, 6, 3)``).
         block: ``"basic"`` (two k x k convs) or ``"bottleneck"`` (1x1, k x k, 1x1 with expansion 4).
         strides: per stage, the stride of its first block, per axis (int, or ``spatial_dims`` ints for
-            anisotropic downsampling, e.g. ``(2, 2, 1)`` keeps thick slices along the last axis).
+            anisotropic downsampling, e.g. ``(2, 2, 1)`` keeps thick slices along the last axis);
+            default 1 for the first stage and 2 for the others.
         kernel_sizes: per stage, the (odd) kernel of the k x k convolutions, int or per axis.
         width_factor: bottleneck middle width = ``planes * width_factor`` (2 for wide ResNets).
         norm: ``"instance"`` (default, affine, no running stats), ``"batch"`` or ``"group"``.
@@ -142,53 +143,11 @@ class ResUNet(nn.Module):
         "deep_supervision_strides",
     ]
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        *,
-        widths: Sequence[int],
-        blocks: int | Sequence[int],
-        block: str = "basic",
-        strides: Any = (1, 2, 2, 2),
-        kernel_sizes: Any = 3,
-        width_factor: float = 1.0,
-        norm: str = "instance",
-        norm_groups: int = 8,
-        act: str = "relu",
-        encoder_dropout: float | Sequence[float] = 0.0,
-        decoder_dropout: float | Sequence[float] = 0.0,
-        mc_dropout: bool = False,
-        deep_supervision: bool = False,
-        zero_init_residual: bool = False,
-        resnet_d: bool = False,
-        stem: StemConfig | Mapping[str, Any] | None = None,
-        decoder: DecoderConfig | Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, **settings: Any) -> None:
+        # One signature, one default each: the settings (names, types, defaults, checks) are
+        # ResUNetConfig.build's; __signature__ below shows them on ResUNet too.
         super().__init__()
-        cfg = ResUNetConfig.build(
-            spatial_dims,
-            in_channels,
-            out_channels,
-            widths=widths,
-            blocks=blocks,
-            block=block,
-            strides=strides,
-            kernel_sizes=kernel_sizes,
-            width_factor=width_factor,
-            norm=norm,
-            norm_groups=norm_groups,
-            act=act,
-            encoder_dropout=encoder_dropout,
-            decoder_dropout=decoder_dropout,
-            mc_dropout=mc_dropout,
-            deep_supervision=deep_supervision,
-            zero_init_residual=zero_init_residual,
-            resnet_d=resnet_d,
-            stem=stem,
-            decoder=decoder,
-        )
+        cfg = ResUNetConfig.build(spatial_dims, in_channels, out_channels, **settings)
         self._cfg = cfg
         self.preset: str | None = None
         d = cfg.spatial_dims
@@ -388,6 +347,18 @@ class ResUNet(nn.Module):
                     o = _crop(o, sizes, self._ds_strides[i])
                 result.append(o)
         return result
+
+
+def _signature_from_build() -> Any:
+    """``ResUNet(spatial_dims, in_channels, out_channels, *, widths, blocks, ...)`` as ``ResUNetConfig.build`` states it."""
+    import inspect
+
+    build = inspect.signature(ResUNetConfig.build)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return build.replace(parameters=[self_param, *build.parameters.values()], return_annotation=None)
+
+
+ResUNet.__init__.__signature__ = _signature_from_build()  # type: ignore[attr-defined]
 
 
 @torch.jit.unused

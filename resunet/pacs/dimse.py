@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from resunet.errors import ConfigError, PacsError
+from resunet.io.names import safe_name
 from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,6 @@ class ReceivedSeries:
 _SENDERS = ".senders"
 
 
-def _safe(uid: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in uid) or "unknown"
-
-
 class StoreListener:
     """C-STORE SCP that hands each complete series to ``on_series`` (see the module docstring)."""
 
@@ -158,7 +155,7 @@ class StoreListener:
         sop = str(ds.get("SOPInstanceUID", "")) or f"instance{self.received}"
         if not study or not series:
             return 0xC211  # cannot place it in a series
-        path = self.config.incoming_dir / _safe(study) / _safe(series) / f"{_safe(sop)}.dcm"
+        path = self.config.incoming_dir / safe_name(study) / safe_name(series) / f"{safe_name(sop)}.dcm"
         aet = str(event.assoc.requestor.ae_title).strip()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +183,7 @@ class StoreListener:
                 for k, _ in done:
                     del self._pending[k]
             for (study, series), v in done:
-                folder = self.config.incoming_dir / _safe(study) / _safe(series)
+                folder = self.config.incoming_dir / safe_name(study) / safe_name(series)
                 item = ReceivedSeries(folder=folder, study_uid=study, series_uid=series,
                                       n_instances=v["count"], calling_aet=v["aet"])
                 log.info("series %s of study %s complete (%d instances from %s)", series, study, v["count"], v["aet"])

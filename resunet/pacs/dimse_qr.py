@@ -272,12 +272,12 @@ class _Sink:
 
     def __call__(self, event: Any) -> int:
         from resunet.io.atomic import atomic_write_bytes
-        from resunet.pacs.dimse import _safe
+        from resunet.io.names import safe_name
 
         try:
             ds = event.dataset
             series, sop = str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
-            path = self.folder / _safe(series) / f"{_safe(sop)}.dcm"
+            path = self.folder / safe_name(series) / f"{safe_name(sop)}.dcm"
             atomic_write_bytes(path, event.encoded_dataset())  # as received: no re-encode
         except OSError as err:
             log.error("retrieve: cannot write an instance (%s)", err)

@@ -24,6 +24,7 @@ from resunet.errors import PacsError
 from resunet.inference.batch import BatchOptions, BatchResult, run_batch
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Predictor
+from resunet.io.names import safe_name
 from resunet.io.scratch import private_temp_dir
 from resunet.pacs.dicomweb import PacsClient
 from resunet.pacs.dimse_qr import DimseSource, QueryConfig
@@ -47,10 +48,6 @@ class PacsRun:
     batch: BatchResult
     stored: list[Path] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _case_id(study_uid: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in study_uid) or "study"
 
 
 def segment_and_send(
@@ -89,7 +86,7 @@ def segment_and_send(
     run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
     with contextlib.ExitStack() as stack:
         if folder is None:  # removed after; a killed process's by the next one
-            folder = stack.enter_context(private_temp_dir("pacs")) / _case_id(study_uid)
+            folder = stack.enter_context(private_temp_dir("pacs")) / safe_name(study_uid, "study")
         t0 = time.perf_counter()
         if fetch is not None:
             shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt
@@ -159,12 +156,15 @@ def segment_from_dimse(
     series_uid: str | None = None,
     store: bool = True,
     command: Sequence[str] | None = None,
+    folder: Path | None = None,
+    failure: Callable[[BatchResult], Exception] | None = None,
 ) -> PacsRun:
     """DIMSE: C-FIND the study's series, C-GET/C-MOVE them (complete or PacsError), segment, C-STORE back.
 
     Args:
         source, cfg: the archive and how to talk to it (:mod:`resunet.pacs.dimse_qr`).
         series_uid: retrieve only this series (default: every series; the largest image series is segmented).
+        folder, failure: as for :func:`segment_and_send` (the service's job folder and failure message).
     """
     from resunet.pacs.dimse import Destination, send_files
     from resunet.pacs.dimse_qr import find_series, retrieve_study
@@ -182,4 +182,4 @@ def segment_from_dimse(
         study_uid, lambda folder: retrieve_study(source, cfg, study_uid, folder, series),
         (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
                                   ssl_context=cfg.ssl_context(source))) if store else None,
-        predictor, options, source=str(source), command=command)
+        predictor, options, source=str(source), command=command, folder=folder, failure=failure)

@@ -80,8 +80,18 @@ def label_figure(rows: Sequence[Mapping[str, Any]], label: int, name: str = "") 
     return fig
 
 
+#: The web page's screen convention (radiological, app/viewer.py), so a report slice reads like the page:
+#: per patient (RAS) axis sliced through, the view's name and the letters at its (left, right, top, bottom)
+#: edges; the slice of the RAS-ordered array is shown as ``slice.T[::-1, ::-1]``.
+VIEWS: dict[int, tuple[str, tuple[str, str, str, str]]] = {
+    2: ("axial", ("R", "L", "A", "P")),
+    1: ("coronal", ("R", "L", "S", "I")),
+    0: ("sagittal", ("A", "P", "S", "I")),
+}
+
+
 def _slice_axis_and_index(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[int, int]:
-    """Slice across the axis with the largest spacing (k on ties), where the masks disagree most."""
+    """Slice across the axis with the largest spacing (the last on ties), where the masks disagree most."""
     if 1 in pred.shape:  # a 2D image stored as (I, J, 1): show its plane
         return pred.shape.index(1), 0
     sp = np.asarray(spacing)
@@ -98,26 +108,40 @@ def case_slice_figure(
 ) -> Figure:
     """Image, reference (green) and prediction (red, reference contour dashed) on one slice.
 
-    The slice is across the voxel axis with the largest spacing, at the index where prediction and
-    reference disagree most. Displayed with the first remaining voxel axis horizontal and the second
-    vertical (origin lower left), aspect ratio from the spacing.
+    The volumes are put on their closest patient (RAS) axes (an exact permutation/flip of the voxels,
+    nibabel's ``io_orientation``) and shown as the web page shows them: radiological convention, the
+    patient's right on the left, R/L, A/P, S/I letters at the edges. The slice is across the axis with
+    the largest spacing, at the index where prediction and reference disagree most; ``image`` must be
+    on ``ref``'s grid.
     """
-    p = np.asarray(pred.array) == label
-    r = np.asarray(ref.array) == label
-    axis, idx = _slice_axis_and_index(p, r, ref.spacing)
-    axes_names = "ijk"
+    from nibabel import orientations as nio
+
+    ornt = nio.io_orientation(ref.affine)
+    ras_spacing = [0.0, 0.0, 0.0]
+    for src, (dst, _flip) in enumerate(ornt):
+        ras_spacing[int(dst)] = float(ref.spacing[src])
+
+    def ras(a: np.ndarray) -> np.ndarray:
+        return nio.apply_orientation(a, ornt)
+
+    p = ras(np.asarray(pred.array) == label)
+    r = ras(np.asarray(ref.array) == label)
+    axis, idx = _slice_axis_and_index(p, r, ras_spacing)
     others = [a for a in range(3) if a != axis]
-    sp = ref.spacing
-    aspect = sp[others[1]] / sp[others[0]]
+    # screen rows follow the second remaining axis, columns the first (slice.T)
+    aspect = ras_spacing[others[1]] / ras_spacing[others[0]]
+    view, letters = VIEWS[axis]
 
     def take(a: np.ndarray) -> np.ndarray:
-        return np.take(a, idx, axis=axis).T
+        return np.take(a, idx, axis=axis).T[::-1, ::-1]
 
     ps, rs = take(p), take(r)
-    img = take(np.asarray(image.array, dtype=np.float32)) if image is not None else None
+    img = take(ras(np.asarray(image.array, dtype=np.float32))) if image is not None else None
+    src_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
+    voxel = idx if ornt[src_axis, 1] > 0 else p.shape[axis] - 1 - idx
     fig = Figure(figsize=(10, 3.6))
     axs = fig.subplots(1, 3)
-    desc = f"case {case}, label {label}, slice {axes_names[axis]} = {idx}"
+    desc = f"case {case}, label {label}, {view} slice {idx + 1} of {p.shape[axis]} (voxel {'ijk'[src_axis]} = {voxel})"
     if row is not None and row.get("dice") is not None:
         hd = row.get("hd95")
         desc += f": Dice {row['dice']:.3f}, HD95 " + (f"{hd:.2f} mm" if hd is not None else "undefined")
@@ -128,12 +152,17 @@ def case_slice_figure(
     else:
         img = np.zeros_like(ps, dtype=np.float32)
         bg = dict(cmap="gray", vmin=0, vmax=1)
-    titles = ["image" if image is not None else "no image given (--images)", "reference", "prediction"]
+    titles = ["image" if image is not None else "no image (give --images or --predictions)", "reference", "prediction"]
+    spots = [(0.02, 0.5, "left", "center"), (0.98, 0.5, "right", "center"), (0.5, 0.98, "center", "top"),
+             (0.5, 0.02, "center", "bottom")]
     for ax, t in zip(axs, titles):
-        ax.imshow(img, origin="lower", aspect=aspect, interpolation="nearest", **bg)
+        ax.imshow(img, origin="upper", aspect=aspect, interpolation="nearest", **bg)
         ax.set_title(t, fontsize=9)
-        ax.set_xlabel(axes_names[others[0]])
-        ax.set_ylabel(axes_names[others[1]])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for letter, (x, y, ha, va) in zip(letters, spots):
+            ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=9,
+                    fontweight="bold", bbox=dict(boxstyle="square,pad=0.1", fc="black", ec="none", alpha=0.6))
     _overlay(axs[1], rs, REF_COLOR, aspect)
     _overlay(axs[2], ps, PRED_COLOR, aspect)
     if rs.any():
@@ -147,6 +176,6 @@ def _overlay(ax, mask: np.ndarray, color: str, aspect: float) -> None:
 
     rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
     rgba[mask] = to_rgba(color, alpha=0.45)
-    ax.imshow(rgba, origin="lower", aspect=aspect, interpolation="nearest")
+    ax.imshow(rgba, origin="upper", aspect=aspect, interpolation="nearest")
     if mask.any() and min(mask.shape) > 1:
         ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1)

@@ -135,7 +135,7 @@ def build_html(
     s.append(f'<section id="overview"><h2>{SECTIONS[0][1]}</h2>')
     model = (provenance.get("model") or {}).get("name") or "not recorded"
     s.append(
-        f"<p>{len(ev.match.pairs)} cases evaluated, labels {esc(', '.join(str(lab) for lab in ev.labels) or 'none')}, "
+        f"<p>{len(ev.match.pairs)} {'case' if len(ev.match.pairs) == 1 else 'cases'} evaluated, labels {esc(', '.join(str(lab) for lab in ev.labels) or 'none')}, "
         f"NSD tolerance {ev.tolerance_mm:g} mm, model {esc(model)}, run {esc(provenance.get('run_id'))} "
         f"finished {esc(provenance.get('finished_utc'))}. Undefined values are shown as — (empty cells in CSV, "
         "null in JSON) and are never averaged; see the definitions below.</p>"
@@ -170,7 +170,7 @@ def build_html(
         c = lrows[0]
         s.append(f"<h3>label {lab}{esc(' (' + names[lab] + ')') if names.get(lab) else ''}</h3>")
         s.append("<p>" + ", ".join(f"{esc(sit.replace('_', ' '))}: {c['n_' + sit]}" for sit in SITUATIONS)
-                 + f" (of {c['n_cases']} cases)</p>")  # fmt: skip
+                 + f" (of {c['n_cases']} {'case' if c['n_cases'] == 1 else 'cases'})</p>")  # fmt: skip
         cols = ["metric", "n defined", "n undefined", "mean", "std", "median", "q1", "q3", "IQR", "95% CI of mean"]
         body = []
         for r in lrows:

@@ -61,7 +61,14 @@ def worst_cases(evaluation: Evaluation, per_label: int = 3) -> list[dict[str, An
     return out
 
 
-def _case_volumes(evaluation: Evaluation, case: str, images_dir) -> tuple[Volume, Volume, Volume | None, str]:
+def cases_word(n: int) -> str:
+    """``"1 case"``, ``"3 cases"``."""
+    return f"{n} case" if n == 1 else f"{n} cases"
+
+
+def _case_volumes(
+    evaluation: Evaluation, case: str, images_dir, case_images: Mapping[str, Path] | None = None
+) -> tuple[Volume, Volume, Volume | None, str]:
     paths = {c: (p, g) for c, p, g in evaluation.match.pairs}
     p_path, g_path = paths[case]
     pred, ref, image = read_pair(p_path, g_path, evaluation.match.sources.get(case), evaluation.label_names)
@@ -69,9 +76,17 @@ def _case_volumes(evaluation: Evaluation, case: str, images_dir) -> tuple[Volume
     if not pred.same_grid(ref):
         pred = resample_nearest(pred, ref)
     img_path = find_image(images_dir, case) if image is None else None
+    from_predictions = False
+    if img_path is None and image is None and case_images and case_images.get(case) is not None:
+        img_path, from_predictions = Path(case_images[case]), True  # the input scan named in predictions.json
     if img_path is not None:
         try:
-            image = read_mask(img_path)
+            if from_predictions:
+                from resunet.io.loader import load_study
+
+                image = load_study(img_path)  # NIfTI, DICOM folder or zip: whatever predict read
+            else:
+                image = read_mask(img_path)
         except InputError as err:
             log.warning("case %s: image %s not shown: %s", case, img_path, err)
             note = f" (image {img_path.name} unreadable)"
@@ -89,6 +104,7 @@ def render_report(
     images_dir: str | os.PathLike[str] | None = None,
     worst_per_label: int = 3,
     title: str = "resunet evaluation report",
+    case_images: Mapping[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.html`` and/or ``report.pdf`` into ``out_dir`` (atomically) and return their paths.
 
@@ -101,6 +117,7 @@ def render_report(
             under the worst cases' masks.
         worst_per_label: how many worst cases to show per label.
         title: report title.
+        case_images: ``{case: input scan}`` (from predictions.json), shown when ``images_dir`` has none.
     """
     formats = parse_formats(formats)
     out = Path(out_dir)
@@ -114,7 +131,7 @@ def render_report(
     for row in worst_cases(evaluation, worst_per_label):
         case = row["case"]
         if case not in cache:
-            cache = {case: _case_volumes(evaluation, case, images_dir)}  # keep one case in memory
+            cache = {case: _case_volumes(evaluation, case, images_dir, case_images)}  # keep one case in memory
         pred, ref, image, note = cache[case]
         fig = figures.case_slice_figure(case, row["label"], pred, ref, image, row)
         caption = f"case {case}, label {row['label']}: Dice {row['dice']:.4g}, HD95 " + (
@@ -156,7 +173,7 @@ def _write_pdf(path: Path, ev: Evaluation, prov: Mapping[str, Any], label_plots,
 
     wrap = lambda s, ind="": textwrap.wrap(s, 110, initial_indent=ind, subsequent_indent=ind + "  ") or [""]  # noqa: E731
     head = [
-        f"{len(ev.match.pairs)} cases, labels {', '.join(map(str, ev.labels))}, NSD tolerance {ev.tolerance_mm:g} mm",
+        f"{cases_word(len(ev.match.pairs))}, labels {', '.join(map(str, ev.labels))}, NSD tolerance {ev.tolerance_mm:g} mm",
         f"run {prov.get('run_id')}  finished {prov.get('finished_utc')}",
         f"model: {(prov.get('model') or {}).get('name', 'not recorded')}  sha256 {(prov.get('model') or {}).get('sha256')}",
         "undefined values: '-' (never averaged)",
@@ -214,8 +231,11 @@ def write_evaluation_outputs(
     formats: Sequence[str] = ("html",),
     images_dir: str | os.PathLike[str] | None = None,
     worst_per_label: int = 3,
+    case_images: Mapping[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.csv, summary.csv, the report(s) and, last, metrics.json listing the others' hashes.
+
+    ``case_images``: ``{case: input scan}`` for the worst cases' slices (see :func:`render_report`).
 
     Returns ``{"metrics_csv": ..., "summary_csv": ..., "html": ..., "pdf": ..., "metrics_json": ...}``
     (only the written ones).
@@ -229,7 +249,8 @@ def write_evaluation_outputs(
         "metrics_csv": write_metrics_csv(evaluation.rows, out / "metrics.csv"),
         "summary_csv": write_summary_csv(evaluation.summary, out / "summary.csv"),
     }
-    written.update(render_report(evaluation, provenance, out, formats, images_dir, worst_per_label))
+    written.update(render_report(evaluation, provenance, out, formats, images_dir, worst_per_label,
+                                 case_images=case_images))
     for fmt in FORMATS:
         stale = out / f"report.{fmt}"
         if fmt not in written and stale.exists():

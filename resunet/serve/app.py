@@ -29,9 +29,11 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Upload
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 
 from resunet import __version__
 from resunet.errors import ResunetError, ServerError
+from resunet.inference.output_names import download_name
 from resunet.serve.queue import Job
 from resunet.serve.service import Service, UploadTooLarge, _iso
 from resunet.serve.tokens import Caller
@@ -160,7 +162,10 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
     kwargs: dict[str, Any] = {}
     if "form_limits" in inspect.signature(FastAPI.__init__).parameters:  # FastAPI >= 0.13x: DICOM series as files
         kwargs["form_limits"] = {"max_files": service.config.max_files}
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc pages load their JavaScript, CSS and
+    # favicon from files shipped in the fastapi-offline package (under /docs-assets), not from a CDN
+    app = FastAPIOffline(
+        static_url="/docs-assets",
         title="resunet serve",
         version=__version__,
         description="Segmentation of DICOM and NIfTI studies with a warm Residual U-Net: submit a study, poll the "
@@ -351,7 +356,9 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
             raise HTTPException(status_code=410, detail=f"output {key!r} of job {job.id} is gone from the service's disk")
         media = "application/json" if path.suffix == ".json" else (
             "application/dicom" if path.suffix == ".dcm" else "application/gzip")
-        return FileResponse(path, media_type=media, filename=path.name, headers={"X-Content-SHA256": rec["sha256"]})
+        # a name that can't be taken for the scan (the mask on disk is <case>.nii.gz, the input's own name)
+        return FileResponse(path, media_type=media, filename=download_name(key, path.name),
+                            headers={"X-Content-SHA256": rec["sha256"]})
 
     @app.get("/v1/jobs/{job_id}/outputs/{key}", summary="Download one result file of a done job")
     def get_output(job_id: str, key: str, c: Annotated[Caller, Depends(caller)]) -> FileResponse:

@@ -36,7 +36,9 @@ class ServeConfig:
         audit_db: audit log path; None = the default (``$RESUNET_AUDIT_DB`` or ~/.resunet/audit.sqlite);
             False = no audit records.
         max_files: most files in one multipart upload (DICOM slices); send a .zip for more.
-        pacs_url: DICOMweb root for ``pacs-pull`` jobs (``POST /v1/pacs/jobs``); empty = none (docs/pacs.md).
+        pacs_url: the archive of ``pacs-pull`` jobs (``POST /v1/pacs/jobs``): a DICOMweb root, or
+            ``dimse://AET@HOST:PORT`` (C-FIND + C-GET as ``ae_title``, results back with C-STORE);
+            empty = none (docs/pacs.md).
         dicom_port: listen as a DICOM node (C-STORE SCP) on this port; 0 = no node.
         dicom_host, ae_title: the node's address and AE title.
         store_to: ``HOST:PORT:AET`` the node sends SEG/RTSTRUCT to with C-STORE; empty = keep them here.
@@ -66,6 +68,12 @@ class ServeConfig:
             every ``min(5, lease/4)`` s, and a job whose node died is taken by another node once it expired.
         node_name: this node's name in the queue (jobs it runs, its lock file); default ``HOST-PORT``.
             Unique per node: a node that starts re-queues the running jobs of its own name.
+        workers: worker processes, each with its own warm model (:mod:`resunet.serve.workers`); 1 = the
+            job runs in a thread of the service process, as before.
+        devices: devices of the workers, worker K on ``devices[K % len]`` (e.g. ``("cuda:0", "cuda:1")``);
+            empty = every worker on ``device``. Given without ``workers``, one worker per device.
+        worker_threads: torch threads of each worker process, or of the in-process worker with ``workers``
+            1 (0 = torch's default: every core).
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -103,6 +111,9 @@ class ServeConfig:
     queue_password_file: Path | None = None
     lease_s: float = 60.0
     node_name: str = ""
+    workers: int = 1
+    devices: tuple[str, ...] = ()
+    worker_threads: int = 0
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -116,8 +127,22 @@ class ServeConfig:
             raise ConfigError(f"--min-free-gb must be 0 or more, got {self.min_free_gb}")
         if self.min_slices < 1:
             raise ConfigError(f"--min-slices must be 1 or more, got {self.min_slices}")
+        self.devices = tuple(d for d in self.devices if d)
+        if self.devices and self.workers == 1:
+            self.workers = len(self.devices)
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be 1 or more, got {self.workers}")
+        if self.worker_threads < 0:
+            raise ConfigError(f"--worker-threads must be 0 (torch's default) or more, got {self.worker_threads}")
         if not self.lease_s > 0:
             raise ConfigError(f"--lease must be > 0 s, got {self.lease_s}")
+        if self.pacs_url.startswith(("dimse://", "dimses://")):
+            from resunet.pacs.dimse_qr import DimseSource
+
+            if self.pacs_url.startswith("dimses://"):
+                raise ConfigError("--pacs dimses:// (DIMSE over TLS) is not supported by the service yet; use "
+                                  "dimse:// on a trusted network, a DICOMweb root over https, or resunet predict --pacs dimses://")
+            DimseSource.parse(self.pacs_url)
         if self.queue_url:
             from resunet.pgdb import check_url
 

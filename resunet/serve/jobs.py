@@ -31,10 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from resunet.errors import ConfigError, DiskFullError, InputError, ResunetError, ServerError
+from resunet.inference.records import SUMMARY as PREDICTIONS  # the predictions JSON in a job's ``out/``
 from resunet.serve.queue import Job
-
-#: File name of the predictions JSON inside a job's ``out/`` folder (written by run_batch).
-PREDICTIONS = "predictions.json"
 
 
 class JobEnv(Protocol):

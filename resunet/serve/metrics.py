@@ -16,12 +16,22 @@ Names (all prefixed ``resunet_``):
   several nodes on one queue, ``resunet_queue_depth`` is the shared queue's and the counters are this node's;
 - the standard ``process_*`` metrics (resident memory, CPU seconds, open files).
 
+With ``--workers N`` the jobs run in worker processes, whose metrics carry a ``worker`` label
+(``NODE/wK``) and reach ``/metrics`` through prometheus_client's multiprocess mode (each worker writes
+its values to files under ``STATE/workers/NODE/metrics``; the HTTP process reads them at scrape time):
+
+- ``resunet_worker_jobs_finished_total{worker,outcome}``, ``resunet_worker_job_failures_total{worker}``,
+  ``resunet_worker_job_duration_seconds{worker}``, ``resunet_worker_model_ready{worker}`` and
+  ``resunet_worker_model_load_seconds{worker}`` (live workers only);
+- ``resunet_worker_restarts_total{worker}``: worker processes that died and were restarted (their job
+  re-queued), and ``resunet_workers_alive``.
+
 Each service has its own registry, so tests can run several in one process.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -52,6 +62,50 @@ class _QueueCollector(Collector):
         yield g
 
 
+class _AliveCollector(Collector):
+    def __init__(self, alive: Callable[[], int]) -> None:
+        self._alive = alive
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("resunet_workers_alive", "Worker processes running now")
+        g.add_metric([], self._alive())
+        yield g
+
+
+class _Bound:
+    """A labelled metric with the worker label filled in: ``labels(*rest)``, or ``inc/observe/set`` directly."""
+
+    def __init__(self, metric: Any, worker: str) -> None:
+        self._metric, self._worker = metric, worker
+
+    def labels(self, *rest: str) -> Any:
+        return self._metric.labels(self._worker, *rest)
+
+    def __getattr__(self, name: str) -> Any:  # inc, observe, set on the worker's child
+        return getattr(self._metric.labels(self._worker), name)
+
+
+class WorkerMetrics:
+    """The job metrics of one worker process (``--workers N``), the same attributes :class:`Metrics` offers
+    the worker loop. Run with ``PROMETHEUS_MULTIPROC_DIR`` set (the pool does), the values go to files
+    the HTTP process exports; the registry here is never rendered."""
+
+    def __init__(self, worker: str) -> None:
+        r = CollectorRegistry()
+        self.jobs_finished = _Bound(Counter("resunet_worker_jobs_finished", "Jobs finished by a worker process, by outcome",
+                                            ["worker", "outcome"], registry=r), worker)
+        self.job_failures = _Bound(Counter("resunet_worker_job_failures", "Jobs that failed in a worker process",
+                                           ["worker"], registry=r), worker)
+        self.job_duration = _Bound(Histogram("resunet_worker_job_duration_seconds", "Job run time in a worker process, s",
+                                             ["worker"], buckets=BUCKETS, registry=r), worker)
+        self.model_load = _Bound(Gauge("resunet_worker_model_load_seconds", "Time to load and warm the model, s", ["worker"],
+                                       registry=r, multiprocess_mode="livemax"), worker)
+        self.model_ready = _Bound(Gauge("resunet_worker_model_ready", "1 once the worker's model is warm", ["worker"],
+                                        registry=r, multiprocess_mode="livemax"), worker)
+        self.lease_expiries = _Bound(Counter("resunet_worker_lease_expiries", "Jobs re-queued by a worker (unused)",
+                                             ["worker"], registry=r), worker)
+
+
 class Metrics:
     """The service's metrics; ``counts`` returns jobs per state (JobQueue.counts)."""
 
@@ -72,6 +126,15 @@ class Metrics:
         Gauge("resunet_node_info", "This node's name", ["node"], registry=r).labels(node or "").set(1)
         r.register(_QueueCollector(counts))
         ProcessCollector(registry=r)
+
+    def add_workers(self, folder: str, alive: Callable[[], int]) -> None:
+        """Export the worker processes' metrics (multiprocess files in ``folder``) and the pool's own."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(self.registry, path=folder)
+        self.worker_restarts = Counter("resunet_worker_restarts", "Worker processes restarted after they died",
+                                       ["worker"], registry=self.registry)
+        self.registry.register(_AliveCollector(alive))
 
     def render(self) -> bytes:
         """The exposition text for ``GET /metrics``."""

@@ -6,9 +6,11 @@ and send the results back" step of ``resunet predict --pacs``, with the job's ba
 uploads:
 
 - ``pacs-pull`` (``POST /v1/pacs/jobs``): options ``study_uid``, ``series_uid``, ``formats``,
-  ``store`` (STOW the SEG/RTSTRUCT back, default true) and ``pacs_url`` (the service's ``--pacs``).
-  The handler retrieves the study over WADO-RS into the job's ``input/`` folder, segments it and
-  stores the DICOM outputs into the study.
+  ``store`` (send the SEG/RTSTRUCT back, default true) and ``pacs_url`` (the service's ``--pacs``).
+  The handler retrieves the study into the job's ``input/`` folder (a DICOMweb root: WADO-RS, results
+  stored with STOW-RS; a ``dimse://AET@HOST:PORT`` archive: C-FIND + C-GET with the node's AE title,
+  complete or failed with both counts, results stored with C-STORE), segments it and sends the DICOM
+  outputs back.
 - ``dicom-series``: queued by the DICOM node when a series received with C-STORE is complete
   (``--dicom-port``); the series folder moves into the job's ``input/``; after segmentation the SEG
   (and RTSTRUCT) go with C-STORE to ``--store-to HOST:PORT:AET``.
@@ -47,15 +49,25 @@ def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
     study_uid = str(opts.get("study_uid") or "")
     if not study_uid or not opts.get("pacs_url"):
         raise ConfigError(f"job {job.id}: a pacs-pull job needs study_uid and the service's --pacs URL")
-    client = PacsClient(PacsConfig.from_env(str(opts["pacs_url"])))
+    url = str(opts["pacs_url"])
     folder = env.job_dir(job.id) / "input" / "study"
     series = [str(opts["series_uid"])] if opts.get("series_uid") else None
     store = bool(opts.get("store", True))
     predictor, batch = job_batch(job, env)
-    run = segment_and_send(study_uid, lambda into: client.retrieve(study_uid, into, series),
-                           (lambda files: client.store(files, study_uid)) if store else None,
-                           predictor, batch, source=str(opts["pacs_url"]), command=job_command(job),
-                           folder=folder, failure=job_failure(job, env, folder))
+    if url.startswith(("dimse://", "dimses://")):  # a DIMSE archive: C-FIND + C-GET, C-STORE back
+        from resunet.pacs.dimse_qr import DimseSource, QueryConfig
+        from resunet.pacs.segment import segment_from_dimse
+
+        qr = QueryConfig(calling_aet=str(opts.get("ae_title") or "RESUNET"), method="get")
+        run = segment_from_dimse(DimseSource.parse(url), qr, study_uid, predictor, batch,
+                                 series_uid=series[0] if series else None, store=store, command=job_command(job),
+                                 folder=folder, failure=job_failure(job, env, folder))
+    else:
+        client = PacsClient(PacsConfig.from_env(url))
+        run = segment_and_send(study_uid, lambda into: client.retrieve(study_uid, into, series),
+                               (lambda files: client.store(files, study_uid)) if store else None,
+                               predictor, batch, source=url, command=job_command(job),
+                               folder=folder, failure=job_failure(job, env, folder))
     outcome = job_outcome(job, env, run.batch, predictor, folder)
     if store:
         outcome.result["stored_to_pacs"] = {"url": opts["pacs_url"], "study_uid": study_uid,
@@ -97,7 +109,8 @@ def enqueue_pull(service: Any, study_uid: str, who: str, series_uid: str | None 
     if not study_uid or not str(study_uid).strip():
         raise InputError("study_uid is empty; give the Study Instance UID to pull")
     opts = segment_options({"formats": formats, "series_uid": series_uid}, service.default_formats())
-    opts.update(study_uid=str(study_uid).strip(), store=bool(store), pacs_url=url)
+    opts.update(study_uid=str(study_uid).strip(), store=bool(store), pacs_url=url,
+                ae_title=str(getattr(service.config, "ae_title", "") or "RESUNET"))
     job = service.queue.enqueue("pacs-pull", input_name=f"PACS study {study_uid}", options=opts, submitted_by=who)
     service.wake()
     return job

@@ -133,12 +133,20 @@ class JobQueue:
     lets readers run while the worker writes).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, node: str | None = None) -> None:
         self.path = Path(path)
+        self.node = node  # who claims (``--workers``: ``NODE/wK``, so a dead worker's job is re-queued)
         self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn().executescript(_SCHEMA)  # IF NOT EXISTS: safe on every start
+            conn = self._conn()
+            conn.executescript(_SCHEMA)  # IF NOT EXISTS: safe on every start
+            if "node" not in {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}:
+                try:  # databases made before --workers: one column more, nothing else changes
+                    conn.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
+                except sqlite3.OperationalError as err:
+                    if "duplicate column" not in str(err):  # another worker added it a moment ago
+                        raise
         except (OSError, sqlite3.Error) as err:
             raise ConfigError(f"cannot open the job database {self.path}: {err}; check the state folder") from err
 
@@ -225,9 +233,9 @@ class JobQueue:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET state = 'running', claim = ?, started_at = ?, attempts = attempts + 1"
+                "UPDATE jobs SET state = 'running', claim = ?, started_at = ?, attempts = attempts + 1, node = ?"
                 " WHERE id = ? AND state = 'queued'",
-                (token, time.time(), row["id"]),
+                (token, time.time(), self.node, row["id"]),
             )
             self._event(conn, row["id"], "claimed", token)
         return self.get(row["id"])
@@ -274,6 +282,19 @@ class JobQueue:
         row = self._conn().execute("SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND claim = ?",
                                    (job.id, job.claim)).fetchone()
         return row is not None
+
+    def requeue_node(self, node: str | None = None) -> list[str]:
+        """Running jobs claimed by ``node`` (default this queue's) or by its workers (``NODE/wK``) back to
+        queued: a worker process that died, restarted by its service. Returns their ids."""
+        node = node or self.node or ""
+        with self._tx() as conn:
+            ids = [r["id"] for r in conn.execute(
+                "SELECT id FROM jobs WHERE state = 'running' AND (node = ? OR substr(node, 1, ?) = ?) ORDER BY seq",
+                (node, len(node) + 2, node + "/w"))]
+            for i in ids:
+                conn.execute("UPDATE jobs SET state = 'queued', claim = NULL WHERE id = ?", (i,))
+                self._event(conn, i, "requeued", node)
+        return ids
 
     def requeue_expired(self) -> list[str]:
         """No leases in SQLite: nothing expires (see :class:`resunet.serve.queue_pg.PgJobQueue`)."""

@@ -212,7 +212,7 @@ class PgJobQueue:
                     "UPDATE resunet_jobs SET state = 'running', claim = %s, started_at = %s, attempts = attempts + 1,"
                     f" node = %s, lease_until = {_NOW} + %s"
                     " WHERE id = (SELECT id FROM resunet_jobs WHERE state = 'queued' ORDER BY seq LIMIT 1"
-                    " FOR UPDATE SKIP LOCKED) RETURNING *",
+                    " FOR UPDATE SKIP LOCKED) AND state = 'queued' RETURNING *",
                     (token, time.time(), self.node, self.lease_s)).fetchone()
                 if row is not None:
                     self._event(conn, row["id"], "claimed", f"{token} {self.node}")
@@ -281,8 +281,10 @@ class PgJobQueue:
         return self._requeue("TRUE", (), "requeued")
 
     def requeue_node(self, node: str | None = None) -> list[str]:
-        """Jobs this node (or ``node``) was running before it restarted, back to queued."""
-        return self._requeue("node = %s", (node or self.node,), "requeued")
+        """Jobs this node (or ``node``) or its worker processes (``NODE/wK``) were running, back to queued
+        (the node restarted, or its service restarts a worker that died)."""
+        node = node or self.node
+        return self._requeue("(node = %s OR left(node, %s) = %s)", (node, len(node) + 2, node + "/w"), "requeued")
 
     def requeue_expired(self) -> list[str]:
         """Running jobs whose lease has expired (their node died) back to queued; returns their ids."""

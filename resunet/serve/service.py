@@ -104,6 +104,8 @@ class Service:
         self.uploads_dir = self.state_dir / "uploads" / (self.node if config.shared else "")
         self._running: dict[str, Job] = {}  # jobs this process runs now (their leases are renewed)
         self.db_error: str | None = None  # the last database fault, shown on /readyz
+        self.pool: Any = None  # resunet.serve.workers.WorkerPool with --workers N > 1
+        self.worker_name: str | None = None  # set in a worker process (open_worker)
 
     # -- start-up ------------------------------------------------------------------------------------
     def open(self) -> "Service":
@@ -149,7 +151,7 @@ class Service:
                                           "which is neither a bundled model nor a file")
         if self.config.shared:
             self._open_shared_queue()
-        else:
+        else:  # (re-queueing every running job includes those of this node's workers: NODE/wK)
             self.queue = JobQueue(self.state_dir / "jobs.sqlite")
             self.metrics = Metrics(self.queue.counts, node=self.node)
             again = self.queue.requeue_running()
@@ -158,10 +160,56 @@ class Service:
         for p in self.uploads_dir.iterdir():  # uploads cut short by a kill never became jobs (this node's only)
             shutil.rmtree(p, ignore_errors=True)
         self.record_audits()
-        self.model_path = Path(self.config.model) if self.config.model else _bundled_model()
+        from resunet.inference.bundled import default_model_path
+
+        self.model_path = Path(self.config.model) if self.config.model else default_model_path()
         if not self.model_path.exists():
             raise ConfigError(f"model {self.model_path} does not exist; pass --model with a checkpoint or export")
+        if self.config.workers > 1:
+            from resunet.serve.workers import WorkerPool
+
+            self.pool = WorkerPool(self)
+            self.pool.prepare()
+            assert self.metrics is not None
+            self.metrics.add_workers(str(self.pool.metrics_dir), self.pool.alive)
         return self
+
+    def open_worker(self, name: str) -> "Service":
+        """Open the queue as worker process ``name`` (``NODE/wK``) of a running service: no lock (the service
+        holds it), nothing re-queued (the service does that when a worker dies), jobs claimed as ``name``."""
+        from resunet.io.atomic import use_private_files
+        from resunet.io.scratch import use_temp_root
+        from resunet.serve.metrics import WorkerMetrics
+
+        use_private_files()
+        use_temp_root(self.state_dir / "tmp")  # removes only the temp folders of dead processes
+        self.worker_name = name
+        if self.config.routes is not None:
+            from resunet.pacs.routing import load_routes
+
+            self.routes = load_routes(self.config.routes)
+        if self.config.shared:
+            from resunet.pgdb import PASSWORD_FILE_ENV
+            from resunet.serve.queue_pg import PgJobQueue
+
+            if self.config.queue_password_file:
+                os.environ[PASSWORD_FILE_ENV] = str(self.config.queue_password_file)
+            self.queue = PgJobQueue(self.config.queue_url, node=name, lease_s=self.config.lease_s)
+        else:
+            self.queue = JobQueue(self.state_dir / "jobs.sqlite", node=name)
+        self.metrics = WorkerMetrics(name)  # type: ignore[assignment]
+        self.model_path = Path(self.config.model) if self.config.model else _bundled_model()
+        return self
+
+    def work(self) -> None:
+        """The worker process's loop (after :meth:`open_worker`): load the model, then claim and run jobs
+        until SIGTERM; its leases are renewed by a thread (PostgreSQL)."""
+        if self.config.shared:
+            for target in (self._lease_loop, self._listen_loop):
+                t = threading.Thread(target=target, name=f"resunet-{target.__name__}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self._load_then_work()
 
     def _open_shared_queue(self) -> None:
         """The PostgreSQL queue: its tokens, the cluster check, this node's and dead nodes' jobs re-queued."""
@@ -229,9 +277,13 @@ class Service:
             threading.Thread(target=self._load_then_work, name="resunet-serve-worker", daemon=True),
             threading.Thread(target=self._sweep_loop, name="resunet-serve-retention", daemon=True),
         ]
+        if self.pool is not None:  # jobs run in the worker processes, not here
+            self._threads = self._threads[1:]
+            self.pool.start()
         if self.config.shared:
-            self._threads += [threading.Thread(target=self._lease_loop, name="resunet-serve-leases", daemon=True),
-                              threading.Thread(target=self._listen_loop, name="resunet-serve-listen", daemon=True)]
+            self._threads.append(threading.Thread(target=self._lease_loop, name="resunet-serve-leases", daemon=True))
+            if self.pool is None:
+                self._threads.append(threading.Thread(target=self._listen_loop, name="resunet-serve-listen", daemon=True))
         for t in self._threads:
             t.start()
 
@@ -239,6 +291,8 @@ class Service:
         """Ask the threads to end (a job being segmented finishes or is redone at the next start)."""
         self._stop.set()
         self._wake.set()
+        if self.pool is not None:
+            self.pool.stop(timeout)
         for t in self._threads:
             t.join(timeout)
         if self._lock_fh is not None:
@@ -251,6 +305,14 @@ class Service:
 
     @property
     def ready(self) -> bool:
+        """The model is warm: here, or (``--workers N``) in at least one live worker process."""
+        if self.pool is not None:
+            rec = self.pool.warm()
+            if rec is not None and self.model is None:
+                import types
+
+                self.model = types.SimpleNamespace(**rec["model"])  # name, sha256, kind: for /readyz and the audit
+            return rec is not None
         return self._ready.is_set()
 
     def _load_model(self) -> None:
@@ -259,7 +321,7 @@ class Service:
         t0 = time.perf_counter()
         self.model = load_model(self.model_path)
         pred = self.predictor(uncertainty=False)
-        _warm_up(pred)
+        pred.warm_up()  # first convolutions' one-off setup, off the first job
         seconds = time.perf_counter() - t0
         assert self.metrics is not None
         self.metrics.model_load.set(seconds)
@@ -420,12 +482,24 @@ class Service:
 
     # -- the worker --------------------------------------------------------------------------------
     def _load_then_work(self) -> None:
+        if self.config.worker_threads and self.worker_name is None:  # the in-process worker (--workers 1)
+            import torch
+
+            torch.set_num_threads(self.config.worker_threads)
         try:
             self._load_model()
         except Exception as err:  # noqa: BLE001 - the service stays up and says why on /readyz
             self.model_error = str(err) if isinstance(err, ResunetError) else f"{type(err).__name__}: {err}"
             log.error("cannot load the model %s: %s", self.model_path, self.model_error)
             return
+        if self.worker_name is not None:  # tell the pool this worker is warm (WorkerPool.warm)
+            from resunet.io.atomic import atomic_write_text
+            from resunet.serve.workers import WorkerPool
+
+            rec = {"pid": os.getpid(), "worker": self.worker_name, "device": str(self.predictor().device),
+                   "model": {"name": self.model.name, "sha256": self.model.sha256, "kind": self.model.kind}}
+            atomic_write_text(WorkerPool(self).ready_file(self.worker_name), json.dumps(rec))
+        poll = 0.25 if self.worker_name is not None and not self.config.shared else 1.0  # SQLite workers poll
         while not self._stop.is_set():
             try:
                 busy = self.run_one()
@@ -437,7 +511,7 @@ class Service:
                 busy = False
                 self._stop.wait(2.0)
             if not busy:
-                self._wake.wait(1.0)
+                self._wake.wait(poll)
                 self._wake.clear()
 
     def run_one(self) -> bool:
@@ -507,14 +581,16 @@ class Service:
 
     # -- several nodes: leases ---------------------------------------------------------------------
     def _lease_loop(self) -> None:
-        """Renew the leases of this node's running jobs; re-queue the jobs of nodes whose leases expired."""
+        """Renew the leases of this process's running jobs; re-queue the jobs of nodes whose leases expired
+        (the service process does that; a worker process only renews)."""
         interval = min(5.0, self.config.lease_s / 4)
         while not self._stop.wait(interval):
             try:
                 for job in list(self._running.values()):
                     if not self.queue.renew(job):
                         log.warning("job %s: its claim was taken over (lease expired); its result will be dropped", job.id)
-                self._requeue_expired()
+                if self.worker_name is None:
+                    self._requeue_expired()
             except ResunetError as err:
                 log.error("lease renewal: %s", err)
 
@@ -699,25 +775,3 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _bundled_model() -> Path:
-    from resunet.cli.predict_cmd import BUNDLED_MODEL
-
-    return BUNDLED_MODEL
-
-
-def _warm_up(predictor: Any) -> None:
-    """One prediction on a blank volume of one window at the model's spacing.
-
-    PyTorch's first convolutions on CPU cost seconds of one-off setup; paying them at start-up keeps
-    them off the first job. (The web UI does the same in app/runner.py, which the library cannot import.)
-    """
-    import numpy as np
-
-    from resunet.io.volume import Volume
-
-    spacing = [s or 1.0 for s in (predictor.plan.spacing or (1.0, 1.0, 1.0))]
-    patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
-    blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
-    predictor.predict(blank, check_content=False)  # zeros on purpose

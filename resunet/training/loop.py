@@ -2,7 +2,11 @@
 
 One function, :func:`train`, runs single-process or under ``torchrun`` (DistributedDataParallel:
 NCCL on CUDA, gloo on CPU; every rank draws its own shard of patches through a
-``DistributedSampler``; rank 0 alone validates, logs and writes files).
+``DistributedSampler``; rank 0 alone validates, logs and writes files). It runs in phases, each
+callable (and tested) alone: :func:`set_up` (process, cases, plan, network, optimiser, resume, data:
+a :class:`TrainingRun`), per epoch :func:`train_one_epoch` then :func:`end_of_epoch` (validation,
+schedule, log row, ``best.pt``/``last.pt``), and :func:`finish` (held-out predictions with the
+:class:`resunet.inference.Predictor`).
 
 Reproducibility and resume. At the start of epoch ``e`` every random source is re-seeded from
 ``(seed, e, rank)``: torch, numpy, Python ``random``, the MONAI transforms and the sampler. The state
@@ -34,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from resunet.errors import ConfigError, DatasetError
+from resunet.inference import Predictor  # held-out predictions: training may use inference (docs/ARCHITECTURE.md)
 from resunet.io.atomic import atomic_write_text
 from resunet.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, software_versions
 from resunet.training.config import TrainConfig
@@ -474,7 +479,90 @@ def train(cfg: TrainConfig, *, resume: bool = False, plan: TrainingPlan | None =
 
 
 def _train(cfg: TrainConfig, resume: bool, given_plan: TrainingPlan | None = None) -> TrainResult:
-    from monai.data import DataLoader, set_track_meta
+    """The run over its phases: set-up, then per epoch the training pass and the end of the epoch."""
+    run = set_up(cfg, resume, given_plan)
+    with _progress(run.cfg.progress and run.dist.main) as progress:
+        for epoch in range(run.start_epoch, run.cfg.epochs):
+            stats = train_one_epoch(run, epoch, progress)
+            end_of_epoch(run, epoch, stats, progress)
+    return finish(run)
+
+
+@dataclass
+class TrainingRun:
+    """Everything a run holds between its phases (:func:`set_up` makes it; the epoch phases advance it).
+
+    ``net`` is the plain network (what checkpoints store); ``model`` the one trained (compiled and/or
+    wrapped in DistributedDataParallel). ``start_epoch``, ``best_dice``/``best_epoch``, ``last_val``,
+    ``history`` and ``rank_hashes`` change as epochs end.
+    """
+
+    cfg: TrainConfig
+    out: Path
+    dist: _Dist
+    device: torch.device
+    spec: DatasetSpec
+    labels: dict[int, str]
+    train_ids: list[str]
+    val_ids: list[str]
+    plan: TrainingPlan
+    fingerprint: str
+    net: torch.nn.Module
+    model: torch.nn.Module
+    network_config: dict[str, Any]
+    pretrained: dict[str, Any] | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp_dtype: torch.dtype | None
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
+    channels_last: bool
+    train_ds: Any
+    val_ds: Any
+    loader: Any
+    sampler: Any
+    steps: int
+    loader_bs: int
+    logger: Any
+    started: float
+    start_epoch: int = 0
+    best_dice: float | None = None
+    best_epoch: int | None = None
+    last_val: dict[str, float] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rank_hashes: list[str] = field(default_factory=list)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def samples_per_step(self) -> int:
+        """Patches per optimiser step over all ranks."""
+        return self.loader_bs * self.cfg.augment.samples_per_volume * self.dist.world
+
+
+@dataclass
+class EpochStats:
+    """What one training pass (:func:`train_one_epoch`) measured."""
+
+    train_loss: float
+    seconds: float
+    steps: int
+    lr: float
+    task: Any = None  # the epoch's progress-bar task
+
+
+# ---------------------------------------------------------------------------------- phase: set-up
+def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | None = None) -> TrainingRun:
+    """Everything before the first epoch: process (device, DDP, threads, determinism), cases and
+    split, plan (fresh, given, or the resumed run's), network (pretrained encoder), optimiser,
+    schedule, resume state, data loader; rank 0 writes ``config.yaml`` and ``plan.json``.
+
+    Raises:
+        ConfigError, DatasetError, ModelError: as :func:`train` says.
+    """
+    from monai.data import set_track_meta
 
     cfg.check()
     if not cfg.data or not cfg.out:
@@ -596,6 +684,8 @@ def _train(cfg: TrainConfig, resume: bool, given_plan: TrainingPlan | None = Non
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---- data ------------------------------------------------------------------------------------
+    from monai.data import DataLoader
+
     train_ds, val_ds = _datasets(cfg, spec, plan, train_ids, val_ids, out)
     spv = cfg.augment.samples_per_volume
     loader_bs = max(1, plan.batch_size // spv)
@@ -604,139 +694,169 @@ def _train(cfg: TrainConfig, resume: bool, given_plan: TrainingPlan | None = Non
     loader = DataLoader(train_ds, batch_size=loader_bs, sampler=sampler, num_workers=cfg.dataset.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False)
-
-    def card(metrics: dict[str, Any]) -> dict[str, Any]:
-        base = {"name": Path(cfg.out).name, "preset": cfg.model.preset, "spatial_dims": plan.spatial_dims,
-                "training_data": {"dataset": spec.name, "layout": spec.layout, "cases": len(spec.cases),
-                                  "train_cases": train_ids, "val_cases": val_ids, "fingerprint": fingerprint},
-                "metrics": metrics, "epochs": cfg.epochs}
-        if pretrained is not None:
-            base["pretrained"] = pretrained
-        if val_ids or cfg.dataset.folds > 1:
-            base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,
-                                        "split_seed": cfg.dataset.split_seed}
-        base.update(cfg.model_card)
-        return base
-
-    def save(path: Path, epoch: int, metrics: dict[str, Any], with_state: bool) -> None:
-        state = None
-        if with_state:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
-                     "best_dice": best_dice, "best_epoch": best_epoch, "rng": _rng_state(), "world_size": d.world,
-                     "rank_weight_sha256": rank_hashes}
-        save_checkpoint(path, state_dict=net.state_dict(), network=network_config, plan=plan.to_dict(),
-                        labels={k: labels[k] for k in sorted(labels)}, channels=spec.channels,
-                        postprocess=cfg.postprocess, model_card=card(metrics), fingerprint=fingerprint,
-                        versions=software_versions(), train_state=state)
-
-    rank_hashes: list[str] = []
     logger = _Logger(out, d.main, cfg.tensorboard, start_epoch)
-    history: list[dict[str, Any]] = []
-    last_val: dict[str, float] | None = None
     if d.main:
         log.info("training %s: %d train / %d val cases, patch %s, batch %d (%d per rank), %d steps/epoch, device %s%s",
                  spec.name, len(train_ids), len(val_ids), plan.patch_size, loader_bs * spv * d.world, loader_bs * spv,
                  steps, device, f", {d.world} processes" if d.enabled else "")
-    progress = _progress(cfg.progress and d.main)
-    with progress:
-        for epoch in range(start_epoch, cfg.epochs):
-            es = _epoch_seed(cfg.seed, epoch, d.rank)
-            _seed_all(es)
-            train_ds.transform.set_random_state(seed=es)
-            sampler.set_epoch(epoch)
-            model.train()
-            t0 = time.time()
-            losses: list[float] = []
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, info="")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            for batch in loader:
-                x = batch["image"].to(device, non_blocking=True)
-                y = batch["label"].to(device, non_blocking=True).float()
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
-                optimizer.zero_grad(set_to_none=True)
-                ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-                with ctx:
-                    outputs = model(x)
-                if isinstance(outputs, (list, tuple)):
-                    outputs = [o.float() for o in outputs]
-                else:
-                    outputs = outputs.float()
-                loss = loss_fn(outputs, y)
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"epoch {epoch + 1}: the loss became {float(loss)}; lower optim.lr or use amp: none")
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                mem = f" mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-                speed = len(losses) / max(time.time() - t0, 1e-9)
-                progress.update(task, advance=1, info=f"{speed:.2f} it/s loss {np.mean(losses):.4f}{mem}")
-            train_loss = float(np.mean(losses)) if losses else float("nan")
-            if d.enabled:
-                t = torch.tensor([train_loss], device=device)
-                dist.all_reduce(t)
-                train_loss = float(t) / d.world
-            elapsed = time.time() - t0
-            lr = optimizer.param_groups[0]["lr"]
-            # ---- validation (rank 0), shared with all ranks for the plateau schedule ---------
-            val: dict[str, float] | None = None
-            is_last = epoch + 1 == cfg.epochs
-            if val_ds is not None and ((epoch + 1) % cfg.validation.every == 0 or is_last):
-                if d.main:
-                    val = validate(net, val_ds, plan, cfg, device, len(labels), amp_dtype)
-                if d.enabled:
-                    obj = [val]
-                    dist.broadcast_object_list(obj, src=0)
-                    val = obj[0]
-                last_val = val
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                if val is not None:
-                    scheduler.step(val["dice_mean"])
-            else:
-                scheduler.step()
-            improved = val is not None and (best_dice is None or val["dice_mean"] > best_dice)
-            if improved:
-                best_dice, best_epoch = val["dice_mean"], epoch + 1  # type: ignore[index]
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "time_s": round(elapsed, 3),
-                "samples_per_s": round(len(losses) * loader_bs * spv * d.world / max(elapsed, 1e-9), 3),
-                "lr": lr, "train_loss": round(train_loss, 6),
-                "val_dice": round(val["dice_mean"], 6) if val else "",
-            }
-            for k in range(1, len(labels)):
-                row[f"val_dice_{labels[k]}"] = round(val[f"dice_{k}"], 6) if val else ""
-            row["gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else ""
-            row["gpu_util"] = _gpu_util(device)
-            history.append(row)
-            progress.update(task, info=f"loss {train_loss:.4f}" + (f" val dice {val['dice_mean']:.4f}" if val else ""))
-            rank_hashes = _rank_weight_hashes(net, d)
-            if d.main:
-                logger.write(row)
-                metrics = {"val_dice": val, "epoch": epoch + 1} if val else {"epoch": epoch + 1}
-                if improved:
-                    save(out / "best.pt", epoch + 1, metrics, with_state=False)
-                save(last_path, epoch + 1, metrics, with_state=True)
-                log.info("epoch %d/%d: loss %.4f%s, %.1f s, lr %.3g", epoch + 1, cfg.epochs, train_loss,
-                         f", val dice {val['dice_mean']:.4f}" if val else "", elapsed, lr)
-            if d.enabled:
-                dist.barrier()
-    if d.main and not (out / "best.pt").exists():
-        # no validation set: best = the final weights
-        save(out / "best.pt", cfg.epochs, {"val_dice": last_val} if last_val else {}, with_state=False)
-    logger.close()
-    if d.main and cfg.validation.save_predictions and val_ids:
-        write_validation_predictions(out / "best.pt", spec, val_ids, out / "validation", device, cfg)
+    return TrainingRun(
+        cfg=cfg, out=out, dist=d, device=device, spec=spec, labels=labels, train_ids=train_ids, val_ids=val_ids,
+        plan=plan, fingerprint=fingerprint, net=net, model=model, network_config=network_config,
+        pretrained=pretrained, optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype,
+        loss_fn=loss_fn, channels_last=channels_last, train_ds=train_ds, val_ds=val_ds, loader=loader,
+        sampler=sampler, steps=steps, loader_bs=loader_bs, logger=logger, started=t_start,
+        start_epoch=start_epoch, best_dice=best_dice, best_epoch=best_epoch)
+
+
+# ------------------------------------------------------------------------------- phase: one epoch
+def train_one_epoch(run: TrainingRun, epoch: int, progress: Any) -> EpochStats:
+    """One pass over the epoch's patches (0-based ``epoch``): every random source re-seeded from
+    ``(seed, epoch, rank)`` first, one optimiser step per batch; the mean loss over all ranks."""
+    cfg, d, device, model, optimizer, scaler = run.cfg, run.dist, run.device, run.model, run.optimizer, run.scaler
+    es = _epoch_seed(cfg.seed, epoch, d.rank)
+    _seed_all(es)
+    run.train_ds.transform.set_random_state(seed=es)
+    run.sampler.set_epoch(epoch)
+    model.train()
+    t0 = time.time()
+    losses: list[float] = []
+    task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps, info="")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for batch in run.loader:
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True).float()
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            outputs = model(x)
+        if isinstance(outputs, (list, tuple)):
+            outputs = [o.float() for o in outputs]
+        else:
+            outputs = outputs.float()
+        loss = run.loss_fn(outputs, y)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"epoch {epoch + 1}: the loss became {float(loss)}; lower optim.lr or use amp: none")
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+        mem = f" mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        speed = len(losses) / max(time.time() - t0, 1e-9)
+        progress.update(task, advance=1, info=f"{speed:.2f} it/s loss {np.mean(losses):.4f}{mem}")
+    train_loss = float(np.mean(losses)) if losses else float("nan")
+    if d.enabled:
+        t = torch.tensor([train_loss], device=device)
+        dist.all_reduce(t)
+        train_loss = float(t) / d.world
+    return EpochStats(train_loss=train_loss, seconds=time.time() - t0, steps=len(losses),
+                      lr=optimizer.param_groups[0]["lr"], task=task)
+
+
+# ---------------------------------------------------------------------------- phase: end of epoch
+def end_of_epoch(run: TrainingRun, epoch: int, stats: EpochStats, progress: Any = None) -> dict[str, Any]:
+    """After the pass of epoch ``epoch`` (0-based): validation when due (rank 0, shared with every
+    rank), the schedule's step, the best Dice, the log row, ``best.pt`` when improved and ``last.pt``
+    (the resume point). Returns the log row."""
+    cfg, d, device, labels = run.cfg, run.dist, run.device, run.labels
+    # ---- validation (rank 0), shared with all ranks for the plateau schedule ---------
+    val: dict[str, float] | None = None
+    is_last = epoch + 1 == cfg.epochs
+    if run.val_ds is not None and ((epoch + 1) % cfg.validation.every == 0 or is_last):
+        if d.main:
+            val = validate(run.net, run.val_ds, run.plan, cfg, device, len(labels), run.amp_dtype)
+        if d.enabled:
+            obj = [val]
+            dist.broadcast_object_list(obj, src=0)
+            val = obj[0]
+        run.last_val = val
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if val is not None:
+            run.scheduler.step(val["dice_mean"])
+    else:
+        run.scheduler.step()
+    improved = val is not None and (run.best_dice is None or val["dice_mean"] > run.best_dice)
+    if improved:
+        run.best_dice, run.best_epoch = val["dice_mean"], epoch + 1  # type: ignore[index]
+    row: dict[str, Any] = {
+        "epoch": epoch + 1, "time_s": round(stats.seconds, 3),
+        "samples_per_s": round(stats.steps * run.samples_per_step / max(stats.seconds, 1e-9), 3),
+        "lr": stats.lr, "train_loss": round(stats.train_loss, 6),
+        "val_dice": round(val["dice_mean"], 6) if val else "",
+    }
+    for k in range(1, len(labels)):
+        row[f"val_dice_{labels[k]}"] = round(val[f"dice_{k}"], 6) if val else ""
+    row["gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else ""
+    row["gpu_util"] = _gpu_util(device)
+    run.history.append(row)
+    if progress is not None and stats.task is not None:
+        progress.update(stats.task, info=f"loss {stats.train_loss:.4f}" + (f" val dice {val['dice_mean']:.4f}" if val else ""))
+    run.rank_hashes = _rank_weight_hashes(run.net, d)
+    if d.main:
+        run.logger.write(row)
+        metrics = {"val_dice": val, "epoch": epoch + 1} if val else {"epoch": epoch + 1}
+        if improved:
+            save_run_checkpoint(run, run.out / "best.pt", epoch + 1, metrics, with_state=False)
+        save_run_checkpoint(run, run.last_path, epoch + 1, metrics, with_state=True)
+        log.info("epoch %d/%d: loss %.4f%s, %.1f s, lr %.3g", epoch + 1, cfg.epochs, stats.train_loss,
+                 f", val dice {val['dice_mean']:.4f}" if val else "", stats.seconds, stats.lr)
     if d.enabled:
         dist.barrier()
-    return TrainResult(out=out, epochs=cfg.epochs, best_dice=best_dice, best_epoch=best_epoch,
-                       last_dice=last_val["dice_mean"] if last_val else None, seconds=time.time() - t_start,
-                       history=history)
+    return row
+
+
+def finish(run: TrainingRun) -> TrainResult:
+    """After the last epoch: ``best.pt`` = the final weights when nothing was validated, the held-out
+    cases predicted from ``best.pt`` (``validation.save_predictions``), the result."""
+    cfg, d, out = run.cfg, run.dist, run.out
+    if d.main and not (out / "best.pt").exists():
+        # no validation set: best = the final weights
+        save_run_checkpoint(run, out / "best.pt", cfg.epochs, {"val_dice": run.last_val} if run.last_val else {},
+                            with_state=False)
+    run.logger.close()
+    if d.main and cfg.validation.save_predictions and run.val_ids:
+        write_validation_predictions(out / "best.pt", run.spec, run.val_ids, out / "validation", run.device, cfg)
+    if d.enabled:
+        dist.barrier()
+    return TrainResult(out=out, epochs=cfg.epochs, best_dice=run.best_dice, best_epoch=run.best_epoch,
+                       last_dice=run.last_val["dice_mean"] if run.last_val else None,
+                       seconds=time.time() - run.started, history=run.history)
+
+
+def model_card(run: TrainingRun, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model card: data, split, metrics, pretrained encoder, cross-validation, the user's card."""
+    cfg, plan, spec = run.cfg, run.plan, run.spec
+    base = {"name": Path(cfg.out).name, "preset": cfg.model.preset, "spatial_dims": plan.spatial_dims,
+            "training_data": {"dataset": spec.name, "layout": spec.layout, "cases": len(spec.cases),
+                              "train_cases": run.train_ids, "val_cases": run.val_ids, "fingerprint": run.fingerprint},
+            "metrics": metrics, "epochs": cfg.epochs}
+    if run.pretrained is not None:
+        base["pretrained"] = run.pretrained
+    if run.val_ids or cfg.dataset.folds > 1:
+        base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,
+                                    "split_seed": cfg.dataset.split_seed}
+    base.update(cfg.model_card)
+    return base
+
+
+def save_run_checkpoint(run: TrainingRun, path: Path, epoch: int, metrics: dict[str, Any], with_state: bool) -> None:
+    """Write ``best.pt`` (``with_state=False``) or ``last.pt`` (optimiser, schedule, scaler, RNG, epoch: the resume point)."""
+    state = None
+    if with_state:
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None, "epoch": epoch,
+                 "best_dice": run.best_dice, "best_epoch": run.best_epoch, "rng": _rng_state(),
+                 "world_size": run.dist.world, "rank_weight_sha256": run.rank_hashes}
+    labels = run.labels
+    save_checkpoint(path, state_dict=run.net.state_dict(), network=run.network_config, plan=run.plan.to_dict(),
+                    labels={k: labels[k] for k in sorted(labels)}, channels=run.spec.channels,
+                    postprocess=run.cfg.postprocess, model_card=model_card(run, metrics), fingerprint=run.fingerprint,
+                    versions=software_versions(), train_state=state)
 
 
 # ------------------------------------------------------------------------- cross-validation folds
@@ -748,7 +868,6 @@ def write_validation_predictions(model: Path, spec: DatasetSpec, case_ids: list[
     window with the validation overlap, TTA per ``validation.tta``, post-processing), so
     ``resunet evaluate --pred out_dir --gt DATASET/labelsTr`` scores the fold as users will run it.
     """
-    from resunet.inference import Predictor
     from resunet.io.nifti import write_mask_nifti
     from resunet.training.dataset import read_case
 

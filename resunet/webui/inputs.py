@@ -14,7 +14,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Collection, Sequence, TypeVar
 
 from resunet.errors import InputError
 from resunet.io.archive import extract_zip
@@ -106,6 +106,28 @@ def stage_uploads(files: Sequence[tuple[str, bytes]], dest: Path, max_bytes: int
     digest = hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest()
     label = names[0] if len(files) == 1 else f"{len(files)} DICOM files"
     return StagedStudy(path=folder, kind="dicom", sha256=digest, label=label)
+
+
+_F = TypeVar("_F")
+
+
+def newest_upload(
+    files: Sequence[_F], seen_ids: Collection[str], id_of: Callable[[_F], str] = lambda f: f.file_id  # type: ignore[attr-defined]
+) -> list[_F]:
+    """The files of the newest upload in the uploader's list (newest upload wins).
+
+    The uploader keeps every file dropped on it (it must accept several files for a DICOM series), so a
+    second study dropped on it is appended to the first. The newest upload is the files whose id was
+    not in the list before (``seen_ids``): one NIfTI file, one zip or one drop of DICOM files. When no
+    file is new (a file was removed with its x), the files left are the study.
+
+    Args:
+        files: the uploader's files, in its order.
+        seen_ids: the ids of the files it held at the previous run of the page.
+        id_of: a file's id (Streamlit's ``UploadedFile.file_id``).
+    """
+    new = [f for f in files if id_of(f) not in seen_ids]
+    return new or list(files)
 
 
 def stage_bundled(path: Path) -> StagedStudy:

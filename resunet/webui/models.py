@@ -35,6 +35,8 @@ class ModelInfo:
     labels: dict[int, str] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
     spacing: list[float] | None = None
+    modality: str | None = None
+    channels: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -57,9 +59,27 @@ def _describe(path: str, mtime_ns: int, size: int) -> ModelInfo:
     card = dict(ck.model_card or {})
     labels = {int(k): str(v) for k, v in ck.labels.items()}
     spacing = ck.plan.get("spacing") if isinstance(ck.plan, dict) else None
+    modality = ck.plan.get("modality") if isinstance(ck.plan, dict) else None
     return ModelInfo(
-        path=p, name=str(card.get("name") or p.stem), sha256=ck.sha256, labels=labels, card=card, spacing=spacing
+        path=p, name=str(card.get("name") or p.stem), sha256=ck.sha256, labels=labels, card=card, spacing=spacing,
+        modality=str(modality) if modality else None, channels=[str(c) for c in (ck.channels or [])],
     )
+
+
+#: DICOM modality codes the page spells out.
+_MODALITY_NAMES = {"MR": "MRI", "CT": "CT", "PT": "PET", "US": "ultrasound"}
+
+
+def modality_text(file_modality: str | None, model: ModelInfo | None) -> str:
+    """What the page says about the scan's modality: the file's own, else the model's (from its checkpoint's
+    plan and channels, e.g. ``T1 MRI (the file does not say; the model's expected input)``), else unknown."""
+    if file_modality:
+        return str(file_modality)
+    if model is not None and not model.error and model.modality:
+        kind = _MODALITY_NAMES.get(model.modality.upper(), model.modality)
+        channels = " ".join(c for c in model.channels if c and c.upper() != model.modality.upper())
+        return f"{(channels + ' ') if channels else ''}{kind} (the file does not say; the model's expected input)"
+    return "modality unknown"
 
 
 def describe_model(path: Path) -> ModelInfo:

@@ -30,6 +30,8 @@ class RunResult:
         uncertainty: per-voxel uncertainty on the input grid, or None.
         rows: per foreground label ``{"label", "name", "voxels", "volume_ml"}``.
         seconds: wall time of the model run, s.
+        wait_s: the whole wait the user saw for it (from the study's arrival on the server to the drawn
+            views: reading, model loading, the run, drawing), s; None when not measured (e.g. a model change).
         model_name, model_sha256, input_sha256: what was run on what.
         downloads: file name -> bytes, filled lazily by the page.
     """
@@ -45,6 +47,7 @@ class RunResult:
     downloads: dict[str, bytes] = field(default_factory=dict)
     started_utc: str = ""
     audit_run_id: str | None = None
+    wait_s: float | None = None
 
 
 def make_predictor(model_path: Path, device: str = "auto", tta: bool = False, uncertainty: bool = False) -> Any:
@@ -133,14 +136,9 @@ class PredictorCache:
 
 
 def _warm_up(predictor: Any) -> None:
-    """One prediction on a blank volume of one window at the model's spacing (one-off CPU setup costs)."""
-    import numpy as np
-
-    spacing = [s or 1.0 for s in (predictor.plan.spacing or (1.0, 1.0, 1.0))]
-    patch = list(predictor.patch) + [1] * (3 - len(predictor.patch))
-    blank = Volume(np.zeros(patch, np.float32), np.diag([*spacing, 1.0]), meta={"source": "warm-up"})
+    """:meth:`Predictor.warm_up` under the run lock (one network run at a time in the web UI)."""
     with RUN_LOCK:
-        predictor.predict(blank, check_content=False)  # zeros on purpose
+        predictor.warm_up()
 
 
 PREDICTORS = PredictorCache()

@@ -19,8 +19,9 @@ import streamlit as st
 from resunet.webui import viewer
 from resunet.webui.auth import require_login
 from resunet.webui.config import AppConfig
-from resunet.webui.inputs import StagedStudy, friendly_path_message, stage_bundled, stage_uploads
-from resunet.webui.models import ModelInfo, card_markdown, describe_model, list_checkpoints, option_label
+from resunet.webui.inputs import StagedStudy, friendly_path_message, newest_upload, stage_bundled, stage_uploads
+from resunet.webui.models import (ModelInfo, card_markdown, describe_model, list_checkpoints, modality_text,
+                                  option_label)
 from resunet.webui.runner import PREDICTORS, RunResult, run_prediction
 from resunet.webui.workspace import SessionWorkspace, start_janitor, sweep_expired
 from resunet import __version__
@@ -113,25 +114,43 @@ def _input_section(cfg: AppConfig, ws: SessionWorkspace) -> None:
         example = st.button("Example study", type="primary", key="example", help=str(cfg.example_study.name))
     if example:
         try:
+            t0 = time.perf_counter()
             st.session_state["study"] = stage_bundled(cfg.example_study)
+            st.session_state["study_t0"] = (st.session_state["study"].sha256, t0)
             st.session_state["study_error"] = None
             st.session_state["upload_sig"] = _upload_signature(files)
+            st.session_state["upload_ids"] = {f.file_id for f in files or []}
+            st.session_state["upload_unused"] = 0
         except ResunetError as err:
             st.session_state["study_error"] = str(err)
     sig = _upload_signature(files)
     if files and sig != st.session_state.get("upload_sig"):
         st.session_state["upload_sig"] = sig
+        # a second study dropped on the box is appended to the first: the newest upload wins
+        chosen = newest_upload(files, st.session_state.get("upload_ids", ()))
+        st.session_state["upload_ids"] = {f.file_id for f in files}
+        st.session_state["upload_unused"] = len(files) - len(chosen)
         dest = ws.subdir("upload")  # replaces the previous upload's files: one study on disk per session
         _store("volumes").clear()
         try:
-            st.session_state["study"] = stage_uploads([(f.name, f.getvalue()) for f in files], dest, cfg.max_upload_bytes)
+            t0 = time.perf_counter()
+            st.session_state["study"] = stage_uploads([(f.name, f.getvalue()) for f in chosen], dest,
+                                                      cfg.max_upload_bytes)
+            st.session_state["study_t0"] = (st.session_state["study"].sha256, t0)
             st.session_state["study_error"] = None
-            log.info("staged an upload of %d file(s)", len(files))  # no names: they may hold patient names
+            log.info("staged an upload of %d file(s)", len(chosen))  # no names: they may hold patient names
         except ResunetError as err:
             st.session_state["study"] = None
             st.session_state["study_error"] = str(err)
     elif not files and st.session_state.get("upload_sig") and st.session_state.get("upload_sig") != ():
         st.session_state["upload_sig"] = ()
+    if not files:
+        st.session_state["upload_ids"] = set()
+        st.session_state["upload_unused"] = 0
+    elif st.session_state.get("upload_unused"):
+        with left:
+            st.caption(f"Showing the newest upload; the {st.session_state['upload_unused']} earlier file(s) in the "
+                       "box are not used (remove them with × to tidy up).")
     if cfg.pacs_url:
         _pacs_browser(cfg, ws, files)
     if st.session_state.get("study_error"):
@@ -424,7 +443,9 @@ def _viewer(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult
                 while len(pngs) >= 96:
                     pngs.pop(next(iter(pngs)))
                 pngs[pkey] = buf.getvalue()
-            st.image(pngs[pkey], caption=f"{view} {idx}/{n}")
+            # output_format: without it Streamlit re-encodes an RGB PNG as JPEG (quality 90), which smears the
+            # one-pixel mask outlines into the scan
+            st.image(pngs[pkey], caption=f"{view} {idx}/{n}", output_format="PNG")
     st.session_state["last_render_s"] = time.perf_counter() - start
     if mask is not None and result is not None:
         legend = " ".join(
@@ -435,6 +456,10 @@ def _viewer(staged: StagedStudy, uid: str | None, volume: Any, result: RunResult
 
 def _results_section(result: RunResult, volume: Any) -> None:
     st.subheader("3. Results")
+    started = st.session_state.pop("study_t0", None)  # set when the study was staged, in this run of the page
+    if result.wait_s is None and started and started[0] == result.input_sha256:
+        # the whole wait the user saw: staging, reading, the model (and its loading), drawing the views
+        result.wait_s = time.perf_counter() - started[1]
     for w in result.prediction.warnings:  # e.g. NaN voxels set to 0: the reader must see it beside the numbers
         st.warning(w, icon="⚠️")
     table = [
@@ -446,7 +471,8 @@ def _results_section(result: RunResult, volume: Any) -> None:
     passes = result.prediction.passes
     st.caption(
         f"Model {result.model_name} (SHA-256 {result.model_sha256[:12]}…), input SHA-256 {result.input_sha256[:12]}…, "
-        f"resunet {__version__}, {result.seconds:.1f} s, "
+        f"resunet {__version__}, model run {result.seconds:.1f} s"
+        + (f" ({result.wait_s:.1f} s in all from the study's arrival to these views). " if result.wait_s else ". ")
         + (f"test-time augmentation on ({passes} mirrored passes). " if passes > 1
            else "test-time augmentation off (`resunet predict` mirrors by default, so its volumes can differ "
                 "slightly). ")
@@ -514,7 +540,17 @@ def _reference_section(cfg: AppConfig, staged: StagedStudy, volume: Any, result:
             "HD95 (mm)": r["hd95"], "ASSD (mm)": r["assd"], f"NSD@{cfg.tolerance_mm:g}mm": r["nsd"],
             "Vol pred (mL)": r["vol_pred_ml"], "Vol ref (mL)": r["vol_gt_ml"],
         })
-    st.dataframe(shown, hide_index=True, key="metrics_table")
+    from resunet.evaluation.definitions import IN_ONE_LINE
+
+    tol = f"{cfg.tolerance_mm:g}"
+    meaning = {"Dice": "dice", "IoU": "iou", "Precision": "precision", "Recall": "recall", "HD95 (mm)": "hd95",
+               "ASSD (mm)": "assd", f"NSD@{tol}mm": "nsd"}
+    help_of = {col: IN_ONE_LINE[key].format(t=tol) for col, key in meaning.items()}
+    st.dataframe(shown, hide_index=True, key="metrics_table",
+                 column_config={col: st.column_config.NumberColumn(col, help=text) for col, text in help_of.items()})
+    # the abbreviations' meaning at hand, not only in the collapsed definitions below
+    st.markdown("\n".join(f"- **{col.split(' (')[0]}**: {help_of[col]}" for col in
+                          ("HD95 (mm)", "ASSD (mm)", f"NSD@{tol}mm")))
     st.caption("Computed by resunet.evaluation exactly as `resunet evaluate` does; empty cells are undefined "
                "values (see the conventions below), never counted as zero.")
     with st.expander("Empty-mask conventions and metric definitions"):
@@ -610,7 +646,8 @@ def _unexpected(err: BaseException, what: str) -> None:
 def _study_sections(cfg: AppConfig, ws: SessionWorkspace, model: ModelInfo | None) -> None:
     staged: StagedStudy | None = st.session_state.get("study")
     if staged is None:
-        st.info("Upload a study or click **Example study** to start.")
+        if not st.session_state.get("study_error"):  # the red error above says what to do instead
+            st.info("Upload a study or click **Example study** to start.")
         return
     uid, ok = _pick_series(staged)
     if not ok:
@@ -621,7 +658,7 @@ def _study_sections(cfg: AppConfig, ws: SessionWorkspace, model: ModelInfo | Non
         _show_error(err, staged)
         return
     st.caption(f"**{staged.label}**: {volume.shape[0]}×{volume.shape[1]}×{volume.shape[2]} voxels, "
-               f"{volume.meta.get('modality') or 'modality unknown'}, orientation {volume.orientation}")
+               f"{modality_text(volume.meta.get('modality'), model)}, orientation {volume.orientation}")
     _patient_panel(volume)
     result = None
     if model is not None:
