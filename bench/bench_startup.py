@@ -109,6 +109,24 @@ print(json.dumps({"imports": t_imports, "model load": t_model, "read": t_read,
 """
 
 
+class _Printed(list):
+    """A list of output lines that prints each line as it is added (a slow run shows its progress)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self += lines
+
+    def __iadd__(self, lines):  # type: ignore[override]
+        for line in lines:
+            print(line, flush=True)
+        self.extend(lines)
+        return self
+
+    def append(self, line: str) -> None:  # type: ignore[override]
+        print(line, flush=True)
+        super().append(line)
+
+
 def med(values: list[float]) -> str:
     return f"{statistics.median(values):.2f}" if values else "-"
 
@@ -119,7 +137,7 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=BUNDLED)
     ap.add_argument("--out", type=Path, default=None, help="also write the Markdown here")
     args = ap.parse_args()
-    out: list[str] = [f"machine load before: {uptime()}", ""]
+    out = _Printed([f"machine load before: {uptime()}", ""])
 
     out += ["## --help (s, wall time of the process, median of %d)" % args.runs, "", "| command | s |", "|---|---:|"]
     for c in COMMANDS:
@@ -163,7 +181,6 @@ def main() -> int:
         out += [f"| {m} | {s:.3f} | {c:.3f} |" for m, s, c in import_table(cmd)]
     out += ["", f"machine load after: {uptime()}"]
     text = "\n".join(out) + "\n"
-    print(text)
     if args.out:
         args.out.write_text(text)
     return 0
