@@ -182,7 +182,9 @@ def main() -> int:
     out += ["", f"machine load after: {uptime()}"]
     text = "\n".join(out) + "\n"
     if args.out:
-        args.out.write_text(text)
+        from resunet.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text)
     return 0
 
 
