@@ -52,9 +52,15 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    JPEG2000,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
     generate_uid,
 )
@@ -63,11 +69,48 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from io_helpers import compare_with_sitk  # noqa: E402
 
+from resunet.dicom_decode import PREFERRED_PLUGIN  # noqa: E402
 from resunet.io import load_study  # noqa: E402
 
 ROOT = Path("/tmp/resunet-read-speed")
-SYNTAXES = {"raw": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless, "jls": JPEGLSLossless, "rle": RLELossless}
-NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "jls": "JPEG-LS lossless", "rle": "RLE lossless"}
+SYNTAXES = {"raw": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless, "j2k-lossy": JPEG2000, "jls": JPEGLSLossless,
+            "jls-near": JPEGLSNearLossless, "jpeg-sv1": JPEGLosslessSV1, "jpeg-14": JPEGLossless,
+            "jpeg-baseline": JPEGBaseline8Bit, "rle": RLELossless, "deflate": DeflatedExplicitVRLittleEndian}
+NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "j2k-lossy": "JPEG 2000 (lossy, 10:1)",
+         "jls": "JPEG-LS lossless", "jls-near": "JPEG-LS near-lossless (3)", "jpeg-sv1": "JPEG lossless SV1",
+         "jpeg-14": "JPEG lossless (process 14)", "jpeg-baseline": "JPEG baseline (8-bit)", "rle": "RLE lossless",
+         "deflate": "deflated explicit VR LE"}
+#: syntaxes pydicom cannot encode: written uncompressed, then re-encoded by GDCM (python-gdcm)
+GDCM_ENCODED = {"jpeg-sv1": "JPEGLosslessProcess14_1", "jpeg-14": "JPEGLosslessProcess14",
+                "jpeg-baseline": "JPEGBaselineProcess1"}
+
+
+def decoder_name(syntax: str) -> str:
+    """The decoder resunet uses for ``syntax`` in its decode worker processes (resunet.dicom_decode)."""
+    if syntax == "raw":
+        return "read in place"
+    return PREFERRED_PLUGIN.get(str(SYNTAXES[syntax]), "pydicom")
+
+
+def gdcm_transcode(path: Path, syntax: str) -> None:
+    """Re-encode ``path`` in place with GDCM in the transfer syntax ``GDCM_ENCODED[syntax]``."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        raise RuntimeError(f"GDCM cannot read {path}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, GDCM_ENCODED[syntax])))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise RuntimeError(f"GDCM cannot encode {path} as {syntax}")
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(path))
+    if not writer.Write():
+        raise RuntimeError(f"GDCM cannot write {path}")
 
 
 def phantom_slice(k: int, n: int, size: int = 512, seed: int = 0) -> np.ndarray:
@@ -125,10 +168,19 @@ def write_series(folder: Path, n: int, syntax: str) -> None:
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
         ds.WindowCenter, ds.WindowWidth = "40", "400"
         arr = phantom_slice(k, n)
+        if syntax == "jpeg-baseline":  # 8-bit only: stored = (HU + 1024) / 8
+            arr = np.clip(arr // 8, 0, 255).astype(np.uint8)
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.RescaleIntercept, ds.RescaleSlope = "-1024", "8"
         ds.PixelData = arr.tobytes()
-        if syntax != "raw":
-            ds.compress(SYNTAXES[syntax], arr)
+        if syntax == "deflate":
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        elif syntax not in ("raw", *GDCM_ENCODED):
+            opts = {"j2k-lossy": {"j2k_cr": [10]}, "jls-near": {"jls_error": 3}}.get(syntax, {})
+            ds.compress(SYNTAXES[syntax], arr, **opts)
         ds.save_as(tmp / names[k], enforce_file_format=True)
+        if syntax in GDCM_ENCODED:
+            gdcm_transcode(tmp / names[k], syntax)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -220,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             same, dist, _ = compare_with_sitk(vol, img)
             t_d2n = dcm2niix_read(folder)
             del img, vol
-            row = {"series": NAMES[syntax], "slices": n, "mb": size_mb, "resunet_s": our_times,
+            row = {"series": NAMES[syntax], "decoder": decoder_name(syntax), "slices": n, "mb": size_mb, "resunet_s": our_times,
                    "sitk_folder_s": sitk_times, "sitk_execute_s": exec_times or None, "dcm2niix": t_d2n,
                    "voxels_equal": bool(same), "corners_mm": float(dist), "load": os.getloadavg()[0]}
             rows.append(row)
@@ -266,8 +318,11 @@ Written whole by `bench/io_read_speed.py --out bench/results/io.md` (its figures
 rewrites this file from the JSON).
 
 Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1, RescaleIntercept
--1024), shuffled file names, in `/tmp/resunet-read-speed`; compressed losslessly with pydicom's
-encoders (pylibjpeg-openjpeg for JPEG 2000, pyjpegls for JPEG-LS, pydicom's RLE encoder). Each
+-1024), shuffled file names, in `/tmp/resunet-read-speed`; compressed with pydicom's encoders
+(JPEG 2000 lossless and 10:1, JPEG-LS lossless and near-lossless, RLE, deflate) or GDCM (JPEG
+lossless SV1 and process 14, JPEG baseline on an 8-bit copy). "resunet decoder": the plugin resunet's
+decode worker processes use for the syntax (resunet.dicom_decode.PREFERRED_PLUGIN; the calling
+process, which decodes too, uses pylibjpeg where that is GDCM: bench/results/io_decoders.md). Each
 reader reads the whole folder from a warm page cache, in the same process, the readers alternating
 in each repetition.
 
@@ -312,19 +367,20 @@ def _ratio(ours: list[float] | None, theirs: list[float] | None) -> tuple[str, s
 
 def _row(r: dict, run: str) -> str:
     if r.get("pending"):
-        return f"| {r['series']} | {r['slices']} | pending: {r['pending']} ||||||||| {run} |"
+        return f"| {r['series']} | {r['slices']} | pending: {r['pending']} |||||||||| {run} |"
     ratio, verdict = _ratio(r["resunet_s"], r["sitk_folder_s"])
     eratio, _ = _ratio(r["resunet_s"], r["sitk_execute_s"])
     check = f"{'equal' if r['voxels_equal'] else 'DIFFER'}, {r['corners_mm']:.1e} mm"
-    return (f"| {r['series']} | {r['slices']} | {r['mb']:.0f} | {_spread(r['resunet_s'])} | {_spread(r['sitk_folder_s'])} "
+    return (f"| {r['series']} | {r['slices']} | {r['mb']:.0f} | {r.get('decoder', '-')} | {_spread(r['resunet_s'])} "
+            f"| {_spread(r['sitk_folder_s'])} "
             f"| {ratio} | {verdict} | {_spread(r['sitk_execute_s'])} | {eratio} | {r['dcm2niix']} | {check} | {run} |")
 
 
 def render(doc: dict) -> str:
     """The whole results file for ``doc`` (``{"runs": [...], "rows": [...]}``)."""
-    lines = [HEADER, "| series | slices | MB | resunet s | SimpleITK s (folder) | resunet / SimpleITK | verdict "
+    lines = [HEADER, "| series | slices | MB | resunet decoder | resunet s | SimpleITK s (folder) | resunet / SimpleITK | verdict "
              "| SimpleITK s (Execute, list given) | resunet / SimpleITK Execute | dcm2niix s | voxels, corners | run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(r, f"run {r['run'] + 1}" if r.get("run") is not None else "-") for r in doc["rows"]]
     lines += ["", "## Runs", ""]
     for k, run in enumerate(doc["runs"]):

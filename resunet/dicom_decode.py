@@ -28,35 +28,93 @@ def read_full(path: str | Path) -> Dataset:
         return ds
 
 
-#: decoder plugin tried first per transfer syntax (pydicom's own order otherwise): for JPEG-LS,
-#: pyjpegls (CharLS) decoded a 512x512 16-bit frame in ~22 ms where pylibjpeg-libjpeg took ~77 ms
-_PREFERRED_PLUGIN = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+#: the pydicom decoder plugin tried first per transfer syntax (then the other installed ones, in
+#: pydicom's order). Chosen by the fastest equal-to-SimpleITK decode of a 512x512 int16 CT frame here
+#: (best of 7, ms; bench/results/io.md):
+#:   JPEG 2000 lossless / lossy   gdcm 28 / 7.7   pylibjpeg-openjpeg 61 / 18.5   pillow 79 / 19
+#:   JPEG lossless SV1 / proc. 14 gdcm 3.2 / 11.8 pylibjpeg-libjpeg 40 / 17.7
+#:   JPEG-LS lossless / near      pyjpegls 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg-libjpeg 30 / 34
+#:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1
+#:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
+#:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
+#: None of the JPEG decoders releases the GIL (their extension modules never call
+#: PyEval_SaveThread; pylibjpeg-rle does), so resunet.io.dicom_pixels decodes in processes.
+PREFERRED_PLUGIN = {
+    "1.2.840.10008.1.2.4.90": "gdcm", "1.2.840.10008.1.2.4.91": "gdcm",
+    "1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
+    "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg",
+}
+#: plugins that can end the whole process on damaged data: GDCM throws a C++ exception nobody
+#: catches on a broken JPEG 2000 codestream (``terminate called after throwing ...``, abort). They
+#: run only in decode worker processes (:func:`enter_worker`), where a crash costs that worker and
+#: the calling process decodes the file again with the others; never in the CLI, app or service.
+PROCESS_KILLING_PLUGINS = frozenset({"gdcm"})
+#: the first plugin outside worker processes where PREFERRED_PLUGIN's may crash it (next fastest above)
+IN_PROCESS_PLUGIN = {ts: "pylibjpeg" for ts, plugin in PREFERRED_PLUGIN.items() if plugin in PROCESS_KILLING_PLUGINS}
+
+_in_worker = False
 
 
-def _pixel_array(ds: Dataset) -> np.ndarray:
+def enter_worker() -> None:
+    """Mark this process as a decode worker (the pool's initializer): crash-prone fast plugins allowed."""
+    global _in_worker
+    _in_worker = True
+
+
+def plugin_order(ts: str) -> list[str]:
+    """The pydicom plugins to try for transfer syntax ``ts``, in order ([] = pydicom's native decoder)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        available = list(get_decoder(ts).available_plugins)
+    except (NotImplementedError, ValueError):
+        return []
+    first = PREFERRED_PLUGIN.get(ts) if _in_worker else IN_PROCESS_PLUGIN.get(ts, PREFERRED_PLUGIN.get(ts))
+    order = ([first] if first in available else []) + [p for p in available if p != first]
+    if not _in_worker:
+        order = [p for p in order if p not in PROCESS_KILLING_PLUGINS]
+    return order
+
+
+def decoder_plugin(ts: str) -> str:
+    """The plugin tried first for ``ts`` in this process ('' = pydicom's native decoder)."""
+    order = plugin_order(ts)
+    return order[0] if order else ""
+
+
+def _pixel_array(ds: Dataset, frames: range | None = None) -> np.ndarray:
+    """``ds``'s stored values (all frames, or ``frames``), each plugin of :func:`plugin_order` in turn."""
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
-    plugin = _PREFERRED_PLUGIN.get(ts)
-    if plugin:
-        from pydicom.pixels import get_decoder
+    order = plugin_order(ts) if ts else []
+    if not order:  # uncompressed, deflated, big endian: pydicom's own decoder
+        if frames is None:
+            return ds.pixel_array
+        order = [""]
+    from pydicom.pixels import get_decoder
 
+    error: BaseException | None = None
+    for plugin in order:
         try:
-            available = plugin in get_decoder(ts).available_plugins
-        except (NotImplementedError, ValueError):
-            available = False
-        if available:
-            try:
+            if frames is None:
                 ds.pixel_array_options(decoding_plugin=plugin)
                 return ds.pixel_array
-            except Exception:  # noqa: BLE001 - let pydicom's own order try the other decoders
-                ds.pixel_array_options(decoding_plugin="")
-    return ds.pixel_array
+            decoder = get_decoder(ts)
+            return np.stack([arr for arr, _ in decoder.iter_array(ds, indices=frames, decoding_plugin=plugin)])
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as err:  # noqa: BLE001 - the next plugin; the last error is reported
+            error = err
+    assert error is not None
+    raise error
 
 
-def decode_stored(ds: Dataset, source: str) -> np.ndarray:
-    """All frames of a full dataset (pixels read) as ``(frames, rows, cols)`` stored values (pydicom)."""
+def decode_stored(ds: Dataset, source: str, frames: range | None = None) -> np.ndarray:
+    """All frames (or ``frames``) of a full dataset (pixels read) as ``(frames, rows, cols)`` stored values."""
     try:
-        arr = _pixel_array(ds)
+        arr = _pixel_array(ds, frames)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except BaseException as err:  # noqa: BLE001 - decoder missing, truncated or corrupt stream; the
@@ -72,14 +130,15 @@ def decode_stored(ds: Dataset, source: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[np.newaxis]
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = len(frames) if frames is not None else int(ds.get("NumberOfFrames", 1) or 1)
     if arr.ndim != 3 or arr.shape[0] != n_frames:
         raise InputError(f"{source}: pixel data has shape {arr.shape}, expected {n_frames} greyscale frames")
     return arr
 
 
-def decode_file(path: str, source: str) -> np.ndarray:
-    """Read a whole file and decode its pixels with pydicom (run in worker processes too)."""
+def decode_file(path: str, source: str, frames: range | None = None) -> np.ndarray:
+    """Read a whole file and decode its pixels (all frames, or ``frames``) with pydicom (run in worker
+    processes too)."""
     try:
         ds = read_full(path)
     except InputError:
@@ -88,11 +147,9 @@ def decode_file(path: str, source: str) -> np.ndarray:
         raise InputError(f"{source}: unreadable DICOM file ({type(err).__name__}); the file may be truncated") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(f"{source}: the DICOM file ends early (no pixel data); it is truncated, copy it again")
-    return decode_stored(ds, source)
+    return decode_stored(ds, source, frames)
 
 
-
-
-def decode_job(job: tuple[str, str]) -> np.ndarray:
-    """:func:`decode_file` of ``(path, source)`` (the function worker processes are given)."""
+def decode_job(job: tuple) -> np.ndarray:
+    """:func:`decode_file` of ``(path, source)`` or ``(path, source, frames)`` (what worker processes run)."""
     return decode_file(*job)

@@ -12,7 +12,6 @@ import importlib
 import logging
 import sys
 
-from resunet import __version__
 from resunet.errors import ResunetError
 
 # Order is the order shown in ``resunet --help``.
@@ -30,7 +29,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Residual U-Net segmentation of DICOM and NIfTI scans: convert, train, predict, "
         "evaluate, audit, and the web UI.",
     )
-    parser.add_argument("--version", action="version", version=f"resunet {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [only] if only else SUBCOMMANDS:
@@ -42,6 +41,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue  # subcommand not part of this build
         module.register(sub)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looking the version up only when asked (importlib.metadata costs 0.1-0.4 s)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        import resunet
+
+        print(f"resunet {resunet.__version__}")  # stdout, as argparse's own version action
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

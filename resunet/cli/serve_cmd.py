@@ -207,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
     if config.auth_required and n_tokens == 0:
         raise ConfigError(f"--require-token but {tokens.path} holds no token; add one with `resunet serve --add-token NAME`")
     segment_options({"formats": list(config.formats)}, ())  # a bad --format is a start-up error
+    # The port is bound first, before FastAPI and uvicorn are imported (about a second on a loaded
+    # machine): a taken port is an error at once, and probes that connect meanwhile wait in the listen
+    # backlog instead of being refused. The model loads behind /healthz (Service.start); /readyz says when.
+    sock = bind_listen_socket(config.host, config.port)
 
     import uvicorn
 
@@ -233,9 +237,31 @@ def run(args: argparse.Namespace) -> int:
         log.info("DICOM node %s on %s:%d%s", config.ae_title, config.dicom_host, config.dicom_port,
                  f", results to {config.store_to}" if config.store_to else "")
     try:
-        uvicorn.run(app, host=config.host, port=config.port, root_path=config.root_path, proxy_headers=True,
-                    forwarded_allow_ips=config.forwarded_allow_ips, log_level="info", timeout_keep_alive=30)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=config.host, port=config.port, root_path=config.root_path, proxy_headers=True,
+            forwarded_allow_ips=config.forwarded_allow_ips, log_level="info", timeout_keep_alive=30))
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         if node is not None:
             node.stop()
     return 0
+
+
+def bind_listen_socket(host: str, port: int) -> "socket.socket":  # noqa: F821
+    """A listening TCP socket on ``host:port``, bound as uvicorn binds one (IPv6 when ``host`` has a colon);
+    ConfigError when the port is taken or the address is not this machine's."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as err:  # also socket.gaierror for a host name that does not resolve
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err}); stop what uses the port, or "
+                          "pass another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock

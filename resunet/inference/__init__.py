@@ -8,8 +8,21 @@
   (:mod:`resunet.inference.batch`): the ``resunet predict`` batch runner.
 """
 
-from resunet.inference.model import LoadedModel, load_model
-from resunet.inference.postprocess import PostProcess
-from resunet.inference.predictor import Prediction, Predictor
+import importlib
+from typing import Any
 
-__all__ = ["LoadedModel", "PostProcess", "Prediction", "Predictor", "load_model"]
+#: what ``resunet predict --format`` (and a service job's ``formats``) can write; here so that the
+#: service checks options without importing torch (:data:`resunet.inference.batch.FORMATS` is this)
+OUTPUT_FORMATS = ("nifti", "seg", "rtstruct", "sr")
+
+#: public name -> submodule, imported on first use (torch and MONAI: seconds), so that light modules
+#: such as :mod:`resunet.inference.bundled` import without them
+_WHERE = {"LoadedModel": "model", "load_model": "model", "PostProcess": "postprocess", "Prediction": "predictor",
+          "Predictor": "predictor"}
+__all__ = sorted([*_WHERE, "OUTPUT_FORMATS"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'resunet.inference' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"resunet.inference.{_WHERE[name]}"), name)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from resunet.errors import ConfigError, DiskFullError, ResunetError, ServerError
-from resunet.inference import records
+from resunet.inference import OUTPUT_FORMATS, records
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Prediction, Predictor
 from resunet.io.hashing import sha256_file, sha256_path
@@ -54,7 +54,7 @@ from resunet.io.names import safe_name
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("nifti", "seg", "rtstruct", "sr")
+FORMATS = OUTPUT_FORMATS
 STATUS_LOG_INTERVAL_S = 30.0
 
 

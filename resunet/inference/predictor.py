@@ -41,8 +41,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from monai.data.utils import dense_patch_slices
-from monai.inferers import sliding_window_inference
 
 from resunet.errors import ConfigError, InputError, ModelError
 from resunet.inference.ensemble import EnsembleModel
@@ -581,6 +579,10 @@ class Predictor:
             done[0] += n
             report("windows", min(done[0], total), total)
 
+        # MONAI is imported here, not at the top: `resunet predict` reads its first case before paying
+        # for MONAI's import (about half the command's imports; issue 23 point 3)
+        from monai.inferers import sliding_window_inference
+
         window = self._window_fn(net_time, count)
         stitch = self._stitch_device(n_out, spatial)
         report("windows", 0, total)
@@ -618,6 +620,8 @@ class Predictor:
 
 def _count_windows(image: Sequence[int], roi: Sequence[int], overlap: float) -> int:
     """Windows per image, as MONAI's sliding_window_inference places them."""
+    from monai.data.utils import dense_patch_slices
+
     size = tuple(max(int(s), int(r)) for s, r in zip(image, roi))
     interval = tuple(int(r) if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi))
     return len(dense_patch_slices(size, tuple(roi), interval))

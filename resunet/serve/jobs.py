@@ -80,7 +80,7 @@ def segment_options(raw: dict[str, Any], default_formats: tuple[str, ...]) -> di
     Keys: ``formats`` (list of :data:`resunet.inference.batch.FORMATS`), ``uncertainty`` (bool),
     ``probabilities`` (bool), ``series_uid`` (str or None).
     """
-    from resunet.inference.batch import FORMATS
+    from resunet.inference import OUTPUT_FORMATS as FORMATS  # not .batch: that imports torch
 
     formats = raw.get("formats") or list(default_formats)
     if isinstance(formats, str):

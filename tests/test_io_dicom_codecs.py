@@ -1,0 +1,293 @@
+"""Compressed DICOM: every transfer syntax resunet reads, as a series of single-frame files and as one
+enhanced multi-frame file, gives the same voxels as SimpleITK (GDCM) and, when lossless, the voxels
+that were encoded (issue 23 point 1).
+
+The series have 30 slices, above ``MIN_FILES_FOR_PROCESSES``, so the files are decoded in worker
+processes; the multi-frame file is cut into frame ranges decoded in parallel. Files are encoded by
+pydicom's encoders (JPEG 2000, JPEG-LS, RLE, deflate) and by GDCM (python-gdcm) for the JPEG
+processes pydicom cannot encode (lossless 14 and SV1, baseline). JPEG extended (12-bit) has no
+encoder here that writes a valid stream; the pydicom-data file JPGExtended.dcm covers it in
+test_io_pydicom_data.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from io_helpers import compare_with_sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from resunet.dicom_decode import PREFERRED_PLUGIN, decoder_plugin
+from resunet.errors import InputError
+from resunet.io import load_study
+from resunet.io.dicom_pixels import MIN_FILES_FOR_PROCESSES, PixelSource, _decode_jobs
+
+N, SIZE = 30, 48
+
+#: name -> (transfer syntax, encoder, lossless, bits stored)
+SYNTAXES = {
+    "j2k-lossless": (JPEG2000Lossless, "pydicom", True, 16),
+    "j2k-lossy": (JPEG2000, "pydicom", False, 16),
+    "jls-lossless": (JPEGLSLossless, "pydicom", True, 16),
+    "jls-near-lossless": (JPEGLSNearLossless, "pydicom", False, 16),
+    "rle": (RLELossless, "pydicom", True, 16),
+    "deflate": (DeflatedExplicitVRLittleEndian, "pydicom", True, 16),
+    "jpeg-lossless-sv1": (JPEGLosslessSV1, "gdcm", True, 16),
+    "jpeg-lossless-14": (JPEGLossless, "gdcm", True, 16),
+    "jpeg-baseline": (JPEGBaseline8Bit, "gdcm", False, 8),
+}
+
+
+def stored_values(bits: int) -> np.ndarray:
+    """(N, SIZE, SIZE) CT-like stored values: signed 16-bit with an air background, or unsigned 8-bit."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[:SIZE, :SIZE] / SIZE - 0.5
+    body = (x / 0.42) ** 2 + (y / 0.35) ** 2 < 1
+    vol = np.where(body, 40, -1000)[None] + rng.normal(0, 20, (N, SIZE, SIZE)) * body
+    vol[:, SIZE // 3: SIZE // 2, SIZE // 3: SIZE // 2] = 900 + 10 * np.arange(N)[:, None, None]
+    if bits == 8:
+        return np.clip((vol + 1024) / 8, 0, 255).astype(np.uint8)
+    return np.round(vol).astype(np.int16)
+
+
+def base_dataset(k: int, arr: np.ndarray, uids: tuple[str, str, str]) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.PatientID, ds.PatientName = "CT", "codec-test", "Codec^Test"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20240101", "120000", 3, k + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [-24.0, -24.0, 2.5 * k]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.SliceThickness = [1.0, 1.0], 2.5
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = SIZE
+    signed = arr.dtype.kind == "i"
+    ds.BitsAllocated = ds.BitsStored = arr.dtype.itemsize * 8
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(signed)
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def gdcm_transcode(path: Path, syntax: str) -> None:
+    """Re-encode ``path`` in place with GDCM (python-gdcm), for the JPEG processes pydicom cannot encode."""
+    import gdcm
+
+    ts = {JPEGLosslessSV1: gdcm.TransferSyntax.JPEGLosslessProcess14_1, JPEGLossless: gdcm.TransferSyntax.JPEGLosslessProcess14,
+          JPEGBaseline8Bit: gdcm.TransferSyntax.JPEGBaselineProcess1}[syntax]
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    assert reader.Read(), path
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(ts))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), f"GDCM could not encode {path} as {syntax.name}"
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(path))
+    assert writer.Write(), path
+
+
+def encode(ds: Dataset, path: Path, syntax: str, encoder: str) -> None:
+    """Write ``ds`` (uncompressed) to ``path`` in ``syntax``."""
+    arr = ds.pixel_array
+    if encoder == "pydicom" and syntax == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = syntax
+    elif encoder == "pydicom":
+        opts = {"j2k_cr": [4]} if syntax == JPEG2000 else {"jls_error": 3} if syntax == JPEGLSNearLossless else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.compress(syntax, arr, **opts)
+    ds.save_as(path, enforce_file_format=True)
+    if encoder == "gdcm":
+        gdcm_transcode(path, syntax)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+
+
+def write_series(folder: Path, name: str) -> np.ndarray:
+    syntax, encoder, _, bits = SYNTAXES[name]
+    values = stored_values(bits)
+    folder.mkdir()
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    for k in range(N):
+        encode(base_dataset(k, values[k], uids), folder / f"im{(k * 7) % N:03d}", syntax, encoder)
+    return values
+
+
+def write_enhanced(path: Path, name: str) -> np.ndarray:
+    """One enhanced CT multi-frame file (highdicom's legacy conversion of the series), then encoded."""
+    import highdicom as hd
+
+    syntax, encoder, _, bits = SYNTAXES[name]
+    values = stored_values(bits)
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    legacy = [base_dataset(k, values[k], uids) for k in range(N)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+            legacy_datasets=legacy, series_instance_uid=hd.UID(), series_number=4, sop_instance_uid=hd.UID(),
+            instance_number=1)
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(mf)))
+    encode(ds, path, syntax, encoder)
+    return values
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buf = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def check(vol, img: sitk.Image, values: np.ndarray, lossless: bool) -> None:
+    same, dist, note = compare_with_sitk(vol, img)
+    assert same, f"voxels differ from SimpleITK ({note})"
+    assert dist < 1e-3
+    # voxel order: array[i, j, k] = pixel (row j, column i) of slice k, k ascending along the normal
+    got = np.asarray(vol.array).transpose(2, 1, 0)
+    assert got.shape == values.shape
+    if lossless:
+        assert np.array_equal(got, values)
+    else:  # lossy: close to what was encoded
+        assert np.abs(got.astype(np.int32) - values).mean() < 0.01 * np.ptp(values)
+
+
+@pytest.mark.parametrize("name", sorted(SYNTAXES))
+def test_series_of_each_syntax_equals_simpleitk(tmp_path, name):
+    values = write_series(tmp_path / "s", name)
+    vol = load_study(tmp_path / "s")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(tmp_path / "s")))
+    check(vol, reader.Execute(), values, SYNTAXES[name][2])
+
+
+@pytest.mark.parametrize("name", sorted(SYNTAXES))
+def test_enhanced_multiframe_of_each_syntax_equals_simpleitk(tmp_path, name):
+    values = write_enhanced(tmp_path / "mf.dcm", name)
+    vol = load_study(tmp_path / "mf.dcm")
+    assert sorted(vol.meta["frames"]) == list(range(N))
+    check(vol, sitk.ReadImage(str(tmp_path / "mf.dcm")), values, SYNTAXES[name][2])
+
+
+def test_series_are_decoded_in_processes_and_a_multiframe_file_in_frame_ranges(monkeypatch):
+    assert N >= MIN_FILES_FOR_PROCESSES
+    monkeypatch.setenv("RESUNET_DICOM_WORKERS", "2")
+    src = PixelSource(path="x.dcm", source="x.dcm", offset=None, transfer_syntax=JPEG2000Lossless,
+                      little_endian=True, implicit_vr=False, n_frames=N, rows=SIZE, cols=SIZE, bits_allocated=16,
+                      bits_stored=16, signed=True)
+    jobs, owner, n_frames = _decode_jobs([src], [0])
+    assert n_frames == N and len(jobs) == 8  # 2 processes x 4 ranges
+    assert [f for job in jobs for f in job[2]] == list(range(N))
+    assert [first for _, first in owner] == [job[2][0] for job in jobs]
+    singles = [PixelSource(**{**src.__dict__, "n_frames": 1, "path": f"{k}.dcm"}) for k in range(N)]
+    jobs, owner, _ = _decode_jobs(singles, list(range(N)))
+    assert jobs == [(f"{k}.dcm", "x.dcm") for k in range(N)]  # one job per file, whole
+
+
+def _worker_order(ts: str) -> list[str]:
+    from resunet.dicom_decode import plugin_order
+
+    return plugin_order(ts)
+
+
+def test_fastest_kept_decoder_is_chosen_per_syntax():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from resunet.dicom_decode import enter_worker, plugin_order
+
+    # in decode workers: python-gdcm (a dependency) for JPEG 2000 and JPEG lossless
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=enter_worker) as pool:
+        assert pool.submit(_worker_order, JPEG2000Lossless).result()[0] == "gdcm"
+        assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "gdcm"
+    # in this process never GDCM: it aborts the process on a damaged JPEG 2000 stream
+    assert "gdcm" not in plugin_order(JPEG2000Lossless) + plugin_order(JPEGLossless) + plugin_order(JPEGBaseline8Bit)
+    assert decoder_plugin(JPEG2000Lossless) == decoder_plugin(JPEG2000) == "pylibjpeg"
+    assert decoder_plugin(JPEGLSLossless) == decoder_plugin(JPEGLSNearLossless) == "pyjpegls"
+    assert decoder_plugin(JPEGBaseline8Bit) == "pillow"
+    assert decoder_plugin(RLELossless) == "pylibjpeg"
+    assert decoder_plugin(ExplicitVRLittleEndian) == ""
+    assert set(PREFERRED_PLUGIN.values()) <= {"gdcm", "pyjpegls", "pillow", "pylibjpeg"}
+
+
+def test_damaged_file_decoded_by_a_worker_is_a_one_line_error(tmp_path, monkeypatch):
+    """A broken JPEG 2000 stream: GDCM aborts the worker that gets it (the workers take files from the
+    back of the slice order); this process decodes it again without GDCM and names the file."""
+    write_series(tmp_path / "s", "j2k-lossless")
+    monkeypatch.setenv("RESUNET_DICOM_WORKERS", "2")
+    last = max(tmp_path.joinpath("s").iterdir(),
+               key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    ds = pydicom.dcmread(last)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])  # not a codestream
+    ds.save_as(last, enforce_file_format=True)
+    with pytest.raises(InputError) as info:
+        load_study(tmp_path / "s")
+    assert f"{last.name}: the pixel data cannot be decoded (transfer syntax JPEG 2000" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def _read_in_daemon(folder: str, queue) -> None:  # a daemon process may not start decode workers
+    import os
+
+    os.environ["RESUNET_DICOM_WORKERS"] = "2"
+    try:
+        queue.put(np.asarray(load_study(folder).array))
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        queue.put(repr(err))
+
+
+def test_where_no_worker_process_can_start_this_process_decodes_everything(tmp_path):
+    import multiprocessing
+
+    values = write_series(tmp_path / "s", "jls-lossless")
+    ctx = multiprocessing.get_context("forkserver")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_daemon, args=(str(tmp_path / "s"), queue), daemon=True)
+    proc.start()
+    got = queue.get(timeout=300)
+    proc.join(60)
+    assert not isinstance(got, str), got
+    assert np.array_equal(got.transpose(2, 1, 0), values)
+
+
+def test_gdcm_stays_in_worker_processes_where_a_broken_stream_kills_only_the_worker(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from resunet.dicom_decode import decode_job, enter_worker
+
+    write_series(tmp_path / "s", "j2k-lossless")
+    bad = tmp_path / "s" / "im000"
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
+    ds.save_as(bad, enforce_file_format=True)
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=enter_worker) as pool:
+        with pytest.raises(BrokenProcessPool):  # GDCM: 'terminate called after throwing ...', abort
+            pool.submit(decode_job, (str(bad), bad.name)).result(timeout=300)
+    with pytest.raises(InputError, match="im000: the pixel data cannot be decoded"):
+        decode_job((str(bad), bad.name))  # here: no GDCM, a one-line error
