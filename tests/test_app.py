@@ -37,19 +37,6 @@ from resunet.io import load_study
 from resunet.reports.audit import read_runs
 
 
-@pytest.fixture(autouse=True)
-def _loopback_address():
-    """The page bound to 127.0.0.1, as `resunet app` starts it: AppTest reads no settings file (the page's
-    settings moved into the package), and an unset server.address means every interface, which the page
-    refuses without a login."""
-    from streamlit import config
-
-    old = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield
-    config.set_option("server.address", old)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("models")

@@ -20,7 +20,7 @@ def make_queue(request, tmp_path):
     """``make_queue(node=...)``: a new queue object on one database (each call: its own connections)."""
     if request.param == "sqlite":
         db = tmp_path / "jobs.sqlite"
-        return lambda node="a", lease_s=60.0: JobQueue(db)
+        return lambda node="a", lease_s=60.0: JobQueue(db, node=node)
     from resunet.serve.queue_pg import PgJobQueue
 
     url = request.getfixturevalue("postgres").create_database()
@@ -104,6 +104,19 @@ def test_fail_retry_and_erase(make_queue):
     running = q.claim()
     assert running.id == a.id and not q.erase(a.id, "alice")  # a running job cannot be erased
     assert q.counts() == {"queued": 0, "running": 1, "done": 0, "failed": 1}
+
+
+def test_requeue_node_takes_back_that_node_and_its_workers_jobs_only(make_queue):
+    q = make_queue()
+    ids = [q.enqueue("segment").id for _ in range(4)]
+    claims = {}
+    for node in ("n1/w0", "n1/w1", "n1", "n10/w0"):  # n10/w0 shares a prefix with n1 but is another node
+        claims[node] = make_queue(node=node).claim().id
+    assert q.requeue_node("n1/w0") == [claims["n1/w0"]]  # a dead worker: its job only
+    assert sorted(q.requeue_node("n1")) == sorted([claims["n1/w1"], claims["n1"]])  # a restarted node and its workers
+    assert q.get(claims["n10/w0"]).state == "running"
+    assert [e["event"] for e in q.events(claims["n1/w0"])] == ["queued", "claimed", "requeued"]
+    assert sorted(ids) == sorted(claims.values())
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------------------

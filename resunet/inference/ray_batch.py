@@ -53,6 +53,8 @@ INSTALL_HINT = "pip install 'resunet[ray]'"
 #: inputs checked for readability on every node before the run (evenly spread over the case list)
 PROBE_INPUTS = 100
 PROBE_TIMEOUT_S = 120.0
+#: tries of the start check when Ray cannot place it on a node that is starting or stopping
+PROBE_ATTEMPTS = 3
 NODES_POLL_S = 5.0
 
 
@@ -263,15 +265,41 @@ class RayEngine:
         ``out_dir``, or runs another resunet version. Returns the probes."""
         import resunet
 
-        ray = self.ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         out_dir.mkdir(parents=True, exist_ok=True)
         step = max(1, len(cases) // PROBE_INPUTS)
         paths = sorted({str(Path(c.path).resolve()) for c in list(cases)[::step]} |
                        ({str(Path(cases[-1].path).resolve())} if cases else set()))
         models = [str(Path(m).resolve()) for m in _model_list(self.spec.model) if Path(m).exists()]
-        probe = ray.remote(probe_node)
+        probe = self.ray.remote(probe_node)
+        for attempt in range(PROBE_ATTEMPTS):
+            unschedulable = []
+            probes = self._probe_alive_nodes(probe, paths, out_dir, models, unschedulable)
+            if not unschedulable:
+                break
+            # a node that was starting or stopping as the check went out: ask the cluster again which are alive
+            # (Ray answers TaskUnschedulableError for a hard affinity to a node it cannot place on right now)
+            if attempt == PROBE_ATTEMPTS - 1:
+                raise ConfigError(f"--ray: the start check could not be placed on node {unschedulable[0]} "
+                                  f"({PROBE_ATTEMPTS} tries); check `ray status`")
+            time.sleep(2.0)
+        for p in probes:
+            if p["problems"]:
+                raise ConfigError(f"--ray: node {p['node']} {p['problems'][0]}"
+                                  + (f" (and {len(p['problems']) - 1} more)" if len(p["problems"]) > 1 else "")
+                                  + "; inputs, the model and --out must be on a filesystem every node mounts at the "
+                                  "same path (docs/inference.md, Running on a cluster)")
+            if p["resunet"] != resunet.__version__:
+                raise ConfigError(f"--ray: node {p['node']} runs resunet {p['resunet']}, this machine "
+                                  f"{resunet.__version__}; install the same version on every node")
+        return probes
+
+    def _probe_alive_nodes(self, probe: Any, paths: list[str], out_dir: Path, models: list[str],
+                           unschedulable: list[str]) -> list[dict[str, Any]]:
+        """One probe per alive node; nodes whose probe Ray could not place are added to ``unschedulable``."""
+        ray = self.ray
+        from ray.exceptions import TaskUnschedulableError
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         refs = {}
         for node in ray.nodes():
             if not node.get("Alive"):
@@ -286,19 +314,12 @@ class RayEngine:
         probes = []
         for ref in ready:
             try:
-                p = ray.get(ref)
+                probes.append(ray.get(ref))
+            except TaskUnschedulableError:
+                unschedulable.append(str(refs[ref].get("NodeManagerAddress")))
             except Exception as err:
                 raise ConfigError(f"--ray: the start check failed on node {refs[ref].get('NodeManagerAddress')} "
                                   f"({type(err).__name__}); is resunet installed there?") from None
-            probes.append(p)
-            if p["problems"]:
-                raise ConfigError(f"--ray: node {p['node']} {p['problems'][0]}"
-                                  + (f" (and {len(p['problems']) - 1} more)" if len(p["problems"]) > 1 else "")
-                                  + "; inputs, the model and --out must be on a filesystem every node mounts at the "
-                                  "same path (docs/inference.md, Running on a cluster)")
-            if p["resunet"] != resunet.__version__:
-                raise ConfigError(f"--ray: node {p['node']} runs resunet {p['resunet']}, this machine "
-                                  f"{resunet.__version__}; install the same version on every node")
         return probes
 
     # the run

@@ -51,9 +51,12 @@ def _connect(url: str) -> Any:
     except ResunetError as err:
         raise InputError(f"cannot open the audit log: {err}") from None
     conn.row_factory = dict_row
+    if conn.execute("SELECT to_regclass('resunet_audit') IS NOT NULL AS there").fetchone()["there"]:
+        return conn  # made already: no DDL (and no table lock) on every append
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (CHAIN_LOCK,))
-        conn.execute(_SCHEMA)
+        if not conn.execute("SELECT to_regclass('resunet_audit') IS NOT NULL AS there").fetchone()["there"]:
+            conn.execute(_SCHEMA)
     return conn
 
 
