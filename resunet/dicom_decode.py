@@ -29,27 +29,29 @@ def read_full(path: str | Path) -> Dataset:
 
 
 #: the pydicom decoder plugin tried first per transfer syntax (then the other installed ones, in
-#: pydicom's order). Chosen by the fastest equal-to-SimpleITK decode of a 512x512 int16 CT frame here
-#: (best of 7, ms; bench/results/io.md):
-#:   JPEG 2000 lossless / lossy   gdcm 28 / 7.7   pylibjpeg-openjpeg 61 / 18.5   pillow 79 / 19
-#:   JPEG lossless SV1 / proc. 14 gdcm 3.2 / 11.8 pylibjpeg-libjpeg 40 / 17.7
-#:   JPEG-LS lossless / near      pyjpegls 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg-libjpeg 30 / 34
+#: pydicom's order). Chosen by the fastest equal-to-SimpleITK decode of a 512x512 int16 CT frame of
+#: bench/io_read_speed.py's series, a fresh dcmread per decode, plugins alternating, 8 each (ms, min;
+#: bench/results/io_decoders.md):
+#:   JPEG lossless SV1 / proc. 14 gdcm 4.2 / 6.9   pylibjpeg-libjpeg 8.1 / 12.0
+#:   JPEG 2000 lossless / lossy   pylibjpeg-openjpeg 16.6 / 11.1   gdcm 19.4 / 9.6 (no gain: not used)
+#:   JPEG-LS lossless / near      pyjpegls (CharLS) 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg-libjpeg 30 / 34
 #:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1
 #:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
 #:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
 #: None of the JPEG decoders releases the GIL (their extension modules never call
 #: PyEval_SaveThread; pylibjpeg-rle does), so resunet.io.dicom_pixels decodes in processes.
 PREFERRED_PLUGIN = {
-    "1.2.840.10008.1.2.4.90": "gdcm", "1.2.840.10008.1.2.4.91": "gdcm",
     "1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg",
     "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
     "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
 #: plugins that can end the whole process on damaged data: GDCM throws a C++ exception nobody
 #: catches on a broken JPEG 2000 codestream (``terminate called after throwing ...``, abort). They
-#: run only in decode worker processes (:func:`enter_worker`), where a crash costs that worker and
-#: the calling process decodes the file again with the others; never in the CLI, app or service.
+#: run only in decode worker processes (:func:`enter_worker`) and only where they are the preferred
+#: plugin; a crash costs that worker and the calling process decodes the file again with the others.
+#: Never in the CLI, app or service process.
 PROCESS_KILLING_PLUGINS = frozenset({"gdcm"})
 #: the first plugin outside worker processes where PREFERRED_PLUGIN's may crash it (next fastest above)
 IN_PROCESS_PLUGIN = {ts: "pylibjpeg" for ts, plugin in PREFERRED_PLUGIN.items() if plugin in PROCESS_KILLING_PLUGINS}
@@ -73,9 +75,8 @@ def plugin_order(ts: str) -> list[str]:
         return []
     first = PREFERRED_PLUGIN.get(ts) if _in_worker else IN_PROCESS_PLUGIN.get(ts, PREFERRED_PLUGIN.get(ts))
     order = ([first] if first in available else []) + [p for p in available if p != first]
-    if not _in_worker:
-        order = [p for p in order if p not in PROCESS_KILLING_PLUGINS]
-    return order
+    # a crash-prone plugin only as a worker's first choice, never as anyone's fallback
+    return [p for k, p in enumerate(order) if p not in PROCESS_KILLING_PLUGINS or (_in_worker and k == 0)]
 
 
 def decoder_plugin(ts: str) -> str:

@@ -219,12 +219,14 @@ def test_fastest_kept_decoder_is_chosen_per_syntax():
 
     from resunet.dicom_decode import enter_worker, plugin_order
 
-    # in decode workers: python-gdcm (a dependency) for JPEG 2000 and JPEG lossless
+    # in decode workers: python-gdcm (a dependency) for JPEG lossless, and only as the first choice
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=enter_worker) as pool:
-        assert pool.submit(_worker_order, JPEG2000Lossless).result()[0] == "gdcm"
         assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "gdcm"
+        assert pool.submit(_worker_order, JPEGLossless).result()[0] == "gdcm"
+        assert "gdcm" not in pool.submit(_worker_order, JPEG2000Lossless).result()
     # in this process never GDCM: it aborts the process on a damaged JPEG 2000 stream
     assert "gdcm" not in plugin_order(JPEG2000Lossless) + plugin_order(JPEGLossless) + plugin_order(JPEGBaseline8Bit)
+    assert decoder_plugin(JPEGLosslessSV1) == decoder_plugin(JPEGLossless) == "pylibjpeg"
     assert decoder_plugin(JPEG2000Lossless) == decoder_plugin(JPEG2000) == "pylibjpeg"
     assert decoder_plugin(JPEGLSLossless) == decoder_plugin(JPEGLSNearLossless) == "pyjpegls"
     assert decoder_plugin(JPEGBaseline8Bit) == "pillow"
@@ -273,12 +275,18 @@ def test_where_no_worker_process_can_start_this_process_decodes_everything(tmp_p
     assert np.array_equal(got.transpose(2, 1, 0), values)
 
 
-def test_gdcm_stays_in_worker_processes_where_a_broken_stream_kills_only_the_worker(tmp_path):
+def _gdcm_decode(path: str) -> None:
+    ds = pydicom.dcmread(path)
+    ds.pixel_array_options(decoding_plugin="gdcm")
+    ds.pixel_array
+
+
+def test_gdcm_stays_out_of_this_process_because_a_broken_stream_aborts_it(tmp_path):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from resunet.dicom_decode import decode_job, enter_worker
+    from resunet.dicom_decode import decode_job
 
     write_series(tmp_path / "s", "j2k-lossless")
     bad = tmp_path / "s" / "im000"
@@ -286,8 +294,8 @@ def test_gdcm_stays_in_worker_processes_where_a_broken_stream_kills_only_the_wor
     ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + bytes(range(256)) * 8])
     ds.save_as(bad, enforce_file_format=True)
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(1, mp_context=ctx, initializer=enter_worker) as pool:
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
         with pytest.raises(BrokenProcessPool):  # GDCM: 'terminate called after throwing ...', abort
-            pool.submit(decode_job, (str(bad), bad.name)).result(timeout=300)
+            pool.submit(_gdcm_decode, str(bad)).result(timeout=300)
     with pytest.raises(InputError, match="im000: the pixel data cannot be decoded"):
         decode_job((str(bad), bad.name))  # here: no GDCM, a one-line error

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from resunet.dicom_decode import decode_file, decode_job, enter_worker
+from resunet.dicom_decode import IN_PROCESS_PLUGIN, decode_file, decode_job, enter_worker
 from resunet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -244,19 +244,49 @@ def _decode_in_processes(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[
         stop.set()
 
 
-def decode_files(jobs: Sequence[tuple], n_frames: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+def _decode_in_pool(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode ``jobs`` in ``workers`` processes only, in order; what a crashed pool left is decoded here.
+
+    For the syntaxes whose fastest decoder (GDCM) may only run in workers (JPEG lossless): this
+    process would decode with a plugin about 2x slower (pylibjpeg-libjpeg 8.1 ms a 512x512 SV1 frame
+    against GDCM's 4.2 ms), so it leaves the work to them.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["resunet.dicom_decode"])
+    chunk = max(1, len(jobs) // (workers * 4))
+    done = 0
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=enter_worker) as pool:
+            for i, arr in enumerate(pool.map(decode_job, jobs, chunksize=chunk)):
+                done = i + 1
+                yield i, arr
+        return
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - no processes (daemon, sandbox) or a worker died (GDCM abort)
+        log.debug("decoding in %d processes failed (%s: %s); decoding here", workers, type(err).__name__, err)
+    for i in range(done, len(jobs)):
+        yield i, decode_job(jobs[i])
+
+
+def decode_files(jobs: Sequence[tuple], n_frames: int | None = None,
+                 workers_only: bool = False) -> Iterator[tuple[int, np.ndarray]]:
     """Decode ``(path, source)`` files (or ``(path, source, range of frames)``) with pydicom; yields
     ``(index, (frames, rows, cols) array)``, not necessarily in index order.
 
     In worker processes beside this one when there are many frames (``n_frames``, default one per
-    job; see the module docstring), else here.
+    job; see the module docstring), else here; ``workers_only``: in worker processes alone (the
+    fastest decoder of these files may only run there).
 
     Raises:
         InputError: a file cannot be decoded.
     """
     workers = workers_for(len(jobs) if n_frames is None else n_frames)
     if workers > 1:
-        yield from _decode_in_processes(jobs, workers)
+        yield from (_decode_in_pool if workers_only else _decode_in_processes)(jobs, workers)
         return
     for i in range(len(jobs)):
         yield i, decode_file(*jobs[i])
@@ -316,7 +346,8 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
     decoded.sort()
     if decoded:
         jobs, owner, n_frames = _decode_jobs(sources, decoded)
-        for i, arr in decode_files(jobs, n_frames):
+        workers_only = any(sources[n].transfer_syntax in IN_PROCESS_PLUGIN for n in decoded)
+        for i, arr in decode_files(jobs, n_frames, workers_only):
             n, first = owner[i]
             src = sources[n]
             if arr.shape[1:] != (rows, cols):
