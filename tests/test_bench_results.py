@@ -118,7 +118,7 @@ def test_io_reports_median_and_spread_and_says_faster_only_when_every_repetition
     # resunet faster in the median but not in every repetition: "within the spread", never "faster"
     doc = mod.merge(empty, _io_run("a"), [_io_row("uncompressed", 300, [0.8, 0.9, 1.3], [1.0, 1.0, 1.0])])
     text = mod.render(doc)
-    assert "| uncompressed | 300 | 1 | 0.90 (0.80-1.30) | 1.00 (1.00-1.00) | 0.90 (0.80-1.30) | within the spread (3 repetitions) |" in text
+    assert "| uncompressed | 300 | 1 | - | 0.90 (0.80-1.30) | 1.00 (1.00-1.00) | 0.90 (0.80-1.30) | within the spread (3 repetitions) |" in text
     doc = mod.merge(doc, _io_run("b"), [_io_row("uncompressed", 1000, [0.5, 0.6, 0.7], [1.0, 1.0, 1.0])])
     assert "| 0.60 (0.50-0.70) | resunet faster in all 3 |" in mod.render(doc)
     doc = mod.merge(doc, _io_run("c"), [_io_row("RLE lossless", 300, [2.0], [1.0])])
