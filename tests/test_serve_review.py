@@ -1,0 +1,160 @@
+"""The review loop of ``resunet serve --require-review`` against a real Orthanc (issue 21 points 3-4).
+
+A pacs-pull job of a service started with ``--require-review`` finishes in state ``review`` with no SEG
+in Orthanc; a corrected mask on another grid is refused (422) and changes nothing; approving with a
+corrected mask stores the corrected SEG (SEMIAUTOMATIC, ContentCreatorName the reviewer, a new series
+that references the model's SEG) in the same study, its voxels equal to the corrected mask; a second
+job rejected stores nothing and keeps the reason; the audit log has both decisions, its chain is
+intact and ``resunet audit verify`` passes on the decision's folder. The tiny untrained model and no
+TTA keep it fast; the voxels compared are the ones the reviewer drew.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from orthanc_support import dicomweb_plugin, orthanc_binary, start_orthanc
+from serve_support import ServiceProcess
+from test_app_support import EXAMPLE_DICOM, make_tiny_model
+
+from resunet.cli import main
+from resunet.io import load_study, read_dicom_seg, read_nifti
+from resunet.reports.audit import read_runs, verify_log
+from resunet.serve.tokens import TokenStore
+
+pytestmark = pytest.mark.slow
+
+REVIEWER = "dr.alice"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        msg = "Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        yield server
+    finally:
+        server.stop()
+
+
+def _segs(orthanc, study_uid: str) -> set[str]:
+    from resunet.pacs import PacsClient, PacsConfig
+
+    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == "SEG"}
+
+
+def _wait(url: str, job_id: str, headers: dict, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=60).json()
+        if job["state"] in ("review", "done", "failed"):
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} not finished within {timeout} s")
+
+
+def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_stores_nothing(orthanc, tmp_path):
+    from resunet.pacs import PacsClient, PacsConfig
+
+    study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    state, audit = tmp_path / "state", tmp_path / "audit.sqlite"
+    state.mkdir(mode=0o700)
+    token = TokenStore(state / "tokens.json").add(REVIEWER)
+    auth = {"Authorization": f"Bearer {token}"}
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    before = _segs(orthanc, study_uid)
+    svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
+                         "--require-review", audit_db=audit)
+    with svc:
+        jobs = []
+        for _ in range(2):
+            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["id"])
+        held = [_wait(svc.url, j, auth) for j in jobs]
+        assert [j["state"] for j in held] == ["review", "review"], held[0].get("error") or svc.log()[-3000:]
+        assert held[0]["review"]["state"] == "pending" and "stored_to_pacs" not in held[0]["result"]
+        waiting = httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()
+        assert sorted(j["id"] for j in waiting["jobs"]) == sorted(jobs) and waiting["counts"]["review"] == 2
+        assert _segs(orthanc, study_uid) == before  # held: nothing sent
+
+        # the reviewer corrects the model's mask: a block painted in, a slab erased
+        mask_file = tmp_path / "model_mask.nii.gz"
+        mask_file.write_bytes(httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}/outputs/mask", headers=auth, timeout=60).content)
+        model_img = nib.load(mask_file)
+        model_arr = np.asarray(model_img.dataobj).astype(np.uint8)
+        fixed = model_arr.copy()
+        fixed[10:30, 20:40, 5:15] = 1
+        fixed[:, :, -3:] = 0
+        assert not np.array_equal(fixed, model_arr)
+        fixed_file = tmp_path / "corrected.nii.gz"
+        nib.save(nib.Nifti1Image(fixed, model_img.affine), fixed_file)
+
+        # a corrected mask on another grid: a clear 4xx, nothing decided
+        other = tmp_path / "other_grid.nii.gz"
+        nib.save(nib.Nifti1Image(fixed[:, :, :-1], model_img.affine), other)
+        bad = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve"}, headers=auth,
+                         files={"corrected": ("other_grid.nii.gz", other.read_bytes())}, timeout=120)
+        assert bad.status_code == 422 and "other_grid.nii.gz is on another grid" in bad.json()["detail"], bad.text
+        wrong = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "maybe"}, headers=auth, timeout=60)
+        assert wrong.status_code == 422 and "approve, reject" in wrong.json()["detail"]
+        assert httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["state"] == "review"
+        assert _segs(orthanc, study_uid) == before
+
+        ok = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve", "comment": "fixed the base"},
+                        files={"corrected": ("corrected.nii.gz", fixed_file.read_bytes())}, headers=auth, timeout=300)
+        assert ok.status_code == 200, ok.text
+        done = ok.json()
+        assert done["state"] == "done" and done["review"]["state"] == "approved"
+        assert done["review"]["reviewer"] == REVIEWER and done["review"]["corrected"] is True
+        changed = int(np.count_nonzero((model_arr == 1) != (fixed == 1)))
+        assert done["review"]["voxels_changed"] == {"brain": changed} and changed > 0
+        again = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "reject"}, headers=auth, timeout=60)
+        assert again.status_code == 409 and "already approved" in again.json()["detail"]
+
+        no = httpx.post(f"{svc.url}/v1/jobs/{jobs[1]}/review", data={"decision": "reject", "comment": "wrong series"},
+                        headers=auth, timeout=120)
+        assert no.status_code == 200, no.text
+        assert no.json()["review"]["state"] == "rejected" and no.json()["review"]["comment"] == "wrong series"
+        assert "sent" not in no.json()["review"]
+        assert httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()["jobs"] == []
+
+    # Orthanc: exactly one new SEG series, the corrected one, in the same study
+    new = _segs(orthanc, study_uid) - before
+    assert len(new) == 1, new
+    seg_file = PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / "got", sorted(new))[0]
+    ds = pydicom.dcmread(seg_file)
+    assert ds.StudyInstanceUID == study_uid and ds.Modality == "SEG"
+    assert str(ds.ContentCreatorName) == REVIEWER
+    assert {str(s.SegmentAlgorithmType) for s in ds.SegmentSequence} == {"SEMIAUTOMATIC"}
+    model_seg = pydicom.dcmread(state / "jobs" / jobs[0] / "out" / "study.seg.dcm", stop_before_pixels=True) \
+        if (state / "jobs" / jobs[0] / "out" / "study.seg.dcm").exists() else \
+        pydicom.dcmread(next((state / "jobs" / jobs[0] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
+    assert ds.SeriesInstanceUID != model_seg.SeriesInstanceUID
+    referenced = {str(s.SeriesInstanceUID) for s in ds.ReferencedSeriesSequence}
+    assert str(model_seg.SeriesInstanceUID) in referenced  # the new series references the model's SEG
+    source = load_study(EXAMPLE_DICOM)
+    assert np.array_equal(np.asarray(read_dicom_seg(seg_file, source).array), fixed)
+    assert np.array_equal(np.asarray(read_nifti(state / "jobs" / jobs[0] / "review" / "corrected.nii.gz").array), fixed)
+
+    # the audit log: both decisions, who and what, chain intact; audit verify passes on the decision's folder
+    reviews = [r for r in read_runs(audit) if r["kind"] == "review"]
+    assert [(r["run_id"], r["user"]) for r in reviews] == [(f"review-{jobs[0]}", REVIEWER), (f"review-{jobs[1]}", REVIEWER)]
+    first, second = (r["provenance"]["review"] for r in reviews)
+    assert first["decision"] == "approve" and first["voxels_changed"] == {"brain": changed}
+    assert first["input_sha256"] and first["model_mask_sha256"] and first["corrected_mask_sha256"]
+    assert first["model_mask_sha256"] != first["corrected_mask_sha256"] and first["comment"] == "fixed the base"
+    assert second["decision"] == "reject" and second["comment"] == "wrong series" and second["corrected_mask_sha256"] is None
+    assert verify_log(audit) == []
+    assert main(["audit", "verify", str(state / "jobs" / jobs[0] / "review"), "--audit-db", str(audit)]) == 0
