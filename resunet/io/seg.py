@@ -236,7 +236,7 @@ def write_dicom_seg(
         device_serial_number="0",
         series_description=series_description,
         # Type 2 (Content Identification macro): the reviewer who corrected it, else empty (an algorithm made it)
-        content_creator_name=str(reviewer or ""),
+        content_creator_name=_person_name(reviewer),
         omit_empty_frames=bool(arr.any()),  # all background: keep the frames (omitting every one would leave none)
         further_source_images=list(derived_from) if derived_from else None,
     )
@@ -245,6 +245,13 @@ def write_dicom_seg(
     with atomic_path(p) as tmp:
         seg.save_as(tmp)
     return p
+
+
+def _person_name(name: str | None) -> str:
+    """A reviewer's name as a DICOM PN: as given when it has components (``Doe^Jane``), else the one name as
+    the family name with a trailing caret (``alice^``, as highdicom asks for single-component names)."""
+    text = str(name or "").strip()[:63]
+    return text if not text or "^" in text else text + "^"
 
 
 def read_dicom_seg(path: str | os.PathLike[str], source: Volume) -> Volume:
