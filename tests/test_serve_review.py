@@ -19,9 +19,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from orthanc_support import dicomweb_plugin, orthanc_binary, start_orthanc
+from orthanc_support import ORTHANC_AET, dicomweb_plugin, orthanc_binary, start_orthanc
 from serve_support import ServiceProcess
-from test_app_support import EXAMPLE_DICOM, make_tiny_model
+from test_app_support import EXAMPLE_DICOM, free_port, make_tiny_model
 
 from resunet.cli import main
 from resunet.io import load_study, read_dicom_seg, read_nifti
@@ -31,16 +31,22 @@ from resunet.serve.tokens import TokenStore
 pytestmark = pytest.mark.slow
 
 REVIEWER = "dr.alice"
+NODE_AET = "RESUNET"
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
+def node_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, node_port):
     if orthanc_binary() is None or dicomweb_plugin() is None:
         msg = "Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), {"resunet": (NODE_AET, "127.0.0.1", node_port)})
     try:
         server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
         yield server
@@ -54,6 +60,19 @@ def _segs(orthanc, study_uid: str) -> set[str]:
     return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == "SEG"}
 
 
+def send_to_modality(orthanc, study_uid: str) -> None:
+    """Orthanc's "send to modality" (its REST API) of the study to the modality named ``resunet`` (the node)."""
+    import json
+    import urllib.request
+
+    lookup = urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
+    with urllib.request.urlopen(lookup, timeout=30) as r:
+        orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
+    req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+
+
 def _wait(url: str, job_id: str, headers: dict, timeout: float = 300.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,17 +83,21 @@ def _wait(url: str, job_id: str, headers: dict, timeout: float = 300.0) -> dict:
     raise TimeoutError(f"job {job_id} not finished within {timeout} s")
 
 
-def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_stores_nothing(orthanc, tmp_path):
+def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_stores_nothing(orthanc, node_port, tmp_path):
     from resunet.pacs import PacsClient, PacsConfig
 
     study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
     state, audit = tmp_path / "state", tmp_path / "audit.sqlite"
     state.mkdir(mode=0o700)
-    token = TokenStore(state / "tokens.json").add(REVIEWER)
-    auth = {"Authorization": f"Bearer {token}"}
+    tokens = TokenStore(state / "tokens.json")
+    # an admin token: the DICOM node's jobs belong to no token, and submit tokens see only their own
+    auth = {"Authorization": f"Bearer {tokens.add(REVIEWER, scope='admin')}"}
+    eve = {"Authorization": f"Bearer {tokens.add('eve')}"}
     model = make_tiny_model(tmp_path / "tiny.pt")
     before = _segs(orthanc, study_uid)
     svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
+                         "--dicom-port", str(node_port), "--ae-title", NODE_AET, "--allow-aet", ORTHANC_AET,
+                         "--store-to", f"127.0.0.1:{orthanc.port}:{ORTHANC_AET}", "--settle-seconds", "1",
                          "--require-review", audit_db=audit)
     with svc:
         jobs = []
@@ -107,6 +130,8 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         bad = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve"}, headers=auth,
                          files={"corrected": ("other_grid.nii.gz", other.read_bytes())}, timeout=120)
         assert bad.status_code == 422 and "other_grid.nii.gz is on another grid" in bad.json()["detail"], bad.text
+        hidden = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve"}, headers=eve, timeout=60)
+        assert hidden.status_code == 404  # another submitter's job: not theirs to see or decide
         wrong = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "maybe"}, headers=auth, timeout=60)
         assert wrong.status_code == 422 and "approve, reject" in wrong.json()["detail"]
         assert httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["state"] == "review"
@@ -129,10 +154,29 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         assert no.json()["review"]["state"] == "rejected" and no.json()["review"]["comment"] == "wrong series"
         assert "sent" not in no.json()["review"]
         assert httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()["jobs"] == []
+        corrected_only = _segs(orthanc, study_uid) - before
+        assert len(corrected_only) == 1, corrected_only
 
-    # Orthanc: exactly one new SEG series, the corrected one, in the same study
-    new = _segs(orthanc, study_uid) - before
-    assert len(new) == 1, new
+        # the DICOM node: a series sent to it is held too; approved as it is, the model's SEG goes to --store-to
+        send_to_modality(orthanc, study_uid)
+        deadline, node_job = time.monotonic() + 300, None
+        while time.monotonic() < deadline and node_job is None:
+            listed = httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()["jobs"]
+            node_job = next((j for j in listed if j["kind"] == "dicom-series"), None)
+            time.sleep(0.5)
+        assert node_job is not None, svc.log()[-3000:]
+        assert _segs(orthanc, study_uid) - before == corrected_only  # held: nothing sent by the node
+        as_is = httpx.post(f"{svc.url}/v1/jobs/{node_job['id']}/review", data={"decision": "approve"}, headers=auth,
+                           timeout=300)
+        assert as_is.status_code == 200, as_is.text
+        sent = as_is.json()["review"]["sent"]
+        assert sent["destination"].endswith(f":{ORTHANC_AET}") and [f.endswith(".seg.dcm") for f in sent["files"]] == [True]
+        assert as_is.json()["review"]["corrected"] is False and as_is.json()["review"]["voxels_changed"] == {"brain": 0}
+    node_seg = pydicom.dcmread(next((state / "jobs" / node_job["id"] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
+    assert _segs(orthanc, study_uid) - before == corrected_only | {str(node_seg.SeriesInstanceUID)}  # the model's own SEG
+
+    # Orthanc: the corrected SEG series in the same study
+    new = corrected_only
     seg_file = PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / "got", sorted(new))[0]
     ds = pydicom.dcmread(seg_file)
     assert ds.StudyInstanceUID == study_uid and ds.Modality == "SEG"
@@ -148,8 +192,9 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
 
     # the audit log: both decisions, who and what, chain intact; audit verify passes on the decision's folder
     reviews = [r for r in read_runs(audit) if r["kind"] == "review"]
-    assert [(r["run_id"], r["user"]) for r in reviews] == [(f"review-{jobs[0]}", REVIEWER), (f"review-{jobs[1]}", REVIEWER)]
-    first, second = (r["provenance"]["review"] for r in reviews)
+    assert [(r["run_id"], r["user"]) for r in reviews] == [(f"review-{jobs[0]}", REVIEWER), (f"review-{jobs[1]}", REVIEWER),
+                                                           (f"review-{node_job['id']}", REVIEWER)]
+    first, second, _ = (r["provenance"]["review"] for r in reviews)
     assert first["decision"] == "approve" and first["voxels_changed"] == {"brain": changed}
     assert first["input_sha256"] and first["model_mask_sha256"] and first["corrected_mask_sha256"]
     assert first["model_mask_sha256"] != first["corrected_mask_sha256"] and first["comment"] == "fixed the base"

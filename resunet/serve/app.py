@@ -316,13 +316,14 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
                   limit: int = 100) -> dict[str, Any]:
         limit = max(1, min(limit, 1000))
         if c.scope == "admin":
-            return {"jobs": [describe(j, request) for j in queue.jobs(state, limit)], "counts": queue.counts()}
+            counts = {**queue.counts(), "review": len(queue.jobs("review", 100_000))}  # done, held for a person
+            return {"jobs": [describe(j, request) for j in queue.jobs(state, limit)], "counts": counts}
         mine = [j for j in queue.jobs(state, 100_000) if visible(j, c)]
-        counts = {k: 0 for k in queue.counts()}
+        counts = {k: 0 for k in queue.counts()} | {"review": 0}
         for j in mine:
             counts[j.state] = counts.get(j.state, 0) + 1
             if j.state == "done" and j.review_state == "pending":
-                counts["review"] = counts.get("review", 0) + 1
+                counts["review"] += 1
         return {"jobs": [describe(j, request) for j in mine[:limit]], "counts": counts}
 
     @app.get("/v1/jobs/{job_id}", summary="State of a job, its results and output links")
