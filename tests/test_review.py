@@ -20,7 +20,7 @@ from resunet.cli import main
 from resunet.errors import GeometryError, InputError
 from resunet.inference.review import (Decision, check_decision, mask_sha256, read_correction, record_decision,
                                       voxels_changed, write_corrected)
-from resunet.io import load_study, read_dicom_seg, write_dicom_seg
+from resunet.io import load_study, read_dicom_seg, read_rtstruct, write_dicom_seg, write_rtstruct
 from resunet.reports.audit import read_runs, verify_log
 from resunet.serve.queue import JobQueue
 
@@ -107,6 +107,24 @@ def test_corrected_seg_is_semiautomatic_by_the_reviewer_and_references_the_model
     again = write_corrected(model_mask.with_array(fixed), source, tmp_path / "again", LABELS, reviewer="Dr^Alice",
                             model_seg=model_seg, uid_seed="review 1")
     assert pydicom.dcmread(again["seg"]).SOPInstanceUID == ds.SOPInstanceUID  # a redone decision: the same SEG
+
+
+def test_corrected_rtstruct_is_semiautomatic_and_approved_by_the_reviewer(source, model_mask, tmp_path):
+    m = pydicom.dcmread(write_rtstruct(model_mask, source, tmp_path / "model.rtstruct.dcm", LABELS, uid_seed="job 1"))
+    assert m.ApprovalStatus == "UNAPPROVED" and {str(r.ROIGenerationAlgorithm) for r in m.StructureSetROISequence} == {"AUTOMATIC"}
+    fixed = np.asarray(model_mask.array).copy()
+    fixed[20:30, 20:30, 2:5] = 1
+    files = write_corrected(model_mask.with_array(fixed), source, tmp_path / "review", LABELS, reviewer="Doe^Jane",
+                            uid_seed="review 1", rtstruct=True, approved=True)
+    ds = pydicom.dcmread(files["rtstruct"])
+    assert {str(r.ROIGenerationAlgorithm) for r in ds.StructureSetROISequence} == {"SEMIAUTOMATIC"}
+    assert ds.ApprovalStatus == "APPROVED" and str(ds.ReviewerName) == "Doe^Jane" and ds.ReviewDate
+    assert {str(o.ROIInterpreter) for o in ds.RTROIObservationsSequence} == {"Doe^Jane"}
+    assert ds.SeriesInstanceUID != m.SeriesInstanceUID and ds.StudyInstanceUID == m.StudyInstanceUID
+    assert np.array_equal(np.asarray(read_rtstruct(files["rtstruct"], source).array), fixed)
+    rejected = write_corrected(model_mask.with_array(fixed), source, tmp_path / "rejected", LABELS, reviewer="Doe^Jane",
+                               rtstruct=True, approved=False)
+    assert pydicom.dcmread(rejected["rtstruct"]).ApprovalStatus == "UNAPPROVED"
 
 
 def test_a_decision_is_one_audit_record_and_audit_verify_catches_an_edited_mask(source, model_mask, tmp_path, capsys):

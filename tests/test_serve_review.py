@@ -54,10 +54,10 @@ def orthanc(tmp_path_factory, node_port):
         server.stop()
 
 
-def _segs(orthanc, study_uid: str) -> set[str]:
+def _segs(orthanc, study_uid: str, modality: str = "SEG") -> set[str]:
     from resunet.pacs import PacsClient, PacsConfig
 
-    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == "SEG"}
+    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == modality}
 
 
 def send_to_modality(orthanc, study_uid: str) -> None:
@@ -94,8 +94,8 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
     auth = {"Authorization": f"Bearer {tokens.add(REVIEWER, scope='admin')}"}
     eve = {"Authorization": f"Bearer {tokens.add('eve')}"}
     model = make_tiny_model(tmp_path / "tiny.pt")
-    before = _segs(orthanc, study_uid)
-    svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
+    before, before_rt = _segs(orthanc, study_uid), _segs(orthanc, study_uid, "RTSTRUCT")
+    svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti,seg,rtstruct", "--pacs", orthanc.dicomweb,
                          "--dicom-port", str(node_port), "--ae-title", NODE_AET, "--allow-aet", ORTHANC_AET,
                          "--store-to", f"127.0.0.1:{orthanc.port}:{ORTHANC_AET}", "--settle-seconds", "1",
                          "--require-review", audit_db=audit)
@@ -170,7 +170,8 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
                            timeout=300)
         assert as_is.status_code == 200, as_is.text
         sent = as_is.json()["review"]["sent"]
-        assert sent["destination"].endswith(f":{ORTHANC_AET}") and [f.endswith(".seg.dcm") for f in sent["files"]] == [True]
+        assert sent["destination"].endswith(f":{ORTHANC_AET}")
+        assert sorted(f.rsplit(".", 2)[-2] for f in sent["files"]) == ["rtstruct", "seg"]  # the model's own files
         assert as_is.json()["review"]["corrected"] is False and as_is.json()["review"]["voxels_changed"] == {"brain": 0}
     node_seg = pydicom.dcmread(next((state / "jobs" / node_job["id"] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
     assert _segs(orthanc, study_uid) - before == corrected_only | {str(node_seg.SeriesInstanceUID)}  # the model's own SEG
@@ -189,6 +190,14 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
     source = load_study(EXAMPLE_DICOM)
     assert np.array_equal(np.asarray(read_dicom_seg(seg_file, source).array), fixed)
     assert np.array_equal(np.asarray(read_nifti(state / "jobs" / jobs[0] / "review" / "corrected.nii.gz").array), fixed)
+    # and the corrected RTSTRUCT beside it (the job wrote one): SEMIAUTOMATIC, approved by the reviewer
+    new_rt = _segs(orthanc, study_uid, "RTSTRUCT") - before_rt
+    assert len(new_rt) == 2  # the corrected one (pacs-pull job) and the model's (node job, approved as is)
+    rts = [pydicom.dcmread(PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / uid, [uid])[0])
+           for uid in sorted(new_rt)]
+    corrected_rt = [d for d in rts if d.ApprovalStatus == "APPROVED"]
+    assert len(corrected_rt) == 1 and corrected_rt[0].ReviewerName.family_name == REVIEWER
+    assert {str(r.ROIGenerationAlgorithm) for r in corrected_rt[0].StructureSetROISequence} == {"SEMIAUTOMATIC"}
 
     # the audit log: both decisions, who and what, chain intact; audit verify passes on the decision's folder
     reviews = [r for r in read_runs(audit) if r["kind"] == "review"]

@@ -38,6 +38,7 @@ DECISIONS = ("approve", "reject")
 REVIEW_JSON = "review.json"
 CORRECTED_NIFTI = "corrected.nii.gz"
 CORRECTED_SEG = "corrected.seg.dcm"
+CORRECTED_RTSTRUCT = "corrected.rtstruct.dcm"
 
 
 @dataclass
@@ -141,11 +142,14 @@ def voxels_changed(model_mask: Volume, corrected: Volume, labels: Mapping[int, s
 
 def write_corrected(corrected: Volume, source: Volume | None, folder: Path, labels: Mapping[int, str], *,
                     reviewer: str, model_seg: Path | None = None, model_name: str = "resunet",
-                    model_sha256: str | None = None, uid_seed: str | None = None) -> dict[str, Path]:
+                    model_sha256: str | None = None, uid_seed: str | None = None, rtstruct: bool = False,
+                    approved: bool = False) -> dict[str, Path]:
     """Write the corrected mask into ``folder``: ``corrected.nii.gz`` always, ``corrected.seg.dcm`` for a
-    DICOM ``source`` (SEMIAUTOMATIC, ContentCreatorName ``reviewer``, referencing ``model_seg``'s instance).
+    DICOM ``source`` (SEMIAUTOMATIC, ContentCreatorName ``reviewer``, referencing ``model_seg``'s instance),
+    and with ``rtstruct`` ``corrected.rtstruct.dcm`` (SEMIAUTOMATIC ROIs, ROIInterpreter the reviewer,
+    ApprovalStatus APPROVED with ReviewerName when ``approved``).
 
-    Returns ``{"mask": path, "seg": path}`` (``seg`` only for DICOM sources).
+    Returns ``{"mask": path, "seg": path, "rtstruct": path}`` (``seg``/``rtstruct`` only for DICOM sources).
     """
     import pydicom
 
@@ -162,6 +166,15 @@ def write_corrected(corrected: Volume, source: Volume | None, folder: Path, labe
             series_description=f"resunet segmentation corrected by {reviewer}"[:64], series_number=901,
             algorithm_name=model_name, model_sha256=model_sha256, uid_seed=uid_seed, reviewer=reviewer,
             derived_from=derived)
+        if rtstruct:
+            from resunet.io.rtstruct import write_rtstruct
+
+            out["rtstruct"] = write_rtstruct(
+                source.with_array(np.asarray(corrected.array), is_label=True), source, folder / CORRECTED_RTSTRUCT,
+                {int(k): str(v) for k, v in labels.items() if int(k) > 0},
+                series_description=f"resunet contours corrected by {reviewer}"[:64], series_number=902,
+                algorithm_name=model_name, model_sha256=model_sha256, uid_seed=uid_seed, reviewer=reviewer,
+                approved=approved)
     return out
 
 

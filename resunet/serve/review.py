@@ -143,12 +143,13 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
             model_info = (job.result or {}).get("model") or {}
             files = write_corrected(fixed, source, folder, labels, reviewer=reviewer, model_seg=model_seg,
                                     model_name=str(model_info.get("name") or "resunet"),
-                                    model_sha256=model_info.get("sha256"), uid_seed=f"resunet serve review {job.id}")
+                                    model_sha256=model_info.get("sha256"), uid_seed=f"resunet serve review {job.id}",
+                                    rtstruct="rtstruct" in job.outputs, approved=decision == "approve")
         sent = None
         if decision == "approve":
             held = job.review.get("send")
-            if "seg" in files:  # the corrected SEG only: the model's RTSTRUCT/SR describe the uncorrected mask
-                to_send = [files["seg"]]
+            if "seg" in files:  # the corrected SEG (and RTSTRUCT); the model's SR describes the uncorrected mask
+                to_send = [files[k] for k in ("seg", "rtstruct") if k in files]
             elif corrected is not None:
                 to_send = []  # not a DICOM study: nothing to send
             else:
