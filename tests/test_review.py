@@ -171,3 +171,17 @@ def test_queue_holds_a_job_for_review_until_one_decision(tmp_path):
     assert q.get(held.id).review == {"state": "rejected", "reviewer": "bob", "comment": "no"}
     assert q.jobs("review") == [] and {j.id for j in q.finished_before(1e12)} == {plain.id, held.id}
     assert [e["detail"] for e in q.events(held.id) if e["event"] == "review"] == ["pending", "rejected by bob"]
+
+
+def test_corrected_seg_and_rtstruct_are_clean_for_dciodvfy_and_agree_with_the_study(source, model_mask, tmp_path):
+    """dicom3tools: the corrected objects are valid IODs (0 errors, no unexplained warning) and agree with
+    the source images and the model's SEG on every patient/study attribute."""
+    from dicom_checks import assert_dciodvfy_clean, assert_study_consistent
+
+    model_seg = write_dicom_seg(model_mask, source, tmp_path / "model.seg.dcm", LABELS, uid_seed="job 1")
+    fixed = np.asarray(model_mask.array).copy()
+    fixed[20:30, 20:30, 2:5] = 1
+    files = write_corrected(model_mask.with_array(fixed), source, tmp_path / "review", LABELS, reviewer="dr.alice",
+                            model_seg=model_seg, uid_seed="review 1", rtstruct=True, approved=True)
+    assert_dciodvfy_clean([files["seg"], files["rtstruct"]])
+    assert_study_consistent([*sorted(EXAMPLE_DICOM.glob("*.dcm"))[:3], model_seg, files["seg"], files["rtstruct"]])
