@@ -130,6 +130,9 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         bad = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve"}, headers=auth,
                          files={"corrected": ("other_grid.nii.gz", other.read_bytes())}, timeout=120)
         assert bad.status_code == 422 and "other_grid.nii.gz is on another grid" in bad.json()["detail"], bad.text
+        txt = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve"}, headers=auth,
+                         files={"corrected": ("mask.txt", b"1 0 1")}, timeout=60)
+        assert txt.status_code == 422 and "mask.txt: not a NIfTI file name" in txt.json()["detail"], txt.text
         hidden = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve"}, headers=eve, timeout=60)
         assert hidden.status_code == 404  # another submitter's job: not theirs to see or decide
         wrong = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "maybe"}, headers=auth, timeout=60)

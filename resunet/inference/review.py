@@ -113,8 +113,10 @@ def read_correction(path: str | Path, model_mask: Volume, labels: Mapping[int, s
     shown = name or Path(path).name
     try:
         vol = read_nifti(path)
-    except InputError as err:
-        raise InputError(f"corrected mask {shown}: {err}; send a NIfTI label map (.nii.gz)") from None
+    except InputError as err:  # the message names the file as the client does, not the server's path
+        text = str(err).replace(str(path), shown).replace(str(Path(path).parent) + "/", "")
+        text = text[len(shown) + 2:] if text.startswith(shown + ": ") else text
+        raise InputError(f"corrected mask {shown}: {text}; send a NIfTI label map (.nii.gz)") from None
     if not vol.same_grid(model_mask):
         raise GeometryError(f"corrected mask {shown} is on another grid ({vol.describe_grid()}) than the input "
                             f"({model_mask.describe_grid()}); save the corrected mask on the input's grid")

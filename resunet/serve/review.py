@@ -133,11 +133,15 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
         fixed = None
         if corrected is not None:
             name, stream = corrected
-            upload = folder / "upload.nii.gz"
+            shown = Path(name or "mask.nii.gz").name
+            if not shown.lower().endswith((".nii", ".nii.gz")):
+                raise InputError(f"corrected mask {shown}: not a NIfTI file name; send the corrected label map "
+                                 "as .nii.gz or .nii")
+            upload = folder / ("upload.nii" if shown.lower().endswith(".nii") else "upload.nii.gz")
             with open(upload, "wb") as fh:
                 shutil.copyfileobj(stream, fh)
             try:
-                fixed = read_correction(upload, model_mask, labels, name=Path(name or "mask.nii.gz").name)
+                fixed = read_correction(upload, model_mask, labels, name=shown)
             finally:
                 upload.unlink(missing_ok=True)
             model_info = (job.result or {}).get("model") or {}
