@@ -186,3 +186,12 @@ def test_corrected_seg_and_rtstruct_are_clean_for_dciodvfy_and_agree_with_the_st
                             model_seg=model_seg, uid_seed="review 1", rtstruct=True, approved=True)
     assert_dciodvfy_clean([files["seg"], files["rtstruct"]])
     assert_study_consistent([*sorted(EXAMPLE_DICOM.glob("*.dcm"))[:3], model_seg, files["seg"], files["rtstruct"]])
+
+
+def test_require_review_is_refused_with_a_shared_queue_and_is_off_by_default(tmp_path):
+    from resunet.errors import ConfigError
+    from resunet.serve.config import ServeConfig
+
+    assert ServeConfig(state_dir=tmp_path).require_review is False  # without the flag: as before
+    with pytest.raises(ConfigError, match="--require-review works with the SQLite queue"):
+        ServeConfig(state_dir=tmp_path, require_review=True, queue_url="postgresql://resunet@127.0.0.1:5432/resunet")
