@@ -148,6 +148,10 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         assert done["review"]["reviewer"] == REVIEWER and done["review"]["corrected"] is True
         changed = int(np.count_nonzero((model_arr == 1) != (fixed == 1)))
         assert done["review"]["voxels_changed"] == {"brain": changed} and changed > 0
+        record = httpx.get(done["review"]["outputs"]["record"]["url"], headers=auth, timeout=60)
+        assert record.status_code == 200 and record.json()["review"]["reviewer"] == REVIEWER
+        got_seg = httpx.get(done["review"]["outputs"]["seg"]["url"], headers=auth, timeout=60)
+        assert got_seg.status_code == 200 and got_seg.headers["x-content-sha256"] == done["review"]["outputs"]["seg"]["sha256"]
         again = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "reject"}, headers=auth, timeout=60)
         assert again.status_code == 409 and "already approved" in again.json()["detail"]
 

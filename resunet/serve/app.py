@@ -362,7 +362,7 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         path = service.job_dir(job.id) / rec["path"] if rec else None
         if path is None or not path.is_file():
             raise HTTPException(status_code=404, detail=f"job {job.id} has no review output {key!r}")
-        media = "application/dicom" if path.suffix == ".dcm" else "application/gzip"
+        media = {".dcm": "application/dicom", ".json": "application/json"}.get(path.suffix, "application/gzip")
         return FileResponse(path, media_type=media, filename=path.name,
                             headers={"X-Content-SHA256": rec["sha256"]})
 

@@ -25,7 +25,10 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from resunet.errors import InputError, PacsError
+from resunet.io.hashing import sha256_file
 from resunet.inference.review import (Decision, check_decision, mask_sha256, read_correction, record_decision,
                                       voxels_changed, write_corrected)
 
@@ -56,6 +59,19 @@ def _input_sha256(job_dir: Path) -> str | None:
         return ((doc.get("cases") or [{}])[0].get("input") or {}).get("sha256")
     except (OSError, ValueError, AttributeError, IndexError):
         return None
+
+
+def _job_labels(job_dir: Path) -> dict[int, str]:
+    """The model's foreground labels (value -> name) from the job's predictions JSON; {} when unreadable."""
+    import json
+
+    from resunet.inference.records import SUMMARY
+
+    try:
+        raw = json.loads((job_dir / "out" / SUMMARY).read_text(encoding="utf-8"))["model"]["labels"]
+        return {int(k): str(v) for k, v in raw.items() if int(k) > 0}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _send(files: list[Path], send: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -118,17 +134,22 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
         source = load_study(_source_folder(service, job), series_uid=(job.result or {}).get("series_uid"))
         seg_rec, mask_rec = job.outputs.get("seg"), job.outputs.get("mask")
         model_seg = job_dir / seg_rec["path"] if seg_rec else None
-        if model_seg is not None:
+        labels = _job_labels(job_dir)  # the model's label values, as in the NIfTI mask the reviewer edits
+        if mask_rec:
+            model_arr = np.asarray(read_nifti(job_dir / mask_rec["path"]).array)
+        elif model_seg is not None:  # SEG segments are numbered 1..N: back to the label values
             seg_mask = read_dicom_seg(model_seg, source)
-            labels = {int(k): str(v) for k, v in seg_mask.meta["labels"].items()}
+            if not labels:
+                labels = {int(k): str(v) for k, v in seg_mask.meta["labels"].items()}
+            lut = np.zeros(max(int(np.asarray(seg_mask.array).max()), len(labels)) + 1, dtype=np.uint16)
+            for n, value in enumerate(sorted(labels), start=1):
+                lut[n] = value
+            model_arr = lut[np.asarray(seg_mask.array).astype(np.int64)]
         else:
-            seg_mask = None
-            labels = {int(k): str(v) for k, v in (service.model.labels if service.model is not None else {1: "label 1"}).items()
-                      if int(k) > 0}
-        model_mask = read_nifti(job_dir / mask_rec["path"]) if mask_rec else seg_mask
-        if model_mask is None:
             raise InputError(f"job {job.id} has neither a mask nor a SEG to review")
-        model_mask = source.with_array(model_mask.array, is_label=True)  # the input's grid (checked by the writers)
+        if not labels:
+            labels = {int(v): f"label {int(v)}" for v in np.unique(model_arr) if int(v) > 0} or {1: "label 1"}
+        model_mask = source.with_array(model_arr.astype(np.uint8), is_label=True)  # on the input's grid
         files: dict[str, Path] = {}
         fixed = None
         if corrected is not None:
@@ -179,14 +200,17 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
             db = False
         prov = collect_provenance(command=["resunet", "serve", "review", job.id], run_id=record.run_id)
         prov["model"] = (job.result or {}).get("model") or {}
-        prov["files"] = {"input": [{"path": job.input_name, "sha256": job.input_sha256}]}
+        # "name", not "path": the input is the archive's study (or a received series), not a file audit verify re-hashes
+        prov["files"] = {"input": [{"name": job.input_name, "sha256": record.input_sha256}]}
         prov["job"] = {"id": job.id, "kind": job.kind}
-        record_decision(record, folder, prov, db_path=db, files=files)
+        files["record"] = record_decision(record, folder, prov, db_path=db, files=files)
         review = {**job.review, "state": "approved" if decision == "approve" else "rejected",
                   "reviewer": reviewer, "comment": record.comment, "decided_utc": record.time_utc,
-                  "voxels_changed": record.voxels_changed, "corrected": bool(files),
+                  "voxels_changed": record.voxels_changed, "corrected": fixed is not None,
                   "model_mask_sha256": record.model_mask_sha256, "corrected_mask_sha256": record.corrected_mask_sha256,
-                  "outputs": {k: {**o, "path": f"review/{o['path']}"} for k, o in record.outputs.items()},
+                  "outputs": {**{k: {**o, "path": f"review/{o['path']}"} for k, o in record.outputs.items()},
+                              "record": {"path": f"review/{files['record'].name}", "sha256": sha256_file(files["record"]),
+                                         "size_bytes": files["record"].stat().st_size}},
                   "audit_run_id": record.run_id if service.config.audit_db is not False else None,
                   **({"sent": sent} if sent else {})}
         if not service.queue.decide(job.id, review):
