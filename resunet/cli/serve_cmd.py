@@ -90,6 +90,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pacs.add_argument("--routes", type=Path, default=None, metavar="FILE",
                       help="routing rules (YAML, docs/pacs.md): the DICOM node segments each received series with "
                       "the model of the first rule it matches; series no rule matches are left alone")
+    pacs.add_argument("--require-review", action="store_true",
+                      help="hold the SEG/RTSTRUCT of PACS jobs (pull and DICOM node) until a person approves them with "
+                      "POST /v1/jobs/{id}/review (optionally with a corrected mask); nothing is sent before "
+                      "(docs/serve.md, 'The review loop')")
     pacs.add_argument("--allow-aet", action="append", default=[], metavar="AET",
                       help="AE title allowed to send to the node (repeat; default: any)")
     scale = p.add_argument_group("several workers and nodes (docs/deploy.md)")
@@ -146,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         workers=getattr(args, "workers", 1),
         devices=tuple(x.strip() for x in (getattr(args, "devices", "") or "").split(",") if x.strip()),
         worker_threads=getattr(args, "worker_threads", 0),
+        require_review=bool(getattr(args, "require_review", False)),
     )
     if args.state_dir is not None:
         kwargs["state_dir"] = args.state_dir

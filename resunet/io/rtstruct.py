@@ -44,7 +44,7 @@ from resunet.io.atomic import atomic_path
 from resunet.io.contours import keyhole_contours
 from resunet.io.dicom_codes import label_colour
 from resunet.io.dicom_headers import derived_uids
-from resunet.io.seg import _check_source_uids, _source_datasets, check_mask_on_source, contributing_equipment
+from resunet.io.seg import _check_source_uids, _person_name, _source_datasets, check_mask_on_source, contributing_equipment
 from resunet.io.volume import Volume
 
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -92,6 +92,8 @@ def write_rtstruct(
     series_description: str = "resunet contours",
     series_number: int = 901,
     uid_seed: str | None = None,
+    reviewer: str | None = None,
+    approved: bool = False,
 ) -> Path:
     """Write ``mask`` as an RTSTRUCT referencing ``source``'s series: one ROI per label.
 
@@ -103,6 +105,10 @@ def write_rtstruct(
         algorithm_name, algorithm_version, model_sha256: ROIGenerationDescription and the
             ContributingEquipmentSequence (IHE AI Results style: who made the contours).
         series_description, series_number: of the new RTSTRUCT series.
+        reviewer: a person corrected the model's mask (the review loop, :mod:`resunet.inference.review`):
+            every ROI's ROIGenerationAlgorithm is SEMIAUTOMATIC, ROIInterpreter and OperatorsName the reviewer.
+        approved: with ``reviewer``, the RT Approval module says APPROVED with ReviewerName/Date/Time
+            (else UNAPPROVED).
 
     Raises:
         GeometryError: the mask is not on the source grid, or the source has no patient geometry.
@@ -121,7 +127,9 @@ def write_rtstruct(
     ds = Dataset()
     series_uid_new, sop_uid = (generate_uid(), generate_uid()) if uid_seed is None else derived_uids(
         "RTSTRUCT", uid_seed, datasets, arr, sorted((int(k), str(v)) for k, v in labels.items()), model_sha256,
-        algorithm_name, algorithm_version, series_description)
+        algorithm_name, algorithm_version, series_description,
+        *([reviewer or "", bool(approved)] if reviewer is not None else []))  # a model's RTSTRUCT keeps its UIDs
+    person = _person_name(reviewer)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
@@ -147,14 +155,16 @@ def write_rtstruct(
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description
     ds.InstanceNumber = 1
-    ds.OperatorsName = ""
+    ds.OperatorsName = person
     ds.Manufacturer = "resunet"
     ds.ManufacturerModelName = algorithm_name[:64]
     ds.SoftwareVersions = str(algorithm_version)
     ds.ContributingEquipmentSequence = contributing_equipment(algorithm_name, algorithm_version, model_sha256)
     ds.StructureSetLabel = "resunet"
     ds.StructureSetName = algorithm_name[:64]
-    ds.ApprovalStatus = "UNAPPROVED"
+    ds.ApprovalStatus = "APPROVED" if reviewer and approved else "UNAPPROVED"
+    if ds.ApprovalStatus == "APPROVED":  # RT Approval module: who approved it and when (Type 2C)
+        ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = now.strftime("%Y%m%d"), now.strftime("%H%M%S"), person
 
     def image_ref(k: int) -> Dataset:
         item = Dataset()
@@ -184,7 +194,7 @@ def write_rtstruct(
         roi.ROINumber = value
         roi.ReferencedFrameOfReferenceUID = for_uid
         roi.ROIName = name
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationAlgorithm = "SEMIAUTOMATIC" if reviewer else "AUTOMATIC"
         roi.ROIGenerationDescription = f"{algorithm_name} {algorithm_version}"[:64]
         roi_seq.append(roi)
         rc = Dataset()
@@ -210,7 +220,7 @@ def write_rtstruct(
         obs.ObservationNumber = value
         obs.ReferencedROINumber = value
         obs.RTROIInterpretedType = "ORGAN"
-        obs.ROIInterpreter = ""
+        obs.ROIInterpreter = person
         obs_seq.append(obs)
     ds.StructureSetROISequence = roi_seq
     ds.ROIContourSequence = contour_seq

@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
 from resunet import __version__
@@ -37,7 +37,7 @@ from resunet.io.volume import Volume
 log = logging.getLogger(__name__)
 
 
-def contributing_equipment(name: str, version: str, model_sha256: str | None = None) -> Sequence:
+def contributing_equipment(name: str, version: str, model_sha256: str | None = None) -> DicomSequence:
     """ContributingEquipmentSequence naming resunet as the processing equipment (IHE AI Results).
 
     One item: Manufacturer "resunet", ManufacturerModelName = ``name`` (e.g. "resunet brain_extraction"),
@@ -47,14 +47,14 @@ def contributing_equipment(name: str, version: str, model_sha256: str | None = N
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "109102", "DCM", "Processing Equipment"
     item = Dataset()
-    item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
     item.Manufacturer = "resunet"
     item.ManufacturerModelName = str(name)[:64]
     item.SoftwareVersions = str(version)[:64]
     item.ContributionDateTime = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
     text = f"automatic segmentation by {name} (resunet {__version__})"
     item.ContributionDescription = text + (f"; model sha256 {model_sha256}" if model_sha256 else "")
-    return Sequence([item])
+    return DicomSequence([item])
 
 
 def _source_datasets(source: Volume) -> list[Dataset]:
@@ -135,6 +135,8 @@ def write_dicom_seg(
     model_sha256: str | None = None,
     uid_seed: str | None = None,
     segment_codes: Mapping[str, SegmentCoding] | None = None,
+    reviewer: str | None = None,
+    derived_from: Sequence[Dataset] | None = None,
 ) -> Path:
     """Write ``mask`` as a DICOM SEG (BINARY, one segment per label) referencing ``source``'s series.
 
@@ -156,6 +158,11 @@ def write_dicom_seg(
         segment_codes: label name -> category/type, winning over :mod:`resunet.io.dicom_codes`'s
             table; None: the model card's ``label_codes`` that the Predictor puts in
             ``mask.meta["label_codes"]`` (:func:`resunet.io.dicom_codes.codes_from_model_card`).
+        reviewer: a person corrected the model's mask (the review loop, :mod:`resunet.inference.review`):
+            every segment is SEMIAUTOMATIC instead of AUTOMATIC and ContentCreatorName is this name.
+        derived_from: headers of other instances this SEG is derived from (the model's SEG that the
+            reviewer corrected): recorded as further source images (highdicom ``further_source_images``:
+            in ReferencedSeriesSequence and SourceImageSequence, not used for the geometry).
 
     Raises:
         GeometryError: the mask is not on the source grid.
@@ -204,13 +211,16 @@ def write_dicom_seg(
             segment_label=str(labels[num])[:64],
             segmented_property_category=coding.category,
             segmented_property_type=coding.type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if reviewer is None
+                            else hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC),
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*label_colour(num)),  # colour of the label value
         ))
     series_uid, sop_uid = (hd.UID(), hd.UID()) if uid_seed is None else derived_uids(
         "SEG", uid_seed, datasets, arr, sorted((int(k), str(v)) for k, v in labels.items()), model_sha256,
-        algorithm_name, algorithm_version, series_description)
+        algorithm_name, algorithm_version, series_description,
+        *([reviewer or "", *(str(ds.get("SOPInstanceUID", "")) for ds in derived_from or ())]
+          if reviewer is not None or derived_from else []))  # a model's SEG keeps the UIDs it always had
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,
@@ -225,15 +235,23 @@ def write_dicom_seg(
         software_versions=str(algorithm_version),
         device_serial_number="0",
         series_description=series_description,
-        # Type 2 (Content Identification macro); an algorithm made it, so no person is named
-        content_creator_name="",
+        # Type 2 (Content Identification macro): the reviewer who corrected it, else empty (an algorithm made it)
+        content_creator_name=_person_name(reviewer),
         omit_empty_frames=bool(arr.any()),  # all background: keep the frames (omitting every one would leave none)
+        further_source_images=list(derived_from) if derived_from else None,
     )
     seg.ContributingEquipmentSequence = contributing_equipment(algorithm_name, str(algorithm_version), model_sha256)
     p = Path(path)
     with atomic_path(p) as tmp:
         seg.save_as(tmp)
     return p
+
+
+def _person_name(name: str | None) -> str:
+    """A reviewer's name as a DICOM PN: as given when it has components (``Doe^Jane``), else the one name as
+    the family name with a trailing caret (``alice^``, as highdicom asks for single-component names)."""
+    text = str(name or "").strip()[:63]
+    return text if not text or "^" in text else text + "^"
 
 
 def read_dicom_seg(path: str | os.PathLike[str], source: Volume) -> Volume:

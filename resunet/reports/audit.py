@@ -35,7 +35,7 @@ from resunet.reports.provenance import file_record, utc_now
 
 ENV_VAR = "RESUNET_AUDIT_DB"
 DEFAULT_DB = Path("~/.resunet/audit.sqlite")
-REPORT_JSON_NAMES = ("metrics.json", "predictions.json")
+REPORT_JSON_NAMES = ("metrics.json", "predictions.json", "review.json")  # review.json: resunet.inference.review
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

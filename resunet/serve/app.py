@@ -7,6 +7,9 @@ Routes (``/docs`` shows them with their schemas):
 - ``GET /v1/jobs/{id}`` -> the job's state, error, results and output links; ``GET /v1/jobs`` -> recent jobs;
 - ``GET /v1/jobs/{id}/outputs/{key}`` -> one result file (``mask``, ``seg``, ``uncertainty``,
   ``predictions``, ...); ``GET /v1/jobs/{id}/predictions`` -> the predictions JSON;
+- ``POST /v1/jobs/{id}/review`` (multipart: ``decision`` = approve|reject, ``comment``, optional
+  ``corrected`` NIfTI mask) -> the decision on a job held by ``--require-review`` (state ``review``;
+  ``GET /v1/jobs?state=review`` lists them); approve sends the (corrected) SEG to the PACS;
 - ``GET /healthz`` (process alive), ``GET /readyz`` (model loaded: 200, else 503), ``GET /metrics``.
 
 Errors are JSON ``{"detail": "<one line>"}``: 4xx with the library's message for bad input (the same
@@ -250,8 +253,9 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
 
     def describe(job: Job, request: Request) -> dict[str, Any]:
         base = str(request.base_url).rstrip("/")
+        state = "review" if job.state == "done" and job.review_state == "pending" else job.state
         out: dict[str, Any] = {
-            "id": job.id, "kind": job.kind, "state": job.state, "input": job.input_name,
+            "id": job.id, "kind": job.kind, "state": state, "input": job.input_name,
             "input_sha256": job.input_sha256, "submitted_by": job.submitted_by, "options": job.options,
             "created_utc": _iso(job.created_at), "started_utc": _iso(job.started_at),
             "finished_utc": _iso(job.finished_at), "attempts": job.attempts, "error": job.error,
@@ -264,6 +268,12 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
                     "url": f"{base}/v1/jobs/{job.id}/outputs/{k}"}
                 for k, o in sorted(job.outputs.items())
             }
+        if job.review:
+            out["review"] = {k: v for k, v in job.review.items() if k != "outputs"}
+            out["review"]["outputs"] = {
+                k: {"file": o["path"].rsplit("/", 1)[-1], "sha256": o.get("sha256"), "size_bytes": o.get("size_bytes"),
+                    "url": f"{base}/v1/jobs/{job.id}/review/outputs/{k}"}
+                for k, o in sorted((job.review.get("outputs") or {}).items())}
         if job.purged_at is not None:
             out["files_deleted_utc"] = _iso(job.purged_at)
         return out
@@ -306,16 +316,55 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
                   limit: int = 100) -> dict[str, Any]:
         limit = max(1, min(limit, 1000))
         if c.scope == "admin":
-            return {"jobs": [describe(j, request) for j in queue.jobs(state, limit)], "counts": queue.counts()}
+            counts = {**queue.counts(), "review": len(queue.jobs("review", 100_000))}  # done, held for a person
+            return {"jobs": [describe(j, request) for j in queue.jobs(state, limit)], "counts": counts}
         mine = [j for j in queue.jobs(state, 100_000) if visible(j, c)]
-        counts = {k: 0 for k in queue.counts()}
+        counts = {k: 0 for k in queue.counts()} | {"review": 0}
         for j in mine:
             counts[j.state] = counts.get(j.state, 0) + 1
+            if j.state == "done" and j.review_state == "pending":
+                counts["review"] += 1
         return {"jobs": [describe(j, request) for j in mine[:limit]], "counts": counts}
 
     @app.get("/v1/jobs/{job_id}", summary="State of a job, its results and output links")
     def get_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
         return describe(job_or_404(job_id, c), request)
+
+    @app.post("/v1/jobs/{job_id}/review", summary="Approve or reject a job held for review (--require-review), "
+              "optionally with a corrected mask; approve sends the SEG to the PACS")
+    def review(
+        job_id: str,
+        request: Request,
+        c: Annotated[Caller, Depends(caller)],
+        decision: Annotated[str, Form(description="approve or reject")],
+        comment: Annotated[str, Form(description="free text; the reason of a rejection")] = "",
+        corrected: Annotated[UploadFile | None, File(description="corrected mask: a NIfTI label map on the input's "
+                                                     "grid with the model's label values")] = None,
+    ) -> dict[str, Any]:
+        from resunet.errors import PacsError
+        from resunet.serve.review import NotPending, review_job
+
+        job = job_or_404(job_id, c)
+        try:
+            review_job(service, job, decision, c.name, comment,
+                       (corrected.filename, corrected.file) if corrected is not None and corrected.filename else None)
+        except NotPending as err:
+            raise HTTPException(status_code=409, detail=str(err)) from None
+        except PacsError as err:
+            raise HTTPException(status_code=502, detail=f"the decision was not recorded: {err}; try again") from None
+        log.info("job %s %s by %s", job.id, decision, c.name)
+        return describe(queue.get(job.id) or job, request)
+
+    @app.get("/v1/jobs/{job_id}/review/outputs/{key}", summary="Download a file of a job's review (corrected mask or SEG)")
+    def get_review_output(job_id: str, key: str, c: Annotated[Caller, Depends(caller)]) -> FileResponse:
+        job = job_or_404(job_id, c)
+        rec = (job.review.get("outputs") or {}).get(key) if job.review else None
+        path = service.job_dir(job.id) / rec["path"] if rec else None
+        if path is None or not path.is_file():
+            raise HTTPException(status_code=404, detail=f"job {job.id} has no review output {key!r}")
+        media = {".dcm": "application/dicom", ".json": "application/json"}.get(path.suffix, "application/gzip")
+        return FileResponse(path, media_type=media, filename=path.name,
+                            headers={"X-Content-SHA256": rec["sha256"]})
 
     @app.post("/v1/jobs/{job_id}/retry", summary="Run a failed job again (e.g. after a server fault was fixed)")
     def retry_job(job_id: str, request: Request, c: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:

@@ -74,6 +74,9 @@ class ServeConfig:
             empty = every worker on ``device``. Given without ``workers``, one worker per device.
         worker_threads: torch threads of each worker process, or of the in-process worker with ``workers``
             1 (0 = torch's default: every core).
+        require_review: hold the results of jobs that send to a PACS (``pacs-pull``, ``dicom-series``) until
+            a person approves them (``POST /v1/jobs/{id}/review``, :mod:`resunet.serve.review`); the SQLite
+            queue only.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_DIR).expanduser())
@@ -114,6 +117,7 @@ class ServeConfig:
     workers: int = 1
     devices: tuple[str, ...] = ()
     worker_threads: int = 0
+    require_review: bool = False
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -151,6 +155,9 @@ class ServeConfig:
             import socket
 
             self.node_name = f"{socket.gethostname()}-{self.port}"
+        if self.require_review and self.queue_url:
+            raise ConfigError("--require-review works with the SQLite queue of one node for now; drop --queue or "
+                              "--require-review")
         if not NODE_RE.match(self.node_name):
             raise ConfigError(f"--node-name {self.node_name!r}: use 1-64 letters, digits, '.', '_' or '-'")
 

@@ -59,10 +59,13 @@ class JobOutcome:
         outputs: ``{key: {"path": relative to the job folder, "sha256", "size_bytes"}}``; keys are the
             names clients fetch (``mask``, ``seg``, ``uncertainty``, ``predictions``, ...).
         result: JSON-able summary shown in the job status (volumes per label, model, timings).
+        review: hold the outputs for a person's decision (``--require-review``): ``{"state": "pending",
+            "send": what to send where once approved, or None}`` (:mod:`resunet.serve.review`); None: not held.
     """
 
     outputs: dict[str, dict[str, Any]]
     result: dict[str, Any] = field(default_factory=dict)
+    review: dict[str, Any] | None = None
 
 
 Handler = Callable[[Job, JobEnv], JobOutcome]

@@ -15,6 +15,10 @@ uploads:
   (``--dicom-port``); the series folder moves into the job's ``input/``; after segmentation the SEG
   (and RTSTRUCT) go with C-STORE to ``--store-to HOST:PORT:AET``.
 
+With ``resunet serve --require-review`` (option ``require_review`` of both kinds) nothing is sent: the
+job finishes with its outputs held (review state ``pending``, :mod:`resunet.serve.review`) and what it
+would have sent where (``JobOutcome.review["send"]``); a person's approval sends it.
+
 A job killed mid-run is redone from the start; its SEG/RTSTRUCT UIDs follow from the job id and the
 result (``BatchOptions.uid_seed``), so a redo after the STOW stores the same instances again (the
 archive keeps them once) instead of a second copy; no accepted study is lost.
@@ -53,6 +57,8 @@ def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
     folder = env.job_dir(job.id) / "input" / "study"
     series = [str(opts["series_uid"])] if opts.get("series_uid") else None
     store = bool(opts.get("store", True))
+    hold = store and bool(opts.get("require_review"))  # --require-review: nothing goes out before a person approves
+    send_now = store and not hold
     predictor, batch = job_batch(job, env)
     if url.startswith(("dimse://", "dimses://")):  # a DIMSE archive: C-FIND + C-GET, C-STORE back
         from resunet.pacs.dimse_qr import DimseSource, QueryConfig
@@ -60,16 +66,19 @@ def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
 
         qr = QueryConfig(calling_aet=str(opts.get("ae_title") or "RESUNET"), method="get")
         run = segment_from_dimse(DimseSource.parse(url), qr, study_uid, predictor, batch,
-                                 series_uid=series[0] if series else None, store=store, command=job_command(job),
+                                 series_uid=series[0] if series else None, store=send_now, command=job_command(job),
                                  folder=folder, failure=job_failure(job, env, folder))
     else:
         client = PacsClient(PacsConfig.from_env(url))
         run = segment_and_send(study_uid, lambda into: client.retrieve(study_uid, into, series),
-                               (lambda files: client.store(files, study_uid)) if store else None,
+                               (lambda files: client.store(files, study_uid)) if send_now else None,
                                predictor, batch, source=url, command=job_command(job),
                                folder=folder, failure=job_failure(job, env, folder))
     outcome = job_outcome(job, env, run.batch, predictor, folder)
-    if store:
+    if hold:
+        outcome.review = {"state": "pending", "send": {"to": "pacs", "url": url, "study_uid": study_uid,
+                                                       "ae_title": str(opts.get("ae_title") or "RESUNET")}}
+    elif store:
         outcome.result["stored_to_pacs"] = {"url": opts["pacs_url"], "study_uid": study_uid,
                                             "files": [p.name for p in run.stored]}
     return outcome
@@ -84,14 +93,18 @@ def _dicom_series(job: Job, env: JobEnv) -> JobOutcome:
     folder = Path(job.input_path)
     dest = job.options.get("destination")
     aet = str(job.options.get("ae_title") or "RESUNET")
+    hold = bool(job.options.get("require_review"))  # --require-review: sent once a person approves
     predictor, batch = job_batch(job, env)
     run = segment_and_send(str(job.options.get("study_uid") or job.input_name or job.id), None,
                            (lambda files: send_files(files, Destination.parse(str(dest)), calling_aet=aet))
-                           if dest else None,
+                           if dest and not hold else None,
                            predictor, batch, source=f"DICOM node {aet}", command=job_command(job),
                            folder=folder, failure=job_failure(job, env, folder))
     outcome = job_outcome(job, env, run.batch, predictor, folder)
-    if dest:
+    if hold:
+        outcome.review = {"state": "pending", "send": {"to": "dicom", "destination": dest, "ae_title": aet}
+                          if dest else None}
+    elif dest:
         outcome.result["sent_to"] = {"destination": dest, "files": [p.name for p in run.stored]}
     return outcome
 
@@ -111,6 +124,8 @@ def enqueue_pull(service: Any, study_uid: str, who: str, series_uid: str | None 
     opts = segment_options({"formats": formats, "series_uid": series_uid}, service.default_formats())
     opts.update(study_uid=str(study_uid).strip(), store=bool(store), pacs_url=url,
                 ae_title=str(getattr(service.config, "ae_title", "") or "RESUNET"))
+    if getattr(service.config, "require_review", False):
+        opts["require_review"] = True
     job = service.queue.enqueue("pacs-pull", input_name=f"PACS study {study_uid}", options=opts, submitted_by=who)
     service.wake()
     return job
@@ -144,6 +159,8 @@ class NodeFeeder:
             study_dir.rmdir()
         opts = {"formats": list(self.formats), "series_uid": series.series_uid, "uncertainty": False,
                 "probabilities": False, "destination": self.destination, "ae_title": self.ae_title, **extra}
+        if getattr(self.service.config, "require_review", False):
+            opts["require_review"] = True
         self.service.queue.enqueue("dicom-series", input_path=final, input_sha256=None, options=opts,
                                    input_name=f"{series.n_instances} instances from {series.calling_aet}",
                                    submitted_by=f"DICOM {series.calling_aet}", job_id=job_id)

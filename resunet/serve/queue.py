@@ -10,6 +10,12 @@ Job life cycle (column ``state``)::
     queued --claim--> running --finish--> done
                          |------fail----> failed
     running --(service killed, restarted)--> queued   (requeue_running at start-up; attempts + 1)
+    done (review pending) --review--> done (approved | rejected)   (``resunet serve --require-review``)
+
+- A job finished with ``review`` (:meth:`JobQueue.finish`) holds its outputs until a person decides
+  (:mod:`resunet.serve.review`): its ``review_state`` is ``pending`` (``GET /v1/jobs?state=review``
+  lists these, and retention leaves their files alone), then ``approved`` or ``rejected`` by
+  :meth:`JobQueue.decide`, once.
 
 - :meth:`JobQueue.claim` takes the oldest queued job atomically (``BEGIN IMMEDIATE``) and stamps it
   with a fresh claim token; :meth:`finish`/:meth:`fail` only change a job that still holds that token,
@@ -112,6 +118,12 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     audit_run_id: str | None = None
     purged_at: float | None = None
+    review: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def review_state(self) -> str | None:
+        """``pending``, ``approved`` or ``rejected`` for a job held for review (--require-review), else None."""
+        return self.review.get("state") if self.review else None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -123,6 +135,7 @@ class Job:
             claim=row["claim"], error=row["error"], outputs=json.loads(row["outputs_json"] or "{}"),
             result=json.loads(row["result_json"] or "{}"), audit_run_id=row["audit_run_id"],
             purged_at=row["purged_at"],
+            review=json.loads(row["review_json"] or "{}") if "review_json" in row.keys() else {},
         )
 
 
@@ -141,9 +154,14 @@ class JobQueue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = self._conn()
             conn.executescript(_SCHEMA)  # IF NOT EXISTS: safe on every start
-            if "node" not in {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}:
-                try:  # databases made before --workers: one column more, nothing else changes
-                    conn.execute("ALTER TABLE jobs ADD COLUMN node TEXT")
+            columns = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
+            # databases made before --workers (node) and --require-review (review_state, review_json):
+            # columns more, nothing else changes
+            for column in ("node", "review_state", "review_json"):
+                if column in columns:
+                    continue
+                try:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
                 except sqlite3.OperationalError as err:
                     if "duplicate column" not in str(err):  # another worker added it a moment ago
                         raise
@@ -240,18 +258,39 @@ class JobQueue:
             self._event(conn, row["id"], "claimed", token)
         return self.get(row["id"])
 
-    def finish(self, job: Job, outputs: dict[str, Any], result: dict[str, Any] | None = None) -> bool:
-        """Mark ``job`` done with its output records, in one transaction; False if its claim is stale."""
+    def finish(self, job: Job, outputs: dict[str, Any], result: dict[str, Any] | None = None,
+               review: dict[str, Any] | None = None) -> bool:
+        """Mark ``job`` done with its output records, in one transaction; False if its claim is stale.
+
+        ``review``: hold the outputs for a person's decision (``{"state": "pending", ...}``, what to send
+        where once approved); see :meth:`decide`.
+        """
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET state = 'done', finished_at = ?, outputs_json = ?, result_json = ?, claim = NULL,"
-                " error = NULL WHERE id = ? AND state = 'running' AND claim = ?",
+                " error = NULL, review_state = ?, review_json = ? WHERE id = ? AND state = 'running' AND claim = ?",
                 (time.time(), json.dumps(outputs, sort_keys=True), json.dumps(result or {}, sort_keys=True, default=str),
+                 (review or {}).get("state"), json.dumps(review, sort_keys=True, default=str) if review else None,
                  job.id, job.claim),
             )
             if cur.rowcount != 1:
                 return False
             self._event(conn, job.id, "done", json.dumps({k: v.get("sha256") for k, v in outputs.items()}))
+            if review:
+                self._event(conn, job.id, "review", review.get("state"))
+        return True
+
+    def decide(self, job_id: str, review: dict[str, Any]) -> bool:
+        """Record a review decision (``review["state"]`` approved/rejected) on a job still pending review, once;
+        False when the job is not pending (already decided, or never held)."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET review_state = ?, review_json = ? WHERE id = ? AND state = 'done'"
+                " AND review_state = 'pending'",
+                (review["state"], json.dumps(review, sort_keys=True, default=str), job_id))
+            if cur.rowcount != 1:
+                return False
+            self._event(conn, job_id, "review", f"{review['state']} by {review.get('reviewer')}")
         return True
 
     def fail(self, job: Job, message: str) -> bool:
@@ -312,8 +351,11 @@ class JobQueue:
         return out
 
     def jobs(self, state: str | None = None, limit: int = 1000) -> list[Job]:
-        """Jobs (newest first), optionally of one state."""
-        if state is None:
+        """Jobs (newest first), optionally of one state (``review``: done jobs whose review is pending)."""
+        if state == "review":
+            rows = self._conn().execute("SELECT * FROM jobs WHERE state = 'done' AND review_state = 'pending'"
+                                        " ORDER BY seq DESC LIMIT ?", (limit,))
+        elif state is None:
             rows = self._conn().execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
         else:
             rows = self._conn().execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
@@ -323,7 +365,7 @@ class JobQueue:
         """Done/failed jobs finished before Unix time ``when`` whose files are not purged yet."""
         rows = self._conn().execute(
             "SELECT * FROM jobs WHERE state IN ('done', 'failed') AND finished_at < ? AND purged_at IS NULL"
-            " ORDER BY seq", (when,))
+            " AND (review_state IS NULL OR review_state != 'pending') ORDER BY seq", (when,))
         return [Job.from_row(r) for r in rows]
 
     def mark_purged(self, job_id: str) -> None:

@@ -549,7 +549,8 @@ class Service:
             log.error("job %s failed with an internal error:\n%s", job.id, traceback.format_exc())
             error = f"internal error ({type(err).__name__}: {client_message(str(err), self.job_dir(job.id), job.input_name, job.input_path)})"
         if outcome is not None:
-            ok = self._settle(lambda: self.queue.finish(job, outcome.outputs, outcome.result))
+            held = {"review": outcome.review} if outcome.review else {}  # --require-review (SQLite queue only)
+            ok = self._settle(lambda: self.queue.finish(job, outcome.outputs, outcome.result, **held))
             outcome_name = "done"
         else:
             ok = self._settle(lambda: self.queue.fail(job, error or "unknown error"))
