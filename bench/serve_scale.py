@@ -51,6 +51,7 @@ from postgres_support import require_postgres, start_postgres  # noqa: E402
 from serve_support import ServiceProcess  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "serve_scale.md"
+FAILOVER_RESULTS = REPO / "bench" / "results" / "serve_failover.md"
 
 
 def one_request(c: httpx.Client, url: str, body: bytes) -> tuple[float | None, str | None]:
@@ -135,27 +136,42 @@ def failover(pg, root: Path, args: argparse.Namespace, body: bytes) -> dict:
     nodes = {"A": node("A"), "B": node("B")}
     accepted: list[str] = []
     lock = threading.Lock()
-    todo = list(range(args.requests))
+    kills_done = threading.Event()
+
+    def wait_done(c: httpx.Client, job_id: str) -> None:
+        """Closed loop: a client submits its next job once this one ended (on either node), so the
+        queue stays a few jobs deep and the run lasts until every kill was made."""
+        for attempt in range(20000):
+            target = nodes["A" if attempt % 2 == 0 else "B"]
+            try:
+                r = c.get(f"{target.url}/v1/jobs/{job_id}")
+                if r.status_code == 200 and r.json().get("state") in ("done", "failed"):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
 
     def submitter(k: int) -> None:
         with httpx.Client(timeout=900) as c:
             while True:
-                with lock:
-                    if not todo:
+                with lock:  # at least --requests jobs, and on until the last kill
+                    if len(accepted) >= args.requests and kills_done.is_set():
                         return
-                    todo.pop()
+                job_id = None
                 for attempt in range(100):  # the node this client uses may be down: try the other one
                     target = nodes["A" if (k + attempt) % 2 == 0 else "B"]
                     try:
                         r = c.post(target.url + "/v1/jobs", files=[("files", ("t1.nii.gz", body))])
                         if r.status_code == 202:
+                            job_id = r.json()["id"]
                             with lock:
-                                accepted.append(r.json()["id"])
+                                accepted.append(job_id)
                             break
                     except httpx.HTTPError:
                         pass
                     time.sleep(0.2)
-                time.sleep(0.5)  # spread the submissions over the run
+                if job_id is not None:
+                    wait_done(c, job_id)
 
     threads = [threading.Thread(target=submitter, args=(k,)) for k in range(args.clients)]
     for t in threads:
@@ -171,7 +187,7 @@ def failover(pg, root: Path, args: argparse.Namespace, body: bytes) -> dict:
                     "SELECT id FROM resunet_jobs WHERE state = 'running' AND node = %s", (name,)).fetchall()]
                 time.sleep(0.05)
             if not running:
-                break
+                break  # reported: fewer kill rows than --kills
             nodes[name].kill()
             killed = time.time()
             give_up = time.monotonic() + 600
@@ -186,6 +202,7 @@ def failover(pg, root: Path, args: argparse.Namespace, body: bytes) -> dict:
             else:
                 kills.append({"node": name, "jobs": len(running), "seconds": float("nan")})  # not taken over in 600 s
             nodes[name] = node(name)  # back, under the same name
+        kills_done.set()
         for t in threads:
             t.join()
         deadline = time.monotonic() + 1800
@@ -203,6 +220,41 @@ def failover(pg, root: Path, args: argparse.Namespace, body: bytes) -> dict:
             "twice": sum(1 for j in accepted if done_counts.get(j, 0) > 1), "kills": kills}
 
 
+def failover_lines(fo: dict, args: argparse.Namespace) -> list[str]:
+    """The fail-over section of a results file."""
+    lines = ["", f"Fail-over: 2 PostgreSQL nodes, lease {args.lease:g} s, {len(fo['kills'])} of {args.kills} SIGKILLs made during a "
+              f"{fo['accepted']}-job run from {args.clients} clients (each submits its next job when its last one ended, "
+              f"at least {args.requests} jobs and on until the last kill).", "",
+              "| kill | node | jobs it ran | s until all claimed elsewhere |", "|---|---|---|---|"]
+    for i, k in enumerate(fo["kills"], 1):
+        lines.append(f"| {i} | {k['node']} | {k['jobs']} | {k['seconds']:.1f} |")
+    lines += ["", f"Jobs accepted {fo['accepted']}, done {fo['done']}, lost {fo['lost']}, done twice {fo['twice']}.", ""]
+    return lines
+
+
+def failover_only(args: argparse.Namespace, body: bytes, before: str) -> int:
+    pg = start_postgres(require_postgres())
+    try:
+        with tempfile.TemporaryDirectory(prefix="serve-failover-") as tmp:
+            fo = failover(pg, Path(tmp), args, body)
+    finally:
+        pg.close()
+    lines = ["# resunet serve: node fail-over (bench/serve_scale.py --failover-only)", "",
+             f"Example study, bundled model, TTA off. Command: `.venv/bin/python bench/serve_scale.py --failover-only "
+             f"--requests {args.requests} --clients {args.clients} --lease {args.lease:g} --kills {args.kills}`.",
+             f"Load before: `{before}`; after: `{uptime()}`.", "", *failover_lines(fo, args)]
+    write_results(args.out, lines)
+    return 0
+
+
+def write_results(out: Path, lines: list[str]) -> None:
+    from resunet.io.atomic import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=56)
@@ -210,10 +262,17 @@ def main() -> int:
     ap.add_argument("--cli-runs", type=int, default=3)
     ap.add_argument("--lease", type=float, default=10.0)
     ap.add_argument("--kills", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(REPO)})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"results file (default {RESULTS.relative_to(REPO)}; with --failover-only "
+                    f"{FAILOVER_RESULTS.relative_to(REPO)})")
+    ap.add_argument("--failover-only", action="store_true",
+                    help="run only the fail-over part (3.): its figures hardly depend on the load, the throughputs do")
     args = ap.parse_args()
+    args.out = args.out or (FAILOVER_RESULTS if args.failover_only else RESULTS)
     body = EXAMPLE.read_bytes()
     before = uptime()
+    if args.failover_only:
+        return failover_only(args, body, before)
     print("CLI runs", flush=True)
     cli = cli_runs(args.cli_runs, BUNDLED, tta=False)
     pg = start_postgres(require_postgres())
@@ -258,15 +317,8 @@ def main() -> int:
              f"{statistics.median(cli):.2f} | - | 0 |"]
     for label, r in rows:
         lines.append(f"| {label} | {r['per_min']:.1f} | {r['per_min'] / base:.2f}x | {r['p50']:.2f} | {r['p95']:.2f} | {r['failed']} |")
-    lines += ["", f"Fail-over: 2 PostgreSQL nodes, lease {args.lease:g} s, {args.kills} SIGKILLs during a {args.requests}-job run "
-              f"from {args.clients} clients.", "",
-              "| kill | node | jobs it ran | s until all claimed elsewhere |", "|---|---|---|---|"]
-    for i, k in enumerate(fo["kills"], 1):
-        lines.append(f"| {i} | {k['node']} | {k['jobs']} | {k['seconds']:.1f} |")
-    lines += ["", f"Jobs accepted {fo['accepted']}, done {fo['done']}, lost {fo['lost']}, done twice {fo['twice']}.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    lines += failover_lines(fo, args)
+    write_results(args.out, lines)
     return 0
 
 

@@ -77,7 +77,8 @@ def test_two_worker_processes_and_a_killed_worker(tmp_path, request, queue):
         jobs = [wait_job(svc.url, i, timeout=600) for i in ids]
         assert [j["state"] for j in jobs] == ["done"] * 8, [j["error"] for j in jobs]
         done = _query(db, "SELECT job_id, COUNT(*) FROM events WHERE event = 'done' GROUP BY job_id")
-        events = [e for (e,) in _query(db, "SELECT event FROM events WHERE job_id = ? ORDER BY seq", job_id)]
+        events = [e for (e,) in _query(db, "SELECT event FROM events WHERE job_id = ? ORDER BY seq", job_id)
+                  if not e.startswith("memory")]  # a worker's reservations in the memory budget: not state changes
         nodes = {n for (n,) in _query(db, "SELECT DISTINCT node FROM jobs")}
         assert sorted(done) == sorted((i, 1) for i in ids)  # every job done once
         assert events[:3] == ["queued", "claimed", "requeued"] and events[-1] == "done", events
@@ -125,3 +126,84 @@ def test_worker_settings_are_checked():
     c = ServeConfig(workers=3, devices=("cpu",), formats=("nifti",), state_dir="/tmp/x", audit_db=False)
     back = config_from_json(config_to_json(c))
     assert back == c
+
+
+def _hold_and_sleep(folder: str, budget: int, ready) -> None:
+    from pathlib import Path
+
+    from resunet.serve.memory import MemoryBudget
+
+    with MemoryBudget(Path(folder), "n1", budget).reserve("held", budget):
+        ready.set()
+        time.sleep(600)
+
+
+def test_memory_budget_drops_the_reservation_of_a_killed_worker(tmp_path):
+    import multiprocessing as mp
+
+    from resunet.serve.memory import MemoryBudget
+
+    budget = MemoryBudget(tmp_path / "memory", "n1", 1000)
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=_hold_and_sleep, args=(str(tmp_path / "memory"), 1000, ready))
+    child.start()
+    try:
+        assert ready.wait(120)
+        assert budget.in_use() == 1000  # the other process's reservation is seen here
+        notes = []
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+        with budget.reserve("mine", 600, note=lambda e, d: notes.append((e, d))) as waited:
+            assert budget.in_use() == 600  # the dead process's 1000 bytes are gone, not leaked
+        assert notes[0][0] == "memory" and notes[0][1]["in_use_before"] == 0 and notes[-1][0] == "memory-released"
+        assert budget.in_use() == 0 and waited < 60
+        assert oct((tmp_path / "memory").stat().st_mode & 0o777) == "0o700"
+        assert oct(budget.path.stat().st_mode & 0o777) == "0o600"
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+@pytest.mark.slow
+def test_workers_share_one_memory_budget(tmp_path):
+    """--workers 2 with a budget that holds one example case but not two: the jobs' reservations never
+    add up past it (the events the workers log), and a worker waited for the other's case to end."""
+    from resunet.io.limits import GIB
+    from resunet.io.precheck import check_study
+
+    need = check_study(EXAMPLE_T1)
+    budget = 1.5 * need
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    state = tmp_path / "state"
+    svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti", "--workers", "2", "--worker-threads", "1",
+                         "--node-name", "n1", "--max-memory-gb", f"{budget / GIB:.6f}", audit_db=tmp_path / "audit.sqlite")
+    with svc:
+        files = [state / "workers" / "n1" / f"w{k}.json" for k in (0, 1)]
+        deadline = time.monotonic() + 300
+        while not all(f.exists() for f in files):
+            assert time.monotonic() < deadline, svc.log()
+            time.sleep(0.2)
+        data = EXAMPLE_T1.read_bytes()
+        ids = []
+        for _ in range(6):
+            r = submit(svc.url, [("t1.nii.gz", data)])
+            assert r.status_code == 202, r.text
+            assert r.json()["options"]["memory_estimate_bytes"] == need
+            ids.append(r.json()["id"])
+        jobs = [wait_job(svc.url, i, timeout=600) for i in ids]
+        assert [j["state"] for j in jobs] == ["done"] * 6, [j["error"] for j in jobs]
+    rows = _query(state / "jobs.sqlite", "SELECT job_id, event, detail FROM events WHERE event LIKE 'memory%' ORDER BY at, seq")
+    assert sorted(j for j, e, _ in rows if e == "memory") == sorted(ids)  # one reservation per job
+    in_use, peak, waited = 0, 0, []
+    for _job, event, detail in rows:
+        d = json.loads(detail)
+        if event == "memory":
+            assert d["reserved"] == need and abs(d["budget"] - budget) < 1e-3 * budget  # (--max-memory-gb rounded)
+            in_use += d["reserved"]
+            waited.append(d["waited_s"])
+        else:
+            in_use -= d["released"]
+        peak = max(peak, in_use)
+    assert peak == need, (peak, need, budget)  # one example case at a time: two would be over the budget
+    assert max(waited) > 0, waited  # and one worker did wait for the other's case

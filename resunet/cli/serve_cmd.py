@@ -57,8 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--forwarded-allow-ips", default=d["forwarded_allow_ips"].default, metavar="IPS",
                    help="proxies whose X-Forwarded-For/-Proto headers are trusted (comma list; default 127.0.0.1)")
     p.add_argument("--max-memory-gb", type=float, default=None, metavar="GB",
-                   help="memory budget for segmenting: studies whose estimate is above it are refused on upload "
-                   "from their headers (default $RESUNET_MAX_MEMORY_GB or the library default)")
+                   help="memory budget for segmenting, for the whole node: studies whose estimate is above it are "
+                   "refused on upload from their headers, and with --workers N a worker starts a case only when "
+                   "the cases the other workers run leave room for its estimate (default $RESUNET_MAX_MEMORY_GB "
+                   "or the library default)")
     p.add_argument("--min-free-gb", type=float, default=d["min_free_gb"].default, metavar="GB",
                    help="free space the state folder's disk must keep: below it uploads get 507 and jobs wait; jobs "
                    "failed for a full disk are retried once it is back (default 1; 0 = no floor)")

@@ -98,8 +98,11 @@ class Limits:
         return max(0, (self.max_bytes - BASE_BYTES) // (int(itemsize) + WORK_BYTES_PER_VOXEL))
 
     # -- checks ------------------------------------------------------------------------------------
-    def check_size(self, source: object, shape: Sequence[int], itemsize: int, what: str = "") -> None:
+    def check_size(self, source: object, shape: Sequence[int], itemsize: int, what: str = "") -> int:
         """Refuse a scan of ``shape`` (voxels per axis) whose estimated memory is above the limit.
+
+        Returns:
+            the estimate (bytes): what ``resunet serve`` reserves in its memory budget for the job.
 
         Raises:
             InputError: one line naming the input, its size, the estimate, the limit and the flag.
@@ -114,6 +117,7 @@ class Limits:
                 f" segmenting it would need about {need / GIB:.1f} GB, above the limit of {self.max_memory_gb:g} GB"
                 f" per case; if this machine has the memory, raise it with --max-memory-gb (or {ENV_MAX_MEMORY_GB})"
             )
+        return need
 
     def check_min_size(self, source: object, shape: Sequence[int], what: str = "") -> None:
         """Refuse a scan to segment with fewer than :attr:`min_size` voxels along two axes (``resunet predict``
@@ -131,9 +135,9 @@ class Limits:
                 f" {self.min_size} voxels along two axes; check that this is the image and not a placeholder"
             )
 
-    def check_series(self, source: object, info: object) -> None:
-        """:meth:`check_size` for a DICOM series from its headers (``info``: a ``SeriesInfo``)."""
-        self.check_size(source, series_shape(info), DICOM_BYTES_PER_VOXEL, what=f"series {info.uid}")  # type: ignore[attr-defined]
+    def check_series(self, source: object, info: object) -> int:
+        """:meth:`check_size` for a DICOM series from its headers (``info``: a ``SeriesInfo``); the estimate."""
+        return self.check_size(source, series_shape(info), DICOM_BYTES_PER_VOXEL, what=f"series {info.uid}")  # type: ignore[attr-defined]
 
     def check_spacing(self, source: object, spacing: Sequence[float]) -> None:
         """Refuse voxel sizes (mm) outside :attr:`spacing_mm` (or not finite).

@@ -85,15 +85,20 @@ def check_nifti(path: str | os.PathLike[str], limits: Limits | None = None) -> n
             raise InputError(f"{p}: has {len(shape)} dimensions (shape {shape}); expected a 3D scan")
     _check_size(p, img)
     limits = limits if limits is not None else Limits.from_env()
-    shape3 = (tuple(shape[:3]) + (1, 1, 1))[:3]
-    itemsize = img.header.get_data_dtype().itemsize
-    if _is_scaled(img):
-        itemsize = max(itemsize, 4)  # scaled data are read as float32
-    limits.check_size(p, shape3, itemsize)
+    limits.check_size(p, *nifti_size(img))
     affine = np.asarray(img.affine, dtype=np.float64)
     if np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) >= 1e-12:
         limits.check_spacing(p, np.linalg.norm(affine[:3, :3], axis=0))
     return img
+
+
+def nifti_size(img: nib.Nifti1Image) -> tuple[tuple[int, int, int], int]:
+    """``(shape, bytes per voxel)`` of the Volume that reading ``img`` gives (what memory estimates use)."""
+    shape = tuple(int(d) for d in img.shape)
+    itemsize = img.header.get_data_dtype().itemsize
+    if _is_scaled(img):
+        itemsize = max(itemsize, 4)  # scaled data are read as float32
+    return (shape[:3] + (1, 1, 1))[:3], itemsize  # type: ignore[return-value]
 
 
 def check_nifti_stream(path: str | os.PathLike[str], limits: Limits | None = None) -> nib.Nifti1Image:

@@ -35,8 +35,11 @@ def check_study(
     deep: bool = False,
     min_slices: int = 1,
     allow_split: bool = True,
-) -> None:
+) -> int:
     """Raise :class:`InputError` if the headers of the study at ``path`` already show it cannot be read.
+
+    Returns the estimated peak memory (bytes) of segmenting it (:meth:`Limits.estimate_bytes`); for a
+    ``.zip`` checked without ``deep``, the limit itself (its contents are not looked at).
 
     Args:
         path: as :func:`resunet.io.load_study` takes it.
@@ -56,29 +59,37 @@ def check_study(
     if route.kind == "nifti":
         img = (check_nifti_stream if deep else check_nifti)(p, limits)
         limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
-        return
+        return _nifti_estimate(img, limits)
     if route.kind == "zip":
         check_zip(p)
         if not deep:
-            return
+            return limits.max_bytes
         with extract_zip(p) as folder:
             report, nifti = zip_contents(folder, p, series_uid)
             if nifti is not None:  # a zipped NIfTI, as load_study reads it
                 img = check_nifti_stream(nifti, limits)
                 limits.check_min_size(p, (tuple(int(d) for d in img.shape[:3]) + (1, 1))[:3])
-                return
-            _check_series(p, report, choose_series(report.series, p, series_uid), limits, min_slices, allow_split)
-        return
+                return _nifti_estimate(img, limits)
+            return _check_series(p, report, choose_series(report.series, p, series_uid), limits, min_slices,
+                                 allow_split)
     report = find_series(p)
-    _check_series(p, report, choose_series(report.series, p, series_uid), limits, min_slices, allow_split)
+    return _check_series(p, report, choose_series(report.series, p, series_uid), limits, min_slices, allow_split)
 
 
-def _check_series(p: Path, report, info, limits: Limits, min_slices: int, allow_split: bool) -> None:
+def _nifti_estimate(img, limits: Limits) -> int:
+    from resunet.io.nifti import nifti_size
+
+    shape, itemsize = nifti_size(img)
+    return limits.estimate_bytes(shape[0] * shape[1] * shape[2], itemsize)
+
+
+def _check_series(p: Path, report, info, limits: Limits, min_slices: int, allow_split: bool) -> int:
     from resunet.io.loader import series_rule_error, split_groups
 
-    limits.check_series(p, info)
+    need = limits.check_series(p, info)
     limits.check_min_size(p, series_shape(info), what=f"series {info.uid}")
     why = series_rule_error(info.series_instance_uid or info.uid, split_groups(report, info), info.n_slices,
                             min_slices=min_slices, allow_split=allow_split)
     if why:
         raise InputError(why)
+    return need

@@ -49,8 +49,9 @@ class ServeConfig:
             orientation) instead of refusing it with the counts.
         max_memory_gb: the service's memory budget for segmenting (GB); a study whose estimate is above
             it is refused on upload from its headers (422). None: ``$RESUNET_MAX_MEMORY_GB`` or the default
-            of :mod:`resunet.io.limits`. Uploads are checked from headers only, and one job runs at a time,
-            so this bounds the service's segmentation memory as a whole.
+            of :mod:`resunet.io.limits`. Uploads are checked from headers only, each worker runs one job
+            at a time, and ``--workers N`` share this one budget (:mod:`resunet.serve.memory`), so it
+            bounds the node's segmentation memory as a whole.
         keep_upload_names: keep the client's file names (in the job database, the job's ``input`` and
             the output names). Off by default: upload names often carry the patient's name, MRN and
             birth date; the job id names the files instead.

@@ -423,6 +423,12 @@ class JobQueue:
     def known_ids(self) -> set[str]:
         return {r["id"] for r in self._conn().execute("SELECT id FROM jobs")}
 
+    def note(self, job_id: str, event: str, detail: str | None = None) -> None:
+        """Append an event of the job's life that is not a state change (e.g. ``memory``: its reservation
+        in the node's memory budget, :mod:`resunet.serve.memory`)."""
+        with self._tx() as conn:
+            self._event(conn, job_id, event, detail)
+
     def events(self, job_id: str | None = None) -> Iterator[dict[str, Any]]:
         """The event log (oldest first): ``{"job_id", "at", "event", "detail"}``."""
         sql = "SELECT job_id, at, event, detail FROM events"

@@ -371,6 +371,15 @@ class PgJobQueue:
     def known_ids(self) -> set[str]:
         return {r["id"] for r in self._run(lambda c: c.execute("SELECT id FROM resunet_jobs").fetchall())}
 
+    def note(self, job_id: str, event: str, detail: str | None = None) -> None:
+        """Append an event of the job's life that is not a state change (e.g. ``memory``: its reservation
+        in the node's memory budget, :mod:`resunet.serve.memory`)."""
+        def tx(conn: Any) -> None:
+            with conn.transaction():
+                self._event(conn, job_id, event, detail)
+
+        self._run(tx)
+
     def events(self, job_id: str | None = None) -> Iterator[dict[str, Any]]:
         sql = "SELECT job_id, at, event, detail FROM resunet_events"
         if job_id:

@@ -106,6 +106,7 @@ class Service:
         self.db_error: str | None = None  # the last database fault, shown on /readyz
         self.pool: Any = None  # resunet.serve.workers.WorkerPool with --workers N > 1
         self.worker_name: str | None = None  # set in a worker process (open_worker)
+        self._memory: Any = None  # resunet.serve.memory.MemoryBudget, in worker processes
 
     # -- start-up ------------------------------------------------------------------------------------
     def open(self) -> "Service":
@@ -418,7 +419,8 @@ class Service:
                         name = f"{i:05d}_{name}"
                     seen.add(name)
                     total = self._copy(fh, target / name, total)
-            self._check_study(target, opts["series_uid"], staging, client, self.input_rules())
+            opts["memory_estimate_bytes"] = self._check_study(target, opts["series_uid"], staging, client,
+                                                              self.input_rules())
             from resunet.io.hashing import sha256_path
 
             sha = sha256_path(target)
@@ -461,7 +463,7 @@ class Service:
         return total
 
     @staticmethod
-    def _check_study(target: Path, series_uid: str | None, staging: Path, display: str, rules: dict[str, Any]) -> None:
+    def _check_study(target: Path, series_uid: str | None, staging: Path, display: str, rules: dict[str, Any]) -> int:
         """Check the upload from its headers (resunet.io.precheck, deep: zips extracted, .nii.gz streamed):
         its InputError, with client names, if it cannot be read, is over the memory limit, or is only part
         of a series / too few slices (``rules``, :meth:`input_rules`). No volume is decoded here: eight
@@ -469,8 +471,8 @@ class Service:
         from resunet.io.precheck import check_study
 
         try:
-            check_study(target, series_uid=series_uid, limits=rules["limits"], deep=True,
-                        min_slices=rules["min_slices"], allow_split=rules["allow_split_series"])
+            return check_study(target, series_uid=series_uid, limits=rules["limits"], deep=True,
+                               min_slices=rules["min_slices"], allow_split=rules["allow_split_series"])
         except ResunetError as err:
             text = _rename(str(err), staging, display)
             if target.is_file() and target.name != display:  # the stored name (job id) -> the client's own
@@ -536,7 +538,8 @@ class Service:
         try:
             if handler is None:
                 raise ConfigError(f"job {job.id} has kind {job.kind!r}, which this service does not run")
-            outcome = handler(job, self)
+            with self._memory_for(job):
+                outcome = handler(job, self)
         except ServerError as err:  # the server's fault (a full disk): the operator's message goes to the log
             log.error("job %s failed for a server fault (retried when space is back): %s", job.id, err)
             with contextlib.suppress(OSError):
@@ -565,6 +568,29 @@ class Service:
             self.metrics.job_duration.observe(time.perf_counter() - t0)
         self.record_audits()
         return True
+
+    def _memory_for(self, job: Job) -> Any:
+        """The job's reservation in the node's memory budget (:mod:`resunet.serve.memory`), with
+        ``--workers N``; one in-process worker runs one job at a time, which the budget covers already."""
+        if self.worker_name is None:
+            return contextlib.nullcontext()
+        from resunet.serve.memory import MemoryBudget
+
+        if self._memory is None:
+            limits = self.input_rules()["limits"]
+            self._memory = MemoryBudget(self.state_dir / "memory", self.node, limits.max_bytes)
+        need = job.options.get("memory_estimate_bytes")
+        if need is None and job.input_path and Path(job.input_path).exists():  # a received series: its headers
+            from resunet.io.precheck import check_study
+
+            with contextlib.suppress(Exception):  # an unreadable input fails in the job with its reason
+                need = check_study(job.input_path, limits=self.input_rules()["limits"])
+
+        def note(event: str, detail: dict[str, Any]) -> None:
+            with contextlib.suppress(ServerError):
+                self.queue.note(job.id, event, json.dumps(detail, sort_keys=True))
+
+        return self._memory.reserve(job.id, need, stop=self._stop.is_set, note=note)
 
     def _settle(self, commit: Any) -> bool:
         """Run ``commit`` (finish/fail); while the database is away, retry for up to the lease time (the job
