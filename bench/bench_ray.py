@@ -1,9 +1,9 @@
 """Benchmark ``resunet predict --ray`` against the local batch (run by hand, on an idle machine; one run).
 
-    .venv/bin/python bench/bench_ray.py [--cases 8] [--model data/model/brain_extraction.pt]
+    .venv/bin/python bench/bench_ray.py [--cases 8] [--model resunet/data/model/brain_extraction.pt]
         [--out bench/results/ray.md]
 
-Cases: ``--cases`` copies of the example study (data/example/colin27_t1.nii.gz) in different
+Cases: ``--cases`` copies of the example study (resunet/data/example/colin27_t1.nii.gz) in different
 orientations (same voxels, same work per case). TTA off, one torch thread per process. Each row is
 ``resunet predict`` in a fresh process, as a user runs it:
 
@@ -41,8 +41,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from ray_support import RayCluster  # noqa: E402
 
-EXAMPLE = REPO / "data" / "example" / "colin27_t1.nii.gz"
-BUNDLED = REPO / "data" / "model" / "brain_extraction.pt"
+EXAMPLE = REPO / "resunet" / "data" / "example" / "colin27_t1.nii.gz"
+BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 ORIENTATIONS = ["RAS", "LPS", "LAS", "RPS", "RAI", "LPI", "ASR", "PIR", "SRA", "IPL", "RSA", "PSL"]
 
 

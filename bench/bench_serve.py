@@ -245,7 +245,7 @@ def render(run: dict) -> str:
         "Written whole by `bench/bench_serve.py --out bench/results/serve.md`, figures in `bench/results/serve.json`",
         "(`--render bench/results/serve.json --out bench/results/serve.md` rewrites this file from it). SIGKILL",
         "faults: [serve_faults.md](serve_faults.md); hostile clients: `bench/serve_hostile.py` (writes serve_hostile.md).", "",
-        "CLI = wall time of the whole `resunet predict data/example/colin27_t1.nii.gz ... --no-audit --no-progress`",
+        "CLI = wall time of the whole `resunet predict resunet/data/example/colin27_t1.nii.gz ... --no-audit --no-progress`",
         "command (fresh process: imports, model load, read, predict, write). Service = one `resunet serve`",
         "started once and warmed; C client threads on loopback each loop submit (multipart upload) -> poll",
         "every 50 ms -> mask downloaded; latency per request. Queue depth (queued + running, from /metrics)",

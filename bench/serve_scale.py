@@ -5,7 +5,7 @@
 Needs PostgreSQL (Debian `postgresql`, started here in a temp folder by tests/postgres_support.py) and
 psycopg (`pip install -e '.[test]'`). Run it on an idle machine: the numbers are throughputs.
 
-What is measured, in one run, on the example study (data/example/colin27_t1.nii.gz), bundled model,
+What is measured, in one run, on the example study (resunet/data/example/colin27_t1.nii.gz), bundled model,
 TTA off, audit off (as the CLI runs):
 
 1. CLI: `resunet predict STUDY --out TMP --no-tta --no-audit --no-progress`, a fresh process per study
