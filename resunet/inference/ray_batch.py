@@ -344,14 +344,18 @@ class RayEngine:
         started = time.monotonic()
         done = failed = 0
         last_nodes = 0.0
-        while queue or pending:
+        def fill() -> None:
             while queue and len(pending) < self.limit:
                 case = queue.pop(0)
                 ref = task.remote(spec_ref, opts_ref, ctx, case, previous.get(case.case_id), opts.refused.get(case.case_id))
                 pending[ref] = case
+
+        while queue or pending:
+            fill()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                case = pending.pop(ref)
+            finished = [(ref, pending.pop(ref)) for ref in ready]
+            fill()  # the freed slots get their next case before the driver writes records (workers never wait on it)
+            for ref, case in finished:
                 out = self._result(ref, case, opts, ctx)
                 rec = out["record"]
                 if out["kind"] == "done":
