@@ -1,11 +1,13 @@
 """The web page's "To review" list against a real ``resunet serve --require-review`` and a real Orthanc (issue 21 point 4).
 
-The service (the bundled brain_extraction model, TTA off) pulls the example study from Orthanc twice
-and holds both results; the page (Streamlit's AppTest, the real page script, a named-user login) lists
+The service (the bundled brain_extraction model, TTA off) pulls the example study from Orthanc three
+times and holds the results; the page (Streamlit's AppTest, the real page script, a named-user login) lists
 them with its admin token, opens one (its input and the model's mask through the viewer), approves it
 as the signed-in user: the model's SEG is in Orthanc under the same study and the audit log has the
 decision with the page user's name (the token's name beside it). Rejecting without a reason is refused
-on the page; with one, nothing is stored and the reason is kept. A service that is down is a clear
+on the page; with one, nothing is stored and the reason is kept. A corrected mask handed to the page
+(what the mask editor will do) is approved as the correction: the SEMIAUTOMATIC SEG made by the page
+user, its voxels the corrected ones, is in the study. A service that is down is a clear
 on-page message, and a submit token cannot decide for another person (403).
 """
 
@@ -100,12 +102,12 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
                          "--require-review", audit_db=audit)
     with svc:
         jobs = []
-        for _ in range(2):
+        for _ in range(3):
             r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
             assert r.status_code == 202, r.text
             jobs.append(r.json()["id"])
         held = [_wait_held(svc.url, j, auth) for j in jobs]
-        assert [j["state"] for j in held] == ["review", "review"], held[0].get("error") or svc.log()[-3000:]
+        assert [j["state"] for j in held] == ["review"] * 3, held[0].get("error") or svc.log()[-3000:]
 
         # the display files: the input and the model's mask on one grid, the mask = the job's own NIfTI mask
         img = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}/review/display/image", headers=auth, timeout=120)
@@ -120,7 +122,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         at = _page(tmp_path, monkeypatch, svc.url, page_token)
         assert _texts(at.error) == []
         table = next(df.value for df in at.dataframe if "Job" in df.value.columns)
-        assert sorted(table["Job"]) == sorted(jobs)
+        assert sorted(table["Job"]) == sorted(jobs)  # the three held jobs, nothing else
         assert set(table["Model"]) == {held[0]["result"]["model"]["name"]}
         assert all(table["Finished (UTC)"]) and study_uid not in " ".join(map(str, table.values.ravel()))
 
@@ -159,25 +161,56 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         assert not at.exception, at.exception
         (no,) = [s for s in _texts(at.info) if s.startswith(f"Job {jobs[1]}")]
         assert f"Rejected by {PAGE_USER}: motion artefact" in no and "Nothing was sent" in no
+        assert _series(orthanc, study_uid) - before == new  # reject stored nothing
+
+        # the third with a correction (what the mask editor hands over): the corrected SEG goes to Orthanc
+        from resunet.webui.review_queue import CORRECTIONS
+
+        at.selectbox(key="review_job").set_value(jobs[2]).run()
+        at.button(key="review_open").click().run()
+        _, _image, mask2 = at.session_state["review_opened"]
+        fixed = np.asarray(mask2.array).copy()
+        fixed[0:10, 0:10, 40:50] = 1  # painted outside the head
+        fixed[40:50, 50:60, 40:50] = 0  # erased inside the brain
+        assert not np.array_equal(fixed, np.asarray(mask2.array))
+        at.session_state[CORRECTIONS] = {jobs[2]: mask2.with_array(fixed)}
+        at.run()
+        assert any("Approve sends your corrected mask" in c for c in _texts(at.caption))
+        at.button(key="review_approve").click().run()
+        assert not at.exception, at.exception
+        assert _texts(at.error) == []
+        (ok3,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[2]}")]
+        assert f"Approved by {PAGE_USER}: the corrected seg" in ok3, ok3
         assert any("No results wait for a review" in s for s in _texts(at.info))
+        corrected_seg = _series(orthanc, study_uid) - before - new
+        assert len(corrected_seg) == 1
         after = httpx.get(f"{svc.url}/v1/jobs/{jobs[1]}", headers=auth, timeout=60).json()
         assert after["review"]["state"] == "rejected" and after["review"]["comment"] == "motion artefact"
         assert after["review"]["reviewer"] == PAGE_USER and after["review"]["via"] == "webui"
         approved = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["review"]
         assert approved["state"] == "approved" and approved["reviewer"] == PAGE_USER and approved["sent"]["study_uid"] == study_uid
-        assert _series(orthanc, study_uid) - before == new  # reject stored nothing
 
     # the SEG in Orthanc is the model's SEG of the approved job
     model_seg = pydicom.dcmread(next((state / "jobs" / jobs[0] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
     assert new == {str(model_seg.SeriesInstanceUID)} and model_seg.StudyInstanceUID == study_uid
-    # the audit log: both decisions with the page user's name, the token beside it, chain intact
+    # the audit log: the three decisions with the page user's name, the token beside it, chain intact
     reviews = [r for r in read_runs(audit) if r["kind"] == "review"]
-    assert [(r["run_id"], r["user"]) for r in reviews] == [(f"review-{jobs[0]}", PAGE_USER), (f"review-{jobs[1]}", PAGE_USER)]
-    first, second = (r["provenance"] for r in reviews)
+    assert [(r["run_id"], r["user"]) for r in reviews] == [(f"review-{j}", PAGE_USER) for j in jobs]
+    first, second, third = (r["provenance"] for r in reviews)
     assert first["review"]["decision"] == "approve" and first["review"]["comment"] == "looks right"
     assert first["job"]["decided_via"] == "webui"
     assert second["review"]["decision"] == "reject" and second["review"]["comment"] == "motion artefact"
+    assert third["review"]["corrected_mask_sha256"] and third["review"]["voxels_changed"]["brain"] > 0
     assert verify_log(audit) == []
+    # the corrected SEG in Orthanc: same study, SEMIAUTOMATIC, made by the page user, the corrected voxels
+    from resunet.io import load_study, read_dicom_seg
+    from resunet.pacs import PacsClient, PacsConfig
+
+    seg_file = PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / "got", sorted(corrected_seg))[0]
+    ds = pydicom.dcmread(seg_file)
+    assert ds.StudyInstanceUID == study_uid and ds.ContentCreatorName.family_name == PAGE_USER
+    assert {str(x.SegmentAlgorithmType) for x in ds.SegmentSequence} == {"SEMIAUTOMATIC"}
+    assert np.array_equal(np.asarray(read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM)).array), fixed)
 
     # the service gone: the list says so on the page, no traceback
     at.button(key="review_refresh").click().run()
