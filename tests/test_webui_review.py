@@ -190,6 +190,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         approved = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["review"]
         assert approved["state"] == "approved" and approved["reviewer"] == PAGE_USER and approved["sent"]["study_uid"] == study_uid
 
+    assert page_token not in svc.log() and submit_token not in svc.log()
     # the SEG in Orthanc is the model's SEG of the approved job
     model_seg = pydicom.dcmread(next((state / "jobs" / jobs[0] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
     assert new == {str(model_seg.SeriesInstanceUID)} and model_seg.StudyInstanceUID == study_uid
