@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (default auto)")
     p.add_argument("--pacs", dest="pacs_url", metavar="URL",
                    help="DICOMweb root of a PACS for the page's Browse PACS list (credentials: docs/pacs.md)")
+    p.add_argument("--service", dest="service_url", metavar="URL",
+                   help="base URL of a `resunet serve --require-review` whose held jobs the page lists under"
+                   " To review (its token: RESUNET_SERVICE_TOKEN or [resunet] service_token in the secrets file;"
+                   " docs/webui.md)")
     p.add_argument("--config", type=Path, help="YAML file with any of the settings above")
     p.add_argument("--headless", action="store_true", help="do not open a browser window")
     p.add_argument("--hash-password", action="store_true",
@@ -89,6 +93,7 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
         "temp_dir": args.temp_dir,
         "device": args.device,
         "pacs_url": getattr(args, "pacs_url", None),
+        "service_url": getattr(args, "service_url", None),
     }
     for name, value in mapping.items():
         if value is not None:

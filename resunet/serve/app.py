@@ -9,7 +9,10 @@ Routes (``/docs`` shows them with their schemas):
   ``predictions``, ...); ``GET /v1/jobs/{id}/predictions`` -> the predictions JSON;
 - ``POST /v1/jobs/{id}/review`` (multipart: ``decision`` = approve|reject, ``comment``, optional
   ``corrected`` NIfTI mask) -> the decision on a job held by ``--require-review`` (state ``review``;
-  ``GET /v1/jobs?state=review`` lists them); approve sends the (corrected) SEG to the PACS;
+  ``GET /v1/jobs?state=review`` lists them); approve sends the (corrected) SEG to the PACS; an admin token
+  (the web page's) may add ``reviewer`` = the signed-in person it decides for;
+- ``GET /v1/jobs/{id}/review/display/{image|mask}`` -> a held job's input volume and the model's mask as NIfTI
+  (what the web page's "To review" list shows);
 - ``GET /healthz`` (process alive), ``GET /readyz`` (model loaded: 200, else 503), ``GET /metrics``.
 
 Errors are JSON ``{"detail": "<one line>"}``: 4xx with the library's message for bad input (the same
@@ -37,6 +40,7 @@ from fastapi_offline import FastAPIOffline
 from resunet import __version__
 from resunet.errors import ResunetError, ServerError
 from resunet.inference.output_names import download_name
+from resunet.io.hashing import sha256_file
 from resunet.serve.queue import Job
 from resunet.serve.service import Service, UploadTooLarge, _iso
 from resunet.serve.tokens import Caller
@@ -109,6 +113,9 @@ class BodyLimit:
         if over and not started:
             await self.body(scope, receive, send)
 
+
+#: a reviewer name the page may send: its login names, e-mail addresses, an OIDC display name (letters of any script)
+_REVIEWER_NAME = re.compile(r"^[\w.@' -]{1,128}$")
 
 _UID = re.compile(r"(?<![\d.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\d.])")
 
@@ -340,20 +347,49 @@ def create_app(service: Service, manage_lifecycle: bool = True) -> FastAPI:
         comment: Annotated[str, Form(description="free text; the reason of a rejection")] = "",
         corrected: Annotated[UploadFile | None, File(description="corrected mask: a NIfTI label map on the input's "
                                                      "grid with the model's label values")] = None,
+        reviewer: Annotated[str | None, Form(description="the signed-in person the caller decides for (the web "
+                                             "page's admin token only; default: the token's name)")] = None,
     ) -> dict[str, Any]:
         from resunet.errors import PacsError
         from resunet.serve.review import NotPending, review_job
 
         job = job_or_404(job_id, c)
+        person, via = c.name, None
+        if reviewer and reviewer.strip() and reviewer.strip() != c.name:
+            if c.scope != "admin":
+                raise HTTPException(status_code=403, detail="only an admin token (the web page's) may record a "
+                                    "decision for another person; leave out 'reviewer' to decide as the token's user")
+            if not _REVIEWER_NAME.match(reviewer.strip()):
+                raise HTTPException(status_code=422, detail="reviewer: letters, digits, spaces and . _ @ ' - only, "
+                                    "1-128 characters (the web page's user name)")
+            person, via = reviewer.strip(), c.name
         try:
-            review_job(service, job, decision, c.name, comment,
-                       (corrected.filename, corrected.file) if corrected is not None and corrected.filename else None)
+            review_job(service, job, decision, person, comment,
+                       (corrected.filename, corrected.file) if corrected is not None and corrected.filename else None,
+                       via=via)
         except NotPending as err:
             raise HTTPException(status_code=409, detail=str(err)) from None
         except PacsError as err:
             raise HTTPException(status_code=502, detail=f"the decision was not recorded: {err}; try again") from None
-        log.info("job %s %s by %s", job.id, decision, c.name)
+        log.info("job %s %s by %s%s", job.id, decision, person, f" via {via}" if via else "")
         return describe(queue.get(job.id) or job, request)
+
+    @app.get("/v1/jobs/{job_id}/review/display/{key}", summary="For a viewer: the job's input volume (image) or the "
+             "model's mask on its grid (mask), as NIfTI")
+    def get_review_display(job_id: str, key: str, c: Annotated[Caller, Depends(caller)]) -> FileResponse:
+        from resunet.serve.review import DISPLAY_FILES, display_file
+
+        job = job_or_404(job_id, c)
+        if key not in DISPLAY_FILES:
+            raise HTTPException(status_code=404, detail=f"no display file {key!r}; use one of {', '.join(DISPLAY_FILES)}")
+        if job.state != "done" or not job.review:
+            raise HTTPException(status_code=409, detail=f"job {job.id} is not a finished job held for review "
+                                "(--require-review); only those have display files")
+        if job.purged_at is not None:
+            raise HTTPException(status_code=410, detail=f"the files of job {job.id} were deleted; it can no longer be shown")
+        path = display_file(service, job, key)
+        return FileResponse(path, media_type="application/gzip", filename=path.name,
+                            headers={"X-Content-SHA256": sha256_file(path)})
 
     @app.get("/v1/jobs/{job_id}/review/outputs/{key}", summary="Download a file of a job's review (corrected mask or SEG)")
     def get_review_output(job_id: str, key: str, c: Annotated[Caller, Depends(caller)]) -> FileResponse:

@@ -34,6 +34,8 @@ from resunet.inference.review import (Decision, check_decision, mask_sha256, rea
 
 #: one decision at a time per service (the send and the audit record of two reviewers must not interleave)
 _LOCK = threading.Lock()
+#: one writer of a job's display files at a time (two page sessions opening the same job)
+_DISPLAY_LOCK = threading.Lock()
 #: the job's outputs sent when the model's result is approved as it is
 SENT_OUTPUTS = ("seg", "rtstruct", "sr")
 
@@ -98,24 +100,58 @@ def _send(files: list[Path], send: dict[str, Any] | None) -> dict[str, Any] | No
     return {"destination": dest, "files": [p.name for p in files]}
 
 
+def load_for_review(service: Any, job: Any) -> tuple[Any, Any, dict[int, str], Path | None]:
+    """What a reviewer looks at: the segmented input, the model's mask on its grid, the labels, the model's SEG.
+
+    Returns ``(source Volume, model mask Volume (uint8, the model's label values), {value: name}, SEG path or
+    None)``. Raises InputError when the job has neither a NIfTI mask nor a SEG (ResunetError from the reader
+    when its input is unreadable).
+    """
+    from resunet.io import load_study, read_dicom_seg, read_nifti
+
+    job_dir = service.job_dir(job.id)
+    source = load_study(_source_folder(service, job), series_uid=(job.result or {}).get("series_uid"))
+    seg_rec, mask_rec = job.outputs.get("seg"), job.outputs.get("mask")
+    model_seg = job_dir / seg_rec["path"] if seg_rec else None
+    labels = _job_labels(job_dir)  # the model's label values, as in the NIfTI mask the reviewer edits
+    if mask_rec:
+        model_arr = np.asarray(read_nifti(job_dir / mask_rec["path"]).array)
+    elif model_seg is not None:  # SEG segments are numbered 1..N: back to the label values
+        seg_mask = read_dicom_seg(model_seg, source)
+        if not labels:
+            labels = {int(k): str(v) for k, v in seg_mask.meta["labels"].items()}
+        lut = np.zeros(max(int(np.asarray(seg_mask.array).max()), len(labels)) + 1, dtype=np.uint16)
+        for n, value in enumerate(sorted(labels), start=1):
+            lut[n] = value
+        model_arr = lut[np.asarray(seg_mask.array).astype(np.int64)]
+    else:
+        raise InputError(f"job {job.id} has neither a mask nor a SEG to review")
+    if not labels:
+        labels = {int(v): f"label {int(v)}" for v in np.unique(model_arr) if int(v) > 0} or {1: "label 1"}
+    model_mask = source.with_array(model_arr.astype(np.uint8), is_label=True)  # on the input's grid
+    return source, model_mask, labels, model_seg
+
+
 def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: str = "",
-               corrected: tuple[str | None, BinaryIO] | None = None) -> dict[str, Any]:
+               corrected: tuple[str | None, BinaryIO] | None = None, via: str | None = None) -> dict[str, Any]:
     """Decide on a held job; returns the job's new ``review`` record.
 
     Args:
         service: the :class:`resunet.serve.service.Service`.
         job: the job (state done, review pending).
         decision: ``approve`` or ``reject``.
-        reviewer: the caller's name (the token's user).
+        reviewer: the person deciding: the token's name, or the signed-in web page user the page's admin
+            token speaks for (``via``).
         comment: free text; a rejection's reason.
         corrected: ``(file name, stream)`` of a corrected NIfTI label map on the input's grid, or None.
+        via: the token's name when it records the decision on behalf of ``reviewer`` (the web page); kept
+            in the job's review record and the audit provenance.
 
     Raises:
         NotPending: the job is not waiting for a review.
         GeometryError / InputError: the corrected mask does not fit (another grid, unknown labels, not NIfTI).
         PacsError: the approved SEG could not be sent (nothing recorded; try again).
     """
-    from resunet.io import load_study, read_dicom_seg, read_nifti
     from resunet.reports.provenance import collect_provenance
 
     decision = check_decision(decision, reviewer)
@@ -131,25 +167,7 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
         if folder.exists():  # a decision cut short (failed send, killed service): redone from the start
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        source = load_study(_source_folder(service, job), series_uid=(job.result or {}).get("series_uid"))
-        seg_rec, mask_rec = job.outputs.get("seg"), job.outputs.get("mask")
-        model_seg = job_dir / seg_rec["path"] if seg_rec else None
-        labels = _job_labels(job_dir)  # the model's label values, as in the NIfTI mask the reviewer edits
-        if mask_rec:
-            model_arr = np.asarray(read_nifti(job_dir / mask_rec["path"]).array)
-        elif model_seg is not None:  # SEG segments are numbered 1..N: back to the label values
-            seg_mask = read_dicom_seg(model_seg, source)
-            if not labels:
-                labels = {int(k): str(v) for k, v in seg_mask.meta["labels"].items()}
-            lut = np.zeros(max(int(np.asarray(seg_mask.array).max()), len(labels)) + 1, dtype=np.uint16)
-            for n, value in enumerate(sorted(labels), start=1):
-                lut[n] = value
-            model_arr = lut[np.asarray(seg_mask.array).astype(np.int64)]
-        else:
-            raise InputError(f"job {job.id} has neither a mask nor a SEG to review")
-        if not labels:
-            labels = {int(v): f"label {int(v)}" for v in np.unique(model_arr) if int(v) > 0} or {1: "label 1"}
-        model_mask = source.with_array(model_arr.astype(np.uint8), is_label=True)  # on the input's grid
+        source, model_mask, labels, model_seg = load_for_review(service, job)
         files: dict[str, Path] = {}
         fixed = None
         if corrected is not None:
@@ -202,10 +220,10 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
         prov["model"] = (job.result or {}).get("model") or {}
         # "name", not "path": the input is the archive's study (or a received series), not a file audit verify re-hashes
         prov["files"] = {"input": [{"name": job.input_name, "sha256": record.input_sha256}]}
-        prov["job"] = {"id": job.id, "kind": job.kind}
+        prov["job"] = {"id": job.id, "kind": job.kind, **({"decided_via": via} if via else {})}
         files["record"] = record_decision(record, folder, prov, db_path=db, files=files)
         review = {**job.review, "state": "approved" if decision == "approve" else "rejected",
-                  "reviewer": reviewer, "comment": record.comment, "decided_utc": record.time_utc,
+                  "reviewer": reviewer, **({"via": via} if via else {}), "comment": record.comment, "decided_utc": record.time_utc,
                   "voxels_changed": record.voxels_changed, "corrected": fixed is not None,
                   "model_mask_sha256": record.model_mask_sha256, "corrected_mask_sha256": record.corrected_mask_sha256,
                   "outputs": {**{k: {**o, "path": f"review/{o['path']}"} for k, o in record.outputs.items()},
@@ -216,3 +234,30 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
         if not service.queue.decide(job.id, review):
             raise NotPending(f"job {job.id} was decided by someone else a moment ago")
         return review
+
+
+#: what ``GET /v1/jobs/{id}/review/display/{key}`` serves: the segmented input and the model's mask, as NIfTI
+DISPLAY_FILES = {"image": "image.nii.gz", "mask": "model_mask.nii.gz"}
+
+
+def display_file(service: Any, job: Any, key: str) -> Path:
+    """The job's input volume (``image``) or the model's mask on its grid (``mask``) as NIfTI, for a viewer.
+
+    Written once into ``STATE/jobs/<id>/display/`` (atomically, 0600 like the job's other files) and
+    served from there; a job's input may be a DICOM study on the service's disk, which a web page cannot
+    read, and a SEG-only job has no NIfTI mask. Raises InputError for an unknown ``key``.
+    """
+    from resunet.io import write_mask_nifti, write_nifti
+
+    if key not in DISPLAY_FILES:
+        raise InputError(f"no display file {key!r}; use one of {', '.join(DISPLAY_FILES)}")
+    folder = service.job_dir(job.id) / "display"
+    target = folder / DISPLAY_FILES[key]
+    with _DISPLAY_LOCK:
+        if not target.is_file():
+            source, model_mask, _labels, _seg = load_for_review(service, job)
+            folder.mkdir(mode=0o700, exist_ok=True)
+            # the source's voxels unchanged; the mask with the label intent
+            write_nifti(source, folder / DISPLAY_FILES["image"])
+            write_mask_nifti(model_mask, folder / DISPLAY_FILES["mask"])
+    return target

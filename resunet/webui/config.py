@@ -42,6 +42,10 @@ class AppConfig:
         tolerance_mm: NSD tolerance in mm for the metrics against a reference mask.
         pacs_url: DICOMweb root of a PACS for "Browse PACS" (empty: no PACS list); credentials from
             ``RESUNET_PACS_USER``/``RESUNET_PACS_PASSWORD`` or ``RESUNET_PACS_TOKEN`` (docs/pacs.md).
+        service_url: base URL of a ``resunet serve --require-review`` whose held jobs the page lists under
+            "To review" (empty: no list). Its bearer token is a secret, not a setting: ``RESUNET_SERVICE_TOKEN``
+            or ``[resunet] service_token`` in ``.streamlit/secrets.toml`` (:mod:`resunet.webui.review_queue`).
+        service_timeout_s: seconds the page waits for the service to answer one request.
     """
 
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -55,6 +59,8 @@ class AppConfig:
     device: str = "auto"
     tolerance_mm: float = 2.0
     pacs_url: str = ""
+    service_url: str = ""
+    service_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "example_study", "example_reference", "temp_dir"):
@@ -64,6 +70,7 @@ class AppConfig:
             self.session_ttl_min = float(self.session_ttl_min)
             self.session_close_s = float(self.session_close_s)
             self.tolerance_mm = float(self.tolerance_mm)
+            self.service_timeout_s = float(self.service_timeout_s)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"web UI setting has a wrong value: {err}") from None
         if self.max_upload_mb < 1:
@@ -72,6 +79,11 @@ class AppConfig:
             raise ConfigError(f"session_ttl_min must be positive, got {self.session_ttl_min}")
         if self.session_close_s < 2:
             raise ConfigError(f"session_close_s must be at least 2 seconds, got {self.session_close_s}")
+        self.service_url = str(self.service_url or "").strip().rstrip("/")
+        if self.service_url and not self.service_url.startswith(("http://", "https://")):
+            raise ConfigError(f"service_url must start with http:// or https://, got {self.service_url!r}")
+        if self.service_timeout_s <= 0:
+            raise ConfigError(f"service_timeout_s must be positive, got {self.service_timeout_s}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -630,6 +630,10 @@ def _page(cfg: AppConfig, ws: SessionWorkspace) -> None:
         st.info("Your previous session expired; its uploads and results were deleted.")
     model = _model_section(cfg)
     try:
+        if cfg.service_url:  # the service's held results (resunet.webui.review_queue)
+            from resunet.webui.review_queue import review_section
+
+            review_section(cfg, ws, _web_user())
         _input_section(cfg, ws)
         _study_sections(cfg, ws, model)
     except Exception as err:  # noqa: BLE001 - a bug must not take the page down; library errors are handled inside

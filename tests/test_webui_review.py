@@ -1,0 +1,233 @@
+"""The web page's "To review" list against a real ``resunet serve --require-review`` and a real Orthanc (issue 21 point 4).
+
+The service (the bundled brain_extraction model, TTA off) pulls the example study from Orthanc three
+times and holds the results; the page (Streamlit's AppTest, the real page script, a named-user login) lists
+them with its admin token, opens one (its input and the model's mask through the viewer), approves it
+as the signed-in user: the model's SEG is in Orthanc under the same study and the audit log has the
+decision with the page user's name (the token's name beside it). Rejecting without a reason is refused
+on the page; with one, nothing is stored and the reason is kept. A corrected mask handed to the page
+(what the mask editor will do) is approved as the correction: the SEMIAUTOMATIC SEG made by the page
+user, its voxels the corrected ones, is in the study. A service that is down is a clear
+on-page message, and a submit token cannot decide for another person (403).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from orthanc_support import dicomweb_plugin, orthanc_binary, start_orthanc
+from serve_support import ServiceProcess
+from streamlit.testing.v1 import AppTest
+from test_app_support import APP_SCRIPT, BUNDLED_MODEL, EXAMPLE_DICOM, make_tiny_model
+
+from resunet.reports.audit import read_runs, verify_log
+from resunet.serve.tokens import TokenStore
+from resunet.webui.auth import hash_password
+
+pytestmark = pytest.mark.slow
+
+PAGE_USER = "dr.bob"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        msg = "Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        yield server
+    finally:
+        server.stop()
+
+
+def _series(orthanc, study_uid: str, modality: str = "SEG") -> set[str]:
+    from resunet.pacs import PacsClient, PacsConfig
+
+    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == modality}
+
+
+def _wait_held(url: str, job_id: str, headers: dict, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=60).json()
+        if job["state"] in ("review", "done", "failed"):
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} not finished within {timeout} s")
+
+
+def _page(tmp_path, monkeypatch, service_url: str, token: str) -> AppTest:
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    make_tiny_model(models / "tiny.pt")  # the page's own model picker: a light one
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(models))
+    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setenv("RESUNET_APP_SERVICE_URL", service_url)
+    monkeypatch.setenv("RESUNET_SERVICE_TOKEN", token)
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=300)
+    at.secrets["resunet"] = {"users": {PAGE_USER: hash_password("pw", iterations=1000)}}
+    at.run()
+    at.text_input[0].input(PAGE_USER)
+    at.text_input[1].input("pw")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc, tmp_path, monkeypatch):
+    study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    state, audit = tmp_path / "state", tmp_path / "audit.sqlite"
+    state.mkdir(mode=0o700)
+    tokens = TokenStore(state / "tokens.json")
+    page_token = tokens.add("webui", scope="admin", group="ward")
+    submit_token = tokens.add("eve", group="ward")  # sees the ward's jobs, may decide only as herself
+    auth = {"Authorization": f"Bearer {page_token}"}
+    before = _series(orthanc, study_uid)
+    svc = ServiceProcess(state, BUNDLED_MODEL, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
+                         "--require-review", audit_db=audit)
+    with svc:
+        jobs = []
+        for _ in range(3):
+            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["id"])
+        held = [_wait_held(svc.url, j, auth) for j in jobs]
+        assert [j["state"] for j in held] == ["review"] * 3, held[0].get("error") or svc.log()[-3000:]
+
+        # the display files: the input and the model's mask on one grid, the mask = the job's own NIfTI mask
+        img = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}/review/display/image", headers=auth, timeout=120)
+        assert img.status_code == 200, img.text
+        bad_key = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}/review/display/probabilities", headers=auth, timeout=60)
+        assert bad_key.status_code == 404 and "image, mask" in bad_key.json()["detail"]
+        # a submit token may not decide for another person
+        eve = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve", "reviewer": "dr.mallory"},
+                         headers={"Authorization": f"Bearer {submit_token}"}, timeout=60)
+        assert eve.status_code == 403 and "only an admin token" in eve.json()["detail"], eve.text
+
+        at = _page(tmp_path, monkeypatch, svc.url, page_token)
+        assert _texts(at.error) == []
+        table = next(df.value for df in at.dataframe if "Job" in df.value.columns)
+        assert sorted(table["Job"]) == sorted(jobs)  # the three held jobs, nothing else
+        assert set(table["Model"]) == {held[0]["result"]["model"]["name"]}
+        assert all(table["Finished (UTC)"]) and study_uid not in " ".join(map(str, table.values.ravel()))
+
+        # open the first job: its input with the model's mask in three views
+        at.selectbox(key="review_job").set_value(jobs[0]).run()
+        at.button(key="review_open").click().run()
+        assert not at.exception, at.exception
+        assert _texts(at.error) == []
+        captions = [i.proto.imgs[0].caption for i in at.get("image")]
+        assert [c.split(" · ")[0] for c in captions] == [f"job {jobs[0]}"] * 3
+        _, image, mask = at.session_state["review_opened"]
+        model_mask = np.asarray(mask.array)
+        assert image.shape == mask.shape == (91, 109, 91) and 0 < np.count_nonzero(model_mask) < model_mask.size
+        job_mask = tmp_path / "job_mask.nii.gz"
+        job_mask.write_bytes(httpx.get(held[0]["outputs"]["mask"]["url"], headers=auth, timeout=60).content)
+        assert np.array_equal(model_mask, np.asarray(nib.load(job_mask).dataobj))
+        assert _series(orthanc, study_uid) == before  # held: nothing sent yet
+
+        at.text_input(key=f"review_comment_{jobs[0]}").input("looks right")
+        at.button(key="review_approve").click().run()
+        assert not at.exception, at.exception
+        assert _texts(at.error) == []
+        (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[0]}")]
+        assert f"Approved by {PAGE_USER}" in ok and orthanc.dicomweb in ok and "seg" in ok, ok
+        new = _series(orthanc, study_uid) - before
+        assert len(new) == 1  # the model's SEG, in the same study
+
+        # reject the second: a reason is required
+        at.selectbox(key="review_job").set_value(jobs[1]).run()
+        at.button(key="review_open").click().run()
+        at.button(key="review_reject").click().run()
+        assert any("A rejection needs a reason" in e for e in _texts(at.error))
+        assert httpx.get(f"{svc.url}/v1/jobs/{jobs[1]}", headers=auth, timeout=60).json()["state"] == "review"
+        at.text_input(key=f"review_comment_{jobs[1]}").input("motion artefact")
+        at.button(key="review_reject").click().run()
+        assert not at.exception, at.exception
+        (no,) = [s for s in _texts(at.info) if s.startswith(f"Job {jobs[1]}")]
+        assert f"Rejected by {PAGE_USER}: motion artefact" in no and "Nothing was sent" in no
+        assert _series(orthanc, study_uid) - before == new  # reject stored nothing
+
+        # the third with a correction (what the mask editor hands over): the corrected SEG goes to Orthanc
+        from resunet.webui.review_queue import CORRECTIONS
+
+        at.selectbox(key="review_job").set_value(jobs[2]).run()
+        at.button(key="review_open").click().run()
+        _, _image, mask2 = at.session_state["review_opened"]
+        fixed = np.asarray(mask2.array).copy()
+        fixed[0:10, 0:10, 40:50] = 1  # painted outside the head
+        fixed[40:50, 50:60, 40:50] = 0  # erased inside the brain
+        assert not np.array_equal(fixed, np.asarray(mask2.array))
+        at.session_state[CORRECTIONS] = {jobs[2]: mask2.with_array(fixed)}
+        at.run()
+        assert any("Approve sends your corrected mask" in c for c in _texts(at.caption))
+        at.button(key="review_approve").click().run()
+        assert not at.exception, at.exception
+        assert _texts(at.error) == []
+        (ok3,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[2]}")]
+        assert f"Approved by {PAGE_USER}: the corrected seg" in ok3, ok3
+        assert any("No results wait for a review" in s for s in _texts(at.info))
+        corrected_seg = _series(orthanc, study_uid) - before - new
+        assert len(corrected_seg) == 1
+        after = httpx.get(f"{svc.url}/v1/jobs/{jobs[1]}", headers=auth, timeout=60).json()
+        assert after["review"]["state"] == "rejected" and after["review"]["comment"] == "motion artefact"
+        assert after["review"]["reviewer"] == PAGE_USER and after["review"]["via"] == "webui"
+        approved = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["review"]
+        assert approved["state"] == "approved" and approved["reviewer"] == PAGE_USER and approved["sent"]["study_uid"] == study_uid
+
+    assert page_token not in svc.log() and submit_token not in svc.log()
+    # the SEG in Orthanc is the model's SEG of the approved job
+    model_seg = pydicom.dcmread(next((state / "jobs" / jobs[0] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
+    assert new == {str(model_seg.SeriesInstanceUID)} and model_seg.StudyInstanceUID == study_uid
+    # the audit log: the three decisions with the page user's name, the token beside it, chain intact
+    reviews = [r for r in read_runs(audit) if r["kind"] == "review"]
+    assert [(r["run_id"], r["user"]) for r in reviews] == [(f"review-{j}", PAGE_USER) for j in jobs]
+    first, second, third = (r["provenance"] for r in reviews)
+    assert first["review"]["decision"] == "approve" and first["review"]["comment"] == "looks right"
+    assert first["job"]["decided_via"] == "webui"
+    assert second["review"]["decision"] == "reject" and second["review"]["comment"] == "motion artefact"
+    assert third["review"]["corrected_mask_sha256"] and third["review"]["voxels_changed"]["brain"] > 0
+    assert verify_log(audit) == []
+    # the corrected SEG in Orthanc: same study, SEMIAUTOMATIC, made by the page user, the corrected voxels
+    from resunet.io import load_study, read_dicom_seg
+    from resunet.pacs import PacsClient, PacsConfig
+
+    seg_file = PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / "got", sorted(corrected_seg))[0]
+    ds = pydicom.dcmread(seg_file)
+    assert ds.StudyInstanceUID == study_uid and ds.ContentCreatorName.family_name == PAGE_USER
+    assert {str(x.SegmentAlgorithmType) for x in ds.SegmentSequence} == {"SEMIAUTOMATIC"}
+    assert np.array_equal(np.asarray(read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM)).array), fixed)
+
+    # the service gone: the list says so on the page, no traceback
+    at.button(key="review_refresh").click().run()
+    assert not at.exception, at.exception
+    (down,) = _texts(at.error)
+    assert f"the review service at {svc.url} cannot be reached" in down and page_token not in down
+
+
+def test_service_url_must_be_http(tmp_path):
+    from resunet.errors import ConfigError
+    from resunet.webui.config import AppConfig
+    from resunet.webui.review_queue import service_token
+
+    with pytest.raises(ConfigError, match="service_url must start with http"):
+        AppConfig(service_url="localhost:8000")
+    assert AppConfig(service_url="http://127.0.0.1:8000/").service_url == "http://127.0.0.1:8000"
+    assert service_token({"resunet": {"service_token": "abc"}}, env={}) == "abc"
+    assert service_token({"resunet": {"service_token": "abc"}}, env={"RESUNET_SERVICE_TOKEN": "env"}) == "env"
+    assert service_token({}, env={}) is None
