@@ -125,6 +125,75 @@ def test_resunet_serve_pulls_a_study_from_a_dimse_archive(archive, source, tmp_p
     assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"]
 
 
+def test_web_ui_browse_a_dimse_archive_segment_and_send_back(archive, source, move_port, tmp_path, monkeypatch):
+    """The page's Browse PACS on dimse://: C-FIND with the page's filters (accession, patient id, dates),
+    C-MOVE of the chosen study to the page's AE title into the session's workspace (the voxels are the
+    study's), segmenting it, and C-STORE of the SEG into the same study on the archive."""
+    from streamlit.testing.v1 import AppTest
+    from test_app_support import APP_SCRIPT
+
+    make_tiny_model(tmp_path / "models" / "tiny.pt")
+    for key, value in {"MODEL_DIR": tmp_path / "models", "DEFAULT_MODEL": "tiny.pt", "TEMP_DIR": tmp_path / "sessions",
+                       "PACS_URL": source, "PACS_AE_TITLE": "RESUNET", "PACS_MOVE_PORT": move_port}.items():
+        monkeypatch.setenv(f"RESUNET_APP_{key}", str(value))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == []
+    study_uid = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    patient = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).PatientID)
+
+    at.text_input(key="pacs_accession").input("NO-SUCH").run()
+    assert any("lists no studies" in i.value for i in at.info)
+    at.text_input(key="pacs_accession").input(ACCESSION).run()
+    at.text_input(key="pacs_patient_id").input(patient).run()
+    at.text_input(key="pacs_dates").input("19000101-").run()
+    assert [e.value for e in at.error] == [] and not any("lists no studies" in i.value for i in at.info)
+    box = at.selectbox(key="pacs_study")
+    assert len(box.options) == 1 and "resunet example study · MR" in box.options[0], box.options
+    at.button(key="pacs_open").click().run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == []
+    staged = at.session_state["study"]
+    assert np.array_equal(np.asarray(load_study(staged.path).array), np.asarray(load_study(EXAMPLE_DICOM).array))
+    assert len(at.session_state["results"]) == 1
+
+    before = archive.get(f"/studies/{archive.get('/studies')[0]}")["Series"]
+    at.button(key="pacs_send").click().run()
+    assert not at.exception, at.exception
+    assert any(f"in study {study_uid}" in s.value for s in at.success), [e.value for e in at.error]
+    after = archive.get(f"/studies/{archive.get('/studies')[0]}")["Series"]
+    new = [archive.get(f"/series/{s}")["MainDicomTags"]["Modality"] for s in after if s not in before]
+    assert new == ["SEG"]
+
+
+def test_a_c_move_the_archive_cannot_deliver_fails_and_nothing_is_segmented_or_stored(archive, source, tmp_path):
+    """A C-MOVE Orthanc cannot complete, through the whole predict-from-PACS step: to a destination it
+    knows (registered through its REST API) where nobody listens, so every sub-operation fails. A
+    PacsError with the archive's status and counts; no case is segmented, nothing new is in the archive."""
+    from resunet.inference.batch import BatchOptions
+    from resunet.inference.predictor import Predictor
+    from resunet.pacs.segment import segment_from_dimse
+
+    study = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    predictor = Predictor(make_tiny_model(tmp_path / "tiny.pt"), tta=False)
+    nobody_port = free_port()  # Orthanc sends here; nothing listens
+    req = urllib.request.Request(f"{archive.url}/modalities/ghost", method="PUT",
+                                 data=json.dumps({"AET": "GHOST", "Host": "127.0.0.1", "Port": nobody_port}).encode())
+    urllib.request.urlopen(req, timeout=30).close()
+    before = archive.get("/series")
+    out = tmp_path / "out"
+    opts = BatchOptions(out_dir=out, formats=("seg",), progress=False, audit_db=False, resume=False)
+    cfg = QueryConfig(calling_aet="GHOST", method="move", move_port=free_port(), timeout=20)
+    with pytest.raises(PacsError, match=r"C-MOVE of series .* status 0x[0-9A-F]{4}.*failed.*nothing was segmented"
+                                        r"|incompletely.*nothing was segmented") as err:
+        segment_from_dimse(source, cfg, study, predictor, opts)
+    assert "\n" not in str(err.value)
+    assert not (out / "predictions.json").exists() and not list(out.glob("**/*.dcm"))
+    assert archive.get("/series") == before
+
+
 def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive, source, tmp_path):
     study = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
     series = find_series(source, QueryConfig(), study)  # 91 counted...
