@@ -40,8 +40,12 @@ class AppConfig:
         temp_dir: parent folder of the per-session temp folders.
         device: ``auto``, ``cpu`` or ``cuda`` for inference.
         tolerance_mm: NSD tolerance in mm for the metrics against a reference mask.
-        pacs_url: DICOMweb root of a PACS for "Browse PACS" (empty: no PACS list); credentials from
-            ``RESUNET_PACS_USER``/``RESUNET_PACS_PASSWORD`` or ``RESUNET_PACS_TOKEN`` (docs/pacs.md).
+        pacs_url: the archive for "Browse PACS" (empty: no PACS list): a DICOMweb root (credentials from
+            ``RESUNET_PACS_USER``/``RESUNET_PACS_PASSWORD`` or ``RESUNET_PACS_TOKEN``, docs/pacs.md) or
+            ``dimse://AET@HOST:PORT`` (C-FIND, C-GET/C-MOVE, C-STORE).
+        pacs_ae_title: our AE title towards a DIMSE archive (it must know it).
+        pacs_move_port: DIMSE: retrieve with C-MOVE to ``pacs_ae_title`` on this port (the archive's
+            entry for us); 0: C-GET.
     """
 
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -55,6 +59,8 @@ class AppConfig:
     device: str = "auto"
     tolerance_mm: float = 2.0
     pacs_url: str = ""
+    pacs_ae_title: str = "RESUNET"
+    pacs_move_port: int = 0
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "example_study", "example_reference", "temp_dir"):
@@ -64,6 +70,7 @@ class AppConfig:
             self.session_ttl_min = float(self.session_ttl_min)
             self.session_close_s = float(self.session_close_s)
             self.tolerance_mm = float(self.tolerance_mm)
+            self.pacs_move_port = int(self.pacs_move_port or 0)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"web UI setting has a wrong value: {err}") from None
         if self.max_upload_mb < 1:
@@ -72,6 +79,12 @@ class AppConfig:
             raise ConfigError(f"session_ttl_min must be positive, got {self.session_ttl_min}")
         if self.session_close_s < 2:
             raise ConfigError(f"session_close_s must be at least 2 seconds, got {self.session_close_s}")
+        if not 0 <= self.pacs_move_port < 65536:
+            raise ConfigError(f"pacs_move_port must be a TCP port (1-65535) or 0 for C-GET, got {self.pacs_move_port}")
+        if self.pacs_url and str(self.pacs_url).strip().lower().startswith(("dimse://", "dimses://")):
+            from resunet.pacs.dimse_qr import DimseSource  # light: pynetdicom is imported on first use
+
+            DimseSource.parse(self.pacs_url)  # a bad URL is refused at start, with the form to use
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
