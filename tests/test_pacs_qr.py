@@ -61,6 +61,26 @@ def test_url_parsing():
     assert DimseSource.parse("dimses://PACS@10.0.0.5:2762") == DimseSource("PACS", "10.0.0.5", 2762, True)
     with pytest.raises(Exception, match="dimse://AET@HOST:PORT"):
         DimseSource.parse("dimse://10.0.0.5:104")
+    # date ranges are checked before any network traffic (the port is closed): open ends are allowed
+    closed = DimseSource("X", "127.0.0.1", free_port())
+    for bad in ("2026", "-", "20260101-2026"):
+        with pytest.raises(Exception, match="use YYYYMMDD-YYYYMMDD"):
+            find_studies(closed, QueryConfig(timeout=5), patient_id="P", date_range=bad)
+    for ok in ("20260101", "20260101-", "-20261231", "20260101-20261231"):
+        with pytest.raises(PacsError, match="unreachable"):
+            find_studies(closed, QueryConfig(timeout=5), patient_id="P", date_range=ok)
+
+
+def test_web_ui_config_refuses_a_bad_dimse_archive_at_start():
+    from resunet.errors import ConfigError
+    from resunet.webui.config import AppConfig
+
+    with pytest.raises(ConfigError, match="dimse://AET@HOST:PORT"):
+        AppConfig(pacs_url="dimse://pacs.local:104")
+    with pytest.raises(ConfigError, match="pacs_move_port must be a TCP port"):
+        AppConfig(pacs_url="dimse://PACS@pacs.local:104", pacs_move_port=70000)
+    assert AppConfig.from_env({"RESUNET_APP_PACS_URL": "dimse://PACS@pacs.local:104",
+                               "RESUNET_APP_PACS_MOVE_PORT": "11113"}).pacs_move_port == 11113
 
 
 def test_find_then_get_and_move_bring_the_study(source, move_port, tmp_path):

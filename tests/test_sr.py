@@ -171,3 +171,15 @@ def test_predict_reports_lesions_where_the_model_card_says_so(tmp_path):
                  "--format", "seg,sr", "--no-audit", "--no-progress"]) != 0
     bad = json.loads((tmp_path / "bad" / "predictions.json").read_text())["cases"][0]
     assert bad["status"] == "failed" and "lesion_labels names ['tumour']" in bad["reason"]
+
+
+def test_a_malformed_lesion_labels_entry_is_a_model_card_error():
+    from resunet.errors import ModelError
+    from resunet.io.dicom_codes import lesion_labels_from_model_card
+
+    assert lesion_labels_from_model_card({"name": "m"}, ["brain"]) == ()
+    assert lesion_labels_from_model_card({"lesion_labels": ["met", "met"]}, ["met", "edema"]) == ("met",)
+    with pytest.raises(ModelError, match="must be a list of label names"):
+        lesion_labels_from_model_card({"lesion_labels": "met"}, ["met"])
+    with pytest.raises(ModelError, match=r"names \['tumour'\] but the model's labels are \['brain'\]"):
+        lesion_labels_from_model_card({"lesion_labels": ["tumour"]}, ["brain"])
