@@ -214,6 +214,31 @@ def test_a_c_move_the_archive_cannot_deliver_fails_and_nothing_is_segmented_or_s
     assert archive.get("/series") == before
 
 
+def test_web_ui_does_not_open_a_study_the_archive_cannot_deliver(archive, source, tmp_path, monkeypatch):
+    """The page calls as GHOST, whom Orthanc sends its C-MOVE to at a port where nobody listens: the
+    archive's reason is one message on the page, no study is opened, nothing is segmented."""
+    from streamlit.testing.v1 import AppTest
+    from test_app_support import APP_SCRIPT
+
+    req = urllib.request.Request(f"{archive.url}/modalities/ghost", method="PUT",
+                                 data=json.dumps({"AET": "GHOST", "Host": "127.0.0.1", "Port": free_port()}).encode())
+    urllib.request.urlopen(req, timeout=30).close()
+    make_tiny_model(tmp_path / "models" / "tiny.pt")
+    for key, value in {"MODEL_DIR": tmp_path / "models", "DEFAULT_MODEL": "tiny.pt", "TEMP_DIR": tmp_path / "sessions",
+                       "PACS_URL": source, "PACS_AE_TITLE": "GHOST", "PACS_MOVE_PORT": free_port()}.items():
+        monkeypatch.setenv(f"RESUNET_APP_{key}", str(value))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    at.text_input(key="pacs_accession").input(ACCESSION).run()
+    at.button(key="pacs_open").click().run()
+    assert not at.exception, at.exception
+    assert any("nothing was segmented or stored back" in e.value for e in at.error), [e.value for e in at.error]
+    state = at.session_state
+    assert ("study" not in state or state["study"] is None) and ("results" not in state or not state["results"])
+    assert not list((tmp_path / "sessions").glob("*/pacs/**/*.dcm"))
+
+
 def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive, source, tmp_path):
     study = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
     series = find_series(source, QueryConfig(), study)  # 91 counted...
