@@ -61,6 +61,26 @@ def test_url_parsing():
     assert DimseSource.parse("dimses://PACS@10.0.0.5:2762") == DimseSource("PACS", "10.0.0.5", 2762, True)
     with pytest.raises(Exception, match="dimse://AET@HOST:PORT"):
         DimseSource.parse("dimse://10.0.0.5:104")
+    # date ranges are checked before any network traffic (the port is closed): open ends are allowed
+    closed = DimseSource("X", "127.0.0.1", free_port())
+    for bad in ("2026", "-", "20260101-2026"):
+        with pytest.raises(Exception, match="use YYYYMMDD-YYYYMMDD"):
+            find_studies(closed, QueryConfig(timeout=5), patient_id="P", date_range=bad)
+    for ok in ("20260101", "20260101-", "-20261231", "20260101-20261231"):
+        with pytest.raises(PacsError, match="unreachable"):
+            find_studies(closed, QueryConfig(timeout=5), patient_id="P", date_range=ok)
+
+
+def test_web_ui_config_refuses_a_bad_dimse_archive_at_start():
+    from resunet.errors import ConfigError
+    from resunet.webui.config import AppConfig
+
+    with pytest.raises(ConfigError, match="dimse://AET@HOST:PORT"):
+        AppConfig(pacs_url="dimse://pacs.local:104")
+    with pytest.raises(ConfigError, match="pacs_move_port must be a TCP port"):
+        AppConfig(pacs_url="dimse://PACS@pacs.local:104", pacs_move_port=70000)
+    assert AppConfig.from_env({"RESUNET_APP_PACS_URL": "dimse://PACS@pacs.local:104",
+                               "RESUNET_APP_PACS_MOVE_PORT": "11113"}).pacs_move_port == 11113
 
 
 def test_find_then_get_and_move_bring_the_study(source, move_port, tmp_path):
@@ -123,6 +143,100 @@ def test_resunet_serve_pulls_a_study_from_a_dimse_archive(archive, source, tmp_p
         assert failed["state"] == "failed" and "has no study 1.2.3.999" in failed["error"], failed
     new = [archive.get(f"/series/{s}") for s in archive.get("/series") if s not in before]
     assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"]
+
+
+def test_web_ui_browse_a_dimse_archive_segment_and_send_back(archive, source, move_port, tmp_path, monkeypatch):
+    """The page's Browse PACS on dimse://: C-FIND with the page's filters (accession, patient id, dates),
+    C-MOVE of the chosen study to the page's AE title into the session's workspace (the voxels are the
+    study's), segmenting it, and C-STORE of the SEG into the same study on the archive."""
+    from streamlit.testing.v1 import AppTest
+    from test_app_support import APP_SCRIPT
+
+    make_tiny_model(tmp_path / "models" / "tiny.pt")
+    for key, value in {"MODEL_DIR": tmp_path / "models", "DEFAULT_MODEL": "tiny.pt", "TEMP_DIR": tmp_path / "sessions",
+                       "PACS_URL": source, "PACS_AE_TITLE": "RESUNET", "PACS_MOVE_PORT": move_port}.items():
+        monkeypatch.setenv(f"RESUNET_APP_{key}", str(value))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == []
+    study_uid = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    patient = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).PatientID)
+
+    at.text_input(key="pacs_accession").input("NO-SUCH").run()
+    assert any("lists no studies" in i.value for i in at.info)
+    at.text_input(key="pacs_accession").input(ACCESSION).run()
+    at.text_input(key="pacs_patient_id").input(patient).run()
+    at.text_input(key="pacs_dates").input("19000101-").run()
+    assert [e.value for e in at.error] == [] and not any("lists no studies" in i.value for i in at.info)
+    box = at.selectbox(key="pacs_study")
+    assert len(box.options) == 1 and "resunet example study · MR" in box.options[0], box.options
+    at.button(key="pacs_open").click().run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == []
+    staged = at.session_state["study"]
+    assert np.array_equal(np.asarray(load_study(staged.path).array), np.asarray(load_study(EXAMPLE_DICOM).array))
+    assert len(at.session_state["results"]) == 1
+
+    before = archive.get(f"/studies/{archive.get('/studies')[0]}")["Series"]
+    at.button(key="pacs_send").click().run()
+    assert not at.exception, at.exception
+    assert any(f"in study {study_uid}" in s.value for s in at.success), [e.value for e in at.error]
+    after = archive.get(f"/studies/{archive.get('/studies')[0]}")["Series"]
+    new = [archive.get(f"/series/{s}")["MainDicomTags"]["Modality"] for s in after if s not in before]
+    assert new == ["SEG"]
+
+
+def test_a_c_move_the_archive_cannot_deliver_fails_and_nothing_is_segmented_or_stored(archive, source, tmp_path):
+    """A C-MOVE Orthanc cannot complete, through the whole predict-from-PACS step: to a destination it
+    knows (registered through its REST API) where nobody listens, so every sub-operation fails. A
+    PacsError with the archive's status and counts; no case is segmented, nothing new is in the archive."""
+    from resunet.inference.batch import BatchOptions
+    from resunet.inference.predictor import Predictor
+    from resunet.pacs.segment import segment_from_dimse
+
+    study = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    predictor = Predictor(make_tiny_model(tmp_path / "tiny.pt"), tta=False)
+    nobody_port = free_port()  # Orthanc sends here; nothing listens
+    req = urllib.request.Request(f"{archive.url}/modalities/ghost", method="PUT",
+                                 data=json.dumps({"AET": "GHOST", "Host": "127.0.0.1", "Port": nobody_port}).encode())
+    urllib.request.urlopen(req, timeout=30).close()
+    before = archive.get("/series")
+    out = tmp_path / "out"
+    opts = BatchOptions(out_dir=out, formats=("seg",), progress=False, audit_db=False, resume=False)
+    cfg = QueryConfig(calling_aet="GHOST", method="move", move_port=free_port(), timeout=20)
+    with pytest.raises(PacsError, match=r"C-MOVE of series .* status 0x[0-9A-F]{4}.*failed.*nothing was segmented"
+                                        r"|incompletely.*nothing was segmented") as err:
+        segment_from_dimse(source, cfg, study, predictor, opts)
+    assert "\n" not in str(err.value)
+    assert not (out / "predictions.json").exists() and not list(out.glob("**/*.dcm"))
+    assert archive.get("/series") == before
+
+
+def test_web_ui_does_not_open_a_study_the_archive_cannot_deliver(archive, source, tmp_path, monkeypatch):
+    """The page calls as GHOST, whom Orthanc sends its C-MOVE to at a port where nobody listens: the
+    archive's reason is one message on the page, no study is opened, nothing is segmented."""
+    from streamlit.testing.v1 import AppTest
+    from test_app_support import APP_SCRIPT
+
+    req = urllib.request.Request(f"{archive.url}/modalities/ghost", method="PUT",
+                                 data=json.dumps({"AET": "GHOST", "Host": "127.0.0.1", "Port": free_port()}).encode())
+    urllib.request.urlopen(req, timeout=30).close()
+    make_tiny_model(tmp_path / "models" / "tiny.pt")
+    for key, value in {"MODEL_DIR": tmp_path / "models", "DEFAULT_MODEL": "tiny.pt", "TEMP_DIR": tmp_path / "sessions",
+                       "PACS_URL": source, "PACS_AE_TITLE": "GHOST", "PACS_MOVE_PORT": free_port()}.items():
+        monkeypatch.setenv(f"RESUNET_APP_{key}", str(value))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    at.text_input(key="pacs_accession").input(ACCESSION).run()
+    at.button(key="pacs_open").click().run()
+    assert not at.exception, at.exception
+    assert any("nothing was segmented or stored back" in e.value for e in at.error), [e.value for e in at.error]
+    state = at.session_state
+    assert ("study" not in state or state["study"] is None) and ("results" not in state or not state["results"])
+    assert not list((tmp_path / "sessions").glob("*/pacs/**/*.dcm"))
 
 
 def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive, source, tmp_path):

@@ -61,11 +61,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temp-dir", type=Path, help="parent folder of the per-session temp folders")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device (default auto)")
     p.add_argument("--pacs", dest="pacs_url", metavar="URL",
-                   help="DICOMweb root of a PACS for the page's Browse PACS list (credentials: docs/pacs.md)")
+                   help="the archive for the page's Browse PACS list: a DICOMweb root (credentials: docs/pacs.md)"
+                   " or dimse://AET@HOST:PORT (C-FIND, C-GET/C-MOVE, C-STORE)")
     p.add_argument("--service", dest="service_url", metavar="URL",
                    help="base URL of a `resunet serve --require-review` whose held jobs the page lists under"
                    " To review (its token: RESUNET_SERVICE_TOKEN or [resunet] service_token in the secrets file;"
                    " docs/webui.md)")
+    p.add_argument("--pacs-ae-title", metavar="AET",
+                   help="our AE title towards a dimse:// archive, which must know it (default RESUNET)")
+    p.add_argument("--pacs-move-port", type=int, metavar="PORT",
+                   help="dimse:// archive: retrieve with C-MOVE to our AE title on this port, which the archive"
+                   " has as our address (default: C-GET)")
     p.add_argument("--config", type=Path, help="YAML file with any of the settings above")
     p.add_argument("--headless", action="store_true", help="do not open a browser window")
     p.add_argument("--hash-password", action="store_true",
@@ -94,6 +100,8 @@ def _settings(args: argparse.Namespace) -> dict[str, str]:
         "device": args.device,
         "pacs_url": getattr(args, "pacs_url", None),
         "service_url": getattr(args, "service_url", None),
+        "pacs_ae_title": getattr(args, "pacs_ae_title", None),
+        "pacs_move_port": getattr(args, "pacs_move_port", None),
     }
     for name, value in mapping.items():
         if value is not None:

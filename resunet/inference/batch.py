@@ -503,7 +503,7 @@ def _write_outputs(
             from resunet.io.sr import write_dicom_sr
 
             write_dicom_sr(paths["seg"], volume, path, pred.volumes_ml, algorithm_name=f"resunet {pred.model_name}"[:64],
-                           model_sha256=pred.model_sha256, uid_seed=_uid_seed(opts, case))
+                           model_sha256=pred.model_sha256, uid_seed=_uid_seed(opts, case), mask=pred.mask)
         elif key.startswith("probabilities"):
             assert pred.probabilities is not None
             name = key.split(":", 1)[1] if ":" in key else fg_labels[0]

@@ -394,6 +394,11 @@ class Predictor:
         card_codes = (self.model.meta.get("model_card") or {}).get("label_codes")
         if card_codes:  # the model card's DICOM codes per label, for the SEG/SR writers
             extra["label_codes"] = card_codes
+        card = self.model.meta.get("model_card") or {}
+        if card.get("lesion_labels"):  # lesion classes: the SR reports each connected component (resunet.io.sr)
+            from resunet.io.dicom_codes import lesion_labels_from_model_card  # pydicom only for such models
+
+            extra["lesion_labels"] = list(lesion_labels_from_model_card(card, names.values()))
         mask_vol = ref.with_array(mask, is_label=True, labels={str(v): n for v, n in names.items()}, **extra)
         vox_ml = ref.voxel_volume_ml
         voxel_counts = {names[v]: int(np.count_nonzero(mask == v)) for v in label_values if v != 0}

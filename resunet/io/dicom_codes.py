@@ -20,6 +20,10 @@ A model card may carry its own codes (``model_card["label_codes"]``: label name 
 label: the SNOMED CT concept whose name matches it in pydicom's dictionary, under "Anatomical
 Structure"; failing that "Tissue" (85756007) under "Tissue", with the label text as SegmentLabel.
 
+Lesion classes: a model card's ``lesion_labels`` (a list of label names, e.g. ``["tumour",
+"metastasis"]``) says which labels are lesions, counted one by one: the SR reports each connected
+component of such a label as its own measurement group (:mod:`resunet.io.sr`).
+
 Colours: label value ``v`` (``v >= 1``) is shown in ``LABEL_COLOURS[(v - 1) % 8]``: the RTSTRUCT's
 ROIDisplayColor, the SEG's RecommendedDisplayCIELabValue (the same colour converted by highdicom's
 ``CIELabColor.from_rgb``) and the web viewer's overlay, so a structure looks the same everywhere.
@@ -118,3 +122,29 @@ def segment_coding(label: str, overrides: Mapping[str, SegmentCoding] | None = N
         return SegmentCoding(_ANATOMY, getattr(codes.SCT, name))
     except AttributeError:
         return SegmentCoding(codes.SCT.Tissue, codes.SCT.Tissue)
+
+
+def lesion_labels_from_model_card(card: Mapping[str, Any] | None, labels: Any = None) -> tuple[str, ...]:
+    """The label names a model card's ``lesion_labels`` marks as lesion classes (empty when it has none).
+
+    Args:
+        card: the model card (``Checkpoint.model_card``, ``LoadedModel.meta["model_card"]``).
+        labels: the model's label names (any iterable of str); when given, every lesion label must be one.
+
+    Raises:
+        ModelError: ``lesion_labels`` is not a list of label names, or names a label the model does not have.
+    """
+    from resunet.errors import ModelError
+
+    value = (card or {}).get("lesion_labels")
+    if value in (None, [], ()):
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ModelError(f"model card lesion_labels must be a list of label names, got {value!r}; fix the model card")
+    if labels is not None:
+        known = {str(n) for n in labels}
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ModelError(f"model card lesion_labels names {unknown} but the model's labels are {sorted(known)}; "
+                             "fix the model card")
+    return tuple(dict.fromkeys(value))

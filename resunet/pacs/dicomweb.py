@@ -209,16 +209,23 @@ class PacsClient:
 
         Instances come in the transfer syntax the PACS stores (``application/dicom; transfer-syntax=*``),
         so compressed studies are not re-encoded on the way; ``resunet.io`` decodes them.
+
+        Raises:
+            PacsError: the PACS fails, or delivers fewer instances of a series than its QIDO-RS
+                search counted (``NumberOfSeriesRelatedInstances``): an incomplete study is not segmented.
         """
         from resunet.io.atomic import atomic_path
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
+        listed = self.search_series(study_uid)  # QIDO's counts: what a complete retrieve brings
+        expected = {s.series_uid: s.n_instances for s in listed}
         series = list(series_uids) if series_uids else None
         if series is None:  # every image series of the study; earlier SEG/RTSTRUCT/SR are left out
-            series = [s.series_uid for s in self.search_series(study_uid) if s.modality not in NON_IMAGE_MODALITIES]
+            series = [s.series_uid for s in listed if s.modality not in NON_IMAGE_MODALITIES]
         media = (("application/dicom", "*"),)
         paths: list[Path] = []
+        received: dict[str, int] = {}
         for uid in series:
             instances = self._call(f"retrieving series {uid} of study {study_uid}", self._client.iter_series,
                                    study_uid, uid, media_types=media, study_uid=study_uid)
@@ -230,10 +237,17 @@ class PacsClient:
                     with atomic_path(p) as tmp:
                         ds.save_as(tmp, enforce_file_format=False)
                     paths.append(p)
+                    received[uid] = received.get(uid, 0) + 1
             except Exception as err:  # the stream is read lazily: network failures surface here
                 raise self._fail(err, f"retrieving series {uid} of study {study_uid}", study_uid) from None
         if not paths:
             raise PacsError(f"PACS {self.config.url}: study {study_uid} has no instances to retrieve")
+        short = [(uid, received.get(uid, 0), expected[uid]) for uid in series
+                 if expected.get(uid) is not None and received.get(uid, 0) < expected[uid]]
+        if short:
+            parts = "; ".join(f"series {uid}: {got} of {n}" for uid, got, n in short)
+            raise PacsError(f"PACS {self.config.url} delivered fewer instances than its QIDO-RS search counted "
+                            f"({parts}); nothing was segmented or stored back")
         return paths
 
     # -- STOW-RS ---------------------------------------------------------------------------------

@@ -216,7 +216,8 @@ def find_studies(source: DimseSource, cfg: QueryConfig, *, accession: str | None
 
     if not (accession or study_uid or patient_id):
         raise ConfigError("find a study by --accession, --study or --patient-id")
-    if date_range and not re.fullmatch(r"\d{8}?-?\d{8}?|\d{8}", date_range):
+    # (``\d{8}?`` would be a lazy quantifier, not an optional end: open ranges were refused before)
+    if date_range and (date_range == "-" or not re.fullmatch(r"(?:\d{8})?-(?:\d{8})?|\d{8}", date_range)):
         raise ConfigError(f"--date-range {date_range!r}: use YYYYMMDD-YYYYMMDD (an end may be left open)")
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
@@ -291,13 +292,52 @@ class _Sink:
         return 0x0000
 
 
+#: C-MOVE/C-GET failure statuses worth a sentence of their own (PS3.4 C.4.2.1.5, C.4.3.1.4)
+_RETRIEVE_FAILURES = {
+    0xA701: "is out of resources for the sub-operations",
+    0xA702: "is out of resources for the sub-operations",
+    0xA801: "does not know the C-MOVE destination {aet!r} (add it to the archive's modalities, e.g. Orthanc's "
+            "DicomModalities, with our host and --move-port)",
+    0xA900: "found the request not matching its SOP class",
+    0xC000: "could not process the request",
+    0xFE00: "cancelled the retrieve",
+}
+
+
+def _check_retrieve_status(source: DimseSource, cfg: QueryConfig, series_uid: str, final: Any) -> None:
+    """Raise PacsError unless the final C-GET/C-MOVE answer says every sub-operation succeeded (0x0000).
+
+    0xB000 ("sub-operations complete, one or more failures or warnings") is an incomplete delivery
+    too: the archive itself says that some instances did not arrive intact.
+    """
+    code = int(getattr(final, "Status", -1)) if final else -1
+    what = "C-GET" if cfg.method == "get" else "C-MOVE"
+    if code < 0:
+        raise PacsError(f"DICOM archive {source} did not finish the {what} of series {series_uid} within "
+                        f"{cfg.timeout:g} s; nothing was segmented or stored back")
+    if code == 0x0000:
+        return
+    counts = ", ".join(f"{n} {label}" for label, n in (
+        ("completed", final.get("NumberOfCompletedSuboperations")),
+        ("failed", final.get("NumberOfFailedSuboperations")),
+        ("with warnings", final.get("NumberOfWarningSuboperations"))) if n not in (None, ""))
+    counts = f"; sub-operations: {counts}" if counts else ""
+    if code == 0xB000:
+        raise PacsError(f"DICOM archive {source} delivered series {series_uid} incompletely ({what} status 0xB000: "
+                        f"one or more sub-operations failed or had warnings{counts}); nothing was segmented or stored back")
+    why = _RETRIEVE_FAILURES.get(code, "failed the retrieve").format(aet=cfg.calling_aet)
+    raise PacsError(f"DICOM archive {source} {why}: {what} of series {series_uid} ended with status "
+                    f"0x{code & 0xFFFF:04X}{counts}; nothing was segmented or stored back")
+
+
 def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder: str | Path,
                    series: Sequence[SeriesMatch] | None = None) -> Retrieved:
     """Fetch ``series`` of ``study_uid`` (default: every series C-FIND lists) into ``folder``.
 
     Raises:
-        PacsError: the archive refused or timed out, or fewer instances arrived than C-FIND counted
-            (the message names the series and both counts).
+        PacsError: the archive refused or timed out, reported failed or warning sub-operations
+            (status 0xB000), or fewer instances arrived than C-FIND counted (the message names the
+            series and both counts).
     """
     from pydicom.dataset import Dataset
     from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role, evt
@@ -358,13 +398,7 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
                 final = None
                 for status, _ in answers:
                     final = status
-                code = int(getattr(final, "Status", -1)) if final else -1
-                if code < 0:
-                    raise PacsError(f"DICOM archive {source} did not finish the retrieve of series {s.series_uid} "
-                                    f"within {cfg.timeout:g} s")
-                if code not in (0x0000, 0xB000):
-                    raise PacsError(f"DICOM archive {source} failed the retrieve of series {s.series_uid} "
-                                    f"(status 0x{code & 0xFFFF:04X})")
+                _check_retrieve_status(source, cfg, s.series_uid, final)
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -40,12 +40,16 @@ class AppConfig:
         temp_dir: parent folder of the per-session temp folders.
         device: ``auto``, ``cpu`` or ``cuda`` for inference.
         tolerance_mm: NSD tolerance in mm for the metrics against a reference mask.
-        pacs_url: DICOMweb root of a PACS for "Browse PACS" (empty: no PACS list); credentials from
-            ``RESUNET_PACS_USER``/``RESUNET_PACS_PASSWORD`` or ``RESUNET_PACS_TOKEN`` (docs/pacs.md).
         service_url: base URL of a ``resunet serve --require-review`` whose held jobs the page lists under
             "To review" (empty: no list). Its bearer token is a secret, not a setting: ``RESUNET_SERVICE_TOKEN``
             or ``[resunet] service_token`` in ``.streamlit/secrets.toml`` (:mod:`resunet.webui.review_queue`).
         service_timeout_s: seconds the page waits for the service to answer one request.
+        pacs_url: the archive for "Browse PACS" (empty: no PACS list): a DICOMweb root (credentials from
+            ``RESUNET_PACS_USER``/``RESUNET_PACS_PASSWORD`` or ``RESUNET_PACS_TOKEN``, docs/pacs.md) or
+            ``dimse://AET@HOST:PORT`` (C-FIND, C-GET/C-MOVE, C-STORE).
+        pacs_ae_title: our AE title towards a DIMSE archive (it must know it).
+        pacs_move_port: DIMSE: retrieve with C-MOVE to ``pacs_ae_title`` on this port (the archive's
+            entry for us); 0: C-GET.
     """
 
     model_dir: Path = DEFAULT_MODEL_DIR
@@ -61,6 +65,8 @@ class AppConfig:
     pacs_url: str = ""
     service_url: str = ""
     service_timeout_s: float = 120.0
+    pacs_ae_title: str = "RESUNET"
+    pacs_move_port: int = 0
 
     def __post_init__(self) -> None:
         for name in ("model_dir", "example_study", "example_reference", "temp_dir"):
@@ -71,6 +77,7 @@ class AppConfig:
             self.session_close_s = float(self.session_close_s)
             self.tolerance_mm = float(self.tolerance_mm)
             self.service_timeout_s = float(self.service_timeout_s)
+            self.pacs_move_port = int(self.pacs_move_port or 0)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"web UI setting has a wrong value: {err}") from None
         if self.max_upload_mb < 1:
@@ -84,6 +91,12 @@ class AppConfig:
             raise ConfigError(f"service_url must start with http:// or https://, got {self.service_url!r}")
         if self.service_timeout_s <= 0:
             raise ConfigError(f"service_timeout_s must be positive, got {self.service_timeout_s}")
+        if not 0 <= self.pacs_move_port < 65536:
+            raise ConfigError(f"pacs_move_port must be a TCP port (1-65535) or 0 for C-GET, got {self.pacs_move_port}")
+        if self.pacs_url and str(self.pacs_url).strip().lower().startswith(("dimse://", "dimses://")):
+            from resunet.pacs.dimse_qr import DimseSource  # light: pynetdicom is imported on first use
+
+            DimseSource.parse(self.pacs_url)  # a bad URL is refused at start, with the form to use
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

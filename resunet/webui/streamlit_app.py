@@ -158,13 +158,16 @@ def _input_section(cfg: AppConfig, ws: SessionWorkspace) -> None:
 
 
 def _pacs_browser(cfg: AppConfig, ws: SessionWorkspace, files: Any) -> None:
-    """Browse PACS: studies listed over QIDO-RS; the chosen one is pulled (WADO-RS) as the session's study."""
-    from resunet.webui.pacs import client_for, stage_from_pacs, study_label
+    """Browse PACS: studies listed (QIDO-RS or C-FIND); the chosen one is pulled (WADO-RS, C-GET/C-MOVE) as the study."""
+    from resunet.webui.pacs import archive_for, filter_inputs, stage_from_pacs, study_label
 
     with st.expander(f"Browse PACS ({cfg.pacs_url})", expanded=False):
+        query = filter_inputs(st)
         try:
-            if st.button("Refresh the list", key="pacs_refresh") or "pacs_studies" not in st.session_state:
-                st.session_state["pacs_studies"] = client_for(cfg.pacs_url).search_studies(limit=200)
+            if (st.button("Refresh the list", key="pacs_refresh") or "pacs_studies" not in st.session_state
+                    or st.session_state.get("pacs_query") != query):
+                st.session_state["pacs_query"] = query
+                st.session_state["pacs_studies"] = archive_for(cfg).search(*query)
         except ResunetError as err:
             st.session_state.pop("pacs_studies", None)
             st.error(str(err), icon="⚠️")
@@ -179,7 +182,7 @@ def _pacs_browser(cfg: AppConfig, ws: SessionWorkspace, files: Any) -> None:
             chosen = studies[int(i)]
             try:
                 with st.spinner("Pulling the study from the PACS…"):
-                    staged = stage_from_pacs(client_for(cfg.pacs_url), chosen.study_uid, ws.subdir("pacs"),
+                    staged = stage_from_pacs(archive_for(cfg), chosen.study_uid, ws.subdir("pacs"),
                                              study_label(chosen))
             except ResunetError as err:
                 st.session_state["study_error"] = str(err)
@@ -192,11 +195,11 @@ def _pacs_browser(cfg: AppConfig, ws: SessionWorkspace, files: Any) -> None:
 
 
 def _pacs_send(cfg: AppConfig, staged: StagedStudy, result: RunResult) -> None:
-    """For a study opened from the PACS: store its SEG (and RTSTRUCT) back into the study (STOW-RS)."""
+    """For a study opened from the PACS: store its SEG (and RTSTRUCT) back into the study (STOW-RS or C-STORE)."""
     study_uid = _store("pacs_origin").get(staged.sha256)
     if not cfg.pacs_url or study_uid is None:
         return
-    from resunet.webui.pacs import client_for
+    from resunet.webui.pacs import archive_for
 
     sent = _store("pacs_sent")
     what = st.multiselect("Send to the PACS", ["mask.seg.dcm", "mask.rtstruct.dcm"], default=["mask.seg.dcm"],
@@ -209,7 +212,7 @@ def _pacs_send(cfg: AppConfig, staged: StagedStudy, result: RunResult) -> None:
             files.append(folder / name)
         try:
             with st.spinner("Storing into the study on the PACS…"):
-                client_for(cfg.pacs_url).store(files, study_uid)
+                archive_for(cfg).store(files, study_uid)
         except ResunetError as err:
             st.error(str(err), icon="⚠️")
             return
