@@ -219,8 +219,33 @@ def test_query_retrieve_and_store_back_over_tls(pki, tmp_path, capsys, caplog):
             find_studies(DimseSource.parse(f"dimse://{ORTHANC_AET}@127.0.0.1:{server.port}"),
                          QueryConfig(timeout=5), study_uid=study)
         assert len(server.get("/series")) == len(before) + 1
+
+        # resunet serve --pacs dimses:// with the same files: a pacs-pull job over TLS stores a second SEG
+        import httpx
+        from serve_support import ServiceProcess, wait_job
+
+        tls[1] = str(c["ca.crt"])
+        with ServiceProcess(tmp_path / "state", model, "--no-tta", "--format", "nifti,seg", "--pacs", str(src),
+                            *tls) as svc:
+            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study}, timeout=60)
+            assert r.status_code == 202, r.text
+            job = wait_job(svc.url, r.json()["id"], timeout=240)
+            assert job["state"] == "done", job
+        assert len(server.get("/series")) == len(before) + 2
     finally:
         server.stop()
+
+
+def test_serve_checks_the_tls_files_at_start(pki, tmp_path):
+    """ServeConfig refuses a dimses:// archive whose key file is missing, and TLS files without dimses://."""
+    from resunet.errors import ConfigError
+    from resunet.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=r"cannot read the private key .*gone.key \(--tls-key\)"):
+        ServeConfig(state_dir=tmp_path / "s", pacs_url="dimses://PACS@127.0.0.1:2762", tls_ca=str(pki["ca.crt"]),
+                    tls_cert=str(pki["client.crt"]), tls_key=str(tmp_path / "gone.key"))
+    with pytest.raises(ConfigError, match="--pacs dimses://"):
+        ServeConfig(state_dir=tmp_path / "s", pacs_url="dimse://PACS@127.0.0.1:104", tls_ca=str(pki["ca.crt"]))
 
 
 def test_an_expired_archive_certificate_is_named(pki):

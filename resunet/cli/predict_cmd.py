@@ -11,6 +11,18 @@ from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
 
 
+def add_tls_arguments(group: argparse._ArgumentGroup) -> None:
+    """--tls-ca/--tls-cert/--tls-key, the DIMSE-over-TLS files of predict and serve (one home)."""
+    group.add_argument("--tls-ca", default=None, metavar="FILE",
+                       help="dimses://: CA file (PEM) that signed the archive's certificate; it is verified with the "
+                       "hostname check on, no plaintext fallback (default: the system's CAs)")
+    group.add_argument("--tls-cert", default=None, metavar="FILE",
+                       help="dimses://: our certificate (PEM), for archives that check clients")
+    group.add_argument("--tls-key", default=None, metavar="FILE",
+                       help="dimses://: our private key (PEM, unencrypted; keep it mode 0600: a key others can read "
+                       "is used with a warning)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
@@ -89,9 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="DIMSE C-MOVE: the port our node listens on during the retrieve, as the archive knows it")
     pacs.add_argument("--calling-aet", default="RESUNET", metavar="AET",
                       help="DIMSE: our AE title (the archive must know it; the C-MOVE destination; default RESUNET)")
-    pacs.add_argument("--tls-ca", default=None, metavar="FILE", help="dimses://: CA file that signed the archive's certificate")
-    pacs.add_argument("--tls-cert", default=None, metavar="FILE", help="dimses://: our certificate (if the archive asks)")
-    pacs.add_argument("--tls-key", default=None, metavar="FILE", help="dimses://: our private key")
+    add_tls_arguments(pacs)
     pacs.add_argument("--pacs-user", default=None, metavar="USER",
                       help="DICOMweb: HTTP basic user (password from $RESUNET_PACS_PASSWORD); a bearer token comes from "
                       "$RESUNET_PACS_TOKEN")
