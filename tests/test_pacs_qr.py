@@ -251,32 +251,50 @@ def test_a_retrieve_short_of_what_cfind_counted_fails_and_stores_nothing(archive
     shutil.rmtree(tmp_path / "short", ignore_errors=True)
 
 
-def _ca_and_certs(folder):
-    """A test CA and a server and client certificate signed by it (openssl), for DICOM TLS on loopback."""
+def _openssl(folder, *args):
     import subprocess
 
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=resunet test CA")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN=127.0.0.1 {name}")
-        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
-    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder, timeout=60)
 
 
-def test_query_retrieve_over_tls(tmp_path):
-    """A second Orthanc that speaks DICOM over TLS only, with a CA the test made: find and C-GET the
-    study with our client certificate; without the CA file the handshake fails with one clear line."""
+def _ca_and_certs(folder):
+    """Two test CAs (the second one signs nothing we use: "the wrong CA"), a server and a client
+    certificate signed by the first, and an expired server certificate (openssl ca with dates in 2020)."""
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed to make the test CA (Debian openssl)")
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    c = _ca_and_certs(pki)
+    for ca in ("ca", "other-ca"):
+        _openssl(folder, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                 "-days", "2", "-subj", f"/CN=resunet test {ca}")
+    for name in ("server", "client", "expired"):
+        _openssl(folder, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=127.0.0.1 {name}")
+        (folder / f"{name}.key").chmod(0o600)
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl(folder, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
+    (folder / "index.txt").write_text("")
+    (folder / "serial").write_text("1000\n")
+    (folder / "ca.cnf").write_text(
+        "[ca]\ndefault_ca=test\n[test]\ndatabase=index.txt\nnew_certs_dir=.\nserial=serial\ndefault_md=sha256\n"
+        "policy=any\ncertificate=ca.crt\nprivate_key=ca.key\nx509_extensions=ext\n[any]\ncommonName=supplied\n"
+        "[ext]\nsubjectAltName=IP:127.0.0.1\n")
+    _openssl(folder, "ca", "-batch", "-config", "ca.cnf", "-in", "expired.csr", "-out", "expired.crt",
+             "-startdate", "20200101000000Z", "-enddate", "20200102000000Z")
+    return {n: folder / n for n in ("ca.crt", "other-ca.crt", "server.crt", "server.key", "client.crt", "client.key",
+                                    "expired.crt", "expired.key")}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return _ca_and_certs(tmp_path_factory.mktemp("pki"))
+
+
+def test_query_retrieve_and_store_back_over_tls(pki, tmp_path, capsys, caplog):
+    """A second Orthanc that speaks DICOM over TLS only and checks client certificates, with a CA the
+    test made: `resunet predict --pacs dimses://` finds the study (C-FIND), fetches it (C-GET) and
+    stores its SEG back (C-STORE) over TLS; a wrong CA is refused with one clear line, no plaintext."""
+    c = pki
     server = start_orthanc(tmp_path / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", free_port())}, extra={
         "DicomTlsEnabled": True, "DicomTlsCertificate": str(c["server.crt"]), "DicomTlsPrivateKey": str(c["server.key"]),
         "DicomTlsTrustedCertificates": str(c["ca.crt"]), "DicomTlsRemoteCertificateRequired": True,
@@ -290,8 +308,100 @@ def test_query_retrieve_over_tls(tmp_path):
         got = retrieve_study(src, cfg, study, tmp_path / "got")
         assert sum(got.received.values()) == 91
         assert np.array_equal(np.asarray(load_study(tmp_path / "got").array), np.asarray(load_study(EXAMPLE_DICOM).array))
-        with pytest.raises(PacsError, match="unreachable|aborted"):
-            find_studies(src, QueryConfig(tls_cert=str(c["client.crt"]), tls_key=str(c["client.key"]), timeout=10),
-                         study_uid=study)  # the system CAs do not know the test CA
+
+        model = make_tiny_model(tmp_path / "tiny.pt")
+        before = server.get("/series")
+        tls = ["--tls-ca", str(c["ca.crt"]), "--tls-cert", str(c["client.crt"]), "--tls-key", str(c["client.key"])]
+        code = main(["predict", "--pacs", str(src), "--study", study, "--out", str(tmp_path / "out"), *tls,
+                     "--model", str(model), "--no-tta", "--no-audit", "--no-progress", "--format", "nifti,seg"])
+        assert code == 0, capsys.readouterr().err
+        new = [server.get(f"/series/{s}") for s in server.get("/series") if s not in before]
+        assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"]
+
+        # the archive's certificate is not signed by the CA we were given: refused, said so, nothing stored
+        tls[1] = str(c["other-ca.crt"])
+        code = main(["predict", "--pacs", str(src), "--study", study, "--out", str(tmp_path / "o2"), *tls,
+                     "--model", str(model), "--no-audit", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code != 0 and f"not signed by the CA file {c['other-ca.crt']}" in err and "no plaintext" in err, err
+        assert "Traceback" not in err
+        # no client certificate: the archive refuses us in the handshake, and the line says what to give
+        with pytest.raises(PacsError, match="refused our client certificate"):
+            find_studies(src, QueryConfig(tls_ca=str(c["ca.crt"]), timeout=10), study_uid=study)
+        # plaintext to the TLS port is not "fallen back" to: the association fails
+        with pytest.raises(PacsError):
+            find_studies(DimseSource.parse(f"dimse://{ORTHANC_AET}@127.0.0.1:{server.port}"),
+                         QueryConfig(timeout=5), study_uid=study)
+        assert len(server.get("/series")) == len(before) + 1
+
+        # resunet serve --pacs dimses:// with the same files: a pacs-pull job over TLS stores a second SEG
+        import httpx
+        from serve_support import ServiceProcess, wait_job
+
+        tls[1] = str(c["ca.crt"])
+        with ServiceProcess(tmp_path / "state", model, "--no-tta", "--format", "nifti,seg", "--pacs", str(src),
+                            *tls) as svc:
+            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study}, timeout=60)
+            assert r.status_code == 202, r.text
+            job = wait_job(svc.url, r.json()["id"], timeout=240)
+            assert job["state"] == "done", job
+        assert len(server.get("/series")) == len(before) + 2
     finally:
         server.stop()
+
+
+def test_serve_checks_the_tls_files_at_start(pki, tmp_path):
+    """ServeConfig refuses a dimses:// archive whose key file is missing, and TLS files without dimses://."""
+    from resunet.errors import ConfigError
+    from resunet.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=r"cannot read the private key .*gone.key \(--tls-key\)"):
+        ServeConfig(state_dir=tmp_path / "s", pacs_url="dimses://PACS@127.0.0.1:2762", tls_ca=str(pki["ca.crt"]),
+                    tls_cert=str(pki["client.crt"]), tls_key=str(tmp_path / "gone.key"))
+    with pytest.raises(ConfigError, match="--pacs dimses://"):
+        ServeConfig(state_dir=tmp_path / "s", pacs_url="dimse://PACS@127.0.0.1:104", tls_ca=str(pki["ca.crt"]))
+
+
+def test_an_expired_archive_certificate_is_named(pki):
+    """A DICOM TLS server (pynetdicom's, with a certificate that expired in 2020): the C-FIND fails
+    with "has expired", not with a generic "unreachable"."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from resunet.pacs.dimse import tls_server_context
+
+    ae = AE(ae_title="EXPIRED")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             ssl_context=tls_server_context(None, str(pki["expired.crt"]), str(pki["expired.key"])))
+    try:
+        with pytest.raises(PacsError, match=r"EXPIRED@127.0.0.1:\d+: its TLS certificate has expired"):
+            find_studies(DimseSource.parse(f"dimses://EXPIRED@127.0.0.1:{port}"),
+                         QueryConfig(tls_ca=str(pki["ca.crt"]), timeout=10), study_uid="1.2.3")
+    finally:
+        server.shutdown()
+
+
+def test_tls_files_are_checked_before_connecting(pki, tmp_path, caplog):
+    """Missing or unreadable key files are one line naming the file and option; a key others can read
+    is used with a warning (chmod 600)."""
+    from resunet.errors import ConfigError
+    from resunet.pacs.dimse import tls_client_context
+
+    with pytest.raises(ConfigError, match=r"cannot read the private key .*nope.key \(--tls-key\)"):
+        tls_client_context(str(pki["ca.crt"]), str(pki["client.crt"]), str(tmp_path / "nope.key"))
+    with pytest.raises(ConfigError, match=r"cannot read the CA file .*missing-ca.crt \(--tls-ca\)"):
+        tls_client_context(str(tmp_path / "missing-ca.crt"))
+    with pytest.raises(ConfigError, match="does not match the certificate"):
+        tls_client_context(str(pki["ca.crt"]), str(pki["client.crt"]), str(pki["server.key"]))
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(pki["client.key"].read_bytes())
+    loose.chmod(0o644)
+    with caplog.at_level("WARNING", logger="resunet.pacs.dimse"):
+        tls_client_context(str(pki["ca.crt"]), str(pki["client.crt"]), str(loose))
+    assert "can be read by group/others (mode 644): chmod 600" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="resunet.pacs.dimse"):
+        tls_client_context(str(pki["ca.crt"]), str(pki["client.crt"]), str(pki["client.key"]))
+    assert "chmod 600" not in caplog.text

@@ -4,6 +4,7 @@ it matches (recorded in the job and the audit log) and leaves unmatched series a
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -144,3 +145,60 @@ rules:
 
     run = [r for r in read_runs(tmp_path / "audit.sqlite") if r["run_id"] == f"serve-{job['id']}"][0]
     assert run["provenance"]["route"] == "MR volumes" and run["provenance"]["model"]["path"] == str(model)
+
+
+def _series(src_files, out, **tags):
+    """A copy of ``src_files`` as a new series (pydicom), with ``tags`` set on every instance."""
+    out.mkdir(parents=True)
+    series_uid = generate_uid()
+    for i, f in enumerate(src_files):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        for k, v in tags.items():
+            setattr(ds, k, v)
+        ds.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
+    return out
+
+
+def test_predict_routes_each_dicom_input_to_its_rule(tmp_path, capsys):
+    """`resunet predict --routes`: an MR head T1 series goes to the rule's model (the rule is in its
+    case record and the audit log), a CT that no rule matches is left alone and named by case id only
+    (its description, which may hold PHI, is not printed); a bad file and --model are refused."""
+    from resunet.cli import main
+    from resunet.reports.audit import read_runs
+
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    files = sorted(EXAMPLE_DICOM.glob("*.dcm"))
+    mr = _series(files, tmp_path / "in" / "mr_head", Modality="MR", BodyPartExamined="HEAD",
+                 SeriesDescription="T1 MPRAGE sag")
+    ct = _series(files[:12], tmp_path / "in" / "ct_chest", Modality="CT", SOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                 BodyPartExamined="CHEST", SeriesDescription="DOE^JANE chest", RescaleIntercept=-1024,
+                 RescaleSlope=1)
+    routes = _write(tmp_path, f"""
+rules:
+  - name: head MR T1
+    match: {{modality: MR, body_part: head, series_description: t1, min_slices: 20}}
+    model: {model}
+""")
+    out = tmp_path / "out"
+    code = main(["predict", str(mr), str(ct), "--routes", str(routes), "--out", str(out), "--no-tta", "--no-progress",
+                 "--format", "nifti", "--audit-db", str(tmp_path / "audit.sqlite")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    summary = json.loads((out / "head_MR_T1" / "predictions.json").read_text())
+    assert [(c["case"], c["status"], c["route"]) for c in summary["cases"]] == [("mr_head", "ok", "head MR T1")]
+    assert "case ct_chest: no routing rule matches (CT, 12 slices); left alone" in err
+    assert "DOE^JANE" not in err
+    assert not list(out.rglob("ct_chest*"))
+    run = [r for r in read_runs(tmp_path / "audit.sqlite") if r["run_id"] == summary["provenance"]["run_id"]][0]
+    assert run["provenance"]["route"] == "head MR T1"
+
+    code = main(["predict", str(mr), "--routes", str(routes), "--model", str(model), "--out", str(tmp_path / "o2")])
+    assert code == 2 and "--routes picks the model of each series: leave out --model" in capsys.readouterr().err
+    bad = _write(tmp_path / "in", "rules:\n  - {match: {}, model: x}\n  - name: neg\n    match: {min_slices: -3}\n"
+                                  "    model: y\n")
+    code = main(["predict", str(mr), "--routes", str(bad), "--out", str(tmp_path / "o3")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--routes {bad}, line 3: rule 2 (neg): min_slices must be a whole number" in err, err
+    assert not (tmp_path / "o3").exists()

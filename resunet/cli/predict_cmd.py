@@ -6,9 +6,22 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from resunet.errors import ConfigError, InputError, PacsError
 from resunet.io.limits import add_limit_argument, limits_from_args
+
+
+def add_tls_arguments(group: argparse._ArgumentGroup) -> None:
+    """--tls-ca/--tls-cert/--tls-key, the DIMSE-over-TLS files of predict and serve (one home)."""
+    group.add_argument("--tls-ca", default=None, metavar="FILE",
+                       help="dimses://: CA file (PEM) that signed the archive's certificate; it is verified with the "
+                       "hostname check on, no plaintext fallback (default: the system's CAs)")
+    group.add_argument("--tls-cert", default=None, metavar="FILE",
+                       help="dimses://: our certificate (PEM), for archives that check clients")
+    group.add_argument("--tls-key", default=None, metavar="FILE",
+                       help="dimses://: our private key (PEM, unencrypted; keep it mode 0600: a key others can read "
+                       "is used with a warning)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(or a run folder of `resunet train --fold all`) "
                    "predict as one ensemble: softmax probabilities averaged window by window. Values after the first "
                    "that are not models (no .pt/.onnx/.ts suffix, bundled name or run folder) count as INPUTs")
+    p.add_argument("--routes", type=Path, default=None, metavar="FILE",
+                   help="routing rules (YAML, the file of resunet serve --routes; docs/pacs.md): each DICOM input is "
+                   "segmented by the model (or chain) of the first rule its series matches, into OUT/<rule name>/; "
+                   "inputs no rule matches are left alone (listed by case id). Not with --model/--then")
     p.add_argument("--then", default=[], action="append", metavar="MODEL",
                    help="a model chain: after --model, segment again with MODEL, only inside the previous "
                    "model's foreground (the scan is set to 0 outside it), and keep MODEL's labels there; e.g. "
@@ -89,9 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="DIMSE C-MOVE: the port our node listens on during the retrieve, as the archive knows it")
     pacs.add_argument("--calling-aet", default="RESUNET", metavar="AET",
                       help="DIMSE: our AE title (the archive must know it; the C-MOVE destination; default RESUNET)")
-    pacs.add_argument("--tls-ca", default=None, metavar="FILE", help="dimses://: CA file that signed the archive's certificate")
-    pacs.add_argument("--tls-cert", default=None, metavar="FILE", help="dimses://: our certificate (if the archive asks)")
-    pacs.add_argument("--tls-key", default=None, metavar="FILE", help="dimses://: our private key")
+    add_tls_arguments(pacs)
     pacs.add_argument("--pacs-user", default=None, metavar="USER",
                       help="DICOMweb: HTTP basic user (password from $RESUNET_PACS_PASSWORD); a bearer token comes from "
                       "$RESUNET_PACS_TOKEN")
@@ -131,6 +146,17 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.inputs = split_model_args(args.model, args.inputs)
     from resunet.inference.bundled import default_model_path
 
+    routes = None
+    if args.routes is not None:  # a bad rules file (or a rule's missing model) stops here, before anything runs
+        from resunet.pacs.routing import load_routes
+
+        if args.model or args.then:
+            raise ConfigError("--routes picks the model of each series: leave out --model/--then (or --routes)")
+        if args.pacs or args.ray is not None:
+            raise ConfigError("--routes works on INPUT paths for now: pull the study with --pacs without --routes, "
+                              "or leave out --ray")
+        routes = load_routes(args.routes)
+        routes.check_models()
     models = expand_model_args(args.model) if args.model else [default_model_path()]
     if args.model is None and not models[0].exists():
         raise ConfigError(f"the bundled model {models[0]} is missing; pass --model with a checkpoint")
@@ -212,6 +238,9 @@ def run(args: argparse.Namespace) -> int:
     if options.refused:
         print(f"resunet predict: {len(options.refused)} of {len(mine)} input(s) refused; segmenting the other "
               f"{len(mine) - len(options.refused)}", file=sys.stderr)
+    if routes is not None:
+        return _predict_routed(routes, [c for c in mine if c.case_id not in options.refused], options, args, device,
+                               limits, command)
     predictor_kwargs = dict(
         tta=args.tta,
         overlap=args.overlap,
@@ -268,3 +297,40 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return result.exit_code
+
+
+def _predict_routed(routes: Any, cases: list[Any], options: Any, args: argparse.Namespace, device: str,
+                    limits: Any, command: list[str] | None) -> int:
+    """``--routes``: each rule's cases into ``OUT/<rule name>/`` with its model (or chain); exit code as run_batch's."""
+    import dataclasses
+    import logging
+
+    from resunet.inference import Predictor
+    from resunet.inference.batch import run_batch
+    from resunet.inference.bundled import resolve_model
+    from resunet.inference.chain import ChainPredictor
+    from resunet.io.names import safe_name
+    from resunet.pacs.routing import route_cases
+
+    groups, left = route_cases(routes, cases, args.series)
+    log = logging.getLogger("resunet.predict")
+    for case_id, facts in left.items():  # once per case; modality and size only (descriptions may hold PHI)
+        if facts is not None:
+            routes.log_unrouted(log, case_id, facts)
+        what = f"{facts.modality or '?'}, {facts.n_slices} slices" if facts is not None else "no DICOM series"
+        print(f"resunet predict: case {case_id}: no routing rule matches ({what}); left alone", file=sys.stderr)
+    kw = dict(tta=args.tta, overlap=args.overlap, sw_batch=args.sw_batch, amp=args.amp,
+              postprocess=False if args.no_postprocess else None, uncertainty=args.uncertainty, limits=limits)
+    codes = []
+    for rule, taken in groups:
+        preds = [Predictor(resolve_model(m), device=device, **kw) for m in rule.models]
+        predictor = preds[0] if len(preds) == 1 else ChainPredictor(preds)
+        opts = dataclasses.replace(options, out_dir=options.out_dir / safe_name(rule.name, "rule"), route=rule.name,
+                                   refused={})
+        result = run_batch(taken, predictor, opts, command=command)
+        print(f"resunet predict: rule '{rule.name}' ({' -> '.join(rule.models)}): {len(taken)} case(s); summary "
+              f"{result.summary_path}", file=sys.stderr)
+        codes.append(result.exit_code)
+    if not groups:
+        print("resunet predict: no input matched a routing rule; nothing was segmented", file=sys.stderr)
+    return max(codes, default=0)

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from resunet.cli.predict_cmd import add_tls_arguments
 from resunet.errors import ConfigError
 
 log = logging.getLogger("resunet.serve")
@@ -79,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pacs.add_argument("--pacs", dest="pacs_url", default="", metavar="URL",
                       help="the PACS of POST /v1/pacs/jobs: a DICOMweb root (credentials from $RESUNET_PACS_USER/"
                       "$RESUNET_PACS_PASSWORD or $RESUNET_PACS_TOKEN), or dimse://AET@HOST:PORT (C-FIND + C-GET "
-                      "as --ae-title, results stored back with C-STORE)")
+                      "as --ae-title, results stored back with C-STORE); dimses:// speaks DIMSE over TLS with --tls-*")
+    add_tls_arguments(pacs)
     pacs.add_argument("--dicom-port", type=int, default=0, metavar="PORT",
                       help="also listen as a DICOM node (C-STORE SCP) on this port; complete series become jobs")
     pacs.add_argument("--dicom-host", default=d["dicom_host"].default, metavar="HOST",
@@ -153,6 +155,8 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         devices=tuple(x.strip() for x in (getattr(args, "devices", "") or "").split(",") if x.strip()),
         worker_threads=getattr(args, "worker_threads", 0),
         require_review=bool(getattr(args, "require_review", False)),
+        tls_ca=getattr(args, "tls_ca", None) or "", tls_cert=getattr(args, "tls_cert", None) or "",
+        tls_key=getattr(args, "tls_key", None) or "",
     )
     if args.state_dir is not None:
         kwargs["state_dir"] = args.state_dir

@@ -81,6 +81,8 @@ class BatchOptions:
         uid_seed: SEG/RTSTRUCT UIDs follow from this seed, the case and the result (a service job's id:
             a job redone after a kill writes the same instances, so the archive stores it once);
             None: new random UIDs per object.
+        route: the routing rule that picked this run's model (``resunet predict --routes``): in every
+            case record (``route``) and the audit record's provenance.
         min_slices: DICOM series with fewer slices are refused (:func:`resunet.io.loader.check_series_complete`).
         allow_split_series: False: a DICOM series whose images disagree (only one stack of it could be
             read) is refused instead of segmented in part (the service and the DICOM node).
@@ -100,6 +102,7 @@ class BatchOptions:
     limits: Any = None
     refused: dict[str, str] = field(default_factory=dict)
     uid_seed: str | None = None
+    route: str | None = None
     min_slices: int = 1
     allow_split_series: bool = True
 
@@ -288,6 +291,8 @@ def segment_case(item: _Loaded, predictor: Predictor, opts: BatchOptions, ctx: C
     rec = records.case_record(case.case_id, item.input_record or {"path": str(case.path), "kind": case.kind},
                               device=str(predictor.device), model={"name": ctx.model_name, "sha256": ctx.model_sha256},
                               run_id=ctx.run_id)
+    if opts.route:
+        rec["route"] = opts.route
     if ctx.members:
         rec["model"]["members"] = list(ctx.members)
     written: list[Path] = []
@@ -437,6 +442,8 @@ def run_batch(
     result.records = [all_mine[c.case_id] for c in mine if c.case_id in all_mine]
     if opts.audit_db is not False:
         provenance = header["provenance"]
+        if opts.route:
+            provenance = {**provenance, "route": opts.route}
         if engine is not None:  # a cluster run: every case of this run with its status and node, failed ones too
             provenance = {**provenance, "cases": [{"case": r["case"], "status": r.get("status"), "node": r.get("node"),
                                                    "attempt": r.get("attempt")} for r in store.records.values()]}

@@ -11,7 +11,13 @@ Segmenting what arrives is not done here: ``resunet serve --dicom-port`` queues 
 as a ``dicom-series`` job (:mod:`resunet.serve.pacs_jobs`), which runs the one segment-and-send step,
 :func:`resunet.pacs.segment.segment_and_send`, with :func:`send_files` as its transport.
 
-DIMSE has no authentication; restrict who may send with ``allowed_calling_aets`` and the network.
+- :func:`tls_client_context` / :func:`tls_server_context` build the one TLS set-up (PS3.15 B.1) of
+  every DIMSE association over TLS (``dimses://``): the archive's certificate is checked against the
+  operator's CA file with the hostname check on, never a plaintext fallback; :func:`tls_failure`
+  says why a handshake failed (wrong CA, expired certificate, hostname, client certificate).
+
+DIMSE has no authentication; restrict who may send with ``allowed_calling_aets`` and the network
+(or TLS with client certificates).
 Non-image objects that arrive (SEG, RTSTRUCT, SR, ...) are accepted and dropped: only image series
 are segmented.
 """
@@ -19,6 +25,10 @@ are segmented.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +42,125 @@ from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
+
+
+def _readable(path: str | None, what: str, flag: str) -> str | None:
+    """``path`` if it is a readable file; ConfigError naming the file and the option otherwise."""
+    if not path:
+        return None
+    f = Path(path).expanduser()
+    try:
+        with open(f, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise ConfigError(f"TLS: cannot read the {what} {f} ({flag}): {err.strerror or err}; "
+                          "give a readable PEM file") from None
+    return str(f)
+
+
+def _warn_if_key_readable(key: str) -> None:
+    mode = os.stat(key).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("TLS private key %s can be read by group/others (mode %03o): chmod 600 it", key, mode & 0o777)
+
+
+def _load_pair(ctx: ssl.SSLContext, cert: str | None, key: str | None) -> None:
+    cert = _readable(cert, "certificate", "--tls-cert")
+    key = _readable(key, "private key", "--tls-key")
+    if key and not cert:
+        raise ConfigError("TLS: --tls-key needs its certificate (--tls-cert)")
+    if not cert:
+        return
+    if key:
+        _warn_if_key_readable(key)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as err:
+        why = ("the private key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(err)
+               else f"not a PEM certificate and unencrypted key ({err.reason or err})")
+        raise ConfigError(f"TLS: cannot use --tls-cert {cert} with --tls-key {key or cert}: {why}") from None
+
+
+def tls_client_context(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """The client TLS context: the peer's certificate verified against ``ca`` (the system CAs when None),
+    hostname check on, TLS 1.2 or later; ``cert``/``key`` (PEM) for archives that check clients.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, not PEM, or key and certificate do not match.
+    """
+    ca = _readable(ca, "CA file", "--tls-ca")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except ssl.SSLError as err:
+            raise ConfigError(f"TLS: --tls-ca {ca} holds no PEM certificate ({err.reason or err})") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname, ctx.verify_mode = True, ssl.CERT_REQUIRED
+    _load_pair(ctx, cert, key)
+    return ctx
+
+
+def tls_server_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    """The listener's TLS context (our Storage SCP for C-MOVE, ``StoreListener``): our certificate and
+    key (required); with ``ca``, peers must present a certificate signed by it.
+
+    Raises:
+        ConfigError: as :func:`tls_client_context`, or no certificate given.
+    """
+    if not cert:
+        raise ConfigError("TLS: a listener over TLS needs our certificate and key (--tls-cert, --tls-key)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ca = _readable(ca, "CA file", "--tls-ca")
+    if ca:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_pair(ctx, cert, key)
+    return ctx
+
+
+_UNKNOWN_CA = {18, 19, 20, 21, 2}  # self-signed, self-signed in chain, no local issuer, leaf unverifiable, no issuer cert
+
+
+def tls_failure(host: str, port: int, ctx: ssl.SSLContext, timeout: float, ca: str | None) -> str | None:
+    """Why a TLS handshake with ``host:port`` fails, as one line for the user (None: it succeeds).
+
+    Hand-written probe: pynetdicom logs the ``ssl`` error of a failed association and returns an
+    unestablished association, so the reason (wrong CA, expired, hostname) is only seen by redoing
+    the handshake here.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, 15.0)) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                tls.settimeout(2.0)
+                try:  # TLS 1.3: a refused client certificate shows on the first read
+                    tls.recv(1)
+                except (TimeoutError, socket.timeout):
+                    pass
+    except ssl.SSLCertVerificationError as err:
+        code = err.verify_code
+        trusted = f"the CA file {ca}" if ca else "the system's CAs (give --tls-ca)"
+        if code == 10:
+            return "its TLS certificate has expired (renew it on the archive)"
+        if code == 9:
+            return "its TLS certificate is not valid yet (check the clocks)"
+        if code in _UNKNOWN_CA:
+            return f"its TLS certificate is not signed by {trusted}"
+        if code == 62:
+            return f"its TLS certificate is not issued for {host} (hostname check; address it by a name in the certificate)"
+        return f"its TLS certificate was refused ({err.verify_message})"
+    except ssl.SSLError as err:
+        reason = err.reason or str(err)
+        if "CERTIFICATE_REQUIRED" in reason.upper() or "UNKNOWN_CA" in reason.upper() or "BAD_CERTIFICATE" in reason.upper():
+            return (f"it refused our client certificate ({reason}): give --tls-cert/--tls-key signed by a CA it "
+                    "trusts (e.g. Orthanc's DicomTlsTrustedCertificates)")
+        if "WRONG_VERSION_NUMBER" in reason.upper() or "RECORD_LAYER" in reason.upper():
+            return "it does not speak TLS on this port (use dimse:// or the archive's TLS port)"
+        return f"the TLS handshake failed ({reason})"
+    except OSError:
+        return None  # not a TLS problem: the caller's own message (unreachable) stands
+    return None
 
 
 @dataclass(frozen=True)
@@ -309,12 +438,16 @@ def send_files(files: Sequence[str | Path], destination: Destination, calling_ae
         wanted.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
     for sop_class, syntaxes in wanted.items():
         ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-    kwargs = {"tls_args": (ssl_context, None)} if ssl_context is not None else {}
+    kwargs = {"tls_args": (ssl_context, destination.host)} if ssl_context is not None else {}
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, **kwargs)
     except OSError as err:  # TLS handshake failures are OSErrors (ssl.SSLError)
         raise PacsError(f"DICOM node {destination} is unreachable ({err})") from None
     if not assoc.is_established:
+        if ssl_context is not None and not assoc.is_rejected:
+            why = tls_failure(destination.host, destination.port, ssl_context, timeout, None)
+            if why:
+                raise PacsError(f"DICOM node {destination}: {why}; nothing was sent over plaintext")
         why = "rejected the association (check our AE title is known there)" if assoc.is_rejected else \
             "is unreachable or aborted the association (check host, port and that it runs)"
         raise PacsError(f"DICOM node {destination} {why}")

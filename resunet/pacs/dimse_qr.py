@@ -16,7 +16,9 @@ The retrieve is complete only when every instance the C-FIND counted arrived
 timeout) :class:`~resunet.errors.PacsError` says what was missing, and the caller stores nothing back.
 
 TLS: a source URL ``dimses://AET@HOST:PORT`` (or ``tls=True``) speaks DICOM over TLS (PS3.15 B.1)
-with the operator's CA file and, when the archive asks for it, our certificate and key.
+with the operator's CA file (hostname check on, no plaintext fallback) and, when the archive asks
+for it, our certificate and key; a C-MOVE over TLS listens with TLS too. The contexts come from
+:mod:`resunet.pacs.dimse` (one home); a failed handshake is explained (wrong CA, expired, hostname).
 Written on pynetdicom's primitives; the only hand-written part is the bookkeeping of what arrived.
 """
 
@@ -110,17 +112,26 @@ class QueryConfig:
             raise ConfigError("C-MOVE needs the port our node listens on (--move-port), as the archive knows it")
 
     def ssl_context(self, source: DimseSource) -> ssl.SSLContext | None:
-        """The client TLS context for ``source`` (None without TLS)."""
+        """The client TLS context for ``source`` (None without TLS): its certificate checked against
+        ``tls_ca`` with the hostname check on (:func:`resunet.pacs.dimse.tls_client_context`).
+
+        Raises:
+            ConfigError: a CA/certificate/key file is missing, unreadable or unusable.
+        """
         if not source.tls:
             return None
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
-            if self.tls_cert:
-                ctx.load_cert_chain(self.tls_cert, self.tls_key)
-        except (OSError, ssl.SSLError) as err:
-            raise ConfigError(f"TLS for {source}: cannot load the CA/certificate/key files ({err})") from None
-        ctx.check_hostname = False  # archives are addressed by IP in most hospitals; the CA is what we trust
-        return ctx
+        from resunet.pacs.dimse import tls_client_context
+
+        return tls_client_context(self.tls_ca, self.tls_cert, self.tls_key)
+
+    def tls_refusal(self, source: DimseSource, ctx: ssl.SSLContext | None) -> PacsError | None:
+        """Why the TLS handshake with ``source`` fails (wrong CA, expired, ...), or None."""
+        if ctx is None:
+            return None
+        from resunet.pacs.dimse import tls_failure
+
+        why = tls_failure(source.host, source.port, ctx, self.timeout, self.tls_ca)
+        return PacsError(f"DICOM archive {source}: {why}; no plaintext fallback") if why else None
 
 
 @dataclass
@@ -161,12 +172,15 @@ class Retrieved:
 
 def _associate(ae: Any, source: DimseSource, cfg: QueryConfig, what: str) -> Any:
     ctx = cfg.ssl_context(source)
-    kwargs = {"tls_args": (ctx, None)} if ctx is not None else {}
+    kwargs = {"tls_args": (ctx, source.host)} if ctx is not None else {}
     try:
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, **kwargs)
     except (OSError, ssl.SSLError) as err:
         raise PacsError(f"DICOM archive {source} is unreachable ({err})") from None
     if not assoc.is_established:
+        refusal = None if assoc.is_rejected else cfg.tls_refusal(source, ctx)
+        if refusal is not None:
+            raise refusal
         why = ("rejected the association (check that it knows our AE title "
                f"{cfg.calling_aet!r} and offers {what})" if assoc.is_rejected
                else "is unreachable or aborted the association (check host, port, TLS, and that it runs)")
@@ -368,9 +382,15 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
         scp = _ae(cfg)
         for cx in AllStoragePresentationContexts:
             scp.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # over TLS the archive's C-MOVE association to us is TLS too: our certificate, peers checked against the CA
+        scp_tls = None
+        if source.tls:
+            from resunet.pacs.dimse import tls_server_context
+
+            scp_tls = tls_server_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         try:
             server = scp.start_server((cfg.move_host, int(cfg.move_port)), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, sink)])
+                                      evt_handlers=[(evt.EVT_C_STORE, sink)], ssl_context=scp_tls)
         except OSError as err:
             raise PacsError(f"cannot listen on {cfg.move_host}:{cfg.move_port} for the C-MOVE ({err.strerror or err})") from None
         ae.add_requested_context(MOVE)
@@ -378,13 +398,16 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
         model = MOVE
     ctx = cfg.ssl_context(source)
     if ctx is not None:
-        assoc_kwargs["tls_args"] = (ctx, None)
+        assoc_kwargs["tls_args"] = (ctx, source.host)
     try:
         try:
             assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, **assoc_kwargs)
         except (OSError, ssl.SSLError) as err:
             raise PacsError(f"DICOM archive {source} is unreachable ({err})") from None
         if not assoc.is_established:
+            refusal = None if assoc.is_rejected else cfg.tls_refusal(source, ctx)
+            if refusal is not None:
+                raise refusal
             raise PacsError(f"DICOM archive {source} rejected the {'C-GET' if cfg.method == 'get' else 'C-MOVE'} "
                             f"association (check that it knows our AE title {cfg.calling_aet!r})")
         try:

@@ -30,7 +30,7 @@ later one only inside the previous foreground (tissue classes of the extracted b
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +104,72 @@ class Routes:
         return None
 
     def log_unrouted(self, log: Any, key: str, s: SeriesFacts) -> None:
-        """Log once per series key that no rule took it."""
+        """Log once per series key (a series UID or a case id) that no rule took it.
+
+        Modality and size only: a SeriesDescription may hold the patient's name or other PHI.
+        """
         if key not in self._logged:
             self._logged.add(key)
-            log.info("routing (%s): no rule segments series %s (%s %s '%s', %d slices); left alone",
-                     self.source, key, s.modality or "?", s.body_part or "?", s.series_description, s.n_slices)
+            log.info("routing (%s): no rule segments series %s (%s, %d slices); left alone",
+                     self.source, key, s.modality or "?", s.n_slices)
+
+    def check_models(self) -> None:
+        """ConfigError when a rule names a model that is neither bundled nor a file (checked at start)."""
+        from resunet.inference.bundled import resolve_model
+
+        for rule in self.rules:
+            for name in rule.models:
+                if not resolve_model(name).is_file():
+                    raise ConfigError(f"--routes {self.source}: rule '{rule.name}' names model {name!r}, "
+                                      "which is neither a bundled model nor a file")
+
+
+def route_cases(routes: Routes, cases: Sequence[Any], series_uid: str | None = None
+                ) -> tuple[list[tuple[Rule, list[Any]]], dict[str, SeriesFacts | None]]:
+    """Group ``resunet predict``'s cases by the rule that takes them (headers only, no pixels).
+
+    A DICOM case's facts are those of the series the loader reads (``series_uid``, else the series
+    with the most slices). Returns ``[(rule, cases)]`` in rule order (rules that take no case left
+    out) and ``{case_id: facts}`` of the cases no rule takes (None: not DICOM, or no readable series).
+    """
+    import pydicom
+
+    from resunet.errors import ResunetError
+    from resunet.io.loader import list_series
+
+    taken: dict[str, tuple[Rule, list[Any]]] = {}
+    left: dict[str, SeriesFacts | None] = {}
+    for case in cases:
+        facts = None
+        try:
+            series = list_series(case.path)
+        except ResunetError:
+            series = []
+        pick = [x for x in series if series_uid in (x.uid, x.series_instance_uid)] if series_uid else series[:1]
+        if pick and pick[0].files:
+            ds = pydicom.dcmread(sorted(pick[0].files)[0], stop_before_pixels=True)
+            facts = SeriesFacts.from_dataset(ds, pick[0].n_slices)
+        rule = routes.route(facts) if facts is not None else None
+        if rule is None:
+            left[case.case_id] = facts
+        else:
+            taken.setdefault(rule.name, (rule, []))[1].append(case)
+    order = [r.name for r in routes.rules]
+    return sorted(taken.values(), key=lambda rc: order.index(rc[0].name)), left
+
+
+def _rule_lines(text: str) -> list[int]:
+    """The line (1-based) where each item of ``rules:`` starts, from YAML's node marks ([] if unknown)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text)
+        for key, value in node.value:
+            if key.value == "rules" and isinstance(value, yaml.SequenceNode):
+                return [item.start_mark.line + 1 for item in value.value]
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        pass
+    return []
 
 
 def load_routes(path: str | Path) -> Routes:
@@ -117,7 +178,8 @@ def load_routes(path: str | Path) -> Routes:
 
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        doc = yaml.safe_load(text)
     except OSError as err:
         raise ConfigError(f"--routes {p}: cannot read it ({err.strerror or err})") from None
     except yaml.YAMLError as err:
@@ -126,9 +188,10 @@ def load_routes(path: str | Path) -> Routes:
         raise ConfigError(f"--routes {p}: not valid YAML{where} ({getattr(err, 'problem', err)})") from None
     if not isinstance(doc, Mapping) or not isinstance(doc.get("rules"), list) or not doc["rules"]:
         raise ConfigError(f"--routes {p}: expected a mapping with a non-empty list 'rules:'")
+    lines = _rule_lines(text)
     rules = []
     for i, raw in enumerate(doc["rules"], start=1):
-        where = f"--routes {p}: rule {i}"
+        where = f"--routes {p}" + (f", line {lines[i - 1]}" if i <= len(lines) else "") + f": rule {i}"
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{where}: expected a mapping with name, match and model (or skip: true)")
         name = str(raw.get("name") or f"rule {i}")

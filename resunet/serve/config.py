@@ -60,6 +60,8 @@ class ServeConfig:
             above (0 = no floor).
         routes: routing rules file (:mod:`resunet.pacs.routing`): the DICOM node segments a received
             series with the model of the first rule it matches, and leaves unmatched series alone.
+        tls_ca, tls_cert, tls_key: PEM files for ``pacs_url`` ``dimses://`` (DIMSE over TLS): the CA that
+            signed the archive's certificate, and our certificate and key when it checks clients.
         queue_url: ``postgresql://USER@HOST[:PORT]/DB``: jobs, tokens and the audit log in PostgreSQL,
             shared by every node whose state folder is the same shared folder (docs/deploy.md); empty =
             ``STATE/jobs.sqlite`` (one node). No password in it (:mod:`resunet.pgdb`).
@@ -111,6 +113,9 @@ class ServeConfig:
     keep_upload_names: bool = False
     min_free_gb: float = 1.0
     routes: Path | None = None
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     queue_url: str = ""
     queue_password_file: Path | None = None
     lease_s: float = 60.0
@@ -144,10 +149,10 @@ class ServeConfig:
         if self.pacs_url.startswith(("dimse://", "dimses://")):
             from resunet.pacs.dimse_qr import DimseSource
 
-            if self.pacs_url.startswith("dimses://"):
-                raise ConfigError("--pacs dimses:// (DIMSE over TLS) is not supported by the service yet; use "
-                                  "dimse:// on a trusted network, a DICOMweb root over https, or resunet predict --pacs dimses://")
-            DimseSource.parse(self.pacs_url)
+            source = DimseSource.parse(self.pacs_url)
+            self.dimse_query().ssl_context(source)  # the TLS files are checked at start, not at the first job
+        if (self.tls_ca or self.tls_cert or self.tls_key) and not self.pacs_url.startswith("dimses://"):
+            raise ConfigError("--tls-ca/--tls-cert/--tls-key are for a DIMSE archive over TLS: --pacs dimses://AET@HOST:PORT")
         if self.queue_url:
             from resunet.pgdb import check_url
 
@@ -161,6 +166,13 @@ class ServeConfig:
                               "--require-review")
         if not NODE_RE.match(self.node_name):
             raise ConfigError(f"--node-name {self.node_name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+
+    def dimse_query(self) -> "QueryConfig":  # noqa: F821
+        """How ``pacs-pull`` jobs talk to a DIMSE ``pacs_url``: C-GET as ``ae_title``, the TLS files."""
+        from resunet.pacs.dimse_qr import QueryConfig
+
+        return QueryConfig(calling_aet=self.ae_title, method="get", tls_ca=self.tls_ca or None,
+                           tls_cert=self.tls_cert or None, tls_key=self.tls_key or None)
 
     @property
     def shared(self) -> bool:

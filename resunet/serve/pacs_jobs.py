@@ -64,7 +64,8 @@ def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
         from resunet.pacs.dimse_qr import DimseSource, QueryConfig
         from resunet.pacs.segment import segment_from_dimse
 
-        qr = QueryConfig(calling_aet=str(opts.get("ae_title") or "RESUNET"), method="get")
+        qr = QueryConfig(calling_aet=str(opts.get("ae_title") or "RESUNET"), method="get", tls_ca=opts.get("tls_ca"),
+                         tls_cert=opts.get("tls_cert"), tls_key=opts.get("tls_key"))
         run = segment_from_dimse(DimseSource.parse(url), qr, study_uid, predictor, batch,
                                  series_uid=series[0] if series else None, store=send_now, command=job_command(job),
                                  folder=folder, failure=job_failure(job, env, folder))
@@ -77,7 +78,8 @@ def _pacs_pull(job: Job, env: JobEnv) -> JobOutcome:
     outcome = job_outcome(job, env, run.batch, predictor, folder)
     if hold:
         outcome.review = {"state": "pending", "send": {"to": "pacs", "url": url, "study_uid": study_uid,
-                                                       "ae_title": str(opts.get("ae_title") or "RESUNET")}}
+                                                       "ae_title": str(opts.get("ae_title") or "RESUNET"),
+                                                       **{k: opts.get(k) for k in ("tls_ca", "tls_cert", "tls_key")}}}
     elif store:
         outcome.result["stored_to_pacs"] = {"url": opts["pacs_url"], "study_uid": study_uid,
                                             "files": [p.name for p in run.stored]}
@@ -123,7 +125,9 @@ def enqueue_pull(service: Any, study_uid: str, who: str, series_uid: str | None 
         raise InputError("study_uid is empty; give the Study Instance UID to pull")
     opts = segment_options({"formats": formats, "series_uid": series_uid}, service.default_formats())
     opts.update(study_uid=str(study_uid).strip(), store=bool(store), pacs_url=url,
-                ae_title=str(getattr(service.config, "ae_title", "") or "RESUNET"))
+                ae_title=str(getattr(service.config, "ae_title", "") or "RESUNET"),
+                # file paths of the TLS set-up (no secrets in the job row: the key stays in its file)
+                **{k: getattr(service.config, k, "") or None for k in ("tls_ca", "tls_cert", "tls_key")})
     if getattr(service.config, "require_review", False):
         opts["require_review"] = True
     job = service.queue.enqueue("pacs-pull", input_name=f"PACS study {study_uid}", options=opts, submitted_by=who)

@@ -86,8 +86,12 @@ def _send(files: list[Path], send: dict[str, Any] | None) -> dict[str, Any] | No
             from resunet.pacs.dimse import Destination, send_files
             from resunet.pacs.dimse_qr import DimseSource
 
+            from resunet.pacs.dimse_qr import QueryConfig
+
             src = DimseSource.parse(url)
-            send_files(files, Destination(src.host, src.port, src.ae_title), calling_aet=str(send.get("ae_title") or "RESUNET"))
+            tls = QueryConfig(tls_ca=send.get("tls_ca"), tls_cert=send.get("tls_cert"), tls_key=send.get("tls_key"))
+            send_files(files, Destination(src.host, src.port, src.ae_title), calling_aet=str(send.get("ae_title") or "RESUNET"),
+                       ssl_context=tls.ssl_context(src))
         else:
             from resunet.pacs import PacsClient, PacsConfig
 

@@ -141,15 +141,10 @@ class Service:
                 f"another resunet serve is running with the state folder {self.state_dir}; stop it or pass another --state-dir"
             ) from None
         if self.config.routes is not None:  # a bad rules file or a rule's missing model stops the start
-            from resunet.inference.bundled import resolve_model
             from resunet.pacs.routing import load_routes
 
             self.routes = load_routes(self.config.routes)
-            for rule in self.routes.rules:
-                for name in rule.models:
-                    if not resolve_model(name).is_file():
-                        raise ConfigError(f"--routes {self.config.routes}: rule '{rule.name}' names model {name!r}, "
-                                          "which is neither a bundled model nor a file")
+            self.routes.check_models()
         if self.config.shared:
             self._open_shared_queue()
         else:  # (re-queueing every running job includes those of this node's workers: NODE/wK)
