@@ -9,6 +9,9 @@ and affine as the original files.
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pydicom
 import pytest
 from orthanc_support import dicomweb_plugin, orthanc_binary, start_orthanc
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_uid
-from test_app_support import EXAMPLE_DICOM
+from test_app_support import EXAMPLE_DICOM, free_port
 
 from resunet.io import load_study
 from resunet.pacs import PacsClient, PacsConfig
@@ -104,3 +107,30 @@ def test_wado_pull_of_an_rle_series_keeps_it_compressed_and_reads_like_the_files
 
 def test_wado_pull_writes_the_bytes_as_sent_not_a_reserialised_copy(orthanc, deflate_folder, tmp_path):
     _pull_and_compare(orthanc, deflate_folder, tmp_path)
+
+
+def _body(data: bytes) -> bytes:
+    """A DICOM file's data set bytes: what follows the preamble, ``DICM`` and the group 2 meta."""
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
+def test_dicom_node_keeps_a_compressed_series_as_received(rle_folder, tmp_path):
+    """dcmtk's storescu sends the RLE series in RLE; the node stores each data set byte for byte."""
+    from resunet.pacs import ListenerConfig, StoreListener
+
+    got: list = []
+    port = free_port()
+    config = ListenerConfig(ae_title="RESUNET", port=port, incoming_dir=tmp_path / "in", settle_seconds=0.5)
+    with StoreListener(config, got.append):
+        subprocess.run(["storescu", "-xr", "-aet", "STORESCU", "-aec", "RESUNET", "+sd", "127.0.0.1",
+                        str(port), str(rle_folder)], check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(got) == 1 and got[0].n_instances == N_RLE
+    stored = sorted(f for f in Path(got[0].folder).rglob("*.dcm"))
+    assert len(stored) == N_RLE
+    assert {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in stored} == {RLELossless}
+    assert sorted(_body(f.read_bytes()) for f in stored) == sorted(_body(f.read_bytes()) for f in rle_folder.glob("*.dcm"))
