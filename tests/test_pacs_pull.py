@@ -1,0 +1,136 @@
+"""WADO-RS pulls keep the instances as the archive sent them (issue 23 point 2), against a real Orthanc.
+
+The example study and an RLE Lossless copy of it (encoded by pydicom, new UIDs) are uploaded to a real
+Orthanc on loopback; :meth:`PacsClient.retrieve` must write each instance byte-for-byte as uploaded
+(nothing parsed and serialised again on the way), and the pulled folder must read into the same voxels
+and affine as the original files.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from orthanc_support import dicomweb_plugin, orthanc_binary, start_orthanc
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless, generate_uid
+from test_app_support import EXAMPLE_DICOM, free_port
+
+from resunet.io import load_study
+from resunet.pacs import PacsClient, PacsConfig
+
+pytestmark = [
+    pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
+                       reason="Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"),
+]
+N_RLE = 12  # slices of the compressed copy: enough for a stack, small for 2 cores
+N_DEFLATE = 4
+
+
+def _copy_as_new_series(source: Path, n: int):
+    """The first ``n`` example slices as datasets of a new study and series."""
+    study, series = generate_uid(), generate_uid()
+    for f in sorted(source.glob("*.dcm"))[:n]:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        yield ds
+
+
+@pytest.fixture(scope="module")
+def rle_folder(tmp_path_factory) -> Path:
+    """The first slices of the example re-encoded as RLE Lossless by pydicom, as a new study."""
+    out = tmp_path_factory.mktemp("rle")
+    for n, ds in enumerate(_copy_as_new_series(EXAMPLE_DICOM, N_RLE)):
+        ds.compress(RLELossless)
+        ds.save_as(out / f"{n:03d}.dcm", enforce_file_format=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def deflate_folder(tmp_path_factory) -> Path:
+    """A Deflated Explicit VR series whose deflate stream was made at zlib level 1 (as a fast sender
+    would): pydicom's writer deflates at its own level, so any parse-and-write on the way changes the
+    bytes; only a pull that keeps the bytes as sent gives them back unchanged."""
+    out = tmp_path_factory.mktemp("deflate")
+    for n, ds in enumerate(_copy_as_new_series(EXAMPLE_DICOM, N_DEFLATE)):
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+        meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")  # preamble, DICM, (0002,0000) and group 2
+        packer = zlib.compressobj(1, zlib.DEFLATED, -15)
+        body = packer.compress(zlib.decompress(data[meta_end:], -15)) + packer.flush()
+        assert body != data[meta_end:]  # the level-1 stream differs from pydicom's own
+        (out / f"{n:03d}.dcm").write_bytes(data[:meta_end] + body)
+    return out
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, rle_folder, deflate_folder):
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), {})
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")) + sorted(rle_folder.glob("*.dcm"))
+                      + sorted(deflate_folder.glob("*.dcm")))
+        yield server
+    finally:
+        server.stop()
+
+
+def _pull_and_compare(orthanc, source: Path, tmp_path: Path) -> None:
+    files = sorted(source.glob("*.dcm"))
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    pulled = PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study, tmp_path / "pulled")
+    assert len(pulled) == len(files)
+    # as sent: every pulled file is one of the uploaded files, byte for byte
+    assert sorted(p.read_bytes() for p in pulled) == sorted(f.read_bytes() for f in files)
+    got, want = load_study(tmp_path / "pulled"), load_study(source)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got.array), np.asarray(want.array))
+    np.testing.assert_array_equal(got.affine, want.affine)
+
+
+def test_wado_pull_keeps_instances_as_sent_and_reads_like_the_files(orthanc, tmp_path):
+    _pull_and_compare(orthanc, EXAMPLE_DICOM, tmp_path)
+
+
+def test_wado_pull_of_an_rle_series_keeps_it_compressed_and_reads_like_the_files(orthanc, rle_folder, tmp_path):
+    assert str(pydicom.dcmread(next(rle_folder.glob("*.dcm"))).file_meta.TransferSyntaxUID) == RLELossless
+    _pull_and_compare(orthanc, rle_folder, tmp_path)
+
+
+def test_wado_pull_writes_the_bytes_as_sent_not_a_reserialised_copy(orthanc, deflate_folder, tmp_path):
+    _pull_and_compare(orthanc, deflate_folder, tmp_path)
+
+
+def _body(data: bytes) -> bytes:
+    """A DICOM file's data set bytes: what follows the preamble, ``DICM`` and the group 2 meta."""
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (scripts/setup-system.sh installs it)")
+def test_dicom_node_keeps_a_compressed_series_as_received(rle_folder, tmp_path):
+    """dcmtk's storescu sends the RLE series in RLE; the node stores each data set byte for byte."""
+    from resunet.pacs import ListenerConfig, StoreListener
+
+    got: list = []
+    port = free_port()
+    config = ListenerConfig(ae_title="RESUNET", port=port, incoming_dir=tmp_path / "in", settle_seconds=0.5)
+    with StoreListener(config, got.append):
+        subprocess.run(["storescu", "-xr", "-aet", "STORESCU", "-aec", "RESUNET", "+sd", "127.0.0.1",
+                        str(port), str(rle_folder)], check=True, capture_output=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(got) == 1 and got[0].n_instances == N_RLE
+    stored = sorted(f for f in Path(got[0].folder).rglob("*.dcm"))
+    assert len(stored) == N_RLE
+    assert {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in stored} == {RLELossless}
+    assert sorted(_body(f.read_bytes()) for f in stored) == sorted(_body(f.read_bytes()) for f in rle_folder.glob("*.dcm"))
