@@ -138,3 +138,33 @@ def test_canvas_frontend_ships_as_package_data():
     assert "streamlit:componentReady" in html and "http" not in html.replace("http-equiv", "")
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"canvas_frontend/*.html"' in pyproject
+
+
+def test_sign_off_of_a_dicom_study_writes_seg_and_rtstruct_by_the_reviewer(tmp_path):
+    import pydicom
+
+    from resunet.io import load_study
+    from test_app_support import EXAMPLE_DICOM
+    from resunet.webui.editor import MaskEditor
+
+    source = load_study(EXAMPLE_DICOM)
+    arr = np.zeros(source.shape, np.uint8)
+    i, j, k = (s // 2 for s in source.shape)
+    arr[i - 8:i + 8, j - 8:j + 8, k - 3:k + 3] = 1
+    model = source.with_array(arr, is_label=True)
+    ed = MaskEditor(model)
+    w, h = ed.image_size("axial")
+    assert ed.brush("axial", ed.display.n_slices("axial") // 2, [(w * 0.2, h * 0.2), (w * 0.3, h * 0.3)], 4.0, 1)
+    path = sign_off(decision="approve", reviewer="alice", comment="", subject="dicom-case", source=source,
+                    input_path=EXAMPLE_DICOM, model_mask=model, corrected=ed.corrected, labels={1: "brain"},
+                    folder=tmp_path / "review", model_path=None, model_name="tiny", model_sha256=None,
+                    db_path=tmp_path / "audit.sqlite")
+    doc = json.loads(path.read_text())["review"]
+    assert set(doc["outputs"]) == {"mask", "seg", "rtstruct"}
+    seg = pydicom.dcmread(path.parent / doc["outputs"]["seg"]["path"])
+    assert str(seg.ContentCreatorName).rstrip("^") == "alice"  # a PN: highdicom writes family^given
+    assert {str(s.SegmentAlgorithmType) for s in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
+    rt = pydicom.dcmread(path.parent / doc["outputs"]["rtstruct"]["path"])
+    assert rt.ApprovalStatus == "APPROVED" and str(rt.ReviewerName).rstrip("^") == "alice"
+    assert doc["voxels_changed"]["brain"] == ed.voxels_changed() > 0
+    assert cli_main(["audit", "verify", str(path.parent), "--audit-db", str(tmp_path / "audit.sqlite")]) == 0
