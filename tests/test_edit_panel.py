@@ -160,7 +160,13 @@ def test_sign_off_of_a_dicom_study_writes_seg_and_rtstruct_by_the_reviewer(tmp_p
                     folder=tmp_path / "review", model_path=None, model_name="tiny", model_sha256=None,
                     db_path=tmp_path / "audit.sqlite")
     doc = json.loads(path.read_text())["review"]
-    assert set(doc["outputs"]) == {"mask", "seg", "rtstruct"}
+    assert set(doc["outputs"]) == {"mask", "seg", "rtstruct", "comparison"}
+    import csv
+
+    (row,) = list(csv.DictReader((path.parent / "comparison.csv").open()))
+    shown = comparison_rows(model, ed.corrected, {1: "brain"})[0]
+    assert row["name"] == "brain" and float(row["dice"]) == shown["dice"] < 1
+    assert float(row["corrected_ml"]) == shown["corrected_ml"] > float(row["model_ml"])
     seg = pydicom.dcmread(path.parent / doc["outputs"]["seg"]["path"])
     assert str(seg.ContentCreatorName).rstrip("^") == "alice"  # a PN: highdicom writes family^given
     assert {str(s.SegmentAlgorithmType) for s in seg.SegmentSequence} == {"SEMIAUTOMATIC"}

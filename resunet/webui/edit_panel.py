@@ -39,6 +39,13 @@ def comparison_rows(model_mask: Volume, corrected: Volume, labels: Mapping[int, 
     return out
 
 
+def _comparison_or_none(model_mask: Volume, corrected: Volume, labels: Mapping[int, str]) -> list[dict[str, Any]]:
+    try:
+        return comparison_rows(model_mask, corrected, labels)
+    except ResunetError:  # oblique grids: no surface metrics (the page says so); the decision still counts
+        return []
+
+
 def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source: Volume, input_path: Path,
              model_mask: Volume, corrected: Volume | None, labels: Mapping[int, str], folder: Path,
              model_path: Path | None, model_name: str, model_sha256: str | None, model_seg: Path | None = None,
@@ -46,7 +53,8 @@ def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source
     """Record an approve/reject decision of the web page through :mod:`resunet.inference.review`.
 
     ``corrected`` None (or equal to the model's mask) decides on the model's mask as it is; otherwise the
-    corrected mask is written (NIfTI always; SEG + RTSTRUCT for DICOM input) and hashed into the record.
+    corrected mask is written (NIfTI always; SEG + RTSTRUCT for DICOM input) and hashed into the record,
+    with ``comparison.csv`` (:func:`comparison_rows`: volumes of both masks, Dice, HD95).
     Returns the path of ``review.json``. Raises InputError (no reviewer, already decided) for the page.
     """
     from resunet.inference import review
@@ -64,6 +72,19 @@ def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source
                                        model_name=model_name, model_sha256=model_sha256, uid_seed=subject,
                                        rtstruct=True, approved=d == "approve")
         corrected_hash = review.mask_sha256(corrected)
+        rows = _comparison_or_none(model_mask, corrected, labels)
+        if rows:
+            import csv
+            import io
+
+            from resunet.io.atomic import atomic_write_text
+
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            files["comparison"] = folder / "comparison.csv"
+            atomic_write_text(files["comparison"], buf.getvalue())
     from resunet.io.hashing import sha256_path
 
     dec = review.Decision(
@@ -185,7 +206,7 @@ def _editor_controls(st: Any, canvas: Any, viewer: Any, ed: Any, volume: Volume,
                                                   Image.Resampling.BILINEAR))
     overlay = canvas.png_data_url(_overlay_rgba(ed.display.slice2d(view, idx), (w, h), 0.4))
     canvas.slice_canvas(state["grey"][gkey], overlay, w, h, brush_px=max(1.0, float(radius) * ed.mm_to_px),
-                        colour=viewer.label_colour(int(label)), key=ckey, nonce=len(ed._undo) + 1000 * len(ed._redo))
+                        colour=viewer.label_colour(int(label)), key=ckey, nonce=ed.revision)
 
 
 def _sign_off_controls(st: Any, staged: Any, volume: Volume, result: Any, ws: Any, web_user: str | None,

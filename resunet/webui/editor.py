@@ -82,6 +82,7 @@ class MaskEditor:
         self._undo: deque[_Edit] = deque(maxlen=max(1, int(history)))
         self._redo: list[_Edit] = []
         self._edited: dict[tuple[str, int], dict[int, int]] = {}
+        self._revision = 0
 
     # --- geometry ---------------------------------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class MaskEditor:
             marks[index] = marks.get(index, 0) + 1
         self._undo.append(edit)
         self._redo.clear()
+        self._revision += 1
         return True
 
     def _check_label(self, label: int) -> int:
@@ -294,6 +296,7 @@ class MaskEditor:
         for view, label, index in edit.marks:
             marks = self._edited.setdefault((view, label), {})
             marks[index] = marks.get(index, 0) + (-1 if backwards else 1)
+        self._revision += 1
 
     def undo(self) -> bool:
         """Revert the last edit exactly; False when there is nothing to undo."""
@@ -312,6 +315,11 @@ class MaskEditor:
         self._replay(edit, backwards=False)
         self._undo.append(edit)
         return True
+
+    @property
+    def revision(self) -> int:
+        """A number that changes with every edit, undo and redo (the canvas redraws when it changes)."""
+        return self._revision
 
     def voxels_changed(self) -> int:
         """Number of voxels where the corrected mask differs from the model's."""
