@@ -36,7 +36,7 @@ def bench_module(name: str):
 
 @pytest.mark.parametrize("script, stem", [("bench_nets", "nets"), ("io_read_speed", "io"), ("bench_metrics", "metrics"),
                                           ("bench_pacs", "pacs"), ("bench_serve", "serve"), ("serve_faults", "serve_faults"),
-                                          ("bench_memory", "memory")])
+                                          ("bench_memory", "memory"), ("bench_editor", "editor")])
 def test_results_file_is_the_scripts_rendering_of_its_json(script, stem):
     mod = bench_module(script)
     doc = json.loads((RESULTS / f"{stem}.json").read_text())

@@ -95,7 +95,8 @@ def test_wheel_carries_the_web_ui_the_models_and_the_example(installed):
     for key in ("resunet", "webui", "models", "example"):
         assert Path(where[key]).resolve().is_relative_to(venv), f"{key} from {where[key]}, not the wheel in {venv}"
     pkg = installed["purelib"] / "resunet"
-    for rel in ("webui/streamlit_app.py", "webui/streamlit_config.toml", "data/model/brain_extraction.pt",
+    for rel in ("webui/streamlit_app.py", "webui/streamlit_config.toml", "webui/canvas_frontend/index.html",
+                "data/model/brain_extraction.pt",
                 "data/model/brain_tissue.pt", "data/model/MODEL_CARD.md", "data/example/colin27_t1.nii.gz",
                 "data/example/LICENSE-mricron.txt", "data/example/colin27_t1_dicom/IM00001.dcm"):
         assert (pkg / rel).is_file(), f"the wheel lacks resunet/{rel}"

@@ -677,6 +677,9 @@ def _study_sections(cfg: AppConfig, ws: SessionWorkspace, model: ModelInfo | Non
     _results_section(result, volume)
     _reference_section(cfg, staged, volume, result, ws)
     _downloads_section(staged, volume, result, ws)
+    from resunet.webui.edit_panel import edit_section  # issue 21: editor, comparison, approve/reject
+
+    edit_section(staged, volume, result, ws, _web_user(), st.session_state.get("model"))
 
 
 def _patient_panel(volume: Any) -> None:
