@@ -133,6 +133,9 @@ def test_re_export_is_idempotent_and_adds_only_new_decisions(state, tmp_path):
     assert {p.name: sha256_file(p) for p in out.rglob("*.nii.gz")} == before
     more = export_corrections([st, web], out)
     assert more.added == ["review-web5"] and len(load_dataset(out).cases) == 3
+    (out / "corrections.json").unlink()  # an export cut short before its last file: done again, not refused
+    redo = export_corrections([st, web], out)
+    assert sorted(redo.added) == sorted(truth) and len(load_dataset(out).cases) == 3
 
 
 def test_export_refuses_nothing_approved_and_a_foreign_folder(state, tmp_path, capsys):
