@@ -35,7 +35,7 @@ def _imports(name: str | None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [None, "convert", "train", "predict", "export", "info", "evaluate", "audit", "app", "serve"])
+@pytest.mark.parametrize("name", [None, "convert", "train", "corrections", "predict", "export", "info", "evaluate", "audit", "app", "serve"])
 def test_building_the_parser_imports_no_heavy_library(name):
     got = _imports(name)
     assert got["heavy"] == [], got

@@ -15,7 +15,7 @@ import sys
 from resunet.errors import ResunetError
 
 # Order is the order shown in ``resunet --help``.
-SUBCOMMANDS = ["convert", "train", "predict", "export", "info", "evaluate", "audit", "app", "serve"]
+SUBCOMMANDS = ["convert", "train", "corrections", "predict", "export", "info", "evaluate", "audit", "app", "serve"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

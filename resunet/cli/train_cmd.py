@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", metavar="FILE",
                    help="local torchvision ResNet .pth (resnet18..152, wide_resnet50_2/101_2) that starts the encoder of "
                    "the matching --preset (2D as is, 3D inflated); file name and SHA-256 go into the model card")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="fine-tune this deployed model (e.g. on resunet corrections export's dataset): its plan "
+                   "(spacing, normalisation, patch) and architecture are kept, not re-planned; the weights start as "
+                   "its own; fewer epochs and a lower learning rate (finetune.epochs, finetune.lr in config.yaml) "
+                   "unless --epochs / --set optim.lr say otherwise; the new model card names the parent (name, "
+                   "sha256) and the corrections (case and decision ids). The dataset's labels must be the parent's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.01 --set dataset.num_workers=0 (repeatable)")
     p.set_defaults(func=run)
@@ -59,6 +65,10 @@ def build_config(args: argparse.Namespace):
     else:
         cfg = TrainConfig()
     sets = [f"data={args.data}", f"out={args.out}"]
+    if getattr(args, "init_from", None) and not args.resume:
+        # fine-tuning defaults (TrainConfig.finetune, the one place); flags and --set below still win
+        ft = cfg.finetune
+        sets += [f"epochs={ft.epochs}", f"optim.lr={ft.lr}", f"optim.warmup_epochs={ft.warmup_epochs}"]
     for flag, key in (("preset", "model.preset"), ("spatial_dims", "model.spatial_dims"), ("epochs", "epochs"),
                       ("device", "device"), ("seed", "seed"), ("fold", "dataset.fold"),
                       ("pretrained", "model.pretrained")):
@@ -72,6 +82,12 @@ def build_config(args: argparse.Namespace):
     cfg.data, cfg.out = str(args.data), str(args.out)
     if getattr(args, "pretrained", None):
         cfg.model.pretrained = str(args.pretrained)
+    if getattr(args, "init_from", None):
+        if getattr(args, "pretrained", None):
+            raise ConfigError("--init-from and --pretrained both set the starting weights; pass one of them")
+        if getattr(args, "fold", None) == "all":
+            raise ConfigError("--init-from fine-tunes one model; it does not combine with --fold all")
+        cfg.finetune.init_from = str(args.init_from)
     return cfg.override(args.overrides).check()
 
 

@@ -249,6 +249,29 @@ class ValidationConfig:
 
 
 @dataclass
+class FineTuneConfig:
+    """Fine-tuning a deployed model (``resunet train --init-from CHECKPOINT``), e.g. on reviewed corrections.
+
+    The plan (spacing, normalisation, patch, batch) and the architecture come from the parent
+    checkpoint, never re-planned; the weights start as the parent's. ``resunet train --init-from``
+    applies ``epochs`` and ``lr`` below (instead of the from-scratch ``epochs``/``optim.lr``) unless
+    ``--epochs`` or ``--set optim.lr=...`` say otherwise: these are the one place of those defaults.
+
+    Attributes:
+        init_from: the parent checkpoint (``.pt``); None = train from scratch.
+        epochs: epochs of a fine-tuning run (a few: the parent already knows the task).
+        lr: initial learning rate of a fine-tuning run (a tenth of ``optim.lr``'s default, so the
+            parent's weights are adjusted, not overwritten).
+        warmup_epochs: learning-rate warm-up epochs of a fine-tuning run.
+    """
+
+    init_from: str | None = None
+    epochs: int = 10
+    lr: float = 1e-3
+    warmup_epochs: int = 0
+
+
+@dataclass
 class TrainConfig:
     """One training run. See the sub-configs for the meaning of each key.
 
@@ -273,6 +296,7 @@ class TrainConfig:
         labels: label value -> name override (default from dataset.json).
         postprocess: post-processing defaults stored in the checkpoint for inference.
         model_card: fields merged into the checkpoint's model card.
+        finetune: fine-tuning from a parent checkpoint (:class:`FineTuneConfig`).
     """
 
     data: str = ""
@@ -299,6 +323,7 @@ class TrainConfig:
     postprocess: dict[str, Any] = field(
         default_factory=lambda: {"largest_component": False, "fill_holes": False, "min_island_voxels": 0})
     model_card: dict[str, Any] = field(default_factory=dict)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
 
     # -- validation of values ------------------------------------------------------------------
     def check(self) -> "TrainConfig":

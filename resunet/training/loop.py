@@ -531,6 +531,7 @@ class TrainingRun:
     last_val: dict[str, float] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     rank_hashes: list[str] = field(default_factory=list)
+    lineage: dict[str, Any] | None = None  # fine-tuning: {"parent": {...}, "corrections": [...]} for the card
 
     @property
     def last_path(self) -> Path:
@@ -606,6 +607,7 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     # ---- plan (fresh) or reuse the run's plan (resume) ----------------------------------------
     last_path = out / "last.pt"
     resume_ckpt: Checkpoint | None = None
+    parent_ckpt: Checkpoint | None = None
     if resume:
         if not last_path.exists():
             raise ConfigError(f"--resume: {last_path} does not exist; start without --resume")
@@ -613,6 +615,8 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
         if resume_ckpt.train_state is None:
             raise ConfigError(f"--resume: {last_path} holds no training state")
         plan = TrainingPlan.from_dict(resume_ckpt.plan)
+    elif cfg.finetune.init_from:
+        parent_ckpt, plan, cfg = _parent_plan(cfg, spec)
     elif given_plan is not None:
         plan = given_plan
     else:
@@ -627,7 +631,18 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
 
     # ---- model, optimiser, schedule ------------------------------------------------------------
     _seed_all(cfg.seed)
-    net = build_network(cfg, plan, len(spec.channels), len(labels))
+    lineage: dict[str, Any] | None = None
+    if resume_ckpt is not None and resume_ckpt.model_card.get("parent"):
+        from resunet.nets import ResUNet
+
+        net = ResUNet.from_config(dict(resume_ckpt.network))  # the parent's architecture, weights below
+        lineage = {"parent": resume_ckpt.model_card["parent"],
+                   "corrections": resume_ckpt.model_card.get("corrections") or []}
+    elif parent_ckpt is not None:
+        net = parent_ckpt.build_network().train()  # step 0 = the parent's weights
+        lineage = _lineage(parent_ckpt, spec)
+    else:
+        net = build_network(cfg, plan, len(spec.channels), len(labels))
     network_config = net.config
     pretrained: dict[str, Any] | None = None
     if resume_ckpt is not None:
@@ -705,7 +720,52 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
         pretrained=pretrained, optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype,
         loss_fn=loss_fn, channels_last=channels_last, train_ds=train_ds, val_ds=val_ds, loader=loader,
         sampler=sampler, steps=steps, loader_bs=loader_bs, logger=logger, started=t_start,
-        start_epoch=start_epoch, best_dice=best_dice, best_epoch=best_epoch)
+        start_epoch=start_epoch, best_dice=best_dice, best_epoch=best_epoch, lineage=lineage)
+
+
+def _parent_plan(cfg: TrainConfig, spec: DatasetSpec) -> tuple[Checkpoint, TrainingPlan, TrainConfig]:
+    """Fine-tuning: the parent checkpoint, its plan (not re-planned) and ``cfg`` with the parent's model settings.
+
+    Raises:
+        DatasetError: the dataset's labels or channel count are not the parent's (the output layer
+            would mean other things).
+        ModelError: the parent is not a readable resunet checkpoint.
+    """
+    if cfg.model.pretrained:
+        raise ConfigError("--init-from and --pretrained both set the starting weights; pass one of them")
+    parent = load_checkpoint(cfg.finetune.init_from)
+    parent_labels = {int(k): str(v) for k, v in parent.labels.items()}
+    if spec.labels != parent_labels:
+        raise DatasetError(
+            f"dataset {spec.root}: its labels ({_labels_text(spec.labels)}) are not those of the model in "
+            f"{Path(cfg.finetune.init_from).name} ({_labels_text(parent_labels)}); fine-tuning keeps the parent's "
+            "output layer, so export corrections made with that model (resunet corrections export --model NAME)")
+    if len(spec.channels) != len(parent.channels):
+        raise DatasetError(f"dataset {spec.root}: {len(spec.channels)} input channel(s) ({', '.join(spec.channels)}), "
+                           f"but the model in {Path(cfg.finetune.init_from).name} takes {len(parent.channels)} "
+                           f"({', '.join(parent.channels)})")
+    plan = TrainingPlan.from_dict(parent.plan)
+    model = dataclasses.replace(cfg.model, preset=str(parent.model_card.get("preset") or cfg.model.preset),
+                                spatial_dims=plan.spatial_dims,
+                                deep_supervision=bool(parent.network.get("deep_supervision", cfg.model.deep_supervision)))
+    return parent, plan, dataclasses.replace(cfg, model=model)
+
+
+def _labels_text(labels: dict[int, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _lineage(parent: Checkpoint, spec: DatasetSpec) -> dict[str, Any]:
+    """What the child's card says of where it came from: the parent (name, sha256, file) and the corrections."""
+    from resunet.training.corrections import read_corrections
+
+    card = parent.model_card
+    info = {"name": str(card.get("name") or Path(str(parent.path)).stem), "sha256": parent.sha256,
+            "file": Path(str(parent.path)).name}
+    if card.get("parent"):
+        info["parent"] = card["parent"]  # the grandparent and above: the whole line
+    corrections = [{"case_id": c["case_id"], "decision_id": c["decision_id"]} for c in read_corrections(spec.root)]
+    return {"parent": info, "corrections": corrections}
 
 
 # ------------------------------------------------------------------------------- phase: one epoch
@@ -837,6 +897,8 @@ def model_card(run: TrainingRun, metrics: dict[str, Any]) -> dict[str, Any]:
             "metrics": metrics, "epochs": cfg.epochs}
     if run.pretrained is not None:
         base["pretrained"] = run.pretrained
+    if run.lineage is not None:
+        base.update(run.lineage)  # "parent" and "corrections" (fine-tuning, resunet train --init-from)
     if run.val_ids or cfg.dataset.folds > 1:
         base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,
                                     "split_seed": cfg.dataset.split_seed}
