@@ -28,7 +28,8 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
 _NAME = re.compile(r"^resunet-(?P<kind>[a-z]+)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,7 +53,7 @@ def remove_stale(parent: str | os.PathLike[str] | None = None) -> list[Path]:
     uid = os.getuid()
     for e in entries:
         m = _NAME.match(e.name)
-        if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+        if not m or m["host"] != _HOST or int(m["pid"]) == os.getpid() or process_alive(int(m["pid"])):
             continue
         with contextlib.suppress(OSError):
             if e.is_dir(follow_symlinks=False) and e.stat(follow_symlinks=False).st_uid == uid:

@@ -26,18 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from resunet.io.scratch import process_alive
+
 #: How often a waiting worker looks at the ledger again (s).
 POLL_S = 0.2
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 class MemoryBudget:
@@ -67,7 +59,7 @@ class MemoryBudget:
                 ledger = json.loads(text) if text.strip() else {}
             except json.JSONDecodeError:  # a torn write cannot happen under the lock; be safe anyway
                 ledger = {}
-            ledger = {k: v for k, v in ledger.items() if _alive(int(v.get("pid", 0)))}
+            ledger = {k: v for k, v in ledger.items() if process_alive(int(v.get("pid", 0)))}
             yield ledger
             fh.seek(0)
             fh.truncate()

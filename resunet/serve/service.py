@@ -571,15 +571,15 @@ class Service:
             return contextlib.nullcontext()
         from resunet.serve.memory import MemoryBudget
 
+        limits = self.input_rules()["limits"]
         if self._memory is None:
-            limits = self.input_rules()["limits"]
             self._memory = MemoryBudget(self.state_dir / "memory", self.node, limits.max_bytes)
         need = job.options.get("memory_estimate_bytes")
         if need is None and job.input_path and Path(job.input_path).exists():  # a received series: its headers
             from resunet.io.precheck import check_study
 
             with contextlib.suppress(Exception):  # an unreadable input fails in the job with its reason
-                need = check_study(job.input_path, limits=self.input_rules()["limits"])
+                need = check_study(job.input_path, limits=limits)
 
         def note(event: str, detail: dict[str, Any]) -> None:
             with contextlib.suppress(ServerError):
