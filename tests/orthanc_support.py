@@ -8,13 +8,16 @@ stopped afterwards. Nothing is mocked: QIDO/WADO/STOW and C-STORE go to the real
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from test_app_support import free_port, stop, wait_http
+import pytest
+from test_app_support import EXAMPLE_DICOM, free_port, stop, wait_http
 
 #: where Debian's orthanc-dicomweb package puts the plugin (the first that exists is used)
 PLUGIN_CANDIDATES = (
@@ -109,3 +112,28 @@ def start_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]] | No
         stop(proc)
         raise RuntimeError(f"Orthanc did not start; its log:\n{(folder / 'orthanc.log').read_text(errors='replace')[-3000:]}")
     return Orthanc(proc=proc, url=url, dicomweb=f"{url}/dicom-web", port=dicom_port, aet=ORTHANC_AET, folder=folder)
+
+
+def example_orthanc(folder: Path, modalities: dict[str, tuple[str, str, int]] | None = None) -> Iterator[Orthanc]:
+    """A real Orthanc holding the example DICOM study, for a module fixture (``yield from example_orthanc(...)``).
+
+    Without Debian's orthanc + orthanc-dicomweb the test fails under ``CI=true`` and is skipped elsewhere.
+    """
+    if orthanc_binary() is None or dicomweb_plugin() is None:
+        msg = "Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    server = start_orthanc(folder, modalities)
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        yield server
+    finally:
+        server.stop()
+
+
+def series_of_modality(orthanc: Orthanc, study_uid: str, modality: str = "SEG") -> set[str]:
+    """Series Instance UIDs of ``modality`` in the study, as the archive lists them (QIDO-RS)."""
+    from resunet.pacs import PacsClient, PacsConfig
+
+    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == modality}

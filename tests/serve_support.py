@@ -86,15 +86,17 @@ def submit(url: str, files: list[tuple[str, bytes]], token: str | None = None, *
                       headers=headers, timeout=120)
 
 
-def wait_job(url: str, job_id: str, timeout: float = 300.0, token: str | None = None) -> dict[str, Any]:
-    """Poll the job until done or failed; returns its JSON."""
+def wait_job(url: str, job_id: str, timeout: float = 300.0, token: str | None = None, *,
+             until: tuple[str, ...] = ("done", "failed")) -> dict[str, Any]:
+    """Poll the job until its state is one of ``until`` (``review``: held for a person, --require-review);
+    returns its JSON."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=120)
         r.raise_for_status()
         job = r.json()
-        if job["state"] in ("done", "failed"):
+        if job["state"] in until:
             return job
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} not finished within {timeout} s")

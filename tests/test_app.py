@@ -28,6 +28,7 @@ from test_app_support import (
     bad_uploads,
     make_tiny_model,
     nifti_gz_bytes,
+    open_page,
     two_series_zip,
 )
 
@@ -46,14 +47,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def app(model_dir, tmp_path, monkeypatch) -> AppTest:
-    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
-    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
-    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
-    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
-    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_page(model_dir, tmp_path, monkeypatch)
 
 
 def _errors(at: AppTest) -> list[str]:

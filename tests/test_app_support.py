@@ -51,6 +51,21 @@ PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-7731-XQ"
 
 
+def open_page(model_dir: Path, tmp_path: Path, monkeypatch) -> "AppTest":
+    """The page under AppTest with ``model_dir``'s ``tiny.pt`` as its default model, its session folders
+    and audit log under ``tmp_path``; run once, without an exception."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
+    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
+    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
+    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 def make_tiny_model(path: Path, seed: int = 0, all_foreground: bool = False) -> Path:
     """Write an untrained tiny 3D ResUNet checkpoint (labels background/brain, 6 mm, 32^3 patches).
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from test_app_support import APP_SCRIPT, make_tiny_model
+from test_app_support import make_tiny_model, open_page
 
 from resunet.cli import main as cli_main
 from resunet.evaluation import evaluate_case
@@ -35,13 +35,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def app(model_dir, tmp_path, monkeypatch) -> AppTest:
-    monkeypatch.setenv("RESUNET_APP_MODEL_DIR", str(model_dir))
-    monkeypatch.setenv("RESUNET_APP_DEFAULT_MODEL", "tiny.pt")
-    monkeypatch.setenv("RESUNET_APP_TEMP_DIR", str(tmp_path / "sessions"))
-    monkeypatch.setenv("RESUNET_AUDIT_DB", str(tmp_path / "audit.sqlite"))
-    at = AppTest.from_file(str(APP_SCRIPT), default_timeout=180)
-    at.run()
-    assert not at.exception, at.exception
+    at = open_page(model_dir, tmp_path, monkeypatch)
     at.button(key="example").click().run()
     assert not at.exception, at.exception
     return at

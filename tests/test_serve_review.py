@@ -11,7 +11,6 @@ TTA keep it fast; the voxels compared are the ones the reviewer drew.
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
@@ -19,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from orthanc_support import ORTHANC_AET, dicomweb_plugin, orthanc_binary, start_orthanc
-from serve_support import ServiceProcess
+from orthanc_support import ORTHANC_AET, example_orthanc, series_of_modality
+from serve_support import ServiceProcess, wait_job
 from test_app_support import EXAMPLE_DICOM, free_port, make_tiny_model
 
 from resunet.cli import main
@@ -41,23 +40,7 @@ def node_port() -> int:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory, node_port):
-    if orthanc_binary() is None or dicomweb_plugin() is None:
-        msg = "Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"), {"resunet": (NODE_AET, "127.0.0.1", node_port)})
-    try:
-        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
-        yield server
-    finally:
-        server.stop()
-
-
-def _segs(orthanc, study_uid: str, modality: str = "SEG") -> set[str]:
-    from resunet.pacs import PacsClient, PacsConfig
-
-    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == modality}
+    yield from example_orthanc(tmp_path_factory.mktemp("orthanc"), {"resunet": (NODE_AET, "127.0.0.1", node_port)})
 
 
 def send_to_modality(orthanc, study_uid: str) -> None:
@@ -73,15 +56,6 @@ def send_to_modality(orthanc, study_uid: str) -> None:
         assert r.status == 200
 
 
-def _wait(url: str, job_id: str, headers: dict, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=60).json()
-        if job["state"] in ("review", "done", "failed"):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} not finished within {timeout} s")
-
 
 def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_stores_nothing(orthanc, node_port, tmp_path):
     from resunet.pacs import PacsClient, PacsConfig
@@ -91,10 +65,11 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
     state.mkdir(mode=0o700)
     tokens = TokenStore(state / "tokens.json")
     # an admin token: the DICOM node's jobs belong to no token, and submit tokens see only their own
-    auth = {"Authorization": f"Bearer {tokens.add(REVIEWER, scope='admin')}"}
+    auth_token = tokens.add(REVIEWER, scope="admin")
+    auth = {"Authorization": f"Bearer {auth_token}"}
     eve = {"Authorization": f"Bearer {tokens.add('eve')}"}
     model = make_tiny_model(tmp_path / "tiny.pt")
-    before, before_rt = _segs(orthanc, study_uid), _segs(orthanc, study_uid, "RTSTRUCT")
+    before, before_rt = series_of_modality(orthanc, study_uid), series_of_modality(orthanc, study_uid, "RTSTRUCT")
     svc = ServiceProcess(state, model, "--no-tta", "--format", "nifti,seg,rtstruct", "--pacs", orthanc.dicomweb,
                          "--dicom-port", str(node_port), "--ae-title", NODE_AET, "--allow-aet", ORTHANC_AET,
                          "--store-to", f"127.0.0.1:{orthanc.port}:{ORTHANC_AET}", "--settle-seconds", "1",
@@ -105,12 +80,12 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
             r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
             assert r.status_code == 202, r.text
             jobs.append(r.json()["id"])
-        held = [_wait(svc.url, j, auth) for j in jobs]
+        held = [wait_job(svc.url, j, token=auth_token, until=("review", "done", "failed")) for j in jobs]
         assert [j["state"] for j in held] == ["review", "review"], held[0].get("error") or svc.log()[-3000:]
         assert held[0]["review"]["state"] == "pending" and "stored_to_pacs" not in held[0]["result"]
         waiting = httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()
         assert sorted(j["id"] for j in waiting["jobs"]) == sorted(jobs) and waiting["counts"]["review"] == 2
-        assert _segs(orthanc, study_uid) == before  # held: nothing sent
+        assert series_of_modality(orthanc, study_uid) == before  # held: nothing sent
 
         # the reviewer corrects the model's mask: a block painted in, a slab erased
         mask_file = tmp_path / "model_mask.nii.gz"
@@ -138,7 +113,7 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         wrong = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "maybe"}, headers=auth, timeout=60)
         assert wrong.status_code == 422 and "approve, reject" in wrong.json()["detail"]
         assert httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["state"] == "review"
-        assert _segs(orthanc, study_uid) == before
+        assert series_of_modality(orthanc, study_uid) == before
 
         ok = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "approve", "comment": "fixed the base"},
                         files={"corrected": ("corrected.nii.gz", fixed_file.read_bytes())}, headers=auth, timeout=300)
@@ -161,7 +136,7 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         assert no.json()["review"]["state"] == "rejected" and no.json()["review"]["comment"] == "wrong series"
         assert "sent" not in no.json()["review"]
         assert httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()["jobs"] == []
-        corrected_only = _segs(orthanc, study_uid) - before
+        corrected_only = series_of_modality(orthanc, study_uid) - before
         assert len(corrected_only) == 1, corrected_only
 
         # the DICOM node: a series sent to it is held too; approved as it is, the model's SEG goes to --store-to
@@ -172,7 +147,7 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
             node_job = next((j for j in listed if j["kind"] == "dicom-series"), None)
             time.sleep(0.5)
         assert node_job is not None, svc.log()[-3000:]
-        assert _segs(orthanc, study_uid) - before == corrected_only  # held: nothing sent by the node
+        assert series_of_modality(orthanc, study_uid) - before == corrected_only  # held: nothing sent by the node
         as_is = httpx.post(f"{svc.url}/v1/jobs/{node_job['id']}/review", data={"decision": "approve"}, headers=auth,
                            timeout=300)
         assert as_is.status_code == 200, as_is.text
@@ -181,7 +156,7 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         assert sorted(f.rsplit(".", 2)[-2] for f in sent["files"]) == ["rtstruct", "seg"]  # the model's own files
         assert as_is.json()["review"]["corrected"] is False and as_is.json()["review"]["voxels_changed"] == {"brain": 0}
     node_seg = pydicom.dcmread(next((state / "jobs" / node_job["id"] / "out").rglob("*.seg.dcm")), stop_before_pixels=True)
-    assert _segs(orthanc, study_uid) - before == corrected_only | {str(node_seg.SeriesInstanceUID)}  # the model's own SEG
+    assert series_of_modality(orthanc, study_uid) - before == corrected_only | {str(node_seg.SeriesInstanceUID)}  # the model's own SEG
 
     # Orthanc: the corrected SEG series in the same study
     new = corrected_only
@@ -198,7 +173,7 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
     assert np.array_equal(np.asarray(read_dicom_seg(seg_file, source).array), fixed)
     assert np.array_equal(np.asarray(read_nifti(state / "jobs" / jobs[0] / "review" / "corrected.nii.gz").array), fixed)
     # and the corrected RTSTRUCT beside it (the job wrote one): SEMIAUTOMATIC, approved by the reviewer
-    new_rt = _segs(orthanc, study_uid, "RTSTRUCT") - before_rt
+    new_rt = series_of_modality(orthanc, study_uid, "RTSTRUCT") - before_rt
     assert len(new_rt) == 2  # the corrected one (pacs-pull job) and the model's (node job, approved as is)
     rts = [pydicom.dcmread(PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / uid, [uid])[0])
            for uid in sorted(new_rt)]

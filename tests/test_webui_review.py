@@ -13,16 +13,13 @@ on-page message, and a submit token cannot decide for another person (403).
 
 from __future__ import annotations
 
-import os
-import time
-
 import httpx
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from orthanc_support import dicomweb_plugin, orthanc_binary, start_orthanc
-from serve_support import ServiceProcess
+from orthanc_support import example_orthanc, series_of_modality
+from serve_support import ServiceProcess, wait_job
 from streamlit.testing.v1 import AppTest
 from test_app_support import APP_SCRIPT, BUNDLED_MODEL, EXAMPLE_DICOM, make_tiny_model
 
@@ -37,33 +34,8 @@ PAGE_USER = "dr.bob"
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    if orthanc_binary() is None or dicomweb_plugin() is None:
-        msg = "Debian orthanc + orthanc-dicomweb not installed (scripts/setup-system.sh installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    try:
-        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
-        yield server
-    finally:
-        server.stop()
+    yield from example_orthanc(tmp_path_factory.mktemp("orthanc"))
 
-
-def _series(orthanc, study_uid: str, modality: str = "SEG") -> set[str]:
-    from resunet.pacs import PacsClient, PacsConfig
-
-    return {s.series_uid for s in PacsClient(PacsConfig(orthanc.dicomweb)).search_series(study_uid) if s.modality == modality}
-
-
-def _wait_held(url: str, job_id: str, headers: dict, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=60).json()
-        if job["state"] in ("review", "done", "failed"):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} not finished within {timeout} s")
 
 
 def _page(tmp_path, monkeypatch, service_url: str, token: str) -> AppTest:
@@ -97,7 +69,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
     page_token = tokens.add("webui", scope="admin", group="ward")
     submit_token = tokens.add("eve", group="ward")  # sees the ward's jobs, may decide only as herself
     auth = {"Authorization": f"Bearer {page_token}"}
-    before = _series(orthanc, study_uid)
+    before = series_of_modality(orthanc, study_uid)
     svc = ServiceProcess(state, BUNDLED_MODEL, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
                          "--require-review", audit_db=audit)
     with svc:
@@ -106,7 +78,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
             r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
             assert r.status_code == 202, r.text
             jobs.append(r.json()["id"])
-        held = [_wait_held(svc.url, j, auth) for j in jobs]
+        held = [wait_job(svc.url, j, token=page_token, until=("review", "done", "failed")) for j in jobs]
         assert [j["state"] for j in held] == ["review"] * 3, held[0].get("error") or svc.log()[-3000:]
 
         # the display files: the input and the model's mask on one grid, the mask = the job's own NIfTI mask
@@ -139,7 +111,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         job_mask = tmp_path / "job_mask.nii.gz"
         job_mask.write_bytes(httpx.get(held[0]["outputs"]["mask"]["url"], headers=auth, timeout=60).content)
         assert np.array_equal(model_mask, np.asarray(nib.load(job_mask).dataobj))
-        assert _series(orthanc, study_uid) == before  # held: nothing sent yet
+        assert series_of_modality(orthanc, study_uid) == before  # held: nothing sent yet
 
         at.text_input(key=f"review_comment_{jobs[0]}").input("looks right")
         at.button(key="review_approve").click().run()
@@ -147,7 +119,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         assert _texts(at.error) == []
         (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[0]}")]
         assert f"Approved by {PAGE_USER}" in ok and orthanc.dicomweb in ok and "seg" in ok, ok
-        new = _series(orthanc, study_uid) - before
+        new = series_of_modality(orthanc, study_uid) - before
         assert len(new) == 1  # the model's SEG, in the same study
 
         # reject the second: a reason is required
@@ -161,7 +133,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         assert not at.exception, at.exception
         (no,) = [s for s in _texts(at.info) if s.startswith(f"Job {jobs[1]}")]
         assert f"Rejected by {PAGE_USER}: motion artefact" in no and "Nothing was sent" in no
-        assert _series(orthanc, study_uid) - before == new  # reject stored nothing
+        assert series_of_modality(orthanc, study_uid) - before == new  # reject stored nothing
 
         # the third with a correction (what the mask editor hands over): the corrected SEG goes to Orthanc
         from resunet.webui.review_queue import CORRECTIONS
@@ -182,7 +154,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         (ok3,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[2]}")]
         assert f"Approved by {PAGE_USER}: the corrected seg" in ok3, ok3
         assert any("No results wait for a review" in s for s in _texts(at.info))
-        corrected_seg = _series(orthanc, study_uid) - before - new
+        corrected_seg = series_of_modality(orthanc, study_uid) - before - new
         assert len(corrected_seg) == 1
         after = httpx.get(f"{svc.url}/v1/jobs/{jobs[1]}", headers=auth, timeout=60).json()
         assert after["review"]["state"] == "rejected" and after["review"]["comment"] == "motion artefact"
