@@ -55,13 +55,15 @@ def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source
     ``corrected`` None (or equal to the model's mask) decides on the model's mask as it is; otherwise the
     corrected mask is written (NIfTI always; SEG + RTSTRUCT for DICOM input) and hashed into the record,
     with ``comparison.csv`` (:func:`comparison_rows`: volumes of both masks, Dice, HD95).
-    Returns the path of ``review.json``. Raises InputError (no reviewer, already decided) for the page.
+    Returns the path of ``review.json``. Raises InputError (no reviewer) or AlreadyDecided (a decision on
+    ``subject`` is in the audit log: the message says so without paths) for the page.
     """
     from resunet.inference import review
     from resunet.reports import collect_provenance
 
     d = review.check_decision(decision, reviewer)
     reviewer = reviewer.strip()
+    review.check_not_decided(subject, db_path)  # before any file is written; AlreadyDecided says what to do
     changed = corrected is not None and not np.array_equal(np.asarray(corrected.array), np.asarray(model_mask.array))
     files: dict[str, Path] = {}
     corrected_hash = None
