@@ -248,6 +248,10 @@ def test_a_held_job_edited_in_the_page_editor_is_approved_as_the_corrected_seg(o
         assert not at.exception, at.exception
         _, image, model = at.session_state["review_opened"]
         model_arr = np.asarray(model.array).copy()
+        # a local study segmented on the same page: both sign-off panels at once, their widgets apart
+        at.button(key="example").click().run()
+        assert not at.exception, at.exception
+        assert {"review_approve", "review_job_approve"} <= {b.key for b in at.button}
         at.toggle(key="review_edit_mode").set_value(True).run()
         assert not at.exception, at.exception
         ed = at.session_state["review_edit_state"]["editor"]
