@@ -315,3 +315,44 @@ def test_newest_upload_wins():
     dicoms = [F(file_id=f"d{i}", name=f"IM{i}.dcm") for i in range(3)]
     assert newest_upload([first, *dicoms], {"a"}) == dicoms  # one drop of several DICOM files
     assert newest_upload([first], {"a", "b"}) == [first]  # the newest was removed with its x: the rest
+
+
+def test_a_model_preload_running_at_exit_is_finished_before_the_interpreter_ends(tmp_path):
+    """The page's background preload (PredictorCache.preload) still loading when the process exits: the
+    cache's atexit hook lets it finish (no warm-up) and joins it, so no thread is inside torch while the
+    interpreter finalises (that ended AppTest children with SIGABRT, "terminate called without an active
+    exception"); after that no preload starts. A real tiny checkpoint, a real child interpreter."""
+    import subprocess
+    import sys
+
+    from test_app_support import REPO, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    code = (
+        "import atexit, sys, threading\n"
+        "from pathlib import Path\n"
+        "from resunet.io.hashing import sha256_file\n"
+        "from resunet.webui.runner import PredictorCache\n"
+        f"m = Path({str(model)!r}); sha = sha256_file(m)\n"
+        "cache = PredictorCache()\n"
+        "def after():  # registered before the cache's hook, so it runs after it (atexit is last in, first out)\n"
+        "    alive = [t for t in threading.enumerate() if t.name == 'resunet-preload' and t.is_alive()]\n"
+        "    cache.preload(m, sha, 'cpu', True, False)\n"
+        "    print('EXIT', cache.state(m, sha, 'cpu', False, False), len(alive),\n"
+        "          cache.state(m, sha, 'cpu', True, False), flush=True)\n"
+        "atexit.register(after)\n"
+        "cache.preload(m, sha, 'cpu', False, False)\n"
+        "print('LEFT', cache.state(m, sha, 'cpu', False, False), flush=True)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = res.stdout.split()
+    assert lines[:2] == ["LEFT", "loading"], res.stdout  # the script ended while the model was loading
+    # at exit: the preload ended (ready, or failed: an import at interpreter shutdown may refuse, e.g.
+    # concurrent.futures' "can't register atexit after shutdown"), no preload thread is left, and none
+    # started after the close
+    assert lines[2] == "EXIT" and lines[3] in ("ready", "failed") and lines[4:] == ["0", "absent"], \
+        res.stdout + res.stderr[-2000:]

@@ -121,10 +121,27 @@ def test_sign_off_twice_is_refused_with_a_message(tmp_path):
               model_mask=model, corrected=corrected, labels={0: "bg", 1: "lesion"}, folder=tmp_path / "rev",
               model_path=None, model_name="tiny", model_sha256=None, db_path=tmp_path / "a.sqlite")
     sign_off(decision="approve", **kw)
-    from resunet.errors import InputError
+    from resunet.inference.review import AlreadyDecided, Decision, record_decision
+    from resunet.reports.audit import RunAlreadyRecorded, record_run
 
-    with pytest.raises(InputError, match="cannot append run review-case1"):
+    # the second decision: what happened and what to do, for a clinician: no audit database path, no folder
+    with pytest.raises(AlreadyDecided) as second:
         sign_off(decision="reject", **{**kw, "folder": tmp_path / "rev2"})
+    msg = str(second.value)
+    assert "already approved or rejected" in msg and "review-case1" in msg and "review the new result" in msg
+    assert str(tmp_path) not in msg and "sqlite" not in msg
+    assert not (tmp_path / "rev2").exists()  # refused before any file was written
+    (run,) = [r for r in read_runs(tmp_path / "a.sqlite") if r["kind"] == "review"]
+    assert run["provenance"]["review"]["decision"] == "approve"  # the first decision stands
+    # a decision recorded by another session between the check and the append: the same message
+    with pytest.raises(RunAlreadyRecorded) as dup:
+        record_run("review", {**run["provenance"]}, [], db_path=tmp_path / "a.sqlite")
+    assert "review-case1" in str(dup.value) and str(tmp_path) not in str(dup.value)
+    late = Decision(subject="case1", decision="reject", reviewer="B", comment="", input_sha256="0" * 64,
+                    model_mask_sha256="0" * 64, corrected_mask_sha256=None, voxels_changed={})
+    with pytest.raises(AlreadyDecided, match="already approved or rejected"):
+        record_decision(late, tmp_path / "rev3", {"command": ["test"]}, db_path=tmp_path / "a.sqlite")
+    assert not (tmp_path / "rev3" / "review.json").exists()
 
 
 def test_canvas_frontend_ships_as_package_data():

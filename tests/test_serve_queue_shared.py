@@ -231,8 +231,11 @@ def test_pg_audit_chain_verifies_after_concurrent_appends_from_processes(pg_url)
     assert len(runs) == 45 and {r["user"] for r in runs} == {"node0", "node1", "node2"}
     assert verify_log(pg_url) == []
     assert run_recorded("node1-3", pg_url) and not run_recorded("node1-99", pg_url)
-    with pytest.raises(InputError, match="node0-0"):
+    from resunet.reports.audit import RunAlreadyRecorded
+
+    with pytest.raises(RunAlreadyRecorded, match="node0-0") as dup:
         _append_runs(pg_url, "node0", 1)  # a run id is recorded once
+    assert "127.0.0.1" not in str(dup.value)  # the run, not the database, as the SQLite log says it
     assert main(["audit", "log", "--audit-db", pg_url, "--last", "0"]) == 0
     import psycopg
 

@@ -114,7 +114,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         assert series_of_modality(orthanc, study_uid) == before  # held: nothing sent yet
 
         at.text_input(key=f"review_comment_{jobs[0]}").input("looks right")
-        at.button(key="review_approve").click().run()
+        at.button(key="review_job_approve").click().run()
         assert not at.exception, at.exception
         assert _texts(at.error) == []
         (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[0]}")]
@@ -125,11 +125,11 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         # reject the second: a reason is required
         at.selectbox(key="review_job").set_value(jobs[1]).run()
         at.button(key="review_open").click().run()
-        at.button(key="review_reject").click().run()
+        at.button(key="review_job_reject").click().run()
         assert any("A rejection needs a reason" in e for e in _texts(at.error))
         assert httpx.get(f"{svc.url}/v1/jobs/{jobs[1]}", headers=auth, timeout=60).json()["state"] == "review"
         at.text_input(key=f"review_comment_{jobs[1]}").input("motion artefact")
-        at.button(key="review_reject").click().run()
+        at.button(key="review_job_reject").click().run()
         assert not at.exception, at.exception
         (no,) = [s for s in _texts(at.info) if s.startswith(f"Job {jobs[1]}")]
         assert f"Rejected by {PAGE_USER}: motion artefact" in no and "Nothing was sent" in no
@@ -148,7 +148,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         at.session_state[CORRECTIONS] = {jobs[2]: mask2.with_array(fixed)}
         at.run()
         assert any("Approve sends your corrected mask" in c for c in _texts(at.caption))
-        at.button(key="review_approve").click().run()
+        at.button(key="review_job_approve").click().run()
         assert not at.exception, at.exception
         assert _texts(at.error) == []
         (ok3,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[2]}")]
@@ -203,3 +203,140 @@ def test_service_url_must_be_http(tmp_path):
     assert service_token({"resunet": {"service_token": "abc"}}, env={}) == "abc"
     assert service_token({"resunet": {"service_token": "abc"}}, env={"RESUNET_SERVICE_TOKEN": "env"}) == "env"
     assert service_token({}, env={}) is None
+
+
+def _canvas_stroke(at: AppTest, view: str, seq: int, fractions: list[tuple[float, float]]) -> None:
+    """A stroke as the canvas component sends it (its value under its key), in the editor's screen pixels."""
+    ed = at.session_state["review_edit_state"]["editor"]
+    w, h = ed.image_size(view)
+    at.session_state[f"review_edit_canvas_{view}"] = {"seq": seq, "kind": "stroke",
+                                                       "points": [[w * fx, h * fy] for fx, fy in fractions]}
+
+
+def test_a_held_job_edited_in_the_page_editor_is_approved_as_the_corrected_seg(orthanc, tmp_path, monkeypatch):
+    """From "To review": open a job, edit its mask with the page's edit panel (paint on two axial slices,
+    interpolate between them, erase, undo/redo), see the comparison, approve: the service's corrected mask,
+    the SEMIAUTOMATIC SEG in Orthanc and the audit record hold exactly the edited voxels. A second job,
+    edited then rejected, sends nothing and keeps the reason."""
+    from resunet.evaluation import evaluate_case
+    from resunet.inference.review import mask_sha256
+    from resunet.io.hashing import sha256_file
+    from resunet.io import load_study, read_dicom_seg, read_nifti
+    from resunet.pacs import PacsClient, PacsConfig
+
+    study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    state, audit = tmp_path / "state", tmp_path / "audit.sqlite"
+    state.mkdir(mode=0o700)
+    page_token = TokenStore(state / "tokens.json").add("webui", scope="admin")
+    auth = {"Authorization": f"Bearer {page_token}"}
+    before = series_of_modality(orthanc, study_uid)
+    service_model = make_tiny_model(tmp_path / "service-tiny.pt", seed=3)  # a real model run, seconds on 2 CPUs
+    svc = ServiceProcess(state, service_model, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
+                         "--require-review", audit_db=audit)
+    with svc:
+        jobs = []
+        for _ in range(2):
+            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["id"])
+        held = [wait_job(svc.url, j, token=page_token, until=("review", "done", "failed")) for j in jobs]
+        assert [j["state"] for j in held] == ["review"] * 2, held[0].get("error") or svc.log()[-3000:]
+
+        at = _page(tmp_path, monkeypatch, svc.url, page_token)
+        at.selectbox(key="review_job").set_value(jobs[0]).run()
+        at.button(key="review_open").click().run()
+        assert not at.exception, at.exception
+        _, image, model = at.session_state["review_opened"]
+        model_arr = np.asarray(model.array).copy()
+        # a local study segmented on the same page: both sign-off panels at once, their widgets apart
+        at.button(key="example").click().run()
+        assert not at.exception, at.exception
+        assert {"review_approve", "review_job_approve"} <= {b.key for b in at.button}
+        at.toggle(key="review_edit_mode").set_value(True).run()
+        assert not at.exception, at.exception
+        ed = at.session_state["review_edit_state"]["editor"]
+        assert ed.voxels_changed() == 0 and at.selectbox(key="review_edit_label").options == ["1: brain"]
+        # paint a bar on axial slices 20 and 30, then fill 21..29 by interpolation
+        at.radio(key="review_edit_tool").set_value("paint").run()
+        at.number_input(key="review_edit_radius").set_value(4.0).run()
+        at.slider(key="review_edit_slice_axial").set_value(20).run()
+        _canvas_stroke(at, "axial", 1, [(0.1, 0.1), (0.4, 0.12)])
+        at.run()
+        at.slider(key="review_edit_slice_axial").set_value(30).run()
+        _canvas_stroke(at, "axial", 2, [(0.1, 0.1), (0.4, 0.12)])
+        at.run()
+        assert ed.edited_slices("axial", 1) == [19, 29]
+        painted_two = ed.voxels_changed()
+        at.button(key="review_edit_interp").click().run()
+        assert not at.exception, at.exception
+        assert ed.voxels_changed() > painted_two
+        # erase a stroke through the middle, undo it, redo it: the same mask as after the erase
+        at.radio(key="review_edit_tool").set_value("erase").run()
+        at.slider(key="review_edit_slice_axial").set_value(46).run()
+        _canvas_stroke(at, "axial", 3, [(0.3, 0.5), (0.7, 0.5)])
+        at.run()
+        erased = np.asarray(ed.corrected.array).copy()
+        at.button(key="review_edit_undo").click().run()
+        assert not np.array_equal(np.asarray(ed.corrected.array), erased)
+        at.button(key="review_edit_redo").click().run()
+        assert not at.exception, at.exception
+        fixed = np.asarray(ed.corrected.array).copy()
+        assert np.array_equal(fixed, erased) and not np.array_equal(fixed, model_arr)
+        assert (fixed != model_arr).any(axis=(0, 1)).sum() >= 11  # the interpolated slices changed too
+        # the comparison beside the editor: the evaluation package's numbers, model vs corrected
+        shown = [df.value for df in at.dataframe if "corrected_ml" in df.value.columns][0]
+        expected = evaluate_case(model, ed.corrected, labels=[1])[0]
+        assert float(shown["dice"][0]) == pytest.approx(expected["dice"], abs=1e-4) and expected["dice"] < 1.0
+        assert float(shown["model_ml"][0]) == pytest.approx(expected["vol_pred_ml"], abs=1e-3)
+        assert float(shown["corrected_ml"][0]) == pytest.approx(expected["vol_gt_ml"], abs=1e-3)
+        assert any("Approve sends your corrected mask" in c for c in _texts(at.caption))
+        assert series_of_modality(orthanc, study_uid) == before  # held: nothing sent yet
+
+        at.text_input(key=f"review_comment_{jobs[0]}").input("frontal bar added")
+        at.button(key="review_job_approve").click().run()
+        assert not at.exception, at.exception
+        assert _texts(at.error) == []
+        (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[0]}")]
+        assert f"Approved by {PAGE_USER}: the corrected seg" in ok, ok
+        corrected_seg = series_of_modality(orthanc, study_uid) - before
+        assert len(corrected_seg) == 1
+
+        # the second job: edited, then rejected with a reason: nothing sent, the reason kept
+        at.selectbox(key="review_job").set_value(jobs[1]).run()
+        at.button(key="review_open").click().run()
+        assert at.session_state["review_edit_state"]["editor"].voxels_changed() == 0  # a fresh editor
+        at.toggle(key="review_edit_mode").set_value(True).run()
+        at.radio(key="review_edit_tool").set_value("paint").run()
+        _canvas_stroke(at, "axial", 1, [(0.2, 0.2), (0.6, 0.2)])
+        at.run()
+        assert at.session_state["review_edit_state"]["editor"].voxels_changed() > 0
+        at.text_input(key=f"review_comment_{jobs[1]}").input("wrong series")
+        at.button(key="review_job_reject").click().run()
+        assert not at.exception, at.exception
+        (no,) = [s for s in _texts(at.info) if s.startswith(f"Job {jobs[1]}")]
+        assert f"Rejected by {PAGE_USER}: wrong series" in no
+        assert series_of_modality(orthanc, study_uid) - before == corrected_seg  # reject stored nothing
+        first = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}", headers=auth, timeout=60).json()["review"]
+        second = httpx.get(f"{svc.url}/v1/jobs/{jobs[1]}", headers=auth, timeout=60).json()["review"]
+    assert first["state"] == "approved" and first["corrected"] and first["reviewer"] == PAGE_USER
+    assert second["state"] == "rejected" and not second["corrected"] and second["comment"] == "wrong series"
+    assert "sent" not in second
+    # the service's corrected mask: exactly the page's edits
+    saved = read_nifti(state / "jobs" / jobs[0] / "review" / "corrected.nii.gz")
+    assert first["outputs"]["mask"]["sha256"] == sha256_file(state / "jobs" / jobs[0] / "review" / "corrected.nii.gz")
+    assert np.array_equal(np.asarray(saved.array), fixed)
+    # the SEG in Orthanc: same study, SEMIAUTOMATIC, the page user as its creator, the edited voxels
+    seg_file = PacsClient(PacsConfig(orthanc.dicomweb)).retrieve(study_uid, tmp_path / "got", sorted(corrected_seg))[0]
+    ds = pydicom.dcmread(seg_file)
+    assert ds.StudyInstanceUID == study_uid and ds.ContentCreatorName.family_name == PAGE_USER
+    assert {str(x.SegmentAlgorithmType) for x in ds.SegmentSequence} == {"SEMIAUTOMATIC"}
+    assert np.array_equal(np.asarray(read_dicom_seg(seg_file, load_study(EXAMPLE_DICOM)).array), fixed)
+    # the audit log: both decisions by the page user; the approval hashes the edited mask
+    reviews = {r["run_id"]: r for r in read_runs(audit) if r["kind"] == "review"}
+    approve = reviews[f"review-{jobs[0]}"]["provenance"]["review"]
+    reject = reviews[f"review-{jobs[1]}"]["provenance"]["review"]
+    assert reviews[f"review-{jobs[0]}"]["user"] == PAGE_USER == reviews[f"review-{jobs[1]}"]["user"]
+    assert approve["decision"] == "approve" and approve["corrected_mask_sha256"] == mask_sha256(model.with_array(fixed))
+    assert approve["voxels_changed"]["brain"] == int(np.count_nonzero(fixed != model_arr))
+    assert reject["decision"] == "reject" and reject["corrected_mask_sha256"] is None
+    assert verify_log(audit) == []

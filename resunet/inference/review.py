@@ -41,6 +41,31 @@ CORRECTED_SEG = "corrected.seg.dcm"
 CORRECTED_RTSTRUCT = "corrected.rtstruct.dcm"
 
 
+class AlreadyDecided(InputError):
+    """The subject was already approved or rejected: the audit log keeps one decision per subject.
+
+    The message is for the person deciding (what happened, what to do), with no file or database path.
+    """
+
+    def __init__(self, subject: str) -> None:
+        run_id = f"review-{subject}"
+        super().__init__(
+            f"this result was already approved or rejected (audit log run {run_id}); a decision is recorded once "
+            "and the first one stands. To decide again, segment the study again and review the new result.")
+        self.run_id = run_id
+
+
+def check_not_decided(subject: str, db_path: Any = None) -> None:
+    """Raise :class:`AlreadyDecided` when the audit log (None: the default one; False: none) holds a
+    decision on ``subject``; call it before writing a decision's files."""
+    if db_path is False:
+        return
+    from resunet.reports.audit import run_recorded
+
+    if run_recorded(f"review-{subject}", db_path):
+        raise AlreadyDecided(subject)
+
+
 @dataclass
 class Decision:
     """One review decision.
@@ -191,10 +216,12 @@ def record_decision(decision: Decision, folder: Path, provenance: Mapping[str, A
         db_path: the audit log (None: the default one; False: none).
         files: output files written for the decision (``write_corrected``'s result).
 
-    Returns the path of ``review.json``. Raises InputError when the audit log refuses the record (e.g.
-    the subject was already decided).
+    Returns the path of ``review.json``. Raises AlreadyDecided when the subject was already decided,
+    InputError when the audit log refuses the record otherwise.
     """
-    from resunet.reports.audit import record_run
+    from resunet.reports.audit import RunAlreadyRecorded, record_run
+
+    check_not_decided(decision.subject, db_path)  # before review.json: a refused decision leaves no file
 
     folder.mkdir(parents=True, exist_ok=True)
     decision.outputs = {k: {"path": Path(p).name, "sha256": sha256_file(p), "size_bytes": Path(p).stat().st_size}
@@ -209,5 +236,9 @@ def record_decision(decision: Decision, folder: Path, provenance: Mapping[str, A
         outputs: Sequence[dict[str, Any]] = [
             {"path": str(target), "sha256": sha256_file(target), "key": "review"},
             *({"path": str(folder / o["path"]), "sha256": o["sha256"], "key": k} for k, o in decision.outputs.items())]
-        record_run("review", prov, outputs, db_path=db_path)
+        try:
+            record_run("review", prov, outputs, db_path=db_path)
+        except RunAlreadyRecorded:  # decided by someone else between the check and the record
+            target.unlink(missing_ok=True)
+            raise AlreadyDecided(decision.subject) from None
     return target

@@ -123,6 +123,15 @@ def _output_records(outputs: Iterable[Any] | Mapping[str, Any]) -> list[dict[str
     return out
 
 
+class RunAlreadyRecorded(InputError):
+    """The audit log already holds a run with this run id (a run is recorded once). The message names the
+    run, not the database: callers that show it to a person (a second review decision) word their own."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} is already recorded in the audit log; a run is recorded once")
+        self.run_id = run_id
+
+
 def record_run(
     kind: str,
     provenance: Mapping[str, Any],
@@ -140,7 +149,8 @@ def record_run(
         db_path: audit database; default :func:`audit_db_path`.
 
     Raises:
-        InputError: the database cannot be opened or written, or the run id is already recorded.
+        RunAlreadyRecorded: the run id is already recorded.
+        InputError: the database cannot be opened or written.
     """
     db = audit_db_path(db_path)
     fields = {
@@ -177,6 +187,10 @@ def record_run(
                     " :provenance_json, :outputs_json, :prev, :rec)",
                     {**fields, "prev": prev, "rec": rec},
                 )
+        except sqlite3.IntegrityError as err:
+            if "run_id" in str(err):  # UNIQUE constraint failed: runs.run_id
+                raise RunAlreadyRecorded(fields["run_id"]) from err
+            raise InputError(f"cannot append run {fields['run_id']} to the audit log {db}: {err}") from err
         except sqlite3.Error as err:
             raise InputError(f"cannot append run {fields['run_id']} to the audit log {db}: {err}") from err
     return fields["run_id"]

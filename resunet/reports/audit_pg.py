@@ -64,9 +64,11 @@ def append(url: str, fields: Mapping[str, Any], record_hash: Any) -> None:
     """Append one record (``fields`` as :func:`resunet.reports.audit.record_run` builds them) to the chain.
 
     Raises:
-        InputError: the database cannot be reached or the run id is already recorded.
+        RunAlreadyRecorded: the run id is already recorded.
+        InputError: the database cannot be reached.
     """
     import psycopg
+    import psycopg.errors
 
     from resunet.pgdb import redact
 
@@ -82,6 +84,13 @@ def append(url: str, fields: Mapping[str, Any], record_hash: Any) -> None:
                 " provenance_json, outputs_json, prev_sha256, record_sha256) VALUES (%(run_id)s, %(kind)s,"
                 " %(recorded_utc)s, %(user)s, %(host)s, %(command)s, %(model_sha256)s, %(provenance_json)s,"
                 " %(outputs_json)s, %(prev)s, %(rec)s)", {**fields, "prev": prev, "rec": rec})
+    except psycopg.errors.UniqueViolation as err:
+        if "run_id" not in str(err):
+            raise InputError(f"cannot append run {fields['run_id']} to the audit log {redact(url)}: "
+                             f"{str(err).strip().splitlines()[0]}") from None
+        from resunet.reports.audit import RunAlreadyRecorded
+
+        raise RunAlreadyRecorded(str(fields["run_id"])) from None
     except psycopg.Error as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"cannot append run {fields['run_id']} to the audit log {redact(url)}: {first}") from None

@@ -55,13 +55,15 @@ def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source
     ``corrected`` None (or equal to the model's mask) decides on the model's mask as it is; otherwise the
     corrected mask is written (NIfTI always; SEG + RTSTRUCT for DICOM input) and hashed into the record,
     with ``comparison.csv`` (:func:`comparison_rows`: volumes of both masks, Dice, HD95).
-    Returns the path of ``review.json``. Raises InputError (no reviewer, already decided) for the page.
+    Returns the path of ``review.json``. Raises InputError (no reviewer) or AlreadyDecided (a decision on
+    ``subject`` is in the audit log: the message says so without paths) for the page.
     """
     from resunet.inference import review
     from resunet.reports import collect_provenance
 
     d = review.check_decision(decision, reviewer)
     reviewer = reviewer.strip()
+    review.check_not_decided(subject, db_path)  # before any file is written; AlreadyDecided says what to do
     changed = corrected is not None and not np.array_equal(np.asarray(corrected.array), np.asarray(model_mask.array))
     files: dict[str, Path] = {}
     corrected_hash = None
@@ -129,46 +131,71 @@ def edit_section(staged: Any, volume: Volume, result: Any, ws: Any, web_user: st
     """"4b. Correct and sign off": the editor, the comparison and approve/reject (see docs/webui.md)."""
     import streamlit as st
 
+    st.subheader("Correct and sign off")
+    labels = {int(r["label"]): str(r["name"]) for r in result.rows}
+    ed = editor_panel(volume, result.mask, labels, owner=("local", id(result)), prefix="edit")
+    state = st.session_state["edit_state"]
+    _sign_off_controls(st, staged, volume, result, ws, web_user, model_path, ed, labels, state)
+
+
+def editor_panel(volume: Volume, model_mask: Volume, labels: Mapping[int, str], *, owner: Any,
+                 prefix: str = "edit") -> Any:
+    """The mask editor on ``volume`` (toggle, tools, canvas) and the model-vs-corrected table; returns the
+    :class:`~resunet.webui.editor.MaskEditor` (its ``corrected`` is the reviewer's mask).
+
+    One code path for both reviews: the local run's "Correct and sign off" (``prefix="edit"``) and a
+    service job opened from "To review" (:mod:`resunet.webui.review_queue`, ``prefix="review_edit"``).
+    The widgets' keys start with ``prefix`` and the editor lives in ``st.session_state[prefix + "_state"]``;
+    a new ``owner`` (another result or job) starts a fresh editor on its ``model_mask``. After a decision
+    (``state["decided"]`` set by the caller) the toggle is disabled.
+
+    Args:
+        volume: the scan the mask lies on (its grid is the mask's).
+        model_mask: the model's label map on ``volume``'s grid (not changed).
+        labels: foreground label value -> name (0 is ignored).
+        owner: any hashable naming what is reviewed.
+        prefix: the widget-key and state prefix.
+    """
+    import streamlit as st
+
     from resunet.webui import canvas, viewer
     from resunet.webui.editor import MaskEditor
 
-    st.subheader("Correct and sign off")
-    labels = {int(r["label"]): str(r["name"]) for r in result.rows}
-    state = st.session_state.setdefault("edit_state", {})
-    if state.get("result") != id(result):
+    labels = {int(k): str(v) for k, v in labels.items() if int(k) > 0}
+    state = st.session_state.setdefault(f"{prefix}_state", {})
+    if state.get("owner") != owner:
         state.clear()
-        state.update(result=id(result), editor=MaskEditor(result.mask), grey={}, seq={}, decided=None)
+        state.update(owner=owner, editor=MaskEditor(model_mask), grey={}, seq={}, decided=None)
     ed: MaskEditor = state["editor"]
-    editing = st.toggle("Edit mask", key="edit_mode", disabled=state["decided"] is not None)
+    editing = st.toggle("Edit mask", key=f"{prefix}_mode", disabled=state["decided"] is not None)
     if editing and labels:
-        _editor_controls(st, canvas, viewer, ed, volume, labels, state)
-    corrected = ed.corrected
+        _editor_controls(st, canvas, viewer, ed, volume, labels, state, prefix)
     try:
-        rows = comparison_rows(result.mask, corrected, labels)
+        rows = comparison_rows(model_mask, ed.corrected, {0: "background", **labels})
     except ResunetError as err:
         rows = []
         st.caption(f"No Dice/HD95: {err}")
     if rows:
         st.caption(f"Model vs corrected ({ed.voxels_changed()} voxels changed); Dice/HD95 of the model against the "
                    "corrected mask")
-        st.dataframe(rows, hide_index=True, width="stretch")
-    _sign_off_controls(st, staged, volume, result, ws, web_user, model_path, ed, labels, state)
+        st.dataframe(rows, hide_index=True, width="stretch", key=f"{prefix}_comparison")
+    return ed
 
 
 def _editor_controls(st: Any, canvas: Any, viewer: Any, ed: Any, volume: Volume, labels: dict[int, str],
-                     state: dict) -> None:
+                     state: dict, prefix: str = "edit") -> None:
     c1, c2, c3, c4 = st.columns([2, 2, 2, 3])
     with c1:
-        label = st.selectbox("Label", list(labels), format_func=lambda v: f"{v}: {labels[v]}", key="edit_label")
-        view = st.selectbox("View", list(viewer.VIEWS), key="edit_view")
+        label = st.selectbox("Label", list(labels), format_func=lambda v: f"{v}: {labels[v]}", key=f"{prefix}_label")
+        view = st.selectbox("View", list(viewer.VIEWS), key=f"{prefix}_view")
     with c2:
-        tool = st.radio("Tool", ["paint", "erase", "fill", "delete"], horizontal=True, key="edit_tool")
+        tool = st.radio("Tool", ["paint", "erase", "fill", "delete"], horizontal=True, key=f"{prefix}_tool")
         radius = st.number_input("Brush radius (mm)", min_value=0.0, max_value=50.0, value=3.0, step=0.5,
-                                 key="edit_radius")
+                                 key=f"{prefix}_radius")
     n = ed.display.n_slices(view)
     with c3:
-        idx = st.slider("Slice", 1, n, n // 2 + 1, key=f"edit_slice_{view}") - 1 if n > 1 else 0
-    ckey = f"edit_canvas_{view}"
+        idx = st.slider("Slice", 1, n, n // 2 + 1, key=f"{prefix}_slice_{view}") - 1 if n > 1 else 0
+    ckey = f"{prefix}_canvas_{view}"
     event = st.session_state.get(ckey)  # the last stroke, applied before drawing so the canvas shows it
     if isinstance(event, dict) and event.get("seq") != state["seq"].get(ckey) and event.get("points"):
         state["seq"][ckey] = event.get("seq")
@@ -181,12 +208,12 @@ def _editor_controls(st: Any, canvas: Any, viewer: Any, ed: Any, volume: Volume,
             ed.delete(view, idx, pts[0])
     with c4:
         b1, b2, b3 = st.columns(3)
-        if b1.button("Undo", disabled=not ed.can_undo, key="edit_undo"):
+        if b1.button("Undo", disabled=not ed.can_undo, key=f"{prefix}_undo"):
             ed.undo()
-        if b2.button("Redo", disabled=not ed.can_redo, key="edit_redo"):
+        if b2.button("Redo", disabled=not ed.can_redo, key=f"{prefix}_redo"):
             ed.redo()
         edited = ed.edited_slices(view, int(label))
-        if b3.button("Interpolate", disabled=len(edited) < 2, key="edit_interp",
+        if b3.button("Interpolate", disabled=len(edited) < 2, key=f"{prefix}_interp",
                      help="fill the slices between the edited slices of this label (shape-based)"):
             ed.interpolate(view, int(label))
         st.caption(f"Edited {view} slices of label {label}: {', '.join(str(i + 1) for i in edited) or 'none'}")

@@ -11,9 +11,13 @@ is the reviewer).
 The token is a secret, never a setting that is logged or written back: ``RESUNET_SERVICE_TOKEN`` in the
 page's environment, else ``[resunet] service_token`` in ``.streamlit/secrets.toml``.
 
-A corrected mask: put it (a Volume on the job's input grid, the model's label values) in
-``st.session_state[CORRECTIONS][job_id]`` (e.g. from the mask editor) and Approve sends it as the
-correction; without one the model's mask is approved as it is.
+An opened job is shown in three views and in the page's mask editor
+(:func:`resunet.webui.edit_panel.editor_panel`, the same panel as a local run's "Correct and sign off":
+paint/erase/fill/delete, undo/redo, interpolate, the model-vs-corrected volumes, Dice and HD95). An
+edited mask is put in ``st.session_state[CORRECTIONS][job_id]`` (a Volume on the job's input grid, the
+model's label values; anything else may put one there too) and Approve sends it as the correction: the
+service writes the corrected SEG (SEMIAUTOMATIC, the reviewer as ContentCreatorName) and sends it to the
+PACS. Without one the model's mask is approved as it is; Reject never sends a mask.
 """
 
 from __future__ import annotations
@@ -111,6 +115,15 @@ class ServiceClient:
             out.append(read_nifti(path))
         return out[0], out[1]
 
+    def labels(self, job_id: str) -> dict[int, str]:
+        """The model's foreground labels (value -> name) from the job's ``predictions`` output; {} without one."""
+        try:
+            doc = self._call("GET", f"/v1/jobs/{job_id}/outputs/predictions").json()
+            raw = (doc.get("model") or {}).get("labels") or {}
+            return {int(k): str(v) for k, v in raw.items() if int(k) > 0}
+        except (ReviewServiceError, ValueError, AttributeError, TypeError):
+            return {}  # the editor then names the labels by their values
+
     def decide(self, job_id: str, decision: str, reviewer: str | None, comment: str = "",
                corrected: bytes | None = None) -> dict[str, Any]:
         """``POST /v1/jobs/{id}/review``; returns the job (its ``review`` says what was sent where).
@@ -195,6 +208,7 @@ def review_section(cfg: Any, ws: Any, user: str | None) -> None:
                     st.error(str(err), icon="⚠️")
                     return
                 state["review_opened"] = (job_id, image, mask)
+                state["review_labels"] = {job_id: client.labels(job_id)}
             _job_panel(client, state["review_opened"], user, outcomes, ws)
 
 
@@ -217,7 +231,23 @@ def _job_panel(client: ServiceClient, opened: tuple[str, Any, Any], user: str | 
             buf = io.BytesIO()
             pic.save(buf, format="PNG", compress_level=1)
             st.image(buf.getvalue(), caption=f"job {job_id} · {view} {idx}/{n}", output_format="PNG")
-    correction = st.session_state.get(CORRECTIONS, {}).get(job_id)
+    labels = _labels_for(mask, st.session_state.get("review_labels", {}).get(job_id))
+    st.markdown("**Correct the model's mask** (optional): toggle *Edit mask*; Approve then sends your corrected "
+                "mask to the service.")
+    from resunet.webui.edit_panel import editor_panel  # the local review's panel: one editor for both
+
+    corrections = st.session_state.setdefault(CORRECTIONS, {})
+    before = st.session_state.get("review_edit_state") or {}
+    if before.get("owner") not in (None, ("service-job", job_id)) and before.get("editor") is not None:
+        # another job opened: the previous job's editor goes, and with it its unsent correction
+        if corrections.get(before["owner"][1]) is before["editor"].corrected:
+            corrections.pop(before["owner"][1])
+    ed = editor_panel(image, mask, labels, owner=("service-job", job_id), prefix="review_edit")
+    if ed.voxels_changed():
+        corrections[job_id] = ed.corrected
+    elif corrections.get(job_id) is ed.corrected:  # every edit undone: the model's mask again
+        corrections.pop(job_id)
+    correction = corrections.get(job_id)
     st.caption(f"You decide as **{user or 'the service token'}**. "
                + ("Approve sends your corrected mask." if correction is not None else
                   "Approve sends the model's mask as it is."))
@@ -225,9 +255,10 @@ def _job_panel(client: ServiceClient, opened: tuple[str, Any, Any], user: str | 
                             key=f"review_comment_{job_id}")
     left, right = st.columns(2)
     decision = None
-    if left.button("Approve", key="review_approve", type="primary"):
+    # keys apart from the local review's (review_approve/review_reject): both panels can be on one page
+    if left.button("Approve", key="review_job_approve", type="primary"):
         decision = "approve"
-    if right.button("Reject", key="review_reject"):
+    if right.button("Reject", key="review_job_reject"):
         if not comment.strip():
             st.error("A rejection needs a reason: write it in the comment box, then click Reject.", icon="⚠️")
             return
@@ -245,7 +276,17 @@ def _job_panel(client: ServiceClient, opened: tuple[str, Any, Any], user: str | 
         return
     outcomes[job_id] = job.get("review") or {}
     st.session_state.pop("review_opened", None)
+    corrections.pop(job_id, None)
     st.rerun()
+
+
+def _labels_for(mask: Any, labels: Mapping[int, str] | None) -> dict[int, str]:
+    """The editor's labels: the model's (from the job), else the mask's values named by number."""
+    import numpy as np
+
+    if labels:
+        return {int(k): str(v) for k, v in labels.items() if int(k) > 0}
+    return {int(v): f"label {int(v)}" for v in np.unique(np.asarray(mask.array)) if int(v) > 0} or {1: "label 1"}
 
 
 def _nifti_bytes(mask: Any, folder: Path) -> bytes:

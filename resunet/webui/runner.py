@@ -8,6 +8,7 @@ for traceability, timing) and writes the downloads with the library's writers.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,13 +70,25 @@ class PredictorCache:
     on a small blank volume: PyTorch's first convolution calls on CPU cost seconds of one-off setup,
     which would otherwise land on the user's first click. :meth:`preload` does both in a background
     thread as soon as the page shows a model, so the click only pays for the real prediction.
+
+    At interpreter exit (:meth:`close`, registered with :mod:`atexit` by the first :meth:`preload`) a
+    preload still running is told to skip its warm-up and is joined (it may end with an error then: some
+    imports refuse at interpreter shutdown, and nobody asks for that model any more). A daemon thread left
+    inside torch (importing it, warming it up) while the interpreter finalised ended the process with
+    SIGABRT ("terminate called without an active exception") after the page had done its work.
     """
+
+    #: seconds :meth:`close` waits for a preload at exit (a model load on a busy 2-core CPU takes ~10 s)
+    CLOSE_WAIT_S = 120.0
 
     def __init__(self, max_entries: int = 4) -> None:
         self._lock = threading.Lock()
         self._entries: dict[tuple, Any] = {}
         self._building: dict[tuple, threading.Event] = {}
         self._failed: set[tuple] = set()
+        self._threads: set[threading.Thread] = set()
+        self._closing = threading.Event()
+        self._atexit_registered = False
         self.max_entries = max_entries
 
     def state(self, model_path: Path, sha256: str, device: str, tta: bool, uncertainty: bool) -> str:
@@ -103,7 +116,8 @@ class PredictorCache:
         try:
             try:
                 predictor = make_predictor(model_path, device=device, tta=tta, uncertainty=uncertainty)
-                _warm_up(predictor)
+                if not self._closing.is_set():  # at exit: no warm-up run to wait for
+                    _warm_up(predictor)
             except BaseException:
                 with self._lock:
                     self._failed.add(key)
@@ -123,16 +137,39 @@ class PredictorCache:
         """Build and warm up in a background thread (errors surface later, on :meth:`get`)."""
         key = (str(model_path), sha256, device, tta, uncertainty)
         with self._lock:
-            if key in self._entries or key in self._building or key in self._failed:
+            if (self._closing.is_set() or key in self._entries or key in self._building
+                    or key in self._failed):
                 return
+            if not self._atexit_registered:
+                # atexit, not a non-daemon thread: Python joins non-daemon threads before atexit runs, so
+                # the stop flag could not be set first; atexit callbacks run before daemon threads are frozen
+                atexit.register(self.close)
+                self._atexit_registered = True
 
         def work() -> None:
             try:
                 self.get(model_path, sha256, device, tta, uncertainty)
             except Exception:  # noqa: BLE001 - reported when the page asks for it
                 pass
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
 
-        threading.Thread(target=work, name="resunet-preload", daemon=True).start()
+        thread = threading.Thread(target=work, name="resunet-preload", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Start no more preloads; let running ones skip their warm-up and wait for them (at most
+        ``timeout_s`` seconds in all, default :attr:`CLOSE_WAIT_S`). Called at interpreter exit."""
+        self._closing.set()
+        with self._lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + (self.CLOSE_WAIT_S if timeout_s is None else float(timeout_s))
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _warm_up(predictor: Any) -> None:
