@@ -127,6 +127,18 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
         assert record.status_code == 200 and record.json()["review"]["reviewer"] == REVIEWER
         got_seg = httpx.get(done["review"]["outputs"]["seg"]["url"], headers=auth, timeout=60)
         assert got_seg.status_code == 200 and got_seg.headers["x-content-sha256"] == done["review"]["outputs"]["seg"]["sha256"]
+        # how much the reviewer changed, in the decision's outputs (hashed by the audit record like the masks)
+        csv_got = httpx.get(done["review"]["outputs"]["comparison"]["url"], headers=auth, timeout=60)
+        assert csv_got.status_code == 200
+        header, row = csv_got.text.strip().splitlines()
+        got = dict(zip(header.split(","), row.split(",")))
+        voxel_ml = float(np.prod(model_img.header.get_zooms()[:3])) / 1000.0
+        a, b = model_arr == 1, fixed == 1
+        assert got["name"] == "brain"
+        assert float(got["model_ml"]) == pytest.approx(a.sum() * voxel_ml, abs=1e-3)
+        assert float(got["corrected_ml"]) == pytest.approx(b.sum() * voxel_ml, abs=1e-3)
+        assert float(got["dice"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-4)
+        assert float(got["hd95_mm"]) > 0
         again = httpx.post(f"{svc.url}/v1/jobs/{jobs[0]}/review", data={"decision": "reject"}, headers=auth, timeout=60)
         assert again.status_code == 409 and "already approved" in again.json()["detail"]
 

@@ -39,6 +39,8 @@ REVIEW_JSON = "review.json"
 CORRECTED_NIFTI = "corrected.nii.gz"
 CORRECTED_SEG = "corrected.seg.dcm"
 CORRECTED_RTSTRUCT = "corrected.rtstruct.dcm"
+#: model mask vs corrected mask per label (volumes, Dice, HD95): :func:`write_comparison`
+COMPARISON_CSV = "comparison.csv"
 
 
 class AlreadyDecided(InputError):
@@ -165,6 +167,54 @@ def voxels_changed(model_mask: Volume, corrected: Volume, labels: Mapping[int, s
         raise GeometryError(f"the corrected mask's shape {b.shape} is not the model mask's {a.shape}")
     return {str(name): int(np.count_nonzero((a == int(v)) != (b == int(v))))
             for v, name in sorted(labels.items()) if int(v) > 0}
+
+
+def comparison_rows(model_mask: Volume, corrected: Volume, labels: Mapping[int, str]) -> list[dict[str, Any]]:
+    """Per foreground label: volumes (mL) of the model's and the corrected mask, Dice and HD95 (mm).
+
+    How much the reviewer changed: the evaluation package's metrics with the corrected mask as the
+    reference and the model's as the prediction; None = undefined (e.g. HD95 with an empty mask).
+    Raises GeometryError for oblique grids (the metrics' own rule).
+    """
+    from resunet.evaluation.metrics import evaluate_case
+
+    fg = [int(k) for k in sorted(labels) if int(k) > 0]
+    out = []
+    for m in evaluate_case(model_mask, corrected, labels=fg):
+        out.append({
+            "label": m["label"], "name": str(labels[m["label"]]),
+            "model_ml": round(float(m["vol_pred_ml"]), 3), "corrected_ml": round(float(m["vol_gt_ml"]), 3),
+            "dice": None if m["dice"] is None else round(float(m["dice"]), 4),
+            "hd95_mm": None if m["hd95"] is None else round(float(m["hd95"]), 2),
+        })
+    return out
+
+
+def write_comparison(model_mask: Volume, corrected: Volume, labels: Mapping[int, str], folder: Path) -> Path | None:
+    """Write ``comparison.csv`` (:func:`comparison_rows`) into a decision's folder; its path, or None.
+
+    None when there is nothing to compare on the grid (an oblique grid has no surface metrics: the
+    decision still counts, and the page says so). The CSV goes into the decision's outputs, so the
+    audit record hashes it like the corrected mask.
+    """
+    import csv
+    import io
+
+    from resunet.errors import ResunetError
+
+    try:
+        rows = comparison_rows(model_mask, corrected, labels)
+    except ResunetError:  # oblique grids: no surface metrics
+        return None
+    if not rows:
+        return None
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = Path(folder) / COMPARISON_CSV
+    atomic_write_text(path, buf.getvalue())
+    return path
 
 
 def write_corrected(corrected: Volume, source: Volume | None, folder: Path, labels: Mapping[int, str], *,

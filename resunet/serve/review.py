@@ -30,7 +30,7 @@ import numpy as np
 from resunet.errors import InputError, PacsError
 from resunet.io.hashing import sha256_file
 from resunet.inference.review import (Decision, check_decision, mask_sha256, read_correction, record_decision,
-                                      voxels_changed, write_corrected)
+                                      voxels_changed, write_comparison, write_corrected)
 
 #: one decision at a time per service (the send and the audit record of two reviewers must not interleave)
 _LOCK = threading.Lock()
@@ -192,6 +192,9 @@ def review_job(service: Any, job: Any, decision: str, reviewer: str, comment: st
                                     model_name=str(model_info.get("name") or "resunet"),
                                     model_sha256=model_info.get("sha256"), uid_seed=f"resunet serve review {job.id}",
                                     rtstruct="rtstruct" in job.outputs, approved=decision == "approve")
+            comparison = write_comparison(model_mask, fixed, labels, folder)  # how much the reviewer changed
+            if comparison is not None:
+                files["comparison"] = comparison
         sent = None
         if decision == "approve":
             held = job.review.get("send")

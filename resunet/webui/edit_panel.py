@@ -15,35 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from resunet.errors import ResunetError
+from resunet.inference.review import comparison_rows
 from resunet.io.volume import Volume
-
-
-def comparison_rows(model_mask: Volume, corrected: Volume, labels: Mapping[int, str]) -> list[dict[str, Any]]:
-    """Per foreground label: volumes (mL) of the model's and the corrected mask, Dice and HD95 (mm).
-
-    Metrics are the evaluation package's (corrected = reference, model = prediction); None = undefined
-    (e.g. HD95 with an empty mask). Raises GeometryError for oblique grids (the metrics' own rule).
-    """
-    from resunet.evaluation.metrics import evaluate_case
-
-    fg = [int(k) for k in sorted(labels) if int(k) > 0]
-    rows = evaluate_case(model_mask, corrected, labels=fg)
-    out = []
-    for m in rows:
-        out.append({
-            "label": m["label"], "name": str(labels[m["label"]]),
-            "model_ml": round(float(m["vol_pred_ml"]), 3), "corrected_ml": round(float(m["vol_gt_ml"]), 3),
-            "dice": None if m["dice"] is None else round(float(m["dice"]), 4),
-            "hd95_mm": None if m["hd95"] is None else round(float(m["hd95"]), 2),
-        })
-    return out
-
-
-def _comparison_or_none(model_mask: Volume, corrected: Volume, labels: Mapping[int, str]) -> list[dict[str, Any]]:
-    try:
-        return comparison_rows(model_mask, corrected, labels)
-    except ResunetError:  # oblique grids: no surface metrics (the page says so); the decision still counts
-        return []
 
 
 def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source: Volume, input_path: Path,
@@ -74,19 +47,9 @@ def sign_off(*, decision: str, reviewer: str, comment: str, subject: str, source
                                        model_name=model_name, model_sha256=model_sha256, uid_seed=subject,
                                        rtstruct=True, approved=d == "approve")
         corrected_hash = review.mask_sha256(corrected)
-        rows = _comparison_or_none(model_mask, corrected, labels)
-        if rows:
-            import csv
-            import io
-
-            from resunet.io.atomic import atomic_write_text
-
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-            files["comparison"] = folder / "comparison.csv"
-            atomic_write_text(files["comparison"], buf.getvalue())
+        comparison = review.write_comparison(model_mask, corrected, labels, folder)
+        if comparison is not None:
+            files["comparison"] = comparison
     from resunet.io.hashing import sha256_path
 
     dec = review.Decision(
