@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 
 import nibabel as nib
@@ -405,3 +406,48 @@ def test_tls_files_are_checked_before_connecting(pki, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="resunet.pacs.dimse"):
         tls_client_context(str(pki["ca.crt"]), str(pki["client.crt"]), str(pki["client.key"]))
     assert "chmod 600" not in caplog.text
+
+
+def test_dimse_sockets_have_nagle_and_delayed_ack_off_and_instances_are_kept_as_sent(tmp_path):
+    """Issue 24: 45-48 ms per instance of a C-GET from Orthanc was Nagle (DCMTK's default) against our
+    delayed ACK. Every association resunet opens or accepts gets TCP_NODELAY (EVT_CONN_OPEN) and
+    TCP_QUICKACK after each PDU it sends; checked on both ends of a real association to the node,
+    whose stored file holds the data set bytes as they were sent (no decode + re-encode)."""
+    import socket
+
+    from pynetdicom import AE, evt
+
+    from resunet.pacs import ListenerConfig, StoreListener
+    from resunet.pacs.dimse import tcp_handlers
+
+    src = sorted(EXAMPLE_DICOM.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(src)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    seen: dict[str, list[int]] = {"nodelay": []}
+    got: list = []
+    config = ListenerConfig(ae_title="RESUNET", port=free_port(), incoming_dir=tmp_path / "in", settle_seconds=0.3)
+    with StoreListener(config, got.append) as node:
+        def probe(event):  # after tcp_handlers' own EVT_DATA_SENT: the socket as it is while in use
+            seen["nodelay"].append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(ds.SOPClassUID, [syntax])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="RESUNET",
+                             evt_handlers=[*tcp_handlers(), (evt.EVT_DATA_SENT, probe)])
+        assert assoc.is_established
+        assert assoc.send_c_store(ds).Status == 0
+        node_side = [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s, _ in node._conns if s.fileno() != -1]
+        assoc.release()
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert seen["nodelay"] and all(seen["nodelay"]), seen  # our requestor socket
+    assert node_side and all(node_side), node_side  # the node's accepted socket, while the association is open
+    stored = next(got[0].folder.glob("*.dcm"))
+
+    def dataset_bytes(path):  # what follows the preamble, "DICM" and the file meta group
+        meta = pydicom.filereader.read_file_meta_info(path)
+        return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):]
+
+    assert pydicom.filereader.read_file_meta_info(stored).TransferSyntaxUID == syntax
+    assert dataset_bytes(stored) == dataset_bytes(src)
