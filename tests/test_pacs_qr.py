@@ -361,6 +361,17 @@ def test_serve_checks_the_tls_files_at_start(pki, tmp_path):
                     tls_cert=str(pki["client.crt"]), tls_key=str(tmp_path / "gone.key"))
     with pytest.raises(ConfigError, match="--pacs dimses://"):
         ServeConfig(state_dir=tmp_path / "s", pacs_url="dimse://PACS@127.0.0.1:104", tls_ca=str(pki["ca.crt"]))
+    # the node over TLS (--dicom-tls): needs the node's port and its certificate and key, checked at start
+    with pytest.raises(ConfigError, match="--dicom-tls needs the node's certificate and key"):
+        ServeConfig(state_dir=tmp_path / "s", dicom_port=11112, dicom_tls=True, tls_ca=str(pki["ca.crt"]))
+    with pytest.raises(ConfigError, match="give --dicom-port too"):
+        ServeConfig(state_dir=tmp_path / "s", dicom_tls=True, tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]))
+    with pytest.raises(ConfigError, match="does not match the certificate"):
+        ServeConfig(state_dir=tmp_path / "s", dicom_port=11112, dicom_tls=True, tls_cert=str(pki["server.crt"]),
+                    tls_key=str(pki["client.key"]))
+    ok = ServeConfig(state_dir=tmp_path / "s", dicom_port=11112, dicom_tls=True, tls_ca=str(pki["ca.crt"]),
+                     tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]))
+    assert ok.node_ssl_context() is not None
 
 
 def test_an_expired_archive_certificate_is_named(pki):
@@ -451,3 +462,62 @@ def test_dimse_sockets_have_nagle_and_delayed_ack_off_and_instances_are_kept_as_
 
     assert pydicom.filereader.read_file_meta_info(stored).TransferSyntaxUID == syntax
     assert dataset_bytes(stored) == dataset_bytes(src)
+
+
+def test_the_service_dicom_node_and_c_move_over_tls(pki, tmp_path, capsys):
+    """Issue 24: an Orthanc that speaks DICOM over TLS only (client certificates required), with the test's
+    CA. (a) `resunet serve --dicom-port P --dicom-tls` with that CA: Orthanc pushes the study to the node
+    over TLS (its modality entry has UseDicomTls), the series becomes a job, and the SEG goes back to
+    Orthanc with C-STORE over TLS (--store-to); a plaintext sender gets no association. (b) C-MOVE over
+    TLS: `resunet predict --pacs dimses:// --retrieve move` listens with TLS and Orthanc moves the study to it."""
+    import httpx
+    from pynetdicom import AE
+    from serve_support import ServiceProcess
+
+    c = pki
+    node_port, move_port = free_port(), free_port()
+    modalities = {name: {"AET": aet, "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}
+                  for name, aet, port in (("node", "RESUNET", node_port), ("mover", "RESUNETQR", move_port))}
+    server = start_orthanc(tmp_path / "orthanc", extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(c["server.crt"]), "DicomTlsPrivateKey": str(c["server.key"]),
+        "DicomTlsTrustedCertificates": str(c["ca.crt"]), "DicomTlsRemoteCertificateRequired": True,
+        "DicomModalities": modalities,
+    })
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        study = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+        (orthanc_study,) = server.get("/studies")
+        model = make_tiny_model(tmp_path / "tiny.pt")
+        tls = ["--tls-ca", str(c["ca.crt"]), "--tls-cert", str(c["server.crt"]), "--tls-key", str(c["server.key"])]
+        before = server.get("/series")
+        with ServiceProcess(tmp_path / "state", model, "--no-tta", "--format", "nifti,seg", "--dicom-port",
+                            str(node_port), "--dicom-tls", *tls, "--settle-seconds", "1",
+                            "--store-to", f"127.0.0.1:{server.port}:{ORTHANC_AET}") as svc:
+            plain = AE(ae_title="PLAIN")
+            plain.add_requested_context("1.2.840.10008.1.1")
+            plain.acse_timeout = plain.network_timeout = 5
+            assoc = plain.associate("127.0.0.1", node_port, ae_title="RESUNET")
+            assert not assoc.is_established  # the node speaks TLS only
+            req = urllib.request.Request(f"{server.url}/modalities/node/store", data=orthanc_study.encode(), method="POST")
+            urllib.request.urlopen(req, timeout=300).read()  # Orthanc's C-STORE over TLS to the node
+            deadline = time.monotonic() + 240
+            done: list = []
+            while time.monotonic() < deadline and not done:
+                jobs = httpx.get(f"{svc.url}/v1/jobs", timeout=30).json()["jobs"]
+                done = [j for j in jobs if j["kind"] == "dicom-series" and j["state"] in ("done", "failed")]
+                time.sleep(0.3)
+            assert len(done) == 1 and done[0]["state"] == "done", done or svc.log()[-3000:]
+            assert "(TLS)" in svc.log() or "over TLS" in svc.log()
+        new = [server.get(f"/series/{s}") for s in server.get("/series") if s not in before]
+        assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"]  # sent back over TLS
+
+        src = DimseSource.parse(f"dimses://{ORTHANC_AET}@127.0.0.1:{server.port}")
+        cfg = QueryConfig(calling_aet="RESUNETQR", method="move", move_port=move_port, tls_ca=str(c["ca.crt"]),
+                          tls_cert=str(c["server.crt"]), tls_key=str(c["server.key"]))
+        got = retrieve_study(src, cfg, study, tmp_path / "moved", [s for s in find_series(src, cfg, study)
+                                                                   if s.modality == "MR"])
+        assert sum(got.received.values()) == 91
+        assert np.array_equal(np.asarray(load_study(tmp_path / "moved").array),
+                              np.asarray(load_study(EXAMPLE_DICOM).array))
+    finally:
+        server.stop()
