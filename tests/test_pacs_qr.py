@@ -521,3 +521,54 @@ def test_the_service_dicom_node_and_c_move_over_tls(pki, tmp_path, capsys):
                               np.asarray(load_study(EXAMPLE_DICOM).array))
     finally:
         server.stop()
+
+
+def test_predict_routes_each_pulled_series_to_its_rule_and_stores_its_seg(tmp_path, capsys):
+    """Issue 24: `resunet predict --pacs URL --study UID --routes FILE` (DICOMweb and DIMSE) pulls the study
+    (the example MR series plus a CT copy of it), segments the MR series with its rule's model into
+    OUT/<rule>/ (the rule in the record and the provenance), stores that SEG back, and leaves the CT series
+    alone, named once in the messages by UID, modality and size."""
+    from resunet.reports.audit import read_runs
+
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    files = []
+    ct_series = pydicom.uid.generate_uid()
+    for f in sorted(EXAMPLE_DICOM.glob("*.dcm")):
+        files.append(f)
+        ds = pydicom.dcmread(f)
+        ds.Modality, ds.SeriesInstanceUID, ds.SOPInstanceUID = "CT", ct_series, pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = tmp_path / "ct" / f.name
+        out.parent.mkdir(exist_ok=True)
+        ds.save_as(out, enforce_file_format=True)
+        files.append(out)
+    mr_series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"rules:\n  - name: head MR\n    match: {{modality: MR, min_slices: 20}}\n    model: {model}\n")
+    server = start_orthanc(tmp_path / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", free_port())})
+    try:
+        server.upload(files)
+        for kind, url in (("dimse", f"dimse://{ORTHANC_AET}@127.0.0.1:{server.port}"), ("dicomweb", server.dicomweb)):
+            before = server.get("/series")
+            out = tmp_path / f"out-{kind}"
+            code = main(["predict", "--pacs", url, "--study", study, "--routes", str(routes), "--out", str(out),
+                         "--no-tta", "--audit-db", str(tmp_path / "audit.sqlite"), "--no-progress", "--format", "nifti,seg"])
+            err = capsys.readouterr().err
+            assert code == 0, err
+            assert f"series {ct_series}: no routing rule matches (CT, 91 slices); left alone" in err, err
+            assert err.count(ct_series) == 1 and "Traceback" not in err
+            summary = json.loads((out / "head_MR" / "predictions.json").read_text())  # OUT/<safe rule name>/
+            (rec,) = summary["cases"]
+            assert rec["status"] == "ok" and rec["route"] == "head MR" and rec["series_uid"] == mr_series
+            (run,) = [r for r in read_runs(tmp_path / "audit.sqlite") if r["run_id"] == summary["provenance"]["run_id"]]
+            assert run["provenance"]["route"] == "head MR"  # the rule in the audit record
+            assert sorted(p.name for p in out.iterdir()) == ["head_MR"]  # nothing for the CT series
+            new = [server.get(f"/series/{s}") for s in server.get("/series") if s not in before]
+            assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"], kind
+            (seg_id,) = [s["Instances"][0] for s in new]
+            seg = pydicom.dcmread(__import__("io").BytesIO(urllib.request.urlopen(
+                f"{server.url}/instances/{seg_id}/file", timeout=30).read()))
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == mr_series  # the MR series' SEG
+    finally:
+        server.stop()
