@@ -115,6 +115,8 @@ def main() -> int:
             predictor = Predictor(args.model, tta=tta)
             alone, trip, node_s = [], [], []
             dimse_s: dict[str, list[float]] = {"get": [], "move": []}
+            dimse_steps: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("get", "move")
+                                                   for k in ("pull", "segment", "store")}
             parts: dict[str, list[float]] = {"pull": [], "segment": [], "store": []}
             dest = Destination("127.0.0.1", orthanc.port, ORTHANC_AET)
             config = ListenerConfig(ae_title="RESUNET", port=node_port, incoming_dir=work / "incoming",
@@ -141,12 +143,13 @@ def main() -> int:
                     run = None if args.only == "dimse" else segment_from_pacs(
                         client, study_uid, predictor, BatchOptions(out_dir=work / f"p{tta}{rep}", **opts))
                     t_trip = time.perf_counter() - t0
-                    t_dimse = {}
+                    t_dimse, steps = {}, {}
                     for method, cfg in qr.items():
                         t0 = time.perf_counter()
-                        segment_from_dimse(source, cfg, study_uid, predictor,
-                                           BatchOptions(out_dir=work / f"d{method}{tta}{rep}", **opts))
+                        d_run = segment_from_dimse(source, cfg, study_uid, predictor,
+                                                   BatchOptions(out_dir=work / f"d{method}{tta}{rep}", **opts))
                         t_dimse[method] = time.perf_counter() - t0
+                        steps[method] = d_run.timings
                     n_before = seg_count(orthanc, study_uid)
                     t0 = time.perf_counter()
                     req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(),
@@ -165,6 +168,8 @@ def main() -> int:
                     node_s.append(t_node)
                     for method in dimse_s:
                         dimse_s[method].append(t_dimse[method])
+                        for k in ("pull", "segment", "store"):
+                            dimse_steps[f"{method}_{k}"].append(steps[method].get(k, 0.0))
                     for k in parts:
                         if run is not None:
                             parts[k].append(run.timings.get(k, 0.0))
@@ -176,6 +181,7 @@ def main() -> int:
                 "get": med(dimse_s["get"]), "move": med(dimse_s["move"]),
                 "node": med(node_s), "runs_alone": alone, "runs_node": node_s,
                 "runs_get": dimse_s["get"], "runs_move": dimse_s["move"],
+                "dimse_steps": {k: med(v) for k, v in dimse_steps.items()},
             }
             if args.only != "dimse":
                 row.update(trip=med(trip), pull=med(parts["pull"]), segment=med(parts["segment"]),
@@ -254,6 +260,12 @@ def render(doc: dict) -> str:
             lines.append(
                 f"| {r['tta']} | {r['alone']:.2f} | {web} | {dimse(r, 'get')} | {dimse(r, 'move')} | {r['node']:.2f} | {_overhead(r, 'node'):+.0f}% |")
         lines += ["", "All runs (s):", ""]
+        for r in run["rows"]:
+            if r.get("dimse_steps"):
+                st = r["dimse_steps"]
+                lines.append(f"- TTA {r['tta']}, DIMSE steps (medians, s): " + "; ".join(
+                    f"{name} pull {st[m + '_pull']:.2f}, segment {st[m + '_segment']:.2f}, C-STORE {st[m + '_store']:.2f}"
+                    for name, m in (("C-GET", "get"), ("C-MOVE", "move"))))
         for r in run["rows"]:
             extra = "".join(f"; {name} {', '.join(f'{x:.2f}' for x in r[key])}" for name, key in
                             (("C-GET", "runs_get"), ("C-MOVE", "runs_move")) if key in r)
