@@ -16,9 +16,11 @@ def add_tls_arguments(group: argparse._ArgumentGroup) -> None:
     """--tls-ca/--tls-cert/--tls-key, the DIMSE-over-TLS files of predict and serve (one home)."""
     group.add_argument("--tls-ca", default=None, metavar="FILE",
                        help="dimses://: CA file (PEM) that signed the archive's certificate; it is verified with the "
-                       "hostname check on, no plaintext fallback (default: the system's CAs)")
+                       "hostname check on, no plaintext fallback (default: the system's CAs). serve --dicom-tls: "
+                       "senders must present a certificate it signed")
     group.add_argument("--tls-cert", default=None, metavar="FILE",
-                       help="dimses://: our certificate (PEM), for archives that check clients")
+                       help="dimses://: our certificate (PEM), for archives that check clients; serve --dicom-tls: "
+                       "the node's certificate")
     group.add_argument("--tls-key", default=None, metavar="FILE",
                        help="dimses://: our private key (PEM, unencrypted; keep it mode 0600: a key others can read "
                        "is used with a warning)")
