@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 
 import nibabel as nib
@@ -360,6 +361,17 @@ def test_serve_checks_the_tls_files_at_start(pki, tmp_path):
                     tls_cert=str(pki["client.crt"]), tls_key=str(tmp_path / "gone.key"))
     with pytest.raises(ConfigError, match="--pacs dimses://"):
         ServeConfig(state_dir=tmp_path / "s", pacs_url="dimse://PACS@127.0.0.1:104", tls_ca=str(pki["ca.crt"]))
+    # the node over TLS (--dicom-tls): needs the node's port and its certificate and key, checked at start
+    with pytest.raises(ConfigError, match="--dicom-tls needs the node's certificate and key"):
+        ServeConfig(state_dir=tmp_path / "s", dicom_port=11112, dicom_tls=True, tls_ca=str(pki["ca.crt"]))
+    with pytest.raises(ConfigError, match="give --dicom-port too"):
+        ServeConfig(state_dir=tmp_path / "s", dicom_tls=True, tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]))
+    with pytest.raises(ConfigError, match="does not match the certificate"):
+        ServeConfig(state_dir=tmp_path / "s", dicom_port=11112, dicom_tls=True, tls_cert=str(pki["server.crt"]),
+                    tls_key=str(pki["client.key"]))
+    ok = ServeConfig(state_dir=tmp_path / "s", dicom_port=11112, dicom_tls=True, tls_ca=str(pki["ca.crt"]),
+                     tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]))
+    assert ok.node_ssl_context() is not None
 
 
 def test_an_expired_archive_certificate_is_named(pki):
@@ -405,3 +417,158 @@ def test_tls_files_are_checked_before_connecting(pki, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="resunet.pacs.dimse"):
         tls_client_context(str(pki["ca.crt"]), str(pki["client.crt"]), str(pki["client.key"]))
     assert "chmod 600" not in caplog.text
+
+
+def test_dimse_sockets_have_nagle_and_delayed_ack_off_and_instances_are_kept_as_sent(tmp_path):
+    """Issue 24: 45-48 ms per instance of a C-GET from Orthanc was Nagle (DCMTK's default) against our
+    delayed ACK. Every association resunet opens or accepts gets TCP_NODELAY (EVT_CONN_OPEN) and
+    TCP_QUICKACK after each PDU it sends; checked on both ends of a real association to the node,
+    whose stored file holds the data set bytes as they were sent (no decode + re-encode)."""
+    import socket
+
+    from pynetdicom import AE, evt
+
+    from resunet.pacs import ListenerConfig, StoreListener
+    from resunet.pacs.dimse import tcp_handlers
+
+    src = sorted(EXAMPLE_DICOM.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(src)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    seen: dict[str, list[int]] = {"nodelay": []}
+    got: list = []
+    config = ListenerConfig(ae_title="RESUNET", port=free_port(), incoming_dir=tmp_path / "in", settle_seconds=0.3)
+    with StoreListener(config, got.append) as node:
+        def probe(event):  # after tcp_handlers' own EVT_DATA_SENT: the socket as it is while in use
+            seen["nodelay"].append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(ds.SOPClassUID, [syntax])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="RESUNET",
+                             evt_handlers=[*tcp_handlers(), (evt.EVT_DATA_SENT, probe)])
+        assert assoc.is_established
+        assert assoc.send_c_store(ds).Status == 0
+        node_side = [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s, _ in node._conns if s.fileno() != -1]
+        assoc.release()
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert seen["nodelay"] and all(seen["nodelay"]), seen  # our requestor socket
+    assert node_side and all(node_side), node_side  # the node's accepted socket, while the association is open
+    stored = next(got[0].folder.glob("*.dcm"))
+
+    def dataset_bytes(path):  # what follows the preamble, "DICM" and the file meta group
+        meta = pydicom.filereader.read_file_meta_info(path)
+        return path.read_bytes()[132 + 12 + int(meta.FileMetaInformationGroupLength):]
+
+    assert pydicom.filereader.read_file_meta_info(stored).TransferSyntaxUID == syntax
+    assert dataset_bytes(stored) == dataset_bytes(src)
+
+
+def test_the_service_dicom_node_and_c_move_over_tls(pki, tmp_path, capsys):
+    """Issue 24: an Orthanc that speaks DICOM over TLS only (client certificates required), with the test's
+    CA. (a) `resunet serve --dicom-port P --dicom-tls` with that CA: Orthanc pushes the study to the node
+    over TLS (its modality entry has UseDicomTls), the series becomes a job, and the SEG goes back to
+    Orthanc with C-STORE over TLS (--store-to); a plaintext sender gets no association. (b) C-MOVE over
+    TLS: `resunet predict --pacs dimses:// --retrieve move` listens with TLS and Orthanc moves the study to it."""
+    import httpx
+    from pynetdicom import AE
+    from serve_support import ServiceProcess
+
+    c = pki
+    node_port, move_port = free_port(), free_port()
+    modalities = {name: {"AET": aet, "Host": "127.0.0.1", "Port": port, "UseDicomTls": True}
+                  for name, aet, port in (("node", "RESUNET", node_port), ("mover", "RESUNETQR", move_port))}
+    server = start_orthanc(tmp_path / "orthanc", extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(c["server.crt"]), "DicomTlsPrivateKey": str(c["server.key"]),
+        "DicomTlsTrustedCertificates": str(c["ca.crt"]), "DicomTlsRemoteCertificateRequired": True,
+        "DicomModalities": modalities,
+    })
+    try:
+        server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        study = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+        (orthanc_study,) = server.get("/studies")
+        model = make_tiny_model(tmp_path / "tiny.pt")
+        tls = ["--tls-ca", str(c["ca.crt"]), "--tls-cert", str(c["server.crt"]), "--tls-key", str(c["server.key"])]
+        before = server.get("/series")
+        with ServiceProcess(tmp_path / "state", model, "--no-tta", "--format", "nifti,seg", "--dicom-port",
+                            str(node_port), "--dicom-tls", *tls, "--settle-seconds", "1",
+                            "--store-to", f"127.0.0.1:{server.port}:{ORTHANC_AET}") as svc:
+            plain = AE(ae_title="PLAIN")
+            plain.add_requested_context("1.2.840.10008.1.1")
+            plain.acse_timeout = plain.network_timeout = 5
+            assoc = plain.associate("127.0.0.1", node_port, ae_title="RESUNET")
+            assert not assoc.is_established  # the node speaks TLS only
+            req = urllib.request.Request(f"{server.url}/modalities/node/store", data=orthanc_study.encode(), method="POST")
+            urllib.request.urlopen(req, timeout=300).read()  # Orthanc's C-STORE over TLS to the node
+            deadline = time.monotonic() + 240
+            done: list = []
+            while time.monotonic() < deadline and not done:
+                jobs = httpx.get(f"{svc.url}/v1/jobs", timeout=30).json()["jobs"]
+                done = [j for j in jobs if j["kind"] == "dicom-series" and j["state"] in ("done", "failed")]
+                time.sleep(0.3)
+            assert len(done) == 1 and done[0]["state"] == "done", done or svc.log()[-3000:]
+            assert "(TLS)" in svc.log() or "over TLS" in svc.log()
+        new = [server.get(f"/series/{s}") for s in server.get("/series") if s not in before]
+        assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"]  # sent back over TLS
+
+        src = DimseSource.parse(f"dimses://{ORTHANC_AET}@127.0.0.1:{server.port}")
+        cfg = QueryConfig(calling_aet="RESUNETQR", method="move", move_port=move_port, tls_ca=str(c["ca.crt"]),
+                          tls_cert=str(c["server.crt"]), tls_key=str(c["server.key"]))
+        got = retrieve_study(src, cfg, study, tmp_path / "moved", [s for s in find_series(src, cfg, study)
+                                                                   if s.modality == "MR"])
+        assert sum(got.received.values()) == 91
+        assert np.array_equal(np.asarray(load_study(tmp_path / "moved").array),
+                              np.asarray(load_study(EXAMPLE_DICOM).array))
+    finally:
+        server.stop()
+
+
+def test_predict_routes_each_pulled_series_to_its_rule_and_stores_its_seg(tmp_path, capsys):
+    """Issue 24: `resunet predict --pacs URL --study UID --routes FILE` (DICOMweb and DIMSE) pulls the study
+    (the example MR series plus a CT copy of it), segments the MR series with its rule's model into
+    OUT/<rule>/ (the rule in the record and the provenance), stores that SEG back, and leaves the CT series
+    alone, named once in the messages by UID, modality and size."""
+    from resunet.reports.audit import read_runs
+
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    files = []
+    ct_series = pydicom.uid.generate_uid()
+    for f in sorted(EXAMPLE_DICOM.glob("*.dcm")):
+        files.append(f)
+        ds = pydicom.dcmread(f)
+        ds.Modality, ds.SeriesInstanceUID, ds.SOPInstanceUID = "CT", ct_series, pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = tmp_path / "ct" / f.name
+        out.parent.mkdir(exist_ok=True)
+        ds.save_as(out, enforce_file_format=True)
+        files.append(out)
+    mr_series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"rules:\n  - name: head MR\n    match: {{modality: MR, min_slices: 20}}\n    model: {model}\n")
+    server = start_orthanc(tmp_path / "orthanc", {"resunet": ("RESUNET", "127.0.0.1", free_port())})
+    try:
+        server.upload(files)
+        for kind, url in (("dimse", f"dimse://{ORTHANC_AET}@127.0.0.1:{server.port}"), ("dicomweb", server.dicomweb)):
+            before = server.get("/series")
+            out = tmp_path / f"out-{kind}"
+            code = main(["predict", "--pacs", url, "--study", study, "--routes", str(routes), "--out", str(out),
+                         "--no-tta", "--audit-db", str(tmp_path / "audit.sqlite"), "--no-progress", "--format", "nifti,seg"])
+            err = capsys.readouterr().err
+            assert code == 0, err
+            assert f"series {ct_series}: no routing rule matches (CT, 91 slices); left alone" in err, err
+            assert err.count(ct_series) == 1 and "Traceback" not in err
+            summary = json.loads((out / "head_MR" / "predictions.json").read_text())  # OUT/<safe rule name>/
+            (rec,) = summary["cases"]
+            assert rec["status"] == "ok" and rec["route"] == "head MR" and rec["series_uid"] == mr_series
+            (run,) = [r for r in read_runs(tmp_path / "audit.sqlite") if r["run_id"] == summary["provenance"]["run_id"]]
+            assert run["provenance"]["route"] == "head MR"  # the rule in the audit record
+            assert sorted(p.name for p in out.iterdir()) == ["head_MR"]  # nothing for the CT series
+            new = [server.get(f"/series/{s}") for s in server.get("/series") if s not in before]
+            assert [s["MainDicomTags"]["Modality"] for s in new] == ["SEG"], kind
+            (seg_id,) = [s["Instances"][0] for s in new]
+            seg = pydicom.dcmread(__import__("io").BytesIO(urllib.request.urlopen(
+                f"{server.url}/instances/{seg_id}/file", timeout=30).read()))
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == mr_series  # the MR series' SEG
+    finally:
+        server.stop()

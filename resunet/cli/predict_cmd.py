@@ -16,9 +16,11 @@ def add_tls_arguments(group: argparse._ArgumentGroup) -> None:
     """--tls-ca/--tls-cert/--tls-key, the DIMSE-over-TLS files of predict and serve (one home)."""
     group.add_argument("--tls-ca", default=None, metavar="FILE",
                        help="dimses://: CA file (PEM) that signed the archive's certificate; it is verified with the "
-                       "hostname check on, no plaintext fallback (default: the system's CAs)")
+                       "hostname check on, no plaintext fallback (default: the system's CAs). serve --dicom-tls: "
+                       "senders must present a certificate it signed")
     group.add_argument("--tls-cert", default=None, metavar="FILE",
-                       help="dimses://: our certificate (PEM), for archives that check clients")
+                       help="dimses://: our certificate (PEM), for archives that check clients; serve --dicom-tls: "
+                       "the node's certificate")
     group.add_argument("--tls-key", default=None, metavar="FILE",
                        help="dimses://: our private key (PEM, unencrypted; keep it mode 0600: a key others can read "
                        "is used with a warning)")
@@ -45,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--routes", type=Path, default=None, metavar="FILE",
                    help="routing rules (YAML, the file of resunet serve --routes; docs/pacs.md): each DICOM input is "
                    "segmented by the model (or chain) of the first rule its series matches, into OUT/<rule name>/; "
-                   "inputs no rule matches are left alone (listed by case id). Not with --model/--then")
+                   "inputs no rule matches are left alone (listed by case id). With --pacs, each series of the pulled "
+                   "study is routed the same way and its SEG stored back. Not with --model/--then or --ray")
     p.add_argument("--then", default=[], action="append", metavar="MODEL",
                    help="a model chain: after --model, segment again with MODEL, only inside the previous "
                    "model's foreground (the scan is set to 0 outside it), and keep MODEL's labels there; e.g. "
@@ -152,9 +155,10 @@ def run(args: argparse.Namespace) -> int:
 
         if args.model or args.then:
             raise ConfigError("--routes picks the model of each series: leave out --model/--then (or --routes)")
-        if args.pacs or args.ray is not None:
-            raise ConfigError("--routes works on INPUT paths for now: pull the study with --pacs without --routes, "
-                              "or leave out --ray")
+        if args.ray is not None:  # each rule loads its own model here; a Ray worker holds one warm model
+            raise ConfigError("--routes with --ray is not supported: the Ray workers keep one warm model each, and "
+                              "--routes picks a model per series; run the rules without --ray, or run --ray once per "
+                              "model on the inputs of its rule")
         routes = load_routes(args.routes)
         routes.check_models()
     models = expand_model_args(args.model) if args.model else [default_model_path()]
@@ -218,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
                 raise PacsError(f"{source}: {len(found)} studies match" + (f": {listed}; pick one with --study UID"
                                 if found else "; check the accession number / patient ID"))
             args.study = found[0].study_uid
+    command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
+    if routes is not None and args.pacs:
+        options.limits = limits_from_args(args)
+        return _predict_pacs_routed(routes, args, options, device, options.limits, command, qr)
     cases = discover_cases(args.inputs) if args.inputs else []
     # every input's headers are checked before the model loads; all refusals are reported at once
     from resunet.inference.batch import select_shard
@@ -230,7 +238,6 @@ def run(args: argparse.Namespace) -> int:
     for case in mine:
         if case.case_id in options.refused:
             print(f"resunet predict: case {case.case_id} refused: {options.refused[case.case_id]}", file=sys.stderr)
-    command = ["resunet", *sys.argv[1:]] if sys.argv and Path(sys.argv[0]).name in ("resunet", "__main__.py") else None
     if mine and len(options.refused) == len(mine):
         summary = write_refused_summary(mine, options.refused, options.out_dir, models[0], options.shard, command)
         raise InputError(f"none of the {len(mine)} input(s) can be read (reasons above, and in {summary});"
@@ -297,6 +304,61 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return result.exit_code
+
+
+def _rule_predictor(rule: Any, args: argparse.Namespace, device: str, limits: Any) -> Any:
+    """The Predictor (or chain) of a routing rule, with predict's settings."""
+    from resunet.inference import Predictor
+    from resunet.inference.bundled import resolve_model
+    from resunet.inference.chain import ChainPredictor
+
+    kw = dict(tta=args.tta, overlap=args.overlap, sw_batch=args.sw_batch, amp=args.amp,
+              postprocess=False if args.no_postprocess else None, uncertainty=args.uncertainty, limits=limits)
+    preds = [Predictor(resolve_model(m), device=device, **kw) for m in rule.models]
+    return preds[0] if len(preds) == 1 else ChainPredictor(preds)
+
+
+def _predict_pacs_routed(routes: Any, args: argparse.Namespace, options: Any, device: str, limits: Any,
+                         command: list[str] | None, qr: Any) -> int:
+    """``--pacs --routes``: the study pulled once, each series segmented by its rule's model into
+    ``OUT/<rule name>/`` and its DICOM outputs stored back; series no rule takes left alone."""
+    import logging
+
+    from resunet.pacs.segment import segment_routed
+
+    store = not args.no_store
+    if qr is not None:  # DIMSE: C-FIND + C-GET/C-MOVE, C-STORE back
+        from resunet.pacs.dimse import Destination, send_files
+        from resunet.pacs.dimse_qr import DimseSource, find_series, retrieve_study
+
+        source = DimseSource.parse(args.pacs)
+        series = [s for s in find_series(source, qr, args.study) if not args.series or s.series_uid == args.series]
+        if not series:
+            raise PacsError(f"DICOM archive {source} has no study {args.study}"
+                            + (f" with series {args.series}" if args.series else " (or it lists no series)"))
+        dest = Destination(source.host, source.port, source.ae_title)
+        fetch = lambda folder: retrieve_study(source, qr, args.study, folder, series)  # noqa: E731
+        send = (lambda files: send_files(files, dest, calling_aet=qr.calling_aet, timeout=qr.timeout,
+                                         ssl_context=qr.ssl_context(source))) if store else None
+    else:  # DICOMweb: WADO-RS in, STOW-RS out
+        from resunet.pacs import PacsClient, PacsConfig
+
+        client = PacsClient(PacsConfig.from_env(args.pacs, args.pacs_user))
+        fetch = lambda folder: client.retrieve(args.study, folder, [args.series] if args.series else None)  # noqa: E731
+        send = (lambda files: client.store(files, args.study)) if store else None
+    done = segment_routed(args.study, fetch, send, routes, lambda rule: _rule_predictor(rule, args, device, limits),
+                          options, source=args.pacs, command=command, log=logging.getLogger("resunet.predict"))
+    for uid, facts in done.unrouted.items():  # once per series; modality and size only (descriptions may hold PHI)
+        print(f"resunet predict: series {uid}: no routing rule matches ({facts.modality or '?'}, {facts.n_slices} "
+              "slices); left alone", file=sys.stderr)
+    for uid, rule_name, run in done.runs:
+        stored = f"; stored {', '.join(p.name for p in run.stored)}" if run.stored else ""
+        print(f"resunet predict: series {uid} of study {args.study}: rule '{rule_name}', segmented in "
+              f"{run.timings['segment']:.1f} s{stored}; summary {run.batch.summary_path}", file=sys.stderr)
+    if not done.runs:
+        print(f"resunet predict: no series of study {args.study} matched a routing rule; nothing was segmented",
+              file=sys.stderr)
+    return max((r.batch.exit_code for _, _, r in done.runs), default=0)
 
 
 def _predict_routed(routes: Any, cases: list[Any], options: Any, args: argparse.Namespace, device: str,

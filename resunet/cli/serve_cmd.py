@@ -89,6 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pacs.add_argument("--ae-title", default=d["ae_title"].default, help="AE title of the DICOM node (default RESUNET)")
     pacs.add_argument("--store-to", default="", metavar="HOST:PORT:AET",
                       help="send each SEG/RTSTRUCT of a received series there with C-STORE")
+    pacs.add_argument("--dicom-tls", action="store_true",
+                      help="the DICOM node speaks DICOM over TLS only, with --tls-cert/--tls-key (required) and, with "
+                      "--tls-ca, only senders whose certificate that CA signed; --store-to then gets the results over "
+                      "TLS too (its certificate checked against --tls-ca)")
     pacs.add_argument("--settle-seconds", type=float, default=d["settle_seconds"].default, metavar="S",
                       help="a received series is complete after S seconds without a new instance (default 5)")
     pacs.add_argument("--routes", type=Path, default=None, metavar="FILE",
@@ -156,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> "ServeConfig":  # noqa: F821
         worker_threads=getattr(args, "worker_threads", 0),
         require_review=bool(getattr(args, "require_review", False)),
         tls_ca=getattr(args, "tls_ca", None) or "", tls_cert=getattr(args, "tls_cert", None) or "",
-        tls_key=getattr(args, "tls_key", None) or "",
+        tls_key=getattr(args, "tls_key", None) or "", dicom_tls=bool(getattr(args, "dicom_tls", False)),
     )
     if args.state_dir is not None:
         kwargs["state_dir"] = args.state_dir
@@ -245,8 +249,8 @@ def run(args: argparse.Namespace) -> int:
 
     node = start_node(service)  # before uvicorn: a taken DICOM port is a start-up error
     if node is not None:
-        log.info("DICOM node %s on %s:%d%s", config.ae_title, config.dicom_host, config.dicom_port,
-                 f", results to {config.store_to}" if config.store_to else "")
+        log.info("DICOM node %s on %s:%d%s%s", config.ae_title, config.dicom_host, config.dicom_port,
+                 " over TLS" if config.dicom_tls else "", f", results to {config.store_to}" if config.store_to else "")
     try:
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.host, port=config.port, root_path=config.root_path, proxy_headers=True,

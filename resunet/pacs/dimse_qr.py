@@ -171,8 +171,11 @@ class Retrieved:
 
 
 def _associate(ae: Any, source: DimseSource, cfg: QueryConfig, what: str) -> Any:
+    from resunet.pacs.dimse import tcp_handlers
+
     ctx = cfg.ssl_context(source)
-    kwargs = {"tls_args": (ctx, source.host)} if ctx is not None else {}
+    kwargs: dict[str, Any] = {"tls_args": (ctx, source.host)} if ctx is not None else {}
+    kwargs["evt_handlers"] = tcp_handlers()
     try:
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, **kwargs)
     except (OSError, ssl.SSLError) as err:
@@ -358,6 +361,8 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
+    from resunet.pacs.dimse import tcp_handlers
+
     t0 = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,15 +378,12 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
         for uid in _GET_STORAGE:
             ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES[:])
             roles.append(build_role(uid, scp_role=True))
-        handlers = [(evt.EVT_C_STORE, sink)]
-        assoc_kwargs: dict[str, Any] = {"ext_neg": roles, "evt_handlers": handlers}
+        assoc_kwargs: dict[str, Any] = {"ext_neg": roles, "evt_handlers": [(evt.EVT_C_STORE, sink), *tcp_handlers()]}
         model = GET
     else:
-        from pynetdicom import AllStoragePresentationContexts
+        from resunet.pacs.dimse import start_scp
 
         scp = _ae(cfg)
-        for cx in AllStoragePresentationContexts:
-            scp.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         # over TLS the archive's C-MOVE association to us is TLS too: our certificate, peers checked against the CA
         scp_tls = None
         if source.tls:
@@ -389,12 +391,11 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
 
             scp_tls = tls_server_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         try:
-            server = scp.start_server((cfg.move_host, int(cfg.move_port)), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, sink)], ssl_context=scp_tls)
+            server = start_scp(scp, cfg.move_host, cfg.move_port, [(evt.EVT_C_STORE, sink)], ssl_context=scp_tls)
         except OSError as err:
             raise PacsError(f"cannot listen on {cfg.move_host}:{cfg.move_port} for the C-MOVE ({err.strerror or err})") from None
         ae.add_requested_context(MOVE)
-        assoc_kwargs = {}
+        assoc_kwargs = {"evt_handlers": tcp_handlers()}
         model = MOVE
     ctx = cfg.ssl_context(source)
     if ctx is not None:
@@ -429,7 +430,7 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
             deadline = time.monotonic() + cfg.timeout
             while time.monotonic() < deadline and any(
                     sink.per_series.get(s.series_uid, 0) < (s.n_instances or 0) for s in todo):
-                time.sleep(0.05)
+                time.sleep(0.01)
     finally:
         if server is not None:
             server.shutdown()

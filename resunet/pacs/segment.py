@@ -183,3 +183,84 @@ def segment_from_dimse(
         (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
                                   ssl_context=cfg.ssl_context(source))) if store else None,
         predictor, options, source=str(source), command=command, folder=folder, failure=failure)
+
+
+@dataclass
+class RoutedRun:
+    """What :func:`segment_routed` did: per series a rule took, its rule name and :class:`PacsRun`;
+    the series no rule took, as ``{series_uid: SeriesFacts}``; ``pull`` seconds."""
+
+    study_uid: str
+    runs: list[tuple[str, str, PacsRun]] = field(default_factory=list)  # (series uid, rule name, run)
+    unrouted: dict[str, Any] = field(default_factory=dict)
+    pull_seconds: float = 0.0
+
+
+def segment_routed(
+    study_uid: str,
+    fetch: Callable[[Path], None],
+    send: Callable[[list[Path]], Any] | None,
+    routes: Any,
+    predictor_for: Callable[[Any], Any],
+    options: BatchOptions,
+    *,
+    source: str,
+    command: Sequence[str] | None = None,
+    log: Any = None,
+) -> RoutedRun:
+    """A study from an archive, each of its image series segmented by the model its routing rule picks.
+
+    ``fetch`` pulls the whole study (WADO-RS, C-GET/C-MOVE) into a private temp folder; each image
+    series (:func:`resunet.io.loader.list_series`, headers only) is routed on the facts of its largest
+    stack (:class:`resunet.pacs.routing.SeriesFacts`); the series of a rule are segmented, one case per
+    series (case id = its Series Instance UID), into ``options.out_dir / <rule name>`` with the rule's
+    model (``predictor_for(rule)``, built once per rule) through :func:`segment_and_send`, so the rule is
+    in each record (``route``) and the audit provenance, and the DICOM outputs go back with ``send``.
+    Series no rule takes are left alone, logged once (modality and size only: descriptions may hold PHI).
+
+    Raises:
+        PacsError: the pull failed, or a series that a rule took could not be segmented or sent (the
+            series before it are done and sent; the message names the series).
+    """
+    import dataclasses
+    import logging
+    import os
+
+    import pydicom
+
+    from resunet.io.loader import list_series
+    from resunet.pacs.routing import SeriesFacts
+
+    log = log or logging.getLogger(__name__)
+    out = RoutedRun(study_uid=study_uid)
+    predictors: dict[str, Any] = {}
+    with private_temp_dir("pacs") as tmp:
+        pulled = tmp / "pulled"
+        t0 = time.perf_counter()
+        fetch(pulled)
+        out.pull_seconds = time.perf_counter() - t0
+        by_series: dict[str, list[Any]] = {}
+        for s in list_series(pulled):  # largest stack first; a split series gives several stacks
+            by_series.setdefault(s.series_instance_uid or s.uid, []).append(s)
+        for series_uid, stacks in by_series.items():
+            first = sorted(stacks[0].files)[0]
+            facts = SeriesFacts.from_dataset(pydicom.dcmread(first, stop_before_pixels=True), stacks[0].n_slices)
+            rule = routes.route(facts)
+            if rule is None:
+                routes.log_unrouted(log, series_uid, facts)
+                out.unrouted[series_uid] = facts
+                continue
+            folder = tmp / "series" / safe_name(series_uid, "series")
+            folder.mkdir(parents=True, exist_ok=True)
+            for st in stacks:  # the series' own folder: its case id is the series UID
+                for f in st.files:
+                    os.replace(f, folder / Path(f).name)
+            if rule.name not in predictors:
+                predictors[rule.name] = predictor_for(rule)
+            opts = dataclasses.replace(options, out_dir=Path(options.out_dir) / safe_name(rule.name, "rule"),
+                                       route=rule.name, series_uid=None, refused={})
+            log.info("routing: series %s -> rule '%s' (model %s)", series_uid, rule.name, " -> ".join(rule.models))
+            run = segment_and_send(study_uid, None, send, predictors[rule.name], opts, source=source,
+                                   command=command, folder=folder)
+            out.runs.append((series_uid, rule.name, run))
+    return out

@@ -62,6 +62,10 @@ class ServeConfig:
             series with the model of the first rule it matches, and leaves unmatched series alone.
         tls_ca, tls_cert, tls_key: PEM files for ``pacs_url`` ``dimses://`` (DIMSE over TLS): the CA that
             signed the archive's certificate, and our certificate and key when it checks clients.
+        dicom_tls: the DICOM node speaks DICOM over TLS only (``--dicom-tls``): it listens with
+            ``tls_cert``/``tls_key`` (required), with ``tls_ca`` senders must present a certificate
+            signed by it, and ``store_to`` gets the results over TLS with the same files (the
+            destination's certificate checked against ``tls_ca``, hostname check on).
         queue_url: ``postgresql://USER@HOST[:PORT]/DB``: jobs, tokens and the audit log in PostgreSQL,
             shared by every node whose state folder is the same shared folder (docs/deploy.md); empty =
             ``STATE/jobs.sqlite`` (one node). No password in it (:mod:`resunet.pgdb`).
@@ -116,6 +120,7 @@ class ServeConfig:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    dicom_tls: bool = False
     queue_url: str = ""
     queue_password_file: Path | None = None
     lease_s: float = 60.0
@@ -151,8 +156,16 @@ class ServeConfig:
 
             source = DimseSource.parse(self.pacs_url)
             self.dimse_query().ssl_context(source)  # the TLS files are checked at start, not at the first job
-        if (self.tls_ca or self.tls_cert or self.tls_key) and not self.pacs_url.startswith("dimses://"):
-            raise ConfigError("--tls-ca/--tls-cert/--tls-key are for a DIMSE archive over TLS: --pacs dimses://AET@HOST:PORT")
+        if (self.tls_ca or self.tls_cert or self.tls_key) and not (self.pacs_url.startswith("dimses://") or self.dicom_tls):
+            raise ConfigError("--tls-ca/--tls-cert/--tls-key are for DIMSE over TLS: a --pacs dimses://AET@HOST:PORT "
+                              "archive, or the DICOM node with --dicom-tls")
+        if self.dicom_tls:
+            if not self.dicom_port:
+                raise ConfigError("--dicom-tls is the DICOM node's TLS: give --dicom-port too")
+            if not (self.tls_cert and self.tls_key):
+                raise ConfigError("--dicom-tls needs the node's certificate and key: --tls-cert FILE --tls-key FILE "
+                                  "(and --tls-ca FILE to accept only senders with a certificate it signed)")
+            self.node_ssl_context()  # the files are checked at start, not at the first association
         if self.queue_url:
             from resunet.pgdb import check_url
 
@@ -173,6 +186,14 @@ class ServeConfig:
 
         return QueryConfig(calling_aet=self.ae_title, method="get", tls_ca=self.tls_ca or None,
                            tls_cert=self.tls_cert or None, tls_key=self.tls_key or None)
+
+    def node_ssl_context(self) -> "ssl.SSLContext | None":  # noqa: F821
+        """The DICOM node's listening TLS context (None without ``dicom_tls``); ConfigError for bad files."""
+        if not self.dicom_tls:
+            return None
+        from resunet.pacs.dimse import tls_server_context
+
+        return tls_server_context(self.tls_ca or None, self.tls_cert or None, self.tls_key or None)
 
     @property
     def shared(self) -> bool:

@@ -97,18 +97,30 @@ def _dicom_series(job: Job, env: JobEnv) -> JobOutcome:
     aet = str(job.options.get("ae_title") or "RESUNET")
     hold = bool(job.options.get("require_review"))  # --require-review: sent once a person approves
     predictor, batch = job_batch(job, env)
+    tls = job.options.get("tls")
     run = segment_and_send(str(job.options.get("study_uid") or job.input_name or job.id), None,
-                           (lambda files: send_files(files, Destination.parse(str(dest)), calling_aet=aet))
+                           (lambda files: send_files(files, Destination.parse(str(dest)), calling_aet=aet,
+                                                     ssl_context=store_ssl_context(tls)))
                            if dest and not hold else None,
                            predictor, batch, source=f"DICOM node {aet}", command=job_command(job),
                            folder=folder, failure=job_failure(job, env, folder))
     outcome = job_outcome(job, env, run.batch, predictor, folder)
     if hold:
-        outcome.review = {"state": "pending", "send": {"to": "dicom", "destination": dest, "ae_title": aet}
-                          if dest else None}
+        outcome.review = {"state": "pending", "send": {"to": "dicom", "destination": dest, "ae_title": aet,
+                                                       **({"tls": tls} if tls else {})} if dest else None}
     elif dest:
         outcome.result["sent_to"] = {"destination": dest, "files": [p.name for p in run.stored]}
     return outcome
+
+
+def store_ssl_context(tls: dict[str, Any] | None) -> Any:
+    """The client TLS context for a ``dicom-series`` job's ``--store-to`` (its ``tls`` option: the node's
+    file paths, ``--dicom-tls``), or None (plain DIMSE)."""
+    if not tls:
+        return None
+    from resunet.pacs.dimse import tls_client_context
+
+    return tls_client_context(tls.get("tls_ca"), tls.get("tls_cert"), tls.get("tls_key"))
 
 
 register_kind("pacs-pull", _pacs_pull)
@@ -163,6 +175,9 @@ class NodeFeeder:
             study_dir.rmdir()
         opts = {"formats": list(self.formats), "series_uid": series.series_uid, "uncertainty": False,
                 "probabilities": False, "destination": self.destination, "ae_title": self.ae_title, **extra}
+        c = self.service.config
+        if getattr(c, "dicom_tls", False) and self.destination:  # results go back over TLS with the node's files
+            opts["tls"] = {k: getattr(c, k, "") or None for k in ("tls_ca", "tls_cert", "tls_key")}
         if getattr(self.service.config, "require_review", False):
             opts["require_review"] = True
         self.service.queue.enqueue("dicom-series", input_path=final, input_sha256=None, options=opts,
@@ -202,5 +217,6 @@ def start_node(service: Any) -> Any:
     cfg = ListenerConfig(ae_title=c.ae_title, port=c.dicom_port, host=c.dicom_host,
                          incoming_dir=service.state_dir / INCOMING, settle_seconds=c.settle_seconds,
                          allowed_calling_aets=tuple(c.allowed_aets))
-    listener = StoreListener(cfg, NodeFeeder(service, cfg.ae_title, c.store_to, tuple(c.formats)))
+    listener = StoreListener(cfg, NodeFeeder(service, cfg.ae_title, c.store_to, tuple(c.formats)),
+                             ssl_context=c.node_ssl_context() if getattr(c, "dicom_tls", False) else None)
     return listener.start()

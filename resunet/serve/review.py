@@ -99,8 +99,11 @@ def _send(files: list[Path], send: dict[str, Any] | None) -> dict[str, Any] | No
         return {"url": url, "study_uid": study_uid, "files": [p.name for p in files]}
     from resunet.pacs.dimse import Destination, send_files
 
+    from resunet.serve.pacs_jobs import store_ssl_context
+
     dest = str(send["destination"])
-    send_files(files, Destination.parse(dest), calling_aet=str(send.get("ae_title") or "RESUNET"))
+    send_files(files, Destination.parse(dest), calling_aet=str(send.get("ae_title") or "RESUNET"),
+               ssl_context=store_ssl_context(send.get("tls")))
     return {"destination": dest, "files": [p.name for p in files]}
 
 
