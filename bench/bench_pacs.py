@@ -1,7 +1,7 @@
 """Benchmark the PACS round trip (run by hand; both sides measured in the same run).
 
     .venv/bin/python bench/bench_pacs.py [--repeats 5] [--model resunet/data/model/brain_extraction.pt]
-        [--out bench/results/pacs.md [--append]]
+        [--dicomweb-only] [--out bench/results/pacs.md [--append]]
     .venv/bin/python bench/bench_pacs.py --render bench/results/pacs.json --out bench/results/pacs.md
 
 ``--out FILE.md`` writes the whole results file (every run in ``FILE.json``, this one replacing them
@@ -24,6 +24,7 @@ the example DICOM study (91 slices, 91x109 pixels), loads the model once, and al
 
 with mirror TTA on (the CLI default) and off. Overhead = (round trip - segment alone) / segment
 alone, medians over the repeats. Goal: <= 25%. The machine is shared: the load average is printed.
+``--dicomweb-only`` leaves the DIMSE rows out (no listener, no C-GET/C-MOVE/node runs).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the whole results file here (and its figures to the same name .json)")
     ap.add_argument("--append", action="store_true", help="keep the earlier runs of the .json (default: this run replaces them)")
     ap.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
+    ap.add_argument("--dicomweb-only", action="store_true",
+                    help="measure segment alone and the DICOMweb round trip only (no DIMSE C-GET, C-MOVE or node rows)")
     args = ap.parse_args()
     if args.render:
         if not args.out:
@@ -126,7 +129,8 @@ def main() -> int:
                     source=f"C-STORE from {series.calling_aet}", folder=series.folder))
 
             listener = StoreListener(config, on_series)
-            listener.start()
+            if not args.dicomweb_only:
+                listener.start()
             try:
                 for rep in range(args.repeats + 1):  # the first repetition warms up and is not counted
                     opts = dict(formats=("seg",), progress=False, audit_db=False, resume=False)
@@ -137,11 +141,18 @@ def main() -> int:
                     run = segment_from_pacs(client, study_uid, predictor, BatchOptions(out_dir=work / f"p{tta}{rep}", **opts))
                     t_trip = time.perf_counter() - t0
                     t_dimse = {}
-                    for method, cfg in qr.items():
+                    for method, cfg in ({} if args.dicomweb_only else qr).items():
                         t0 = time.perf_counter()
                         segment_from_dimse(source, cfg, study_uid, predictor,
                                            BatchOptions(out_dir=work / f"d{method}{tta}{rep}", **opts))
                         t_dimse[method] = time.perf_counter() - t0
+                    if args.dicomweb_only:
+                        if rep:
+                            alone.append(t_alone)
+                            trip.append(t_trip)
+                            for k in parts:
+                                parts[k].append(run.timings.get(k, 0.0))
+                        continue
                     n_before = seg_count(orthanc, study_uid)
                     t0 = time.perf_counter()
                     req = urllib.request.Request(f"{orthanc.url}/modalities/resunet/store", data=orthanc_id.encode(),
@@ -163,24 +174,29 @@ def main() -> int:
                     for k in parts:
                         parts[k].append(run.timings.get(k, 0.0))
             finally:
-                listener.stop()
+                if not args.dicomweb_only:
+                    listener.stop()
             med = statistics.median
-            rows.append({
+            row = {
                 "tta": "on (8 flips)" if tta else "off", "alone": med(alone), "trip": med(trip),
                 "pull": med(parts["pull"]), "segment": med(parts["segment"]), "store": med(parts["store"]),
-                "get": med(dimse_s["get"]), "move": med(dimse_s["move"]),
-                "node": med(node_s), "runs_alone": alone, "runs_trip": trip, "runs_node": node_s,
-                "runs_get": dimse_s["get"], "runs_move": dimse_s["move"],
-            })
+                "runs_alone": alone, "runs_trip": trip,
+            }
+            if not args.dicomweb_only:
+                row.update(get=med(dimse_s["get"]), move=med(dimse_s["move"]), node=med(node_s), runs_node=node_s,
+                           runs_get=dimse_s["get"], runs_move=dimse_s["move"])
+            rows.append(row)
     finally:
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     for r in rows:
         for k in ("trip", "node", "get", "move"):
-            r[f"overhead_{k}_pct"] = 100 * (r[k] - r["alone"]) / r["alone"]
+            if k in r:
+                r[f"overhead_{k}_pct"] = 100 * (r[k] - r["alone"]) / r["alone"]
     run = {
         "command": f".venv/bin/python bench/bench_pacs.py --repeats {args.repeats}"
+                   + (" --dicomweb-only" if args.dicomweb_only else "")
                    + (f" --out {args.out}" if args.out else "") + (" --append" if args.append else ""),
         "started_utc": started, "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": Path(args.model).name, "load_start": load_start,
@@ -240,14 +256,14 @@ def render(doc: dict) -> str:
         for r in run["rows"]:
             lines.append(
                 f"| {r['tta']} | {r['alone']:.2f} | {r['trip']:.2f} | {r['pull']:.2f} | {r['segment']:.2f} | {r['store']:.2f} "
-                f"| {_overhead(r, 'trip'):+.0f}% | {dimse(r, 'get')} | {dimse(r, 'move')} | {r['node']:.2f} | {_overhead(r, 'node'):+.0f}% |")
+                f"| {_overhead(r, 'trip'):+.0f}% | {dimse(r, 'get')} | {dimse(r, 'move')} | {dimse(r, 'node')} |")
         lines += ["", "All runs (s):", ""]
         for r in run["rows"]:
             extra = "".join(f"; {name} {', '.join(f'{x:.2f}' for x in r[key])}" for name, key in
                             (("C-GET", "runs_get"), ("C-MOVE", "runs_move")) if key in r)
+            node = f"; DIMSE node {', '.join(f'{x:.2f}' for x in r['runs_node'])}" if "runs_node" in r else ""
             lines.append(f"- TTA {r['tta']}: alone {', '.join(f'{x:.2f}' for x in r['runs_alone'])}; DICOMweb round trip "
-                         f"{', '.join(f'{x:.2f}' for x in r['runs_trip'])}{extra}; DIMSE node "
-                         f"{', '.join(f'{x:.2f}' for x in r['runs_node'])}")
+                         f"{', '.join(f'{x:.2f}' for x in r['runs_trip'])}{extra}{node}")
         lines.append("")
     lines += ["## Against the goal (from the tables above)", ""]
     for tta in dict.fromkeys(r["tta"] for run in doc["runs"] for r in run["rows"]):
@@ -260,9 +276,9 @@ def render(doc: dict) -> str:
         stows = [r["store"] for _, r in got]
         qr = "".join(f"; DIMSE {name} " + ", ".join(f"{_overhead(r, key):+.0f}% (run {k})" for k, r in got if key in r)
                      for name, key in (("C-GET", "get"), ("C-MOVE", "move")) if any(key in r for _, r in got))
+        nodes = ", ".join(f"{_overhead(r, 'node'):+.0f}% (run {k})" for k, r in got if "node" in r)
         lines.append(f"- TTA {tta}: DICOMweb round trip overhead {over}: {verdict}; pull {min(pulls):.2f}-{max(pulls):.2f} s, "
-                     f"STOW {min(stows):.2f}-{max(stows):.2f} s{qr}; DIMSE node "
-                     + ", ".join(f"{_overhead(r, 'node'):+.0f}% (run {k})" for k, r in got) + ".")
+                     f"STOW {min(stows):.2f}-{max(stows):.2f} s{qr}" + (f"; DIMSE node {nodes}" if nodes else "") + ".")
     lines += ["", "Absolute times depend on the load in each run's header; compare columns within one run.", ""]
     return "\n".join(lines)
 

@@ -102,13 +102,36 @@ def damaged_folder(tmp_path_factory) -> Path:
     return out
 
 
+N_TWO = 8  # slices of each series of the two-series study
+
+
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, rle_folder, deflate_folder, jpegls_folder, damaged_folder):
+def two_series_folder(tmp_path_factory) -> Path:
+    """One study of two series (folders ``a``, ``b``): the first example slices uncompressed and the
+    next ones in RLE, so :meth:`PacsClient.fetch` has two series to retrieve at once."""
+    out = tmp_path_factory.mktemp("two")
+    study = generate_uid()
+    files = sorted(EXAMPLE_DICOM.glob("*.dcm"))
+    for name, chunk in (("a", files[:N_TWO]), ("b", files[N_TWO: 2 * N_TWO])):
+        (out / name).mkdir()
+        series = generate_uid()
+        for n, f in enumerate(chunk):
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            if name == "b":
+                ds.compress(RLELossless)
+            ds.save_as(out / name / f"{n:03d}.dcm", enforce_file_format=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, rle_folder, deflate_folder, jpegls_folder, damaged_folder, two_series_folder):
     server = start_orthanc(tmp_path_factory.mktemp("orthanc"), {})
     try:
         server.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")) + sorted(rle_folder.glob("*.dcm"))
                       + sorted(deflate_folder.glob("*.dcm")) + sorted(jpegls_folder.glob("*.dcm"))
-                      + sorted(damaged_folder.glob("*.dcm")))
+                      + sorted(damaged_folder.glob("*.dcm")) + sorted(two_series_folder.rglob("*.dcm")))
         yield server
     finally:
         server.stop()
@@ -182,6 +205,18 @@ def test_fetch_in_memory_of_a_jpegls_series_decoded_in_worker_processes_reads_li
     assert str(pydicom.dcmread(next(jpegls_folder.glob("*.dcm"))).file_meta.TransferSyntaxUID) == JPEGLSLossless
     monkeypatch.setenv("RESUNET_DICOM_WORKERS", "2")
     _fetch_and_compare(orthanc, jpegls_folder, tmp_path)
+
+
+def test_fetch_of_a_study_with_two_series_brings_both_and_each_reads_like_its_files(orthanc, two_series_folder):
+    client = PacsClient(PacsConfig(orthanc.dicomweb))
+    study = client.fetch(_study_of(two_series_folder / "a"))
+    assert len(study) == 2 * N_TWO and len({rel.split("/")[0] for rel in study.files}) == 2
+    for name in ("a", "b"):
+        uid = str(pydicom.dcmread(next((two_series_folder / name).glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
+        got, want = load_study(study, series_uid=uid), load_study(two_series_folder / name)
+        assert got.meta["series_uid"] == uid
+        np.testing.assert_array_equal(np.asarray(got.array), np.asarray(want.array))
+        np.testing.assert_array_equal(got.affine, want.affine)
 
 
 @pytest.fixture(scope="module")
