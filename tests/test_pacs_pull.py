@@ -12,6 +12,7 @@ naming it, and nothing may be stored back.
 from __future__ import annotations
 
 import io
+import pickle
 import shutil
 import subprocess
 import time
@@ -184,6 +185,8 @@ def _fetch_and_compare(orthanc, source: Path, tmp_path: Path) -> None:
     want_sops = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in want.meta["dicom_files"]]
     assert [str(ds.SOPInstanceUID) for ds in got.meta["dicom_datasets"]] == want_sops
     assert "PixelData" not in got.meta["dicom_datasets"][0]
+    # headers only, detached from the bytes they were parsed from: they pickle (worker processes, Ray)
+    assert [str(ds.SOPInstanceUID) for ds in pickle.loads(pickle.dumps(got.meta["dicom_datasets"]))] == want_sops
     # the same names and hash as the folder retrieve() writes, so records do not depend on the path taken
     client.retrieve(study_uid, tmp_path / "folder")
     assert study.sha256() == sha256_path(tmp_path / "folder")

@@ -81,6 +81,8 @@ def read_header(path: str | Path, data: bytes | None = None) -> tuple[Dataset, i
             if not ok:
                 raise InvalidDicomError(f"{path}: not a DICOM file") from None
         offset: int | None = fh.tell()
+    if data is not None and getattr(ds, "buffer", None) is fh:
+        ds.buffer = None  # a header only: keep no (closed) reference to the bytes, so it copies and pickles
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "") or "")
     if ts == GE_IMPLICIT_BIG_ENDIAN:
         raise UnsupportedEncoding(_big_endian_message(path, f"GE private transfer syntax {ts}"))
