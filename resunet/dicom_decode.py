@@ -16,15 +16,21 @@ from pydicom.errors import InvalidDicomError
 from resunet.errors import InputError
 
 
-def read_full(path: str | Path) -> Dataset:
-    """Read a whole DICOM file (pixel data included); preamble-less files (old ACR-NEMA style) are
-    accepted if they carry a SOP class and a series or study UID, as the header scan accepts them."""
+def read_full(path: str | Path | bytes) -> Dataset:
+    """Read a whole DICOM file (pixel data included), from its path or from its bytes held in memory;
+    preamble-less files (old ACR-NEMA style) are accepted if they carry a SOP class and a series or
+    study UID, as the header scan accepts them."""
+    from io import BytesIO
+
+    def open_() -> str | BytesIO:
+        return BytesIO(path) if isinstance(path, bytes) else str(path)
+
     try:
-        return pydicom.dcmread(str(path), force=False)
+        return pydicom.dcmread(open_(), force=False)
     except InvalidDicomError:
-        ds = pydicom.dcmread(str(path), force=True)
+        ds = pydicom.dcmread(open_(), force=True)
         if not ("SOPClassUID" in ds and ("SeriesInstanceUID" in ds or "StudyInstanceUID" in ds)):
-            raise InvalidDicomError(f"{path}: not a DICOM file") from None
+            raise InvalidDicomError(f"{'an in-memory file' if isinstance(path, bytes) else path}: not a DICOM file") from None
         return ds
 
 
@@ -137,9 +143,9 @@ def decode_stored(ds: Dataset, source: str, frames: range | None = None) -> np.n
     return arr
 
 
-def decode_file(path: str, source: str, frames: range | None = None) -> np.ndarray:
-    """Read a whole file and decode its pixels (all frames, or ``frames``) with pydicom (run in worker
-    processes too)."""
+def decode_file(path: str | bytes, source: str, frames: range | None = None) -> np.ndarray:
+    """Read a whole file (its path, or its bytes held in memory) and decode its pixels (all frames, or
+    ``frames``) with pydicom (run in worker processes too)."""
     try:
         ds = read_full(path)
     except InputError:
@@ -152,5 +158,6 @@ def decode_file(path: str, source: str, frames: range | None = None) -> np.ndarr
 
 
 def decode_job(job: tuple) -> np.ndarray:
-    """:func:`decode_file` of ``(path, source)`` or ``(path, source, frames)`` (what worker processes run)."""
+    """:func:`decode_file` of ``(path, source)`` or ``(path, source, frames)`` (what worker processes run;
+    ``path`` may be the file's bytes)."""
     return decode_file(*job)

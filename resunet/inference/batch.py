@@ -258,14 +258,16 @@ def load_case(case: Case, opts: BatchOptions, prev: dict[str, Any] | None, ctx: 
     t0 = time.perf_counter()
     item = _Loaded(case=case)
     try:
-        item.input_record = {"path": str(case.path), "sha256": sha256_path(case.path), "kind": case.kind}
+        digest = case.memory.sha256() if case.memory is not None else sha256_path(case.path)
+        item.input_record = {"path": str(case.path), "sha256": digest, "kind": case.kind}
         wanted = _output_paths(case, opts, ctx.fg_labels)
         if opts.resume and _resumable(prev, item.input_record["sha256"], ctx.model_sha256, wanted, opts.out_dir):
             item.skip_record = prev
         elif case.case_id in opts.refused:
             item.error = opts.refused[case.case_id]
         else:
-            item.volume = load_study(case.path, series_uid=opts.series_uid if case.is_dicom else None,
+            item.volume = load_study(case.memory if case.memory is not None else case.path,
+                                     series_uid=opts.series_uid if case.is_dicom else None,
                                      limits=opts.limits)
     except ResunetError as err:
         item.error = str(err)

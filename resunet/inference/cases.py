@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from resunet.errors import InputError
+from resunet.io.memory import MemoryStudy
 from resunet.io.nifti import is_nifti_path
 
 LIST_SUFFIXES = (".txt", ".csv", ".lst")
@@ -39,11 +40,15 @@ class Case:
         case_id: name of the outputs (``<case_id>.nii.gz``, ...).
         path: the input file or folder (absolute).
         kind: ``"nifti"``, ``"dicom"`` (folder or single file) or ``"zip"``.
+        memory: the DICOM files themselves, held in memory (a PACS pull,
+            :mod:`resunet.pacs.segment`): read from there instead of ``path``, which then only
+            names the case in records and messages.
     """
 
     case_id: str
     path: Path
     kind: str
+    memory: MemoryStudy | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_dicom(self) -> bool:

@@ -66,6 +66,7 @@ from resunet.io.dicom_geometry import (RAS_FROM_LPS, SPACING_ATOL_MM, Slice, enh
                                       stack_geometry)
 from resunet.io.dicom_headers import HeaderView, UnsupportedEncoding, read_header
 from resunet.io.dicom_pixels import READ_THREADS, NeedsWiderType, PixelSource, read_pixels
+from resunet.io.memory import MemoryStudy
 from resunet.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -233,16 +234,22 @@ def colour_message(source: str, what: str) -> str:
     )
 
 
-def _iter_files(root: Path) -> Iterable[Path]:
+def _iter_files(root: Path | MemoryStudy) -> Iterable[tuple[str, bytes | None]]:
+    """``(name, bytes)`` of each file under ``root``: bytes None for a file on disk (read from its
+    path), the file's bytes for a :class:`~resunet.io.memory.MemoryStudy` (name = its label)."""
+    if isinstance(root, MemoryStudy):
+        for rel in sorted(root.files):
+            yield root.label(rel), root.files[rel]
+        return
     if root.is_file():
-        yield root
+        yield str(root), None
         return
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
             if p.is_file():  # symlinked files are followed; symlinked folders are not (no loops)
-                yield p
+                yield str(p), None
 
 
 @dataclass
@@ -267,6 +274,7 @@ class _Header:
     echo_time: str
     temporal: str
     acquisition: str
+    data: bytes | None = None  # the whole file's bytes when it is held in memory (MemoryStudy)
 
 
 def _header_of(path: str | Path) -> _Header | None:
@@ -279,7 +287,7 @@ def _header_of(path: str | Path) -> _Header | None:
     return _make_header(str(path), ds, offset)
 
 
-def _make_header(path: str, ds: Dataset, offset: int | None) -> _Header:
+def _make_header(path: str, ds: Dataset, offset: int | None, data: bytes | None = None) -> _Header:
     hv = HeaderView(ds)
     n_frames = int(hv.get("NumberOfFrames", 1) or 1)
     iop = floats(hv.get("ImageOrientationPatient"))
@@ -290,7 +298,7 @@ def _make_header(path: str, ds: Dataset, offset: int | None) -> _Header:
     echo_time = float_or(hv.get("EchoTime"), None)
     has_pixels = None
     if offset is not None:
-        has_pixels = offset < os.stat(path).st_size
+        has_pixels = offset < (len(data) if data is not None else os.stat(path).st_size)
     return _Header(
         path=path,
         ds=ds,
@@ -310,6 +318,7 @@ def _make_header(path: str, ds: Dataset, offset: int | None) -> _Header:
         echo_time=f"{echo_time:.3f}" if echo_time is not None else "",
         temporal=str(hv.get("TemporalPositionIdentifier", "") or ""),
         acquisition=str(hv.get("AcquisitionNumber", "") or ""),
+        data=data,
     )
 
 
@@ -363,21 +372,22 @@ def _split_by_acquisition(headers: list[_Header]) -> list[list[_Header]]:
     return [groups[a] for a in sorted(groups, key=lambda a: (_number(a), a))]
 
 
-def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
-    """Find the image series under ``root`` (a folder, searched recursively, or one file).
+def scan_dicom_files(root: str | os.PathLike[str] | MemoryStudy) -> ScanReport:
+    """Find the image series under ``root`` (a folder, searched recursively, one file, or the files
+    of a :class:`~resunet.io.memory.MemoryStudy`, read from their bytes the same way).
 
     Returns:
         A :class:`ScanReport` whose ``series`` are sorted by number of slices, most first; each
         series keeps the headers read (``SeriesInfo.headers``).
     """
-    root = Path(root)
+    root = root if isinstance(root, MemoryStudy) else Path(root)
     groups: dict[tuple, list[_Header]] = defaultdict(list)
     report = ScanReport(series=[])
     seen_sops: dict[str, _Header] = {}
-    for path in _iter_files(root):
+    for path, data in _iter_files(root):
         report.n_files += 1
         try:
-            ds, offset = read_header(path)
+            ds, offset = read_header(path, data)
         except UnsupportedEncoding as err:
             report.unreadable.append(str(path))
             report.unreadable_reasons[str(path)] = str(err)
@@ -406,7 +416,7 @@ def scan_dicom_files(root: str | os.PathLike[str]) -> ScanReport:
             report.non_image[kind] = report.non_image.get(kind, 0) + 1
             continue
         try:
-            h = _make_header(str(path), ds, offset)
+            h = _make_header(path, ds, offset, data)
         except Exception as err:  # malformed element values
             log.debug("%s: malformed DICOM header: %s", path, err)
             report.unreadable.append(str(path))
@@ -557,6 +567,7 @@ def _pixel_source(s: Slice) -> PixelSource:
         bits_stored=int(ds.get("BitsStored", bits_allocated) or bits_allocated),
         signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
         float_data="FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        data=h.data if h is not None else None,
     )
 
 

@@ -45,8 +45,9 @@ def _looks_implicit_big_endian(head: bytes) -> bool:
     return length < 1 << 16
 
 
-def read_header(path: str | Path) -> tuple[Dataset, int | None]:
-    """Read a DICOM file's header (pixel data not read).
+def read_header(path: str | Path, data: bytes | None = None) -> tuple[Dataset, int | None]:
+    """Read a DICOM file's header (pixel data not read); ``data``: the file's bytes, held in memory
+    (:class:`resunet.io.memory.MemoryStudy`), ``path`` then only names it.
 
     Files without the 128-byte preamble/'DICM' (old ACR-NEMA style, no file meta) are accepted only
     if a forced read finds a SOP class and a series or study UID, so random bytes stay refused.
@@ -61,7 +62,9 @@ def read_header(path: str | Path) -> tuple[Dataset, int | None]:
             endian data, which is DICOM but unreadable here).
         Exception: pydicom's errors on truncated/corrupt headers (callers count them as unreadable).
     """
-    with open(path, "rb") as fh:
+    import io
+
+    with (io.BytesIO(data) if data is not None else open(path, "rb")) as fh:
         try:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
         except InvalidDicomError:
@@ -78,6 +81,8 @@ def read_header(path: str | Path) -> tuple[Dataset, int | None]:
             if not ok:
                 raise InvalidDicomError(f"{path}: not a DICOM file") from None
         offset: int | None = fh.tell()
+    if data is not None and getattr(ds, "buffer", None) is fh:
+        ds.buffer = None  # a header only: keep no (closed) reference to the bytes, so it copies and pickles
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "") or "")
     if ts == GE_IMPLICIT_BIG_ENDIAN:
         raise UnsupportedEncoding(_big_endian_message(path, f"GE private transfer syntax {ts}"))

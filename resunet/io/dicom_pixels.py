@@ -54,6 +54,8 @@ class PixelSource:
         n_frames, rows, cols: the frame count and size.
         bits_allocated, bits_stored, signed: the stored integer format.
         float_data: FloatPixelData/DoubleFloatPixelData instead of PixelData (offset is then None).
+        data: the whole file's bytes when it is held in memory (:class:`resunet.io.memory.MemoryStudy`;
+            ``path`` then only names it), else None (read from ``path``).
     """
 
     path: str
@@ -69,6 +71,12 @@ class PixelSource:
     bits_stored: int
     signed: bool
     float_data: bool = False
+    data: bytes | None = None
+
+    @property
+    def job_input(self) -> str | bytes:
+        """What a decode job reads: the file's path, or its bytes when it is held in memory."""
+        return self.data if self.data is not None else self.path
 
     @property
     def dtype(self) -> np.dtype:
@@ -96,7 +104,9 @@ class PixelSource:
 def _read_native(src: PixelSource, out: np.ndarray) -> None:
     """Read all frames of an uncompressed little-endian file into ``out`` (frames, rows, cols)."""
     expected = out.nbytes
-    with open(src.path, "rb") as fh:
+    import io
+
+    with (io.BytesIO(src.data) if src.data is not None else open(src.path, "rb")) as fh:
         fh.seek(src.offset)
         head = fh.read(12)
         if len(head) < 8:
@@ -378,9 +388,9 @@ def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int]) -> tupl
             # too few files to keep every process busy: RANGES_PER_WORKER frame ranges per process
             step = max(1, -(-frames // (workers * RANGES_PER_WORKER)))
             for first in range(0, frames, step):
-                jobs.append((src.path, src.source, range(first, min(frames, first + step))))
+                jobs.append((src.job_input, src.source, range(first, min(frames, first + step))))
                 owner.append((n, first))
         else:
-            jobs.append((src.path, src.source))
+            jobs.append((src.job_input, src.source))
             owner.append((n, 0))
     return jobs, owner, n_frames

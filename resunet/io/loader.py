@@ -7,7 +7,9 @@
   then read as a DICOM folder;
 - a folder -> every file under it (any names, nested) scanned as DICOM;
 - a file named ``DICOMDIR`` -> its folder (as on CDs);
-- any other file -> read as one DICOM file (single- or multi-frame).
+- any other file -> read as one DICOM file (single- or multi-frame);
+- a :class:`resunet.io.memory.MemoryStudy` (DICOM files held in memory, e.g. pulled with WADO-RS)
+  -> read exactly as the folder holding those files would be, from their bytes.
 
 When several image series are found the one with the most slices is read (or the one named by
 ``series_uid``) and the choice is logged with the others found.
@@ -26,6 +28,7 @@ from pydicom.dataset import Dataset
 from resunet.errors import InputError
 from resunet.io.archive import extract_zip
 from resunet.io.limits import Limits
+from resunet.io.memory import MemoryStudy
 from resunet.io.dicom import ScanReport, SeriesInfo, read_series, scan_dicom_files
 from resunet.io.nifti import is_nifti_path, read_nifti
 from resunet.io.volume import Volume
@@ -165,12 +168,14 @@ def list_series(path: str | os.PathLike[str]) -> list[SeriesInfo]:
     return series
 
 
-def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limits: Limits | None = None) -> Volume:
+def load_study(path: str | os.PathLike[str] | MemoryStudy, series_uid: str | None = None,
+               limits: Limits | None = None) -> Volume:
     """Read a study into one :class:`Volume` (voxels ``[i, j, k]``, affine voxel -> RAS mm).
 
     Args:
         path: a ``.nii``/``.nii.gz`` file, a folder of DICOM files (any names, nested), a ``.zip``
-            of such a folder, or a single DICOM file (multi-frame included).
+            of such a folder, a single DICOM file (multi-frame included), or a
+            :class:`~resunet.io.memory.MemoryStudy` (see :func:`load_memory_study`).
         series_uid: for DICOM, the series to read (a :class:`SeriesInfo` ``uid`` or a
             SeriesInstanceUID); default: the image series with the most slices.
 
@@ -178,9 +183,11 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
         InputError: unreadable or unsupported input (one line naming the file and what to do).
         GeometryError: the series' geometry cannot be represented (missing slices, tilt, ...).
     """
+    limits = limits if limits is not None else Limits.from_env()
+    if isinstance(path, MemoryStudy):
+        return load_memory_study(path, series_uid, limits)
     route = route_study(path, series_uid)
     p = route.path
-    limits = limits if limits is not None else Limits.from_env()
     if route.kind == "nifti":
         return read_nifti(p, limits)
     if route.kind == "zip":
@@ -210,6 +217,46 @@ def load_study(path: str | os.PathLike[str], series_uid: str | None = None, limi
     limits.check_spacing(p, vol.spacing)
     _note_split(vol, report, chosen)
     return vol
+
+
+def load_memory_study(study: MemoryStudy, series_uid: str | None = None, limits: Limits | None = None) -> Volume:
+    """Read DICOM files held in memory into one :class:`Volume`, as :func:`load_study` reads a folder
+    of the same files: the same scan, series choice, limits, geometry checks and pixel decoders,
+    from the bytes (no file is written). ``meta["dicom_files"]`` holds the instances' labels
+    (``<study name>/<series>/<n>.dcm``) and ``meta["dicom_datasets"]`` their headers in slice order,
+    which the SEG, RTSTRUCT and SR writers reference (as for a .zip, whose files are gone too).
+
+    Raises:
+        InputError, GeometryError: as :func:`load_study`, naming the study and the instance.
+    """
+    limits = limits if limits is not None else Limits.from_env()
+    report = scan_dicom_files(study)
+    label = Path(study.name)
+    if not report.series:
+        raise InputError(_nothing_found_in_memory(study, report))
+    chosen = _pick(report, label, series_uid)
+    limits.check_series(label, chosen)
+    by_path = {h.path: h for h in chosen.headers}
+    vol = read_series(chosen, source=study.name)
+    limits.check_spacing(label, vol.spacing)
+    _note_split(vol, report, chosen)
+    vol.meta["dicom_datasets"] = [by_path[f].ds for f in dict.fromkeys(vol.meta["dicom_files"])]
+    vol.meta["dicom_in_memory"] = True
+    return vol
+
+
+def _nothing_found_in_memory(study: MemoryStudy, report: ScanReport) -> str:
+    """Why instances held in memory hold no image series (one line)."""
+    if report.n_files == 0:
+        return f"{study.name}: no instances were received; expected the DICOM images of the study"
+    if report.unreadable:
+        first = report.unreadable[0]
+        return report.unreadable_reasons.get(first) or f"{first}: unreadable DICOM instance (truncated or corrupt); {report.summary()}"
+    if report.colour and sum(report.non_image.values()) == len(report.colour):
+        return report.colour[0]
+    if report.non_image:
+        return f"{study.name}: no image series, only {', '.join(sorted(report.non_image))} ({report.summary()})"
+    return f"{study.name}: no DICOM images among the instances received ({report.summary()})"
 
 
 def split_groups(report: ScanReport, chosen: SeriesInfo) -> list[dict] | None:

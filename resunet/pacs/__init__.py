@@ -1,6 +1,6 @@
 """Talking to archives: DICOMweb (QIDO/WADO/STOW with dicomweb-client) and DIMSE (pynetdicom).
 
-- :mod:`resunet.pacs.dicomweb`: :class:`PacsConfig`, :class:`PacsClient` (search, retrieve, store);
+- :mod:`resunet.pacs.dicomweb`: :class:`PacsConfig`, :class:`PacsClient` (search, fetch into memory, retrieve to files, store);
 - :mod:`resunet.pacs.segment`: :func:`segment_and_send` (pull, segment with the batch runner, send back),
   with the transports of :func:`segment_from_pacs` (DICOMweb) and :func:`segment_from_dimse` (DIMSE);
 - :mod:`resunet.pacs.dimse_qr`: C-FIND / C-GET / C-MOVE query/retrieve (:class:`DimseSource`, :class:`QueryConfig`);

@@ -15,10 +15,13 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resunet.errors import ConfigError, PacsError
 from resunet.io.names import safe_name
+
+if TYPE_CHECKING:
+    from resunet.io.memory import MemoryStudy
 
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # an INFO line per request otherwise
 
@@ -114,44 +117,62 @@ def _int(item: dict[str, Any], tag: str) -> int | None:
         return None
 
 
-def _write_part(path: Path, part: bytes) -> None:
-    """Write one WADO-RS part to ``path`` atomically: as received when it is a DICOM file (``DICM``
-    at byte 128), else (a bare data set) parsed and written as a file."""
-    from resunet.io.atomic import atomic_path, atomic_write_bytes
+#: series retrieved at once by :meth:`PacsClient.fetch` (one HTTP connection each); small, as the
+#: archive serves other clients too and the machine decoding them has few cores
+FETCH_THREADS = 3
 
+
+def _as_file(part: bytes | bytearray) -> bytes:
+    """One WADO-RS part as the bytes of a DICOM file: as received when it is one (``DICM`` at byte
+    128), else (a non-conforming server's bare data set) parsed and written as a file by pydicom."""
     if part[128:132] == b"DICM":
-        atomic_write_bytes(path, part)
-        return
+        return bytes(part)
     import pydicom
     from io import BytesIO
 
     try:
         ds = pydicom.dcmread(BytesIO(part), force=True)
+        if "SOPInstanceUID" not in ds:
+            raise ValueError("no SOP Instance UID")
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=False)
     except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on garbage
         raise PacsError(f"the PACS sent a part that is not DICOM ({type(err).__name__}); check the PACS") from None
-    with atomic_path(path) as tmp:
-        ds.save_as(tmp, enforce_file_format=False)
+    return out.getvalue()
+
+
+def _write_part(path: Path, part: bytes | bytearray) -> None:
+    """Write one WADO-RS part to ``path`` atomically, as a DICOM file (:func:`_as_file`)."""
+    from resunet.io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, _as_file(part))
 
 
 class PacsClient:
     """QIDO/WADO/STOW against one DICOMweb service; every failure is a :class:`PacsError` line."""
 
     def __init__(self, config: PacsConfig) -> None:
+        self.config = config
+        self._client = self._new_client()
+
+    def _new_client(self) -> Any:
+        """A ``DICOMwebClient`` with its own HTTP session, authentication and retry settings."""
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        self.config = config
+        config = self.config
         session = requests.Session()
         session.verify = config.verify
         if config.username is not None:
             session.auth = (config.username, config.password or "")
         headers = {"Authorization": f"Bearer {config.token}"} if config.token else None
         try:
-            self._client = DICOMwebClient(url=config.url, session=session, headers=headers, timeout=config.timeout)
+            client = DICOMwebClient(url=config.url, session=session, headers=headers, timeout=config.timeout)
         except ValueError as err:
             raise ConfigError(f"PACS URL {config.url!r} is not usable: {err}") from None
         # retry only on 429/503 etc. a couple of times, quickly: an operator waits on the answer
-        self._client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=200)
+        client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=200)
+        return client
 
     # -- error translation -----------------------------------------------------------------------
     def _fail(self, err: Exception, what: str, study_uid: str | None = None) -> PacsError:
@@ -224,6 +245,73 @@ class PacsClient:
         ]
 
     # -- WADO-RS ---------------------------------------------------------------------------------
+    def _plan(self, study_uid: str, series_uids: Iterable[str] | None) -> tuple[list[str], dict[str, int | None]]:
+        """The series to retrieve (``series_uids``, else every image series: earlier SEG/RTSTRUCT/SR
+        are left out) and QIDO-RS's instance count of each (what a complete retrieve brings)."""
+        listed = self.search_series(study_uid)
+        expected = {s.series_uid: s.n_instances for s in listed}
+        series = list(series_uids) if series_uids else None
+        if series is None:
+            series = [s.series_uid for s in listed if s.modality not in NON_IMAGE_MODALITIES]
+        return series, expected
+
+    def _check_complete(self, study_uid: str, series: list[str], expected: dict[str, int | None],
+                        received: dict[str, int]) -> None:
+        """PacsError when nothing came, or fewer instances of a series than QIDO-RS counted."""
+        if not sum(received.values()):
+            raise PacsError(f"PACS {self.config.url}: study {study_uid} has no instances to retrieve")
+        short = [(uid, received.get(uid, 0), expected[uid]) for uid in series
+                 if expected.get(uid) is not None and received.get(uid, 0) < expected[uid]]
+        if short:
+            detail = "; ".join(f"series {uid}: {got} of {n}" for uid, got, n in short)
+            raise PacsError(f"PACS {self.config.url} delivered fewer instances than its QIDO-RS search counted "
+                            f"({detail}); nothing was segmented or stored back")
+
+    def _series_files(self, study_uid: str, series_uid: str, client: Any = None) -> list[bytes]:
+        """Every instance of one series as DICOM file bytes (one WADO-RS request, streamed)."""
+        what = f"retrieving series {series_uid} of study {study_uid}"
+        parts = self._call(what, self._series_parts, study_uid, series_uid, client, study_uid=study_uid)
+        try:
+            return [_as_file(part) for part in parts]
+        except PacsError:
+            raise
+        except Exception as err:  # the stream is read lazily: network failures surface here
+            raise self._fail(err, what, study_uid) from None
+
+    def fetch(self, study_uid: str, series_uids: Iterable[str] | None = None) -> "MemoryStudy":
+        """A study's instances (or only ``series_uids``'), held in memory: nothing is written to disk.
+
+        One WADO-RS request per series (``multipart/related; type="application/dicom";
+        transfer-syntax=*``: the stored syntax, never transcoded), up to :data:`FETCH_THREADS` series
+        in flight when the study has several; each part is kept as the PACS sent it (a bare data set
+        from a non-conforming server is made a file by pydicom). The result reads with
+        :func:`resunet.io.loader.load_study` exactly as the folder :meth:`retrieve` writes would.
+
+        Returns:
+            :class:`~resunet.io.memory.MemoryStudy` named ``safe_name(study_uid)``, files
+            ``<series>/<n>.dcm`` as :meth:`retrieve` names them.
+
+        Raises:
+            PacsError: as :meth:`retrieve` (an incomplete study is refused whole).
+        """
+        from resunet.io.memory import MemoryStudy
+
+        series, expected = self._plan(study_uid, series_uids)
+        if len(series) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # one client (requests session) per thread: a Session is not documented as thread-safe
+            with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(series)), thread_name_prefix="resunet-wado") as pool:
+                got = list(pool.map(lambda uid: self._series_files(study_uid, uid, self._new_client()), series))
+        else:
+            got = [self._series_files(study_uid, uid) for uid in series]
+        files: dict[str, bytes] = {}
+        for uid, parts in zip(series, got):
+            for part in parts:
+                files[f"{safe_name(uid, 'series')}/{len(files):05d}.dcm"] = part
+        self._check_complete(study_uid, series, expected, {uid: len(parts) for uid, parts in zip(series, got)})
+        return MemoryStudy(name=safe_name(study_uid, "study"), files=files)
+
     def retrieve(self, study_uid: str, folder: str | os.PathLike[str], series_uids: Iterable[str] | None = None) -> list[Path]:
         """Download a study's instances (or only ``series_uids``) into ``folder``, one ``.dcm`` per instance.
 
@@ -240,11 +328,7 @@ class PacsClient:
         """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        listed = self.search_series(study_uid)  # QIDO's counts: what a complete retrieve brings
-        expected = {s.series_uid: s.n_instances for s in listed}
-        series = list(series_uids) if series_uids else None
-        if series is None:  # every image series of the study; earlier SEG/RTSTRUCT/SR are left out
-            series = [s.series_uid for s in listed if s.modality not in NON_IMAGE_MODALITIES]
+        series, expected = self._plan(study_uid, series_uids)
         paths: list[Path] = []
         received: dict[str, int] = {}
         for uid in series:
@@ -261,17 +345,10 @@ class PacsClient:
                 raise
             except Exception as err:  # the stream is read lazily: network failures surface here
                 raise self._fail(err, what, study_uid) from None
-        if not paths:
-            raise PacsError(f"PACS {self.config.url}: study {study_uid} has no instances to retrieve")
-        short = [(uid, received.get(uid, 0), expected[uid]) for uid in series
-                 if expected.get(uid) is not None and received.get(uid, 0) < expected[uid]]
-        if short:
-            detail = "; ".join(f"series {uid}: {got} of {n}" for uid, got, n in short)
-            raise PacsError(f"PACS {self.config.url} delivered fewer instances than its QIDO-RS search counted "
-                            f"({detail}); nothing was segmented or stored back")
+        self._check_complete(study_uid, series, expected, received)
         return paths
 
-    def _series_parts(self, study_uid: str, series_uid: str) -> Iterator[bytes]:
+    def _series_parts(self, study_uid: str, series_uid: str, client: Any = None) -> Iterator[bytes]:
         """The bytes of each instance of one series (WADO-RS, streamed multipart), as the PACS sent them.
 
         dicomweb-client's public ``iter_series`` parses every part with pydicom (and the caller then
@@ -281,7 +358,7 @@ class PacsClient:
         """
         from dicomweb_client.api import DICOMwebClient
 
-        client: DICOMwebClient = self._client
+        client: DICOMwebClient = client or self._client
         url = f"{self.config.url}/studies/{study_uid}/series/{series_uid}"
         headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
         response = client._http_get(url, headers=headers, stream=True)

@@ -3,11 +3,12 @@
 :func:`segment_and_send` is the step; :func:`segment_from_pacs` (DICOMweb: WADO-RS in, STOW-RS out)
 and :func:`segment_from_dimse` (DIMSE: C-GET/C-MOVE in, C-STORE out) give it their transports, and
 the service's ``pacs-pull`` and ``dicom-series`` jobs (:mod:`resunet.serve.pacs_jobs`) theirs.
-The study is retrieved into a private temp folder, segmented by
-:func:`resunet.inference.batch.run_batch` exactly as ``resunet predict FOLDER`` would (same
-Predictor, writers, ``predictions.json`` and audit record), and the DICOM outputs (SEG, RTSTRUCT, SR)
-are stored into the same study. The pulled images are deleted afterwards; the
-predictions record keeps their SHA-256.
+The study is pulled into memory (DICOMweb: :meth:`PacsClient.fetch`, a
+:class:`~resunet.io.memory.MemoryStudy`; nothing is written to disk) or retrieved into a folder (DIMSE,
+the service's jobs), segmented by :func:`resunet.inference.batch.run_batch` exactly as ``resunet
+predict FOLDER`` would (same reader, Predictor, writers, ``predictions.json`` and audit record), and
+the DICOM outputs (SEG, RTSTRUCT, SR) are stored into the same study. Pulled images are dropped (or
+their temp folder deleted) afterwards; the predictions record keeps their SHA-256.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from resunet.errors import PacsError
 from resunet.inference.batch import BatchOptions, BatchResult, run_batch
 from resunet.inference.cases import Case
 from resunet.inference.predictor import Predictor
+from resunet.io.memory import MemoryStudy
 from resunet.io.names import safe_name
 from resunet.io.scratch import private_temp_dir
 from resunet.pacs.dicomweb import PacsClient
@@ -61,6 +63,7 @@ def segment_and_send(
     command: Sequence[str] | None = None,
     folder: Path | None = None,
     failure: Callable[[BatchResult], Exception] | None = None,
+    pull: Callable[[], MemoryStudy] | None = None,
 ) -> PacsRun:
     """The one "segment a study from an archive and send the results back" step; transports are arguments.
 
@@ -79,22 +82,32 @@ def segment_and_send(
             (a killed process's by the next one).
         failure: builds the error raised when the case was not segmented (default: a PacsError
             naming the study, the archive and the reason).
+        pull: instead of ``fetch``: returns the study's instances held in memory (WADO-RS,
+            :meth:`PacsClient.fetch`; raises PacsError as ``fetch`` does); they are read from there
+            (:func:`resunet.io.loader.load_memory_study`) and no folder is made. The case id is the
+            study's name (``safe_name(study_uid)``, as the default folder's).
 
     The study is segmented by :func:`resunet.inference.batch.run_batch` as ``resunet predict FOLDER``
     would, and only a case that succeeded is sent: nothing partial goes back.
     """
+    if pull is not None and fetch is not None:
+        raise ValueError("segment_and_send: give fetch (into a folder) or pull (into memory), not both")
     run = PacsRun(study_uid=study_uid, batch=BatchResult(records=[]))
     with contextlib.ExitStack() as stack:
-        if folder is None:  # removed after; a killed process's by the next one
-            folder = stack.enter_context(private_temp_dir("pacs")) / safe_name(study_uid, "study")
         t0 = time.perf_counter()
-        if fetch is not None:
-            shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt
-            fetch(folder)
+        if pull is not None:
+            study = pull()
+            case = Case(case_id=safe_name(study_uid, "study"), path=Path(study.name), kind="dicom", memory=study)
+        else:
+            if folder is None:  # removed after; a killed process's by the next one
+                folder = stack.enter_context(private_temp_dir("pacs")) / safe_name(study_uid, "study")
+            if fetch is not None:
+                shutil.rmtree(folder, ignore_errors=True)  # a half-done earlier attempt
+                fetch(folder)
+            case = Case(case_id=folder.name, path=folder, kind="dicom")
         run.timings["pull"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run.batch = run_batch([Case(case_id=folder.name, path=folder, kind="dicom")], predictor, options,
-                              command=command)
+        run.batch = run_batch([case], predictor, options, command=command)
         run.timings["segment"] = time.perf_counter() - t0
     failed = [r for r in run.batch.records if r.get("status") != "ok"]
     if failed or not run.batch.records:
@@ -128,7 +141,8 @@ def segment_from_pacs(
     store: bool = True,
     command: Sequence[str] | None = None,
 ) -> PacsRun:
-    """DICOMweb: retrieve ``study_uid`` (WADO-RS), segment it into ``options.out_dir``, STOW its DICOM outputs back.
+    """DICOMweb: pull ``study_uid`` into memory (WADO-RS, :meth:`PacsClient.fetch`), segment it into
+    ``options.out_dir``, STOW its DICOM outputs back. No image is written to disk.
 
     Args:
         series_uid: retrieve and segment only this series (default: every image series is
@@ -141,9 +155,9 @@ def segment_from_pacs(
     if series_uid:
         options.series_uid = series_uid
     return segment_and_send(
-        study_uid, lambda folder: client.retrieve(study_uid, folder, [series_uid] if series_uid else None),
-        (lambda files: client.store(files, study_uid)) if store else None,
-        predictor, options, source=client.config.url, command=command)
+        study_uid, None, (lambda files: client.store(files, study_uid)) if store else None,
+        predictor, options, source=client.config.url, command=command,
+        pull=lambda: client.fetch(study_uid, [series_uid] if series_uid else None))
 
 
 def segment_from_dimse(
