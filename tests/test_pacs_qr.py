@@ -95,6 +95,14 @@ def test_find_then_get_and_move_bring_the_study(source, move_port, tmp_path):
         got = retrieve_study(source, cfg, studies[0].study_uid, tmp_path / method)
         assert got.received == {series[0].series_uid: 91}, method
         assert np.array_equal(np.asarray(load_study(tmp_path / method).array), reference), method
+        # into memory: the same instances, byte for byte as the folder holds them, read by the same reader
+        held = retrieve_study(source, cfg, studies[0].study_uid, None)
+        assert held.received == got.received and held.files == [] and held.folder is None, method
+        on_disk = {p.relative_to(tmp_path / method).as_posix(): p.read_bytes() for p in (tmp_path / method).rglob("*.dcm")}
+        assert dict(held.study.files) == on_disk, method
+        from_memory, from_disk = load_study(held.study), load_study(tmp_path / method)
+        assert np.array_equal(np.asarray(from_memory.array), reference), method
+        assert np.allclose(from_memory.affine, from_disk.affine), method
     assert find_studies(source, QueryConfig(), accession="NO-SUCH") == []
 
 

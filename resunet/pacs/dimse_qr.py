@@ -161,13 +161,15 @@ class SeriesMatch:
 
 @dataclass
 class Retrieved:
-    """What a retrieve brought: the files, per series what was expected and what came."""
+    """What a retrieve brought: the files (or, retrieved into memory, ``study``), per series what was
+    expected and what came."""
 
-    folder: Path
+    folder: Path | None
     files: list[Path] = field(default_factory=list)
     expected: dict[str, int | None] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    study: Any = None  # resunet.io.memory.MemoryStudy when retrieved into memory
 
 
 def _associate(ae: Any, source: DimseSource, cfg: QueryConfig, what: str) -> Any:
@@ -280,11 +282,17 @@ def find_series(source: DimseSource, cfg: QueryConfig, study_uid: str) -> list[S
 
 
 class _Sink:
-    """Storage SCP handler: writes each received instance to ``folder/<series>/<sop>.dcm`` atomically."""
+    """Storage SCP handler: keeps each received instance as received (no decode and re-encode).
 
-    def __init__(self, folder: Path) -> None:
+    With a folder, as ``folder/<series>/<sop>.dcm`` (written atomically); without one, in memory
+    under the same relative name (``memory``: the bytes of a DICOM file, ready for
+    :class:`resunet.io.memory.MemoryStudy`).
+    """
+
+    def __init__(self, folder: Path | None) -> None:
         self.folder = folder
         self.files: list[Path] = []
+        self.memory: dict[str, bytes] = {}
         self.per_series: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -295,8 +303,11 @@ class _Sink:
         try:
             ds = event.dataset
             series, sop = str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", ""))
-            path = self.folder / safe_name(series) / f"{safe_name(sop)}.dcm"
-            atomic_write_bytes(path, event.encoded_dataset())  # as received: no re-encode
+            rel = f"{safe_name(series)}/{safe_name(sop)}.dcm"
+            data = event.encoded_dataset()  # as received: no re-encode
+            if self.folder is not None:
+                path = self.folder / rel
+                atomic_write_bytes(path, data)
         except OSError as err:
             log.error("retrieve: cannot write an instance (%s)", err)
             return 0xA700
@@ -304,7 +315,13 @@ class _Sink:
             log.warning("retrieve: cannot decode an instance (%s)", err)
             return 0xC210
         with self.lock:
-            self.files.append(path)
+            if self.folder is not None:
+                self.files.append(path)
+            elif rel in self.memory:  # the same instance sent twice: kept once, as a folder would
+                self.memory[rel] = data
+                return 0x0000
+            else:
+                self.memory[rel] = data
             self.per_series[series] = self.per_series.get(series, 0) + 1
         return 0x0000
 
@@ -347,9 +364,13 @@ def _check_retrieve_status(source: DimseSource, cfg: QueryConfig, series_uid: st
                     f"0x{code & 0xFFFF:04X}{counts}; nothing was segmented or stored back")
 
 
-def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder: str | Path,
+def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder: str | Path | None,
                    series: Sequence[SeriesMatch] | None = None) -> Retrieved:
     """Fetch ``series`` of ``study_uid`` (default: every series C-FIND lists) into ``folder``.
+
+    ``folder`` None keeps the instances in memory, as received (``Retrieved.study``, a
+    :class:`~resunet.io.memory.MemoryStudy` named ``safe_name(study_uid)`` that
+    :func:`resunet.io.loader.load_study` reads as it would the folder): nothing touches the disk.
 
     Raises:
         PacsError: the archive refused or timed out, reported failed or warning sub-operations
@@ -364,8 +385,9 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
     from resunet.pacs.dimse import tcp_handlers
 
     t0 = time.perf_counter()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
     todo = list(series) if series is not None else find_series(source, cfg, study_uid)
     if not todo:
         raise PacsError(f"DICOM archive {source} lists no series in study {study_uid}")
@@ -443,4 +465,9 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
         parts = "; ".join(f"series {s.series_uid}: {got.received[s.series_uid]} of {s.n_instances}" for s in short)
         raise PacsError(f"DICOM archive {source} delivered fewer instances than its C-FIND counted ({parts}); "
                         "nothing was segmented or stored back")
+    if folder is None:
+        from resunet.io.memory import MemoryStudy
+        from resunet.io.names import safe_name
+
+        got.study = MemoryStudy(name=safe_name(study_uid, "study"), files=dict(sink.memory))
     return got

@@ -179,6 +179,7 @@ def segment_from_dimse(
         source, cfg: the archive and how to talk to it (:mod:`resunet.pacs.dimse_qr`).
         series_uid: retrieve only this series (default: every series; the largest image series is segmented).
         folder, failure: as for :func:`segment_and_send` (the service's job folder and failure message).
+            Without a folder the study is retrieved into memory (no image written to disk).
     """
     from resunet.pacs.dimse import Destination, send_files
     from resunet.pacs.dimse_qr import find_series, retrieve_study
@@ -192,11 +193,14 @@ def segment_from_dimse(
     if not series:
         raise PacsError(f"DICOM archive {source} has no study {study_uid} (or it lists no series)")
     dest = Destination(source.host, source.port, source.ae_title)
+    send = (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
+                                     ssl_context=cfg.ssl_context(source))) if store else None
+    if folder is None:  # held in memory as received and read from there, as segment_from_pacs does
+        return segment_and_send(study_uid, None, send, predictor, options, source=str(source), command=command,
+                                failure=failure, pull=lambda: retrieve_study(source, cfg, study_uid, None, series).study)
     return segment_and_send(
         study_uid, lambda folder: retrieve_study(source, cfg, study_uid, folder, series),
-        (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
-                                  ssl_context=cfg.ssl_context(source))) if store else None,
-        predictor, options, source=str(source), command=command, folder=folder, failure=failure)
+        send, predictor, options, source=str(source), command=command, folder=folder, failure=failure)
 
 
 @dataclass
