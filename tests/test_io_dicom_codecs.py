@@ -204,7 +204,7 @@ def test_series_are_decoded_in_processes_and_a_multiframe_file_in_frame_ranges(m
     assert [first for _, first in owner] == [job[2][0] for job in jobs]
     singles = [PixelSource(**{**src.__dict__, "n_frames": 1, "path": f"{k}.dcm"}) for k in range(N)]
     jobs, owner, _ = _decode_jobs(singles, list(range(N)))
-    assert jobs == [(f"{k}.dcm", "x.dcm") for k in range(N)]  # one job per file, whole
+    assert jobs == [(f"{k}.dcm", "x.dcm", None, None) for k in range(N)]  # one job per file, whole (offset unknown: full read)
 
 
 def _worker_order(ts: str) -> list[str]:

@@ -557,6 +557,7 @@ def _pixel_source(s: Slice) -> PixelSource:
         bits_stored=int(ds.get("BitsStored", bits_allocated) or bits_allocated),
         signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
         float_data="FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"),
     )
 
 
