@@ -237,14 +237,48 @@ def decode_encapsulated(path: str, source: str, spec: EncapsulatedPixels, frames
         return decode_file(path, source, frames)
 
 
-def decode_job(job: tuple) -> np.ndarray:
+#: (shared memory name, volume shape, dtype string, the volume's slice k of each frame of the job, -1: not used)
+Sink = tuple[str, tuple[int, ...], str, tuple[int, ...]]
+_attached: dict[str, object] = {}  # this worker's mapping of the volume being read (one at a time)
+
+
+def _write_to_sink(arr: np.ndarray, sink: Sink) -> bool:
+    """Write the frames of ``arr`` into their slices of the shared volume ``sink``; False (nothing
+    written) if they do not fit it (size, a type it cannot hold): the caller then gets the array."""
+    name, shape, dtype, planes = sink
+    if arr.shape[1:] != tuple(shape[1:]) or len(planes) != arr.shape[0] or not np.can_cast(arr.dtype, dtype, "safe"):
+        return False
+    shm = _attached.get(name)
+    if shm is None:
+        from multiprocessing import shared_memory
+
+        for old in _attached.values():
+            old.close()
+        _attached.clear()
+        # Python 3.11 registers an attach with the resource tracker as if this process owned it; the
+        # forkserver's workers share the reading process's tracker, so that is the same entry the
+        # reader's unlink() removes (unregistering here made the tracker fail on that unlink)
+        shm = shared_memory.SharedMemory(name=name)
+        _attached[name] = shm
+    out = np.ndarray(shape, dtype=np.dtype(dtype), buffer=shm.buf)
+    for f, k in enumerate(planes):
+        if k >= 0:
+            out[k] = arr[f]
+    del out  # no view of the mapping may outlive this call (close() refuses while one exists)
+    return True
+
+
+def decode_job(job: tuple) -> np.ndarray | None:
     """What worker processes run: :func:`decode_file` of ``(path, source)`` or ``(path, source, frames)``,
-    :func:`decode_encapsulated` of ``(path, source, frames, spec)``."""
-    if len(job) == 4:
-        path, source, frames, spec = job
-        if spec is not None:
-            return decode_encapsulated(path, source, spec, frames)
-        return decode_file(path, source, frames)
+    :func:`decode_encapsulated` of ``(path, source, frames, spec)``; with a fifth item, a :data:`Sink`,
+    a worker process writes the frames into the shared volume and returns None (no 0.5 MB array a
+    512x512 int16 frame pickled through a pipe, unpickled and copied again); elsewhere it is ignored."""
+    if len(job) >= 4:
+        path, source, frames, spec = job[:4]
+        arr = decode_encapsulated(path, source, spec, frames) if spec is not None else decode_file(path, source, frames)
+        if len(job) == 5 and job[4] is not None and _in_worker and _write_to_sink(arr, job[4]):
+            return None
+        return arr
     return decode_file(*job)
 
 

@@ -388,3 +388,36 @@ def test_decode_workers_do_not_import_the_main_script(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == str(int(values.astype(np.int64).sum()))  # the volume was read
     assert marks.read_text().split() == [marks.read_text().split()[0]]  # only the parent ran it
+
+
+def test_a_decode_worker_writes_its_frames_into_the_shared_volume(tmp_path):
+    """With a sink, a worker process writes the decoded frames into their slices of the reader's shared
+    memory and returns nothing; frames the shared volume cannot hold (a narrower type) come back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import shared_memory
+
+    from resunet.dicom_decode import decode_file, decode_job, enter_worker
+
+    write_enhanced(tmp_path / "mf.dcm", "jls-lossless")
+    want = decode_file(str(tmp_path / "mf.dcm"), "mf.dcm", range(4, 8))  # frames 4..7 (file order)
+    spec = _spec_of(tmp_path / "mf.dcm")
+    shape = (N + 2, SIZE, SIZE)
+    shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 2)
+    try:
+        shared = np.ndarray(shape, dtype=np.int16, buffer=shm.buf)
+        shared[:] = 0
+        planes = (N + 1, -1, 0, 5)  # frames 4..7 -> slices N+1, (unused), 0, 5
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=enter_worker) as pool:
+            job = (str(tmp_path / "mf.dcm"), "mf.dcm", range(4, 8), spec, (shm.name, shape, "<i2", planes))
+            assert pool.submit(decode_job, job).result(timeout=300) is None
+            narrow = pool.submit(decode_job, (*job[:4], (shm.name, shape, "|u1", planes))).result(timeout=300)
+        assert np.array_equal(shared[N + 1], want[0]) and np.array_equal(shared[0], want[2])
+        assert np.array_equal(shared[5], want[3]) and want.any()
+        assert not shared[1:5].any() and not shared[6: N + 1].any()
+        assert narrow.dtype == np.int16 and np.array_equal(narrow, want)  # returned, not written
+        del shared
+    finally:
+        shm.close()
+        shm.unlink()

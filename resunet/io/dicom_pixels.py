@@ -415,18 +415,74 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
     if decoded:
         jobs, owner, n_frames = _decode_jobs(sources, decoded)
         workers_only = any(sources[n].transfer_syntax in IN_PROCESS_PLUGIN for n in decoded)
-        for i, arr in decode_files(jobs, n_frames, workers_only):
-            n, first = owner[i]
-            src = sources[n]
-            if arr.shape[1:] != (rows, cols):
-                raise InputError(f"{src.source}: image size {arr.shape[1:]} differs from {(rows, cols)} of the series")
-            if not np.can_cast(arr.dtype, out.dtype, "safe"):
-                raise NeedsWiderType(np.result_type(arr.dtype, out.dtype))
-            for f in range(arr.shape[0]):
-                k = plane_of[n][first + f]
-                if k >= 0:
-                    out[k] = arr[f]
+        with _shared_volume(out, workers_for(n_frames) > 1) as shared:
+            if shared is not None:  # worker processes write their frames straight into it
+                name = shared[0]
+                jobs = [(*job, (name, out.shape, out.dtype.str, tuple(plane_of[n][first: first + _job_frames(job, sources[n])])))
+                        for job, (n, first) in zip(jobs, owner)]
+            _collect(decode_files(jobs, n_frames, workers_only), jobs, owner, sources, plane_of, out,
+                     shared[1] if shared is not None else None)
     return decoded
+
+
+def _job_frames(job: tuple, src: PixelSource) -> int:
+    """How many frames decode job ``job`` of ``src`` gives."""
+    return len(job[2]) if len(job) > 2 and job[2] is not None else max(1, src.n_frames)
+
+
+@contextlib.contextmanager
+def _shared_volume(out: np.ndarray, wanted: bool) -> Iterator[tuple[str, np.ndarray] | None]:
+    """A shared-memory array shaped like ``out`` that decode workers write into (multiprocessing's
+    SharedMemory, mode 0600, unlinked on exit), with its name; None when not ``wanted`` or /dev/shm
+    lacks the room (a container's 64 MB default: a write beyond it would kill the worker with SIGBUS),
+    and the workers return their frames through the pipe as before."""
+    if not wanted or out.nbytes == 0:
+        yield None
+        return
+    try:
+        fs = os.statvfs("/dev/shm")
+        if fs.f_bavail * fs.f_frsize < 1.25 * out.nbytes:
+            raise OSError("not enough room in /dev/shm")
+        from multiprocessing import shared_memory
+
+        shm = shared_memory.SharedMemory(create=True, size=out.nbytes)
+    except (OSError, ValueError) as err:
+        log.debug("no shared memory for the decode workers (%s); frames come back through pipes", err)
+        yield None
+        return
+    try:
+        view = np.ndarray(out.shape, dtype=out.dtype, buffer=shm.buf)
+        try:
+            yield shm.name, view
+        finally:
+            del view
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def _collect(results: Iterator[tuple[int, np.ndarray | None]], jobs: Sequence[tuple], owner: Sequence[tuple[int, int]],
+             sources: Sequence[PixelSource], plane_of: Sequence[Sequence[int]], out: np.ndarray,
+             shared: np.ndarray | None) -> None:
+    """Put each decode job's frames into their slices of ``out`` (None: a worker wrote them into ``shared``)."""
+    rows, cols = out.shape[1:]
+    for i, arr in results:
+        n, first = owner[i]
+        src = sources[n]
+        if arr is None:
+            assert shared is not None
+            for k in plane_of[n][first: first + _job_frames(jobs[i], src)]:
+                if k >= 0:
+                    out[k] = shared[k]
+            continue
+        if arr.shape[1:] != (rows, cols):
+            raise InputError(f"{src.source}: image size {arr.shape[1:]} differs from {(rows, cols)} of the series")
+        if not np.can_cast(arr.dtype, out.dtype, "safe"):
+            raise NeedsWiderType(np.result_type(arr.dtype, out.dtype))
+        for f in range(arr.shape[0]):
+            k = plane_of[n][first + f]
+            if k >= 0:
+                out[k] = arr[f]
 
 
 def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int]) -> tuple[list[tuple], list[tuple[int, int]], int]:
