@@ -12,6 +12,10 @@
   count, at most 8; ``1`` decodes in this process): files are spread over the processes, and the
   frames of a multi-frame (enhanced) file are cut into ranges decoded in parallel. Where processes
   cannot be started (daemon processes, sandboxes) the frames are decoded here, one after the other.
+  Compressed (encapsulated) files are decoded from the pixel offset the scan found, without parsing
+  the header again (:func:`resunet.dicom_decode.decode_encapsulated`); the workers start without
+  the main script (:func:`_workers_skip_main`) and write their frames into a shared-memory volume
+  (:func:`_shared_volume`) rather than pickling them back.
 
 Measured on 512x512 int16 CT (bench/io_read_speed.py, bench/results/io.md).
 """
