@@ -421,3 +421,21 @@ def test_a_decode_worker_writes_its_frames_into_the_shared_volume(tmp_path):
     finally:
         shm.close()
         shm.unlink()
+
+
+def test_the_shared_volume_is_private_removed_after_the_read_and_its_views_stay_valid():
+    import os
+    import stat
+
+    from resunet.io.dicom_pixels import _shared_volume
+
+    out = np.zeros((3, SIZE, SIZE), dtype=np.int16)
+    with _shared_volume(out, True) as (name, shared):
+        path = f"/dev/shm/{name.lstrip('/')}"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # patient pixels: owner only
+        kept = shared[1]
+        kept[:] = 7
+    assert not os.path.exists(path)
+    assert int(kept.sum()) == 7 * SIZE * SIZE  # a view that outlives the block still reads (no unmapped memory)
+    with _shared_volume(out, False) as nothing:
+        assert nothing is None

@@ -443,24 +443,34 @@ def _shared_volume(out: np.ndarray, wanted: bool) -> Iterator[tuple[str, np.ndar
     if not wanted or out.nbytes == 0:
         yield None
         return
+    import mmap
+    from multiprocessing import shared_memory
+
+    shm = None
     try:
         fs = os.statvfs("/dev/shm")
         if fs.f_bavail * fs.f_frsize < 1.25 * out.nbytes:
             raise OSError("not enough room in /dev/shm")
-        from multiprocessing import shared_memory
-
         shm = shared_memory.SharedMemory(create=True, size=out.nbytes)
+        # the view maps the segment a second time, through an mmap it alone keeps alive: SharedMemory.close()
+        # unmaps its own mapping even while numpy views of ``shm.buf`` exist (a later read of one crashes
+        # the process), so no view of that mapping is handed out
+        fd = os.open(f"/dev/shm/{shm.name.lstrip('/')}", os.O_RDWR)
+        try:
+            view = np.frombuffer(mmap.mmap(fd, out.nbytes), dtype=out.dtype).reshape(out.shape)
+        finally:
+            os.close(fd)
     except (OSError, ValueError) as err:
         log.debug("no shared memory for the decode workers (%s); frames come back through pipes", err)
+        if shm is not None:
+            shm.close()
+            shm.unlink()
         yield None
         return
     try:
-        view = np.ndarray(out.shape, dtype=out.dtype, buffer=shm.buf)
-        try:
-            yield shm.name, view
-        finally:
-            del view
+        yield shm.name, view
     finally:
+        del view
         shm.close()
         shm.unlink()
 
