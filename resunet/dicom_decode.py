@@ -197,7 +197,20 @@ def _read_encapsulated(path: str, spec: EncapsulatedPixels) -> bytes:
         length = struct.unpack("<I", head[8:12])[0]
         if (group, elem) != (0x7FE0, 0x0010) or head[4:6] not in (b"OB", b"OW") or length != 0xFFFFFFFF:
             raise _NotAsScanned
-        return fh.read()
+        data = fh.read()
+    # Walk the items to the sequence delimiter, as a full dcmread must: a file cut after its last
+    # fragment (no delimiter) is what the full read refuses ("ends early"), so it must not decode
+    # here. Hand-written: pydicom's fragment parsers accept a missing delimiter.
+    pos = 0
+    while True:
+        if pos + 8 > len(data):
+            raise _NotAsScanned
+        tag, item_length = data[pos: pos + 4], int.from_bytes(data[pos + 4: pos + 8], "little")
+        if tag == b"\xfe\xff\xdd\xe0":
+            return data[:pos]  # the items; what follows the delimiter is not pixel data
+        if tag != b"\xfe\xff\x00\xe0" or pos + 8 + item_length > len(data):
+            raise _NotAsScanned
+        pos += 8 + item_length
 
 
 def decode_encapsulated(path: str, source: str, spec: EncapsulatedPixels, frames: range | None = None) -> np.ndarray:
