@@ -204,7 +204,7 @@ def test_series_are_decoded_in_processes_and_a_multiframe_file_in_frame_ranges(m
     assert [first for _, first in owner] == [job[2][0] for job in jobs]
     singles = [PixelSource(**{**src.__dict__, "n_frames": 1, "path": f"{k}.dcm"}) for k in range(N)]
     jobs, owner, _ = _decode_jobs(singles, list(range(N)))
-    assert jobs == [(f"{k}.dcm", "x.dcm") for k in range(N)]  # one job per file, whole
+    assert jobs == [(f"{k}.dcm", "x.dcm", None, None) for k in range(N)]  # one job per file, whole (offset unknown: full read)
 
 
 def _worker_order(ts: str) -> list[str]:
@@ -299,3 +299,143 @@ def test_gdcm_stays_out_of_this_process_because_a_broken_stream_aborts_it(tmp_pa
             pool.submit(_gdcm_decode, str(bad)).result(timeout=300)
     with pytest.raises(InputError, match="im000: the pixel data cannot be decoded"):
         decode_job((str(bad), bad.name))  # here: no GDCM, a one-line error
+
+
+def _spec_of(path: Path) -> "EncapsulatedPixels":
+    """What the header scan records of ``path`` for decoding without a second parse."""
+    from resunet.dicom_decode import EncapsulatedPixels
+    from resunet.io.dicom_headers import read_header
+
+    ds, offset = read_header(path)
+    return EncapsulatedPixels(
+        offset=offset, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), rows=ds.Rows, cols=ds.Columns,
+        n_frames=int(ds.get("NumberOfFrames", 1) or 1), bits_allocated=ds.BitsAllocated, bits_stored=ds.BitsStored,
+        pixel_representation=ds.PixelRepresentation, photometric=ds.PhotometricInterpretation)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SYNTAXES if n != "deflate"))
+def test_compressed_pixels_decode_from_the_scanned_offset_without_reading_the_header_again(tmp_path, name, monkeypatch):
+    """The fast path of every encapsulated syntax (single file, and a frame range of an enhanced file)
+    gives what pydicom's full read gives; the full read is made to fail, so no fallback hides a miss."""
+    import resunet.dicom_decode as dd
+
+    syntax, encoder, _, bits = SYNTAXES[name]
+    values = stored_values(bits)
+    one = tmp_path / "one.dcm"
+    encode(base_dataset(0, values[0], (generate_uid(), generate_uid(), generate_uid())), one, syntax, encoder)
+    write_enhanced(tmp_path / "mf.dcm", name)
+    want_one = dd.decode_file(str(one), "one.dcm")
+    want_mf = dd.decode_file(str(tmp_path / "mf.dcm"), "mf.dcm", range(3, 9))
+    specs = _spec_of(one), _spec_of(tmp_path / "mf.dcm")
+    assert PixelSource(path=str(one), source="one.dcm", offset=specs[0].offset, transfer_syntax=syntax, little_endian=True,
+                       implicit_vr=False, n_frames=1, rows=SIZE, cols=SIZE, bits_allocated=bits, bits_stored=bits,
+                       signed=bits == 16).encapsulated == specs[0]
+
+    def no_full_read(*_args):
+        raise AssertionError("decoded through a full read")
+
+    monkeypatch.setattr(dd, "decode_file", no_full_read)
+    got_one = dd.decode_encapsulated(str(one), "one.dcm", specs[0])
+    got_mf = dd.decode_encapsulated(str(tmp_path / "mf.dcm"), "mf.dcm", specs[1], range(3, 9))
+    assert got_one.dtype == want_one.dtype and np.array_equal(got_one, want_one)
+    assert got_mf.shape == (6, SIZE, SIZE) and np.array_equal(got_mf, want_mf)
+
+
+def test_a_file_changed_since_the_scan_is_read_in_full_with_its_own_message(tmp_path):
+    from resunet.dicom_decode import decode_encapsulated, decode_file
+
+    values = write_series(tmp_path / "s", "jls-lossless")
+    path = tmp_path / "s" / "im000"
+    spec = _spec_of(path)
+    moved = spec._replace(offset=spec.offset - 2)  # e.g. rewritten with a longer header since the scan
+    assert np.array_equal(decode_encapsulated(str(path), "im000", moved), decode_file(str(path), "im000"))
+    assert np.array_equal(decode_encapsulated(str(path), "im000", moved)[0], values[0])
+    path.write_bytes(path.read_bytes()[: spec.offset + 40])  # truncated inside the pixel data
+    with pytest.raises(InputError) as full:
+        decode_file(str(path), "im000")
+    with pytest.raises(InputError) as info:
+        decode_encapsulated(str(path), "im000", spec)
+    assert str(info.value) == str(full.value) and str(info.value).startswith("im000: ")  # the same message
+    assert "\n" not in str(info.value)
+
+
+MAIN_SCRIPT = '''
+import os, sys
+with open(sys.argv[2], "a") as fh:
+    fh.write(f"{os.getpid()}\\n")
+if __name__ == "__main__":
+    os.environ["RESUNET_DICOM_WORKERS"] = "2"
+    from resunet.io import load_study
+    import resunet.io.dicom_pixels as pixels
+    vol = load_study(sys.argv[1])
+    print(vol.shape, int(vol.array.sum()))
+'''
+
+
+def test_decode_workers_do_not_import_the_main_script(tmp_path):
+    """A JPEG lossless series is decoded in worker processes only (GDCM); they must not run the program's
+    main script (the resunet console script imports the whole CLI, a benchmark SimpleITK: ~1 s each)."""
+    import os
+    import subprocess
+    import sys
+
+    values = write_series(tmp_path / "s", "jpeg-lossless-sv1")
+    script, marks = tmp_path / "main_script.py", tmp_path / "imports.txt"
+    script.write_text(MAIN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "s"), str(marks)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(int(values.astype(np.int64).sum()))  # the volume was read
+    assert marks.read_text().split() == [marks.read_text().split()[0]]  # only the parent ran it
+
+
+def test_a_decode_worker_writes_its_frames_into_the_shared_volume(tmp_path):
+    """With a sink, a worker process writes the decoded frames into their slices of the reader's shared
+    memory and returns nothing; frames the shared volume cannot hold (a narrower type) come back."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import shared_memory
+
+    from resunet.dicom_decode import decode_file, decode_job, enter_worker
+
+    write_enhanced(tmp_path / "mf.dcm", "jls-lossless")
+    want = decode_file(str(tmp_path / "mf.dcm"), "mf.dcm", range(4, 8))  # frames 4..7 (file order)
+    spec = _spec_of(tmp_path / "mf.dcm")
+    shape = (N + 2, SIZE, SIZE)
+    shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 2)
+    try:
+        shared = np.ndarray(shape, dtype=np.int16, buffer=shm.buf)
+        shared[:] = 0
+        planes = (N + 1, -1, 0, 5)  # frames 4..7 -> slices N+1, (unused), 0, 5
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(1, mp_context=ctx, initializer=enter_worker) as pool:
+            job = (str(tmp_path / "mf.dcm"), "mf.dcm", range(4, 8), spec, (shm.name, shape, "<i2", planes))
+            assert pool.submit(decode_job, job).result(timeout=300) is None
+            narrow = pool.submit(decode_job, (*job[:4], (shm.name, shape, "|u1", planes))).result(timeout=300)
+        assert np.array_equal(shared[N + 1], want[0]) and np.array_equal(shared[0], want[2])
+        assert np.array_equal(shared[5], want[3]) and want.any()
+        assert not shared[1:5].any() and not shared[6: N + 1].any()
+        assert narrow.dtype == np.int16 and np.array_equal(narrow, want)  # returned, not written
+        del shared
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_the_shared_volume_is_private_removed_after_the_read_and_its_views_stay_valid():
+    import os
+    import stat
+
+    from resunet.io.dicom_pixels import _shared_volume
+
+    out = np.zeros((3, SIZE, SIZE), dtype=np.int16)
+    with _shared_volume(out, True) as (name, shared):
+        path = f"/dev/shm/{name.lstrip('/')}"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # patient pixels: owner only
+        kept = shared[1]
+        kept[:] = 7
+    assert not os.path.exists(path)
+    assert int(kept.sum()) == 7 * SIZE * SIZE  # a view that outlives the block still reads (no unmapped memory)
+    with _shared_volume(out, False) as nothing:
+        assert nothing is None

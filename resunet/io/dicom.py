@@ -568,6 +568,7 @@ def _pixel_source(s: Slice) -> PixelSource:
         signed=int(ds.get("PixelRepresentation", 0) or 0) == 1,
         float_data="FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
         data=h.data if h is not None else None,
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"),
     )
 
 

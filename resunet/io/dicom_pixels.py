@@ -12,21 +12,34 @@
   count, at most 8; ``1`` decodes in this process): files are spread over the processes, and the
   frames of a multi-frame (enhanced) file are cut into ranges decoded in parallel. Where processes
   cannot be started (daemon processes, sandboxes) the frames are decoded here, one after the other.
+  Compressed (encapsulated) files are decoded from the pixel offset the scan found, without parsing
+  the header again (:func:`resunet.dicom_decode.decode_encapsulated`); the workers start without
+  the main script (:func:`_workers_skip_main`) and write their frames into a shared-memory volume
+  (:func:`_shared_volume`) rather than pickling them back.
 
 Measured on 512x512 int16 CT (bench/io_read_speed.py, bench/results/io.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from resunet.dicom_decode import IN_PROCESS_PLUGIN, decode_file, decode_job, enter_worker
+from resunet.dicom_decode import (
+    IN_PROCESS_PLUGIN,
+    EncapsulatedPixels,
+    decode_job,
+    enter_worker,
+    worker_ready,
+)
 from resunet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -56,6 +69,7 @@ class PixelSource:
         float_data: FloatPixelData/DoubleFloatPixelData instead of PixelData (offset is then None).
         data: the whole file's bytes when it is held in memory (:class:`resunet.io.memory.MemoryStudy`;
             ``path`` then only names it), else None (read from ``path``).
+        photometric: PhotometricInterpretation (MONOCHROME1/2 for what is read).
     """
 
     path: str
@@ -71,6 +85,7 @@ class PixelSource:
     bits_stored: int
     signed: bool
     float_data: bool = False
+    photometric: str = "MONOCHROME2"
     data: bytes | None = None
 
     @property
@@ -98,6 +113,22 @@ class PixelSource:
             and (self.transfer_syntax in _NATIVE_LE or (self.transfer_syntax == "" and self.little_endian))
             and self.bits_allocated in (8, 16, 32)
             and 1 <= self.bits_stored <= self.bits_allocated
+        )
+
+    @property
+    def encapsulated(self) -> EncapsulatedPixels | None:
+        """Where the compressed pixel data is, for decoding without parsing the header again (None: the
+        file is decoded through a full read: deflated, uncompressed, float data, offset unknown)."""
+        if self.offset is None or self.float_data or not self.transfer_syntax:
+            return None
+        import pydicom.uid
+
+        if not pydicom.uid.UID(self.transfer_syntax).is_encapsulated:
+            return None
+        return EncapsulatedPixels(
+            offset=self.offset, transfer_syntax=self.transfer_syntax, rows=self.rows, cols=self.cols,
+            n_frames=self.n_frames, bits_allocated=self.bits_allocated, bits_stored=self.bits_stored,
+            pixel_representation=1 if self.signed else 0, photometric=self.photometric,
         )
 
 
@@ -173,6 +204,56 @@ def workers_for(n_files: int) -> int:
     return max(1, min(os.cpu_count() or 1, 8, n_files))
 
 
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _workers_skip_main() -> Iterator[None]:
+    """While worker processes start, have them skip importing the program's main script.
+
+    multiprocessing's ``forkserver`` and ``spawn`` children import the parent's ``__main__`` script
+    (as ``__mp_main__``) before running anything, so that functions defined there unpickle. The decode
+    jobs need only :mod:`resunet.dicom_decode`, but the ``resunet`` console script imports the whole
+    CLI and a benchmark script SimpleITK and resunet.io: about 1 s a worker on this machine, during
+    which the worker decodes nothing (a 300-file JPEG-LS series: the second core joined after most of
+    the files were done). A ``__main__`` spec named ``__main__`` is what multiprocessing itself skips
+    (``spawn._fixup_main_from_name``); it is set only while the processes start, under a lock, and the
+    original restored. Hand-written: multiprocessing has no option for it (Python 3.11).
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    import importlib.machinery
+
+    with _MAIN_LOCK:
+        spec = getattr(main, "__spec__", None)
+        main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+        try:
+            yield
+        finally:
+            main.__spec__ = spec
+
+
+def _start_pool(n_proc: int):
+    """A ``forkserver`` process pool of ``n_proc`` decode workers, all started now (without the main
+    script: :func:`_workers_skip_main`). Raises what multiprocessing raises where processes cannot start."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["resunet.dicom_decode"])
+    pool = ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx, initializer=enter_worker)
+    try:
+        with _workers_skip_main():
+            for _ in range(n_proc):  # each submit starts a process while none is idle
+                pool.submit(worker_ready)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool
+
+
 def _decode_in_processes(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[int, np.ndarray]]:
     """Decode ``jobs`` in ``workers - 1`` processes *and* this one; yields ``(index, array)``, not in order.
 
@@ -184,9 +265,7 @@ def _decode_in_processes(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[
     a worker holds but has not finished when this thread gets to it is decoded here too (waiting
     would leave this core idle) and the worker's copy is dropped.
     """
-    import multiprocessing
-    import threading
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import Future
 
     lock = threading.Lock()
     bounds = [0, len(jobs)]  # jobs[bounds[0]:bounds[1]] are not taken yet
@@ -208,9 +287,7 @@ def _decode_in_processes(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[
     def feed() -> None:
         pool = None
         try:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["resunet.dicom_decode"])
-            pool = ProcessPoolExecutor(max_workers=n_proc, mp_context=ctx, initializer=enter_worker)
+            pool = _start_pool(n_proc)
             slots = threading.Semaphore(2 * n_proc)
             while not stop.is_set():
                 if not slots.acquire(timeout=0.05):
@@ -261,15 +338,10 @@ def _decode_in_pool(jobs: Sequence[tuple], workers: int) -> Iterator[tuple[int, 
     process would decode with a plugin about 2x slower (pylibjpeg-libjpeg 8.1 ms a 512x512 SV1 frame
     against GDCM's 4.2 ms), so it leaves the work to them.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["resunet.dicom_decode"])
     chunk = max(1, len(jobs) // (workers * 4))
     done = 0
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=enter_worker) as pool:
+        with _start_pool(workers) as pool:
             for i, arr in enumerate(pool.map(decode_job, jobs, chunksize=chunk)):
                 done = i + 1
                 yield i, arr
@@ -299,7 +371,7 @@ def decode_files(jobs: Sequence[tuple], n_frames: int | None = None,
         yield from (_decode_in_pool if workers_only else _decode_in_processes)(jobs, workers)
         return
     for i in range(len(jobs)):
-        yield i, decode_file(*jobs[i])
+        yield i, decode_job(jobs[i])
 
 
 def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Sequence[Sequence[int]]) -> list[int]:
@@ -357,18 +429,84 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
     if decoded:
         jobs, owner, n_frames = _decode_jobs(sources, decoded)
         workers_only = any(sources[n].transfer_syntax in IN_PROCESS_PLUGIN for n in decoded)
-        for i, arr in decode_files(jobs, n_frames, workers_only):
-            n, first = owner[i]
-            src = sources[n]
-            if arr.shape[1:] != (rows, cols):
-                raise InputError(f"{src.source}: image size {arr.shape[1:]} differs from {(rows, cols)} of the series")
-            if not np.can_cast(arr.dtype, out.dtype, "safe"):
-                raise NeedsWiderType(np.result_type(arr.dtype, out.dtype))
-            for f in range(arr.shape[0]):
-                k = plane_of[n][first + f]
-                if k >= 0:
-                    out[k] = arr[f]
+        with _shared_volume(out, workers_for(n_frames) > 1) as shared:
+            if shared is not None:  # worker processes write their frames straight into it
+                name = shared[0]
+                jobs = [(*job, (name, out.shape, out.dtype.str, tuple(plane_of[n][first: first + _job_frames(job, sources[n])])))
+                        for job, (n, first) in zip(jobs, owner)]
+            _collect(decode_files(jobs, n_frames, workers_only), jobs, owner, sources, plane_of, out,
+                     shared[1] if shared is not None else None)
     return decoded
+
+
+def _job_frames(job: tuple, src: PixelSource) -> int:
+    """How many frames decode job ``job`` of ``src`` gives."""
+    return len(job[2]) if len(job) > 2 and job[2] is not None else max(1, src.n_frames)
+
+
+@contextlib.contextmanager
+def _shared_volume(out: np.ndarray, wanted: bool) -> Iterator[tuple[str, np.ndarray] | None]:
+    """A shared-memory array shaped like ``out`` that decode workers write into (multiprocessing's
+    SharedMemory, mode 0600, unlinked on exit), with its name; None when not ``wanted`` or /dev/shm
+    lacks the room (a container's 64 MB default: a write beyond it would kill the worker with SIGBUS),
+    and the workers return their frames through the pipe as before."""
+    if not wanted or out.nbytes == 0:
+        yield None
+        return
+    import mmap
+    from multiprocessing import shared_memory
+
+    shm = None
+    try:
+        fs = os.statvfs("/dev/shm")
+        if fs.f_bavail * fs.f_frsize < 1.25 * out.nbytes:
+            raise OSError("not enough room in /dev/shm")
+        shm = shared_memory.SharedMemory(create=True, size=out.nbytes)
+        # the view maps the segment a second time, through an mmap it alone keeps alive: SharedMemory.close()
+        # unmaps its own mapping even while numpy views of ``shm.buf`` exist (a later read of one crashes
+        # the process), so no view of that mapping is handed out
+        fd = os.open(f"/dev/shm/{shm.name.lstrip('/')}", os.O_RDWR)
+        try:
+            view = np.frombuffer(mmap.mmap(fd, out.nbytes), dtype=out.dtype).reshape(out.shape)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as err:
+        log.debug("no shared memory for the decode workers (%s); frames come back through pipes", err)
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+        yield None
+        return
+    try:
+        yield shm.name, view
+    finally:
+        del view
+        shm.close()
+        shm.unlink()
+
+
+def _collect(results: Iterator[tuple[int, np.ndarray | None]], jobs: Sequence[tuple], owner: Sequence[tuple[int, int]],
+             sources: Sequence[PixelSource], plane_of: Sequence[Sequence[int]], out: np.ndarray,
+             shared: np.ndarray | None) -> None:
+    """Put each decode job's frames into their slices of ``out`` (None: a worker wrote them into ``shared``)."""
+    rows, cols = out.shape[1:]
+    for i, arr in results:
+        n, first = owner[i]
+        src = sources[n]
+        if arr is None:
+            assert shared is not None
+            for k in plane_of[n][first: first + _job_frames(jobs[i], src)]:
+                if k >= 0:
+                    out[k] = shared[k]
+            continue
+        if arr.shape[1:] != (rows, cols):
+            raise InputError(f"{src.source}: image size {arr.shape[1:]} differs from {(rows, cols)} of the series")
+        if not np.can_cast(arr.dtype, out.dtype, "safe"):
+            raise NeedsWiderType(np.result_type(arr.dtype, out.dtype))
+        for f in range(arr.shape[0]):
+            k = plane_of[n][first + f]
+            if k >= 0:
+                out[k] = arr[f]
 
 
 def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int]) -> tuple[list[tuple], list[tuple[int, int]], int]:
@@ -388,9 +526,9 @@ def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int]) -> tupl
             # too few files to keep every process busy: RANGES_PER_WORKER frame ranges per process
             step = max(1, -(-frames // (workers * RANGES_PER_WORKER)))
             for first in range(0, frames, step):
-                jobs.append((src.job_input, src.source, range(first, min(frames, first + step))))
+                jobs.append((src.job_input, src.source, range(first, min(frames, first + step)), src.encapsulated))
                 owner.append((n, first))
         else:
-            jobs.append((src.job_input, src.source))
+            jobs.append((src.job_input, src.source, None, src.encapsulated))
             owner.append((n, 0))
     return jobs, owner, n_frames
