@@ -110,10 +110,11 @@ def test_bundled_model_rehearsal_set_is_the_example_as_is_and_skull_stripped(tmp
 
 
 def test_frozen_encoder_keeps_the_parents_encoder_and_trains_the_decoder(parent, tmp_path):
+    assert FineTuneConfig().freeze_encoder  # the default (bench/results/review.md)
     data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
     out = tmp_path / "run"
     assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
-                 "--rehearse", "none", "--set", "finetune.freeze_encoder=true", "--set", "optim.lr=0.01"]) == 0
+                 "--rehearse", "none", "--set", "optim.lr=0.01"]) == 0
     before, after = load_checkpoint(parent).state_dict, load_checkpoint(out / "last.pt").state_dict
     enc = [k for k in after if k.startswith("encoder.")]
     dec = [k for k in after if k.startswith("decoder.")]
@@ -131,6 +132,7 @@ def test_encoder_lr_scale_zero_keeps_the_encoder_and_one_moves_it(parent, tmp_pa
         out = tmp_path / f"run{scale}"
         assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs",
                      "1", "--rehearse", "none", "--set", f"finetune.encoder_lr_scale={scale}",
+                     "--set", "finetune.freeze_encoder=false",
                      "--set", "optim.weight_decay=0"]) == 0
         after = load_checkpoint(out / "last.pt").state_dict
         moved[scale] = any(not torch.equal(after[k], before[k]) for k in after if k.startswith("encoder."))

@@ -36,11 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fine-tune this deployed model (e.g. on resunet corrections export's dataset): its plan "
                    "(spacing, normalisation, patch) and architecture are kept, not re-planned; the weights start as "
                    "its own; fewer epochs and a lower learning rate (finetune.epochs, finetune.lr: --set finetune.epochs=N "
-                   "changes them, --epochs / --set optim.lr win). Against forgetting what the parent knew: the "
-                   "parent's training data is rehearsed in every epoch (finetune.rehearse: 'parent' where resunet can "
+                   "changes them, --epochs / --set optim.lr win). Against forgetting what the parent knew: the encoder "
+                   "stays the parent's (finetune.freeze_encoder; finetune.encoder_lr_scale instead), the parent's "
+                   "training data is rehearsed in every epoch (finetune.rehearse: 'parent' where resunet can "
                    "regenerate it, else see --rehearse), one correction is held out (from 4 on) to choose the epoch, "
                    "the parent counting as epoch 0, so a fine-tune that only gets worse keeps the parent; "
-                   "finetune.freeze_encoder, finetune.parent_weight are the other options (docs/training.md). The new "
+                   "finetune.parent_weight averages the result with the parent (docs/training.md). The new "
                    "model card names the parent (name, sha256), the corrections (case and decision ids) and the "
                    "rehearsal data. The dataset's labels must be the parent's")
     p.add_argument("--rehearse", metavar="DATASET",

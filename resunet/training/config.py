@@ -274,7 +274,8 @@ class FineTuneConfig:
             ``None`` = no rehearsal. The child's card says what was rehearsed on.
         rehearse_fraction: share of each epoch's case draws taken from the rehearsal cases (0..1).
         freeze_encoder: keep the encoder's weights (and norm statistics) at the parent's; only the
-            decoder and heads learn.
+            decoder and heads learn. On by default: of the options measured one by one on
+            bench/bench_review.py it lost least on the held-out other head (bench/results/review.md).
         encoder_lr_scale: learning rate of the encoder relative to ``lr`` (1 = the same; ignored when
             ``freeze_encoder``).
         holdout: corrections kept out of training to choose the epoch when there are at least
@@ -293,7 +294,7 @@ class FineTuneConfig:
     warmup_epochs: int = 0
     rehearse: str | None = "parent"
     rehearse_fraction: float = 0.5
-    freeze_encoder: bool = False
+    freeze_encoder: bool = True
     encoder_lr_scale: float = 1.0
     holdout: int = 1
     holdout_min_cases: int = 4
