@@ -2,6 +2,7 @@
 cases of a "new site" and compare held-out Dice before and after, in one run. Run by hand:
 
     nice -n 5 .venv/bin/python bench/bench_review.py            # writes bench/results/review.md (+ .json)
+    nice -n 5 .venv/bin/python bench/bench_review.py --out /tmp/v.md --set finetune.freeze_encoder=false   # a variant
 
 The "new site": T2-like contrast. The bundled model was trained on Colin27 T1 and simulated acquisitions of it
 (data/model/simulate.py: any spacing/orientation, *monotone* intensity remaps, bias, noise; its model card).
