@@ -2,6 +2,7 @@
 cases of a "new site" and compare held-out Dice before and after, in one run. Run by hand:
 
     nice -n 5 .venv/bin/python bench/bench_review.py            # writes bench/results/review.md (+ .json)
+    nice -n 5 .venv/bin/python bench/bench_review.py --out /tmp/v.md --set finetune.freeze_encoder=false   # a variant
 
 The "new site": T2-like contrast. The bundled model was trained on Colin27 T1 and simulated acquisitions of it
 (data/model/simulate.py: any spacing/orientation, *monotone* intensity remaps, bias, noise; its model card).
@@ -155,6 +156,9 @@ def main() -> int:
     ap.add_argument("--work", type=Path, help="work folder (default: a temp folder)")
     ap.add_argument("--before-only", action="store_true", help="only the before-Dice of the cases (cheap design check)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "review.md")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a fine-tuning variant: passed to resunet train as --set KEY=VALUE (repeatable), e.g. "
+                    "finetune.freeze_encoder=true; none = the product's defaults (TrainConfig.finetune)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-review-"))
     t0 = time.time()
@@ -171,7 +175,7 @@ def main() -> int:
     t_ft = time.time()
     resunet("train", "--init-from", str(BUNDLED), "--data", str(work / "dataset"), "--out", str(work / "run"),
             "--device", "cpu", "--epochs", str(EPOCHS), "--set", f"iterations_per_epoch={ITERATIONS}",
-            "--set", "dataset.folds=1", "--set", "progress=false", "--set", "tensorboard=false")
+            "--set", "progress=false", "--set", "tensorboard=false", *(a for o in args.overrides for a in ("--set", o)))
     ft_min = (time.time() - t_ft) / 60
     after_held = dice_rows(work / "run" / "best.pt", held)
     total_min = (time.time() - t0) / 60
@@ -189,7 +193,11 @@ def main() -> int:
            "mean_before": mean_b, "mean_after": mean_a, "worst_delta": worst, "goal_met": met,
            "finetune_minutes": ft_min, "total_minutes": total_min, "load_start": load0, "load_end": load1,
            "epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "parent": card.get("parent"),
-           "corrections_in_card": card.get("corrections")}
+           "corrections_in_card": card.get("corrections"), "variant": args.overrides,
+           "rehearsal": card.get("rehearsal"), "finetune": card.get("finetune")}
+    variant = " ".join(f"--set {o}" for o in args.overrides)
+    ft = card.get("finetune") or {}
+    rh = (card.get("rehearsal") or {}).get("summary", "not recorded")
     lines = [
         "# Fine-tuning the bundled model on 5 approved corrections (bench/bench_review.py)",
         "",
@@ -199,7 +207,12 @@ def main() -> int:
         "New site: T2-like contrast (inverted inside the head) in simulated acquisitions (data/model/simulate.py, "
         f"seed {SEED}); see the script's docstring. Corrections: the true masks of 5 Colin27 T2-like cases, through "
         "review decisions, `resunet corrections export` and `resunet train --init-from brain_extraction.pt "
-        f"--epochs {EPOCHS} --set iterations_per_epoch={ITERATIONS} --set dataset.folds=1` (lr = finetune.lr's default).",
+        f"--epochs {EPOCHS} --set iterations_per_epoch={ITERATIONS}{' ' + variant if variant else ''}` "
+        f"({'the fine-tuning defaults of TrainConfig.finetune' if not variant else 'the other settings: TrainConfig.finetune defaults'}).",
+        "",
+        f"Fine-tuning as run (the child's model card): lr {ft.get('lr')}, freeze_encoder {ft.get('freeze_encoder')}, "
+        f"encoder_lr_scale {ft.get('encoder_lr_scale')}, parent_weight {ft.get('parent_weight')}, held-out "
+        f"correction(s) {ft.get('holdout_cases')}, best epoch {ft.get('best_epoch')} (0 = the parent kept); {rh}.",
         "",
         f"Fine-tuning took {ft_min:.1f} min; the whole run {total_min:.1f} min.",
         "",

@@ -35,9 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="fine-tune this deployed model (e.g. on resunet corrections export's dataset): its plan "
                    "(spacing, normalisation, patch) and architecture are kept, not re-planned; the weights start as "
-                   "its own; fewer epochs and a lower learning rate (finetune.epochs, finetune.lr in config.yaml) "
-                   "unless --epochs / --set optim.lr say otherwise; the new model card names the parent (name, "
-                   "sha256) and the corrections (case and decision ids). The dataset's labels must be the parent's")
+                   "its own; fewer epochs and a lower learning rate (finetune.epochs, finetune.lr: --set finetune.epochs=N "
+                   "changes them, --epochs / --set optim.lr win). Against forgetting what the parent knew: the encoder "
+                   "stays the parent's (finetune.freeze_encoder; finetune.encoder_lr_scale instead), the parent's "
+                   "training data is rehearsed in every epoch (finetune.rehearse: 'parent' where resunet can "
+                   "regenerate it, else see --rehearse), one correction is held out (from 4 on) to choose the epoch, "
+                   "the parent counting as epoch 0, so a fine-tune that only gets worse keeps the parent; "
+                   "finetune.parent_weight averages the result with the parent (docs/training.md). The new "
+                   "model card names the parent (name, sha256), the corrections (case and decision ids) and the "
+                   "rehearsal data. The dataset's labels must be the parent's")
+    p.add_argument("--rehearse", metavar="DATASET",
+                   help="with --init-from: mix the cases of this dataset folder (MSD or nnU-Net v2, the parent's labels; "
+                   "e.g. the parent's own training data) into every fine-tuning epoch (finetune.rehearse; default "
+                   "'parent': the bundled model's own data; none = no rehearsal)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.01 --set dataset.num_workers=0 (repeatable)")
     p.set_defaults(func=run)
@@ -66,8 +76,9 @@ def build_config(args: argparse.Namespace):
         cfg = TrainConfig()
     sets = [f"data={args.data}", f"out={args.out}"]
     if getattr(args, "init_from", None) and not args.resume:
-        # fine-tuning defaults (TrainConfig.finetune, the one place); flags and --set below still win
-        ft = cfg.finetune
+        # fine-tuning defaults (TrainConfig.finetune, the one place); --set finetune.epochs/lr change
+        # them (so they are read after --set), and --epochs, --set epochs / optim.lr still win
+        ft = cfg.override(args.overrides).finetune
         sets += [f"epochs={ft.epochs}", f"optim.lr={ft.lr}", f"optim.warmup_epochs={ft.warmup_epochs}"]
     for flag, key in (("preset", "model.preset"), ("spatial_dims", "model.spatial_dims"), ("epochs", "epochs"),
                       ("device", "device"), ("seed", "seed"), ("fold", "dataset.fold"),
@@ -88,6 +99,10 @@ def build_config(args: argparse.Namespace):
         if getattr(args, "fold", None) == "all":
             raise ConfigError("--init-from fine-tunes one model; it does not combine with --fold all")
         cfg.finetune.init_from = str(args.init_from)
+        if getattr(args, "rehearse", None):
+            cfg.finetune.rehearse = None if str(args.rehearse).lower() == "none" else str(args.rehearse)
+    elif getattr(args, "rehearse", None):
+        raise ConfigError("--rehearse mixes a dataset into fine-tuning; it needs --init-from CHECKPOINT")
     return cfg.override(args.overrides).check()
 
 

@@ -255,7 +255,11 @@ class FineTuneConfig:
     The plan (spacing, normalisation, patch, batch) and the architecture come from the parent
     checkpoint, never re-planned; the weights start as the parent's. ``resunet train --init-from``
     applies ``epochs`` and ``lr`` below (instead of the from-scratch ``epochs``/``optim.lr``) unless
-    ``--epochs`` or ``--set optim.lr=...`` say otherwise: these are the one place of those defaults.
+    ``--epochs``, ``--set epochs=...`` or ``--set optim.lr=...`` say otherwise (``--set finetune.epochs``
+    and ``--set finetune.lr`` change these fine-tuning values): these are the one place of the defaults.
+
+    A few corrections of one patient overfit that patient and the parent forgets what it knew
+    (catastrophic forgetting; measured in bench/results/review.md). Four kept remedies, each a key:
 
     Attributes:
         init_from: the parent checkpoint (``.pt``); None = train from scratch.
@@ -263,12 +267,38 @@ class FineTuneConfig:
         lr: initial learning rate of a fine-tuning run (a tenth of ``optim.lr``'s default, so the
             parent's weights are adjusted, not overwritten).
         warmup_epochs: learning-rate warm-up epochs of a fine-tuning run.
+        rehearse: rehearsal (experience replay): a dataset folder (MSD or nnU-Net v2, the parent's
+            labels) whose cases are mixed into every fine-tuning epoch; ``"parent"`` = the parent's
+            own training data where resunet can regenerate it (the bundled ``brain_extraction``
+            model: its Colin27 example study, as is and skull-stripped, as in its training set);
+            ``None`` = no rehearsal. The child's card says what was rehearsed on.
+        rehearse_fraction: share of each epoch's case draws taken from the rehearsal cases (0..1).
+        freeze_encoder: keep the encoder's weights (and norm statistics) at the parent's; only the
+            decoder and heads learn. On by default: of the options measured one by one on
+            bench/bench_review.py it lost least on the held-out other head (bench/results/review.md).
+        encoder_lr_scale: learning rate of the encoder relative to ``lr`` (1 = the same; ignored when
+            ``freeze_encoder``).
+        holdout: corrections kept out of training to choose the epoch when there are at least
+            ``holdout_min_cases`` (and ``dataset.val_cases`` is unset); the parent itself is
+            validated first (epoch 0), so a fine-tune that only gets worse keeps the parent's
+            weights in ``best.pt``. 0 = use ``dataset.folds`` as in from-scratch training.
+        holdout_min_cases: the fewest cases from which ``holdout`` corrections are kept out.
+        parent_weight: weight-space ensemble with the parent (WiSE-FT, Wortsman et al. 2022):
+            ``best.pt``'s weights = ``parent_weight * parent + (1 - parent_weight) * fine-tuned``
+            (0 = the fine-tuned weights as they are).
     """
 
     init_from: str | None = None
     epochs: int = 10
     lr: float = 1e-3
     warmup_epochs: int = 0
+    rehearse: str | None = "parent"
+    rehearse_fraction: float = 0.5
+    freeze_encoder: bool = True
+    encoder_lr_scale: float = 1.0
+    holdout: int = 1
+    holdout_min_cases: int = 4
+    parent_weight: float = 0.0
 
 
 @dataclass
@@ -352,6 +382,15 @@ class TrainConfig:
             raise ConfigError(f"validation.every must be at least 1; got {self.validation.every}")
         if len(self.augment.pos_neg) != 2 or min(self.augment.pos_neg) < 0 or sum(self.augment.pos_neg) <= 0:
             raise ConfigError(f"augment.pos_neg must be two non-negative weights; got {self.augment.pos_neg}")
+        ft = self.finetune
+        if not 0.0 <= ft.rehearse_fraction < 1.0:
+            raise ConfigError(f"finetune.rehearse_fraction must be in 0..1 (below 1: some draws must be corrections); "
+                              f"got {ft.rehearse_fraction}")
+        if not 0.0 <= ft.parent_weight < 1.0:
+            raise ConfigError(f"finetune.parent_weight must be in 0..1 (below 1); got {ft.parent_weight}")
+        if ft.encoder_lr_scale < 0 or ft.holdout < 0 or ft.holdout_min_cases < 2 or ft.epochs < 1 or ft.lr <= 0:
+            raise ConfigError("finetune: epochs >= 1, lr > 0, encoder_lr_scale >= 0, holdout >= 0 and "
+                              f"holdout_min_cases >= 2 are needed; got {ft}")
         for name in ("patch_size", "spacing"):
             value = getattr(self.plan, name)
             if value is not None and len(value) != self.model.spatial_dims and not (name == "spacing" and len(value) == 3):

@@ -267,7 +267,33 @@ def _amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 # ------------------------------------------------------------------------------------ data
 def _datasets(cfg: TrainConfig, spec: DatasetSpec, plan: TrainingPlan, train_ids: list[str], val_ids: list[str],
-              out: Path) -> tuple[Any, Any]:
+              out: Path, rehearsal: DatasetSpec | None = None) -> tuple[Any, Any]:
+    """The training and validation datasets; with ``rehearsal`` the training one is a :class:`_Mixed` of
+    the training cases (indices first) and the rehearsal cases."""
+    train_ds, val_ds = _case_datasets(cfg, spec, plan, train_ids, val_ids, out)
+    if rehearsal is None:
+        return train_ds, val_ds
+    rehearse_ds, _ = _case_datasets(cfg, rehearsal, plan, [c.case_id for c in rehearsal.cases], [], out / "rehearsal_cache")
+    return _Mixed([train_ds, rehearse_ds]), val_ds
+
+
+class _Mixed(torch.utils.data.ConcatDataset):
+    """Training cases then rehearsal cases (each with its own reader); one seed call reaches both."""
+
+    def set_random_state(self, seed: int) -> None:
+        for k, ds in enumerate(self.datasets):
+            ds.transform.set_random_state(seed=(seed + k) % (2**31 - 1))
+
+
+def _seed_transforms(train_ds: Any, seed: int) -> None:
+    if isinstance(train_ds, _Mixed):
+        train_ds.set_random_state(seed)
+    else:
+        train_ds.transform.set_random_state(seed=seed)
+
+
+def _case_datasets(cfg: TrainConfig, spec: DatasetSpec, plan: TrainingPlan, train_ids: list[str], val_ids: list[str],
+                   out: Path) -> tuple[Any, Any]:
     from monai.data import CacheDataset, Dataset, PersistentDataset
     from monai.transforms import Compose
 
@@ -296,10 +322,14 @@ class _EpochSampler(torch.utils.data.Sampler):
     shuffles it and hands each rank its share.
     """
 
-    def __init__(self, n_cases: int, per_rank: int, d: _Dist, seed: int) -> None:
+    def __init__(self, n_cases: int, per_rank: int, d: _Dist, seed: int, n_rehearse: int = 0,
+                 rehearse_fraction: float = 0.0) -> None:
+        from resunet.training.rehearsal import mixed_draws
+
         self.n_cases, self.per_rank, self.d, self.seed = n_cases, per_rank, d, seed
         total = per_rank * d.world
-        self._index = [i % n_cases for i in range(total)]
+        # rehearsal (fine-tuning): a share of the draws are the rehearsal cases, indices after the n_cases
+        self._index = mixed_draws(n_cases, n_rehearse, rehearse_fraction, total)
         self.inner = torch.utils.data.DistributedSampler(self._index, num_replicas=d.world, rank=d.rank,
                                                          shuffle=True, seed=seed, drop_last=True)
 
@@ -481,6 +511,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, plan: TrainingPlan | None =
 def _train(cfg: TrainConfig, resume: bool, given_plan: TrainingPlan | None = None) -> TrainResult:
     """The run over its phases: set-up, then per epoch the training pass and the end of the epoch."""
     run = set_up(cfg, resume, given_plan)
+    validate_parent(run)
     with _progress(run.cfg.progress and run.dist.main) as progress:
         for epoch in range(run.start_epoch, run.cfg.epochs):
             stats = train_one_epoch(run, epoch, progress)
@@ -532,6 +563,8 @@ class TrainingRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     rank_hashes: list[str] = field(default_factory=list)
     lineage: dict[str, Any] | None = None  # fine-tuning: {"parent": {...}, "corrections": [...]} for the card
+    rehearsal: dict[str, Any] | None = None  # fine-tuning: what was rehearsed on (the card's "rehearsal")
+    parent_state: dict[str, torch.Tensor] | None = None  # fine-tuning: the parent's weights (CPU), for parent_weight
 
     @property
     def last_path(self) -> Path:
@@ -599,6 +632,8 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
                 log.warning("%s", note)
             cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, folds=folds))
     labels = {int(k): v for k, v in (cfg.labels or {}).items()} or spec.labels
+    if cfg.finetune.init_from and not resume and not cfg.dataset.val_cases and cfg.finetune.holdout > 0:
+        cfg = _finetune_split(cfg, [c.case_id for c in spec.cases], d.main)
     train_ids, val_ids = split_cases([c.case_id for c in spec.cases], cfg.dataset.folds, cfg.dataset.fold,
                                      cfg.dataset.split_seed, cfg.dataset.val_cases)
     if not train_ids:
@@ -641,6 +676,24 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     elif parent_ckpt is not None:
         net = parent_ckpt.build_network().train()  # step 0 = the parent's weights
         lineage = _lineage(parent_ckpt, spec)
+    rehearsal_spec, rehearsal = None, None
+    if resume_ckpt is not None and resume_ckpt.model_card.get("rehearsal"):
+        rehearsal = resume_ckpt.model_card["rehearsal"]
+        if rehearsal.get("dataset_root"):
+            rehearsal_spec = load_dataset(rehearsal["dataset_root"])
+    elif parent_ckpt is not None:
+        from resunet.training.rehearsal import rehearsal_dataset
+
+        rehearsal_spec, line = rehearsal_dataset(cfg.finetune.rehearse, parent_ckpt, out)
+        if d.main:
+            log.info("fine-tuning: %s", line)
+        if rehearsal_spec is not None and cfg.finetune.rehearse_fraction <= 0:
+            rehearsal_spec, line = None, "no rehearsal (finetune.rehearse_fraction is 0)"
+        rehearsal = {"summary": line, "setting": cfg.finetune.rehearse, "fraction": cfg.finetune.rehearse_fraction}
+        if rehearsal_spec is not None:
+            rehearsal.update({"dataset": rehearsal_spec.name, "dataset_root": str(rehearsal_spec.root),
+                              "cases": [c.case_id for c in rehearsal_spec.cases],
+                              "fingerprint": rehearsal_spec.fingerprint()})
     else:
         net = build_network(cfg, plan, len(spec.channels), len(labels))
     network_config = net.config
@@ -664,7 +717,17 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     channels_last = _channels_last(cfg, device, plan.spatial_dims)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d if plan.spatial_dims == 3 else torch.channels_last)
-    optimizer = build_optimizer(cfg, net.parameters())
+    parent_state = None
+    if cfg.finetune.init_from:
+        params: Any = _finetune_params(cfg, net)
+        if cfg.finetune.parent_weight > 0:
+            parent_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            if resume_ckpt is not None:  # the parent's weights, not the resumed ones
+                parent_state = {k: v.detach().cpu().clone() for k, v in
+                                load_checkpoint(cfg.finetune.init_from).state_dict.items()}
+    else:
+        params = net.parameters()
+    optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer)
     amp_dtype = _amp(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -701,11 +764,12 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     # ---- data ------------------------------------------------------------------------------------
     from monai.data import DataLoader
 
-    train_ds, val_ds = _datasets(cfg, spec, plan, train_ids, val_ids, out)
+    train_ds, val_ds = _datasets(cfg, spec, plan, train_ids, val_ids, out, rehearsal_spec)
     spv = cfg.augment.samples_per_volume
     loader_bs = max(1, plan.batch_size // spv)
     steps = cfg.iterations_per_epoch or max(1, math.ceil(len(train_ids) * spv / (loader_bs * spv * d.world)))
-    sampler = _EpochSampler(len(train_ds), steps * loader_bs, d, cfg.seed)
+    n_rehearse = len(rehearsal_spec.cases) if rehearsal_spec is not None else 0
+    sampler = _EpochSampler(len(train_ids), steps * loader_bs, d, cfg.seed, n_rehearse, cfg.finetune.rehearse_fraction)
     loader = DataLoader(train_ds, batch_size=loader_bs, sampler=sampler, num_workers=cfg.dataset.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False)
@@ -720,7 +784,70 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
         pretrained=pretrained, optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp_dtype=amp_dtype,
         loss_fn=loss_fn, channels_last=channels_last, train_ds=train_ds, val_ds=val_ds, loader=loader,
         sampler=sampler, steps=steps, loader_bs=loader_bs, logger=logger, started=t_start,
-        start_epoch=start_epoch, best_dice=best_dice, best_epoch=best_epoch, lineage=lineage)
+        start_epoch=start_epoch, best_dice=best_dice, best_epoch=best_epoch, lineage=lineage, rehearsal=rehearsal,
+        parent_state=parent_state)
+
+
+def _finetune_split(cfg: TrainConfig, case_ids: list[str], main: bool) -> TrainConfig:
+    """Fine-tuning's split: ``finetune.holdout`` corrections kept out to choose the epoch (from
+    ``finetune.holdout_min_cases`` cases on, picked by the ``dataset.split_seed`` shuffle), else all
+    trained on without validation. Returns ``cfg`` with ``dataset.val_cases`` / ``folds`` set."""
+    ft = cfg.finetune
+    ids = sorted(case_ids)
+    if len(ids) >= ft.holdout_min_cases:
+        order = np.random.default_rng(cfg.dataset.split_seed).permutation(len(ids))
+        val = sorted(ids[i] for i in order[:ft.holdout])
+        if main:
+            log.info("fine-tuning: %d of %d cases held out to choose the epoch (the parent is epoch 0)", len(val), len(ids))
+        return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, val_cases=val))
+    if main:
+        log.warning("fine-tuning on %d case(s): fewer than finetune.holdout_min_cases=%d, so none is held out and "
+                    "best.pt is the last epoch; check the model on cases of your own before deploying it",
+                    len(ids), ft.holdout_min_cases)
+    return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, folds=1, fold=0))
+
+
+def _finetune_params(cfg: TrainConfig, net: torch.nn.Module) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups of a fine-tuning run: the encoder frozen (``finetune.freeze_encoder``:
+    ``requires_grad`` off, not in the optimiser) or at ``finetune.encoder_lr_scale`` times the learning rate."""
+    ft = cfg.finetune
+    encoder = [p for n, p in net.named_parameters() if n.startswith("encoder.")]
+    rest = [p for n, p in net.named_parameters() if not n.startswith("encoder.")]
+    if ft.freeze_encoder:
+        for p in encoder:
+            p.requires_grad_(False)
+        return [{"params": rest}]
+    if ft.encoder_lr_scale != 1.0:
+        return [{"params": rest}, {"params": encoder, "lr": cfg.optim.lr * ft.encoder_lr_scale}]
+    return [{"params": rest + encoder}]
+
+
+def validate_parent(run: TrainingRun) -> None:
+    """Fine-tuning, before the first epoch: validate the parent on the held-out correction(s) as
+    epoch 0 and write it as ``best.pt``, so only an epoch that does better replaces it."""
+    if run.lineage is None or run.val_ds is None or run.start_epoch != 0:
+        return
+    cfg, d = run.cfg, run.dist
+    val = None
+    if d.main:
+        val = validate(run.net, run.val_ds, run.plan, cfg, run.device, len(run.labels), run.amp_dtype)
+    if d.enabled:
+        obj = [val]
+        dist.broadcast_object_list(obj, src=0)
+        val = obj[0]
+    assert val is not None
+    run.best_dice, run.best_epoch, run.last_val = val["dice_mean"], 0, val
+    row: dict[str, Any] = {"epoch": 0, "time_s": "", "samples_per_s": "", "lr": "", "train_loss": "",
+                           "val_dice": round(val["dice_mean"], 6)}
+    for k in range(1, len(run.labels)):
+        row[f"val_dice_{run.labels[k]}"] = round(val[f"dice_{k}"], 6)
+    run.history.append(row)
+    if d.main:
+        run.logger.write(row)
+        save_run_checkpoint(run, run.out / "best.pt", 0, {"val_dice": val, "epoch": 0}, with_state=False)
+        log.info("epoch 0 (the parent): val dice %.4f", val["dice_mean"])
+    if d.enabled:
+        dist.barrier()
 
 
 def _parent_plan(cfg: TrainConfig, spec: DatasetSpec) -> tuple[Checkpoint, TrainingPlan, TrainConfig]:
@@ -775,9 +902,11 @@ def train_one_epoch(run: TrainingRun, epoch: int, progress: Any) -> EpochStats:
     cfg, d, device, model, optimizer, scaler = run.cfg, run.dist, run.device, run.model, run.optimizer, run.scaler
     es = _epoch_seed(cfg.seed, epoch, d.rank)
     _seed_all(es)
-    run.train_ds.transform.set_random_state(seed=es)
+    _seed_transforms(run.train_ds, es)
     run.sampler.set_epoch(epoch)
     model.train()
+    if cfg.finetune.init_from and cfg.finetune.freeze_encoder:
+        run.net.encoder.eval()  # frozen: its norm layers keep the parent's statistics too
     t0 = time.time()
     losses: list[float] = []
     task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps, info="")
@@ -878,6 +1007,11 @@ def finish(run: TrainingRun) -> TrainResult:
         # no validation set: best = the final weights
         save_run_checkpoint(run, out / "best.pt", cfg.epochs, {"val_dice": run.last_val} if run.last_val else {},
                             with_state=False)
+    if d.main and run.lineage is not None and run.best_epoch == 0:
+        log.warning("fine-tuning did not beat the parent on the held-out correction(s) (val dice %.4f at epoch 0): "
+                    "best.pt holds the parent's weights", run.best_dice)
+    if d.main and run.parent_state is not None and run.best_epoch != 0:
+        _average_with_parent(run, out / "best.pt")
     run.logger.close()
     if d.main and cfg.validation.save_predictions and run.val_ids:
         write_validation_predictions(out / "best.pt", run.spec, run.val_ids, out / "validation", run.device, cfg)
@@ -886,6 +1020,25 @@ def finish(run: TrainingRun) -> TrainResult:
     return TrainResult(out=out, epochs=cfg.epochs, best_dice=run.best_dice, best_epoch=run.best_epoch,
                        last_dice=run.last_val["dice_mean"] if run.last_val else None,
                        seconds=time.time() - run.started, history=run.history)
+
+
+def _average_with_parent(run: TrainingRun, path: Path) -> None:
+    """``finetune.parent_weight`` (WiSE-FT, Wortsman et al. 2022): rewrite ``path`` with the weights
+    ``w * parent + (1 - w) * fine-tuned``, validated again when there is a held-out case."""
+    w = run.cfg.finetune.parent_weight
+    best = load_checkpoint(path)
+    assert run.parent_state is not None
+    mixed = {k: (w * run.parent_state[k].float() + (1 - w) * v.float()).to(v.dtype) if v.is_floating_point() else v
+             for k, v in best.state_dict.items()}
+    training = {k: v.detach().clone() for k, v in run.net.state_dict().items()}
+    run.net.load_state_dict(mixed)
+    metrics = dict(best.model_card.get("metrics") or {})
+    if run.val_ds is not None:
+        metrics["val_dice"] = validate(run.net, run.val_ds, run.plan, run.cfg, run.device, len(run.labels), run.amp_dtype)
+        log.info("best.pt averaged with the parent (parent_weight %.2f): val dice %.4f", w, metrics["val_dice"]["dice_mean"])
+    metrics["parent_weight"] = w
+    save_run_checkpoint(run, path, int(metrics.get("epoch") or run.cfg.epochs), metrics, with_state=False)
+    run.net.load_state_dict(training)
 
 
 def model_card(run: TrainingRun, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -899,6 +1052,11 @@ def model_card(run: TrainingRun, metrics: dict[str, Any]) -> dict[str, Any]:
         base["pretrained"] = run.pretrained
     if run.lineage is not None:
         base.update(run.lineage)  # "parent" and "corrections" (fine-tuning, resunet train --init-from)
+        ft = cfg.finetune
+        base["rehearsal"] = run.rehearsal
+        base["finetune"] = {"lr": cfg.optim.lr, "epochs": cfg.epochs, "freeze_encoder": ft.freeze_encoder,
+                            "encoder_lr_scale": ft.encoder_lr_scale, "parent_weight": ft.parent_weight,
+                            "holdout_cases": run.val_ids, "best_epoch": run.best_epoch}
     if run.val_ids or cfg.dataset.folds > 1:
         base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,
                                     "split_seed": cfg.dataset.split_seed}

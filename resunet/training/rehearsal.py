@@ -1,0 +1,121 @@
+"""Rehearsal data for fine-tuning (``finetune.rehearse``): cases of the parent's training distribution.
+
+Fine-tuning on a few corrections of one patient overfits that patient and the parent forgets what it
+knew (catastrophic forgetting). Rehearsal (experience replay; e.g. Rolnick et al. 2019, "Experience
+Replay for Continual Learning") mixes cases the parent was trained on into every fine-tuning epoch.
+
+``finetune.rehearse`` is a dataset folder (MSD or nnU-Net v2 raw, the parent's labels and channel
+count), or ``"parent"``: the parent's own training data where resunet can regenerate it. That is the
+case for the bundled ``brain_extraction`` model (recognised by its training-data fingerprint): its
+training set was the Colin27 example study shipped in the package plus simulated acquisitions of it
+(data/model/simulate.py, about 15% skull-stripped). The example as it is and skull-stripped (image
+times its brain mask) is written to ``RUN/rehearsal/``; the on-the-fly augmentation (rotation, zoom,
+intensity, noise, blur, low resolution) stands in for the simulated acquisitions. For any other parent
+``"parent"`` finds nothing and the run says in its log that no rehearsal is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resunet.errors import DatasetError
+from resunet.io.atomic import atomic_write_text
+from resunet.training.checkpoint import Checkpoint
+from resunet.training.dataset import DatasetSpec, load_dataset
+
+log = logging.getLogger(__name__)
+
+#: training-data fingerprints of the bundled models whose training data :func:`regenerate_parent_data`
+#: can rebuild (model card ``training_data.fingerprint``), with the name of the recipe
+REGENERABLE = {"48f257f149615979b812d130592581b997165c6a1861e0a19752d77baf987995": "brain_extraction"}
+
+
+def rehearsal_dataset(setting: str | None, parent: Checkpoint, out: Path) -> tuple[DatasetSpec | None, str]:
+    """The rehearsal dataset for fine-tuning ``parent`` and a line saying what it is (for the log).
+
+    Args:
+        setting: ``finetune.rehearse``: a dataset folder, ``"parent"`` or ``None``.
+        parent: the parent checkpoint (its labels, channels and model card).
+        out: the run folder (``"parent"`` data is written to ``out/rehearsal``).
+
+    Raises:
+        DatasetError: the named folder is not a dataset, or its labels / channels are not the parent's.
+    """
+    if not setting:
+        return None, "no rehearsal (finetune.rehearse is unset): only the corrections are trained on"
+    if setting == "parent":
+        fingerprint = str((parent.model_card.get("training_data") or {}).get("fingerprint") or "")
+        recipe = REGENERABLE.get(fingerprint)
+        if recipe is None:
+            return None, ("no rehearsal: the parent's training data is not known to resunet (only the bundled "
+                          "brain_extraction model's is); pass --rehearse DATASET (e.g. the parent's training set) "
+                          "to mix it into the fine-tuning")
+        spec = regenerate_parent_data(out / "rehearsal")
+        what = f"the parent's training data regenerated ({recipe}: {len(spec.cases)} cases in {out / 'rehearsal'})"
+    else:
+        spec = load_dataset(setting)
+        what = f"dataset {spec.name} ({len(spec.cases)} cases)"
+    parent_labels = {int(k): str(v) for k, v in parent.labels.items()}
+    if spec.labels != parent_labels or len(spec.channels) != len(parent.channels):
+        raise DatasetError(f"rehearsal dataset {spec.root}: labels {spec.labels} and {len(spec.channels)} channel(s), "
+                           f"but the parent has labels {parent_labels} and {len(parent.channels)} channel(s); name a "
+                           "dataset of the parent's task with --rehearse (or --rehearse none)")
+    return spec, f"rehearsal on {what}"
+
+
+def regenerate_parent_data(root: Path) -> DatasetSpec:
+    """Write the bundled brain_extraction model's rehearsal set (MSD) at ``root``; reuse it when complete.
+
+    Two cases from the package's example study (Colin27 T1, 2 mm, and its brain mask; not patient
+    data): ``colin_orig`` as it is and ``colin_stripped`` (voxels outside the brain set to 0), the two
+    kinds of input of the model's training set.
+    """
+    from resunet.io import read_nifti, write_nifti
+    from resunet.package_data import EXAMPLE_BRAINMASK, EXAMPLE_T1
+
+    meta_path = root / "dataset.json"
+    if meta_path.exists():
+        return load_dataset(root)
+    image, mask = read_nifti(EXAMPLE_T1), read_nifti(EXAMPLE_BRAINMASK)
+    brain = np.asarray(mask.array) > 0
+    stripped = image.with_array(np.where(brain, np.asarray(image.array), 0).astype(np.asarray(image.array).dtype))
+    label = mask.with_array(brain.astype(np.uint8), is_label=True)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    training = []
+    for name, img in (("colin_orig", image), ("colin_stripped", stripped)):
+        write_nifti(img, root / "imagesTr" / f"{name}.nii.gz")
+        write_nifti(label, root / "labelsTr" / f"{name}.nii.gz")
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    meta: dict[str, Any] = {"name": "brain_extraction_rehearsal", "description": "Colin27 example study (as is and "
+                            "skull-stripped): the bundled brain_extraction model's training data, for rehearsal",
+                            "modality": {"0": "T1"}, "labels": {"0": "background", "1": "brain"},
+                            "numTraining": len(training), "training": training}
+    atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")  # last: marks the folder complete
+    return load_dataset(root)
+
+
+def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int) -> list[int]:
+    """``total`` dataset indices for one epoch: a share ``fraction`` are rehearsal cases.
+
+    Indices ``0..n_cases-1`` are the fine-tuning cases and ``n_cases..n_cases+n_rehearse-1`` the
+    rehearsal cases (a ConcatDataset's order); each group is cycled through in turn. Draw ``i`` is a
+    rehearsal draw when ``floor((i + 1) * fraction)`` steps up, which spreads them evenly (the
+    sampler shuffles the list afterwards).
+    """
+    if n_rehearse <= 0 or fraction <= 0:
+        return [i % n_cases for i in range(total)]
+    out, c, r = [], 0, 0
+    for i in range(total):
+        if int((i + 1) * fraction) > int(i * fraction):
+            out.append(n_cases + r % n_rehearse)
+            r += 1
+        else:
+            out.append(c % n_cases)
+            c += 1
+    return out

@@ -1,0 +1,178 @@
+"""Fine-tuning without forgetting (issue 21): ``resunet train --init-from`` with rehearsal, a frozen
+encoder, the parent as epoch 0 of the epoch choice, averaging with the parent; and ``--set finetune.*``.
+
+A tiny parent trained by the real loop on real NIfTI files (nibabel), fine-tuned by the real loop for a
+few steps on 2 cores; every claim is checked on the weights, the sampler's draws or the log it wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from test_training import FAST, make_msd
+
+from resunet.cli import build_parser, main
+from resunet.cli.train_cmd import build_config
+from resunet.io.nifti import read_nifti
+from resunet.package_data import EXAMPLE_BRAINMASK
+from resunet.training.checkpoint import load_checkpoint
+from resunet.training.config import FineTuneConfig, TrainConfig
+from resunet.training.loop import set_up
+from resunet.training.rehearsal import mixed_draws, regenerate_parent_data
+
+#: one fine-tuning run: tiny sizes, no rehearsal / hold-out unless a test turns them on
+QUICK = ["--device", "cpu", "--set", "dataset.num_workers=0", "--set", "iterations_per_epoch=2",
+         "--set", "progress=false", "--set", "threads=1", "--set", "tensorboard=false",
+         "--set", "validation.overlap=0.25"]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    """A tiny model trained by the real loop (6 epochs x 4 steps, Adam): it finds the spheres."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("parent")
+    data = make_msd(root / "data", n_cases=3)
+    assert main(["train", "--data", str(data), "--out", str(root / "run"), "--epochs", "6", *FAST,
+                 "--set", "optim.optimizer=adam", "--set", "optim.lr=0.003",
+                 "--set", "iterations_per_epoch=4", "--set", "dataset.folds=1"]) == 0
+    return root / "run" / "best.pt"
+
+
+def _args(*argv: str):
+    return build_parser().parse_args(["train", "--data", "D", "--out", "R", *argv])
+
+
+def test_set_finetune_epochs_and_lr_win_and_explicit_flags_win_over_them():
+    cfg = build_config(_args("--init-from", "p.pt", "--set", "finetune.epochs=3", "--set", "finetune.lr=0.004"))
+    assert (cfg.epochs, cfg.optim.lr) == (3, 0.004) and cfg.finetune.epochs == 3
+    default = build_config(_args("--init-from", "p.pt"))
+    assert (default.epochs, default.optim.lr) == (FineTuneConfig().epochs, FineTuneConfig().lr)
+    explicit = build_config(_args("--init-from", "p.pt", "--set", "finetune.epochs=3", "--epochs", "7",
+                                  "--set", "finetune.lr=0.004", "--set", "optim.lr=0.02"))
+    assert (explicit.epochs, explicit.optim.lr) == (7, 0.02)
+    scratch = build_config(_args("--set", "finetune.epochs=3"))  # no --init-from: from-scratch defaults
+    assert scratch.epochs == TrainConfig().epochs and scratch.optim.lr == TrainConfig().optim.lr
+    assert build_config(_args("--init-from", "p.pt", "--rehearse", "none")).finetune.rehearse is None
+
+
+def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
+    draws = mixed_draws(n_cases=3, n_rehearse=2, fraction=0.5, total=12)
+    rehearsal = [i for i in draws if i >= 3]
+    assert len(rehearsal) == 6 and rehearsal == [3, 4, 3, 4, 3, 4]
+    assert [i for i in draws if i < 3] == [0, 1, 2, 0, 1, 2]
+    assert mixed_draws(3, 2, 0.0, 5) == [0, 1, 2, 0, 1]
+
+
+def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    other = make_msd(tmp_path / "old", n_cases=3, seed=9)
+    cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
+                                  "tensorboard=false", "iterations_per_epoch=6", "finetune.holdout=0",
+                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.rehearse_fraction=0.5"])
+    cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
+    run = set_up(cfg)
+    drawn = list(run.sampler)
+    assert len(run.train_ds) == 5 and sum(i >= 2 for i in drawn) == len(drawn) // 2
+    patches = run.train_ds[next(i for i in drawn if i >= 2)]
+    patch = patches[0] if isinstance(patches, list) else patches
+    assert patch["case_id"] in {"case0", "case1", "case2"}
+    # the rehearsal case is the other dataset's: its image differs from every correction's
+    corr = [np.asarray(nib.load(data / f"imagesTr/case{i}.nii.gz").dataobj) for i in range(2)]
+    old = np.asarray(nib.load(other / f"imagesTr/{patch['case_id']}.nii.gz").dataobj)
+    assert all(not np.array_equal(old, c) for c in corr)
+    assert run.rehearsal["dataset_root"] == str(other) and run.rehearsal["cases"] == ["case0", "case1", "case2"]
+
+
+def test_parent_rehearsal_unknown_parent_says_none_is_used(parent, tmp_path, caplog):
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    caplog.set_level(logging.INFO, logger="resunet.training.loop")
+    rc = main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(tmp_path / "run"), *QUICK,
+               "--epochs", "1"])
+    assert rc == 0
+    assert "no rehearsal: the parent's training data is not known" in caplog.text and "--rehearse DATASET" in caplog.text
+    card = load_checkpoint(tmp_path / "run" / "best.pt").model_card
+    assert card["rehearsal"]["setting"] == "parent" and "dataset" not in card["rehearsal"]
+
+
+def test_bundled_model_rehearsal_set_is_the_example_as_is_and_skull_stripped(tmp_path):
+    spec = regenerate_parent_data(tmp_path / "rehearsal")
+    assert [c.case_id for c in spec.cases] == ["colin_orig", "colin_stripped"] and spec.labels == {0: "background", 1: "brain"}
+    orig = read_nifti(spec.case("colin_orig").images[0]).array
+    stripped = read_nifti(spec.case("colin_stripped").images[0]).array
+    brain = np.asarray(read_nifti(EXAMPLE_BRAINMASK).array) > 0
+    assert np.all(stripped[~brain] == 0) and np.array_equal(stripped[brain], orig[brain]) and np.any(orig[~brain] != 0)
+
+
+def test_frozen_encoder_keeps_the_parents_encoder_and_trains_the_decoder(parent, tmp_path):
+    assert FineTuneConfig().freeze_encoder  # the default (bench/results/review.md)
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
+                 "--rehearse", "none", "--set", "optim.lr=0.01"]) == 0
+    before, after = load_checkpoint(parent).state_dict, load_checkpoint(out / "last.pt").state_dict
+    enc = [k for k in after if k.startswith("encoder.")]
+    dec = [k for k in after if k.startswith("decoder.")]
+    assert enc and dec
+    assert all(torch.equal(after[k], before[k]) for k in enc)
+    assert any(not torch.equal(after[k], before[k]) for k in dec)
+    assert load_checkpoint(out / "best.pt").model_card["finetune"]["freeze_encoder"] is True
+
+
+def test_encoder_lr_scale_zero_keeps_the_encoder_and_one_moves_it(parent, tmp_path):
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    before = load_checkpoint(parent).state_dict
+    moved = {}
+    for scale in (0.0, 1.0):
+        out = tmp_path / f"run{scale}"
+        assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs",
+                     "1", "--rehearse", "none", "--set", f"finetune.encoder_lr_scale={scale}",
+                     "--set", "finetune.freeze_encoder=false",
+                     "--set", "optim.weight_decay=0"]) == 0
+        after = load_checkpoint(out / "last.pt").state_dict
+        moved[scale] = any(not torch.equal(after[k], before[k]) for k in after if k.startswith("encoder."))
+    assert moved == {0.0: False, 1.0: True}
+
+
+def test_best_epoch_keeps_the_parent_when_fine_tuning_makes_the_held_out_case_worse(parent, tmp_path):
+    """Corrections whose masks are wrong (inverted: the sphere is 'background') at a high learning rate
+    make the held-out correction (a true mask) worse: best.pt must stay the parent."""
+    data = make_msd(tmp_path / "corr", n_cases=4, seed=5)
+    meta = json.loads((data / "dataset.json").read_text())
+    held = "case2"  # the one finetune.holdout picks with the default split seed (checked below)
+    for i in range(4):
+        path = data / f"labelsTr/case{i}.nii.gz"
+        img = nib.load(path)
+        if f"case{i}" != held:
+            nib.save(nib.Nifti1Image((np.asarray(img.dataobj) == 0).astype(np.uint8), img.affine), path)
+    assert meta["labels"] == {"0": "background", "1": "sphere"}
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
+                 "--rehearse", "none", "--set", "optim.lr=0.05"]) == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    dice = [float(r["val_dice"]) for r in rows]
+    assert dice[0] > 0.3 and max(dice[1:]) < dice[0]  # the case does make things worse
+    best = load_checkpoint(out / "best.pt")
+    parent_sd = load_checkpoint(parent).state_dict
+    assert all(torch.equal(best.state_dict[k], parent_sd[k]) for k in parent_sd)
+    assert best.model_card["finetune"]["holdout_cases"] == [held] and best.model_card["finetune"]["best_epoch"] == 0
+    last = load_checkpoint(out / "last.pt").state_dict
+    assert any(not torch.equal(last[k], parent_sd[k]) for k in parent_sd)
+
+
+def test_parent_weight_averages_the_fine_tuned_weights_with_the_parents(parent, tmp_path):
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "1",
+                 "--rehearse", "none", "--set", "finetune.parent_weight=0.25"]) == 0
+    p, last, best = (load_checkpoint(f).state_dict for f in (parent, out / "last.pt", out / "best.pt"))
+    for k in p:
+        if p[k].is_floating_point():
+            torch.testing.assert_close(best[k], 0.25 * p[k] + 0.75 * last[k])
+    assert any(not torch.equal(best[k], last[k]) for k in p if p[k].is_floating_point())
