@@ -498,7 +498,11 @@ def test_a_second_study_dropped_replaces_the_first(tmp_path, chromium):
         assert "uploaded together with" not in text and "Upload a study or click" not in text, text
         # both files are still listed in the box; the page says which one it shows
         assert "colin27_t1.nii.gz" in text and "Showing the newest upload; the 1 earlier file(s)" in text, text
-        captions = page.js("Array.from(document.querySelectorAll('[data-testid=\"stImage\"]')).map(e => e.innerText)")
+        # read the captions once the views are there again: a rerun (e.g. the model's preload finishing) can
+        # redraw the page between the wait above and this read (a full-suite run read [] here)
+        caption_js = "Array.from(document.querySelectorAll('[data-testid=\"stImage\"]')).map(e => e.innerText)"
+        page.wait_for(f"{VIEWS_SHOWN} && {IDLE} && {caption_js}.length === 3", 60, "the three views' captions")
+        captions = page.js(caption_js)
         assert [c.split()[0] + " " + c.split()[1].split("/")[1] for c in captions] == [
             "axial 64", "coronal 88", "sagittal 70"], captions
         assert_no_advert(page, log_path)
