@@ -100,3 +100,17 @@ def wait_job(url: str, job_id: str, timeout: float = 300.0, token: str | None = 
             return job
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} not finished within {timeout} s")
+
+
+def held_pacs_jobs(svc: Any, study_uid: str, n: int, token: str) -> list[dict[str, Any]]:
+    """Submit ``n`` pacs-pull jobs of ``study_uid`` to a ``--require-review`` service as ``token`` and wait
+    until each is held for review; returns their JSON (asserts they were held, else shows the log)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    ids = []
+    for _ in range(n):
+        r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    held = [wait_job(svc.url, j, token=token, until=("review", "done", "failed")) for j in ids]
+    assert [j["state"] for j in held] == ["review"] * n, held[0].get("error") or svc.log()[-3000:]
+    return held

@@ -50,14 +50,18 @@ def _copy_as_new_series(source: Path, n: int):
         yield ds
 
 
+def _compressed_series(out: Path, syntax: str, n_slices: int) -> Path:
+    """The first ``n_slices`` of the example re-encoded in ``syntax`` by pydicom's encoders, as a new study in ``out``."""
+    for n, ds in enumerate(_copy_as_new_series(EXAMPLE_DICOM, n_slices)):
+        ds.compress(syntax)
+        ds.save_as(out / f"{n:03d}.dcm", enforce_file_format=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def rle_folder(tmp_path_factory) -> Path:
     """The first slices of the example re-encoded as RLE Lossless by pydicom, as a new study."""
-    out = tmp_path_factory.mktemp("rle")
-    for n, ds in enumerate(_copy_as_new_series(EXAMPLE_DICOM, N_RLE)):
-        ds.compress(RLELossless)
-        ds.save_as(out / f"{n:03d}.dcm", enforce_file_format=True)
-    return out
+    return _compressed_series(tmp_path_factory.mktemp("rle"), RLELossless, N_RLE)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +86,7 @@ def deflate_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def jpegls_folder(tmp_path_factory) -> Path:
     """The first slices of the example re-encoded as JPEG-LS Lossless by pydicom (pyjpegls), as a new study."""
-    out = tmp_path_factory.mktemp("jpegls")
-    for n, ds in enumerate(_copy_as_new_series(EXAMPLE_DICOM, N_JPEGLS)):
-        ds.compress(JPEGLSLossless)
-        ds.save_as(out / f"{n:03d}.dcm", enforce_file_format=True)
-    return out
+    return _compressed_series(tmp_path_factory.mktemp("jpegls"), JPEGLSLossless, N_JPEGLS)
 
 
 @pytest.fixture(scope="module")

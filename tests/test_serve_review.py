@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 from orthanc_support import ORTHANC_AET, example_orthanc, series_of_modality
-from serve_support import ServiceProcess, wait_job
+from serve_support import ServiceProcess, held_pacs_jobs
 from test_app_support import EXAMPLE_DICOM, free_port, make_tiny_model
 
 from resunet.cli import main
@@ -75,13 +75,8 @@ def test_require_review_holds_until_approved_with_a_corrected_mask_and_reject_st
                          "--store-to", f"127.0.0.1:{orthanc.port}:{ORTHANC_AET}", "--settle-seconds", "1",
                          "--require-review", audit_db=audit)
     with svc:
-        jobs = []
-        for _ in range(2):
-            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
-            assert r.status_code == 202, r.text
-            jobs.append(r.json()["id"])
-        held = [wait_job(svc.url, j, token=auth_token, until=("review", "done", "failed")) for j in jobs]
-        assert [j["state"] for j in held] == ["review", "review"], held[0].get("error") or svc.log()[-3000:]
+        held = held_pacs_jobs(svc, study_uid, 2, auth_token)
+        jobs = [j["id"] for j in held]
         assert held[0]["review"]["state"] == "pending" and "stored_to_pacs" not in held[0]["result"]
         waiting = httpx.get(f"{svc.url}/v1/jobs", params={"state": "review"}, headers=auth, timeout=60).json()
         assert sorted(j["id"] for j in waiting["jobs"]) == sorted(jobs) and waiting["counts"]["review"] == 2

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 from orthanc_support import example_orthanc, series_of_modality
-from serve_support import ServiceProcess, wait_job
+from serve_support import ServiceProcess, held_pacs_jobs
 from streamlit.testing.v1 import AppTest
 from test_app_support import APP_SCRIPT, BUNDLED_MODEL, EXAMPLE_DICOM, make_tiny_model
 
@@ -73,13 +73,8 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
     svc = ServiceProcess(state, BUNDLED_MODEL, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
                          "--require-review", audit_db=audit)
     with svc:
-        jobs = []
-        for _ in range(3):
-            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
-            assert r.status_code == 202, r.text
-            jobs.append(r.json()["id"])
-        held = [wait_job(svc.url, j, token=page_token, until=("review", "done", "failed")) for j in jobs]
-        assert [j["state"] for j in held] == ["review"] * 3, held[0].get("error") or svc.log()[-3000:]
+        held = held_pacs_jobs(svc, study_uid, 3, page_token)
+        jobs = [j["id"] for j in held]
 
         # the display files: the input and the model's mask on one grid, the mask = the job's own NIfTI mask
         img = httpx.get(f"{svc.url}/v1/jobs/{jobs[0]}/review/display/image", headers=auth, timeout=120)
@@ -234,13 +229,8 @@ def test_a_held_job_edited_in_the_page_editor_is_approved_as_the_corrected_seg(o
     svc = ServiceProcess(state, service_model, "--no-tta", "--format", "nifti,seg", "--pacs", orthanc.dicomweb,
                          "--require-review", audit_db=audit)
     with svc:
-        jobs = []
-        for _ in range(2):
-            r = httpx.post(f"{svc.url}/v1/pacs/jobs", data={"study_uid": study_uid}, headers=auth, timeout=60)
-            assert r.status_code == 202, r.text
-            jobs.append(r.json()["id"])
-        held = [wait_job(svc.url, j, token=page_token, until=("review", "done", "failed")) for j in jobs]
-        assert [j["state"] for j in held] == ["review"] * 2, held[0].get("error") or svc.log()[-3000:]
+        held = held_pacs_jobs(svc, study_uid, 2, page_token)
+        jobs = [j["id"] for j in held]
 
         at = _page(tmp_path, monkeypatch, svc.url, page_token)
         at.selectbox(key="review_job").set_value(jobs[0]).run()
