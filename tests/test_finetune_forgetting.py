@@ -124,6 +124,26 @@ def test_frozen_encoder_keeps_the_parents_encoder_and_trains_the_decoder(parent,
     assert load_checkpoint(out / "best.pt").model_card["finetune"]["freeze_encoder"] is True
 
 
+def test_freeze_decoder_levels_keeps_the_coarsest_decoder_levels_and_trains_the_finer_ones(parent, tmp_path, capsys):
+    assert FineTuneConfig().freeze_decoder_levels == 0  # the default: the whole decoder learns
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
+                 "--rehearse", "none", "--set", "optim.lr=0.01", "--set", "finetune.freeze_decoder_levels=1"]) == 0
+    before, after = load_checkpoint(parent).state_dict, load_checkpoint(out / "last.pt").state_dict
+    frozen = [k for k in after if k.startswith(("encoder.", "decoder.0."))]
+    learning = [k for k in after if k.startswith("decoder.") and not k.startswith("decoder.0.")]
+    assert frozen and learning
+    assert all(torch.equal(after[k], before[k]) for k in frozen)  # weights and norm statistics
+    assert any(not torch.equal(after[k], before[k]) for k in learning)
+    assert load_checkpoint(out / "best.pt").model_card["finetune"]["freeze_decoder_levels"] == 1
+    levels = sum(1 for k in after if k.startswith("decoder.") and k.endswith(".up.weight"))
+    rc = main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(tmp_path / "all"), *QUICK,
+               "--epochs", "1", "--rehearse", "none", "--set", f"finetune.freeze_decoder_levels={levels}"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "freeze_decoder_levels" in err and "Traceback" not in err  # nothing would learn: refused
+
+
 def test_encoder_lr_scale_zero_keeps_the_encoder_and_one_moves_it(parent, tmp_path):
     data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
     before = load_checkpoint(parent).state_dict
