@@ -67,6 +67,11 @@ def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
     assert len(rehearsal) == 6 and rehearsal == [3, 4, 3, 4, 3, 4]
     assert [i for i in draws if i < 3] == [0, 1, 2, 0, 1, 2]
     assert mixed_draws(3, 2, 0.0, 5) == [0, 1, 2, 0, 1]
+    # fewer draws per epoch than cases: the cycle goes on in the next epoch, so every case is drawn
+    e0, e1 = (mixed_draws(n_cases=4, n_rehearse=8, fraction=0.5, total=10, epoch=e) for e in (0, 1))
+    assert sorted(i for i in e0 + e1 if i >= 4) == sorted([*range(4, 12), 4, 5])
+    assert sorted(i for i in e0 if i < 4) == [0, 0, 1, 2, 3] and sorted(i for i in e1 if i < 4) == [0, 1, 1, 2, 3]
+    assert {i for e in range(3) for i in mixed_draws(7, 0, 0.0, 3, epoch=e)} == set(range(7))
 
 
 def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):

@@ -327,13 +327,17 @@ class _EpochSampler(torch.utils.data.Sampler):
         from resunet.training.rehearsal import mixed_draws
 
         self.n_cases, self.per_rank, self.d, self.seed = n_cases, per_rank, d, seed
-        total = per_rank * d.world
+        self._mix = (n_cases, n_rehearse, rehearse_fraction, per_rank * d.world)
         # rehearsal (fine-tuning): a share of the draws are the rehearsal cases, indices after the n_cases
-        self._index = mixed_draws(n_cases, n_rehearse, rehearse_fraction, total)
+        self._index = mixed_draws(*self._mix)
         self.inner = torch.utils.data.DistributedSampler(self._index, num_replicas=d.world, rank=d.rank,
                                                          shuffle=True, seed=seed, drop_last=True)
 
     def set_epoch(self, epoch: int) -> None:
+        from resunet.training.rehearsal import mixed_draws
+
+        # the case cycle goes on across epochs: with fewer draws per epoch than cases, every case comes up
+        self._index[:] = mixed_draws(*self._mix, epoch=epoch)
         self.inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
