@@ -67,6 +67,11 @@ def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
     assert len(rehearsal) == 6 and rehearsal == [3, 4, 3, 4, 3, 4]
     assert [i for i in draws if i < 3] == [0, 1, 2, 0, 1, 2]
     assert mixed_draws(3, 2, 0.0, 5) == [0, 1, 2, 0, 1]
+    # fewer draws per epoch than cases: the cycle goes on in the next epoch, so every case is drawn
+    e0, e1 = (mixed_draws(n_cases=4, n_rehearse=8, fraction=0.5, total=10, epoch=e) for e in (0, 1))
+    assert sorted(i for i in e0 + e1 if i >= 4) == sorted([*range(4, 12), 4, 5])
+    assert sorted(i for i in e0 if i < 4) == [0, 0, 1, 2, 3] and sorted(i for i in e1 if i < 4) == [0, 1, 1, 2, 3]
+    assert {i for e in range(3) for i in mixed_draws(7, 0, 0.0, 3, epoch=e)} == set(range(7))
 
 
 def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
@@ -122,6 +127,26 @@ def test_frozen_encoder_keeps_the_parents_encoder_and_trains_the_decoder(parent,
     assert all(torch.equal(after[k], before[k]) for k in enc)
     assert any(not torch.equal(after[k], before[k]) for k in dec)
     assert load_checkpoint(out / "best.pt").model_card["finetune"]["freeze_encoder"] is True
+
+
+def test_freeze_decoder_levels_keeps_the_coarsest_decoder_levels_and_trains_the_finer_ones(parent, tmp_path, capsys):
+    assert FineTuneConfig().freeze_decoder_levels == 0  # the default: the whole decoder learns
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
+                 "--rehearse", "none", "--set", "optim.lr=0.01", "--set", "finetune.freeze_decoder_levels=1"]) == 0
+    before, after = load_checkpoint(parent).state_dict, load_checkpoint(out / "last.pt").state_dict
+    frozen = [k for k in after if k.startswith(("encoder.", "decoder.0."))]
+    learning = [k for k in after if k.startswith("decoder.") and not k.startswith("decoder.0.")]
+    assert frozen and learning
+    assert all(torch.equal(after[k], before[k]) for k in frozen)  # weights and norm statistics
+    assert any(not torch.equal(after[k], before[k]) for k in learning)
+    assert load_checkpoint(out / "best.pt").model_card["finetune"]["freeze_decoder_levels"] == 1
+    levels = sum(1 for k in after if k.startswith("decoder.") and k.endswith(".up.weight"))
+    rc = main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(tmp_path / "all"), *QUICK,
+               "--epochs", "1", "--rehearse", "none", "--set", f"finetune.freeze_decoder_levels={levels}"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "freeze_decoder_levels" in err and "Traceback" not in err  # nothing would learn: refused
 
 
 def test_encoder_lr_scale_zero_keeps_the_encoder_and_one_moves_it(parent, tmp_path):

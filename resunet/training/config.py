@@ -278,6 +278,9 @@ class FineTuneConfig:
             bench/bench_review.py it lost least on the held-out other head (bench/results/review.md).
         encoder_lr_scale: learning rate of the encoder relative to ``lr`` (1 = the same; ignored when
             ``freeze_encoder``).
+        freeze_decoder_levels: the coarsest this many decoder levels keep the parent's weights (and norm
+            statistics) too, counted from the bottleneck up; with ``freeze_encoder`` only the finer
+            decoder levels and the output heads learn (0 = the whole decoder learns).
         holdout: corrections kept out of training to choose the epoch when there are at least
             ``holdout_min_cases`` (and ``dataset.val_cases`` is unset); the parent itself is
             validated first (epoch 0), so a fine-tune that only gets worse keeps the parent's
@@ -296,6 +299,7 @@ class FineTuneConfig:
     rehearse_fraction: float = 0.5
     freeze_encoder: bool = True
     encoder_lr_scale: float = 1.0
+    freeze_decoder_levels: int = 0
     holdout: int = 1
     holdout_min_cases: int = 4
     parent_weight: float = 0.0
@@ -388,9 +392,10 @@ class TrainConfig:
                               f"got {ft.rehearse_fraction}")
         if not 0.0 <= ft.parent_weight < 1.0:
             raise ConfigError(f"finetune.parent_weight must be in 0..1 (below 1); got {ft.parent_weight}")
-        if ft.encoder_lr_scale < 0 or ft.holdout < 0 or ft.holdout_min_cases < 2 or ft.epochs < 1 or ft.lr <= 0:
-            raise ConfigError("finetune: epochs >= 1, lr > 0, encoder_lr_scale >= 0, holdout >= 0 and "
-                              f"holdout_min_cases >= 2 are needed; got {ft}")
+        if (ft.encoder_lr_scale < 0 or ft.freeze_decoder_levels < 0 or ft.holdout < 0 or ft.holdout_min_cases < 2
+                or ft.epochs < 1 or ft.lr <= 0):
+            raise ConfigError("finetune: epochs >= 1, lr > 0, encoder_lr_scale >= 0, freeze_decoder_levels >= 0, "
+                              f"holdout >= 0 and holdout_min_cases >= 2 are needed; got {ft}")
         for name in ("patch_size", "spacing"):
             value = getattr(self.plan, name)
             if value is not None and len(value) != self.model.spatial_dims and not (name == "spacing" and len(value) == 3):

@@ -327,13 +327,17 @@ class _EpochSampler(torch.utils.data.Sampler):
         from resunet.training.rehearsal import mixed_draws
 
         self.n_cases, self.per_rank, self.d, self.seed = n_cases, per_rank, d, seed
-        total = per_rank * d.world
+        self._mix = (n_cases, n_rehearse, rehearse_fraction, per_rank * d.world)
         # rehearsal (fine-tuning): a share of the draws are the rehearsal cases, indices after the n_cases
-        self._index = mixed_draws(n_cases, n_rehearse, rehearse_fraction, total)
+        self._index = mixed_draws(*self._mix)
         self.inner = torch.utils.data.DistributedSampler(self._index, num_replicas=d.world, rank=d.rank,
                                                          shuffle=True, seed=seed, drop_last=True)
 
     def set_epoch(self, epoch: int) -> None:
+        from resunet.training.rehearsal import mixed_draws
+
+        # the case cycle goes on across epochs: with fewer draws per epoch than cases, every case comes up
+        self._index[:] = mixed_draws(*self._mix, epoch=epoch)
         self.inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
@@ -807,12 +811,33 @@ def _finetune_split(cfg: TrainConfig, case_ids: list[str], main: bool) -> TrainC
     return dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, folds=1, fold=0))
 
 
+def _frozen_decoder_prefixes(cfg: TrainConfig, net: torch.nn.Module) -> list[str]:
+    """Parameter-name prefixes of the decoder levels that ``finetune.freeze_decoder_levels`` keeps at the
+    parent's weights: the coarsest ones (``decoder.0`` is the level next to the bottleneck).
+
+    Raises:
+        ConfigError: more levels asked for than the network has (then nothing of the decoder would learn).
+    """
+    n = cfg.finetune.freeze_decoder_levels
+    levels = len(getattr(net, "decoder", ()))
+    if n >= levels > 0 or (n and not levels):
+        raise ConfigError(f"finetune.freeze_decoder_levels={n}, but the parent's decoder has {levels} level(s); "
+                          f"freeze at most {max(levels - 1, 0)} so that some of the decoder learns")
+    return [f"decoder.{i}." for i in range(n)]
+
+
 def _finetune_params(cfg: TrainConfig, net: torch.nn.Module) -> list[dict[str, Any]]:
     """The optimiser's parameter groups of a fine-tuning run: the encoder frozen (``finetune.freeze_encoder``:
-    ``requires_grad`` off, not in the optimiser) or at ``finetune.encoder_lr_scale`` times the learning rate."""
+    ``requires_grad`` off, not in the optimiser) or at ``finetune.encoder_lr_scale`` times the learning rate;
+    the coarsest ``finetune.freeze_decoder_levels`` decoder levels frozen as well."""
     ft = cfg.finetune
+    frozen_dec = _frozen_decoder_prefixes(cfg, net)
     encoder = [p for n, p in net.named_parameters() if n.startswith("encoder.")]
-    rest = [p for n, p in net.named_parameters() if not n.startswith("encoder.")]
+    decoder_frozen = [p for n, p in net.named_parameters() if any(n.startswith(f) for f in frozen_dec)]
+    rest = [p for n, p in net.named_parameters()
+            if not n.startswith("encoder.") and not any(n.startswith(f) for f in frozen_dec)]
+    for p in decoder_frozen:
+        p.requires_grad_(False)
     if ft.freeze_encoder:
         for p in encoder:
             p.requires_grad_(False)
@@ -907,6 +932,9 @@ def train_one_epoch(run: TrainingRun, epoch: int, progress: Any) -> EpochStats:
     model.train()
     if cfg.finetune.init_from and cfg.finetune.freeze_encoder:
         run.net.encoder.eval()  # frozen: its norm layers keep the parent's statistics too
+    if cfg.finetune.init_from:
+        for i in range(cfg.finetune.freeze_decoder_levels):
+            run.net.decoder[i].eval()  # frozen decoder levels (finetune.freeze_decoder_levels) likewise
     t0 = time.time()
     losses: list[float] = []
     task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps, info="")
@@ -1056,6 +1084,7 @@ def model_card(run: TrainingRun, metrics: dict[str, Any]) -> dict[str, Any]:
         base["rehearsal"] = run.rehearsal
         base["finetune"] = {"lr": cfg.optim.lr, "epochs": cfg.epochs, "freeze_encoder": ft.freeze_encoder,
                             "encoder_lr_scale": ft.encoder_lr_scale, "parent_weight": ft.parent_weight,
+                            "freeze_decoder_levels": ft.freeze_decoder_levels,
                             "holdout_cases": run.val_ids, "best_epoch": run.best_epoch}
     if run.val_ids or cfg.dataset.folds > 1:
         base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,

@@ -100,17 +100,21 @@ def regenerate_parent_data(root: Path) -> DatasetSpec:
     return load_dataset(root)
 
 
-def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int) -> list[int]:
-    """``total`` dataset indices for one epoch: a share ``fraction`` are rehearsal cases.
+def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoch: int = 0) -> list[int]:
+    """``total`` dataset indices for epoch ``epoch`` (0-based): a share ``fraction`` are rehearsal cases.
 
     Indices ``0..n_cases-1`` are the fine-tuning cases and ``n_cases..n_cases+n_rehearse-1`` the
-    rehearsal cases (a ConcatDataset's order); each group is cycled through in turn. Draw ``i`` is a
+    rehearsal cases (a ConcatDataset's order); each group is cycled through in turn, and the cycle goes
+    on from where the previous epoch stopped, so cases beyond one epoch's draws are drawn in later
+    epochs (an epoch is a fixed number of draws, often fewer than the cases). Draw ``i`` is a
     rehearsal draw when ``floor((i + 1) * fraction)`` steps up, which spreads them evenly (the
     sampler shuffles the list afterwards).
     """
-    if n_rehearse <= 0 or fraction <= 0:
-        return [i % n_cases for i in range(total)]
-    out, c, r = [], 0, 0
+    n_r = int(total * fraction) if n_rehearse > 0 and fraction > 0 else 0  # rehearsal draws per epoch
+    c, r = epoch * (total - n_r), epoch * n_r
+    if n_r == 0:
+        return [(c + i) % n_cases for i in range(total)]
+    out = []
     for i in range(total):
         if int((i + 1) * fraction) > int(i * fraction):
             out.append(n_cases + r % n_rehearse)
