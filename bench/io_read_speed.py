@@ -295,10 +295,11 @@ def merge(doc: dict, run: dict, rows: list[dict]) -> dict:
     rid = len(runs) - 1
     keep = [r for r in doc["rows"] if (r["series"], r["slices"]) not in {(x["series"], x["slices"]) for x in rows}]
     new = keep + [{**r, "run": rid} for r in rows]
-    used = sorted({r["run"] for r in new})
+    used = sorted({r["run"] for r in new if r.get("run") is not None})  # None: a pending row (no run yet)
     renum = {old: k for k, old in enumerate(used)}
     order = {name: k for k, name in enumerate(NAMES.values())}
-    new = sorted(({**r, "run": renum[r["run"]]} for r in new), key=lambda r: (order.get(r["series"], 99), r["slices"]))
+    new = sorted(({**r, "run": renum.get(r.get("run"))} for r in new),
+                 key=lambda r: (order.get(r["series"], 99), r["slices"]))
     return {"runs": [runs[i] for i in used], "rows": new}
 
 

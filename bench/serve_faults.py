@@ -8,7 +8,8 @@
 - a submitter thread sends the example NIfTI `--jobs` times, one after another; a submit that gets
   no 202 (service down) is retried until one is accepted; "accepted" = a 202 with a job id;
 - a killer SIGKILLs the service (no clean shutdown) each time another `jobs/(kills+1)` jobs are done,
-  while a job is being segmented (claimed >= 0.5 s before), and restarts it at once on the same state
+  while a job is being segmented (claimed >= KILL_AFTER_CLAIM_S = 0.1 s before: a job of the example takes
+  about 0.5 s on an idle machine since stop 31, so a 0.5 s wait never came and the run hung), and restarts it at once on the same state
   folder;
 - a prober GETs /healthz every 0.2 s for the whole run (uptime = answered probes / all probes);
 - at the end: every accepted job's final state from the queue database; lost = accepted but not
@@ -36,6 +37,10 @@ import httpx
 
 # the paths, the tests' service helper and uptime() as bench_serve.py has them (it puts tests/ on sys.path)
 from bench_serve import BUNDLED, EXAMPLE, ServiceProcess, uptime
+
+
+#: the killer waits until the running job was claimed this long ago (s), so it dies mid-segmentation
+KILL_AFTER_CLAIM_S = 0.1
 
 
 def main() -> int:
@@ -122,7 +127,7 @@ def main() -> int:
     for k in range(1, args.kills + 1):
         while done_count() < k * step:
             time.sleep(0.1)
-        while running_for() < 0.5:  # kill mid-job: a job claimed at least 0.5 s ago is being segmented
+        while running_for() < KILL_AFTER_CLAIM_S:  # kill mid-job: a job claimed a moment ago is being segmented
             time.sleep(0.05)
         svc = svc_box[0]
         with sqlite3.connect(state / "jobs.sqlite", timeout=30) as conn:
@@ -198,7 +203,7 @@ def render(run: dict) -> str:
         "Written whole by `bench/serve_faults.py --out bench/results/serve_faults.md`, figures in",
         "`bench/results/serve_faults.json` (`--render` rewrites this file from it). A submitter sends the example",
         "NIfTI N times (a submit without a 202 is retried); the service is SIGKILLed while a job is being",
-        "segmented (claimed at least 0.5 s before) and restarted at once on the same state folder; /healthz is",
+        f"segmented (claimed at least {KILL_AFTER_CLAIM_S} s before) and restarted at once on the same state folder; /healthz is",
         "probed every 0.2 s. Lost = accepted but not done at the end; done twice = more than one `done` event.", "",
         f"## Run {run['started_utc']}-{run['finished_utc']} UTC" if run.get("finished_utc") else f"## Run {run['started_utc']} UTC", "",
         f"Command: `{run['command']}`", "",
