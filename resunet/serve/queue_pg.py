@@ -148,13 +148,15 @@ class PgJobQueue:
         import psycopg
 
         for attempt in (0, 1):
-            conn = self._conn()
+            conn = None
             try:
+                conn = self._conn()  # inside: a database that is down refuses the connection itself
                 return fn(conn)
             except psycopg.OperationalError as err:
                 self._local.conn = None
                 try:
-                    conn.close()
+                    if conn is not None:
+                        conn.close()
                 except Exception:  # noqa: BLE001 - it is broken already
                     pass
                 if attempt:

@@ -693,6 +693,8 @@ class Service:
             try:
                 self.sweep()
                 self.retry_server_faults()
+            except ResunetError as err:  # e.g. the queue database is down: one line, retried at the next interval
+                log.error("retention sweep failed (retried in %.0f s): %s", self.config.sweep_interval_s, err)
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next interval
                 log.error("retention sweep failed:\n%s", traceback.format_exc())
 
