@@ -317,11 +317,11 @@ class _Sink:
         with self.lock:
             if self.folder is not None:
                 self.files.append(path)
-            elif rel in self.memory:  # the same instance sent twice: kept once, as a folder would
-                self.memory[rel] = data
-                return 0x0000
             else:
+                again = rel in self.memory
                 self.memory[rel] = data
+                if again:  # the same instance sent twice: kept once, as a folder would, and counted once
+                    return 0x0000
             self.per_series[series] = self.per_series.get(series, 0) + 1
         return 0x0000
 
