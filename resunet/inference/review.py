@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from resunet.errors import GeometryError, InputError
+from resunet.errors import GeometryError, InputError, ResunetError
 from resunet.io.atomic import atomic_write_text
 from resunet.io.hashing import sha256_file
 from resunet.io.volume import Volume
@@ -199,8 +199,6 @@ def write_comparison(model_mask: Volume, corrected: Volume, labels: Mapping[int,
     """
     import csv
     import io
-
-    from resunet.errors import ResunetError
 
     try:
         rows = comparison_rows(model_mask, corrected, labels)
