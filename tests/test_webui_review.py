@@ -61,6 +61,16 @@ def _texts(elements) -> list[str]:
     return [e.value for e in elements]
 
 
+def _approve(at, job_id: str, comment: str) -> str:
+    """Approve ``job_id`` on the page with ``comment``; the page's one success line for it (no error shown)."""
+    at.text_input(key=f"review_comment_{job_id}").input(comment)
+    at.button(key="review_job_approve").click().run()
+    assert not at.exception, at.exception
+    assert _texts(at.error) == []
+    (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {job_id}")]
+    return ok
+
+
 def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc, tmp_path, monkeypatch):
     study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
     state, audit = tmp_path / "state", tmp_path / "audit.sqlite"
@@ -108,11 +118,7 @@ def test_to_review_list_approve_sends_the_seg_and_reject_stores_nothing(orthanc,
         assert np.array_equal(model_mask, np.asarray(nib.load(job_mask).dataobj))
         assert series_of_modality(orthanc, study_uid) == before  # held: nothing sent yet
 
-        at.text_input(key=f"review_comment_{jobs[0]}").input("looks right")
-        at.button(key="review_job_approve").click().run()
-        assert not at.exception, at.exception
-        assert _texts(at.error) == []
-        (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[0]}")]
+        ok = _approve(at, jobs[0], "looks right")
         assert f"Approved by {PAGE_USER}" in ok and orthanc.dicomweb in ok and "seg" in ok, ok
         new = series_of_modality(orthanc, study_uid) - before
         assert len(new) == 1  # the model's SEG, in the same study
@@ -282,11 +288,7 @@ def test_a_held_job_edited_in_the_page_editor_is_approved_as_the_corrected_seg(o
         assert any("Approve sends your corrected mask" in c for c in _texts(at.caption))
         assert series_of_modality(orthanc, study_uid) == before  # held: nothing sent yet
 
-        at.text_input(key=f"review_comment_{jobs[0]}").input("frontal bar added")
-        at.button(key="review_job_approve").click().run()
-        assert not at.exception, at.exception
-        assert _texts(at.error) == []
-        (ok,) = [s for s in _texts(at.success) if s.startswith(f"Job {jobs[0]}")]
+        ok = _approve(at, jobs[0], "frontal bar added")
         assert f"Approved by {PAGE_USER}: the corrected seg" in ok, ok
         corrected_seg = series_of_modality(orthanc, study_uid) - before
         assert len(corrected_seg) == 1
