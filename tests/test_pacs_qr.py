@@ -122,6 +122,29 @@ def test_predict_from_a_dimse_archive_stores_the_seg_back(archive, source, tmp_p
     assert code != 0 and "0 studies match" in capsys.readouterr().err
 
 
+def test_a_retrieve_leaves_out_the_results_already_in_the_study(archive, source, move_port, tmp_path, capsys):
+    """A SEG (and SR) stored back by an earlier run is not retrieved again with the images: only
+    the MR series travels, by C-GET and by C-MOVE; asked for by its UID, the SEG series still comes."""
+    model = make_tiny_model(tmp_path / "tiny.pt")
+    code = main(["predict", "--pacs", str(source), "--accession", ACCESSION, "--out", str(tmp_path / "out"),
+                 "--model", str(model), "--no-tta", "--no-audit", "--no-progress", "--format", "seg,sr"])
+    assert code == 0, capsys.readouterr().err
+    study_uid = find_studies(source, QueryConfig(), accession=ACCESSION)[0].study_uid
+    listed = find_series(source, QueryConfig(), study_uid)
+    assert {"SEG", "SR", "MR"} <= {s.modality for s in listed}
+    mr = [s.series_uid for s in listed if s.modality == "MR"]
+    assert len(mr) == 1
+    for method in ("get", "move"):
+        got = retrieve_study(source, QueryConfig(method=method, move_port=move_port), study_uid, None)
+        assert got.received == {mr[0]: 91}, method
+    seg = next(s for s in listed if s.modality == "SEG")
+    from resunet.pacs.dimse_qr import series_to_retrieve
+
+    assert series_to_retrieve(source, QueryConfig(), study_uid, seg.series_uid) == [seg]
+    with pytest.raises(PacsError, match="has no series 1.2.3.4 in study"):
+        series_to_retrieve(source, QueryConfig(), study_uid, "1.2.3.4")
+
+
 def test_resunet_serve_pulls_a_study_from_a_dimse_archive(archive, source, tmp_path):
     """POST /v1/pacs/jobs on a service started with --pacs dimse://: C-FIND + C-GET as the node's AE
     title, the mask equals a local resunet predict of the same study, the SEG goes back with C-STORE."""

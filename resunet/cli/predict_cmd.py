@@ -329,13 +329,10 @@ def _predict_pacs_routed(routes: Any, args: argparse.Namespace, options: Any, de
     store = not args.no_store
     if qr is not None:  # DIMSE: C-FIND + C-GET/C-MOVE, C-STORE back
         from resunet.pacs.dimse import Destination, send_files
-        from resunet.pacs.dimse_qr import DimseSource, find_series, retrieve_study
+        from resunet.pacs.dimse_qr import DimseSource, retrieve_study, series_to_retrieve
 
         source = DimseSource.parse(args.pacs)
-        series = [s for s in find_series(source, qr, args.study) if not args.series or s.series_uid == args.series]
-        if not series:
-            raise PacsError(f"DICOM archive {source} has no study {args.study}"
-                            + (f" with series {args.series}" if args.series else " (or it lists no series)"))
+        series = series_to_retrieve(source, qr, args.study, args.series)
         dest = Destination(source.host, source.port, source.ae_title)
         fetch = lambda folder: retrieve_study(source, qr, args.study, folder, series)  # noqa: E731
         send = (lambda files: send_files(files, dest, calling_aet=qr.calling_aet, timeout=qr.timeout,

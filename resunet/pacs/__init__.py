@@ -20,7 +20,7 @@ _WHERE = {
     "Destination": "dimse", "ListenerConfig": "dimse", "ReceivedSeries": "dimse",
     "StoreListener": "dimse", "send_files": "dimse", "PacsRun": "segment", "segment_from_pacs": "segment",
     "segment_and_send": "segment", "segment_from_dimse": "segment", "DimseSource": "dimse_qr",
-    "QueryConfig": "dimse_qr", "find_studies": "dimse_qr", "find_series": "dimse_qr", "retrieve_study": "dimse_qr",
+    "QueryConfig": "dimse_qr", "find_studies": "dimse_qr", "find_series": "dimse_qr", "retrieve_study": "dimse_qr", "series_to_retrieve": "dimse_qr",
 }
 __all__ = sorted(_WHERE)
 

@@ -200,6 +200,9 @@ def _ae(cfg: QueryConfig) -> Any:
 
     ae = AE(ae_title=_aet(cfg.calling_aet, "calling AE title"))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout
+    # no limit on the PDUs the archive sends us (C-GET's and C-MOVE's C-STOREs), as the DICOM node
+    # allows: pynetdicom's 16 KiB default cut each instance into several PDUs, each one more wait
+    ae.maximum_pdu_size = 0
     return ae
 
 
@@ -279,6 +282,33 @@ def find_series(source: DimseSource, cfg: QueryConfig, study_uid: str) -> list[S
                                str(ds.get("SeriesDescription", "") or ""), str(ds.get("BodyPartExamined", "") or ""),
                                int(n) if n not in (None, "") else None, int(num) if num not in (None, "") else None))
     return [s for s in out if s.series_uid]
+
+
+def series_to_retrieve(source: DimseSource, cfg: QueryConfig, study_uid: str,
+                       series_uid: str | None = None) -> list[SeriesMatch]:
+    """The series of ``study_uid`` worth retrieving (C-FIND at SERIES level): ``series_uid`` alone
+    when given, else every image series. Results already in the study (SEG, RTSTRUCT, SR, KO, PR of
+    an earlier run or another tool: :data:`~resunet.pacs.dicomweb.NON_IMAGE_MODALITIES`) are left
+    out, as the DICOMweb pull leaves them out: they are never segmented, and each earlier run's SEG
+    would otherwise travel with every later retrieve.
+
+    Raises:
+        PacsError: the archive lists no such series, or no image series in the study.
+    """
+    from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES
+
+    listed = find_series(source, cfg, study_uid)
+    if series_uid:
+        chosen = [s for s in listed if s.series_uid == series_uid]
+        if not chosen:
+            raise PacsError(f"DICOM archive {source} has no series {series_uid} in study {study_uid}")
+        return chosen
+    chosen = [s for s in listed if s.modality.upper() not in NON_IMAGE_MODALITIES]
+    if not chosen:
+        raise PacsError(f"DICOM archive {source} has no study {study_uid}" if not listed else
+                        f"DICOM archive {source} lists no image series in study {study_uid} (only "
+                        + ", ".join(sorted({s.modality or "?" for s in listed})) + ")")
+    return chosen
 
 
 class _Sink:
@@ -366,7 +396,7 @@ def _check_retrieve_status(source: DimseSource, cfg: QueryConfig, series_uid: st
 
 def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder: str | Path | None,
                    series: Sequence[SeriesMatch] | None = None) -> Retrieved:
-    """Fetch ``series`` of ``study_uid`` (default: every series C-FIND lists) into ``folder``.
+    """Fetch ``series`` of ``study_uid`` (default: its image series, :func:`series_to_retrieve`) into ``folder``.
 
     ``folder`` None keeps the instances in memory, as received (``Retrieved.study``, a
     :class:`~resunet.io.memory.MemoryStudy` named ``safe_name(study_uid)`` that
@@ -388,7 +418,7 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
     if folder is not None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-    todo = list(series) if series is not None else find_series(source, cfg, study_uid)
+    todo = list(series) if series is not None else series_to_retrieve(source, cfg, study_uid)
     if not todo:
         raise PacsError(f"DICOM archive {source} lists no series in study {study_uid}")
     sink = _Sink(folder)

@@ -177,21 +177,17 @@ def segment_from_dimse(
 
     Args:
         source, cfg: the archive and how to talk to it (:mod:`resunet.pacs.dimse_qr`).
-        series_uid: retrieve only this series (default: every series; the largest image series is segmented).
+        series_uid: retrieve only this series (default: every image series, earlier SEG/SR/RTSTRUCT left
+            out; the largest is segmented).
         folder, failure: as for :func:`segment_and_send` (the service's job folder and failure message).
             Without a folder the study is retrieved into memory (no image written to disk).
     """
     from resunet.pacs.dimse import Destination, send_files
-    from resunet.pacs.dimse_qr import find_series, retrieve_study
+    from resunet.pacs.dimse_qr import retrieve_study, series_to_retrieve
 
-    series = find_series(source, cfg, study_uid)
+    series = series_to_retrieve(source, cfg, study_uid, series_uid)
     if series_uid:
-        series = [s for s in series if s.series_uid == series_uid]
-        if not series:
-            raise PacsError(f"DICOM archive {source} has no series {series_uid} in study {study_uid}")
         options.series_uid = series_uid
-    if not series:
-        raise PacsError(f"DICOM archive {source} has no study {study_uid} (or it lists no series)")
     dest = Destination(source.host, source.port, source.ae_title)
     send = (lambda files: send_files(files, dest, calling_aet=cfg.calling_aet, timeout=cfg.timeout,
                                      ssl_context=cfg.ssl_context(source))) if store else None

@@ -87,16 +87,10 @@ class PageArchive:
     def retrieve(self, study_uid: str, dest: Path) -> None:
         """The study's image series into ``dest`` (C-GET/C-MOVE or WADO-RS); PacsError if incomplete."""
         if self.dimse:
-            from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES
-            from resunet.pacs.dimse_qr import find_series, retrieve_study
+            from resunet.pacs.dimse_qr import retrieve_study
 
             source, cfg = self._dimse()
-            series = [s for s in find_series(source, cfg, study_uid) if s.modality not in NON_IMAGE_MODALITIES]
-            if not series:
-                from resunet.errors import PacsError
-
-                raise PacsError(f"DICOM archive {source} lists no image series in the chosen study")
-            retrieve_study(source, cfg, study_uid, dest, series)
+            retrieve_study(source, cfg, study_uid, dest)  # its image series (series_to_retrieve)
         else:
             client_for(self.url).retrieve(study_uid, dest)
 
