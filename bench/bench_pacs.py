@@ -1,14 +1,15 @@
 """Benchmark the PACS round trip (run by hand; both sides measured in the same run).
 
     .venv/bin/python bench/bench_pacs.py [--repeats 5] [--model resunet/data/model/brain_extraction.pt]
-        [--out bench/results/pacs.md [--append]]
+        [--series FOLDER] [--only dimse] [--tta on|off] [--out bench/results/pacs.md [--append]]
     .venv/bin/python bench/bench_pacs.py --render bench/results/pacs.json --out bench/results/pacs.md
 
 ``--out FILE.md`` writes the whole results file (every run in ``FILE.json``, this one replacing them
 unless ``--append``) and the JSON, both atomically; ``--render`` rewrites the Markdown from the JSON.
 
 Starts a real Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``, as the tests do) on loopback with
-the example DICOM study (91 slices, 91x109 pixels), loads the model once, and alternates:
+the example DICOM study (91 slices, 91x109 pixels; ``--series FOLDER`` another, e.g. the 300-slice
+compressed CT of issue 23), loads the model once, and alternates:
 
 - **segment alone**: ``run_batch`` on a local copy of the study folder (read + predict + write SEG),
   i.e. what ``resunet predict FOLDER --format seg`` does after start-up;
@@ -51,6 +52,7 @@ from resunet.inference.cases import Case  # noqa: E402
 from resunet.inference.predictor import Predictor  # noqa: E402
 from resunet.pacs import Destination, ListenerConfig, PacsClient, PacsConfig, segment_from_pacs  # noqa: E402
 from resunet.pacs.dimse import StoreListener, send_files  # noqa: E402
+from resunet.pacs.dicomweb import NON_IMAGE_MODALITIES  # noqa: E402
 from resunet.pacs.dimse_qr import DimseSource, QueryConfig  # noqa: E402
 from resunet.pacs.segment import segment_and_send, segment_from_dimse  # noqa: E402
 
@@ -69,10 +71,27 @@ def seg_count(orthanc, study_uid: str) -> int:
     return len(json.loads(body)) if body.strip() else 0
 
 
+def drop_results(orthanc, orthanc_study_id: str) -> int:
+    """Delete the series this run stored back (SEG, SR: every non-image modality) through Orthanc's
+    REST API, so that every repetition starts from the study as the modality delivered it: the
+    archive's work (QIDO/C-FIND answers, the node's C-STORE of the whole study) would otherwise grow
+    with each earlier repetition's results. Returns how many series were deleted."""
+    gone = 0
+    for series in orthanc.get(f"/studies/{orthanc_study_id}/series"):
+        if series["MainDicomTags"].get("Modality") in NON_IMAGE_MODALITIES:
+            urllib.request.urlopen(urllib.request.Request(f"{orthanc.url}/series/{series['ID']}", method="DELETE"),
+                                   timeout=30).read()
+            gone += 1
+    return gone
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--model", default=str(BUNDLED))
+    ap.add_argument("--series", type=Path, default=EXAMPLE_DICOM, metavar="FOLDER",
+                    help="the study to put in Orthanc (default: the example, 91 MR slices); e.g. a 300-slice compressed "
+                         "CT that bench/io_read_speed.py wrote under /tmp/resunet-read-speed/ct300_jls")
     ap.add_argument("--out", type=Path, default=None, help="write the whole results file here (and its figures to the same name .json)")
     ap.add_argument("--append", action="store_true", help="keep the earlier runs of the .json (default: this run replaces them)")
     ap.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
@@ -92,7 +111,10 @@ def main() -> int:
     import pydicom
     import torch
 
-    study_uid = str(pydicom.dcmread(next(EXAMPLE_DICOM.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
+    files = sorted(p for p in args.series.rglob("*") if p.is_file())
+    if not files:
+        ap.error(f"--series {args.series}: no files")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     work = Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     load_start = loadavg()
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -101,7 +123,7 @@ def main() -> int:
                                                "resunetqr": ("RESUNETQR", "127.0.0.1", move_port)})
     rows = []
     try:
-        orthanc.upload(sorted(EXAMPLE_DICOM.glob("*.dcm")))
+        orthanc.upload(files)
         with urllib.request.urlopen(urllib.request.Request(f"{orthanc.url}/tools/lookup", data=study_uid.encode(),
                                                            method="POST"), timeout=30) as r:
             orthanc_id = next(x["ID"] for x in json.loads(r.read()) if x["Type"] == "Study")
@@ -109,8 +131,8 @@ def main() -> int:
         source = DimseSource(ORTHANC_AET, "127.0.0.1", orthanc.port)
         qr = {"get": QueryConfig(calling_aet="RESUNETQR", method="get"),
               "move": QueryConfig(calling_aet="RESUNETQR", method="move", move_port=move_port)}
-        local = work / "local" / EXAMPLE_DICOM.name
-        shutil.copytree(EXAMPLE_DICOM, local)
+        local = work / "local" / args.series.name
+        shutil.copytree(args.series, local)
         for tta in {"both": (True, False), "on": (True,), "off": (False,)}[args.tta]:
             predictor = Predictor(args.model, tta=tta)
             alone, trip, node_s = [], [], []
@@ -161,6 +183,7 @@ def main() -> int:
                     t_node = time.perf_counter() - t0 - SETTLE_S
                     if len(node_runs) < rep + 1:
                         raise RuntimeError("the DICOM node did not segment the series sent to it within 300 s")
+                    drop_results(orthanc, orthanc_id)
                     if rep == 0:
                         continue
                     alone.append(t_alone)
@@ -197,11 +220,13 @@ def main() -> int:
                 r[f"overhead_{k}_pct"] = 100 * (r[k] - r["alone"]) / r["alone"]
     run = {
         "command": f".venv/bin/python bench/bench_pacs.py --repeats {args.repeats}"
+                   + (f" --series {args.series}" if args.series != EXAMPLE_DICOM else "")
                    + (f" --only {args.only}" if args.only != "all" else "") + (f" --tta {args.tta}" if args.tta != "both" else "")
                    + (f" --out {args.out}" if args.out else "") + (" --append" if args.append else ""),
         "started_utc": started, "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model": Path(args.model).name, "load_start": load_start,
         "load_end": loadavg(), "repeats": args.repeats, "rows": rows,
+        "series": args.series.name, "instances": len(files),
     }
     doc = {"runs": [run]}
     if args.out and args.append and args.out.with_suffix(".json").exists():
@@ -220,13 +245,17 @@ HEADER = """# PACS round trip (bench/bench_pacs.py)
 
 Written whole by `bench/bench_pacs.py --out bench/results/pacs.md`, every run's figures in
 `bench/results/pacs.json` (`--render bench/results/pacs.json --out bench/results/pacs.md` rewrites this
-file from it). Orthanc 1.10 + DICOMweb plugin 1.7 on loopback; the example study (91 MR slices of
-91x109); the model loaded once, start-up excluded on both sides; medians of the repetitions after one
+file from it). Orthanc 1.10 + DICOMweb plugin 1.7 on loopback; the study named in each run (the example:
+91 MR slices of 91x109); the model loaded once, start-up excluded on both sides; medians of the repetitions after one
 warm-up. Overhead = (round trip - segment alone) / segment alone, from the medians; the goal is at
 most +25%. The DIMSE node's time runs from Orthanc's send request to the SEG's arrival (Orthanc's own
 C-STORE job, the node writing each instance, the C-STORE of the SEG back), less the node's settle time.
 The C-GET and C-MOVE columns are `resunet predict --pacs dimse://...`'s step after start-up: C-FIND
-(study, series), the retrieve (C-MOVE to our own Storage SCP), the same segmentation, C-STORE of the SEG.
+(study, series), the retrieve (C-GET, or C-MOVE to our own Storage SCP), the same segmentation, C-STORE
+of the SEG. The results each repetition stores back (SEG series) are deleted from Orthanc before the
+next one, so every repetition pulls the study as the modality sent it (before 2026-12-07 14:30 UTC they
+piled up: the node was sent every earlier SEG with the images, and the C-GET/C-MOVE path retrieved
+them too, which is why the TTA-off rows, measured after the TTA-on ones, were slower).
 """
 
 
@@ -234,6 +263,11 @@ def _overhead(r: dict, key: str) -> float:
     """The overhead in %, as stored by the run (from unrounded medians), else from the rounded ones."""
     stored = r.get(f"overhead_{key}_pct")
     return stored if stored is not None else 100 * (r[key] - r["alone"]) / r["alone"]
+
+
+def _study(run: dict) -> str:
+    """Which study a run measured (runs before ``--series`` existed measured the example)."""
+    return f"{run.get('series', EXAMPLE_DICOM.name)} ({run.get('instances', 91)} instances)"
 
 
 def render(doc: dict) -> str:
@@ -245,7 +279,7 @@ def render(doc: dict) -> str:
             f"## Run {k + 1}{when}", "",
             f"Command: `{run['command']}`", "",
             f"{run['machine']}, {run['cpus']} CPUs, torch {run['torch']} with {run['threads']} threads, CPU; model "
-            f"{run['model']}; {run['repeats']} repetitions. Load average at start {run['load_start']}, at end "
+            f"{run['model']}; study {_study(run)}; {run['repeats']} repetitions. Load average at start {run['load_start']}, at end "
             f"{run['load_end']}." + (f" {run['note']}" if run.get("note") else ""), "",
             "| TTA | segment alone s (read + predict + write SEG) | DICOMweb round trip s (pull + segment + STOW) | pull s | segment s | STOW s | overhead | DIMSE C-FIND + C-GET + segment + C-STORE s | overhead | DIMSE C-FIND + C-MOVE + segment + C-STORE s | overhead | DIMSE node s (C-STORE in, segment, C-STORE SEG out; settle excluded) | overhead |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -274,8 +308,10 @@ def render(doc: dict) -> str:
                          f"{', '.join(f'{x:.2f}' for x in r['runs_node'])}")
         lines.append("")
     lines += ["## Against the goal (from the tables above)", ""]
-    for tta in dict.fromkeys(r["tta"] for run in doc["runs"] for r in run["rows"]):
-        got = [(k + 1, r) for k, run in enumerate(doc["runs"]) for r in run["rows"] if r["tta"] == tta]
+    for study, tta in dict.fromkeys((_study(run), r["tta"]) for run in doc["runs"] for r in run["rows"]):
+        got = [(k + 1, r) for k, run in enumerate(doc["runs"]) for r in run["rows"]
+               if r["tta"] == tta and _study(run) == study]
+        tta = f"{tta}, {study}"
         qr = "".join(f"; DIMSE {name} " + ", ".join(f"{_overhead(r, key):+.0f}% (run {k})" for k, r in got if key in r)
                      for name, key in (("C-GET", "get"), ("C-MOVE", "move")) if any(key in r for _, r in got))
         node = "; DIMSE node " + ", ".join(f"{_overhead(r, 'node'):+.0f}% (run {k})" for k, r in got) + "."
