@@ -231,12 +231,15 @@ class PacsClient:
         return sorted(out, key=lambda s: s.study_date, reverse=True)
 
     def search_series(self, study_uid: str) -> list[SeriesSummary]:
-        """Series of one study (QIDO-RS); PacsError when the PACS does not have the study."""
-        if not self.search_studies(limit=1, filters={"StudyInstanceUID": study_uid}):
-            raise PacsError(f"PACS {self.config.url} has no study {study_uid}; check the Study Instance UID"
-                            " (list studies in the web UI's Browse PACS, or with QIDO)")
+        """Series of one study (QIDO-RS); PacsError when the PACS does not have the study.
+
+        One request when the study is there; only an empty answer asks whether the study exists (a
+        study without series is not refused as missing)."""
         items = self._call("searching series", self._client.search_for_series, study_uid,
                            fields=["NumberOfSeriesRelatedInstances", "SeriesDescription"], study_uid=study_uid)
+        if not items and not self.search_studies(limit=1, filters={"StudyInstanceUID": study_uid}):
+            raise PacsError(f"PACS {self.config.url} has no study {study_uid}; check the Study Instance UID"
+                            " (list studies in the web UI's Browse PACS, or with QIDO)")
         return [
             SeriesSummary(series_uid=str(_value(it, "0020000E")), modality=str(_value(it, "00080060")),
                           description=str(_value(it, "0008103E")), number=_int(it, "00200011"),
