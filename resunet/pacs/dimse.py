@@ -246,9 +246,38 @@ def storage_contexts(sop_classes: tuple[str, ...] | None = None) -> list[Any]:
             from pynetdicom.sop_class import Verification
 
             uids = sop_classes if sop_classes is not None else [cx.abstract_syntax for cx in AllStoragePresentationContexts]
-            _STORAGE_CONTEXTS[sop_classes] = [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in uids] + [
-                build_context(Verification)]
+            built = [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in uids] + [build_context(Verification)]
+            for cx in built:
+                cx.__class__ = _cheap_copy_context_class()
+            _STORAGE_CONTEXTS[sop_classes] = built
         return _STORAGE_CONTEXTS[sop_classes]
+
+
+_CHEAP_COPY: list[type] = []
+
+
+def _cheap_copy_context_class() -> type:
+    """pynetdicom's PresentationContext with a fast ``__deepcopy__``.
+
+    pynetdicom deep-copies an acceptor's supported contexts for every association it accepts
+    (``RequestHandler._create_association``): 0.12 s for the 171 storage classes at load 7 on 2 cores,
+    paid by every C-MOVE retrieve and every association to the DICOM node before its first instance.
+    A context holds plain values (ints, bools, None), immutable UIDs and one list of transfer-syntax
+    UIDs, so a copy of its ``__dict__`` with a new list is the same deep copy. Written by hand because
+    pynetdicom has no setting for it; the class is made once, on first use (pynetdicom is imported late).
+    """
+    if not _CHEAP_COPY:
+        from pynetdicom.presentation import PresentationContext
+
+        class _Context(PresentationContext):
+            def __deepcopy__(self, memo: dict) -> "_Context":
+                new = object.__new__(type(self))
+                new.__dict__.update(self.__dict__)
+                new._transfer_syntax = list(self._transfer_syntax)
+                return new
+
+        _CHEAP_COPY.append(_Context)
+    return _CHEAP_COPY[0]
 
 
 #: seconds between the checks of a listener's accept loop for a stop request (socketserver's default: 0.5)
