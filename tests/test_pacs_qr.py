@@ -603,3 +603,45 @@ def test_predict_routes_each_pulled_series_to_its_rule_and_stores_its_seg(tmp_pa
             assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == mr_series  # the MR series' SEG
     finally:
         server.stop()
+
+
+def test_the_series_of_a_study_are_retrieved_in_parallel_and_arrive_whole(tmp_path):
+    """Issue 23 point 2: a study of several series is retrieved with several associations in flight
+    (QueryConfig.parallel), by C-GET and by C-MOVE, and what arrives is what one association at a time
+    brings: every instance, byte for byte, each series counted."""
+    move_port = free_port()
+    files = []
+    series_uids = []
+    for k in range(3):  # the example MR series and two copies as other series, 91 instances each
+        uid = pydicom.uid.generate_uid() if k else None
+        for f in sorted(EXAMPLE_DICOM.glob("*.dcm")):
+            if uid is None:
+                files.append(f)
+                continue
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, pydicom.uid.generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            out = tmp_path / f"copy{k}" / f.name
+            out.parent.mkdir(exist_ok=True)
+            ds.save_as(out, enforce_file_format=True)
+            files.append(out)
+        series_uids.append(uid or str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    server = start_orthanc(tmp_path / "orthanc", {"resunetqr": ("RESUNETQR", "127.0.0.1", move_port)})
+    try:
+        server.upload(files)
+        src = DimseSource.parse(f"dimse://{ORTHANC_AET}@127.0.0.1:{server.port}")
+        for method in ("get", "move"):
+            got = {}
+            for parallel in (1, 3):
+                cfg = QueryConfig(calling_aet="RESUNETQR", method=method, move_port=move_port, parallel=parallel)
+                held = retrieve_study(src, cfg, study, None)
+                assert held.received == {uid: 91 for uid in series_uids}, (method, parallel)
+                got[parallel] = dict(held.study.files)
+            assert len(got[3]) == 273 and got[3] == got[1], method
+    finally:
+        server.stop()
+    from resunet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel retrieves must be 1 or more"):
+        QueryConfig(parallel=0)

@@ -74,6 +74,7 @@ class QueryConfig:
         timeout: seconds for the association, each DIMSE answer and network silence.
         tls_ca: CA file that signed the archive's certificate (TLS).
         tls_cert, tls_key: our certificate and key, when the archive checks clients (TLS).
+        parallel: series of a study retrieved at once, one association each (1: one after the other).
     """
 
     calling_aet: str = "RESUNET"
@@ -84,8 +85,11 @@ class QueryConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    parallel: int = 3
 
     def __post_init__(self) -> None:
+        if int(self.parallel) < 1:
+            raise ConfigError(f"parallel retrieves must be 1 or more; got {self.parallel}")
         if self.method not in ("get", "move"):
             raise ConfigError(f"retrieve method {self.method!r}: use get (C-GET) or move (C-MOVE)")
         if self.method == "move" and not 0 < int(self.move_port) < 65536:
@@ -429,13 +433,14 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
                                contexts=storage_contexts(RETRIEVE_STORAGE))
         except OSError as err:
             raise PacsError(f"cannot listen on {cfg.move_host}:{cfg.move_port} for the C-MOVE ({err.strerror or err})") from None
-        ae.add_requested_context(MOVE)
-        assoc_kwargs = {"evt_handlers": tcp_handlers()}
+        assoc_kwargs = {"evt_handlers": tcp_handlers(), "contexts": [build_context(MOVE)]}
         model = MOVE
     ctx = cfg.ssl_context(source)
     if ctx is not None:
         assoc_kwargs["tls_args"] = (ctx, source.host)
-    try:
+
+    def one(batch: Sequence[SeriesMatch], ae: Any) -> None:
+        """One association: C-GET/C-MOVE each series of ``batch`` in turn, each checked complete."""
         try:
             assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, **assoc_kwargs)
         except (OSError, ssl.SSLError) as err:
@@ -447,7 +452,7 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
             raise PacsError(f"DICOM archive {source} rejected the {'C-GET' if cfg.method == 'get' else 'C-MOVE'} "
                             f"association (check that it knows our AE title {cfg.calling_aet!r})")
         try:
-            for s in todo:
+            for s in batch:
                 q = Dataset()
                 q.QueryRetrieveLevel = "SERIES"
                 q.StudyInstanceUID = study_uid
@@ -461,6 +466,23 @@ def retrieve_study(source: DimseSource, cfg: QueryConfig, study_uid: str, folder
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    try:
+        if len(todo) > 1 and cfg.parallel > 1:
+            # several retrieves in flight, one association each (a series' sub-operations are one at a
+            # time on an association, so the archive's and our per-instance waits overlap across series);
+            # the largest series first, the others dealt round-robin
+            from concurrent.futures import ThreadPoolExecutor
+
+            ranked = sorted(todo, key=lambda s: -(s.n_instances or 0))
+            n = min(cfg.parallel, len(ranked))
+            batches = [ranked[k::n] for k in range(n)]
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="resunet-retrieve") as pool:
+                futures = [pool.submit(one, b, ae if k == 0 else _ae(cfg)) for k, b in enumerate(batches)]
+                for f in futures:
+                    f.result()
+        else:
+            one(todo, ae)
         if server is not None:  # C-MOVE: the archive's own association may still be finishing
             deadline = time.monotonic() + cfg.timeout
             while time.monotonic() < deadline and any(
