@@ -3,7 +3,8 @@ enhanced multi-frame file, gives the same voxels as SimpleITK (GDCM) and, when l
 that were encoded (issue 23 point 1).
 
 The series have 30 slices, above ``MIN_FILES_FOR_PROCESSES``, so the files are decoded in worker
-processes; the multi-frame file is cut into frame ranges decoded in parallel. Files are encoded by
+processes (JPEG lossless: in threads of this process, tests/test_io_jpeg_lossless.py); the
+multi-frame file is cut into frame ranges decoded in parallel. Files are encoded by
 pydicom's encoders (JPEG 2000, JPEG-LS, RLE, deflate) and by GDCM (python-gdcm) for the JPEG
 processes pydicom cannot encode (lossless 14 and SV1, baseline). JPEG extended (12-bit) has no
 encoder here that writes a valid stream; the pydicom-data file JPGExtended.dcm covers it in
@@ -217,22 +218,37 @@ def test_fastest_kept_decoder_is_chosen_per_syntax():
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from resunet.dicom_decode import enter_worker, plugin_order
+    from resunet.dicom_decode import decodes_in_threads, enter_worker, plugin_order, prefers_worker_processes
 
-    # in decode workers: python-gdcm (a dependency) for JPEG lossless, and only as the first choice
+    # JPEG lossless: imagecodecs (libjpeg-turbo; releases the GIL) everywhere, decoded by threads here
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=enter_worker) as pool:
-        assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "gdcm"
-        assert pool.submit(_worker_order, JPEGLossless).result()[0] == "gdcm"
+        assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "imagecodecs"
+        assert pool.submit(_worker_order, JPEGLossless).result()[0] == "imagecodecs"
         assert "gdcm" not in pool.submit(_worker_order, JPEG2000Lossless).result()
     # in this process never GDCM: it aborts the process on a damaged JPEG 2000 stream
     assert "gdcm" not in plugin_order(JPEG2000Lossless) + plugin_order(JPEGLossless) + plugin_order(JPEGBaseline8Bit)
-    assert decoder_plugin(JPEGLosslessSV1) == decoder_plugin(JPEGLossless) == "pylibjpeg"
+    assert plugin_order(JPEGLosslessSV1) == plugin_order(JPEGLossless) == ["imagecodecs", "pylibjpeg"]
+    assert decodes_in_threads(JPEGLosslessSV1) and decodes_in_threads(JPEGLossless)
+    assert not prefers_worker_processes(JPEGLossless) and not decodes_in_threads(JPEGLSLossless)
     assert decoder_plugin(JPEG2000Lossless) == decoder_plugin(JPEG2000) == "pylibjpeg"
     assert decoder_plugin(JPEGLSLossless) == decoder_plugin(JPEGLSNearLossless) == "pyjpegls"
     assert decoder_plugin(JPEGBaseline8Bit) == "pillow"
     assert decoder_plugin(RLELossless) == "pylibjpeg"
     assert decoder_plugin(ExplicitVRLittleEndian) == ""
-    assert set(PREFERRED_PLUGIN.values()) <= {"gdcm", "pyjpegls", "pillow", "pylibjpeg"}
+    assert set(PREFERRED_PLUGIN.values()) <= {"imagecodecs", "pyjpegls", "pillow", "pylibjpeg"}
+
+
+def test_without_imagecodecs_jpeg_lossless_goes_to_gdcm_in_worker_processes(monkeypatch):
+    """Where the first choice is not installed (here: renamed to a plugin pydicom does not have), GDCM
+    decodes JPEG lossless in worker processes, and this process falls back to pylibjpeg-libjpeg."""
+    import resunet.dicom_decode as dd
+
+    monkeypatch.setitem(dd.PREFERRED_PLUGIN, str(JPEGLossless), "not-installed")
+    assert dd.prefers_worker_processes(JPEGLossless) and not dd.decodes_in_threads(JPEGLossless)
+    assert dd.plugin_order(JPEGLossless)[0] == "pylibjpeg" and "gdcm" not in dd.plugin_order(JPEGLossless)
+    monkeypatch.setattr(dd, "_in_worker", True)
+    assert dd.plugin_order(JPEGLossless)[0] == "gdcm"
+    assert dd.plugin_order(JPEGLosslessSV1)[0] == "imagecodecs"  # untouched
 
 
 def test_damaged_file_decoded_by_a_worker_is_a_one_line_error(tmp_path, monkeypatch):
@@ -373,13 +389,13 @@ if __name__ == "__main__":
 
 
 def test_decode_workers_do_not_import_the_main_script(tmp_path):
-    """A JPEG lossless series is decoded in worker processes only (GDCM); they must not run the program's
+    """A JPEG-LS series is decoded in worker processes beside this one; they must not run the program's
     main script (the resunet console script imports the whole CLI, a benchmark SimpleITK: ~1 s each)."""
     import os
     import subprocess
     import sys
 
-    values = write_series(tmp_path / "s", "jpeg-lossless-sv1")
+    values = write_series(tmp_path / "s", "jls-lossless")
     script, marks = tmp_path / "main_script.py", tmp_path / "imports.txt"
     script.write_text(MAIN_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}

@@ -6,8 +6,10 @@
   BitsAllocated) are cleared or sign-extended exactly as pydicom does.
 - Everything else (JPEG, JPEG-LS, JPEG 2000, RLE, deflated, big endian, float pixel data, 1-bit)
   is decoded by pydicom with the fastest plugin per transfer syntax
-  (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: python-gdcm, pyjpegls, Pillow, pylibjpeg). These
-  decoders hold the GIL, so with many frames they run in worker processes (``forkserver``: safe in
+  (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: imagecodecs, pyjpegls, Pillow, pylibjpeg).
+  JPEG lossless (imagecodecs' libjpeg-turbo releases the GIL) is decoded by threads in this process,
+  ``RESUNET_DICOM_WORKERS`` of them (default: the CPU count, at most 8), frames of a multi-frame file
+  in ranges. The other decoders hold the GIL, so with many frames they run in worker processes (``forkserver``: safe in
   threaded programs such as the web app), ``RESUNET_DICOM_WORKERS`` of them (default: the CPU
   count, at most 8; ``1`` decodes in this process): files are spread over the processes, and the
   frames of a multi-frame (enhanced) file are cut into ranges decoded in parallel. Where processes
@@ -34,10 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from resunet.dicom_decode import (
-    IN_PROCESS_PLUGIN,
     EncapsulatedPixels,
     decode_job,
+    decodes_in_threads,
     enter_worker,
+    prefers_worker_processes,
     worker_ready,
 )
 from resunet.errors import InputError
@@ -202,6 +205,37 @@ def workers_for(n_files: int) -> int:
     if n_files < MIN_FILES_FOR_PROCESSES:
         return 1
     return max(1, min(os.cpu_count() or 1, 8, n_files))
+
+
+def threads_for(n_frames: int) -> int:
+    """How many threads decode ``n_frames`` frames whose decoder releases the GIL (1: this thread):
+    ``RESUNET_DICOM_WORKERS`` if set, else the CPU count, at most 8 (threads cost no start-up)."""
+    env = os.environ.get("RESUNET_DICOM_WORKERS", "").strip()
+    wanted = 0
+    if env:
+        try:
+            wanted = int(env)
+        except ValueError:
+            log.warning("RESUNET_DICOM_WORKERS=%r is not a number; using the default", env)
+    if wanted <= 0:
+        wanted = min(os.cpu_count() or 1, 8)
+    return max(1, min(wanted, n_frames))
+
+
+def _decode_in_threads(jobs: Sequence[tuple], threads: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode ``jobs`` in ``threads`` threads of this process (decoders that release the GIL); yields
+    ``(index, array)`` in index order. The first InputError (a damaged file) is raised."""
+    if threads <= 1 or len(jobs) <= 1:
+        for i in range(len(jobs)):
+            yield i, decode_job(jobs[i])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="resunet-decode") as pool:
+        try:
+            yield from enumerate(pool.map(decode_job, jobs))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 _MAIN_LOCK = threading.Lock()
@@ -427,8 +461,14 @@ def read_pixels(sources: Sequence[PixelSource], out: np.ndarray, plane_of: Seque
     decoded += [n for n, good in zip(native, ok) if not good]
     decoded.sort()
     if decoded:
+        if all(decodes_in_threads(sources[n].transfer_syntax) for n in decoded):
+            n_frames = sum(max(1, sources[n].n_frames) for n in decoded)
+            threads = threads_for(n_frames)
+            jobs, owner, _ = _decode_jobs(sources, decoded, threads)
+            _collect(_decode_in_threads(jobs, threads), jobs, owner, sources, plane_of, out, None)
+            return decoded
         jobs, owner, n_frames = _decode_jobs(sources, decoded)
-        workers_only = any(sources[n].transfer_syntax in IN_PROCESS_PLUGIN for n in decoded)
+        workers_only = any(prefers_worker_processes(sources[n].transfer_syntax) for n in decoded)
         with _shared_volume(out, workers_for(n_frames) > 1) as shared:
             if shared is not None:  # worker processes write their frames straight into it
                 name = shared[0]
@@ -509,14 +549,16 @@ def _collect(results: Iterator[tuple[int, np.ndarray | None]], jobs: Sequence[tu
                 out[k] = arr[f]
 
 
-def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int]) -> tuple[list[tuple], list[tuple[int, int]], int]:
+def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int],
+                 workers: int | None = None) -> tuple[list[tuple], list[tuple[int, int]], int]:
     """The decode jobs of ``decoded`` sources: one ``(path, source)`` per file, and a multi-frame file cut
-    into ``(path, source, range)`` jobs when it would otherwise keep the other processes idle.
+    into ``(path, source, range)`` jobs when it would otherwise keep the other processes (or threads:
+    ``workers``, default :func:`workers_for` of the frame count) idle.
 
     Returns (jobs, (source index, first frame) per job, total frames).
     """
     n_frames = sum(max(1, sources[n].n_frames) for n in decoded)
-    workers = workers_for(n_frames)
+    workers = workers_for(n_frames) if workers is None else workers
     jobs: list[tuple] = []
     owner: list[tuple[int, int]] = []
     for n in decoded:
