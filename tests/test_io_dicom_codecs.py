@@ -455,3 +455,57 @@ def test_the_shared_volume_is_private_removed_after_the_read_and_its_views_stay_
     assert int(kept.sum()) == 7 * SIZE * SIZE  # a view that outlives the block still reads (no unmapped memory)
     with _shared_volume(out, False) as nothing:
         assert nothing is None
+
+
+def test_deflated_header_is_read_by_inflating_only_the_start_and_equals_pydicoms(tmp_path, monkeypatch):
+    """The scan of a deflated file inflates the data set only up to its pixel data (pydicom would
+    inflate it all, and the decode inflates it again); the header equals pydicom's, from the file and
+    from its bytes in memory, and a damaged deflate stream gets pydicom's own error."""
+    import zlib
+
+    import resunet.io.dicom_headers as dh
+    from pydicom.data import get_testdata_file
+
+    write_series(tmp_path / "s", "deflate")
+    big = tmp_path / "big.dcm"  # 512x512 noise: its pixel data is many inflate steps long
+    noise = np.random.default_rng(3).integers(-1000, 2000, (512, 512)).astype(np.int16)
+    ds = base_dataset(0, noise, (generate_uid(), generate_uid(), generate_uid()))
+    ds.Rows = ds.Columns = 512
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(big, enforce_file_format=True)
+    paths = sorted((tmp_path / "s").iterdir()) + [Path(get_testdata_file("image_dfl.dcm")), big]
+    inflated: list[int] = []
+    real = zlib.decompressobj
+
+    class Counting:  # counts what the scan inflates (zlib itself does the work)
+        def __init__(self, *args):
+            self._d = real(*args)
+
+        def decompress(self, data):
+            out = self._d.decompress(data)
+            inflated.append(len(out))
+            return out
+
+        def flush(self):
+            return self._d.flush()
+
+    monkeypatch.setattr(zlib, "decompressobj", Counting)
+    for path in paths:
+        inflated.clear()
+        ds, offset = dh.read_header(path)
+        ref = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds == ref and ds.file_meta == ref.file_meta and offset is None
+        assert ds.original_encoding == ref.original_encoding and ds.preamble == ref.preamble
+        if path == big:
+            assert 0 < sum(inflated) < noise.nbytes / 4  # not the whole pixel data
+        assert dh.read_header(path.name, data=path.read_bytes())[0] == ref
+    vol = load_study(tmp_path / "s")
+    assert np.array_equal(np.asarray(vol.array).transpose(2, 1, 0), stored_values(16))
+    broken = paths[0]
+    data = broken.read_bytes()
+    broken.write_bytes(data[:400] + bytes(200) + data[600:])  # the deflate stream damaged
+    monkeypatch.setattr(zlib, "decompressobj", real)
+    with pytest.raises(zlib.error):  # as pydicom's read raises: the scan leaves the file aside as corrupt
+        pydicom.dcmread(broken, stop_before_pixels=True)
+    with pytest.raises(zlib.error):
+        dh.read_header(broken)
