@@ -499,6 +499,9 @@ def test_deflated_header_is_read_by_inflating_only_the_start_and_equals_pydicoms
         if path == big:
             assert 0 < sum(inflated) < noise.nbytes / 4  # not the whole pixel data
         assert dh.read_header(path.name, data=path.read_bytes())[0] == ref
+    from resunet.dicom_decode import decodes_in_threads
+
+    assert decodes_in_threads(DeflatedExplicitVRLittleEndian)  # zlib inflates without the GIL
     vol = load_study(tmp_path / "s")
     assert np.array_equal(np.asarray(vol.array).transpose(2, 1, 0), stored_values(16))
     broken = paths[0]
