@@ -47,24 +47,27 @@ def read_full(path: str | Path | bytes) -> Dataset:
 #:   JPEG lossless SV1 / proc. 14 imagecodecs (libjpeg-turbo 3) 1.6-2.0 (any predictor, 8-16 bits)
 #:                                gdcm 4.2 / 6.9   pylibjpeg-libjpeg 8.1 / 12.0
 #:   JPEG 2000 lossless / lossy   pylibjpeg-openjpeg 16.6 / 11.1   gdcm 19.4 / 9.6 (no gain: not used)
-#:   JPEG-LS lossless / near      pyjpegls (CharLS) 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg-libjpeg 30 / 34
+#:   JPEG-LS lossless / near      imagecodecs (CharLS 2.4.3) 4.3 / 3.4 vs pyjpegls (CharLS) 4.3 / 4.9 at load
+#:                                6.7 (earlier, idle: pyjpegls 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg 30 / 34);
+#:                                imagecodecs for its threads: 300 slices 1.8-4.1 s vs 3.1-4.4 s in processes
 #:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1
 #:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
 #:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
 #: imagecodecs releases the GIL while it decodes (resunet.dicom_imagecodecs, registered below), so JPEG
-#: lossless is decoded by threads in the calling process. None of the other JPEG decoders releases
+#: lossless and JPEG-LS are decoded by threads in the calling process. None of the other JPEG decoders releases
 #: it (their extension modules never call PyEval_SaveThread; pylibjpeg-rle does), so
 #: resunet.io.dicom_pixels decodes those in processes.
 PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.57": "imagecodecs", "1.2.840.10008.1.2.4.70": "imagecodecs",
     "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg",
-    "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.4.80": "imagecodecs", "1.2.840.10008.1.2.4.81": "imagecodecs",
     "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
-#: the first choice where PREFERRED_PLUGIN's is not installed (imagecodecs missing: GDCM, the next
-#: fastest, in decode worker processes)
-SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm"}
+#: the first choice where PREFERRED_PLUGIN's is not installed (imagecodecs missing: for JPEG lossless
+#: GDCM, the next fastest, in decode worker processes; for JPEG-LS pyjpegls)
+SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
+                 "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
 #: plugins that release the GIL while they decode: their files are decoded by threads in this process
 GIL_FREE_PLUGINS = frozenset({"imagecodecs"})
 #: syntaxes pydicom decodes itself mostly without the GIL: deflated data sets (zlib inflates with the

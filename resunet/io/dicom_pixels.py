@@ -6,8 +6,9 @@
   BitsAllocated) are cleared or sign-extended exactly as pydicom does.
 - Everything else (JPEG, JPEG-LS, JPEG 2000, RLE, deflated, big endian, float pixel data, 1-bit)
   is decoded by pydicom with the fastest plugin per transfer syntax
-  (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: imagecodecs, pyjpegls, Pillow, pylibjpeg).
-  JPEG lossless (imagecodecs' libjpeg-turbo releases the GIL) and deflated files (zlib releases it)
+  (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: imagecodecs, Pillow, pylibjpeg).
+  JPEG lossless and JPEG-LS (imagecodecs' libjpeg-turbo and CharLS release the GIL) and deflated
+  files (zlib releases it)
   are decoded by threads in this process,
   ``RESUNET_DICOM_WORKERS`` of them (default: the CPU count, at most 8), frames of a multi-frame file
   in ranges. The other decoders hold the GIL, so with many frames they run in worker processes (``forkserver``: safe in
