@@ -42,32 +42,36 @@ def read_full(path: str | Path | bytes) -> Dataset:
 
 #: the pydicom decoder plugin tried first per transfer syntax (then the other installed ones, in
 #: pydicom's order). Chosen by the fastest equal-to-SimpleITK decode of a 512x512 int16 CT frame of
-#: bench/io_read_speed.py's series, a fresh dcmread per decode, plugins alternating, 8 each (ms, min;
-#: bench/results/io_decoders.md):
-#:   JPEG lossless SV1 / proc. 14 imagecodecs (libjpeg-turbo 3) 1.6-2.0 (any predictor, 8-16 bits)
-#:                                gdcm 4.2 / 6.9   pylibjpeg-libjpeg 8.1 / 12.0
-#:   JPEG 2000 lossless / lossy   pylibjpeg-openjpeg 16.6 / 11.1   gdcm 19.4 / 9.6 (no gain: not used)
-#:   JPEG-LS lossless / near      imagecodecs (CharLS 2.4.3) 4.3 / 3.4 vs pyjpegls (CharLS) 4.3 / 4.9 at load
-#:                                6.7 (earlier, idle: pyjpegls 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg 30 / 34);
-#:                                imagecodecs for its threads: 300 slices 1.8-4.1 s vs 3.1-4.4 s in processes
-#:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1
+#: bench/io_read_speed.py's series, a fresh dcmread per decode, plugins alternating (ms, min;
+#: bench/results/io_decoders.md), and, where a plugin releases the GIL (imagecodecs: its files are
+#: decoded by threads of the reading process, no worker processes), by whole 300-slice series read
+#: both ways, alternating in one process (s, load 7-8):
+#:   JPEG lossless SV1 / proc. 14 imagecodecs (libjpeg-turbo 3) 2.5-2.6 (load 6.4-6.8; any predictor,
+#:                                8-16 bits)   gdcm 6.0 / 8.8   pylibjpeg-libjpeg 15.7 / 24.0 (same run)
+#:   JPEG 2000 lossless           imagecodecs (OpenJPEG) 20.1 vs pylibjpeg-openjpeg 21.5 (load 6.5);
+#:                                series 7.1-11.1 s in threads vs 7.8-13.2 s in processes (3 of 3)
+#:   JPEG 2000 lossy              pylibjpeg-openjpeg 14.0 vs imagecodecs 13.9 (earlier, idle: 11.1; gdcm 9.6)
+#:   JPEG-LS lossless / near      imagecodecs (CharLS 2.4.3) 4.3 / 3.4 vs pyjpegls (CharLS) 4.3 / 4.9 (load
+#:                                6.7); series 1.8-4.1 s in threads vs 3.1-4.4 s in processes (6 of 6)
+#:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1 (imagecodecs 0.6, the codec
+#:                                alone: not switched, about 1 ms a frame either way)
 #:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
 #:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
-#: imagecodecs releases the GIL while it decodes (resunet.dicom_imagecodecs, registered below), so JPEG
-#: lossless and JPEG-LS are decoded by threads in the calling process. None of the other JPEG decoders releases
-#: it (their extension modules never call PyEval_SaveThread; pylibjpeg-rle does), so
-#: resunet.io.dicom_pixels decodes those in processes.
+#: imagecodecs releases the GIL while it decodes (resunet.dicom_imagecodecs, registered below). None of
+#: the other JPEG decoders does (their extension modules never call PyEval_SaveThread; pylibjpeg-rle
+#: does), so resunet.io.dicom_pixels decodes those in processes.
 PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.57": "imagecodecs", "1.2.840.10008.1.2.4.70": "imagecodecs",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg",
+    "1.2.840.10008.1.2.4.90": "imagecodecs", "1.2.840.10008.1.2.4.91": "pylibjpeg",
     "1.2.840.10008.1.2.4.80": "imagecodecs", "1.2.840.10008.1.2.4.81": "imagecodecs",
     "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
 #: the first choice where PREFERRED_PLUGIN's is not installed (imagecodecs missing: for JPEG lossless
-#: GDCM, the next fastest, in decode worker processes; for JPEG-LS pyjpegls)
+#: GDCM, the next fastest, in decode worker processes; for JPEG-LS pyjpegls; JPEG 2000 pylibjpeg)
 SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
-                 "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+                 "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
+                 "1.2.840.10008.1.2.4.90": "pylibjpeg"}
 #: plugins that release the GIL while they decode: their files are decoded by threads in this process
 GIL_FREE_PLUGINS = frozenset({"imagecodecs"})
 #: syntaxes pydicom decodes itself mostly without the GIL: deflated data sets (zlib inflates with the
@@ -130,7 +134,8 @@ def plugin_order(ts: str) -> list[str]:
     if not available:
         return []
     first = _first_choice(ts, available, _in_worker)
-    order = ([first] if first in available else []) + [p for p in available if p != first]
+    head = [p for p in dict.fromkeys([first, SECOND_PLUGIN.get(ts)]) if p in available]  # the next fastest second
+    order = head + [p for p in available if p not in head]
     # a crash-prone plugin only as a worker's first choice, never as anyone's fallback
     return [p for k, p in enumerate(order) if p not in PROCESS_KILLING_PLUGINS or (_in_worker and k == 0)]
 

@@ -37,8 +37,11 @@ DECODER_DEPENDENCIES = {
     uid.JPEGLosslessSV1: ("numpy", "imagecodecs>=2024.1.1"),
     uid.JPEGLSLossless: ("numpy", "imagecodecs>=2024.1.1"),
     uid.JPEGLSNearLossless: ("numpy", "imagecodecs>=2024.1.1"),
+    uid.JPEG2000Lossless: ("numpy", "imagecodecs>=2024.1.1"),
+    uid.JPEG2000: ("numpy", "imagecodecs>=2024.1.1"),
 }
 _JPEG_LS = (uid.JPEGLSLossless, uid.JPEGLSNearLossless)
+_JPEG_2000 = (uid.JPEG2000Lossless, uid.JPEG2000)
 
 
 def _libjpeg_turbo_version() -> tuple[int, ...]:
@@ -60,12 +63,13 @@ def _libjpeg_turbo_version() -> tuple[int, ...]:
 def is_available(uid_: str) -> bool:
     """True if imagecodecs is installed with a libjpeg-turbo that decodes lossless JPEG (3.0 or later),
     or, for JPEG-LS, with its CharLS codec."""
-    if uid_ in _JPEG_LS:
+    if uid_ in _JPEG_LS or uid_ in _JPEG_2000:
         try:
             import imagecodecs
         except ImportError:
             return False
-        return bool(getattr(getattr(imagecodecs, "JPEGLS", None), "available", False))
+        codec = "JPEGLS" if uid_ in _JPEG_LS else "JPEG2K"
+        return bool(getattr(getattr(imagecodecs, codec, None), "available", False))
     return uid_ in DECODER_DEPENDENCIES and _libjpeg_turbo_version() >= (3, 0)
 
 
@@ -119,6 +123,8 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
     """
     if runner.transfer_syntax in _JPEG_LS:
         return _decode_jpeg_ls(src, runner)
+    if runner.transfer_syntax in _JPEG_2000:
+        return _decode_jpeg_2000(src, runner)
     from imagecodecs import jpeg8_decode
 
     precision, rows, cols, components, _predictor, point_transform = frame_parameters(src)
@@ -150,6 +156,25 @@ def _decode_jpeg_ls(src: bytes, runner: DecodeRunner) -> bytes:
     if arr.shape != (runner.rows, runner.columns):
         raise ValueError(f"the JPEG-LS frame is {arr.shape[0]}x{arr.shape[1]}, the data set says {runner.rows}x{runner.columns}")
     runner.set_option("bits_allocated", 8 * arr.dtype.itemsize)
+    return arr.tobytes()
+
+
+def _decode_jpeg_2000(src: bytes, runner: DecodeRunner) -> bytes:
+    """A JPEG 2000 frame through imagecodecs' OpenJPEG, as pydicom's pylibjpeg-openjpeg plugin returns
+    it: the values in a container of the codestream's precision (signed if the codestream is; pydicom
+    corrects a sign that differs from PixelRepresentation)."""
+    from imagecodecs import jpeg2k_decode
+
+    if runner.samples_per_pixel != 1:
+        raise NotImplementedError("imagecodecs plugin: greyscale (one component) JPEG 2000 only")
+    arr = jpeg2k_decode(src)  # releases the GIL while it decodes
+    if arr.shape != (runner.rows, runner.columns):
+        raise ValueError(f"the JPEG 2000 frame has shape {arr.shape}, the data set says {runner.rows}x{runner.columns}")
+    precision = runner.get_option("j2k_precision", runner.bits_stored)
+    bits = 8 if precision <= 8 else 16 if precision <= 16 else 32
+    if arr.dtype.itemsize * 8 != bits:
+        arr = arr.astype(f"{arr.dtype.kind}{bits // 8}")
+    runner.set_option("bits_allocated", bits)
     return arr.tobytes()
 
 
