@@ -1,20 +1,25 @@
-"""A pydicom decoder plugin for JPEG lossless (process 14 and its selection value 1) and JPEG-LS on
-imagecodecs.
+"""A pydicom decoder plugin on imagecodecs for JPEG lossless (process 14 and its selection value 1),
+JPEG-LS and JPEG 2000 (greyscale).
 
 imagecodecs' ``jpeg8_decode`` wraps libjpeg-turbo 3, which decodes lossless JPEG (SOF3, predictors
 1-7, 2-16 bits) and, unlike GDCM and pylibjpeg-libjpeg, releases the GIL while it decodes: frames can
 be decoded by threads in the calling process, with no worker processes to start, no pipe to cross,
-and no abort on a damaged stream (it raises ``RuntimeError``). Measured on a 512x512 16-bit CT frame
-(bench/results/io_decoders.md): 1.6-2.0 ms against GDCM 4.2 and pylibjpeg-libjpeg 8.1.
+and no abort on a damaged stream (it raises ``imagecodecs.Jpeg8Error``). Measured on a 512x512 16-bit
+CT frame (bench/results/io_decoders.md, load 6-7): the codec 1.5-3.1 ms for every predictor and depth;
+a file's whole ``pixel_array`` 2.5-2.6 ms against GDCM 6.0-8.8 and pylibjpeg-libjpeg 15.7-24.0.
 
 JPEG-LS goes through imagecodecs' CharLS (the codec pyjpegls wraps too, about as fast a frame), which
 releases the GIL as well: 300 slices read in threads in 1.8-4.1 s against 3.1-4.4 s in worker
 processes with pyjpegls (load 7-8, alternating in one process).
 
+JPEG 2000 goes through imagecodecs' OpenJPEG (the library pylibjpeg-openjpeg wraps): lossless 300
+slices in threads 7.1-11.1 s against 7.8-13.2 s in processes; resunet prefers it for lossless only.
+
 Registered with pydicom's decoders for these syntaxes by :func:`register` (pydicom 3's
 ``Decoder.add_plugin``, label ``"imagecodecs"``), so pydicom does the rest of the processing (unused
 bits, sign) as for its own plugins. What this plugin does not handle it refuses with an exception, and
-pydicom's next plugin (pylibjpeg-libjpeg) decodes the frame: colour (more than one component), a point
+resunet's next plugin (:func:`resunet.dicom_decode.plugin_order`: pylibjpeg-libjpeg, pyjpegls,
+pylibjpeg-openjpeg) decodes the file: colour (more than one component), a lossless JPEG point
 transform other than 0 (not tested against a reference here), a frame whose size or precision is not
 what the data set says.
 """
@@ -119,7 +124,7 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
     Raises:
         NotImplementedError: what this plugin leaves to the next one (colour, point transform).
         ValueError: the frame is not what the data set says (size, precision).
-        RuntimeError: libjpeg-turbo cannot decode the stream (damaged, truncated).
+        imagecodecs.Jpeg8Error (JpeglsError, Jpeg2kError): the codec cannot decode the stream (damaged).
     """
     if runner.transfer_syntax in _JPEG_LS:
         return _decode_jpeg_ls(src, runner)

@@ -516,3 +516,24 @@ def test_deflated_header_is_read_by_inflating_only_the_start_and_equals_pydicoms
         pydicom.dcmread(broken, stop_before_pixels=True)
     with pytest.raises(zlib.error):
         dh.read_header(broken)
+
+
+@pytest.mark.parametrize("name,reference", [("jls-lossless", "pyjpegls"), ("jls-near-lossless", "pyjpegls"),
+                                            ("j2k-lossless", "pylibjpeg"), ("j2k-lossy", "pylibjpeg")])
+def test_imagecodecs_plugin_equals_the_reference_plugin_and_its_syntaxes_decode_in_threads(tmp_path, name, reference):
+    """JPEG-LS and JPEG 2000 through imagecodecs (CharLS, OpenJPEG) give pyjpegls' / pylibjpeg-openjpeg's
+    arrays, for an enhanced multi-frame file and a single frame; the syntaxes it is first for decode in
+    threads of this process (it releases the GIL)."""
+    from resunet.dicom_decode import decodes_in_threads, plugin_order
+
+    syntax = SYNTAXES[name][0]
+    write_enhanced(tmp_path / "mf.dcm", name)
+    ds = pydicom.dcmread(tmp_path / "mf.dcm")
+    arrays = {}
+    for plugin in ("imagecodecs", reference):
+        ds.pixel_array_options(decoding_plugin=plugin)
+        arrays[plugin] = ds.pixel_array.copy()
+    assert arrays["imagecodecs"].dtype == arrays[reference].dtype
+    assert np.array_equal(arrays["imagecodecs"], arrays[reference]) and arrays[reference].shape == (N, SIZE, SIZE)
+    assert decodes_in_threads(syntax) == (plugin_order(syntax)[0] == "imagecodecs")
+    assert decodes_in_threads(syntax) == (syntax != JPEG2000)  # JPEG 2000 lossy: pylibjpeg-openjpeg in processes

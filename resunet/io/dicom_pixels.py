@@ -7,8 +7,8 @@
 - Everything else (JPEG, JPEG-LS, JPEG 2000, RLE, deflated, big endian, float pixel data, 1-bit)
   is decoded by pydicom with the fastest plugin per transfer syntax
   (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: imagecodecs, Pillow, pylibjpeg).
-  JPEG lossless and JPEG-LS (imagecodecs' libjpeg-turbo and CharLS release the GIL) and deflated
-  files (zlib releases it)
+  JPEG lossless, JPEG-LS and JPEG 2000 lossless (imagecodecs' libjpeg-turbo, CharLS and OpenJPEG
+  release the GIL) and deflated files (zlib releases it)
   are decoded by threads in this process,
   ``RESUNET_DICOM_WORKERS`` of them (default: the CPU count, at most 8), frames of a multi-frame file
   in ranges. The other decoders hold the GIL, so with many frames they run in worker processes (``forkserver``: safe in
