@@ -322,10 +322,9 @@ Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1,
 -1024), shuffled file names, in `/tmp/resunet-read-speed`; compressed with pydicom's encoders
 (JPEG 2000 lossless and 10:1, JPEG-LS lossless and near-lossless, RLE, deflate) or GDCM (JPEG
 lossless SV1 and process 14, JPEG baseline on an 8-bit copy). "resunet decoder": the plugin resunet
-uses first for the syntax (resunet.dicom_decode.PREFERRED_PLUGIN; imagecodecs (JPEG lossless, JPEG-LS,
-JPEG 2000 lossless) and pydicom for deflate decode in threads of the reading process, the others in
-decode worker processes beside it:
-bench/results/io_decoders.md). Each
+tried first for the syntax in the row's run (resunet.dicom_decode.PREFERRED_PLUGIN; since imagecodecs
+came, it and pydicom's deflate decode in threads of the reading process, the others in decode worker
+processes beside it; before, GDCM decoded JPEG lossless in workers: bench/results/io_decoders.md). Each
 reader reads the whole folder from a warm page cache, in the same process, the readers alternating
 in each repetition.
 
