@@ -6,13 +6,12 @@
   BitsAllocated) are cleared or sign-extended exactly as pydicom does.
 - Everything else (JPEG, JPEG-LS, JPEG 2000, RLE, deflated, big endian, float pixel data, 1-bit)
   is decoded by pydicom with the fastest plugin per transfer syntax
-  (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: imagecodecs, Pillow, pylibjpeg).
-  JPEG lossless, JPEG-LS and JPEG 2000 lossless (imagecodecs' libjpeg-turbo, CharLS and OpenJPEG
-  release the GIL) and deflated files (zlib releases it)
-  are decoded by threads in this process,
-  ``RESUNET_DICOM_WORKERS`` of them (default: the CPU count, at most 8), frames of a multi-frame file
-  in ranges. The other decoders hold the GIL, so with many frames they run in worker processes (``forkserver``: safe in
-  threaded programs such as the web app), ``RESUNET_DICOM_WORKERS`` of them (default: the CPU
+  (:data:`resunet.dicom_decode.PREFERRED_PLUGIN`: imagecodecs, Pillow, pylibjpeg). JPEG lossless,
+  JPEG-LS and JPEG 2000 lossless (imagecodecs' libjpeg-turbo, CharLS and OpenJPEG release the GIL)
+  and deflated files (zlib releases it) are decoded by threads in this process,
+  ``RESUNET_DICOM_WORKERS`` of them (default: the CPU count, at most 8), the frames of a multi-frame
+  file in ranges. The other decoders hold the GIL, so with many frames they run in worker processes
+  (``forkserver``: safe in threaded programs such as the web app), ``RESUNET_DICOM_WORKERS`` of them (default: the CPU
   count, at most 8; ``1`` decodes in this process): files are spread over the processes, and the
   frames of a multi-frame (enhanced) file are cut into ranges decoded in parallel. Where processes
   cannot be started (daemon processes, sandboxes) the frames are decoded here, one after the other.
