@@ -86,7 +86,7 @@ GDCM_ENCODED = {"jpeg-sv1": "JPEGLosslessProcess14_1", "jpeg-14": "JPEGLosslessP
 
 
 def decoder_name(syntax: str) -> str:
-    """The decoder resunet uses for ``syntax`` in its decode worker processes (resunet.dicom_decode)."""
+    """The decoder resunet tries first for ``syntax`` (resunet.dicom_decode)."""
     if syntax == "raw":
         return "read in place"
     return PREFERRED_PLUGIN.get(str(SYNTAXES[syntax]), "pydicom")
@@ -321,9 +321,10 @@ rewrites this file from the JSON).
 Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1, RescaleIntercept
 -1024), shuffled file names, in `/tmp/resunet-read-speed`; compressed with pydicom's encoders
 (JPEG 2000 lossless and 10:1, JPEG-LS lossless and near-lossless, RLE, deflate) or GDCM (JPEG
-lossless SV1 and process 14, JPEG baseline on an 8-bit copy). "resunet decoder": the plugin resunet's
-decode worker processes use for the syntax (resunet.dicom_decode.PREFERRED_PLUGIN; the calling
-process, which decodes too, uses pylibjpeg where that is GDCM: bench/results/io_decoders.md). Each
+lossless SV1 and process 14, JPEG baseline on an 8-bit copy). "resunet decoder": the plugin resunet
+tried first for the syntax in the row's run (resunet.dicom_decode.PREFERRED_PLUGIN; since imagecodecs
+came, it and pydicom's deflate decode in threads of the reading process, the others in decode worker
+processes beside it; before, GDCM decoded JPEG lossless in workers: bench/results/io_decoders.md). Each
 reader reads the whole folder from a warm page cache, in the same process, the readers alternating
 in each repetition.
 

@@ -6,6 +6,7 @@ Kept apart from :mod:`resunet.io` so that a worker process imports only pydicom 
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from pathlib import Path
@@ -17,6 +18,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from resunet.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def read_full(path: str | Path | bytes) -> Dataset:
@@ -39,33 +42,66 @@ def read_full(path: str | Path | bytes) -> Dataset:
 
 #: the pydicom decoder plugin tried first per transfer syntax (then the other installed ones, in
 #: pydicom's order). Chosen by the fastest equal-to-SimpleITK decode of a 512x512 int16 CT frame of
-#: bench/io_read_speed.py's series, a fresh dcmread per decode, plugins alternating, 8 each (ms, min;
-#: bench/results/io_decoders.md):
-#:   JPEG lossless SV1 / proc. 14 gdcm 4.2 / 6.9   pylibjpeg-libjpeg 8.1 / 12.0
-#:   JPEG 2000 lossless / lossy   pylibjpeg-openjpeg 16.6 / 11.1   gdcm 19.4 / 9.6 (no gain: not used)
-#:   JPEG-LS lossless / near      pyjpegls (CharLS) 2.7 / 3.2   gdcm 11.8 / 10.2   pylibjpeg-libjpeg 30 / 34
-#:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1
+#: bench/io_read_speed.py's series, a fresh dcmread per decode, plugins alternating (ms, min;
+#: bench/results/io_decoders.md), and, where a plugin releases the GIL (imagecodecs: its files are
+#: decoded by threads of the reading process, no worker processes), by whole 300-slice series read
+#: both ways, alternating in one process (s, load 7-8):
+#:   JPEG lossless SV1 / proc. 14 imagecodecs (libjpeg-turbo 3) 2.5-2.6 (load 6.4-6.8; any predictor,
+#:                                8-16 bits)   gdcm 6.0 / 8.8   pylibjpeg-libjpeg 15.7 / 24.0 (same run)
+#:   JPEG 2000 lossless           imagecodecs (OpenJPEG) 20.1 vs pylibjpeg-openjpeg 21.5 (load 6.5);
+#:                                series 7.1-11.1 s in threads vs 7.8-13.2 s in processes (3 of 3)
+#:   JPEG 2000 lossy              pylibjpeg-openjpeg 14.0 vs imagecodecs 13.9 (earlier, idle: 11.1; gdcm 9.6)
+#:   JPEG-LS lossless / near      imagecodecs (CharLS 2.4.3) 4.3 / 3.4 vs pyjpegls (CharLS) 4.3 / 4.9 (load
+#:                                6.7); series 1.8-4.1 s in threads vs 3.1-4.4 s in processes (6 of 6)
+#:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1 (imagecodecs 0.6, the codec
+#:                                alone: not switched, about 1 ms a frame either way)
 #:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
 #:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
-#: None of the JPEG decoders releases the GIL (their extension modules never call
-#: PyEval_SaveThread; pylibjpeg-rle does), so resunet.io.dicom_pixels decodes in processes.
+#: imagecodecs releases the GIL while it decodes (resunet.dicom_imagecodecs, registered below). None of
+#: the other JPEG decoders does (their extension modules never call PyEval_SaveThread; pylibjpeg-rle
+#: does), so resunet.io.dicom_pixels decodes those in processes.
 PREFERRED_PLUGIN = {
-    "1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg",
-    "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
+    "1.2.840.10008.1.2.4.57": "imagecodecs", "1.2.840.10008.1.2.4.70": "imagecodecs",
+    "1.2.840.10008.1.2.4.90": "imagecodecs", "1.2.840.10008.1.2.4.91": "pylibjpeg",
+    "1.2.840.10008.1.2.4.80": "imagecodecs", "1.2.840.10008.1.2.4.81": "imagecodecs",
     "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
+#: the first choice where PREFERRED_PLUGIN's is not installed (imagecodecs missing: for JPEG lossless
+#: GDCM, the next fastest, in decode worker processes; for JPEG-LS pyjpegls; JPEG 2000 pylibjpeg)
+SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
+                 "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
+                 "1.2.840.10008.1.2.4.90": "pylibjpeg"}
+#: plugins that release the GIL while they decode: their files are decoded by threads in this process
+GIL_FREE_PLUGINS = frozenset({"imagecodecs"})
+#: syntaxes pydicom decodes itself mostly without the GIL: deflated data sets (zlib inflates with the
+#: GIL released: about 2.7 ms of a 512x512 slice's 4-5 ms full read); decoded by threads here too
+#: (300 slices at load 7: 1.9-2.0 s in threads against 2.1-3.5 s with worker processes)
+GIL_FREE_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99"})
 #: plugins that can end the whole process on damaged data: GDCM throws a C++ exception nobody
 #: catches on a broken JPEG 2000 codestream (``terminate called after throwing ...``, abort). They
-#: run only in decode worker processes (:func:`enter_worker`) and only where they are the preferred
-#: plugin; a crash costs that worker and the calling process decodes the file again with the others.
+#: run only in decode worker processes (:func:`enter_worker`) and only where they are the first
+#: choice; a crash costs that worker and the calling process decodes the file again with the others.
 #: Never in the CLI, app or service process.
 PROCESS_KILLING_PLUGINS = frozenset({"gdcm"})
-#: the first plugin outside worker processes where PREFERRED_PLUGIN's may crash it (next fastest above)
-IN_PROCESS_PLUGIN = {ts: "pylibjpeg" for ts, plugin in PREFERRED_PLUGIN.items() if plugin in PROCESS_KILLING_PLUGINS}
+#: the first plugin outside worker processes where the first choice may crash it (next fastest above)
+IN_PROCESS_PLUGIN = {ts: "pylibjpeg" for ts, plugin in {**PREFERRED_PLUGIN, **SECOND_PLUGIN}.items()
+                     if plugin in PROCESS_KILLING_PLUGINS}
 
 _in_worker = False
+
+
+def _register_plugins() -> None:
+    """Add resunet's own pydicom decoder plugins (imagecodecs for JPEG lossless) where installed."""
+    try:
+        from resunet.dicom_imagecodecs import register
+
+        register()
+    except (ImportError, ValueError, AttributeError) as err:  # imagecodecs missing or too old: GDCM in workers
+        log.debug("imagecodecs decoder plugin not registered (%s)", err)
+
+
+_register_plugins()
 
 
 def enter_worker() -> None:
@@ -74,18 +110,58 @@ def enter_worker() -> None:
     _in_worker = True
 
 
-def plugin_order(ts: str) -> list[str]:
-    """The pydicom plugins to try for transfer syntax ``ts``, in order ([] = pydicom's native decoder)."""
+def _available(ts: str) -> list[str]:
     from pydicom.pixels import get_decoder
 
     try:
-        available = list(get_decoder(ts).available_plugins)
+        return list(get_decoder(ts).available_plugins)
     except (NotImplementedError, ValueError):
         return []
-    first = PREFERRED_PLUGIN.get(ts) if _in_worker else IN_PROCESS_PLUGIN.get(ts, PREFERRED_PLUGIN.get(ts))
-    order = ([first] if first in available else []) + [p for p in available if p != first]
+
+
+def _first_choice(ts: str, available: list[str], in_worker: bool) -> str | None:
+    first = PREFERRED_PLUGIN.get(ts)
+    if first not in available:
+        first = SECOND_PLUGIN.get(ts, first)
+    if first in PROCESS_KILLING_PLUGINS and not in_worker:
+        first = IN_PROCESS_PLUGIN.get(ts)
+    return first
+
+
+def plugin_order(ts: str) -> list[str]:
+    """The pydicom plugins to try for transfer syntax ``ts``, in order ([] = pydicom's native decoder)."""
+    available = _available(ts)
+    if not available:
+        return []
+    first = _first_choice(ts, available, _in_worker)
+    head = [p for p in dict.fromkeys([first, SECOND_PLUGIN.get(ts)]) if p in available]  # the next fastest second
+    order = head + [p for p in available if p not in head]
     # a crash-prone plugin only as a worker's first choice, never as anyone's fallback
     return [p for k, p in enumerate(order) if p not in PROCESS_KILLING_PLUGINS or (_in_worker and k == 0)]
+
+
+def decodes_in_threads(ts: str) -> bool:
+    """True if this process's first plugin for ``ts`` releases the GIL, or pydicom's own decoder mostly
+    does (:data:`GIL_FREE_SYNTAXES`): decode its files in threads here."""
+    if ts in GIL_FREE_SYNTAXES:
+        return True
+    order = plugin_order(ts)
+    return bool(order) and order[0] in GIL_FREE_PLUGINS
+
+
+def prefers_worker_processes(ts: str) -> bool:
+    """True if the fastest installed plugin for ``ts`` may run only in decode worker processes (GDCM,
+    where imagecodecs is missing): this process would decode with a slower one."""
+    available = _available(ts)
+    return bool(available) and _first_choice(ts, available, True) in PROCESS_KILLING_PLUGINS
+
+
+def _refused(plugin: str, ts: str, order: list[str], err: BaseException) -> None:
+    """Log (no file names: no PHI) that ``plugin`` could not decode a ``ts`` file, and what comes next."""
+    later = order[order.index(plugin) + 1:] if plugin in order else []
+    reason = " / ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())[:200] or type(err).__name__
+    log.info("decoder %s refused a %s frame (%s: %s); %s", plugin or "pydicom", pydicom.uid.UID(ts).name if ts else "?",
+             type(err).__name__, reason, f"trying {later[0]}" if later else "no decoder left")
 
 
 def decoder_plugin(ts: str) -> str:
@@ -117,6 +193,7 @@ def _pixel_array(ds: Dataset, frames: range | None = None) -> np.ndarray:
             raise
         except BaseException as err:  # noqa: BLE001 - the next plugin; the last error is reported
             error = err
+            _refused(plugin, ts, order, err)
     assert error is not None
     raise error
 
@@ -241,7 +318,8 @@ def decode_encapsulated(path: str | bytes, source: str, spec: EncapsulatedPixels
             pixel_representation=spec.pixel_representation, photometric_interpretation=spec.photometric,
         )
         arr = None
-        for plugin in plugin_order(spec.transfer_syntax) or [""]:
+        order = plugin_order(spec.transfer_syntax) or [""]
+        for plugin in order:
             try:
                 if frames is None:
                     arr = decoder.as_array(data, decoding_plugin=plugin, **opts)[0]
@@ -250,8 +328,8 @@ def decode_encapsulated(path: str | bytes, source: str, spec: EncapsulatedPixels
                 break
             except (KeyboardInterrupt, SystemExit, MemoryError):
                 raise
-            except BaseException:  # noqa: BLE001 - the next plugin; decode_file reports the error
-                continue
+            except BaseException as err:  # noqa: BLE001 - the next plugin; decode_file reports the error
+                _refused(plugin, spec.transfer_syntax, order, err)
         if arr is None:
             raise _NotAsScanned
         return _as_frames(np.asarray(arr), len(frames) if frames is not None else spec.n_frames, source)

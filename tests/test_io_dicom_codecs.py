@@ -3,7 +3,8 @@ enhanced multi-frame file, gives the same voxels as SimpleITK (GDCM) and, when l
 that were encoded (issue 23 point 1).
 
 The series have 30 slices, above ``MIN_FILES_FOR_PROCESSES``, so the files are decoded in worker
-processes; the multi-frame file is cut into frame ranges decoded in parallel. Files are encoded by
+processes (JPEG lossless: in threads of this process, tests/test_io_jpeg_lossless.py); the
+multi-frame file is cut into frame ranges decoded in parallel. Files are encoded by
 pydicom's encoders (JPEG 2000, JPEG-LS, RLE, deflate) and by GDCM (python-gdcm) for the JPEG
 processes pydicom cannot encode (lossless 14 and SV1, baseline). JPEG extended (12-bit) has no
 encoder here that writes a valid stream; the pydicom-data file JPGExtended.dcm covers it in
@@ -217,22 +218,41 @@ def test_fastest_kept_decoder_is_chosen_per_syntax():
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from resunet.dicom_decode import enter_worker, plugin_order
+    from resunet.dicom_decode import decodes_in_threads, enter_worker, plugin_order, prefers_worker_processes
 
-    # in decode workers: python-gdcm (a dependency) for JPEG lossless, and only as the first choice
+    # JPEG lossless: imagecodecs (libjpeg-turbo; releases the GIL) everywhere, decoded by threads here
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=enter_worker) as pool:
-        assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "gdcm"
-        assert pool.submit(_worker_order, JPEGLossless).result()[0] == "gdcm"
+        assert pool.submit(_worker_order, JPEGLosslessSV1).result()[0] == "imagecodecs"
+        assert pool.submit(_worker_order, JPEGLossless).result()[0] == "imagecodecs"
         assert "gdcm" not in pool.submit(_worker_order, JPEG2000Lossless).result()
     # in this process never GDCM: it aborts the process on a damaged JPEG 2000 stream
     assert "gdcm" not in plugin_order(JPEG2000Lossless) + plugin_order(JPEGLossless) + plugin_order(JPEGBaseline8Bit)
-    assert decoder_plugin(JPEGLosslessSV1) == decoder_plugin(JPEGLossless) == "pylibjpeg"
-    assert decoder_plugin(JPEG2000Lossless) == decoder_plugin(JPEG2000) == "pylibjpeg"
-    assert decoder_plugin(JPEGLSLossless) == decoder_plugin(JPEGLSNearLossless) == "pyjpegls"
+    assert plugin_order(JPEGLosslessSV1) == plugin_order(JPEGLossless) == ["imagecodecs", "pylibjpeg"]
+    assert decodes_in_threads(JPEGLosslessSV1) and decodes_in_threads(JPEGLossless)
+    assert not prefers_worker_processes(JPEGLossless) and not decodes_in_threads(JPEG2000)
+    # JPEG 2000: lossless through imagecodecs' OpenJPEG in threads, lossy pylibjpeg-openjpeg in processes
+    assert plugin_order(JPEG2000Lossless)[:2] == ["imagecodecs", "pylibjpeg"] and decodes_in_threads(JPEG2000Lossless)
+    assert decoder_plugin(JPEG2000) == "pylibjpeg"
+    # JPEG-LS: imagecodecs' CharLS (releases the GIL), pyjpegls (the same CharLS) next
+    assert plugin_order(JPEGLSLossless)[:2] == plugin_order(JPEGLSNearLossless)[:2] == ["imagecodecs", "pyjpegls"]
+    assert decodes_in_threads(JPEGLSLossless) and decodes_in_threads(JPEGLSNearLossless)
     assert decoder_plugin(JPEGBaseline8Bit) == "pillow"
     assert decoder_plugin(RLELossless) == "pylibjpeg"
     assert decoder_plugin(ExplicitVRLittleEndian) == ""
-    assert set(PREFERRED_PLUGIN.values()) <= {"gdcm", "pyjpegls", "pillow", "pylibjpeg"}
+    assert set(PREFERRED_PLUGIN.values()) <= {"imagecodecs", "pyjpegls", "pillow", "pylibjpeg"}
+
+
+def test_without_imagecodecs_jpeg_lossless_goes_to_gdcm_in_worker_processes(monkeypatch):
+    """Where the first choice is not installed (here: renamed to a plugin pydicom does not have), GDCM
+    decodes JPEG lossless in worker processes, and this process falls back to pylibjpeg-libjpeg."""
+    import resunet.dicom_decode as dd
+
+    monkeypatch.setitem(dd.PREFERRED_PLUGIN, str(JPEGLossless), "not-installed")
+    assert dd.prefers_worker_processes(JPEGLossless) and not dd.decodes_in_threads(JPEGLossless)
+    assert dd.plugin_order(JPEGLossless)[0] == "pylibjpeg" and "gdcm" not in dd.plugin_order(JPEGLossless)
+    monkeypatch.setattr(dd, "_in_worker", True)
+    assert dd.plugin_order(JPEGLossless)[0] == "gdcm"
+    assert dd.plugin_order(JPEGLosslessSV1)[0] == "imagecodecs"  # untouched
 
 
 def test_damaged_file_decoded_by_a_worker_is_a_one_line_error(tmp_path, monkeypatch):
@@ -264,7 +284,7 @@ def _read_in_daemon(folder: str, queue) -> None:  # a daemon process may not sta
 def test_where_no_worker_process_can_start_this_process_decodes_everything(tmp_path):
     import multiprocessing
 
-    values = write_series(tmp_path / "s", "jls-lossless")
+    values = write_series(tmp_path / "s", "rle")  # RLE: decoded in worker processes where they can start
     ctx = multiprocessing.get_context("forkserver")
     queue = ctx.Queue()
     proc = ctx.Process(target=_read_in_daemon, args=(str(tmp_path / "s"), queue), daemon=True)
@@ -373,13 +393,13 @@ if __name__ == "__main__":
 
 
 def test_decode_workers_do_not_import_the_main_script(tmp_path):
-    """A JPEG lossless series is decoded in worker processes only (GDCM); they must not run the program's
+    """An RLE series is decoded in worker processes beside this one; they must not run the program's
     main script (the resunet console script imports the whole CLI, a benchmark SimpleITK: ~1 s each)."""
     import os
     import subprocess
     import sys
 
-    values = write_series(tmp_path / "s", "jpeg-lossless-sv1")
+    values = write_series(tmp_path / "s", "rle")
     script, marks = tmp_path / "main_script.py", tmp_path / "imports.txt"
     script.write_text(MAIN_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
@@ -439,3 +459,81 @@ def test_the_shared_volume_is_private_removed_after_the_read_and_its_views_stay_
     assert int(kept.sum()) == 7 * SIZE * SIZE  # a view that outlives the block still reads (no unmapped memory)
     with _shared_volume(out, False) as nothing:
         assert nothing is None
+
+
+def test_deflated_header_is_read_by_inflating_only_the_start_and_equals_pydicoms(tmp_path, monkeypatch):
+    """The scan of a deflated file inflates the data set only up to its pixel data (pydicom would
+    inflate it all, and the decode inflates it again); the header equals pydicom's, from the file and
+    from its bytes in memory, and a damaged deflate stream gets pydicom's own error."""
+    import zlib
+
+    import resunet.io.dicom_headers as dh
+    from pydicom.data import get_testdata_file
+
+    write_series(tmp_path / "s", "deflate")
+    big = tmp_path / "big.dcm"  # 512x512 noise: its pixel data is many inflate steps long
+    noise = np.random.default_rng(3).integers(-1000, 2000, (512, 512)).astype(np.int16)
+    ds = base_dataset(0, noise, (generate_uid(), generate_uid(), generate_uid()))
+    ds.Rows = ds.Columns = 512
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(big, enforce_file_format=True)
+    paths = sorted((tmp_path / "s").iterdir()) + [Path(get_testdata_file("image_dfl.dcm")), big]
+    inflated: list[int] = []
+    real = zlib.decompressobj
+
+    class Counting:  # counts what the scan inflates (zlib itself does the work)
+        def __init__(self, *args):
+            self._d = real(*args)
+
+        def decompress(self, data):
+            out = self._d.decompress(data)
+            inflated.append(len(out))
+            return out
+
+        def flush(self):
+            return self._d.flush()
+
+    monkeypatch.setattr(zlib, "decompressobj", Counting)
+    for path in paths:
+        inflated.clear()
+        ds, offset = dh.read_header(path)
+        ref = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds == ref and ds.file_meta == ref.file_meta and offset is None
+        assert ds.original_encoding == ref.original_encoding and ds.preamble == ref.preamble
+        if path == big:
+            assert 0 < sum(inflated) < noise.nbytes / 4  # not the whole pixel data
+        assert dh.read_header(path.name, data=path.read_bytes())[0] == ref
+    from resunet.dicom_decode import decodes_in_threads
+
+    assert decodes_in_threads(DeflatedExplicitVRLittleEndian)  # zlib inflates without the GIL
+    vol = load_study(tmp_path / "s")
+    assert np.array_equal(np.asarray(vol.array).transpose(2, 1, 0), stored_values(16))
+    broken = paths[0]
+    data = broken.read_bytes()
+    broken.write_bytes(data[:400] + bytes(200) + data[600:])  # the deflate stream damaged
+    monkeypatch.setattr(zlib, "decompressobj", real)
+    with pytest.raises(zlib.error):  # as pydicom's read raises: the scan leaves the file aside as corrupt
+        pydicom.dcmread(broken, stop_before_pixels=True)
+    with pytest.raises(zlib.error):
+        dh.read_header(broken)
+
+
+@pytest.mark.parametrize("name,reference", [("jls-lossless", "pyjpegls"), ("jls-near-lossless", "pyjpegls"),
+                                            ("j2k-lossless", "pylibjpeg"), ("j2k-lossy", "pylibjpeg")])
+def test_imagecodecs_plugin_equals_the_reference_plugin_and_its_syntaxes_decode_in_threads(tmp_path, name, reference):
+    """JPEG-LS and JPEG 2000 through imagecodecs (CharLS, OpenJPEG) give pyjpegls' / pylibjpeg-openjpeg's
+    arrays, for an enhanced multi-frame file and a single frame; the syntaxes it is first for decode in
+    threads of this process (it releases the GIL)."""
+    from resunet.dicom_decode import decodes_in_threads, plugin_order
+
+    syntax = SYNTAXES[name][0]
+    write_enhanced(tmp_path / "mf.dcm", name)
+    ds = pydicom.dcmread(tmp_path / "mf.dcm")
+    arrays = {}
+    for plugin in ("imagecodecs", reference):
+        ds.pixel_array_options(decoding_plugin=plugin)
+        arrays[plugin] = ds.pixel_array.copy()
+    assert arrays["imagecodecs"].dtype == arrays[reference].dtype
+    assert np.array_equal(arrays["imagecodecs"], arrays[reference]) and arrays[reference].shape == (N, SIZE, SIZE)
+    assert decodes_in_threads(syntax) == (plugin_order(syntax)[0] == "imagecodecs")
+    assert decodes_in_threads(syntax) == (syntax != JPEG2000)  # JPEG 2000 lossy: pylibjpeg-openjpeg in processes

@@ -204,8 +204,13 @@ def test_fetch_in_memory_of_an_rle_series_reads_like_the_files(orthanc, rle_fold
 
 def test_fetch_in_memory_of_a_jpegls_series_decoded_in_worker_processes_reads_like_the_files(
         orthanc, jpegls_folder, tmp_path, monkeypatch):
-    """JPEG-LS from memory through the decode worker processes (the bytes go to them, not a path)."""
+    """JPEG-LS from memory through the decode worker processes (the bytes go to them, not a path): with
+    pyjpegls as the first choice (imagecodecs, the default, decodes in threads of this process)."""
+    import resunet.dicom_decode as dd
+
     assert str(pydicom.dcmread(next(jpegls_folder.glob("*.dcm"))).file_meta.TransferSyntaxUID) == JPEGLSLossless
+    monkeypatch.setitem(dd.PREFERRED_PLUGIN, str(JPEGLSLossless), "pyjpegls")
+    assert not dd.decodes_in_threads(JPEGLSLossless)
     monkeypatch.setenv("RESUNET_DICOM_WORKERS", "2")
     _fetch_and_compare(orthanc, jpegls_folder, tmp_path)
 

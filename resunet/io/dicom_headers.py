@@ -66,7 +66,10 @@ def read_header(path: str | Path, data: bytes | None = None) -> tuple[Dataset, i
 
     with (io.BytesIO(data) if data is not None else open(path, "rb")) as fh:
         try:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
+            ds = _read_deflated_header(fh, path)
+            if ds is None:
+                fh.seek(0)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=False)
         except InvalidDicomError:
             fh.seek(0)
             head = fh.read(8)
@@ -89,6 +92,69 @@ def read_header(path: str | Path, data: bytes | None = None) -> tuple[Dataset, i
     if ts in _DEFLATED:
         offset = None
     return ds, offset
+
+
+_DEFLATED_DATA_SET = b"1.2.840.10008.1.2.1.99"
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+_INFLATE_CHUNK = 16384  # compressed bytes inflated per step
+
+
+def _read_deflated_header(fh: Any, path: str | Path) -> Dataset | None:
+    """The header of a deflated explicit VR little endian file, inflating only as much of the data set
+    as comes before the pixel data; None if the file is not one (or this fails: the caller then reads
+    it with pydicom as usual).
+
+    pydicom inflates the whole data set, pixel data included, even with ``stop_before_pixels``: about
+    2.7 ms of a 512x512 CT slice's 6 ms scan on this machine, and the decode inflates it all again.
+    Hand-written around pydicom's own parts (``read_preamble``, the file meta reader, ``read_dataset``),
+    as its ``read_partial`` does, because pydicom has no option to inflate a data set in part.
+    """
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+
+    head = fh.read(2048)
+    fh.seek(0)
+    if _DEFLATED_DATA_SET not in head:
+        return None
+    try:
+        preamble = read_preamble(fh, False)
+        file_meta = _read_file_meta_info(fh)
+        if str(file_meta.get("TransferSyntaxUID", "")) != _DEFLATED_DATA_SET.decode():
+            return None
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = bytearray()
+        reached = [False]
+
+        def at_pixels(tag: Any, _vr: Any, _length: int) -> bool:
+            reached[0] = reached[0] or tag in _PIXEL_TAGS
+            return tag in _PIXEL_TAGS
+
+        while True:
+            chunk = fh.read(_INFLATE_CHUNK)
+            inflated += inflater.decompress(chunk) if chunk else inflater.flush()
+            # parse what is inflated so far: done when the parse stops at the pixel data
+            if chunk and b"\xe0\x7f" not in inflated:
+                continue
+            reached[0] = False
+            buffer = DicomBytesIO(bytes(inflated))
+            buffer.name = str(path)
+            try:
+                dataset = read_dataset(buffer, False, True, stop_when=at_pixels)
+            except (EOFError, ValueError, struct.error, NotImplementedError, OSError):
+                if not chunk:
+                    return None
+                continue
+            if reached[0] or not chunk:
+                break
+        if not reached[0]:
+            return None  # no pixel data in the data set: pydicom's full read decides
+    except Exception:  # noqa: BLE001 - anything odd: pydicom's own full read and its message
+        return None
+    ds = pydicom.dataset.FileDataset(str(path), dataset, preamble, file_meta, False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)  # noqa: SLF001 - as read_partial does
+    return ds
 
 
 def _big_endian_message(path: str | Path, what: str) -> str:
