@@ -123,3 +123,57 @@ def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoc
             out.append(c % n_cases)
             c += 1
     return out
+
+
+def masked_copies_dataset(spec: DatasetSpec, case_ids: list[str], root: Path) -> DatasetSpec:
+    """Masked copies of the training corrections (``finetune.masked_copies``), an MSD dataset at ``root``.
+
+    For each case in ``case_ids`` (the training corrections only, never the held-out ones) the image
+    with every voxel outside its label's foreground (label > 0) set to the image's background value,
+    and the same label map: the new site's contrast as an already-cropped input (for a brain-extraction
+    model, a skull-stripped head), which must keep its whole foreground. The background value is the
+    median of the voxels on the array's six faces (air, per channel), not 0: a simulated or scanned
+    image's air is rarely exactly 0 after scaling and offsets. Cases are named ``<case>_masked``.
+    Written afresh each run (a resumed run writes the same files again); files written atomically.
+
+    Raises:
+        DatasetError: a case's label map has no foreground (a masked copy would be all background) or
+            its grid is not the image's.
+    """
+    from resunet.io import read_nifti, write_nifti
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "imagesTr").mkdir(exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    training = []
+    for case_id in case_ids:
+        case = spec.case(case_id)
+        label = read_nifti(case.label)
+        fg = np.asarray(label.array) > 0
+        if not fg.any():
+            raise DatasetError(f"dataset {spec.root}: case {case_id}'s label map {case.label} has no foreground, so "
+                               "it has no masked copy; drop the case or set finetune.masked_copies=false")
+        images = []
+        for k, path in enumerate(case.images):
+            image = read_nifti(path)
+            x = np.asarray(image.array)
+            if x.shape[:3] != fg.shape:
+                raise DatasetError(f"dataset {spec.root}: case {case_id}: image {path} has shape {x.shape[:3]} but its "
+                                   f"label {case.label} has {fg.shape}; they must share one grid")
+            inside = fg.reshape(fg.shape + (1,) * (x.ndim - 3))
+            faces = np.concatenate([x[i].reshape(-1, *x.shape[3:]) for i in
+                                    (np.s_[0], np.s_[-1], np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1])])
+            background = np.median(faces, axis=0).astype(x.dtype)
+            name = f"{case_id}_masked" + (f"_{k:04d}" if len(case.images) > 1 else "")
+            write_nifti(image.with_array(np.where(inside, x, background)), root / "imagesTr" / f"{name}.nii.gz")
+            images.append(f"./imagesTr/{name}.nii.gz")
+        write_nifti(label, root / "labelsTr" / f"{case_id}_masked.nii.gz")
+        training.append({"image": images[0] if len(images) == 1 else images,
+                         "label": f"./labelsTr/{case_id}_masked.nii.gz"})
+    meta: dict[str, Any] = {"name": f"{spec.name}_masked", "description": "the training corrections with everything "
+                            "outside their label set to the background value (finetune.masked_copies)",
+                            "modality": {str(i): c for i, c in enumerate(spec.channels)},
+                            "labels": {str(k): v for k, v in spec.labels.items()},
+                            "numTraining": len(training), "training": training}
+    atomic_write_text(root / "dataset.json", json.dumps(meta, indent=1) + "\n")
+    return load_dataset(root)
