@@ -216,9 +216,14 @@ def test_masked_copies_are_the_training_corrections_masked_with_their_label_and_
     run = set_up(cfg)
     assert len(run.val_ids) == 1 and len(run.train_ids) == 3
     copies = load_dataset(tmp_path / "run" / "masked_corrections")
-    # the training corrections only, never the held-out one
-    assert [c.case_id for c in copies.cases] == [f"{c}_masked" for c in sorted(run.train_ids)]
-    for case_id in run.train_ids:
+    assert [c.case_id for c in copies.cases] == [f"{c}_masked" for c in sorted(run.train_ids + run.val_ids)]
+    # the held-out correction's copy is validated on (after the correction itself), never trained on
+    assert len(run.val_ds) == 2
+    val_masked = np.asarray(run.val_ds[1]["image"])
+    assert not np.array_equal(val_masked, np.asarray(run.val_ds[0]["image"]))
+    assert all(run.train_ds[i]["case_id"] != f"{run.val_ids[0]}_masked" if not isinstance(run.train_ds[i], list) else
+               all(p["case_id"] != f"{run.val_ids[0]}_masked" for p in run.train_ds[i]) for i in range(len(run.train_ds)))
+    for case_id in run.train_ids + run.val_ids:
         image = np.asarray(nib.load(data / f"imagesTr/{case_id}.nii.gz").dataobj)
         label = np.asarray(nib.load(data / f"labelsTr/{case_id}.nii.gz").dataobj) > 0
         masked = np.asarray(nib.load(tmp_path / f"run/masked_corrections/imagesTr/{case_id}_masked.nii.gz").dataobj)
@@ -234,7 +239,7 @@ def test_masked_copies_are_the_training_corrections_masked_with_their_label_and_
     assert len(run.train_ds) == 6 and {i for i in drawn if i >= 3} == {3, 4, 5} and sum(i >= 3 for i in drawn) == len(drawn) // 2
     patches = run.train_ds[3]
     assert (patches[0] if isinstance(patches, list) else patches)["case_id"].endswith("_masked")
-    assert "3 masked copies of the training corrections" in caplog.text
+    assert "of the 3 training corrections (trained on) and of the 1 held-out one(s)" in caplog.text
 
 
 def test_train_only_norm_and_stem_change_only_those_parameters(parent, tmp_path):

@@ -290,9 +290,10 @@ class FineTuneConfig:
         parent_weight: weight-space ensemble with the parent (WiSE-FT, Wortsman et al. 2022):
             ``best.pt``'s weights = ``parent_weight * parent + (1 - parent_weight) * fine-tuned``
             (0 = the fine-tuned weights as they are).
-        masked_copies: also train on a masked copy of every training correction (not the held-out ones):
-            the image with every voxel outside its corrected label set to the image's background value
-            (the median of the array's faces), with the same label, drawn as a correction. It shows the
+        masked_copies: also train on a masked copy of every training correction: the image with every
+            voxel outside its corrected label set to the image's background value (the median of the
+            array's faces), with the same label, drawn as a correction (half the correction draws); the
+            held-out corrections' copies join the validation that chooses the epoch. It shows the
             model the new site's contrast as an already-cropped input whose whole foreground stays (for
             brain extraction: a skull-stripped head of the new contrast stays whole), as the parent's
             skull-stripped rehearsal case does for the parent's contrast. Written to

@@ -270,14 +270,21 @@ def _datasets(cfg: TrainConfig, spec: DatasetSpec, plan: TrainingPlan, train_ids
               out: Path, rehearsal: DatasetSpec | None = None, masked: DatasetSpec | None = None) -> tuple[Any, Any]:
     """The training and validation datasets; with ``rehearsal`` or ``masked`` the training one is a
     :class:`_Mixed` of the training cases (indices first), their masked copies (``finetune.masked_copies``,
-    indices next: drawn as training cases) and the rehearsal cases (indices last)."""
+    indices next: drawn as training cases) and the rehearsal cases (indices last); with ``masked`` the
+    validation set holds the held-out cases' masked copies after the held-out cases."""
     train_ds, val_ds = _case_datasets(cfg, spec, plan, train_ids, val_ids, out)
     if rehearsal is None and masked is None:
         return train_ds, val_ds
     parts = [train_ds]
-    for extra, cache in ((masked, "masked_cache"), (rehearsal, "rehearsal_cache")):
-        if extra is not None:
-            parts.append(_case_datasets(cfg, extra, plan, [c.case_id for c in extra.cases], [], out / cache)[0])
+    if masked is not None:  # the training corrections' copies are trained on, the held-out ones' validated on
+        masked_train, masked_val = _case_datasets(cfg, masked, plan, [f"{c}_masked" for c in train_ids],
+                                                  [f"{c}_masked" for c in val_ids], out / "masked_cache")
+        parts.append(masked_train)
+        if val_ds is not None and masked_val is not None:
+            val_ds = torch.utils.data.ConcatDataset([val_ds, masked_val])
+    if rehearsal is not None:
+        parts.append(_case_datasets(cfg, rehearsal, plan, [c.case_id for c in rehearsal.cases], [],
+                                    out / "rehearsal_cache")[0])
     mark = rehearsal is not None and cfg.finetune.distill_weight > 0
     return _Mixed(parts, mark_last=mark), val_ds
 
@@ -724,10 +731,11 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     if cfg.finetune.init_from and cfg.finetune.masked_copies:
         from resunet.training.rehearsal import masked_copies_dataset
 
-        masked_spec = masked_copies_dataset(spec, train_ids, out / "masked_corrections")
+        masked_spec = masked_copies_dataset(spec, train_ids + val_ids, out / "masked_corrections")
         if d.main:
-            log.info("fine-tuning: %d masked copies of the training corrections (finetune.masked_copies) in %s",
-                     len(masked_spec.cases), out / "masked_corrections")
+            log.info("fine-tuning: masked copies (finetune.masked_copies) of the %d training corrections (trained on) "
+                     "and of the %d held-out one(s) (validated on) in %s", len(train_ids), len(val_ids),
+                     out / "masked_corrections")
     network_config = net.config
     pretrained: dict[str, Any] | None = None
     if resume_ckpt is not None:
@@ -808,7 +816,7 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     loader_bs = max(1, plan.batch_size // spv)
     steps = cfg.iterations_per_epoch or max(1, math.ceil(len(train_ids) * spv / (loader_bs * spv * d.world)))
     n_rehearse = len(rehearsal_spec.cases) if rehearsal_spec is not None else 0
-    n_train = len(train_ids) + (len(masked_spec.cases) if masked_spec is not None else 0)  # copies drawn as corrections
+    n_train = len(train_ids) * (2 if masked_spec is not None else 1)  # masked copies are drawn as corrections
     sampler = _EpochSampler(n_train, steps * loader_bs, d, cfg.seed, n_rehearse, cfg.finetune.rehearse_fraction)
     loader = DataLoader(train_ds, batch_size=loader_bs, sampler=sampler, num_workers=cfg.dataset.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,

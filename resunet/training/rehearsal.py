@@ -128,7 +128,8 @@ def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoc
 def masked_copies_dataset(spec: DatasetSpec, case_ids: list[str], root: Path) -> DatasetSpec:
     """Masked copies of the training corrections (``finetune.masked_copies``), an MSD dataset at ``root``.
 
-    For each case in ``case_ids`` (the training corrections only, never the held-out ones) the image
+    For each case in ``case_ids`` (the training run's corrections: the training ones are trained on,
+    the held-out ones' copies only validated on, next to the held-out cases themselves) the image
     with every voxel outside its label's foreground (label > 0) set to the image's background value,
     and the same label map: the new site's contrast as an already-cropped input (for a brain-extraction
     model, a skull-stripped head), which must keep its whole foreground. The background value is the
