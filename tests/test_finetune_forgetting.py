@@ -75,6 +75,10 @@ def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
     assert sorted(i for i in e0 + e1 if i >= 4) == sorted([*range(4, 12), 4, 5])
     assert sorted(i for i in e0 if i < 4) == [0, 0, 1, 2, 3] and sorted(i for i in e1 if i < 4) == [0, 1, 1, 2, 3]
     assert {i for e in range(3) for i in mixed_draws(7, 0, 0.0, 3, epoch=e)} == set(range(7))
+    # masked copies (indices after the cases, rehearsal after them): their share of the non-rehearsal draws
+    draws = mixed_draws(n_cases=4, n_rehearse=2, fraction=0.5, total=16, n_masked=4, masked_fraction=0.25)
+    assert sorted(i for i in draws if i >= 8) == [8, 8, 8, 8, 9, 9, 9, 9]
+    assert [i for i in draws if 4 <= i < 8] == [4, 5] and sorted(i for i in draws if i < 4) == [0, 0, 1, 1, 2, 3]
 
 
 def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
@@ -211,7 +215,7 @@ def test_masked_copies_are_the_training_corrections_masked_with_their_label_and_
     caplog.set_level(logging.INFO, logger="resunet.training.loop")
     cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
                                   "tensorboard=false", "iterations_per_epoch=8", "finetune.rehearse=null",
-                                  "finetune.masked_copies=true", "finetune.holdout=1", "finetune.holdout_min_cases=4"])
+                                  "finetune.masked_copies=0.5", "finetune.holdout=1", "finetune.holdout_min_cases=4"])
     cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
     run = set_up(cfg)
     assert len(run.val_ids) == 1 and len(run.train_ids) == 3
@@ -256,6 +260,8 @@ def test_train_only_norm_and_stem_change_only_those_parameters(parent, tmp_path)
         assert moved and all(learns(k) for k in moved), (which, sorted(moved))
         assert all(torch.equal(after[k], before[k]) for k in params if not learns(k))
         assert load_checkpoint(out / "best.pt").model_card["finetune"]["train_only"] == which
+    with pytest.raises(ConfigError, match="masked_copies must be in 0..1"):
+        TrainConfig().override(["finetune.masked_copies=1"]).check()
     with pytest.raises(ConfigError, match="train_only"):
         TrainConfig().override(["finetune.train_only=bias"]).check()
 

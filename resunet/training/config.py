@@ -290,10 +290,10 @@ class FineTuneConfig:
         parent_weight: weight-space ensemble with the parent (WiSE-FT, Wortsman et al. 2022):
             ``best.pt``'s weights = ``parent_weight * parent + (1 - parent_weight) * fine-tuned``
             (0 = the fine-tuned weights as they are).
-        masked_copies: also train on a masked copy of every training correction: the image with every
-            voxel outside its corrected label set to the image's background value (the median of the
-            array's faces), with the same label, drawn as a correction (half the correction draws); the
-            held-out corrections' copies join the validation that chooses the epoch. It shows the
+        masked_copies: share of the correction draws (0..1, below 1) that are masked copies of the
+            training corrections: the image with every voxel outside its corrected label set to the
+            image's background value (the median of the array's faces), with the same label (0 = none);
+            the held-out corrections' copies join the validation that chooses the epoch. It shows the
             model the new site's contrast as an already-cropped input whose whole foreground stays (for
             brain extraction: a skull-stripped head of the new contrast stays whole), as the parent's
             skull-stripped rehearsal case does for the parent's contrast. Written to
@@ -320,7 +320,7 @@ class FineTuneConfig:
     holdout: int = 1
     holdout_min_cases: int = 4
     parent_weight: float = 0.0
-    masked_copies: bool = False
+    masked_copies: float = 0.0
     train_only: str | None = None
     distill_weight: float = 0.0
 
@@ -416,6 +416,9 @@ class TrainConfig:
                 or ft.epochs < 1 or ft.lr <= 0):
             raise ConfigError("finetune: epochs >= 1, lr > 0, encoder_lr_scale >= 0, freeze_decoder_levels >= 0, "
                               f"holdout >= 0 and holdout_min_cases >= 2 are needed; got {ft}")
+        if not 0.0 <= ft.masked_copies < 1.0:
+            raise ConfigError(f"finetune.masked_copies must be in 0..1 (a share of the correction draws, below 1); "
+                              f"got {ft.masked_copies}")
         if ft.distill_weight < 0:
             raise ConfigError(f"finetune.distill_weight must be >= 0; got {ft.distill_weight}")
         if ft.train_only not in (None, "norm", "stem"):

@@ -349,13 +349,14 @@ class _EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n_cases: int, per_rank: int, d: _Dist, seed: int, n_rehearse: int = 0,
-                 rehearse_fraction: float = 0.0) -> None:
+                 rehearse_fraction: float = 0.0, n_masked: int = 0, masked_fraction: float = 0.0) -> None:
         from resunet.training.rehearsal import mixed_draws
 
         self.n_cases, self.per_rank, self.d, self.seed = n_cases, per_rank, d, seed
         self._mix = (n_cases, n_rehearse, rehearse_fraction, per_rank * d.world)
+        self._masked = {"n_masked": n_masked, "masked_fraction": masked_fraction}
         # rehearsal (fine-tuning): a share of the draws are the rehearsal cases, indices after the n_cases
-        self._index = mixed_draws(*self._mix)
+        self._index = mixed_draws(*self._mix, **self._masked)
         self.inner = torch.utils.data.DistributedSampler(self._index, num_replicas=d.world, rank=d.rank,
                                                          shuffle=True, seed=seed, drop_last=True)
 
@@ -363,7 +364,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         from resunet.training.rehearsal import mixed_draws
 
         # the case cycle goes on across epochs: with fewer draws per epoch than cases, every case comes up
-        self._index[:] = mixed_draws(*self._mix, epoch=epoch)
+        self._index[:] = mixed_draws(*self._mix, epoch=epoch, **self._masked)
         self.inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
@@ -728,7 +729,7 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     else:
         net = build_network(cfg, plan, len(spec.channels), len(labels))
     masked_spec = None
-    if cfg.finetune.init_from and cfg.finetune.masked_copies:
+    if cfg.finetune.init_from and cfg.finetune.masked_copies > 0:
         from resunet.training.rehearsal import masked_copies_dataset
 
         masked_spec = masked_copies_dataset(spec, train_ids + val_ids, out / "masked_corrections")
@@ -816,8 +817,9 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     loader_bs = max(1, plan.batch_size // spv)
     steps = cfg.iterations_per_epoch or max(1, math.ceil(len(train_ids) * spv / (loader_bs * spv * d.world)))
     n_rehearse = len(rehearsal_spec.cases) if rehearsal_spec is not None else 0
-    n_train = len(train_ids) * (2 if masked_spec is not None else 1)  # masked copies are drawn as corrections
-    sampler = _EpochSampler(n_train, steps * loader_bs, d, cfg.seed, n_rehearse, cfg.finetune.rehearse_fraction)
+    n_masked = len(train_ids) if masked_spec is not None else 0  # one copy per training correction
+    sampler = _EpochSampler(len(train_ids), steps * loader_bs, d, cfg.seed, n_rehearse, cfg.finetune.rehearse_fraction,
+                            n_masked, cfg.finetune.masked_copies)
     loader = DataLoader(train_ds, batch_size=loader_bs, sampler=sampler, num_workers=cfg.dataset.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False)

@@ -100,7 +100,8 @@ def regenerate_parent_data(root: Path) -> DatasetSpec:
     return load_dataset(root)
 
 
-def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoch: int = 0) -> list[int]:
+def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoch: int = 0, n_masked: int = 0,
+                masked_fraction: float = 0.0) -> list[int]:
     """``total`` dataset indices for epoch ``epoch`` (0-based): a share ``fraction`` are rehearsal cases.
 
     Indices ``0..n_cases-1`` are the fine-tuning cases and ``n_cases..n_cases+n_rehearse-1`` the
@@ -109,19 +110,28 @@ def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoc
     epochs (an epoch is a fixed number of draws, often fewer than the cases). Draw ``i`` is a
     rehearsal draw when ``floor((i + 1) * fraction)`` steps up, which spreads them evenly (the
     sampler shuffles the list afterwards).
+
+    With ``n_masked`` masked copies of the fine-tuning cases (``finetune.masked_copies``; indices
+    ``n_cases..n_cases+n_masked-1``, the rehearsal cases after them) a share ``masked_fraction`` of the
+    fine-tuning (non-rehearsal) draws are masked copies, spread and cycled the same way.
     """
     n_r = int(total * fraction) if n_rehearse > 0 and fraction > 0 else 0  # rehearsal draws per epoch
-    c, r = epoch * (total - n_r), epoch * n_r
-    if n_r == 0:
-        return [(c + i) % n_cases for i in range(total)]
-    out = []
+    mf = masked_fraction if n_masked > 0 else 0.0
+    n_m = int((total - n_r) * mf)  # masked-copy draws per epoch
+    c, m, r = epoch * (total - n_r - n_m), epoch * n_m, epoch * n_r
+    out, j = [], 0
     for i in range(total):
-        if int((i + 1) * fraction) > int(i * fraction):
-            out.append(n_cases + r % n_rehearse)
+        if n_r and int((i + 1) * fraction) > int(i * fraction):
+            out.append(n_cases + n_masked + r % n_rehearse)
             r += 1
+            continue
+        if mf and int((j + 1) * mf) > int(j * mf):
+            out.append(n_cases + m % n_masked)
+            m += 1
         else:
             out.append(c % n_cases)
             c += 1
+        j += 1
     return out
 
 
