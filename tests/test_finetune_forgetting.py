@@ -29,10 +29,12 @@ from resunet.training.dataset import load_dataset
 from resunet.training.loop import _distill_loss, set_up
 from resunet.training.rehearsal import mixed_draws, regenerate_parent_data
 
-#: one fine-tuning run: tiny sizes, no rehearsal / hold-out unless a test turns them on
+#: one fine-tuning run: tiny sizes, no rehearsal / hold-out unless a test turns them on; each test says which
+#: of the forgetting remedies it checks (masked copies and train_only off unless a test turns them on)
+OFF = ["finetune.masked_copies=0", "finetune.train_only=null"]
 QUICK = ["--device", "cpu", "--set", "dataset.num_workers=0", "--set", "iterations_per_epoch=2",
          "--set", "progress=false", "--set", "threads=1", "--set", "tensorboard=false",
-         "--set", "validation.overlap=0.25"]
+         "--set", "validation.overlap=0.25", *(a for o in OFF for a in ("--set", o))]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
     other = make_msd(tmp_path / "old", n_cases=3, seed=9)
     cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
                                   "tensorboard=false", "iterations_per_epoch=6", "finetune.holdout=0",
-                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.rehearse_fraction=0.5"])
+                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.rehearse_fraction=0.5", *OFF])
     cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
     run = set_up(cfg)
     drawn = list(run.sampler)
@@ -214,7 +216,7 @@ def test_masked_copies_are_the_training_corrections_masked_with_their_label_and_
     data = make_msd(tmp_path / "corr", n_cases=4, seed=5)
     caplog.set_level(logging.INFO, logger="resunet.training.loop")
     cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
-                                  "tensorboard=false", "iterations_per_epoch=8", "finetune.rehearse=null",
+                                  "tensorboard=false", "iterations_per_epoch=8", "finetune.rehearse=null", *OFF,
                                   "finetune.masked_copies=0.5", "finetune.holdout=1", "finetune.holdout_min_cases=4"])
     cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
     run = set_up(cfg)
@@ -271,7 +273,7 @@ def test_distillation_marks_rehearsal_draws_and_its_term_is_zero_for_the_parent_
     other = make_msd(tmp_path / "old", n_cases=2, seed=9)
     cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
                                   "tensorboard=false", "iterations_per_epoch=4", "finetune.holdout=0",
-                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.distill_weight=1.0"])
+                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.distill_weight=1.0", *OFF])
     cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
     run = set_up(cfg)
     assert run.teacher is not None and not any(p.requires_grad for p in run.teacher.parameters())
