@@ -81,6 +81,10 @@ def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
     draws = mixed_draws(n_cases=4, n_rehearse=2, fraction=0.5, total=16, n_masked=4, masked_fraction=0.25)
     assert sorted(i for i in draws if i >= 8) == [8, 8, 8, 8, 9, 9, 9, 9]
     assert [i for i in draws if 4 <= i < 8] == [4, 5] and sorted(i for i in draws if i < 4) == [0, 0, 1, 1, 2, 3]
+    # a share below one draw an epoch: counted over the epochs (0.1 of 5 draws = one copy every 2nd epoch)
+    per_epoch = [sum(4 <= i < 8 for i in mixed_draws(4, 2, 0.5, 10, epoch=e, n_masked=4, masked_fraction=0.1))
+                 for e in range(6)]
+    assert per_epoch == [0, 1, 0, 1, 0, 1]
 
 
 def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):

@@ -113,13 +113,15 @@ def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoc
 
     With ``n_masked`` masked copies of the fine-tuning cases (``finetune.masked_copies``; indices
     ``n_cases..n_cases+n_masked-1``, the rehearsal cases after them) a share ``masked_fraction`` of the
-    fine-tuning (non-rehearsal) draws are masked copies, spread and cycled the same way.
+    fine-tuning (non-rehearsal) draws are masked copies, spread and cycled the same way, counted over
+    the epochs (a share of 0.1 of 5 draws an epoch is one copy every second epoch).
     """
     n_r = int(total * fraction) if n_rehearse > 0 and fraction > 0 else 0  # rehearsal draws per epoch
     mf = masked_fraction if n_masked > 0 else 0.0
-    n_m = int((total - n_r) * mf)  # masked-copy draws per epoch
-    c, m, r = epoch * (total - n_r - n_m), epoch * n_m, epoch * n_r
-    out, j = [], 0
+    nc = total - n_r  # fine-tuning draws per epoch; the masked share is spread over all epochs' of them, so a
+    m = int(epoch * nc * mf)  # share below one draw per epoch still gives a copy every few epochs
+    c, r = epoch * nc - m, epoch * n_r
+    out, j = [], epoch * nc
     for i in range(total):
         if n_r and int((i + 1) * fraction) > int(i * fraction):
             out.append(n_cases + n_masked + r % n_rehearse)
