@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,14 @@ def resunet(*args: str) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def command_line() -> str:
+    """This run's command as typed: its niceness (``os.nice(0)``, not an assumed one) and all its arguments."""
+    nice = os.nice(0)
+    python = os.path.relpath(sys.executable, Path.cwd()) if not Path(sys.executable).is_relative_to("/usr") else "python"
+    words = [python, os.path.relpath(Path(__file__).resolve(), Path.cwd()), *sys.argv[1:]]
+    return (f"nice -n {nice} " if nice else "") + shlex.join(words)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, help="work folder (default: a temp folder)")
@@ -201,7 +210,7 @@ def main() -> int:
     lines = [
         "# Fine-tuning the bundled model on 5 approved corrections (bench/bench_review.py)",
         "",
-        f"Command: `nice -n 5 .venv/bin/python bench/bench_review.py` (one run, 2 shared CPU cores; load average "
+        f"Command: `{command_line()}` (one run, 2 shared CPU cores; load average "
         f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f} at the start, {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at the end).",
         "",
         "New site: T2-like contrast (inverted inside the head) in simulated acquisitions (data/model/simulate.py, "

@@ -7,6 +7,7 @@ few steps on 2 cores; every claim is checked on the weights, the sampler's draws
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -23,13 +24,17 @@ from resunet.io.nifti import read_nifti
 from resunet.package_data import EXAMPLE_BRAINMASK
 from resunet.training.checkpoint import load_checkpoint
 from resunet.training.config import FineTuneConfig, TrainConfig
-from resunet.training.loop import set_up
+from resunet.errors import ConfigError
+from resunet.training.dataset import load_dataset
+from resunet.training.loop import _distill_loss, set_up
 from resunet.training.rehearsal import mixed_draws, regenerate_parent_data
 
-#: one fine-tuning run: tiny sizes, no rehearsal / hold-out unless a test turns them on
+#: one fine-tuning run: tiny sizes, no rehearsal / hold-out unless a test turns them on; each test says which
+#: of the forgetting remedies it checks (masked copies and train_only off unless a test turns them on)
+OFF = ["finetune.masked_copies=0", "finetune.train_only=null"]
 QUICK = ["--device", "cpu", "--set", "dataset.num_workers=0", "--set", "iterations_per_epoch=2",
          "--set", "progress=false", "--set", "threads=1", "--set", "tensorboard=false",
-         "--set", "validation.overlap=0.25"]
+         "--set", "validation.overlap=0.25", *(a for o in OFF for a in ("--set", o))]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,14 @@ def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
     assert sorted(i for i in e0 + e1 if i >= 4) == sorted([*range(4, 12), 4, 5])
     assert sorted(i for i in e0 if i < 4) == [0, 0, 1, 2, 3] and sorted(i for i in e1 if i < 4) == [0, 1, 1, 2, 3]
     assert {i for e in range(3) for i in mixed_draws(7, 0, 0.0, 3, epoch=e)} == set(range(7))
+    # masked copies (indices after the cases, rehearsal after them): their share of the non-rehearsal draws
+    draws = mixed_draws(n_cases=4, n_rehearse=2, fraction=0.5, total=16, n_masked=4, masked_fraction=0.25)
+    assert sorted(i for i in draws if i >= 8) == [8, 8, 8, 8, 9, 9, 9, 9]
+    assert [i for i in draws if 4 <= i < 8] == [4, 5] and sorted(i for i in draws if i < 4) == [0, 0, 1, 1, 2, 3]
+    # a share below one draw an epoch: counted over the epochs (0.1 of 5 draws = one copy every 2nd epoch)
+    per_epoch = [sum(4 <= i < 8 for i in mixed_draws(4, 2, 0.5, 10, epoch=e, n_masked=4, masked_fraction=0.1))
+                 for e in range(6)]
+    assert per_epoch == [0, 1, 0, 1, 0, 1]
 
 
 def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
@@ -79,7 +92,7 @@ def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
     other = make_msd(tmp_path / "old", n_cases=3, seed=9)
     cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
                                   "tensorboard=false", "iterations_per_epoch=6", "finetune.holdout=0",
-                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.rehearse_fraction=0.5"])
+                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.rehearse_fraction=0.5", *OFF])
     cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
     run = set_up(cfg)
     drawn = list(run.sampler)
@@ -201,3 +214,94 @@ def test_parent_weight_averages_the_fine_tuned_weights_with_the_parents(parent, 
         if p[k].is_floating_point():
             torch.testing.assert_close(best[k], 0.25 * p[k] + 0.75 * last[k])
     assert any(not torch.equal(best[k], last[k]) for k in p if p[k].is_floating_point())
+
+
+def test_masked_copies_are_the_training_corrections_masked_with_their_label_and_drawn(parent, tmp_path, caplog):
+    data = make_msd(tmp_path / "corr", n_cases=4, seed=5)
+    caplog.set_level(logging.INFO, logger="resunet.training.loop")
+    cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
+                                  "tensorboard=false", "iterations_per_epoch=8", "finetune.rehearse=null", *OFF,
+                                  "finetune.masked_copies=0.5", "finetune.holdout=1", "finetune.holdout_min_cases=4"])
+    cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
+    run = set_up(cfg)
+    assert len(run.val_ids) == 1 and len(run.train_ids) == 3
+    copies = load_dataset(tmp_path / "run" / "masked_corrections")
+    assert [c.case_id for c in copies.cases] == [f"{c}_masked" for c in sorted(run.train_ids + run.val_ids)]
+    # the held-out correction's copy is validated on (after the correction itself), never trained on
+    assert len(run.val_ds) == 2
+    val_masked = np.asarray(run.val_ds[1]["image"])
+    assert not np.array_equal(val_masked, np.asarray(run.val_ds[0]["image"]))
+    assert all(run.train_ds[i]["case_id"] != f"{run.val_ids[0]}_masked" if not isinstance(run.train_ds[i], list) else
+               all(p["case_id"] != f"{run.val_ids[0]}_masked" for p in run.train_ds[i]) for i in range(len(run.train_ds)))
+    for case_id in run.train_ids + run.val_ids:
+        image = np.asarray(nib.load(data / f"imagesTr/{case_id}.nii.gz").dataobj)
+        label = np.asarray(nib.load(data / f"labelsTr/{case_id}.nii.gz").dataobj) > 0
+        masked = np.asarray(nib.load(tmp_path / f"run/masked_corrections/imagesTr/{case_id}_masked.nii.gz").dataobj)
+        copy_label = np.asarray(nib.load(tmp_path / f"run/masked_corrections/labelsTr/{case_id}_masked.nii.gz").dataobj)
+        faces = np.concatenate([image[0].ravel(), image[-1].ravel(), image[:, 0].ravel(), image[:, -1].ravel(),
+                                image[:, :, 0].ravel(), image[:, :, -1].ravel()])
+        assert np.array_equal(copy_label > 0, label)
+        assert np.array_equal(masked[label], image[label])
+        assert np.all(masked[~label] == np.median(faces).astype(image.dtype)) and np.any(image[~label] != masked[~label])
+    # drawn as corrections: the sampler's indices reach the copies (after the 3 corrections), half the draws
+    # over 3 epochs of 8 draws (4 cycles of the 6 cases)
+    drawn = [i for e in range(3) for i in (run.sampler.set_epoch(e) or list(run.sampler))]
+    assert len(run.train_ds) == 6 and {i for i in drawn if i >= 3} == {3, 4, 5} and sum(i >= 3 for i in drawn) == len(drawn) // 2
+    patches = run.train_ds[3]
+    assert (patches[0] if isinstance(patches, list) else patches)["case_id"].endswith("_masked")
+    assert "of the 3 training corrections (trained on) and of the 1 held-out one(s)" in caplog.text
+
+
+def test_train_only_norm_and_stem_change_only_those_parameters(parent, tmp_path):
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    before = load_checkpoint(parent).state_dict
+    for which, learns in (("norm", lambda k: ".bn" in k or "downsample.1." in k or ".norm" in k),
+                          ("stem", lambda k: k.startswith(("encoder.conv1.", "encoder.bn1.", "encoder.layer1.")))):
+        out = tmp_path / which
+        assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
+                     "--rehearse", "none", "--set", "optim.lr=0.01", "--set", f"finetune.train_only={which}"]) == 0
+        after = load_checkpoint(out / "last.pt").state_dict
+        params = {n for n, _ in load_checkpoint(parent).build_network().named_parameters()}
+        moved = {k for k in params if not torch.equal(after[k], before[k])}
+        assert moved and all(learns(k) for k in moved), (which, sorted(moved))
+        assert all(torch.equal(after[k], before[k]) for k in params if not learns(k))
+        assert load_checkpoint(out / "best.pt").model_card["finetune"]["train_only"] == which
+    with pytest.raises(ConfigError, match="masked_copies must be in 0..1"):
+        TrainConfig().override(["finetune.masked_copies=1"]).check()
+    with pytest.raises(ConfigError, match="train_only"):
+        TrainConfig().override(["finetune.train_only=bias"]).check()
+
+
+def test_distillation_marks_rehearsal_draws_and_its_term_is_zero_for_the_parent_itself(parent, tmp_path):
+    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
+    other = make_msd(tmp_path / "old", n_cases=2, seed=9)
+    cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
+                                  "tensorboard=false", "iterations_per_epoch=4", "finetune.holdout=0",
+                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.distill_weight=1.0", *OFF])
+    cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
+    run = set_up(cfg)
+    assert run.teacher is not None and not any(p.requires_grad for p in run.teacher.parameters())
+    for i, is_rehearsal in ((0, False), (1, False), (2, True), (3, True)):
+        item = run.train_ds[i]
+        assert all(bool(s["rehearsal"]) is is_rehearsal for s in (item if isinstance(item, list) else [item]))
+    x = torch.stack([s["image"] for s in run.train_ds[2]])[:, :, :16, :16, :16]
+    flags = torch.tensor([True, False])
+    with torch.no_grad():
+        same = _distill_loss(run.teacher, x, run.teacher(x), flags, contextlib.nullcontext())
+        other_net = load_checkpoint(parent).build_network().eval()
+        for p in other_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        differs = _distill_loss(run.teacher, x, other_net(x), flags, contextlib.nullcontext())
+    assert float(same) == pytest.approx(0.0, abs=1e-6) and float(differs) > 1e-4
+    out = tmp_path / "cli"
+    assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "1",
+                 "--rehearse", str(other), "--set", "finetune.distill_weight=0.5"]) == 0
+    assert load_checkpoint(out / "best.pt").model_card["finetune"]["distill_weight"] == 0.5
+
+
+def test_set_accepts_exponent_numbers_that_yaml_1_1_reads_as_strings():
+    cfg = TrainConfig().override(["finetune.lr=5e-4", "optim.lr=1E-2", "optim.min_lr=-1e+3"])
+    assert (cfg.finetune.lr, cfg.optim.lr, cfg.optim.min_lr) == (5e-4, 1e-2, -1e3)
+    with pytest.raises(ConfigError, match="finetune.lr must be a number"):
+        TrainConfig().override(["finetune.lr=5e-4x"])
+    assert build_config(_args("--init-from", "p.pt", "--set", "finetune.lr=5e-4")).optim.lr == 5e-4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -289,6 +290,22 @@ class FineTuneConfig:
         parent_weight: weight-space ensemble with the parent (WiSE-FT, Wortsman et al. 2022):
             ``best.pt``'s weights = ``parent_weight * parent + (1 - parent_weight) * fine-tuned``
             (0 = the fine-tuned weights as they are).
+        masked_copies: share of the correction draws (0..1, below 1) that are masked copies of the
+            training corrections: the image with every voxel outside its corrected label set to the
+            image's background value (the median of the array's faces), with the same label (0 = none);
+            the held-out corrections' copies join the validation that chooses the epoch. It shows the
+            model the new site's contrast as an already-cropped input whose whole foreground stays (for
+            brain extraction: a skull-stripped head of the new contrast stays whole), as the parent's
+            skull-stripped rehearsal case does for the parent's contrast. Written to
+            ``RUN/masked_corrections``.
+        train_only: learn only a small part of the network, the rest kept at the parent's (overrides
+            ``freeze_encoder``, ``encoder_lr_scale`` and ``freeze_decoder_levels``): ``"norm"`` = the
+            normalisation layers' affine weights and biases (everywhere), ``"stem"`` = the encoder's
+            first stage (stem convolution, its norm and ``layer1``); ``None`` = as those keys say.
+            Common domain-adaptation choices for a contrast shift.
+        distill_weight: learning without forgetting (Li & Hoiem 2017): weight of a distillation term
+            on the rehearsal draws, the KL divergence of the child's softmax from the parent's (per
+            voxel, full resolution), added to the loss (0 = none; needs rehearsal).
     """
 
     init_from: str | None = None
@@ -303,6 +320,9 @@ class FineTuneConfig:
     holdout: int = 1
     holdout_min_cases: int = 4
     parent_weight: float = 0.0
+    masked_copies: float = 0.0
+    train_only: str | None = None
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -396,6 +416,13 @@ class TrainConfig:
                 or ft.epochs < 1 or ft.lr <= 0):
             raise ConfigError("finetune: epochs >= 1, lr > 0, encoder_lr_scale >= 0, freeze_decoder_levels >= 0, "
                               f"holdout >= 0 and holdout_min_cases >= 2 are needed; got {ft}")
+        if not 0.0 <= ft.masked_copies < 1.0:
+            raise ConfigError(f"finetune.masked_copies must be in 0..1 (a share of the correction draws, below 1); "
+                              f"got {ft.masked_copies}")
+        if ft.distill_weight < 0:
+            raise ConfigError(f"finetune.distill_weight must be >= 0; got {ft.distill_weight}")
+        if ft.train_only not in (None, "norm", "stem"):
+            raise ConfigError(f"finetune.train_only must be norm, stem or null; got {ft.train_only!r}")
         for name in ("patch_size", "spacing"):
             value = getattr(self.plan, name)
             if value is not None and len(value) != self.model.spatial_dims and not (name == "spacing" and len(value) == 3):
@@ -532,6 +559,9 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
             raise bad
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads "5e-4" as a string (it wants "5.0e-4"); a number is meant
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -540,6 +570,10 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
             raise bad
         return str(value)
     return value
+
+
+#: a number in exponent notation without a dot (``5e-4``, ``1E3``), which YAML 1.1 leaves a string
+_YAML11_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 def _hint_name(hint: Any) -> str:

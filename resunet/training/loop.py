@@ -267,18 +267,44 @@ def _amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 # ------------------------------------------------------------------------------------ data
 def _datasets(cfg: TrainConfig, spec: DatasetSpec, plan: TrainingPlan, train_ids: list[str], val_ids: list[str],
-              out: Path, rehearsal: DatasetSpec | None = None) -> tuple[Any, Any]:
-    """The training and validation datasets; with ``rehearsal`` the training one is a :class:`_Mixed` of
-    the training cases (indices first) and the rehearsal cases."""
+              out: Path, rehearsal: DatasetSpec | None = None, masked: DatasetSpec | None = None) -> tuple[Any, Any]:
+    """The training and validation datasets; with ``rehearsal`` or ``masked`` the training one is a
+    :class:`_Mixed` of the training cases (indices first), their masked copies (``finetune.masked_copies``,
+    indices next: drawn as training cases) and the rehearsal cases (indices last); with ``masked`` the
+    validation set holds the held-out cases' masked copies after the held-out cases."""
     train_ds, val_ds = _case_datasets(cfg, spec, plan, train_ids, val_ids, out)
-    if rehearsal is None:
+    if rehearsal is None and masked is None:
         return train_ds, val_ds
-    rehearse_ds, _ = _case_datasets(cfg, rehearsal, plan, [c.case_id for c in rehearsal.cases], [], out / "rehearsal_cache")
-    return _Mixed([train_ds, rehearse_ds]), val_ds
+    parts = [train_ds]
+    if masked is not None:  # the training corrections' copies are trained on, the held-out ones' validated on
+        masked_train, masked_val = _case_datasets(cfg, masked, plan, [f"{c}_masked" for c in train_ids],
+                                                  [f"{c}_masked" for c in val_ids], out / "masked_cache")
+        parts.append(masked_train)
+        if val_ds is not None and masked_val is not None:
+            val_ds = torch.utils.data.ConcatDataset([val_ds, masked_val])
+    if rehearsal is not None:
+        parts.append(_case_datasets(cfg, rehearsal, plan, [c.case_id for c in rehearsal.cases], [],
+                                    out / "rehearsal_cache")[0])
+    mark = rehearsal is not None and cfg.finetune.distill_weight > 0
+    return _Mixed(parts, mark_last=mark), val_ds
 
 
 class _Mixed(torch.utils.data.ConcatDataset):
-    """Training cases then rehearsal cases (each with its own reader); one seed call reaches both."""
+    """Training cases, their masked copies, then rehearsal cases (each with its own reader); one seed call
+    reaches all. With ``mark_last`` every sample says whether it is a rehearsal draw (the last dataset),
+    as ``sample["rehearsal"]`` (``finetune.distill_weight``)."""
+
+    def __init__(self, datasets: list[Any], mark_last: bool = False) -> None:
+        super().__init__(datasets)
+        self.mark_last = mark_last
+
+    def __getitem__(self, idx: int) -> Any:
+        item = super().__getitem__(idx)
+        if self.mark_last:
+            flag = torch.tensor(idx >= self.cumulative_sizes[-2] if len(self.datasets) > 1 else False)
+            for sample in item if isinstance(item, list) else [item]:
+                sample["rehearsal"] = flag
+        return item
 
     def set_random_state(self, seed: int) -> None:
         for k, ds in enumerate(self.datasets):
@@ -323,13 +349,14 @@ class _EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n_cases: int, per_rank: int, d: _Dist, seed: int, n_rehearse: int = 0,
-                 rehearse_fraction: float = 0.0) -> None:
+                 rehearse_fraction: float = 0.0, n_masked: int = 0, masked_fraction: float = 0.0) -> None:
         from resunet.training.rehearsal import mixed_draws
 
         self.n_cases, self.per_rank, self.d, self.seed = n_cases, per_rank, d, seed
         self._mix = (n_cases, n_rehearse, rehearse_fraction, per_rank * d.world)
+        self._masked = {"n_masked": n_masked, "masked_fraction": masked_fraction}
         # rehearsal (fine-tuning): a share of the draws are the rehearsal cases, indices after the n_cases
-        self._index = mixed_draws(*self._mix)
+        self._index = mixed_draws(*self._mix, **self._masked)
         self.inner = torch.utils.data.DistributedSampler(self._index, num_replicas=d.world, rank=d.rank,
                                                          shuffle=True, seed=seed, drop_last=True)
 
@@ -337,7 +364,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         from resunet.training.rehearsal import mixed_draws
 
         # the case cycle goes on across epochs: with fewer draws per epoch than cases, every case comes up
-        self._index[:] = mixed_draws(*self._mix, epoch=epoch)
+        self._index[:] = mixed_draws(*self._mix, epoch=epoch, **self._masked)
         self.inner.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
@@ -569,6 +596,7 @@ class TrainingRun:
     lineage: dict[str, Any] | None = None  # fine-tuning: {"parent": {...}, "corrections": [...]} for the card
     rehearsal: dict[str, Any] | None = None  # fine-tuning: what was rehearsed on (the card's "rehearsal")
     parent_state: dict[str, torch.Tensor] | None = None  # fine-tuning: the parent's weights (CPU), for parent_weight
+    teacher: torch.nn.Module | None = None  # fine-tuning: the frozen parent, for finetune.distill_weight
 
     @property
     def last_path(self) -> Path:
@@ -700,6 +728,15 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
                               "fingerprint": rehearsal_spec.fingerprint()})
     else:
         net = build_network(cfg, plan, len(spec.channels), len(labels))
+    masked_spec = None
+    if cfg.finetune.init_from and cfg.finetune.masked_copies > 0:
+        from resunet.training.rehearsal import masked_copies_dataset
+
+        masked_spec = masked_copies_dataset(spec, train_ids + val_ids, out / "masked_corrections")
+        if d.main:
+            log.info("fine-tuning: masked copies (finetune.masked_copies) of the %d training corrections (trained on) "
+                     "and of the %d held-out one(s) (validated on) in %s", len(train_ids), len(val_ids),
+                     out / "masked_corrections")
     network_config = net.config
     pretrained: dict[str, Any] | None = None
     if resume_ckpt is not None:
@@ -722,6 +759,13 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d if plan.spatial_dims == 3 else torch.channels_last)
     parent_state = None
+    teacher = None
+    if cfg.finetune.init_from and cfg.finetune.distill_weight > 0 and rehearsal_spec is not None:
+        import copy
+
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)  # the parent as it is now (step 0 / resumed: below)
+        if resume_ckpt is not None:
+            teacher.load_state_dict(load_checkpoint(cfg.finetune.init_from).state_dict)
     if cfg.finetune.init_from:
         params: Any = _finetune_params(cfg, net)
         if cfg.finetune.parent_weight > 0:
@@ -768,12 +812,14 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
     # ---- data ------------------------------------------------------------------------------------
     from monai.data import DataLoader
 
-    train_ds, val_ds = _datasets(cfg, spec, plan, train_ids, val_ids, out, rehearsal_spec)
+    train_ds, val_ds = _datasets(cfg, spec, plan, train_ids, val_ids, out, rehearsal_spec, masked_spec)
     spv = cfg.augment.samples_per_volume
     loader_bs = max(1, plan.batch_size // spv)
     steps = cfg.iterations_per_epoch or max(1, math.ceil(len(train_ids) * spv / (loader_bs * spv * d.world)))
     n_rehearse = len(rehearsal_spec.cases) if rehearsal_spec is not None else 0
-    sampler = _EpochSampler(len(train_ids), steps * loader_bs, d, cfg.seed, n_rehearse, cfg.finetune.rehearse_fraction)
+    n_masked = len(train_ids) if masked_spec is not None else 0  # one copy per training correction
+    sampler = _EpochSampler(len(train_ids), steps * loader_bs, d, cfg.seed, n_rehearse, cfg.finetune.rehearse_fraction,
+                            n_masked, cfg.finetune.masked_copies)
     loader = DataLoader(train_ds, batch_size=loader_bs, sampler=sampler, num_workers=cfg.dataset.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False)
@@ -789,7 +835,7 @@ def set_up(cfg: TrainConfig, resume: bool = False, given_plan: TrainingPlan | No
         loss_fn=loss_fn, channels_last=channels_last, train_ds=train_ds, val_ds=val_ds, loader=loader,
         sampler=sampler, steps=steps, loader_bs=loader_bs, logger=logger, started=t_start,
         start_epoch=start_epoch, best_dice=best_dice, best_epoch=best_epoch, lineage=lineage, rehearsal=rehearsal,
-        parent_state=parent_state)
+        parent_state=parent_state, teacher=teacher)
 
 
 def _finetune_split(cfg: TrainConfig, case_ids: list[str], main: bool) -> TrainConfig:
@@ -826,11 +872,36 @@ def _frozen_decoder_prefixes(cfg: TrainConfig, net: torch.nn.Module) -> list[str
     return [f"decoder.{i}." for i in range(n)]
 
 
+#: the encoder's first stage (``finetune.train_only="stem"``): the stem convolution and norm, and ``layer1``
+_STEM_PREFIXES = ("encoder.conv1.", "encoder.bn1.", "encoder.layer1.")
+
+
+def _train_only_names(which: str, net: torch.nn.Module) -> set[str]:
+    """Names of the parameters that learn under ``finetune.train_only`` (``"norm"``: every normalisation
+    layer's affine weight and bias; ``"stem"``: the encoder's first stage); all others keep the parent's."""
+    if which == "norm":
+        norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+        names = {f"{m}.{n}" if m else n for m, mod in net.named_modules() if isinstance(mod, norms)
+                 for n, _ in mod.named_parameters(recurse=False)}
+    else:
+        names = {n for n, _ in net.named_parameters() if n.startswith(_STEM_PREFIXES)}
+    if not names:
+        raise ConfigError(f"finetune.train_only={which!r}: the parent network has no such parameters "
+                          f"({'no affine normalisation layers' if which == 'norm' else 'no encoder stem'}); "
+                          "leave finetune.train_only unset")
+    return names
+
+
 def _finetune_params(cfg: TrainConfig, net: torch.nn.Module) -> list[dict[str, Any]]:
     """The optimiser's parameter groups of a fine-tuning run: the encoder frozen (``finetune.freeze_encoder``:
     ``requires_grad`` off, not in the optimiser) or at ``finetune.encoder_lr_scale`` times the learning rate;
     the coarsest ``finetune.freeze_decoder_levels`` decoder levels frozen as well."""
     ft = cfg.finetune
+    if ft.train_only:
+        learn = _train_only_names(ft.train_only, net)
+        for n, p in net.named_parameters():
+            p.requires_grad_(n in learn)
+        return [{"params": [p for n, p in net.named_parameters() if n in learn]}]
     frozen_dec = _frozen_decoder_prefixes(cfg, net)
     encoder = [p for n, p in net.named_parameters() if n.startswith("encoder.")]
     decoder_frozen = [p for n, p in net.named_parameters() if any(n.startswith(f) for f in frozen_dec)]
@@ -930,9 +1001,9 @@ def train_one_epoch(run: TrainingRun, epoch: int, progress: Any) -> EpochStats:
     _seed_transforms(run.train_ds, es)
     run.sampler.set_epoch(epoch)
     model.train()
-    if cfg.finetune.init_from and cfg.finetune.freeze_encoder:
+    if cfg.finetune.init_from and cfg.finetune.freeze_encoder and not cfg.finetune.train_only:
         run.net.encoder.eval()  # frozen: its norm layers keep the parent's statistics too
-    if cfg.finetune.init_from:
+    if cfg.finetune.init_from and not cfg.finetune.train_only:
         for i in range(cfg.finetune.freeze_decoder_levels):
             run.net.decoder[i].eval()  # frozen decoder levels (finetune.freeze_decoder_levels) likewise
     t0 = time.time()
@@ -954,6 +1025,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, progress: Any) -> EpochStats:
         else:
             outputs = outputs.float()
         loss = run.loss_fn(outputs, y)
+        if run.teacher is not None and "rehearsal" in batch and bool(batch["rehearsal"].any()):
+            loss = loss + cfg.finetune.distill_weight * _distill_loss(run.teacher, x, outputs, batch["rehearsal"], ctx)
         if not torch.isfinite(loss):
             raise ConfigError(f"epoch {epoch + 1}: the loss became {float(loss)}; lower optim.lr or use amp: none")
         scaler.scale(loss).backward()
@@ -976,6 +1049,18 @@ def train_one_epoch(run: TrainingRun, epoch: int, progress: Any) -> EpochStats:
 
 
 # ---------------------------------------------------------------------------- phase: end of epoch
+def _distill_loss(teacher: torch.nn.Module, x: torch.Tensor, outputs: Any, rehearsal: torch.Tensor, ctx: Any) -> torch.Tensor:
+    """Learning without forgetting (Li & Hoiem 2017) on the rehearsal draws: the KL divergence of the
+    child's softmax from the parent's (full-resolution output), averaged over the rehearsal samples' voxels."""
+    rows = rehearsal.to(x.device).bool().reshape(-1)
+    with torch.no_grad(), ctx:
+        target = teacher(x[rows])
+    target = (target[0] if isinstance(target, (list, tuple)) else target).float()
+    child = (outputs[0] if isinstance(outputs, (list, tuple)) else outputs)[rows]
+    kl = F.kl_div(F.log_softmax(child, 1), F.log_softmax(target, 1), log_target=True, reduction="none")
+    return kl.sum(1).mean()
+
+
 def end_of_epoch(run: TrainingRun, epoch: int, stats: EpochStats, progress: Any = None) -> dict[str, Any]:
     """After the pass of epoch ``epoch`` (0-based): validation when due (rank 0, shared with every
     rank), the schedule's step, the best Dice, the log row, ``best.pt`` when improved and ``last.pt``
@@ -1084,7 +1169,8 @@ def model_card(run: TrainingRun, metrics: dict[str, Any]) -> dict[str, Any]:
         base["rehearsal"] = run.rehearsal
         base["finetune"] = {"lr": cfg.optim.lr, "epochs": cfg.epochs, "freeze_encoder": ft.freeze_encoder,
                             "encoder_lr_scale": ft.encoder_lr_scale, "parent_weight": ft.parent_weight,
-                            "freeze_decoder_levels": ft.freeze_decoder_levels,
+                            "freeze_decoder_levels": ft.freeze_decoder_levels, "masked_copies": ft.masked_copies,
+                            "train_only": ft.train_only, "distill_weight": ft.distill_weight,
                             "holdout_cases": run.val_ids, "best_epoch": run.best_epoch}
     if run.val_ids or cfg.dataset.folds > 1:
         base["cross_validation"] = {"folds": cfg.dataset.folds, "fold": cfg.dataset.fold,

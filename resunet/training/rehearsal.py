@@ -100,7 +100,8 @@ def regenerate_parent_data(root: Path) -> DatasetSpec:
     return load_dataset(root)
 
 
-def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoch: int = 0) -> list[int]:
+def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoch: int = 0, n_masked: int = 0,
+                masked_fraction: float = 0.0) -> list[int]:
     """``total`` dataset indices for epoch ``epoch`` (0-based): a share ``fraction`` are rehearsal cases.
 
     Indices ``0..n_cases-1`` are the fine-tuning cases and ``n_cases..n_cases+n_rehearse-1`` the
@@ -109,17 +110,83 @@ def mixed_draws(n_cases: int, n_rehearse: int, fraction: float, total: int, epoc
     epochs (an epoch is a fixed number of draws, often fewer than the cases). Draw ``i`` is a
     rehearsal draw when ``floor((i + 1) * fraction)`` steps up, which spreads them evenly (the
     sampler shuffles the list afterwards).
+
+    With ``n_masked`` masked copies of the fine-tuning cases (``finetune.masked_copies``; indices
+    ``n_cases..n_cases+n_masked-1``, the rehearsal cases after them) a share ``masked_fraction`` of the
+    fine-tuning (non-rehearsal) draws are masked copies, spread and cycled the same way, counted over
+    the epochs (a share of 0.1 of 5 draws an epoch is one copy every second epoch).
     """
     n_r = int(total * fraction) if n_rehearse > 0 and fraction > 0 else 0  # rehearsal draws per epoch
-    c, r = epoch * (total - n_r), epoch * n_r
-    if n_r == 0:
-        return [(c + i) % n_cases for i in range(total)]
-    out = []
+    mf = masked_fraction if n_masked > 0 else 0.0
+    nc = total - n_r  # fine-tuning draws per epoch; the masked share is spread over all epochs' of them, so a
+    m = int(epoch * nc * mf)  # share below one draw per epoch still gives a copy every few epochs
+    c, r = epoch * nc - m, epoch * n_r
+    out, j = [], epoch * nc
     for i in range(total):
-        if int((i + 1) * fraction) > int(i * fraction):
-            out.append(n_cases + r % n_rehearse)
+        if n_r and int((i + 1) * fraction) > int(i * fraction):
+            out.append(n_cases + n_masked + r % n_rehearse)
             r += 1
+            continue
+        if mf and int((j + 1) * mf) > int(j * mf):
+            out.append(n_cases + m % n_masked)
+            m += 1
         else:
             out.append(c % n_cases)
             c += 1
+        j += 1
     return out
+
+
+def masked_copies_dataset(spec: DatasetSpec, case_ids: list[str], root: Path) -> DatasetSpec:
+    """Masked copies of the training corrections (``finetune.masked_copies``), an MSD dataset at ``root``.
+
+    For each case in ``case_ids`` (the training run's corrections: the training ones are trained on,
+    the held-out ones' copies only validated on, next to the held-out cases themselves) the image
+    with every voxel outside its label's foreground (label > 0) set to the image's background value,
+    and the same label map: the new site's contrast as an already-cropped input (for a brain-extraction
+    model, a skull-stripped head), which must keep its whole foreground. The background value is the
+    median of the voxels on the array's six faces (air, per channel), not 0: a simulated or scanned
+    image's air is rarely exactly 0 after scaling and offsets. Cases are named ``<case>_masked``.
+    Written afresh each run (a resumed run writes the same files again); files written atomically.
+
+    Raises:
+        DatasetError: a case's label map has no foreground (a masked copy would be all background) or
+            its grid is not the image's.
+    """
+    from resunet.io import read_nifti, write_nifti
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "imagesTr").mkdir(exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    training = []
+    for case_id in case_ids:
+        case = spec.case(case_id)
+        label = read_nifti(case.label)
+        fg = np.asarray(label.array) > 0
+        if not fg.any():
+            raise DatasetError(f"dataset {spec.root}: case {case_id}'s label map {case.label} has no foreground, so "
+                               "it has no masked copy; drop the case or set finetune.masked_copies=false")
+        images = []
+        for k, path in enumerate(case.images):
+            image = read_nifti(path)
+            x = np.asarray(image.array)
+            if x.shape[:3] != fg.shape:
+                raise DatasetError(f"dataset {spec.root}: case {case_id}: image {path} has shape {x.shape[:3]} but its "
+                                   f"label {case.label} has {fg.shape}; they must share one grid")
+            inside = fg.reshape(fg.shape + (1,) * (x.ndim - 3))
+            faces = np.concatenate([x[i].reshape(-1, *x.shape[3:]) for i in
+                                    (np.s_[0], np.s_[-1], np.s_[:, 0], np.s_[:, -1], np.s_[:, :, 0], np.s_[:, :, -1])])
+            background = np.median(faces, axis=0).astype(x.dtype)
+            name = f"{case_id}_masked" + (f"_{k:04d}" if len(case.images) > 1 else "")
+            write_nifti(image.with_array(np.where(inside, x, background)), root / "imagesTr" / f"{name}.nii.gz")
+            images.append(f"./imagesTr/{name}.nii.gz")
+        write_nifti(label, root / "labelsTr" / f"{case_id}_masked.nii.gz")
+        training.append({"image": images[0] if len(images) == 1 else images,
+                         "label": f"./labelsTr/{case_id}_masked.nii.gz"})
+    meta: dict[str, Any] = {"name": f"{spec.name}_masked", "description": "the training corrections with everything "
+                            "outside their label set to the background value (finetune.masked_copies)",
+                            "modality": {str(i): c for i, c in enumerate(spec.channels)},
+                            "labels": {str(k): v for k, v in spec.labels.items()},
+                            "numTraining": len(training), "training": training}
+    atomic_write_text(root / "dataset.json", json.dumps(meta, indent=1) + "\n")
+    return load_dataset(root)
