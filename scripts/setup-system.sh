@@ -8,11 +8,12 @@
 #   postgresql                the service's shared job queue (initdb/pg_ctl in a temp folder)
 #   openssl                   test certificates for DICOM over TLS
 #   mricron-data              Colin27 T1 + brain mask (real data for tests and benches)
+#   dcm2niix                  the peer column of bench/io_read_speed.py and bench/io_vs_dcm2niix.py
 # Idempotent: packages already present are left alone, and nothing is installed when all are.
 # Uses sudo only when not run as root. Called by the README's test command and by .ci/run.
 set -euo pipefail
 
-packages=(chromium orthanc orthanc-dicomweb dcmtk dicom3tools plastimatch postgresql openssl mricron-data)
+packages=(chromium orthanc orthanc-dicomweb dcmtk dicom3tools plastimatch postgresql openssl mricron-data dcm2niix)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
