@@ -87,14 +87,21 @@ def test_mixed_draws_take_the_asked_share_from_the_rehearsal_cases_in_turn():
     assert per_epoch == [0, 1, 0, 1, 0, 1]
 
 
-def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
+def _rehearsal_run(parent, tmp_path, n_old: int, iterations: int, *settings: str):
+    """A set-up fine-tune of ``parent`` on 2 corrections, rehearsing an ``n_old``-case dataset (no
+    holdout, one fold; masked copies and train_only off), with ``settings``; returns (run, the corrections,
+    the rehearsed dataset)."""
     data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
-    other = make_msd(tmp_path / "old", n_cases=3, seed=9)
+    other = make_msd(tmp_path / "old", n_cases=n_old, seed=9)
     cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
-                                  "tensorboard=false", "iterations_per_epoch=6", "finetune.holdout=0",
-                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.rehearse_fraction=0.5", *OFF])
+                                  "tensorboard=false", f"iterations_per_epoch={iterations}", "finetune.holdout=0",
+                                  "dataset.folds=1", f"finetune.rehearse={other}", *settings, *OFF])
     cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
-    run = set_up(cfg)
+    return set_up(cfg), data, other
+
+
+def test_rehearsal_cases_are_drawn_and_named_in_the_card(parent, tmp_path):
+    run, data, other = _rehearsal_run(parent, tmp_path, 3, 6, "finetune.rehearse_fraction=0.5")
     drawn = list(run.sampler)
     assert len(run.train_ds) == 5 and sum(i >= 2 for i in drawn) == len(drawn) // 2
     patches = run.train_ds[next(i for i in drawn if i >= 2)]
@@ -273,13 +280,7 @@ def test_train_only_norm_and_stem_change_only_those_parameters(parent, tmp_path)
 
 
 def test_distillation_marks_rehearsal_draws_and_its_term_is_zero_for_the_parent_itself(parent, tmp_path):
-    data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
-    other = make_msd(tmp_path / "old", n_cases=2, seed=9)
-    cfg = TrainConfig().override(["device=cpu", "dataset.num_workers=0", "progress=false", "threads=1",
-                                  "tensorboard=false", "iterations_per_epoch=4", "finetune.holdout=0",
-                                  "dataset.folds=1", f"finetune.rehearse={other}", "finetune.distill_weight=1.0", *OFF])
-    cfg.data, cfg.out, cfg.finetune.init_from = str(data), str(tmp_path / "run"), str(parent)
-    run = set_up(cfg)
+    run, data, other = _rehearsal_run(parent, tmp_path, 2, 4, "finetune.distill_weight=1.0")
     assert run.teacher is not None and not any(p.requires_grad for p in run.teacher.parameters())
     for i, is_rehearsal in ((0, False), (1, False), (2, True), (3, True)):
         item = run.train_ds[i]
