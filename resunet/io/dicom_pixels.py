@@ -191,18 +191,24 @@ def _ts_name(uid: str) -> str:
     return pydicom.uid.UID(uid).name if uid else "Implicit VR Little Endian (no file meta)"
 
 
+def _wanted_workers() -> int:
+    """``RESUNET_DICOM_WORKERS`` as a number (0: unset, not a number, or not above 0: the default)."""
+    env = os.environ.get("RESUNET_DICOM_WORKERS", "").strip()
+    if not env:
+        return 0
+    try:
+        return max(0, int(env))
+    except ValueError:
+        log.warning("RESUNET_DICOM_WORKERS=%r is not a number; using the default", env)
+        return 0
+
+
 def workers_for(n_files: int) -> int:
     """How many processes decode ``n_files`` compressed frames (files or frames of a multi-frame file; 1: in
     this process)."""
-    env = os.environ.get("RESUNET_DICOM_WORKERS", "").strip()
-    if env:
-        try:
-            wanted = int(env)
-        except ValueError:
-            log.warning("RESUNET_DICOM_WORKERS=%r is not a number; using the default", env)
-            wanted = 0
-        if wanted > 0:
-            return min(wanted, n_files) if n_files >= 2 else 1
+    wanted = _wanted_workers()
+    if wanted > 0:
+        return min(wanted, n_files) if n_files >= 2 else 1
     if n_files < MIN_FILES_FOR_PROCESSES:
         return 1
     return max(1, min(os.cpu_count() or 1, 8, n_files))
@@ -211,15 +217,7 @@ def workers_for(n_files: int) -> int:
 def threads_for(n_frames: int) -> int:
     """How many threads decode ``n_frames`` frames whose decoder releases the GIL (1: this thread):
     ``RESUNET_DICOM_WORKERS`` if set, else the CPU count, at most 8 (threads cost no start-up)."""
-    env = os.environ.get("RESUNET_DICOM_WORKERS", "").strip()
-    wanted = 0
-    if env:
-        try:
-            wanted = int(env)
-        except ValueError:
-            log.warning("RESUNET_DICOM_WORKERS=%r is not a number; using the default", env)
-    if wanted <= 0:
-        wanted = min(os.cpu_count() or 1, 8)
+    wanted = _wanted_workers() or min(os.cpu_count() or 1, 8)
     return max(1, min(wanted, n_frames))
 
 
