@@ -565,6 +565,13 @@ def _place(i: int, arr: np.ndarray | None, jobs: Sequence[tuple], owner: Sequenc
             out[k] = arr[f]
 
 
+def _frames_apart(src: PixelSource) -> bool:
+    """True if ``src``'s frames are stored apart (an encapsulated transfer syntax: one item per frame)."""
+    import pydicom.uid
+
+    return bool(src.transfer_syntax) and pydicom.uid.UID(src.transfer_syntax).is_encapsulated
+
+
 def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int],
                  workers: int | None = None) -> tuple[list[tuple], list[tuple[int, int]], int]:
     """The decode jobs of ``decoded`` sources: one ``(path, source)`` per file, and a multi-frame file cut
@@ -580,7 +587,10 @@ def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int],
     for n in decoded:
         src = sources[n]
         frames = max(1, src.n_frames)
-        if workers > 1 and frames > 1 and len(decoded) < workers * RANGES_PER_WORKER:
+        # only encapsulated frames can be decoded apart: a deflated (or big endian, float) multi-frame
+        # file is one stream, and each range's job would inflate and parse all of it again (300 deflated
+        # 512x512 frames: 6.0 s cut into ranges against 1.9 s for SimpleITK, at load 2)
+        if workers > 1 and frames > 1 and _frames_apart(src) and len(decoded) < workers * RANGES_PER_WORKER:
             # too few files to keep every process busy: RANGES_PER_WORKER frame ranges per process
             step = max(1, -(-frames // (workers * RANGES_PER_WORKER)))
             for first in range(0, frames, step):
