@@ -54,7 +54,8 @@ def read_full(path: str | Path | bytes) -> Dataset:
 #:   JPEG-LS lossless / near      imagecodecs (CharLS 2.4.3) 4.3 / 3.4 vs pyjpegls (CharLS) 4.3 / 4.9 (load
 #:                                6.7); series 1.8-4.1 s in threads vs 3.1-4.4 s in processes (6 of 6)
 #:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1 (imagecodecs 0.6, the codec
-#:                                alone: not switched, about 1 ms a frame either way)
+#:                                alone); imagecodecs decodes in threads: 300 slices 0.44-0.46 s against
+#:                                0.50-0.67 s with Pillow in processes (idle, alternating; greyscale only)
 #:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
 #:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
 #: imagecodecs releases the GIL while it decodes (resunet.dicom_imagecodecs, registered below). None of
@@ -64,14 +65,14 @@ PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.57": "imagecodecs", "1.2.840.10008.1.2.4.70": "imagecodecs",
     "1.2.840.10008.1.2.4.90": "imagecodecs", "1.2.840.10008.1.2.4.91": "pylibjpeg",
     "1.2.840.10008.1.2.4.80": "imagecodecs", "1.2.840.10008.1.2.4.81": "imagecodecs",
-    "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg",
+    "1.2.840.10008.1.2.4.50": "imagecodecs", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
 #: the first choice where PREFERRED_PLUGIN's is not installed (imagecodecs missing: for JPEG lossless
 #: GDCM, the next fastest, in decode worker processes; for JPEG-LS pyjpegls; JPEG 2000 pylibjpeg)
 SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
                  "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
-                 "1.2.840.10008.1.2.4.90": "pylibjpeg"}
+                 "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.50": "pillow"}
 #: plugins that release the GIL while they decode: their files are decoded by threads in this process
 GIL_FREE_PLUGINS = frozenset({"imagecodecs"})
 #: syntaxes pydicom decodes itself mostly without the GIL: deflated data sets (zlib inflates with the

@@ -1,5 +1,5 @@
 """A pydicom decoder plugin on imagecodecs for JPEG lossless (process 14 and its selection value 1),
-JPEG-LS and JPEG 2000 (greyscale).
+JPEG-LS, JPEG 2000 and JPEG baseline (greyscale).
 
 imagecodecs' ``jpeg8_decode`` wraps libjpeg-turbo 3, which decodes lossless JPEG (SOF3, predictors
 1-7, 2-16 bits) and, unlike GDCM and pylibjpeg-libjpeg, releases the GIL while it decodes: frames can
@@ -14,6 +14,12 @@ processes with pyjpegls (load 7-8, alternating in one process).
 
 JPEG 2000 goes through imagecodecs' OpenJPEG (the library pylibjpeg-openjpeg wraps): lossless 300
 slices in threads 7.1-11.1 s against 7.8-13.2 s in processes; resunet prefers it for lossless only.
+
+JPEG baseline (8-bit, greyscale) goes through the same libjpeg-turbo as pydicom's Pillow plugin (the
+same integer IDCT, so the same values), but Pillow holds the GIL around its decode and resunet decoded
+those files in worker processes: 300 slices in threads here against worker processes with Pillow
+are in bench/results/io.md. JPEG extended (12-bit) is left to pylibjpeg-libjpeg: no encoder here
+writes a 12-bit reference to test against.
 
 Registered with pydicom's decoders for these syntaxes by :func:`register` (pydicom 3's
 ``Decoder.add_plugin``, label ``"imagecodecs"``), so pydicom does the rest of the processing (unused
@@ -44,6 +50,7 @@ DECODER_DEPENDENCIES = {
     uid.JPEGLSNearLossless: ("numpy", "imagecodecs>=2024.1.1"),
     uid.JPEG2000Lossless: ("numpy", "imagecodecs>=2024.1.1"),
     uid.JPEG2000: ("numpy", "imagecodecs>=2024.1.1"),
+    uid.JPEGBaseline8Bit: ("numpy", "imagecodecs>=2024.1.1"),
 }
 _JPEG_LS = (uid.JPEGLSLossless, uid.JPEGLSNearLossless)
 _JPEG_2000 = (uid.JPEG2000Lossless, uid.JPEG2000)
@@ -75,6 +82,8 @@ def is_available(uid_: str) -> bool:
             return False
         codec = "JPEGLS" if uid_ in _JPEG_LS else "JPEG2K"
         return bool(getattr(getattr(imagecodecs, codec, None), "available", False))
+    if uid_ == uid.JPEGBaseline8Bit:  # every libjpeg-turbo decodes baseline JPEG
+        return _libjpeg_turbo_version() >= (1,)
     return uid_ in DECODER_DEPENDENCIES and _libjpeg_turbo_version() >= (3, 0)
 
 
@@ -130,6 +139,8 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
         return _decode_jpeg_ls(src, runner)
     if runner.transfer_syntax in _JPEG_2000:
         return _decode_jpeg_2000(src, runner)
+    if runner.transfer_syntax == uid.JPEGBaseline8Bit:
+        return _decode_jpeg_baseline(src, runner)
     from imagecodecs import jpeg8_decode
 
     precision, rows, cols, components, _predictor, point_transform = frame_parameters(src)
@@ -147,6 +158,21 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
         raise ValueError(f"decoded frame has shape {arr.shape}, expected {(rows, cols)}")
     if arr.dtype.itemsize * 8 != allocated:
         arr = arr.astype(f"u{allocated // 8}")
+    return arr.tobytes()
+
+
+def _decode_jpeg_baseline(src: bytes, runner: DecodeRunner) -> bytes:
+    """A greyscale 8-bit baseline JPEG frame through libjpeg-turbo (colour is left to Pillow, which
+    applies DICOM's YCbCr rules)."""
+    from imagecodecs import jpeg8_decode
+
+    if runner.samples_per_pixel != 1 or runner.bits_allocated != 8:
+        raise NotImplementedError("imagecodecs plugin: greyscale 8-bit JPEG baseline only")
+    arr = jpeg8_decode(src)  # releases the GIL while it decodes
+    if arr.ndim != 2 or arr.dtype != "uint8":
+        raise NotImplementedError("imagecodecs plugin: greyscale 8-bit JPEG baseline only")
+    if arr.shape != (runner.rows, runner.columns):
+        raise ValueError(f"the JPEG frame is {arr.shape[0]}x{arr.shape[1]}, the data set says {runner.rows}x{runner.columns}")
     return arr.tobytes()
 
 

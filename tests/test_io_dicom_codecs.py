@@ -208,6 +208,20 @@ def test_series_are_decoded_in_processes_and_a_multiframe_file_in_frame_ranges(m
     assert jobs == [(f"{k}.dcm", "x.dcm", None, None) for k in range(N)]  # one job per file, whole (offset unknown: full read)
 
 
+def test_a_deflated_multiframe_file_is_decoded_whole_not_in_frame_ranges(tmp_path, monkeypatch):
+    """A deflated data set is one zlib stream: frame ranges would each inflate and parse the whole file
+    again. The file is one decode job, and it reads as SimpleITK reads it."""
+    monkeypatch.setenv("RESUNET_DICOM_WORKERS", "2")
+    values = write_enhanced(tmp_path / "mf.dcm", "deflate")
+    vol = load_study(tmp_path / "mf.dcm")
+    src = PixelSource(path="x.dcm", source="x.dcm", offset=None, transfer_syntax=DeflatedExplicitVRLittleEndian,
+                      little_endian=True, implicit_vr=False, n_frames=N, rows=SIZE, cols=SIZE, bits_allocated=16,
+                      bits_stored=16, signed=True)
+    jobs, _, _ = _decode_jobs([src], [0])
+    assert jobs == [("x.dcm", "x.dcm", None, None)]
+    check(vol, sitk.ReadImage(str(tmp_path / "mf.dcm")), values, True)
+
+
 def _worker_order(ts: str) -> list[str]:
     from resunet.dicom_decode import plugin_order
 
@@ -236,7 +250,8 @@ def test_fastest_kept_decoder_is_chosen_per_syntax():
     # JPEG-LS: imagecodecs' CharLS (releases the GIL), pyjpegls (the same CharLS) next
     assert plugin_order(JPEGLSLossless)[:2] == plugin_order(JPEGLSNearLossless)[:2] == ["imagecodecs", "pyjpegls"]
     assert decodes_in_threads(JPEGLSLossless) and decodes_in_threads(JPEGLSNearLossless)
-    assert decoder_plugin(JPEGBaseline8Bit) == "pillow"
+    # JPEG baseline: imagecodecs' libjpeg-turbo (releases the GIL) in threads, Pillow (the same libjpeg-turbo) next
+    assert plugin_order(JPEGBaseline8Bit)[:2] == ["imagecodecs", "pillow"] and decodes_in_threads(JPEGBaseline8Bit)
     assert decoder_plugin(RLELossless) == "pylibjpeg"
     assert decoder_plugin(ExplicitVRLittleEndian) == ""
     assert set(PREFERRED_PLUGIN.values()) <= {"imagecodecs", "pyjpegls", "pillow", "pylibjpeg"}
@@ -519,10 +534,11 @@ def test_deflated_header_is_read_by_inflating_only_the_start_and_equals_pydicoms
 
 
 @pytest.mark.parametrize("name,reference", [("jls-lossless", "pyjpegls"), ("jls-near-lossless", "pyjpegls"),
-                                            ("j2k-lossless", "pylibjpeg"), ("j2k-lossy", "pylibjpeg")])
+                                            ("j2k-lossless", "pylibjpeg"), ("j2k-lossy", "pylibjpeg"),
+                                            ("jpeg-baseline", "pillow")])
 def test_imagecodecs_plugin_equals_the_reference_plugin_and_its_syntaxes_decode_in_threads(tmp_path, name, reference):
-    """JPEG-LS and JPEG 2000 through imagecodecs (CharLS, OpenJPEG) give pyjpegls' / pylibjpeg-openjpeg's
-    arrays, for an enhanced multi-frame file and a single frame; the syntaxes it is first for decode in
+    """JPEG-LS, JPEG 2000 and JPEG baseline through imagecodecs (CharLS, OpenJPEG, libjpeg-turbo) give
+    pyjpegls' / pylibjpeg-openjpeg's / Pillow's arrays, for an enhanced multi-frame file and a single frame; the syntaxes it is first for decode in
     threads of this process (it releases the GIL)."""
     from resunet.dicom_decode import decodes_in_threads, plugin_order
 
@@ -537,3 +553,23 @@ def test_imagecodecs_plugin_equals_the_reference_plugin_and_its_syntaxes_decode_
     assert np.array_equal(arrays["imagecodecs"], arrays[reference]) and arrays[reference].shape == (N, SIZE, SIZE)
     assert decodes_in_threads(syntax) == (plugin_order(syntax)[0] == "imagecodecs")
     assert decodes_in_threads(syntax) == (syntax != JPEG2000)  # JPEG 2000 lossy: pylibjpeg-openjpeg in processes
+
+
+def test_a_colour_jpeg_baseline_file_is_left_to_pillow():
+    """imagecodecs' plugin decodes greyscale baseline JPEG only: a colour (YBR_FULL) file is refused by it
+    and decoded by Pillow, which applies DICOM's YCbCr rules (pydicom-data's dcmtk-written file)."""
+    from pydicom.data import get_testdata_file
+
+    from resunet.dicom_decode import _pixel_array, plugin_order
+
+    path = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    ds = pydicom.dcmread(path)
+    ds.pixel_array_options(decoding_plugin="imagecodecs")
+    with pytest.raises(RuntimeError, match="greyscale"):
+        ds.pixel_array
+    reference = pydicom.dcmread(path)
+    reference.pixel_array_options(decoding_plugin="pillow")
+    expected = reference.pixel_array
+    assert plugin_order(JPEGBaseline8Bit)[0] == "imagecodecs"
+    got = _pixel_array(pydicom.dcmread(path))  # resunet's order: imagecodecs refuses, Pillow decodes
+    assert np.array_equal(got, expected) and expected.shape == (100, 100, 3)
