@@ -20,7 +20,11 @@ corners within 1e-3 mm). Run by hand (minutes; nothing else heavy should run)::
 
     nice -n 5 .venv/bin/python bench/io_read_speed.py --sizes 300 1000 --syntaxes raw --repeat 7 --out bench/results/io.md
     nice -n 5 .venv/bin/python bench/io_read_speed.py --sizes 300 1000 --syntaxes jls j2k rle --repeat 3 --out bench/results/io.md
+    nice -n 5 .venv/bin/python bench/io_read_speed.py --sizes 300 --enhanced --repeat 3 --out bench/results/io.md
     .venv/bin/python bench/io_read_speed.py --render bench/results/io.json --out bench/results/io.md
+
+``--enhanced``: each syntax as one enhanced CT multi-frame file of the same slices instead of a series
+(resunet ``load_study(file)`` against SimpleITK ``ReadImage(file)``).
 
 Every repetition's time is kept; the results file gives each reader's median (min-max) and the
 resunet / SimpleITK ratio of each repetition (median, min-max: the readers alternate, so both see the
@@ -80,6 +84,8 @@ NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "j2k-lossy": "JPEG 
          "jls": "JPEG-LS lossless", "jls-near": "JPEG-LS near-lossless (3)", "jpeg-sv1": "JPEG lossless SV1",
          "jpeg-14": "JPEG lossless (process 14)", "jpeg-baseline": "JPEG baseline (8-bit)", "rle": "RLE lossless",
          "deflate": "deflated explicit VR LE"}
+#: the suffix of the rows of enhanced multi-frame files (``--enhanced``)
+ENHANCED = ", enhanced multi-frame"
 #: syntaxes pydicom cannot encode: written uncompressed, then re-encoded by GDCM (python-gdcm)
 GDCM_ENCODED = {"jpeg-sv1": "JPEGLosslessProcess14_1", "jpeg-14": "JPEGLosslessProcess14",
                 "jpeg-baseline": "JPEGBaselineProcess1"}
@@ -125,67 +131,104 @@ def phantom_slice(k: int, n: int, size: int = 512, seed: int = 0) -> np.ndarray:
     return (np.round(hu) + 1024).astype(np.int16)
 
 
+def legacy_dataset(k: int, n: int, syntax: str, uids: tuple[str, str, str]) -> Dataset:
+    """Slice ``k`` of ``n`` as an uncompressed single-frame CT data set (8-bit stored values for JPEG baseline)."""
+    study, series, frame = uids
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.Modality = "CT"
+    ds.Manufacturer = "bench"
+    ds.PatientName = "Bench^Phantom"
+    ds.PatientID = "bench"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
+    ds.SeriesDescription = f"bench {n} slices"
+    ds.SliceThickness = "1.25"
+    ds.KVP = "120"
+    ds.ImagePositionPatient = ["-250.0", "-250.0", f"{-400 + 1.25 * k:.2f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.PixelSpacing = ["0.9765625", "0.9765625"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = 512
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    arr = phantom_slice(k, n)
+    if syntax == "jpeg-baseline":  # 8-bit only: stored = (HU + 1024) / 8
+        arr = np.clip(arr // 8, 0, 255).astype(np.uint8)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.RescaleIntercept, ds.RescaleSlope = "-1024", "8"
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def encode_and_save(ds: Dataset, path: Path, syntax: str) -> None:
+    """Write ``ds`` (uncompressed, one frame or many) to ``path`` in ``syntax``: pydicom's encoders, or GDCM
+    for the syntaxes pydicom cannot encode."""
+    if syntax == "deflate":
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif syntax not in ("raw", *GDCM_ENCODED):
+        opts = {"j2k-lossy": {"j2k_cr": [10]}, "jls-near": {"jls_error": 3}}.get(syntax, {})
+        ds.compress(SYNTAXES[syntax], ds.pixel_array, **opts)
+    ds.save_as(path, enforce_file_format=True)
+    if syntax in GDCM_ENCODED:
+        gdcm_transcode(path, syntax)
+
+
 def write_series(folder: Path, n: int, syntax: str) -> None:
     """``n`` slices of 512x512 in ``folder`` under shuffled names, in the given transfer syntax."""
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = (generate_uid(), generate_uid(), generate_uid())
     names = [f"{random.Random(n).getrandbits(64) ^ k:016x}" for k in range(n)]
     random.Random(1).shuffle(names)
     for k in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = CTImageStorage
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = ds.SeriesDate = "20240101"
-        ds.StudyTime = ds.SeriesTime = "120000"
-        ds.Modality = "CT"
-        ds.Manufacturer = "bench"
-        ds.PatientName = "Bench^Phantom"
-        ds.PatientID = "bench"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
-        ds.SeriesDescription = f"bench {n} slices"
-        ds.SliceThickness = "1.25"
-        ds.KVP = "120"
-        ds.ImagePositionPatient = ["-250.0", "-250.0", f"{-400 + 1.25 * k:.2f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.PixelSpacing = ["0.9765625", "0.9765625"]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = 512
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
-        ds.WindowCenter, ds.WindowWidth = "40", "400"
-        arr = phantom_slice(k, n)
-        if syntax == "jpeg-baseline":  # 8-bit only: stored = (HU + 1024) / 8
-            arr = np.clip(arr // 8, 0, 255).astype(np.uint8)
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-            ds.RescaleIntercept, ds.RescaleSlope = "-1024", "8"
-        ds.PixelData = arr.tobytes()
-        if syntax == "deflate":
-            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-        elif syntax not in ("raw", *GDCM_ENCODED):
-            opts = {"j2k-lossy": {"j2k_cr": [10]}, "jls-near": {"jls_error": 3}}.get(syntax, {})
-            ds.compress(SYNTAXES[syntax], arr, **opts)
-        ds.save_as(tmp / names[k], enforce_file_format=True)
-        if syntax in GDCM_ENCODED:
-            gdcm_transcode(tmp / names[k], syntax)
+        encode_and_save(legacy_dataset(k, n, syntax, uids), tmp / names[k], syntax)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
+def write_enhanced(path: Path, n: int, syntax: str) -> None:
+    """The same ``n`` slices as one enhanced CT multi-frame file (highdicom's legacy conversion), in ``syntax``."""
+    import highdicom as hd
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+            legacy_datasets=[legacy_dataset(k, n, syntax, uids) for k in range(n)], series_instance_uid=hd.UID(),
+            series_number=3, sop_instance_uid=hd.UID(), instance_number=1)
+    buf = pydicom.filebase.DicomBytesIO()
+    mf.save_as(buf, enforce_file_format=True)
+    del mf
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(buf.getvalue()))
+    del buf
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encode_and_save(ds, tmp, syntax)
+    tmp.rename(path)
+
+
 def sitk_read_folder(folder: Path) -> sitk.Image:
+    if folder.is_file():  # an enhanced multi-frame file: GDCM reads its frames as one 3-D image
+        return sitk.ReadImage(str(folder))
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -206,7 +249,8 @@ def dcm2niix_read(folder: Path) -> str:
     out = Path(tempfile.mkdtemp(prefix="resunet-d2n-"))
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run([exe, "-z", "n", "-b", "n", "-o", str(out), "-f", "x", str(folder)],
+        single = ["-s", "y"] if folder.is_file() else []  # one file: only it (not its whole folder)
+        proc = subprocess.run([exe, "-z", "n", "-b", "n", *single, "-o", str(out), "-f", "x", str(folder)],
                               capture_output=True, check=False)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0 or not list(out.glob("*.nii")):
@@ -232,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=7, help="repetitions per reader (alternating); all are kept")
     parser.add_argument("--out", type=Path, help="merge the rows into the .json of this name and write this results file whole")
     parser.add_argument("--render", type=Path, metavar="JSON", help="no measuring: write --out from this JSON")
+    parser.add_argument("--enhanced", action="store_true",
+                        help="read one enhanced CT multi-frame file per syntax and size (highdicom's legacy conversion of "
+                        "the series) instead of the series: resunet load_study(file) against SimpleITK ReadImage(file)")
     args = parser.parse_args(argv)
     if args.render:
         if not args.out:
@@ -250,29 +297,29 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for syntax in args.syntaxes:
         for n in args.sizes:
-            folder = ROOT / f"ct{n}_{syntax}"
+            folder = ROOT / (f"ct{n}_{syntax}_enhanced.dcm" if args.enhanced else f"ct{n}_{syntax}")
             if not folder.exists():
                 t0 = time.perf_counter()
-                write_series(folder, n, syntax)
+                (write_enhanced if args.enhanced else write_series)(folder, n, syntax)
                 print(f"wrote {folder} in {time.perf_counter() - t0:.0f} s", flush=True)
-            size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+            size_mb = (folder.stat().st_size if folder.is_file() else sum(f.stat().st_size for f in folder.iterdir())) / 1e6
             load_study(folder)  # warm the page cache for everyone
             # alternate the readers so a load change hits both
             sitk_times, our_times, exec_times = [], [], []
             img = vol = None
-            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+            files = [] if args.enhanced else list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
             for _ in range(args.repeat):
                 t, _, img = best_of(lambda: sitk_read_folder(folder), 1)
                 sitk_times.append(t)
                 t, _, vol = best_of(lambda: load_study(folder), 1)
                 our_times.append(t)
-                if syntax == "raw":  # compressed: decoding dominates, the file listing is negligible
+                if syntax == "raw" and not args.enhanced:  # compressed: decoding dominates, the file listing is negligible
                     t, _, _ = best_of(lambda: sitk_execute(files), 1)
                     exec_times.append(t)
             same, dist, _ = compare_with_sitk(vol, img)
             t_d2n = dcm2niix_read(folder)
             del img, vol
-            row = {"series": NAMES[syntax], "decoder": decoder_name(syntax), "slices": n, "mb": size_mb, "resunet_s": our_times,
+            row = {"series": NAMES[syntax] + (ENHANCED if args.enhanced else ""), "decoder": decoder_name(syntax), "slices": n, "mb": size_mb, "resunet_s": our_times,
                    "sitk_folder_s": sitk_times, "sitk_execute_s": exec_times or None, "dcm2niix": t_d2n,
                    "voxels_equal": bool(same), "corners_mm": float(dist), "load": os.getloadavg()[0]}
             rows.append(row)
@@ -299,7 +346,7 @@ def merge(doc: dict, run: dict, rows: list[dict]) -> dict:
     renum = {old: k for k, old in enumerate(used)}
     order = {name: k for k, name in enumerate(NAMES.values())}
     new = sorted(({**r, "run": renum.get(r.get("run"))} for r in new),
-                 key=lambda r: (order.get(r["series"], 99), r["slices"]))
+                 key=lambda r: (r["series"].endswith(ENHANCED), order.get(r["series"].removesuffix(ENHANCED), 99), r["slices"]))
     return {"runs": [runs[i] for i in used], "rows": new}
 
 
@@ -334,7 +381,11 @@ in each repetition.
   already sorted file list (uncompressed rows; stricter: resunet's time includes finding and sorting
   the files).
 - **dcm2niix** (if installed): `dcm2niix -z n` writing an uncompressed NIfTI (another process, and
-  it writes a file: listed for scale only, one run).
+  it writes a file: listed for scale only, one run; `-s y` for one multi-frame file).
+
+Rows "enhanced multi-frame" (`--enhanced`): the same slices as one enhanced CT multi-frame file
+(highdicom's `LegacyConvertedEnhancedCTImage` of the uncompressed series, then encoded as the row
+says); resunet `load_study(file)` against SimpleITK `ReadImage(file)` (GDCM).
 
 Times: median (min-max) over the repetitions, seconds. Ratio: resunet / SimpleITK of each
 repetition, median (min-max); below 1 resunet is faster. "Verdict" says faster only where every
