@@ -50,7 +50,9 @@ def read_full(path: str | Path | bytes) -> Dataset:
 #:                                8-16 bits)   gdcm 6.0 / 8.8   pylibjpeg-libjpeg 15.7 / 24.0 (same run)
 #:   JPEG 2000 lossless           imagecodecs (OpenJPEG) 20.1 vs pylibjpeg-openjpeg 21.5 (load 6.5);
 #:                                series 7.1-11.1 s in threads vs 7.8-13.2 s in processes (3 of 3)
-#:   JPEG 2000 lossy              pylibjpeg-openjpeg 14.0 vs imagecodecs 13.9 (earlier, idle: 11.1; gdcm 9.6)
+#:   JPEG 2000 lossy              pylibjpeg-openjpeg 14.0 vs imagecodecs 13.9 (earlier, idle: 11.1; gdcm 9.6);
+#:                                series in threads (imagecodecs) 3.2-3.6 s vs 3.8-4.2 s in processes (5 of 5,
+#:                                load 1-2), one enhanced file 3.4-3.9 s vs 3.9-4.4 s
 #:   JPEG-LS lossless / near      imagecodecs (CharLS 2.4.3) 4.3 / 3.4 vs pyjpegls (CharLS) 4.3 / 4.9 (load
 #:                                6.7); series 1.8-4.1 s in threads vs 3.1-4.4 s in processes (6 of 6)
 #:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1 (imagecodecs 0.6, the codec
@@ -63,7 +65,7 @@ def read_full(path: str | Path | bytes) -> Dataset:
 #: does), so resunet.io.dicom_pixels decodes those in processes.
 PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.57": "imagecodecs", "1.2.840.10008.1.2.4.70": "imagecodecs",
-    "1.2.840.10008.1.2.4.90": "imagecodecs", "1.2.840.10008.1.2.4.91": "pylibjpeg",
+    "1.2.840.10008.1.2.4.90": "imagecodecs", "1.2.840.10008.1.2.4.91": "imagecodecs",
     "1.2.840.10008.1.2.4.80": "imagecodecs", "1.2.840.10008.1.2.4.81": "imagecodecs",
     "1.2.840.10008.1.2.4.50": "imagecodecs", "1.2.840.10008.1.2.4.51": "pylibjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg",
@@ -72,7 +74,8 @@ PREFERRED_PLUGIN = {
 #: GDCM, the next fastest, in decode worker processes; for JPEG-LS pyjpegls; JPEG 2000 pylibjpeg)
 SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
                  "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
-                 "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.50": "pillow"}
+                 "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg",
+                 "1.2.840.10008.1.2.4.50": "pillow"}
 #: plugins that release the GIL while they decode: their files are decoded by threads in this process
 GIL_FREE_PLUGINS = frozenset({"imagecodecs"})
 #: syntaxes pydicom decodes itself mostly without the GIL: deflated data sets (zlib inflates with the

@@ -13,7 +13,8 @@ releases the GIL as well: 300 slices read in threads in 1.8-4.1 s against 3.1-4.
 processes with pyjpegls (load 7-8, alternating in one process).
 
 JPEG 2000 goes through imagecodecs' OpenJPEG (the library pylibjpeg-openjpeg wraps): lossless 300
-slices in threads 7.1-11.1 s against 7.8-13.2 s in processes; resunet prefers it for lossless only.
+slices in threads 7.1-11.1 s against 7.8-13.2 s in processes; lossy (10:1) 3.2-3.6 s against 3.8-4.2 s
+(load 1-2): resunet prefers it for both.
 
 JPEG baseline (8-bit, greyscale) goes through the same libjpeg-turbo as pydicom's Pillow plugin (the
 same integer IDCT, so the same values), but Pillow holds the GIL around its decode and resunet decoded
