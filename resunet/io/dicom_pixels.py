@@ -120,14 +120,17 @@ class PixelSource:
         )
 
     @property
+    def frames_apart(self) -> bool:
+        """True if the frames are stored apart (an encapsulated transfer syntax: one item per frame)."""
+        import pydicom.uid
+
+        return bool(self.transfer_syntax) and pydicom.uid.UID(self.transfer_syntax).is_encapsulated
+
+    @property
     def encapsulated(self) -> EncapsulatedPixels | None:
         """Where the compressed pixel data is, for decoding without parsing the header again (None: the
         file is decoded through a full read: deflated, uncompressed, float data, offset unknown)."""
-        if self.offset is None or self.float_data or not self.transfer_syntax:
-            return None
-        import pydicom.uid
-
-        if not pydicom.uid.UID(self.transfer_syntax).is_encapsulated:
+        if self.offset is None or self.float_data or not self.frames_apart:
             return None
         return EncapsulatedPixels(
             offset=self.offset, transfer_syntax=self.transfer_syntax, rows=self.rows, cols=self.cols,
@@ -565,13 +568,6 @@ def _place(i: int, arr: np.ndarray | None, jobs: Sequence[tuple], owner: Sequenc
             out[k] = arr[f]
 
 
-def _frames_apart(src: PixelSource) -> bool:
-    """True if ``src``'s frames are stored apart (an encapsulated transfer syntax: one item per frame)."""
-    import pydicom.uid
-
-    return bool(src.transfer_syntax) and pydicom.uid.UID(src.transfer_syntax).is_encapsulated
-
-
 def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int],
                  workers: int | None = None) -> tuple[list[tuple], list[tuple[int, int]], int]:
     """The decode jobs of ``decoded`` sources: one ``(path, source)`` per file, and a multi-frame file cut
@@ -590,7 +586,7 @@ def _decode_jobs(sources: Sequence[PixelSource], decoded: Sequence[int],
         # only encapsulated frames can be decoded apart: a deflated (or big endian, float) multi-frame
         # file is one stream, and each range's job would inflate and parse all of it again (300 deflated
         # 512x512 frames: 6.0 s cut into ranges against 1.9 s for SimpleITK, at load 2)
-        if workers > 1 and frames > 1 and _frames_apart(src) and len(decoded) < workers * RANGES_PER_WORKER:
+        if workers > 1 and frames > 1 and src.frames_apart and len(decoded) < workers * RANGES_PER_WORKER:
             # too few files to keep every process busy: RANGES_PER_WORKER frame ranges per process
             step = max(1, -(-frames // (workers * RANGES_PER_WORKER)))
             for first in range(0, frames, step):
