@@ -3,20 +3,38 @@ cases of a "new site" and compare held-out Dice before and after, in one run. Ru
 
     nice -n 5 .venv/bin/python bench/bench_review.py            # writes bench/results/review.md (+ .json)
     nice -n 5 .venv/bin/python bench/bench_review.py --out /tmp/v.md --set finetune.freeze_encoder=false   # a variant
+    nice -n 5 .venv/bin/python bench/bench_review.py --out /tmp/v.md --corrected-heads colin   # the unseen-head design
+
+It needs nilearn (the `data` extra, ``pip install -e '.[data]'``) for the MNI152 head; without it the
+script stops with exit status 2 before any work, unless ``--colin-only`` asks for a Colin27-only run,
+whose report says that it does not judge the goal.
 
 The "new site": T2-like contrast. The bundled model was trained on Colin27 T1 and simulated acquisitions of it
 (data/model/simulate.py: any spacing/orientation, *monotone* intensity remaps, bias, noise; its model card).
 Here every acquisition has the tissue contrast inverted inside the head (CSF and grey matter bright, white
 matter dark, as in T2-weighted MR), which no monotone remap of T1 produces, on top of other spacings, bias
-fields and noise drawn with data/model/simulate.py from a seed of its own:
+fields and noise drawn with data/model/simulate.py from a seed of its own. Two heads: Colin27 (the example
+study, 2 mm; mricron-data, BSD-3), the head the bundled model was trained on, unstripped; and nilearn's
+MNI152 2009a template (an average of 152 heads, skull-stripped as nilearn ships it) made T2-like from its
+GM/WM probability maps (CSF bright, GM mid, WM dark), a head the bundled model never saw.
 
-- corrections: 5 simulated T2-like acquisitions of Colin27 (the example study, 2 mm; mricron-data, BSD-3) whose
-  "corrected" masks are the true brain masks. They go through the real loop: the bundled model's mask, a
-  review decision written by resunet.inference.review (approve + corrected mask), ``resunet corrections
-  export``, ``resunet train --init-from brain_extraction.pt``;
-- held out: 4 further Colin27 T2-like acquisitions (other grids and noise, same head) and 2 of nilearn's
-  MNI152 2009a template (another head: an average of 152; skull-stripped as nilearn ships it) made T2-like
-  from its GM/WM probability maps (CSF bright, GM mid, WM dark).
+The acquisitions are drawn in one seeded order, always the same: Colin27 ``colin_t2_00..08``, then MNI152
+``mni_t2_00..``; a design picks which of them are corrections and which are held out
+(:data:`DESIGNS`, ``--corrected-heads``):
+
+- ``colin,mni`` (a site's corrections come from several patients): corrections ``colin_t2_00..02`` and
+  ``mni_t2_02..03``; held out ``colin_t2_05..08`` and ``mni_t2_00..01``. Every held-out case is a further,
+  different acquisition (grid, orientation, bias, noise) **of a head that was also corrected**: the held-out
+  acquisitions share subjects with the corrections, as the Colin27 ones always did. ``colin_t2_03..04`` are
+  drawn (so the seeded stream, and with it every other case, is the same in both designs) but used in
+  neither set.
+- ``colin`` (the earlier design, the stricter "unseen head" check): corrections ``colin_t2_00..04``; held
+  out ``colin_t2_05..08`` and ``mni_t2_00..01``, a head that is never corrected.
+
+The held-out set is the same 6 cases in both designs, so their rows compare like for like. Corrections go
+through the real loop: the bundled model's mask, a review decision written by resunet.inference.review
+(approve + the true mask as the corrected mask), ``resunet corrections export``, ``resunet train
+--init-from brain_extraction.pt``.
 
 Dice on the input grid with resunet.evaluation.evaluate_case, prediction with resunet.inference.Predictor
 (no TTA, overlap 0.25, the checkpoint's post-processing), before (bundled) and after (fine-tuned) in this run.
@@ -45,11 +63,20 @@ from resunet.io import Volume, read_nifti, write_nifti  # noqa: E402
 
 BUNDLED = REPO / "resunet" / "data" / "model" / "brain_extraction.pt"
 SEED = 2112  # not the model's TRAIN_SEED or TEST_SEED
-N_CORRECTIONS = 5
-N_HELD_COLIN = 4
+N_COLIN = 9  # Colin27 acquisitions drawn (colin_t2_00..08), before the MNI152 ones
+#: --corrected-heads -> (correction cases, held-out cases), names of the seeded draws (module docstring)
+DESIGNS = {
+    "colin": ([f"colin_t2_{i:02d}" for i in range(5)],
+              [f"colin_t2_{i:02d}" for i in range(5, 9)] + ["mni_t2_00", "mni_t2_01"]),
+    "colin,mni": ([f"colin_t2_{i:02d}" for i in range(3)] + ["mni_t2_02", "mni_t2_03"],
+                  [f"colin_t2_{i:02d}" for i in range(5, 9)] + ["mni_t2_00", "mni_t2_01"]),
+}
+NILEARN_MISSING = ("bench_review: nilearn is not installed, and the MNI152 held-out head needs it: "
+                   "pip install -e '.[data]' (or --colin-only for a run that does not judge the goal)")
 #: the fine-tuning run: few epochs and iterations (2 shared CPU cores); the lr is finetune.lr's default
 EPOCHS = 6
 ITERATIONS = 10
+DEFAULT_DESIGN = "colin"
 
 
 def t2_like_colin(image: Volume, mask: Volume) -> Volume:
@@ -77,35 +104,60 @@ def t2_like_mni() -> tuple[Volume, Volume]:
         Volume(m.astype(np.uint8), brain.affine.astype(float), {"is_label": True})
 
 
-def make_cases(work: Path) -> tuple[list, list]:
+def design(corrected_heads: str, colin_only: bool = False) -> tuple[list[str], list[str]]:
+    """The (correction, held-out) case names of a design (:data:`DESIGNS`); ``colin_only`` drops the MNI152
+    held-out cases (a run that cannot judge the goal).
+
+    Raises:
+        ValueError: an unknown design, or ``colin_only`` with MNI152 corrections.
+    """
+    if corrected_heads not in DESIGNS:
+        raise ValueError(f"--corrected-heads {corrected_heads!r}: one of {', '.join(DESIGNS)}")
+    corr, held = DESIGNS[corrected_heads]
+    if colin_only:
+        if any(c.startswith("mni") for c in corr):
+            raise ValueError(f"--colin-only has no MNI152 cases, but --corrected-heads {corrected_heads} corrects some")
+        held = [c for c in held if not c.startswith("mni")]
+    return list(corr), list(held)
+
+
+def nilearn_missing() -> bool:
+    """True when nilearn's datasets (the MNI152 template) cannot be imported."""
+    try:
+        import nilearn.datasets  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+def make_cases(work: Path, corrections: list[str], held: list[str]) -> tuple[list, list]:
+    """Simulate the seeded acquisitions in their fixed order (Colin27 first, then MNI152 as far as a named case
+    needs) and write the named ones to ``work/cases``: (corrections, held out) as (name, image, mask, acq)."""
     image = read_nifti(REPO / "resunet/data/example/colin27_t1.nii.gz")
     mask = read_nifti(REPO / "resunet/data/example/colin27_brainmask.nii.gz")
     t2 = t2_like_colin(image, mask)
     rng = np.random.default_rng(SEED)
-    cases = []
-    for i in range(N_CORRECTIONS + N_HELD_COLIN):
-        acq = random_acquisition(rng)
-        acq.strip_skull = False
-        v, m = simulate(t2, mask, acq, rng)
-        cases.append((f"colin_t2_{i:02d}", v, m, acq.to_dict()))
-    try:
+    wanted = set(corrections) | set(held)
+    n_mni = max((int(c.rsplit("_", 1)[1]) + 1 for c in wanted if c.startswith("mni")), default=0)
+    heads = [("colin_t2", t2, mask, N_COLIN)]
+    if n_mni:
         mv, mm = t2_like_mni()
-    except ImportError:  # nilearn is the `data` extra; without it the held-out set is Colin27 only
-        print("nilearn not installed: no MNI152 held-out cases (pip install -e '.[data]')", flush=True)
-        mv = None
-    for i in range(2 if mv is not None else 0):
-        acq = random_acquisition(rng)
-        acq.strip_skull = False
-        v, m = simulate(mv, mm, acq, rng)
-        cases.append((f"mni_t2_{i:02d}", v, m, acq.to_dict()))
-    out = []
-    for name, v, m, acq in cases:
-        ip, mp = work / "cases" / f"{name}.nii.gz", work / "cases" / f"{name}_mask.nii.gz"
-        ip.parent.mkdir(parents=True, exist_ok=True)
-        write_nifti(v, ip)
-        write_nifti(m, mp)
-        out.append((name, ip, mp, acq))
-    return out[:N_CORRECTIONS], out[N_CORRECTIONS:]
+        heads.append(("mni_t2", mv, mm, n_mni))
+    cases = {}
+    for prefix, vol, msk, n in heads:
+        for i in range(n):
+            acq = random_acquisition(rng)
+            acq.strip_skull = False
+            v, m = simulate(vol, msk, acq, rng)  # drawn even when unused: the stream stays the same
+            name = f"{prefix}_{i:02d}"
+            if name not in wanted:
+                continue
+            ip, mp = work / "cases" / f"{name}.nii.gz", work / "cases" / f"{name}_mask.nii.gz"
+            ip.parent.mkdir(parents=True, exist_ok=True)
+            write_nifti(v, ip)
+            write_nifti(m, mp)
+            cases[name] = (name, ip, mp, acq.to_dict())
+    return [cases[c] for c in corrections], [cases[c] for c in held]
 
 
 def dice_rows(model: Path, cases: list) -> list[dict]:
@@ -160,19 +212,50 @@ def command_line() -> str:
     return (f"nice -n {nice} " if nice else "") + shlex.join(words)
 
 
-def main() -> int:
+def heads_sentence(corrected_heads: str, colin_only: bool, corr: list[str], held: list[str]) -> str:
+    """What the held-out cases share with the corrections, in the report's words."""
+    n_corr = {h: sum(c.startswith(h) for c in corr) for h in ("colin", "mni")}
+    if colin_only:
+        return ("Held out: Colin27 acquisitions only (`--colin-only`): other acquisitions of the head the corrections "
+                "came from, and no other head, so this run **does not judge the goal**: the gain shown is for a new "
+                "contrast on a known head.")
+    if n_corr["mni"]:
+        return (f"Every held-out case is a further, different acquisition (grid, orientation, bias, noise) of a head "
+                f"that was also corrected: Colin27 ({n_corr['colin']} corrections) and MNI152 ({n_corr['mni']} "
+                "corrections, skull-stripped). The held-out acquisitions share subjects with the corrections, as a "
+                "site's next scans of patients already corrected would; no head is unseen here. The colin-only "
+                "design (`--corrected-heads colin`) is the stricter \"unseen head\" check.")
+    return ("The Colin27 held-out cases are other acquisitions of the head the corrections came from (they share "
+            "its subject); the MNI152 ones are another head (an average template, skull-stripped) that is never "
+            "corrected: this is the stricter \"unseen head\" check.")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, help="work folder (default: a temp folder)")
     ap.add_argument("--before-only", action="store_true", help="only the before-Dice of the cases (cheap design check)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "review.md")
+    ap.add_argument("--corrected-heads", choices=list(DESIGNS), default=DEFAULT_DESIGN,
+                    help="which heads the 5 corrections come from (the module docstring): colin,mni = 3 Colin27 + 2 "
+                    "MNI152 acquisitions; colin = 5 Colin27 ones, MNI152 never corrected (the unseen-head check); "
+                    f"the held-out cases are the same 6 either way (default {DEFAULT_DESIGN})")
+    ap.add_argument("--colin-only", action="store_true",
+                    help="no MNI152 case (runs without nilearn); the report then does not judge the goal")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a fine-tuning variant: passed to resunet train as --set KEY=VALUE (repeatable), e.g. "
                     "finetune.freeze_encoder=true; none = the product's defaults (TrainConfig.finetune)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        corr_names, held_names = design(args.corrected_heads, args.colin_only)
+    except ValueError as err:
+        ap.error(str(err))
+    if not args.colin_only and nilearn_missing():
+        print(NILEARN_MISSING, file=sys.stderr)
+        return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-review-"))
     t0 = time.time()
     load0 = os.getloadavg()
-    corr, held = make_cases(work)
+    corr, held = make_cases(work, corr_names, held_names)
     before_corr = dice_rows(BUNDLED, corr)
     before_held = dice_rows(BUNDLED, held)
     for r in before_corr + before_held:
@@ -195,11 +278,13 @@ def main() -> int:
     mean_a = float(np.mean([r["after"] for r in rows]))
     worst = min(r["delta"] for r in rows)
     met = mean_a - mean_b >= 0.02 and worst >= -0.01
+    judged = not args.colin_only
     from resunet.training.checkpoint import load_checkpoint
 
     card = load_checkpoint(work / "run" / "best.pt").model_card
     doc = {"rows": rows, "corrections": [{"case": r["case"], "before": r["dice"]} for r in before_corr],
-           "mean_before": mean_b, "mean_after": mean_a, "worst_delta": worst, "goal_met": met,
+           "corrected_heads": args.corrected_heads, "colin_only": args.colin_only,
+           "mean_before": mean_b, "mean_after": mean_a, "worst_delta": worst, "goal_met": met if judged else None,
            "finetune_minutes": ft_min, "total_minutes": total_min, "load_start": load0, "load_end": load1,
            "epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "parent": card.get("parent"),
            "corrections_in_card": card.get("corrections"), "variant": args.overrides,
@@ -207,6 +292,10 @@ def main() -> int:
     variant = " ".join(f"--set {o}" for o in args.overrides)
     ft = card.get("finetune") or {}
     rh = (card.get("rehearsal") or {}).get("summary", "not recorded")
+    heads = {"colin": "Colin27", "mni": "MNI152"}
+    n_corr = ", ".join(f"{sum(c.startswith(h) for c in corr_names)} {name}" for h, name in heads.items()
+                       if any(c.startswith(h) for c in corr_names))
+    goal = (f"**{'met' if met else 'not met'}**" if judged else "**not judged** (`--colin-only`: no other head held out)")
     lines = [
         "# Fine-tuning the bundled model on 5 approved corrections (bench/bench_review.py)",
         "",
@@ -214,14 +303,17 @@ def main() -> int:
         f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f} at the start, {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} at the end).",
         "",
         "New site: T2-like contrast (inverted inside the head) in simulated acquisitions (data/model/simulate.py, "
-        f"seed {SEED}); see the script's docstring. Corrections: the true masks of 5 Colin27 T2-like cases, through "
+        f"seed {SEED}); see the script's docstring. Design `--corrected-heads {args.corrected_heads}`"
+        f"{' --colin-only' if args.colin_only else ''}: corrections the true masks of {n_corr} T2-like cases "
+        f"({', '.join(corr_names)}), through "
         "review decisions, `resunet corrections export` and `resunet train --init-from brain_extraction.pt "
         f"--epochs {EPOCHS} --set iterations_per_epoch={ITERATIONS}{' ' + variant if variant else ''}` "
         f"({'the fine-tuning defaults of TrainConfig.finetune' if not variant else 'the other settings: TrainConfig.finetune defaults'}).",
         "",
         f"Fine-tuning as run (the child's model card): lr {ft.get('lr')}, freeze_encoder {ft.get('freeze_encoder')}, "
-        f"encoder_lr_scale {ft.get('encoder_lr_scale')}, parent_weight {ft.get('parent_weight')}, held-out "
-        f"correction(s) {ft.get('holdout_cases')}, best epoch {ft.get('best_epoch')} (0 = the parent kept); {rh}.",
+        f"encoder_lr_scale {ft.get('encoder_lr_scale')}, parent_weight {ft.get('parent_weight')}, masked_copies "
+        f"{ft.get('masked_copies')}, held-out correction(s) {ft.get('holdout_cases')}, best epoch {ft.get('best_epoch')} "
+        f"(0 = the parent kept); {rh}.",
         "",
         f"Fine-tuning took {ft_min:.1f} min; the whole run {total_min:.1f} min.",
         "",
@@ -232,13 +324,10 @@ def main() -> int:
         *(f"| {r['case']} | {r['grid']} | {r['before']:.4f} | {r['after']:.4f} | {r['delta']:+.4f} |" for r in rows),
         f"| **mean** | | {mean_b:.4f} | {mean_a:.4f} | {mean_a - mean_b:+.4f} |",
         "",
-        f"Goal (mean up >= 0.02, no case worse by more than 0.01): **{'met' if met else 'not met'}** "
+        f"Goal (mean up >= 0.02, no case worse by more than 0.01): {goal} "
         f"(mean change {mean_a - mean_b:+.4f}, worst case {worst:+.4f}).",
         "",
-        "The Colin27 held-out cases are other acquisitions of the head the corrections came from; "
-        + ("the MNI152 ones are another head (an average template, skull-stripped)." if any(r["case"].startswith("mni")
-           for r in rows) else "no other head was held out in this run (nilearn, the `data` extra, was not installed, "
-           "so the MNI152 cases were left out): the gain shown is for a new contrast on a known head."),
+        heads_sentence(args.corrected_heads, args.colin_only, corr_names, held_names),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
