@@ -22,7 +22,7 @@ The acquisitions are drawn in one seeded order, always the same: Colin27 ``colin
 ``mni_t2_00..``; a design picks which of them are corrections and which are held out
 (:data:`DESIGNS`, ``--corrected-heads``):
 
-- ``colin,mni`` (a site's corrections come from several patients): corrections ``colin_t2_00..02`` and
+- ``colin,mni`` (the default: a site's corrections come from several patients): corrections ``colin_t2_00..02`` and
   ``mni_t2_02..03``; held out ``colin_t2_05..08`` and ``mni_t2_00..01``. Every held-out case is a further,
   different acquisition (grid, orientation, bias, noise) **of a head that was also corrected**: the held-out
   acquisitions share subjects with the corrections, as the Colin27 ones always did. ``colin_t2_03..04`` are
@@ -76,7 +76,7 @@ NILEARN_MISSING = ("bench_review: nilearn is not installed, and the MNI152 held-
 #: the fine-tuning run: few epochs and iterations (2 shared CPU cores); the lr is finetune.lr's default
 EPOCHS = 6
 ITERATIONS = 10
-DEFAULT_DESIGN = "colin"
+DEFAULT_DESIGN = "colin,mni"  # a site's corrections come from several patients; "colin" = the unseen-head check
 
 
 def t2_like_colin(image: Volume, mask: Volume) -> Volume:
