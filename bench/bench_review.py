@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,10 +74,11 @@ DESIGNS = {
 }
 NILEARN_MISSING = ("bench_review: nilearn is not installed, and the MNI152 held-out head needs it: "
                    "pip install -e '.[data]' (or --colin-only for a run that does not judge the goal)")
-#: the fine-tuning run: few epochs and iterations (2 shared CPU cores); the lr is finetune.lr's default
-EPOCHS = 6
-ITERATIONS = 10
 DEFAULT_DESIGN = "colin,mni"  # a site's corrections come from several patients; "colin" = the unseen-head check
+#: the parent's own contrast (T1), reported for forgetting and not judged by the goal: acquisitions drawn from a
+#: stream of their own (so the T2-like cases above stay the same), Colin27 (the parent's training head) and MNI152
+PARENT_SEED = SEED + 1
+PARENT_CASES = ["colin_t1_00", "colin_t1_01", "mni_t1_00", "mni_t1_01"]
 
 
 def t2_like_colin(image: Volume, mask: Volume) -> Volume:
@@ -102,6 +104,42 @@ def t2_like_mni() -> tuple[Volume, Volume]:
     y = (0.55 * g + 0.2 * w + 1.0 * csf) * m
     return Volume(y, gm.affine.astype(float), {"source": "nilearn MNI152 T2-like"}), \
         Volume(m.astype(np.uint8), brain.affine.astype(float), {"is_label": True})
+
+
+def t1_mni() -> tuple[Volume, Volume]:
+    """nilearn's MNI152 2009a T1 template (2 mm, skull-stripped as shipped) and its brain mask."""
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=2)
+    brain = datasets.load_mni152_brain_mask(resolution=2)
+    return Volume(np.asarray(t1.get_fdata(), np.float32), t1.affine.astype(float), {"source": "nilearn MNI152 T1"}), \
+        Volume((np.asarray(brain.get_fdata()) > 0).astype(np.uint8), brain.affine.astype(float), {"is_label": True})
+
+
+def make_parent_cases(work: Path, names: list[str]) -> list:
+    """Acquisitions in the parent's contrast (T1) from :data:`PARENT_SEED`, in the order of
+    :data:`PARENT_CASES`: (name, image, mask, acq), written to ``work/cases``."""
+    image = read_nifti(REPO / "resunet/data/example/colin27_t1.nii.gz")
+    mask = read_nifti(REPO / "resunet/data/example/colin27_brainmask.nii.gz")
+    rng = np.random.default_rng(PARENT_SEED)
+    heads = {"colin_t1": (image, mask)}
+    last = max((PARENT_CASES.index(n) for n in names), default=-1)
+    out = {}
+    for name in PARENT_CASES[:last + 1]:  # every draw up to the last named one: the stream stays the same
+        acq = random_acquisition(rng)
+        acq.strip_skull = False
+        head = name.rsplit("_", 1)[0]
+        if head not in heads:
+            heads[head] = t1_mni()
+        v, m = simulate(*heads[head], acq, rng)
+        if name not in names:
+            continue
+        ip, mp = work / "cases" / f"{name}.nii.gz", work / "cases" / f"{name}_mask.nii.gz"
+        ip.parent.mkdir(parents=True, exist_ok=True)
+        write_nifti(v, ip)
+        write_nifti(m, mp)
+        out[name] = (name, ip, mp, acq.to_dict())
+    return [out[n] for n in names]
 
 
 def design(corrected_heads: str, colin_only: bool = False) -> tuple[list[str], list[str]]:
@@ -198,10 +236,25 @@ def write_decisions(state: Path, cases: list, before: list[dict]) -> None:
         record_decision(rec, folder, prov, db_path=False, files=files)
 
 
-def resunet(*args: str) -> None:
+def steps_per_epoch(log: str) -> int:
+    """Optimiser steps per epoch, from the training log's "N steps/epoch" line (resunet.training.loop)."""
+    import re
+
+    found = re.search(r"(\d+) steps/epoch", log)
+    if found is None:
+        raise RuntimeError("bench_review: the training log has no 'steps/epoch' line")
+    return int(found.group(1))
+
+
+def resunet(*args: str) -> str:
+    """Run the resunet CLI; its output is printed and returned."""
     cmd = [sys.executable, "-m", "resunet", *args]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    print(done.stdout, end="", flush=True)
+    done.check_returncode()
+    return done.stdout
 
 
 def command_line() -> str:
@@ -253,27 +306,41 @@ def main(argv: list[str] | None = None) -> int:
         print(NILEARN_MISSING, file=sys.stderr)
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-review-"))
+    try:
+        return run(args, work, corr_names, held_names)
+    finally:
+        if args.work is None:  # the temp folder goes; a --work folder is the caller's
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path, corr_names: list[str], held_names: list[str]) -> int:
+    """Make the cases, fine-tune on the corrections, write the report; ``work`` holds every file of the run."""
     t0 = time.time()
     load0 = os.getloadavg()
     corr, held = make_cases(work, corr_names, held_names)
+    parent_names = [c for c in PARENT_CASES if not (args.colin_only and c.startswith("mni"))]
+    old = make_parent_cases(work, parent_names)
     before_corr = dice_rows(BUNDLED, corr)
     before_held = dice_rows(BUNDLED, held)
-    for r in before_corr + before_held:
+    before_old = dice_rows(BUNDLED, old)
+    for r in before_corr + before_held + before_old:
         print(f"before {r['case']}: Dice {r['dice']:.4f}", flush=True)
     if args.before_only:
         return 0
     write_decisions(work / "state", corr, before_corr)
     resunet("corrections", "export", "--from", str(work / "state"), "--out", str(work / "dataset"))
     t_ft = time.time()
-    resunet("train", "--init-from", str(BUNDLED), "--data", str(work / "dataset"), "--out", str(work / "run"),
-            "--device", "cpu", "--epochs", str(EPOCHS), "--set", f"iterations_per_epoch={ITERATIONS}",
-            "--set", "progress=false", "--set", "tensorboard=false", *(a for o in args.overrides for a in ("--set", o)))
+    train_log = resunet("train", "--init-from", str(BUNDLED), "--data", str(work / "dataset"), "--out", str(work / "run"),
+            "--device", "cpu", "--set", "progress=false", "--set", "tensorboard=false", *(a for o in args.overrides for a in ("--set", o)))
     ft_min = (time.time() - t_ft) / 60
     after_held = dice_rows(work / "run" / "best.pt", held)
+    after_old = dice_rows(work / "run" / "best.pt", old)
     total_min = (time.time() - t0) / 60
     load1 = os.getloadavg()
     rows = [{"case": b["case"], "grid": b["grid"], "before": b["dice"], "after": a["dice"], "delta": a["dice"] - b["dice"]}
             for b, a in zip(before_held, after_held)]
+    old_rows = [{"case": b["case"], "grid": b["grid"], "before": b["dice"], "after": a["dice"],
+                 "delta": a["dice"] - b["dice"]} for b, a in zip(before_old, after_old)]
     mean_b = float(np.mean([r["before"] for r in rows]))
     mean_a = float(np.mean([r["after"] for r in rows]))
     worst = min(r["delta"] for r in rows)
@@ -282,11 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     from resunet.training.checkpoint import load_checkpoint
 
     card = load_checkpoint(work / "run" / "best.pt").model_card
-    doc = {"rows": rows, "corrections": [{"case": r["case"], "before": r["dice"]} for r in before_corr],
+    import yaml
+
+    run_cfg = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    steps = steps_per_epoch(train_log)
+    doc = {"rows": rows, "parent_contrast_rows": old_rows, "corrections": [{"case": r["case"], "before": r["dice"]} for r in before_corr],
            "corrected_heads": args.corrected_heads, "colin_only": args.colin_only,
            "mean_before": mean_b, "mean_after": mean_a, "worst_delta": worst, "goal_met": met if judged else None,
            "finetune_minutes": ft_min, "total_minutes": total_min, "load_start": load0, "load_end": load1,
-           "epochs": EPOCHS, "iterations_per_epoch": ITERATIONS, "parent": card.get("parent"),
+           "epochs": run_cfg["epochs"], "iterations_per_epoch": run_cfg["iterations_per_epoch"], "steps_per_epoch": steps,
+           "seed": run_cfg["seed"], "parent": card.get("parent"),
            "corrections_in_card": card.get("corrections"), "variant": args.overrides,
            "rehearsal": card.get("rehearsal"), "finetune": card.get("finetune")}
     variant = " ".join(f"--set {o}" for o in args.overrides)
@@ -306,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {SEED}); see the script's docstring. Design `--corrected-heads {args.corrected_heads}`"
         f"{' --colin-only' if args.colin_only else ''}: corrections the true masks of {n_corr} T2-like cases "
         f"({', '.join(corr_names)}), through "
-        "review decisions, `resunet corrections export` and `resunet train --init-from brain_extraction.pt "
-        f"--epochs {EPOCHS} --set iterations_per_epoch={ITERATIONS}{' ' + variant if variant else ''}` "
+        "review decisions, `resunet corrections export` and `resunet train --init-from brain_extraction.pt"
+        f"{' ' + variant if variant else ''}` "
         f"({'the fine-tuning defaults of TrainConfig.finetune' if not variant else 'the other settings: TrainConfig.finetune defaults'}).",
         "",
         f"Fine-tuning as run (the child's model card): lr {ft.get('lr')}, freeze_encoder {ft.get('freeze_encoder')}, "
@@ -315,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{ft.get('masked_copies')}, held-out correction(s) {ft.get('holdout_cases')}, best epoch {ft.get('best_epoch')} "
         f"(0 = the parent kept); {rh}.",
         "",
-        f"Fine-tuning took {ft_min:.1f} min; the whole run {total_min:.1f} min.",
+        f"Fine-tuning: {run_cfg['epochs']} epochs x {steps} optimiser steps, training seed {run_cfg['seed']}; it took "
+        f"{ft_min:.1f} min, the whole run {total_min:.1f} min.",
         "",
         "Bundled model on the 5 correction cases (before): " + ", ".join(f"{r['case']} {r['dice']:.4f}" for r in before_corr),
         "",
@@ -328,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         f"(mean change {mean_a - mean_b:+.4f}, worst case {worst:+.4f}).",
         "",
         heads_sentence(args.corrected_heads, args.colin_only, corr_names, held_names),
+        "",
+        "The parent's own contrast (T1: the site's scans the bundled model was made for), to show what the "
+        f"fine-tuning forgets; not judged by the goal (acquisitions drawn with seed {PARENT_SEED}; Colin27 is the "
+        "parent's training head, MNI152 the head its model card was evaluated on):",
+        "",
+        "| T1 case | grid | Dice before | Dice after | change |",
+        "|---|---|---|---|---|",
+        *(f"| {r['case']} | {r['grid']} | {r['before']:.4f} | {r['after']:.4f} | {r['delta']:+.4f} |" for r in old_rows),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,3 +62,14 @@ def test_make_cases_writes_only_the_named_cases_and_unused_draws_keep_the_stream
         "colin_t2_00.nii.gz", "colin_t2_00_mask.nii.gz", "colin_t2_05.nii.gz", "colin_t2_05_mask.nii.gz"]
     committed = {r["case"]: r["grid"] for r in json.loads((RESULTS / "review.json").read_text())["rows"]}
     assert read_nifti(held[0][1]).describe_grid() == committed["colin_t2_05"]
+
+
+def test_parent_contrast_cases_come_from_their_own_stream_and_match_the_committed_report(bench, tmp_path):
+    """The T1 forgetting rows: drawn from PARENT_SEED (the T2-like cases stay as they were), only the named
+    ones written, and colin_t1_01 has the grid bench/results/review.json reported (colin_t1_00 drawn first)."""
+    cases = bench.make_parent_cases(tmp_path, ["colin_t1_01"])
+    assert [c[0] for c in cases] == ["colin_t1_01"]
+    assert sorted(p.name for p in (tmp_path / "cases").iterdir()) == ["colin_t1_01.nii.gz", "colin_t1_01_mask.nii.gz"]
+    committed = {r["case"]: r["grid"] for r in json.loads((RESULTS / "review.json").read_text())["parent_contrast_rows"]}
+    assert read_nifti(cases[0][1]).describe_grid() == committed["colin_t1_01"]
+    assert bench.PARENT_SEED != bench.SEED
