@@ -118,7 +118,7 @@ def test_parent_rehearsal_unknown_parent_says_none_is_used(parent, tmp_path, cap
     data = make_msd(tmp_path / "corr", n_cases=2, seed=5)
     caplog.set_level(logging.INFO, logger="resunet.training.loop")
     rc = main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(tmp_path / "run"), *QUICK,
-               "--epochs", "1"])
+               "--epochs", "1", "--rehearse", "parent"])
     assert rc == 0
     assert "no rehearsal: the parent's training data is not known" in caplog.text and "--rehearse DATASET" in caplog.text
     card = load_checkpoint(tmp_path / "run" / "best.pt").model_card
@@ -198,7 +198,8 @@ def test_best_epoch_keeps_the_parent_when_fine_tuning_makes_the_held_out_case_wo
     assert meta["labels"] == {"0": "background", "1": "sphere"}
     out = tmp_path / "run"
     assert main(["train", "--init-from", str(parent), "--data", str(data), "--out", str(out), *QUICK, "--epochs", "2",
-                 "--rehearse", "none", "--set", "optim.lr=0.05"]) == 0
+                 "--rehearse", "none", "--set", "optim.lr=0.05", "--set", "finetune.holdout_min_cases=4",
+                 "--set", "finetune.parent_weight=0"]) == 0  # a hold-out from 4 cases; best.pt exactly one epoch's
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     dice = [float(r["val_dice"]) for r in rows]

@@ -38,17 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "its own; fewer epochs and a lower learning rate (finetune.epochs, finetune.lr: --set finetune.epochs=N "
                    "changes them, --epochs / --set optim.lr win). Against forgetting what the parent knew: the encoder "
                    "stays the parent's (finetune.freeze_encoder; finetune.encoder_lr_scale instead; "
-                   "finetune.freeze_decoder_levels=N keeps the N coarsest decoder levels too), the parent's "
-                   "training data is rehearsed in every epoch (finetune.rehearse: 'parent' where resunet can "
-                   "regenerate it, else see --rehearse), one correction is held out (from 4 on) to choose the epoch, "
-                   "the parent counting as epoch 0, so a fine-tune that only gets worse keeps the parent; "
-                   "finetune.parent_weight averages the result with the parent (docs/training.md). The new "
+                   "finetune.freeze_decoder_levels=N keeps the N coarsest decoder levels too), the result is "
+                   "averaged with the parent (finetune.parent_weight, 0.35), one correction is held out (from 6 on) "
+                   "to choose the epoch, the parent counting as epoch 0, so a fine-tune that only gets worse keeps "
+                   "the parent; --rehearse mixes the parent's training data into every epoch (off by default; "
+                   "docs/training.md has the measurements behind each default). The new "
                    "model card names the parent (name, sha256), the corrections (case and decision ids) and the "
                    "rehearsal data. The dataset's labels must be the parent's")
     p.add_argument("--rehearse", metavar="DATASET",
                    help="with --init-from: mix the cases of this dataset folder (MSD or nnU-Net v2, the parent's labels; "
-                   "e.g. the parent's own training data) into every fine-tuning epoch (finetune.rehearse; default "
-                   "'parent': the bundled model's own data; none = no rehearsal)")
+                   "e.g. the parent's own training data) into every fine-tuning epoch (finetune.rehearse; 'parent' = "
+                   "the bundled model's own data, regenerated; default none = no rehearsal)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=0.01 --set dataset.num_workers=0 (repeatable)")
     p.set_defaults(func=run)
