@@ -116,6 +116,15 @@ def t1_mni() -> tuple[Volume, Volume]:
         Volume((np.asarray(brain.get_fdata()) > 0).astype(np.uint8), brain.affine.astype(float), {"is_label": True})
 
 
+def write_case(work: Path, name: str, image: Volume, mask: Volume, acq) -> tuple:
+    """Write one simulated case to ``work/cases``: (name, image path, mask path, acquisition dict)."""
+    ip, mp = work / "cases" / f"{name}.nii.gz", work / "cases" / f"{name}_mask.nii.gz"
+    ip.parent.mkdir(parents=True, exist_ok=True)
+    write_nifti(image, ip)
+    write_nifti(mask, mp)
+    return name, ip, mp, acq.to_dict()
+
+
 def make_parent_cases(work: Path, names: list[str]) -> list:
     """Acquisitions in the parent's contrast (T1) from :data:`PARENT_SEED`, in the order of
     :data:`PARENT_CASES`: (name, image, mask, acq), written to ``work/cases``."""
@@ -134,11 +143,7 @@ def make_parent_cases(work: Path, names: list[str]) -> list:
         v, m = simulate(*heads[head], acq, rng)
         if name not in names:
             continue
-        ip, mp = work / "cases" / f"{name}.nii.gz", work / "cases" / f"{name}_mask.nii.gz"
-        ip.parent.mkdir(parents=True, exist_ok=True)
-        write_nifti(v, ip)
-        write_nifti(m, mp)
-        out[name] = (name, ip, mp, acq.to_dict())
+        out[name] = write_case(work, name, v, m, acq)
     return [out[n] for n in names]
 
 
@@ -190,11 +195,7 @@ def make_cases(work: Path, corrections: list[str], held: list[str]) -> tuple[lis
             name = f"{prefix}_{i:02d}"
             if name not in wanted:
                 continue
-            ip, mp = work / "cases" / f"{name}.nii.gz", work / "cases" / f"{name}_mask.nii.gz"
-            ip.parent.mkdir(parents=True, exist_ok=True)
-            write_nifti(v, ip)
-            write_nifti(m, mp)
-            cases[name] = (name, ip, mp, acq.to_dict())
+            cases[name] = write_case(work, name, v, m, acq)
     return [cases[c] for c in corrections], [cases[c] for c in held]
 
 
