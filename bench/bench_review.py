@@ -237,6 +237,17 @@ def write_decisions(state: Path, cases: list, before: list[dict]) -> None:
         record_decision(rec, folder, prov, db_path=False, files=files)
 
 
+def paired(before: list[dict], after: list[dict]) -> list[dict]:
+    """One row per case: Dice before and after the fine-tuning, and the change."""
+    return [{"case": b["case"], "grid": b["grid"], "before": b["dice"], "after": a["dice"], "delta": a["dice"] - b["dice"]}
+            for b, a in zip(before, after)]
+
+
+def case_lines(rows: list[dict]) -> list[str]:
+    """The report's table lines of :func:`paired` rows."""
+    return [f"| {r['case']} | {r['grid']} | {r['before']:.4f} | {r['after']:.4f} | {r['delta']:+.4f} |" for r in rows]
+
+
 def steps_per_epoch(log: str) -> int:
     """Optimiser steps per epoch, from the training log's "N steps/epoch" line (resunet.training.loop)."""
     import re
@@ -338,10 +349,7 @@ def run(args: argparse.Namespace, work: Path, corr_names: list[str], held_names:
     after_old = dice_rows(work / "run" / "best.pt", old)
     total_min = (time.time() - t0) / 60
     load1 = os.getloadavg()
-    rows = [{"case": b["case"], "grid": b["grid"], "before": b["dice"], "after": a["dice"], "delta": a["dice"] - b["dice"]}
-            for b, a in zip(before_held, after_held)]
-    old_rows = [{"case": b["case"], "grid": b["grid"], "before": b["dice"], "after": a["dice"],
-                 "delta": a["dice"] - b["dice"]} for b, a in zip(before_old, after_old)]
+    rows, old_rows = paired(before_held, after_held), paired(before_old, after_old)
     mean_b = float(np.mean([r["before"] for r in rows]))
     mean_a = float(np.mean([r["after"] for r in rows]))
     worst = min(r["delta"] for r in rows)
@@ -395,7 +403,7 @@ def run(args: argparse.Namespace, work: Path, corr_names: list[str], held_names:
         "",
         "| held-out case | grid | Dice before | Dice after | change |",
         "|---|---|---|---|---|",
-        *(f"| {r['case']} | {r['grid']} | {r['before']:.4f} | {r['after']:.4f} | {r['delta']:+.4f} |" for r in rows),
+        *case_lines(rows),
         f"| **mean** | | {mean_b:.4f} | {mean_a:.4f} | {mean_a - mean_b:+.4f} |",
         "",
         f"Goal (mean up >= 0.02, no case worse by more than 0.01): {goal} "
@@ -409,7 +417,7 @@ def run(args: argparse.Namespace, work: Path, corr_names: list[str], held_names:
         "",
         "| T1 case | grid | Dice before | Dice after | change |",
         "|---|---|---|---|---|",
-        *(f"| {r['case']} | {r['grid']} | {r['before']:.4f} | {r['after']:.4f} | {r['delta']:+.4f} |" for r in old_rows),
+        *case_lines(old_rows),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
