@@ -112,6 +112,31 @@ def test_integer_intercept_stays_integer(tmp_path):
     assert back.array.dtype == np.int16 and np.array_equal(back.array, hu.array)
 
 
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_rescale_over_many_slices_equals_pydicom_per_file(tmp_path, per_slice):
+    """40 slices: the range check and the rescale run in chunks of 16 slices in threads; every slice
+    must get its own file's slope and intercept (pydicom's modality LUT as the reference)."""
+    from pydicom.pixels import apply_modality_lut
+
+    vol = make_volume(shape=(6, 5, 40), dtype="uint16", affine=_axial())
+    write_dicom_series(vol, tmp_path / "s", modality="CT")
+    expected = {}
+    for f in sorted((tmp_path / "s").iterdir()):
+        ds = pydicom.dcmread(f)
+        k = int(ds.InstanceNumber)
+        ds.RescaleSlope = str(1 + (k % 3) if per_slice else 2)
+        ds.RescaleIntercept = str(-1024 - 7 * k if per_slice else -1024)
+        ds.save_as(f)
+        expected[k] = apply_modality_lut(ds.pixel_array, ds)
+    back = load_study(tmp_path / "s")
+    assert np.issubdtype(back.array.dtype, np.integer)  # whole slopes and intercepts stay integers
+    ref = np.stack([expected[k] for k in sorted(expected)])  # (K, rows, cols)
+    ours = np.transpose(back.array, (2, 1, 0))
+    if back.affine[2, 2] < 0:
+        ours = ours[::-1]
+    assert np.array_equal(ours.astype(np.float64), ref.astype(np.float64))
+
+
 def test_monochrome1_is_inverted(tmp_path):
     vol = make_volume(dtype="uint16", affine=_axial())
     write_dicom_series(vol, tmp_path / "s")
