@@ -137,6 +137,36 @@ def test_rescale_over_many_slices_equals_pydicom_per_file(tmp_path, per_slice):
     assert np.array_equal(ours.astype(np.float64), ref.astype(np.float64))
 
 
+@pytest.mark.parametrize(("slope", "intercept", "kind"), [("8", "-1024", "i"), ("3", "-200", "i"), ("0.5", "-3", "f")])
+def test_8bit_stored_values_are_read_into_the_rescaled_type_and_equal_pydicom(tmp_path, slope, intercept, kind):
+    """8-bit stored values (JPEG baseline CT) with whole slopes and intercepts are read straight into
+    the integer type of the rescaled range and rescaled in place; a fractional slope ends in float32.
+    Every voxel must equal pydicom's modality LUT of its own file."""
+    from pydicom.pixels import apply_modality_lut
+
+    vol = make_volume(shape=(6, 5, 20), dtype="uint16", affine=_axial())
+    write_dicom_series(vol, tmp_path / "s", modality="CT")
+    expected = {}
+    for f in sorted((tmp_path / "s").iterdir()):
+        ds = pydicom.dcmread(f)
+        k = int(ds.InstanceNumber)
+        stored = ((ds.pixel_array.astype(np.int64) * 37 + 11 * k) % 256).astype(np.uint8)
+        stored[0, 0] = 255  # the top of the 8-bit range: 255 x 8 - 1024 does not fit 8 bits
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = stored.tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.save_as(f)
+        expected[k] = apply_modality_lut(pydicom.dcmread(f).pixel_array, ds)
+    back = load_study(tmp_path / "s")
+    assert back.array.dtype.kind == kind and back.array.dtype.itemsize > 1
+    ref = np.stack([expected[k] for k in sorted(expected)])
+    ours = np.transpose(back.array, (2, 1, 0))
+    if back.affine[2, 2] < 0:
+        ours = ours[::-1]
+    assert np.array_equal(ours.astype(np.float64), ref.astype(np.float64))
+
+
 def test_monochrome1_is_inverted(tmp_path):
     vol = make_volume(dtype="uint16", affine=_axial())
     write_dicom_series(vol, tmp_path / "s")

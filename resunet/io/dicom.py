@@ -494,6 +494,28 @@ def _output_dtype(values_min: float, values_max: float, exact_int: bool) -> np.d
     return np.dtype(np.float32)
 
 
+def _read_type(stored: np.dtype, sources: list[PixelSource], slices: list[Slice]) -> np.dtype:
+    """The type to read 8-bit stored values into: the integer type their rescale is known to end in.
+
+    8-bit stored integers always end up wider (:func:`_apply_rescale` never returns 8-bit types): with
+    whole slopes and intercepts, the type that holds every value the stored bits allow after the
+    rescale (8-bit JPEG baseline CT, 0..255 x 8 - 1024: int16) is read into from the start, and the
+    rescale works in place, instead of a second volume-sized array whose first touches cost 0.1-1.3 s
+    for 1000 slices here. Anything else is read as stored.
+    """
+    if stored.itemsize != 1 or not np.issubdtype(stored, np.integer):
+        return stored
+    a = np.asarray([float(s.slope) for s in slices])
+    b = np.asarray([float(s.intercept) for s in slices])
+    if not (np.all(a == np.round(a)) and np.all(b == np.round(b))):
+        return stored
+    lo = min(-(1 << (src.bits_stored - 1)) if src.signed else 0 for src in sources)
+    hi = max((1 << (src.bits_stored - 1)) - 1 if src.signed else (1 << src.bits_stored) - 1 for src in sources)
+    ends = np.concatenate([a * lo + b, a * hi + b])
+    wide = _output_dtype(float(ends.min()), float(ends.max()), True)
+    return wide if np.issubdtype(wide, np.integer) else stored
+
+
 def read_slices(slices: list[Slice], label: str) -> tuple[np.ndarray, np.ndarray, list[Slice], bool]:
     """Read and stack slices; returns (array (I,J,K), affine RAS, sorted slices, geometry_known).
 
@@ -524,7 +546,7 @@ def read_slices(slices: list[Slice], label: str) -> tuple[np.ndarray, np.ndarray
         if not 0 <= f < len(plane_of[n]):
             raise InputError(f"{s.source}: frame {f + 1} is not in the file ({len(plane_of[n])} frames)")
         plane_of[n][f] = k
-    stored = np.result_type(*{src.dtype for src in sources})
+    stored = _read_type(np.result_type(*{src.dtype for src in sources}), sources, slices)
     while True:
         raw = np.empty((len(slices), rows, cols), dtype=stored)
         try:
@@ -608,19 +630,26 @@ def _apply_rescale(raw: np.ndarray, slopes: list[float], inters: list[float]) ->
     else:
         dtype = np.dtype(np.float32)
     if exact and dtype != np.float32:
-        data = raw.astype(dtype, copy=False)  # exact: every stored value fits (checked above)
-        if identity:
-            return data
+        if identity and raw.dtype == dtype:
+            return raw
+        # exact: every stored value fits (checked above). A wider type (8-bit JPEG baseline stored
+        # values to int16 HU) is a new array: each thread converts its chunks, so the first touches
+        # of its pages fault in parallel (one thread's astype of 1000 slices took 0.8-1.3 s here)
+        data = raw if raw.dtype == dtype else np.empty(raw.shape, dtype=dtype)
         same = bool(np.all(a == a[0]) and np.all(b == b[0]))
         wa, wb = _wrap(a, dtype), _wrap(b, dtype)
 
         def rescale(k0: int) -> None:
             part = data[k0: k0 + step]
+            if data is not raw:
+                part[...] = raw[k0: k0 + step]
+            if identity:
+                return
             if same:
                 if a[0] != 1:
                     np.multiply(part, wa[0], out=part)
                 if b[0] != 0:
-                    np.add(part, wb[k0: k0 + step, None, None], out=part)
+                    np.add(part, wb[0], out=part)
             else:
                 np.multiply(part, wa[k0: k0 + step, None, None], out=part)
                 np.add(part, wb[k0: k0 + step, None, None], out=part)
