@@ -2,8 +2,9 @@
 
 Series: synthetic CT written with pydicom, 512x512 int16 (PixelRepresentation 1, RescaleIntercept
 -1024), shuffled file names, 300 and 1000 slices, uncompressed (explicit VR little endian) and
-compressed losslessly with pydicom's encoders (JPEG 2000 via pylibjpeg-openjpeg, JPEG-LS via
-pyjpegls, RLE). They are written once under ``/tmp/resunet-read-speed`` (several GB; reused by later
+compressed with pydicom's encoders (JPEG 2000 via pylibjpeg-openjpeg, JPEG-LS via pyjpegls, RLE,
+deflate), GDCM's (JPEG lossless process 14 and SV1, JPEG baseline 8-bit) or imagecodecs' libjpeg-turbo
+(JPEG extended 12-bit, stored as HU + 1024 clipped to 0..4095). They are written once under ``/tmp/resunet-read-speed`` (several GB; reused by later
 runs; delete by hand). Every timing is a fresh read of a warm page cache, in this process:
 
 - ``resunet``: ``load_study(folder)`` (discovery + headers + pixels + geometry checks);
@@ -61,6 +62,7 @@ from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -79,16 +81,21 @@ from resunet.io import load_study  # noqa: E402
 ROOT = Path("/tmp/resunet-read-speed")
 SYNTAXES = {"raw": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless, "j2k-lossy": JPEG2000, "jls": JPEGLSLossless,
             "jls-near": JPEGLSNearLossless, "jpeg-sv1": JPEGLosslessSV1, "jpeg-14": JPEGLossless,
-            "jpeg-baseline": JPEGBaseline8Bit, "rle": RLELossless, "deflate": DeflatedExplicitVRLittleEndian}
+            "jpeg-baseline": JPEGBaseline8Bit, "jpeg-ext12": JPEGExtended12Bit, "rle": RLELossless,
+            "deflate": DeflatedExplicitVRLittleEndian}
 NAMES = {"raw": "uncompressed", "j2k": "JPEG 2000 lossless", "j2k-lossy": "JPEG 2000 (lossy, 10:1)",
          "jls": "JPEG-LS lossless", "jls-near": "JPEG-LS near-lossless (3)", "jpeg-sv1": "JPEG lossless SV1",
-         "jpeg-14": "JPEG lossless (process 14)", "jpeg-baseline": "JPEG baseline (8-bit)", "rle": "RLE lossless",
+         "jpeg-14": "JPEG lossless (process 14)", "jpeg-baseline": "JPEG baseline (8-bit)", "jpeg-ext12": "JPEG extended (12-bit)", "rle": "RLE lossless",
          "deflate": "deflated explicit VR LE"}
 #: the suffix of the rows of enhanced multi-frame files (``--enhanced``)
 ENHANCED = ", enhanced multi-frame"
 #: syntaxes pydicom cannot encode: written uncompressed, then re-encoded by GDCM (python-gdcm)
 GDCM_ENCODED = {"jpeg-sv1": "JPEGLosslessProcess14_1", "jpeg-14": "JPEGLosslessProcess14",
                 "jpeg-baseline": "JPEGBaselineProcess1"}
+#: syntaxes neither pydicom nor GDCM encodes correctly: GDCM writes "12-bit" lossy JPEG with 16-bit
+#: precision, which pylibjpeg-libjpeg refuses; imagecodecs' libjpeg-turbo 3 writes real 12-bit frames
+#: (SOF1, precision 12, quality 95)
+IMAGECODECS_ENCODED = {"jpeg-ext12"}
 
 
 def decoder_name(syntax: str) -> str:
@@ -132,7 +139,8 @@ def phantom_slice(k: int, n: int, size: int = 512, seed: int = 0) -> np.ndarray:
 
 
 def legacy_dataset(k: int, n: int, syntax: str, uids: tuple[str, str, str]) -> Dataset:
-    """Slice ``k`` of ``n`` as an uncompressed single-frame CT data set (8-bit stored values for JPEG baseline)."""
+    """Slice ``k`` of ``n`` as an uncompressed single-frame CT data set (8-bit stored values for JPEG baseline,
+    12-bit unsigned for JPEG extended)."""
     study, series, frame = uids
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -172,6 +180,9 @@ def legacy_dataset(k: int, n: int, syntax: str, uids: tuple[str, str, str]) -> D
         arr = np.clip(arr // 8, 0, 255).astype(np.uint8)
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
         ds.RescaleIntercept, ds.RescaleSlope = "-1024", "8"
+    elif syntax == "jpeg-ext12":  # 12-bit unsigned: stored = HU + 1024, clipped to 0..4095
+        arr = np.clip(arr, 0, 4095).astype(np.uint16)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = arr.tobytes()
     return ds
 
@@ -181,6 +192,14 @@ def encode_and_save(ds: Dataset, path: Path, syntax: str) -> None:
     for the syntaxes pydicom cannot encode."""
     if syntax == "deflate":
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    elif syntax in IMAGECODECS_ENCODED:
+        import imagecodecs
+        from pydicom.encaps import encapsulate
+
+        frames = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
+        ds.PixelData = encapsulate([imagecodecs.jpeg8_encode(f, level=95, bitspersample=12) for f in frames])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = SYNTAXES[syntax]
     elif syntax not in ("raw", *GDCM_ENCODED):
         opts = {"j2k-lossy": {"j2k_cr": [10]}, "jls-near": {"jls_error": 3}}.get(syntax, {})
         ds.compress(SYNTAXES[syntax], ds.pixel_array, **opts)

@@ -58,7 +58,8 @@ def read_full(path: str | Path | bytes) -> Dataset:
 #:   JPEG baseline (8-bit)        pillow 1.0   pylibjpeg-libjpeg 2.6   gdcm 9.1 (imagecodecs 0.6, the codec
 #:                                alone); imagecodecs decodes in threads: 300 slices 0.44-0.46 s against
 #:                                0.50-0.67 s with Pillow in processes (idle, alternating; greyscale only)
-#:   JPEG extended (12-bit)       pylibjpeg-libjpeg only (gdcm and pillow refuse 12-bit)
+#:   JPEG extended (12-bit)       imagecodecs (libjpeg-turbo 3, IJG islow IDCT: equal to GDCM) in threads;
+#:                                pylibjpeg-libjpeg next (1 off on ~1% of voxels; gdcm and pillow refuse 12-bit)
 #:   RLE                          pylibjpeg-rle 0.4   pydicom 1.6
 #: imagecodecs releases the GIL while it decodes (resunet.dicom_imagecodecs, registered below). None of
 #: the other JPEG decoders does (their extension modules never call PyEval_SaveThread; pylibjpeg-rle
@@ -67,7 +68,7 @@ PREFERRED_PLUGIN = {
     "1.2.840.10008.1.2.4.57": "imagecodecs", "1.2.840.10008.1.2.4.70": "imagecodecs",
     "1.2.840.10008.1.2.4.90": "imagecodecs", "1.2.840.10008.1.2.4.91": "imagecodecs",
     "1.2.840.10008.1.2.4.80": "imagecodecs", "1.2.840.10008.1.2.4.81": "imagecodecs",
-    "1.2.840.10008.1.2.4.50": "imagecodecs", "1.2.840.10008.1.2.4.51": "pylibjpeg",
+    "1.2.840.10008.1.2.4.50": "imagecodecs", "1.2.840.10008.1.2.4.51": "imagecodecs",
     "1.2.840.10008.1.2.5": "pylibjpeg",
 }
 #: the first choice where PREFERRED_PLUGIN's is not installed (imagecodecs missing: for JPEG lossless
@@ -75,7 +76,7 @@ PREFERRED_PLUGIN = {
 SECOND_PLUGIN = {"1.2.840.10008.1.2.4.57": "gdcm", "1.2.840.10008.1.2.4.70": "gdcm",
                  "1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls",
                  "1.2.840.10008.1.2.4.90": "pylibjpeg", "1.2.840.10008.1.2.4.91": "pylibjpeg",
-                 "1.2.840.10008.1.2.4.50": "pillow"}
+                 "1.2.840.10008.1.2.4.50": "pillow", "1.2.840.10008.1.2.4.51": "pylibjpeg"}
 #: plugins that release the GIL while they decode: their files are decoded by threads in this process
 GIL_FREE_PLUGINS = frozenset({"imagecodecs"})
 #: syntaxes pydicom decodes itself mostly without the GIL: deflated data sets (zlib inflates with the

@@ -1,5 +1,5 @@
 """A pydicom decoder plugin on imagecodecs for JPEG lossless (process 14 and its selection value 1),
-JPEG-LS, JPEG 2000 and JPEG baseline (greyscale).
+JPEG-LS, JPEG 2000, JPEG baseline and JPEG extended (greyscale, 8 and 12 bits).
 
 imagecodecs' ``jpeg8_decode`` wraps libjpeg-turbo 3, which decodes lossless JPEG (SOF3, predictors
 1-7, 2-16 bits) and, unlike GDCM and pylibjpeg-libjpeg, releases the GIL while it decodes: frames can
@@ -19,8 +19,11 @@ slices in threads 7.1-11.1 s against 7.8-13.2 s in processes; lossy (10:1) 3.2-3
 JPEG baseline (8-bit, greyscale) goes through the same libjpeg-turbo as pydicom's Pillow plugin (the
 same integer IDCT, so the same values), but Pillow holds the GIL around its decode and resunet decoded
 those files in worker processes: 300 slices in threads here against worker processes with Pillow
-are in bench/results/io.md. JPEG extended (12-bit) is left to pylibjpeg-libjpeg: no encoder here
-writes a 12-bit reference to test against.
+are in bench/results/io.md. JPEG extended (process 2 and 4: 8 or 12 bits) goes through libjpeg-turbo 3
+too, whose 12-bit decoder is IJG's islow IDCT as in GDCM: its values equal SimpleITK's (GDCM's) on
+every voxel, where pylibjpeg-libjpeg (the only plugin of pydicom's that reads 12-bit JPEG, in worker
+processes: it holds the GIL) rounds about 1% of them one the other way; 300 slices of 12-bit CT in
+threads here against pylibjpeg-libjpeg in processes are in bench/results/io.md.
 
 Registered with pydicom's decoders for these syntaxes by :func:`register` (pydicom 3's
 ``Decoder.add_plugin``, label ``"imagecodecs"``), so pydicom does the rest of the processing (unused
@@ -52,6 +55,7 @@ DECODER_DEPENDENCIES = {
     uid.JPEG2000Lossless: ("numpy", "imagecodecs>=2024.1.1"),
     uid.JPEG2000: ("numpy", "imagecodecs>=2024.1.1"),
     uid.JPEGBaseline8Bit: ("numpy", "imagecodecs>=2024.1.1"),
+    uid.JPEGExtended12Bit: ("numpy", "imagecodecs>=2024.1.1"),
 }
 _JPEG_LS = (uid.JPEGLSLossless, uid.JPEGLSNearLossless)
 _JPEG_2000 = (uid.JPEG2000Lossless, uid.JPEG2000)
@@ -85,6 +89,8 @@ def is_available(uid_: str) -> bool:
         return bool(getattr(getattr(imagecodecs, codec, None), "available", False))
     if uid_ == uid.JPEGBaseline8Bit:  # every libjpeg-turbo decodes baseline JPEG
         return _libjpeg_turbo_version() >= (1,)
+    if uid_ == uid.JPEGExtended12Bit:  # 12-bit lossy JPEG came with libjpeg-turbo 3.0
+        return _libjpeg_turbo_version() >= (3, 0)
     return uid_ in DECODER_DEPENDENCIES and _libjpeg_turbo_version() >= (3, 0)
 
 
@@ -140,8 +146,8 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
         return _decode_jpeg_ls(src, runner)
     if runner.transfer_syntax in _JPEG_2000:
         return _decode_jpeg_2000(src, runner)
-    if runner.transfer_syntax == uid.JPEGBaseline8Bit:
-        return _decode_jpeg_baseline(src, runner)
+    if runner.transfer_syntax in (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit):
+        return _decode_jpeg_lossy(src, runner)
     from imagecodecs import jpeg8_decode
 
     precision, rows, cols, components, _predictor, point_transform = frame_parameters(src)
@@ -162,18 +168,24 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes | bytearray:
     return arr.tobytes()
 
 
-def _decode_jpeg_baseline(src: bytes, runner: DecodeRunner) -> bytes:
-    """A greyscale 8-bit baseline JPEG frame through libjpeg-turbo (colour is left to Pillow, which
-    applies DICOM's YCbCr rules)."""
+def _decode_jpeg_lossy(src: bytes, runner: DecodeRunner) -> bytes:
+    """A greyscale JPEG baseline (8-bit) or extended (8 or 12-bit) frame through libjpeg-turbo, in the
+    runner's BitsAllocated container (colour is left to Pillow, which applies DICOM's YCbCr rules, and
+    to pylibjpeg-libjpeg)."""
     from imagecodecs import jpeg8_decode
 
-    if runner.samples_per_pixel != 1 or runner.bits_allocated != 8:
-        raise NotImplementedError("imagecodecs plugin: greyscale 8-bit JPEG baseline only")
-    arr = jpeg8_decode(src)  # releases the GIL while it decodes
-    if arr.ndim != 2 or arr.dtype != "uint8":
-        raise NotImplementedError("imagecodecs plugin: greyscale 8-bit JPEG baseline only")
+    allocated = runner.bits_allocated
+    if runner.samples_per_pixel != 1 or allocated not in (8, 16):
+        raise NotImplementedError("imagecodecs plugin: greyscale 8 or 16-bit-allocated lossy JPEG only")
+    arr = jpeg8_decode(src)  # uint8 (8-bit precision) or uint16 (12-bit); releases the GIL while it decodes
+    if arr.ndim != 2:
+        raise NotImplementedError("imagecodecs plugin: greyscale (one component) lossy JPEG only")
     if arr.shape != (runner.rows, runner.columns):
         raise ValueError(f"the JPEG frame is {arr.shape[0]}x{arr.shape[1]}, the data set says {runner.rows}x{runner.columns}")
+    if arr.dtype.itemsize * 8 > allocated:
+        raise ValueError(f"the JPEG frame has 12-bit precision, the data set says BitsAllocated {allocated}")
+    if arr.dtype.itemsize * 8 != allocated:
+        arr = arr.astype("u2")
     return arr.tobytes()
 
 
