@@ -453,24 +453,26 @@ def test_tls_files_are_checked_before_connecting(pki, tmp_path, caplog):
 def test_dimse_sockets_have_nagle_and_delayed_ack_off_and_instances_are_kept_as_sent(tmp_path):
     """Issue 24: 45-48 ms per instance of a C-GET from Orthanc was Nagle (DCMTK's default) against our
     delayed ACK. Every association resunet opens or accepts gets TCP_NODELAY (EVT_CONN_OPEN) and
-    TCP_QUICKACK after each PDU it sends; checked on both ends of a real association to the node,
+    TCP_QUICKACK after each PDU it sends, and its reactor polled every DUL_POLL_S instead of 1 ms;
+    checked on both ends of a real association to the node,
     whose stored file holds the data set bytes as they were sent (no decode + re-encode)."""
     import socket
 
     from pynetdicom import AE, evt
 
     from resunet.pacs import ListenerConfig, StoreListener
-    from resunet.pacs.dimse import tcp_handlers
+    from resunet.pacs.dimse import DUL_POLL_S, tcp_handlers
 
     src = sorted(EXAMPLE_DICOM.glob("*.dcm"))[0]
     ds = pydicom.dcmread(src)
     syntax = str(ds.file_meta.TransferSyntaxUID)
-    seen: dict[str, list[int]] = {"nodelay": []}
+    seen: dict[str, list] = {"nodelay": [], "poll": []}
     got: list = []
     config = ListenerConfig(ae_title="RESUNET", port=free_port(), incoming_dir=tmp_path / "in", settle_seconds=0.3)
     with StoreListener(config, got.append) as node:
         def probe(event):  # after tcp_handlers' own EVT_DATA_SENT: the socket as it is while in use
             seen["nodelay"].append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            seen["poll"].append(event.assoc.dul._run_loop_delay)
 
         ae = AE(ae_title="SENDER")
         ae.add_requested_context(ds.SOPClassUID, [syntax])
@@ -479,12 +481,15 @@ def test_dimse_sockets_have_nagle_and_delayed_ack_off_and_instances_are_kept_as_
         assert assoc.is_established
         assert assoc.send_c_store(ds).Status == 0
         node_side = [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s, _ in node._conns if s.fileno() != -1]
+        node_polls = [a.dul._run_loop_delay for a in node._server.active_associations]
         assoc.release()
         deadline = time.monotonic() + 30
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)
     assert seen["nodelay"] and all(seen["nodelay"]), seen  # our requestor socket
     assert node_side and all(node_side), node_side  # the node's accepted socket, while the association is open
+    assert DUL_POLL_S < 0.001 and set(seen["poll"]) == {DUL_POLL_S}  # the reactor's idle sleep shortened (pynetdicom's default: 1 ms)
+    assert node_polls and set(node_polls) == {DUL_POLL_S}, node_polls  # and on the node's side
     stored = next(got[0].folder.glob("*.dcm"))
 
     def dataset_bytes(path):  # what follows the preamble, "DICM" and the file meta group

@@ -163,8 +163,20 @@ def tls_failure(host: str, port: int, ctx: ssl.SSLContext, timeout: float, ca: s
     return None
 
 
+#: how long pynetdicom's DUL reactor sleeps when it found nothing to do, seconds (its default 1 ms).
+#: Each C-STORE sub-operation of a retrieve waits on that loop several times: a C-GET of the 91-instance
+#: example from Orthanc took 0.33 s with 1 ms and 0.23 s with 0.1 ms (C-MOVE 0.37 -> 0.31 s), the CPU
+#: time the same (0.20-0.27 s; the loop is busy decoding PDUs then), medians of 5 alternating runs.
+#: Shorter than 0.1 ms gained nothing more. Set on each association's DUL when its connection opens
+#: (pynetdicom has no public setting for it; an unknown attribute is harmless if it goes away).
+DUL_POLL_S = 0.0001
+
+
 def _no_nagle(event: Any) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the association's socket (our small PDUs go out at once)."""
+    """EVT_CONN_OPEN: TCP_NODELAY on the association's socket (our small PDUs go out at once), and
+    the association's reactor polled every :data:`DUL_POLL_S`."""
+    if hasattr(event.assoc.dul, "_run_loop_delay"):
+        event.assoc.dul._run_loop_delay = DUL_POLL_S  # noqa: SLF001 - see DUL_POLL_S
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         try:
@@ -196,7 +208,8 @@ def tcp_handlers() -> list[tuple[Any, Callable[[Any], None]]]:
     same for the PDUs we send (C-STORE of results: command and dataset are separate writes).
     pynetdicom has no socket-option setting, so its documented notification events carry them
     (``EVT_CONN_OPEN`` for both requestor and acceptor sockets, ``EVT_DATA_SENT`` after each PDU).
-    TCP_QUICKACK is Linux-only; elsewhere only TCP_NODELAY is set.
+    TCP_QUICKACK is Linux-only; elsewhere only TCP_NODELAY is set. ``EVT_CONN_OPEN`` also shortens
+    the reactor's idle sleep (:data:`DUL_POLL_S`).
     """
     from pynetdicom import evt
 
