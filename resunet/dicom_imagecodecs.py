@@ -22,8 +22,9 @@ those files in worker processes: 300 slices in threads here against worker proce
 are in bench/results/io.md. JPEG extended (process 2 and 4: 8 or 12 bits) goes through libjpeg-turbo 3
 too, whose 12-bit decoder is IJG's islow IDCT as in GDCM: its values equal SimpleITK's (GDCM's) on
 every voxel, where pylibjpeg-libjpeg (the only plugin of pydicom's that reads 12-bit JPEG, in worker
-processes: it holds the GIL) rounds about 1% of them one the other way; 300 slices of 12-bit CT in
-threads here against pylibjpeg-libjpeg in processes are in bench/results/io.md.
+processes: it holds the GIL) rounds about 1% of them one the other way; 300 slices of 12-bit CT
+in threads 0.53 s against 1.47 s with pylibjpeg-libjpeg in processes, SimpleITK 0.99-1.06 s
+(bench/results/io_decoders.md).
 
 Registered with pydicom's decoders for these syntaxes by :func:`register` (pydicom 3's
 ``Decoder.add_plugin``, label ``"imagecodecs"``), so pydicom does the rest of the processing (unused
