@@ -130,6 +130,11 @@ def test_rescale_over_many_slices_equals_pydicom_per_file(tmp_path, per_slice):
         expected[k] = apply_modality_lut(ds.pixel_array, ds)
     back = load_study(tmp_path / "s")
     assert np.issubdtype(back.array.dtype, np.integer)  # whole slopes and intercepts stay integers
+    _assert_equals_per_file(back, expected)
+
+
+def _assert_equals_per_file(back, expected: dict) -> None:
+    """``back`` (a loaded series) holds ``expected[InstanceNumber]`` as slice k, in slice order."""
     ref = np.stack([expected[k] for k in sorted(expected)])  # (K, rows, cols)
     ours = np.transpose(back.array, (2, 1, 0))
     if back.affine[2, 2] < 0:
@@ -160,11 +165,7 @@ def test_8bit_stored_values_are_read_into_the_rescaled_type_and_equal_pydicom(tm
         expected[k] = apply_modality_lut(pydicom.dcmread(f).pixel_array, ds)
     back = load_study(tmp_path / "s")
     assert back.array.dtype.kind == kind and back.array.dtype.itemsize > 1
-    ref = np.stack([expected[k] for k in sorted(expected)])
-    ours = np.transpose(back.array, (2, 1, 0))
-    if back.affine[2, 2] < 0:
-        ours = ours[::-1]
-    assert np.array_equal(ours.astype(np.float64), ref.astype(np.float64))
+    _assert_equals_per_file(back, expected)
 
 
 def test_monochrome1_is_inverted(tmp_path):
