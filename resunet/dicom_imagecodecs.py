@@ -79,8 +79,8 @@ def _libjpeg_turbo_version() -> tuple[int, ...]:
 
 
 def is_available(uid_: str) -> bool:
-    """True if imagecodecs is installed with a libjpeg-turbo that decodes lossless JPEG (3.0 or later),
-    or, for JPEG-LS, with its CharLS codec."""
+    """True if imagecodecs is installed with a libjpeg-turbo that decodes lossless and 12-bit lossy JPEG
+    (3.0 or later; any for baseline), or, for JPEG-LS and JPEG 2000, with its CharLS or OpenJPEG codec."""
     if uid_ in _JPEG_LS or uid_ in _JPEG_2000:
         try:
             import imagecodecs
@@ -90,8 +90,6 @@ def is_available(uid_: str) -> bool:
         return bool(getattr(getattr(imagecodecs, codec, None), "available", False))
     if uid_ == uid.JPEGBaseline8Bit:  # every libjpeg-turbo decodes baseline JPEG
         return _libjpeg_turbo_version() >= (1,)
-    if uid_ == uid.JPEGExtended12Bit:  # 12-bit lossy JPEG came with libjpeg-turbo 3.0
-        return _libjpeg_turbo_version() >= (3, 0)
     return uid_ in DECODER_DEPENDENCIES and _libjpeg_turbo_version() >= (3, 0)
 
 

@@ -494,7 +494,18 @@ def _output_dtype(values_min: float, values_max: float, exact_int: bool) -> np.d
     return np.dtype(np.float32)
 
 
-def _read_type(stored: np.dtype, sources: list[PixelSource], slices: list[Slice]) -> np.dtype:
+def _stored_range(src: PixelSource) -> tuple[int, int]:
+    """The smallest and largest value ``src``'s stored bits hold (BitsStored, PixelRepresentation)."""
+    bits = src.bits_stored
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if src.signed else (0, (1 << bits) - 1)
+
+
+def _whole(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if every slope ``a`` and intercept ``b`` is a whole number (an integer rescale stays exact)."""
+    return bool(np.all(a == np.round(a)) and np.all(b == np.round(b)))
+
+
+def _read_type(stored: np.dtype, sources: list[PixelSource], slopes: list[float], inters: list[float]) -> np.dtype:
     """The type to read 8-bit stored values into: the integer type their rescale is known to end in.
 
     8-bit stored integers always end up wider (:func:`_apply_rescale` never returns 8-bit types): with
@@ -505,12 +516,12 @@ def _read_type(stored: np.dtype, sources: list[PixelSource], slices: list[Slice]
     """
     if stored.itemsize != 1 or not np.issubdtype(stored, np.integer):
         return stored
-    a = np.asarray([float(s.slope) for s in slices])
-    b = np.asarray([float(s.intercept) for s in slices])
-    if not (np.all(a == np.round(a)) and np.all(b == np.round(b))):
+    a = np.asarray(slopes, dtype=np.float64)
+    b = np.asarray(inters, dtype=np.float64)
+    if not _whole(a, b):
         return stored
-    lo = min(-(1 << (src.bits_stored - 1)) if src.signed else 0 for src in sources)
-    hi = max((1 << (src.bits_stored - 1)) - 1 if src.signed else (1 << src.bits_stored) - 1 for src in sources)
+    ranges = [_stored_range(src) for src in sources]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     ends = np.concatenate([a * lo + b, a * hi + b])
     wide = _output_dtype(float(ends.min()), float(ends.max()), True)
     return wide if np.issubdtype(wide, np.integer) else stored
@@ -546,7 +557,8 @@ def read_slices(slices: list[Slice], label: str) -> tuple[np.ndarray, np.ndarray
         if not 0 <= f < len(plane_of[n]):
             raise InputError(f"{s.source}: frame {f + 1} is not in the file ({len(plane_of[n])} frames)")
         plane_of[n][f] = k
-    stored = _read_type(np.result_type(*{src.dtype for src in sources}), sources, slices)
+    slopes, inters = [float(s.slope) for s in slices], [float(s.intercept) for s in slices]
+    stored = _read_type(np.result_type(*{src.dtype for src in sources}), sources, slopes, inters)
     while True:
         raw = np.empty((len(slices), rows, cols), dtype=stored)
         try:
@@ -559,12 +571,11 @@ def read_slices(slices: list[Slice], label: str) -> tuple[np.ndarray, np.ndarray
     for n, src in enumerate(sources):  # MONOCHROME1: invert over the stored range
         s0 = slices[next(k for k in plane_of[n] if k >= 0)]
         if str(s0.ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-            bits = src.bits_stored
-            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if src.signed else (0, (1 << bits) - 1)
+            lo, hi = _stored_range(src)
             for k in plane_of[n]:
                 if k >= 0:
                     raw[k] = (lo + hi) - raw[k].astype(np.int64)
-    data = _apply_rescale(raw, [float(s.slope) for s in slices], [float(s.intercept) for s in slices])
+    data = _apply_rescale(raw, slopes, inters)
     # (cols=i, rows=j, slices=k): a transposed view, Fortran-contiguous, the layout NIfTI stores
     array = data.transpose(2, 1, 0)
     return array, RAS_FROM_LPS @ aff_lps, slices, known
@@ -611,7 +622,7 @@ def _apply_rescale(raw: np.ndarray, slopes: list[float], inters: list[float]) ->
     a = np.asarray(slopes, dtype=np.float64)
     b = np.asarray(inters, dtype=np.float64)
     integer = np.issubdtype(raw.dtype, np.integer)
-    exact = integer and bool(np.all(a == np.round(a)) and np.all(b == np.round(b)))
+    exact = integer and _whole(a, b)
     identity = bool(np.all(a == 1.0) and np.all(b == 0.0))
     step = 16  # slices per chunk: a chunk's pass stays in cache, float64 temporaries stay small
     starts = range(0, n, step)
