@@ -116,21 +116,30 @@ def test_integer_intercept_stays_integer(tmp_path):
 def test_rescale_over_many_slices_equals_pydicom_per_file(tmp_path, per_slice):
     """40 slices: the range check and the rescale run in chunks of 16 slices in threads; every slice
     must get its own file's slope and intercept (pydicom's modality LUT as the reference)."""
-    from pydicom.pixels import apply_modality_lut
-
-    vol = make_volume(shape=(6, 5, 40), dtype="uint16", affine=_axial())
-    write_dicom_series(vol, tmp_path / "s", modality="CT")
-    expected = {}
-    for f in sorted((tmp_path / "s").iterdir()):
-        ds = pydicom.dcmread(f)
-        k = int(ds.InstanceNumber)
+    def edit(ds, k):
         ds.RescaleSlope = str(1 + (k % 3) if per_slice else 2)
         ds.RescaleIntercept = str(-1024 - 7 * k if per_slice else -1024)
-        ds.save_as(f)
-        expected[k] = apply_modality_lut(ds.pixel_array, ds)
+
+    expected = _edited_ct_series(tmp_path / "s", 40, edit)
     back = load_study(tmp_path / "s")
     assert np.issubdtype(back.array.dtype, np.integer)  # whole slopes and intercepts stay integers
     _assert_equals_per_file(back, expected)
+
+
+def _edited_ct_series(folder, n_slices: int, edit) -> dict:
+    """A 6x5 CT series of ``n_slices`` uint16 slices in ``folder``, each file then changed by
+    ``edit(ds, InstanceNumber)`` and saved; returns pydicom's modality LUT of each file, by InstanceNumber."""
+    from pydicom.pixels import apply_modality_lut
+
+    write_dicom_series(make_volume(shape=(6, 5, n_slices), dtype="uint16", affine=_axial()), folder, modality="CT")
+    expected = {}
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        k = int(ds.InstanceNumber)
+        edit(ds, k)
+        ds.save_as(f)
+        expected[k] = apply_modality_lut(pydicom.dcmread(f).pixel_array, ds)
+    return expected
 
 
 def _assert_equals_per_file(back, expected: dict) -> None:
@@ -147,22 +156,15 @@ def test_8bit_stored_values_are_read_into_the_rescaled_type_and_equal_pydicom(tm
     """8-bit stored values (JPEG baseline CT) with whole slopes and intercepts are read straight into
     the integer type of the rescaled range and rescaled in place; a fractional slope ends in float32.
     Every voxel must equal pydicom's modality LUT of its own file."""
-    from pydicom.pixels import apply_modality_lut
-
-    vol = make_volume(shape=(6, 5, 20), dtype="uint16", affine=_axial())
-    write_dicom_series(vol, tmp_path / "s", modality="CT")
-    expected = {}
-    for f in sorted((tmp_path / "s").iterdir()):
-        ds = pydicom.dcmread(f)
-        k = int(ds.InstanceNumber)
+    def edit(ds, k):
         stored = ((ds.pixel_array.astype(np.int64) * 37 + 11 * k) % 256).astype(np.uint8)
         stored[0, 0] = 255  # the top of the 8-bit range: 255 x 8 - 1024 does not fit 8 bits
         ds.BitsAllocated = ds.BitsStored = 8
         ds.HighBit, ds.PixelRepresentation = 7, 0
         ds.PixelData = stored.tobytes()
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.save_as(f)
-        expected[k] = apply_modality_lut(pydicom.dcmread(f).pixel_array, ds)
+
+    expected = _edited_ct_series(tmp_path / "s", 20, edit)
     back = load_study(tmp_path / "s")
     assert back.array.dtype.kind == kind and back.array.dtype.itemsize > 1
     _assert_equals_per_file(back, expected)
