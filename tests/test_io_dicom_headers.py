@@ -133,6 +133,17 @@ def test_what_the_parser_leaves_to_pydicom_is_still_read(tmp_path):
     ds, offset = read_header(f)
     assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID
     assert (ds, offset) and offset == _reference(f)[1]
+    # explicit VR data under an implicit VR syntax (a writer's mistake): pydicom sees the VRs and reads it
+    e = _write(tmp_path / "e.dcm", ExplicitVRLittleEndian)
+    e.write_bytes(e.read_bytes().replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2\x00\x00\x00", 1))
+    with open(e, "rb") as fh:
+        assert _read_plain_header(fh, e) is None
+    with pytest.warns(UserWarning, match="found explicit VR"):
+        ref = _reference(e)
+    assert ref[0].file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    with pytest.warns(UserWarning, match="found explicit VR"):
+        ds, offset = read_header(e)
+    assert offset == ref[1] and str(ds.PatientName) == "Müller^Jörg"
     # a header longer than the first read: read further, same result
     g = tmp_path / "long.dcm"
     src = pydicom.dcmread(_write(tmp_path / "b.dcm", ExplicitVRLittleEndian))

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import logging
 import struct
 from pathlib import Path
-import io
 from typing import Any
 
 import pydicom
@@ -197,6 +197,7 @@ def _read_plain_header(fh: Any, path: str | Path) -> tuple[Dataset, int] | None:
     from pydicom.charset import convert_encodings, default_encoding
     from pydicom.dataelem import convert_raw_data_element
     from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.filereader import ENCODED_VR
 
     size = _HEAD_CHUNK
     buf = fh.read(size)
@@ -213,7 +214,7 @@ def _read_plain_header(fh: Any, path: str | Path) -> tuple[Dataset, int] | None:
             if not ts or ts in _NOT_PLAIN or ts.startswith("1.2.840.113619"):
                 return None
             explicit = ts != _IMPLICIT_LE
-            if not explicit and buf[pos + 4: pos + 6] in _encoded_vrs():
+            if not explicit and buf[pos + 4: pos + 6] in ENCODED_VR:
                 return None  # explicit VR data under an implicit syntax: pydicom detects and reads it
             elements, end, at_pixels = _raw_elements(buf, pos, explicit=explicit, meta=False)
             if not at_pixels:
@@ -238,12 +239,6 @@ def _read_plain_header(fh: Any, path: str | Path) -> tuple[Dataset, int] | None:
     ds = FileDataset(fh, dataset, buf[:128], file_meta, not explicit, True)
     ds.set_original_encoding(not explicit, True, dataset._character_set)  # noqa: SLF001 - as read_partial does
     return ds, end
-
-
-def _encoded_vrs() -> frozenset[bytes]:
-    from pydicom.filereader import ENCODED_VR
-
-    return frozenset(ENCODED_VR)
 
 
 _DEFLATED_DATA_SET = b"1.2.840.10008.1.2.1.99"
